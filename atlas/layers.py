@@ -106,6 +106,7 @@ class LayerMap:
         self.image_size = image_size
         self.layers: list[Layer] = []
         self.pools: list[Pool] = []
+        self.geoms: dict[int, Geometry] = {}  # features index -> geometry of every spatial op
         feats = list(model.features)
         size, rf, jump, off, channels = image_size, 1, 1, 0, 3
         nconv = 0
@@ -122,6 +123,7 @@ class LayerMap:
                     raise AtlasError(f"input of {image_size} px is too small for {type(m).__name__} features.{i}")
                 off, rf, jump = off - p * jump, rf + (k - 1) * jump, jump * s
                 geom = Geometry(k, s, p, size, out, rf, jump, off)
+                self.geoms[i] = geom
                 size = out
                 if isinstance(m, nn.Conv2d):
                     if m.groups != 1:
