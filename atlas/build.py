@@ -1,0 +1,356 @@
+"""The build job: stream a dataset through a model once and write an atlas.
+
+Plumbing only; the statistics live in `mining`, the switch encoding in
+`switches`, the table layout in `store`.
+
+How it survives interruption: images are processed in fixed chunks. Each
+finished chunk leaves its partial top-k, moments and activation rows in
+`ATLAS.partial/work/`, written atomically. `--resume` skips finished chunks;
+the final merge runs over chunk files in chunk order, so a resumed build gives
+the same bytes as an uninterrupted one. Only a complete atlas is renamed to
+ATLAS.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from . import FORMAT_VERSION, __version__
+from .data import DecodedImages, Preprocess, open_dataset
+from .errors import AtlasError
+from .fsutil import atomic_write, atomic_write_json, atomic_write_parquet, publish_dir
+from .layers import LayerMap
+from .mining import NO_IMAGE, Moments, TopK, spatial_max
+from .models.registry import load_model, preprocessing_for
+from .progress import Progress
+from .switches import encode, regions_below
+
+ACT_ROW_GROUP = 1 << 20
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise AtlasError(f"device '{device}' was asked for, but no CUDA GPU is available")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise AtlasError(f"unknown device '{device}': use auto, cpu or cuda") from None
+
+
+def default_workers(dev: torch.device) -> int:
+    n = os.cpu_count() or 1
+    if dev.type == "cuda":
+        return min(8, max(1, n - 1))
+    return 0 if n <= 2 else min(4, n // 2)  # on few cores, decoding steals from the forward pass
+
+
+def build(model: str, data: str, out: str | Path, *, weights: str | None = None, k: int = 9,
+          layers: str | list[str] | None = None, batch_size: int = 64, device: str = "auto",
+          workers: int | None = None, activations: bool = True, switches: bool = True,
+          resume: bool = False, overwrite: bool = False, image_size: int | None = None,
+          chunk_size: int | None = None, precision: str = "fp32", seed: int = 0,
+          progress: bool | None = None, log: Callable[[str], None] | None = None) -> Path:
+    """Run the build job; returns the path of the published atlas."""
+    log = log or (lambda s: None)
+    t_start = time.perf_counter()
+    out = Path(out)
+    if k < 1:
+        raise AtlasError(f"--k must be at least 1 (got {k})")
+    if batch_size < 1:
+        raise AtlasError(f"--batch-size must be at least 1 (got {batch_size})")
+    if precision not in ("fp32", "bf16"):
+        raise AtlasError(f"unknown precision '{precision}': use fp32 or bf16")
+    if out.exists() and not overwrite:
+        raise AtlasError(f"atlas '{out}' already exists: pass --overwrite to replace it")
+    dev = resolve_device(device)
+    net = load_model(model, weights, seed=seed)
+    source = open_dataset(data)
+    pre = net.atlas_meta.get("preprocessing") or preprocessing_for(model, image_size)
+    if image_size and image_size != pre["crop"]:
+        pre = preprocessing_for(model, image_size)
+    lmap = LayerMap(net, int(pre["crop"]))
+    chosen = lmap.resolve(layers, kinds=("conv",))
+    if any(la.kind != "conv" for la in chosen):
+        raise AtlasError("build records conv layers; fully connected layers are indexed by `atlas index`")
+    names = [la.name for la in chosen]
+    n = len(source)
+    chunk_size = chunk_size or batch_size * max(1, 1024 // batch_size)
+    nchunks = (n + chunk_size - 1) // chunk_size
+
+    staging = out.with_name(out.name + ".partial")
+    work = staging / "work"
+    config = {
+        "format_version": FORMAT_VERSION, "model": model, "weights_sha256": net.atlas_meta["weights_sha256"],
+        "seed": seed, "dataset": str(source.root.resolve()), "images": n, "preprocessing": pre, "k": k,
+        "layers": names, "batch_size": batch_size, "chunk_size": chunk_size, "activations": activations,
+        "switches": switches, "precision": precision,
+    }
+    if staging.exists():
+        cfg_file = work / "config.json"
+        if not resume:
+            raise AtlasError(f"an interrupted build of '{out}' is in '{staging}': continue it with --resume "
+                             "(or delete that folder to start over)")
+        old = json.loads(cfg_file.read_text()) if cfg_file.is_file() else None
+        if old is not None and old != config:
+            diff = sorted(key for key in config if old.get(key) != config[key])
+            raise AtlasError(f"cannot resume '{staging}': it was started with other options ({', '.join(diff)})")
+    work.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(work / "config.json", config)
+
+    net = net.to(dev)
+    if dev.type == "cuda":
+        net = net.to(memory_format=torch.channels_last)
+    dataset = DecodedImages(source, Preprocess(pre), range(n))
+    done = [c for c in range(nchunks) if (work / f"chunk-{c:05d}.npz").is_file()]
+    todo = [c for c in range(nchunks) if c not in set(done)]
+    if done:
+        log(f"resuming: {len(done)} of {nchunks} chunks already done")
+    n_done = sum(min(chunk_size, n - c * chunk_size) for c in done)
+
+    t_fwd = time.perf_counter()
+    with Progress(n, "build", "images", enabled=progress, initial=n_done) as bar:
+        _mine_chunks(lmap, chosen, dataset, todo, chunk_size, batch_size, k, dev, precision,
+                     workers if workers is not None else default_workers(dev), work, activations, bar)
+    t_fwd = time.perf_counter() - t_fwd
+
+    # Merge partial states in chunk order (see the module docstring).
+    tops = {la.name: TopK(la.channels, k) for la in chosen}
+    moms = {la.name: Moments(la.channels) for la in chosen}
+    errors: dict[int, str] = {}
+    for c in range(nchunks):
+        with np.load(work / f"chunk-{c:05d}.npz") as st:
+            for name in names:
+                tops[name].merge(TopK.from_state({f: st[f"{name}.topk.{f}"] for f in ("values", "ids", "pos")}))
+                moms[name].merge(Moments.from_state({f: st[f"{name}.mom.{f}"]
+                                                     for f in ("count", "sum", "sumsq", "fires", "max")}))
+            errors.update(json.loads(str(st["errors"])))
+    top_rows = _top_rows(lmap, chosen, tops)
+
+    t_sw = time.perf_counter()
+    if switches:
+        sw_table = _switch_table(lmap, top_rows, dataset, dev, batch_size)
+        atomic_write_parquet(staging / "switches.parquet", sw_table, compression="zstd")
+    t_sw = time.perf_counter() - t_sw
+
+    t_wr = time.perf_counter()
+    _write_tables(staging, source, errors, lmap, chosen, moms, top_rows)
+    if activations:
+        _compact_activations(staging, work, names, nchunks)
+    (staging / "model").mkdir(exist_ok=True)
+    state = {key: v.detach().cpu().contiguous() for key, v in net.features.state_dict().items()}
+    atomic_write(staging / "model" / "features.pt", lambda tmp: torch.save(state, tmp))
+    t_wr = time.perf_counter() - t_wr
+
+    n_ok = n - len(errors)
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "tool": {"name": "atlas", "version": __version__, "torch": torch.__version__},
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "model": {"name": model, "weights": str(Path(weights).resolve()) if weights else None,
+                  "weights_sha256": net.atlas_meta["weights_sha256"], "random_init": net.atlas_meta["random_init"],
+                  "seed": seed, "num_classes": lmap.classes(), "classes": net.atlas_meta.get("classes")},
+        "dataset": {**source.describe(), "root": str(source.root.resolve()), "ok": n_ok, "errors": len(errors)},
+        "preprocessing": pre,
+        "k": k,
+        "layers": [{**la.to_row(), "pools_below": la.pools_below} for la in chosen],
+        "geometry": lmap.describe(),
+        "switches": {"stored": switches, "encoding": "receptive-field boxes, window offsets dy*k+dx, "
+                                                    "nibble-packed when k*k <= 16 (atlas/switches.py)"},
+        "activations": activations,
+        "options": {"batch_size": batch_size, "chunk_size": chunk_size, "device": str(dev), "precision": precision},
+        "timings": {"mining_s": round(t_fwd, 3), "switches_s": round(t_sw, 3), "write_s": round(t_wr, 3),
+                    "total_s": round(time.perf_counter() - t_start, 3),
+                    "images_per_s": round((n - n_done) / t_fwd, 2) if t_fwd > 0 else None},
+    }
+    atomic_write_json(staging / "manifest.json", manifest)
+    shutil.rmtree(work)
+    publish_dir(staging, out, overwrite=overwrite)
+    log(f"atlas written to {out}: {n_ok} images ({len(errors)} unreadable), {len(names)} layers, k={k}, "
+        f"{manifest['timings']['total_s']:.1f} s")
+    return out
+
+
+def _mine_chunks(lmap: LayerMap, chosen, dataset, todo, chunk_size, batch_size, k, dev, precision,
+                 workers, work: Path, activations: bool, bar: Progress) -> None:
+    n = len(dataset)
+    batches, owner = [], []
+    for c in todo:
+        lo, hi = c * chunk_size, min(n, (c + 1) * chunk_size)
+        for b in range(lo, hi, batch_size):
+            batches.append(list(range(b, min(hi, b + batch_size))))
+            owner.append(c)
+    if not batches:
+        return
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
+                                         pin_memory=dev.type == "cuda", persistent_workers=False)
+    names = [la.name for la in chosen]
+    acc = None
+    cuda = dev.type == "cuda"
+    for bi, (x, ids, errs) in enumerate(loader):
+        c = owner[bi]
+        if acc is None or acc["chunk"] != c:
+            if acc is not None:
+                _flush_chunk(acc, work, activations)
+            acc = {"chunk": c, "errors": {}, "acts": {m: [] for m in names},
+                   "tops": {la.name: TopK(la.channels, k, dev) for la in chosen},
+                   "moms": {la.name: Moments(la.channels, dev) for la in chosen}}
+        ok = torch.tensor([e == "" for e in errs])
+        for i, e in zip(ids.tolist(), errs):
+            if e:
+                acc["errors"][i] = e
+        x = x.to(dev, non_blocking=True)
+        if cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), torch.autocast(dev.type, torch.bfloat16, enabled=precision == "bf16"):
+            feats = lmap.extract(x, names)
+        okd, idd = ok.to(dev), ids.to(dev)
+        all_ok = bool(ok.all())
+        with torch.inference_mode():
+            for name, a in feats.items():
+                v, p = spatial_max(a.float())
+                vid = idd
+                if not all_ok:
+                    v, p, vid = v[okd], p[okd], idd[okd]
+                acc["tops"][name].update(v, vid, p)
+                acc["moms"][name].update(v)
+                if activations:
+                    acc["acts"][name].append((vid.cpu(), v.cpu()))
+        bar.update(len(errs))
+    _flush_chunk(acc, work, activations)
+
+
+def _flush_chunk(acc: dict, work: Path, activations: bool) -> None:
+    c = acc["chunk"]
+    if activations:
+        for name, parts in acc["acts"].items():
+            ids = torch.cat([p[0] for p in parts]).numpy().astype(np.int32) if parts else np.zeros(0, np.int32)
+            vals = torch.cat([p[1] for p in parts]).numpy() if parts else np.zeros((0, 0), np.float32)
+            nimg, nch = (vals.shape if vals.ndim == 2 else (0, 0))
+            table = pa.table({
+                "image_id": pa.array(np.repeat(ids, nch), pa.int32()),
+                "channel": pa.array(np.tile(np.arange(nch, dtype=np.int16), nimg), pa.int16()),
+                "value": pa.array(vals.reshape(-1).astype(np.float32), pa.float32()),
+            })
+            atomic_write_parquet(work / f"act-{c:05d}-{name}.parquet", table, compression="zstd")
+    arrays = {"errors": np.array(json.dumps({str(i): e for i, e in acc["errors"].items()}))}
+    for name, t in acc["tops"].items():
+        arrays.update({f"{name}.topk.{f}": v for f, v in t.state().items()})
+        arrays.update({f"{name}.mom.{f}": v for f, v in acc["moms"][name].state().items()})
+    atomic_write(work / f"chunk-{c:05d}.npz", lambda tmp: _savez(tmp, arrays))
+
+
+def _savez(path: Path, arrays: dict) -> None:
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def _top_rows(lmap: LayerMap, chosen, tops: dict[str, TopK]) -> list[dict[str, Any]]:
+    rows = []
+    size = lmap.image_size
+    for la in chosen:
+        st = tops[la.name].state()
+        for ch in range(la.channels):
+            for rank in range(st["values"].shape[1]):
+                image_id = int(st["ids"][ch, rank])
+                if image_id == NO_IMAGE:
+                    break
+                y, x = divmod(int(st["pos"][ch, rank]), la.width)
+                x0, y0, x1, y1 = la.box(y, x, size)
+                rows.append({"layer": la.name, "channel": ch, "rank": rank, "image_id": image_id,
+                             "value": float(st["values"][ch, rank]), "y": y, "x": x,
+                             "x0": x0, "y0": y0, "x1": x1, "y1": y1})
+    return rows
+
+
+def _switch_table(lmap: LayerMap, top_rows, dataset, dev, batch_size) -> pa.Table:
+    """Second pass over the final top-k images only: their pool switches inside each unit's field."""
+    by_image: dict[int, list[dict]] = {}
+    for r in top_rows:
+        if lmap.by_name[r["layer"]].pools_below:
+            by_image.setdefault(r["image_id"], []).append(r)
+    cols: dict[str, list] = {c: [] for c in ("layer", "channel", "rank", "pool", "y0", "x0", "h", "w", "data")}
+    image_ids = sorted(by_image)
+    deepest = max((lmap.by_name[r["layer"]] for r in top_rows), key=lmap.layers.index, default=None)
+    entries = []
+    for b in range(0, len(image_ids), batch_size):
+        chunk = image_ids[b:b + batch_size]
+        x = torch.stack([dataset[i][0] for i in chunk]).to(dev)  # dataset is indexed by image id
+        with torch.inference_mode():
+            _, sw = lmap.extract(x, [deepest.name], pool_indices=True)
+        sw = {p: t.cpu() for p, t in sw.items()}
+        for j, image_id in enumerate(chunk):
+            for r in by_image[image_id]:
+                la = lmap.by_name[r["layer"]]
+                for reg in regions_below(lmap, la, r["y"], r["x"]):
+                    entries.append((la, r, reg, encode(sw[reg.pool][j], lmap.pool_by_name[reg.pool].geometry, reg)))
+    entries.sort(key=lambda e: (lmap.layers.index(e[0]), e[1]["channel"], e[1]["rank"], e[2].pool))
+    for la, r, reg, data in entries:
+        for key, v in (("layer", la.name), ("channel", r["channel"]), ("rank", r["rank"]), ("pool", reg.pool),
+                       ("y0", reg.y0), ("x0", reg.x0), ("h", reg.h), ("w", reg.w), ("data", data)):
+            cols[key].append(v)
+    schema = pa.schema([("layer", pa.string()), ("channel", pa.int32()), ("rank", pa.int32()),
+                        ("pool", pa.string()), ("y0", pa.int32()), ("x0", pa.int32()), ("h", pa.int32()),
+                        ("w", pa.int32()), ("data", pa.binary())])
+    return pa.table(cols, schema=schema)
+
+
+def _write_tables(staging: Path, source, errors: dict[int, str], lmap, chosen, moms, top_rows) -> None:
+    recs = source.records
+    atomic_write_parquet(staging / "images.parquet", pa.table({
+        "image_id": pa.array([r.image_id for r in recs], pa.int32()),
+        "path": pa.array([r.path for r in recs], pa.string()),
+        "label": pa.array([r.label for r in recs], pa.string()),
+        "label_index": pa.array([r.label_index for r in recs], pa.int32()),
+        "status": pa.array(["error" if r.image_id in errors else "ok" for r in recs], pa.string()),
+        "error": pa.array([errors.get(r.image_id) for r in recs], pa.string()),
+    }))
+    layer_rows = [la.to_row() for la in chosen]
+    atomic_write_parquet(staging / "layers.parquet", pa.Table.from_pylist(layer_rows, schema=pa.schema([
+        ("layer", pa.string()), ("kind", pa.string()), ("channels", pa.int32()), ("height", pa.int32()),
+        ("width", pa.int32()), ("kernel", pa.int32()), ("stride", pa.int32()), ("padding", pa.int32()),
+        ("rf_size", pa.int32()), ("jump", pa.int32()), ("offset", pa.int32())])))
+    ch_cols: dict[str, list] = {c: [] for c in ("layer", "channel", "mean", "std", "max", "fire_rate")}
+    for la in chosen:
+        s = moms[la.name].summary()
+        ch_cols["layer"] += [la.name] * la.channels
+        ch_cols["channel"] += list(range(la.channels))
+        for f in ("mean", "std", "max", "fire_rate"):
+            ch_cols[f] += [float(v) if np.isfinite(v) else None for v in s[f]]
+    atomic_write_parquet(staging / "channels.parquet", pa.table(ch_cols, schema=pa.schema([
+        ("layer", pa.string()), ("channel", pa.int32()), ("mean", pa.float64()), ("std", pa.float64()),
+        ("max", pa.float64()), ("fire_rate", pa.float64())])))
+    atomic_write_parquet(staging / "top_activations.parquet", pa.Table.from_pylist(top_rows, schema=pa.schema([
+        ("layer", pa.string()), ("channel", pa.int32()), ("rank", pa.int32()), ("image_id", pa.int32()),
+        ("value", pa.float32()), ("y", pa.int32()), ("x", pa.int32()), ("x0", pa.int32()), ("y0", pa.int32()),
+        ("x1", pa.int32()), ("y1", pa.int32())])))
+
+
+def _compact_activations(staging: Path, work: Path, names: list[str], nchunks: int) -> None:
+    """One file per layer from the chunk parts, streamed (memory stays flat)."""
+    for name in names:
+        target = staging / "activations" / f"layer={name}" / "part-0.parquet"
+        parts = [work / f"act-{c:05d}-{name}.parquet" for c in range(nchunks)]
+
+        def write(tmp: Path) -> None:
+            writer = None
+            for p in parts:
+                table = pq.read_table(p)
+                if writer is None:
+                    writer = pq.ParquetWriter(tmp, table.schema, compression="zstd")
+                writer.write_table(table, row_group_size=ACT_ROW_GROUP)
+            if writer is not None:
+                writer.close()
+
+        atomic_write(target, write)

@@ -1,0 +1,192 @@
+"""Datasets as the build job sees them: an ordered list of images with labels.
+
+`--data` takes
+  * `shapes`                the embedded synthetic dataset (generated on first use)
+  * a folder of images in ImageFolder layout (class = sub-folder)
+  * a flat folder of images (no labels)
+  * a CIFAR-10 folder in its python-pickle format (or one of its batch files)
+Image ids are positions in a sorted listing, so the same folder always gives
+the same ids. Corrupt files are not an error of the dataset: the build records
+them and goes on.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .errors import AtlasError
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+CIFAR_BATCHES = ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch"]
+
+
+@dataclass
+class Record:
+    image_id: int
+    path: str            # relative to the dataset root ("batch#row" for CIFAR)
+    label: str | None
+    label_index: int | None
+
+
+def atlas_home() -> Path:
+    return Path(os.environ.get("ATLAS_HOME", Path.home() / ".cache" / "atlas"))
+
+
+class ImageSource:
+    """An ordered, labelled list of images and a way to open each one."""
+
+    def __init__(self, kind: str, root: Path, records: list[Record], classes: list[str] | None,
+                 spec: str, arrays: dict[str, Any] | None = None):
+        self.kind, self.root, self.records, self.classes, self.spec = kind, root, records, classes, spec
+        self._arrays = arrays  # CIFAR: batch name -> uint8 array (N, 32, 32, 3)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def open_image(self, image_id: int) -> Image.Image:
+        """The image as RGB; raises OSError/ValueError for a corrupt file."""
+        rec = self.records[image_id]
+        if self.kind == "cifar10":
+            batch, row = rec.path.split("#")
+            return Image.fromarray(self._load_batch(batch)[int(row)])
+        with Image.open(self.root / rec.path) as im:
+            im.load()
+            return im.convert("RGB")
+
+    def _load_batch(self, name: str) -> np.ndarray:
+        if name not in self._arrays:
+            self._arrays[name] = _read_cifar_batch(self.root / name)[0]
+        return self._arrays[name]
+
+    def describe(self) -> dict[str, Any]:
+        return {"spec": self.spec, "kind": self.kind, "root": str(self.root), "count": len(self),
+                "classes": self.classes}
+
+
+def _read_cifar_batch(path: Path) -> tuple[np.ndarray, list[int]]:
+    try:
+        with open(path, "rb") as f:
+            d = pickle.load(f, encoding="bytes")
+        data = np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        return np.ascontiguousarray(data), list(d[b"labels"])
+    except Exception as e:  # a CIFAR file that is not one: say which
+        raise AtlasError(f"CIFAR-10 batch '{path}' is not readable ({type(e).__name__})") from None
+
+
+def _cifar(root: Path, spec: str) -> ImageSource:
+    if root.is_file():
+        names, root = [root.name], root.parent
+    else:
+        if (root / "cifar-10-batches-py").is_dir():
+            root = root / "cifar-10-batches-py"
+        names = [n for n in CIFAR_BATCHES if (root / n).is_file()]
+    classes = None
+    if (root / "batches.meta").is_file():
+        with open(root / "batches.meta", "rb") as f:
+            classes = [c.decode() for c in pickle.load(f, encoding="bytes")[b"label_names"]]
+    records, arrays = [], {}
+    for name in names:
+        data, labels = _read_cifar_batch(root / name)
+        arrays[name] = data
+        for row, lab in enumerate(labels):
+            records.append(Record(len(records), f"{name}#{row}", classes[lab] if classes else str(lab), int(lab)))
+    return ImageSource("cifar10", root, records, classes, spec, arrays)
+
+
+def _is_image(p: Path) -> bool:
+    return p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+
+
+def open_dataset(spec: str | os.PathLike) -> ImageSource:
+    """Resolve a `--data` argument to an ImageSource (raises AtlasError for a bad one)."""
+    spec = str(spec)
+    if spec == "shapes" or spec.startswith("shapes:"):
+        from . import shapes
+
+        n = int(spec.split(":", 1)[1]) if ":" in spec else 2000
+        root = shapes.generate(atlas_home() / "datasets" / f"shapes-n{n}-s64-seed0", n=n, size=64, seed=0)
+        src = open_dataset(root)
+        src.spec = spec
+        return src
+    root = Path(spec).expanduser()
+    if not root.exists():
+        raise AtlasError(f"dataset '{spec}' does not exist")
+    if (root.is_file() and root.name in CIFAR_BATCHES) or (root.is_dir() and (
+            (root / "batches.meta").is_file() or (root / "cifar-10-batches-py").is_dir())):
+        src = _cifar(root, spec)
+    elif root.is_dir():
+        entries = sorted(os.scandir(root), key=lambda e: e.name)
+        subdirs = [Path(e.path) for e in entries if e.is_dir() and not e.name.startswith(".")]
+        flat = [Path(e.path) for e in entries if _is_image(Path(e.path))]
+        records: list[Record] = []
+        if subdirs and not flat:
+            classes = [d.name for d in subdirs]
+            for ci, d in enumerate(subdirs):
+                for f in sorted(p for p in d.rglob("*") if _is_image(p)):
+                    records.append(Record(len(records), f.relative_to(root).as_posix(), d.name, ci))
+            src = ImageSource("imagefolder", root, records, classes, spec)
+        else:
+            for f in flat:
+                records.append(Record(len(records), f.name, None, None))
+            src = ImageSource("flat", root, records, None, spec)
+    else:
+        raise AtlasError(f"dataset '{spec}' is neither a folder of images nor a CIFAR-10 batch")
+    if len(src) == 0:
+        raise AtlasError(f"dataset '{spec}' holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+    return src
+
+
+class Preprocess:
+    """The model's own preprocessing: short side resize, centre crop, normalise."""
+
+    def __init__(self, spec: dict[str, Any]):
+        self.spec = spec
+        self.resize, self.crop = int(spec["resize"]), int(spec["crop"])
+        self.mean = torch.tensor(spec["mean"], dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(spec["std"], dtype=torch.float32).view(3, 1, 1)
+
+    def crop_image(self, img: Image.Image) -> Image.Image:
+        """The RGB image the model sees, before normalisation (for patches and display)."""
+        w, h = img.size
+        scale = self.resize / min(w, h)
+        if (w, h) != (round(w * scale), round(h * scale)):
+            img = img.resize((max(self.crop, round(w * scale)), max(self.crop, round(h * scale))),
+                             Image.BILINEAR, reducing_gap=None)
+        w, h = img.size
+        left, top = (w - self.crop) // 2, (h - self.crop) // 2
+        return img.crop((left, top, left + self.crop, top + self.crop))
+
+    def to_tensor(self, img: Image.Image) -> torch.Tensor:
+        arr = np.asarray(img, dtype=np.uint8)
+        x = torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
+        return (x - self.mean) / self.std
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        return self.to_tensor(self.crop_image(img))
+
+
+class DecodedImages(torch.utils.data.Dataset):
+    """(tensor, image_id, error) for a list of ids; a corrupt image gives zeros and its error."""
+
+    def __init__(self, source: ImageSource, preprocess: Preprocess, ids: list[int] | range):
+        self.source, self.preprocess, self.ids = source, preprocess, list(ids)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int):
+        image_id = self.ids[i]
+        try:
+            x = self.preprocess(self.source.open_image(image_id))
+            err = ""
+        except Exception as e:  # any decode failure is a property of the file, recorded per image
+            x = torch.zeros(3, self.preprocess.crop, self.preprocess.crop)
+            err = f"{type(e).__name__}: {e}"[:300] or "unreadable"
+        return x, image_id, err

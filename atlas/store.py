@@ -1,0 +1,226 @@
+"""An atlas on disk: a folder of Parquet tables, a manifest, and the features' weights.
+
+    ATLAS/
+      manifest.json            format version, model, weights sha256, dataset, preprocessing, k, layers, timings
+      images.parquet           image_id, path, label, label_index, status, error
+      layers.parquet           layer, kind, channels, height, width, kernel, stride, padding, rf_size, jump, offset
+      channels.parquet         layer, channel, mean, std, max, fire_rate
+      top_activations.parquet  layer, channel, rank, image_id, value, y, x, x0, y0, x1, y1
+      switches.parquet         layer, channel, rank, pool, y0, x0, h, w, data  (see atlas/switches.py)
+      activations/layer=L/*.parquet   image_id, channel, value
+      model/features.pt        the conv weights, so projections need no other file
+      cache/                   lazily rendered PNGs (created on demand)
+
+`Atlas` opens one for reading; `atlas.build` writes one.
+"""
+from __future__ import annotations
+
+import json
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from . import FORMAT_VERSION
+from .errors import AtlasError
+
+SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
+
+
+def canned_queries() -> dict[str, tuple[str, str]]:
+    """name -> (description, sql) for the example queries in sql/queries."""
+    out = {}
+    for f in sorted((SQL_DIR / "queries").glob("*.sql")):
+        text = f.read_text()
+        first = text.splitlines()[0] if text else ""
+        desc = first.split(":", 1)[1].strip() if first.startswith("--") and ":" in first else ""
+        out[f.stem] = (desc, text)
+    return out
+
+
+class Atlas:
+    """A built atlas, opened for reading. `atlas.open(path)` returns one."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        mf = self.path / "manifest.json"
+        if not self.path.is_dir():
+            raise AtlasError(f"atlas '{path}' does not exist")
+        if not mf.is_file():
+            hint = " (an unfinished build: continue it with `atlas build ... --resume`)" \
+                if self.path.name.endswith(".partial") else ""
+            raise AtlasError(f"'{path}' is not an atlas: it has no manifest.json{hint}")
+        try:
+            self.manifest: dict[str, Any] = json.loads(mf.read_text())
+        except ValueError:
+            raise AtlasError(f"atlas '{path}' has an unreadable manifest.json") from None
+        version = self.manifest.get("format_version")
+        if version != FORMAT_VERSION:
+            raise AtlasError(f"atlas '{path}' has format version {version}; this atlas tool reads version "
+                             f"{FORMAT_VERSION} (rebuild it with `atlas build`)")
+
+    def __repr__(self) -> str:
+        m = self.manifest
+        return f"<Atlas {self.path} model={m['model']['name']} images={m['dataset']['count']} k={m['k']}>"
+
+    # -- SQL ----------------------------------------------------------------
+    @cached_property
+    def con(self):
+        import duckdb
+
+        con = duckdb.connect()
+        con.execute("SET file_search_path = ?", [str(self.path.resolve())])
+        con.execute((SQL_DIR / "views.sql").read_text())
+        if not list(self.path.glob("activations/*/*.parquet")):
+            con.execute("CREATE OR REPLACE VIEW activations AS SELECT NULL::INTEGER AS image_id, "
+                        "NULL::VARCHAR AS layer, NULL::INTEGER AS channel, NULL::FLOAT AS value WHERE false")
+        for hook in _connection_hooks:
+            hook(self, con)
+        return con
+
+    def sql(self, query: str, params: dict[str, Any] | None = None):
+        """Run SQL over the atlas views; returns a DuckDB relation (`.fetchall()`, `.df()`, ...)."""
+        import duckdb
+
+        for name, value in (params or {}).items():
+            self.con.execute(f"SET VARIABLE {_ident(name)} = ?", [value])
+        try:
+            return self.con.sql(query)
+        except duckdb.Error as e:
+            raise AtlasError(f"SQL error: {str(e).splitlines()[0]}") from None
+
+    def rows(self, query: str, params: list | None = None) -> list[dict[str, Any]]:
+        cur = self.con.execute(query, params or [])
+        cols = [d[0] for d in cur.description]
+        return [dict(zip(cols, r)) for r in cur.fetchall()]
+
+    # -- model and geometry --------------------------------------------------
+    @property
+    def image_size(self) -> int:
+        return int(self.manifest["preprocessing"]["crop"])
+
+    @cached_property
+    def model(self):
+        """The model with the atlas's own copy of the conv weights (classifier from the weights file if any)."""
+        import torch
+
+        from .models.registry import load_model
+
+        m = self.manifest["model"]
+        weights = m.get("weights")
+        use_file = bool(weights) and Path(weights).is_file()
+        model = load_model(m["name"], weights if use_file else None, num_classes=m.get("num_classes"),
+                           seed=m.get("seed", 0), **m.get("kwargs", {}))
+        state = torch.load(self.path / "model" / "features.pt", map_location="cpu", weights_only=True)
+        model.features.load_state_dict(state)
+        model.atlas_meta["classifier_from"] = weights if use_file else ("random init" if m.get("random_init")
+                                                                        else "unavailable")
+        return model.eval()
+
+    @property
+    def has_classifier(self) -> bool:
+        m = self.manifest["model"]
+        return bool(m.get("random_init")) or (bool(m.get("weights")) and Path(m["weights"]).is_file())
+
+    @cached_property
+    def lmap(self):
+        from .layers import LayerMap
+
+        return LayerMap(self.model, self.image_size)
+
+    @property
+    def layer_names(self) -> list[str]:
+        return [la["layer"] for la in self.manifest["layers"]]
+
+    def check_layer(self, layer: str) -> None:
+        if layer not in self.layer_names:
+            raise AtlasError(f"unknown layer '{layer}' in atlas '{self.path}': recorded layers are "
+                             f"{', '.join(self.layer_names)}")
+
+    def check_channel(self, layer: str, channel: int) -> None:
+        self.check_layer(layer)
+        n = next(la["channels"] for la in self.manifest["layers"] if la["layer"] == layer)
+        if not 0 <= channel < n:
+            raise AtlasError(f"channel {channel} is out of range for {layer} (0..{n - 1})")
+
+    # -- browsing -----------------------------------------------------------
+    def top(self, layer: str, channel: int) -> list[dict[str, Any]]:
+        """The channel's top-k, strongest first."""
+        self.check_channel(layer, channel)
+        return self.rows("SELECT t.*, i.path, i.label FROM top_activations t JOIN images i USING (image_id) "
+                         "WHERE layer = ? AND channel = ? ORDER BY rank", [layer, channel])
+
+    def channels(self, layer: str, sort: str = "channel", descending: bool = False) -> list[dict[str, Any]]:
+        self.check_layer(layer)
+        if sort not in ("channel", "mean", "std", "max", "fire_rate"):
+            raise AtlasError(f"unknown sort key '{sort}': use channel, mean, std, max or fire_rate")
+        order = f"{sort} {'DESC' if descending else 'ASC'}, channel"
+        return self.rows(f"SELECT * FROM channels WHERE layer = ? ORDER BY {order}", [layer])
+
+    def layers(self) -> list[dict[str, Any]]:
+        return self.rows("SELECT l.*, count(*) FILTER (WHERE c.max <= 0) AS dead, round(avg(c.fire_rate), 4) "
+                         "AS mean_fire_rate FROM layers l LEFT JOIN channels c USING (layer) GROUP BY ALL "
+                         "ORDER BY min(l.rf_size) NULLS LAST, l.layer")
+
+    # -- images -------------------------------------------------------------
+    @cached_property
+    def source(self):
+        """The dataset, if it is still where the build found it (else None)."""
+        from .data import open_dataset
+
+        ds = self.manifest["dataset"]
+        try:
+            return open_dataset(ds["root"] if ds["kind"] != "cifar10" else ds["spec"])
+        except AtlasError:
+            return None
+
+    @cached_property
+    def preprocess(self):
+        from .data import Preprocess
+
+        return Preprocess(self.manifest["preprocessing"])
+
+    def image(self, image_id: int):
+        """(model input tensor (3, S, S), the cropped RGB PIL image), or AtlasError if unavailable."""
+        rows = self.rows("SELECT path, status FROM images WHERE image_id = ?", [int(image_id)])
+        if not rows:
+            raise AtlasError(f"image id {image_id} is not in atlas '{self.path}'")
+        src = self.source
+        if src is None or image_id >= len(src) or src.records[image_id].path != rows[0]["path"]:
+            raise AtlasError(f"image {image_id} ('{rows[0]['path']}') is unavailable: the dataset at "
+                             f"'{self.manifest['dataset']['root']}' is gone or changed")
+        try:
+            crop = self.preprocess.crop_image(src.open_image(image_id))
+        except Exception as e:
+            raise AtlasError(f"image {image_id} ('{rows[0]['path']}') cannot be read: {e}") from None
+        return self.preprocess.to_tensor(crop), crop
+
+    # -- switches -----------------------------------------------------------
+    def switches(self, layer: str, channel: int, rank: int):
+        """{pool: index tensor (C, H, W)} for a top-k entry, decoded from the stored switches."""
+        from .switches import SwitchRegion, decode
+
+        if not (self.path / "switches.parquet").is_file():
+            raise AtlasError(f"atlas '{self.path}' has no switches (built with --no-switches)")
+        rows = self.rows("SELECT pool, y0, x0, h, w, data FROM read_parquet('switches.parquet') "
+                         "WHERE layer = ? AND channel = ? AND rank = ?", [layer, int(channel), int(rank)])
+        out = {}
+        for r in rows:
+            pool = self.lmap.pool_by_name[r["pool"]]
+            region = SwitchRegion(r["pool"], r["y0"], r["x0"], r["h"], r["w"])
+            out[r["pool"]] = decode(r["data"], pool.channels, pool.geometry, region)
+        return out
+
+
+# Functions other modules register to extend every atlas SQL connection (e.g. deconv_png).
+_connection_hooks: list = []
+
+
+def register_connection_hook(fn) -> None:
+    if fn not in _connection_hooks:
+        _connection_hooks.append(fn)
+
+
+def _ident(name: str) -> str:
+    if not name.replace("_", "").isalnum():
+        raise AtlasError(f"bad parameter name '{name}'")
+    return name

@@ -1,0 +1,32 @@
+-- Views over an atlas folder's Parquet files.
+-- Paths are relative: point DuckDB at the atlas first, e.g.
+--   duckdb -cmd "SET file_search_path='my-atlas'" -c ".read sql/views.sql" -c "FROM channels LIMIT 5"
+-- `atlas sql` and `atlas.open(path).sql(...)` do this for you.
+
+-- One row per image of the dataset; status is 'ok' or 'error' (with the error).
+CREATE OR REPLACE VIEW images AS
+SELECT image_id, path, label, label_index, status, error
+FROM read_parquet('images.parquet');
+
+-- One row per recorded layer, with its receptive-field geometry: unit (y, x)
+-- sees input rows offset + y*jump .. offset + y*jump + rf_size - 1 (same for x).
+CREATE OR REPLACE VIEW layers AS
+SELECT layer, kind, channels, height, width, kernel, stride, padding, rf_size, jump, "offset"
+FROM read_parquet('layers.parquet');
+
+-- Per channel, over the per-image spatial maxima of the whole dataset.
+CREATE OR REPLACE VIEW channels AS
+SELECT layer, channel, mean, std, max, fire_rate
+FROM read_parquet('channels.parquet');
+
+-- The k strongest activations per channel; rank 0 is the strongest. (y, x) is
+-- the position of the maximum in the layer's map, (x0, y0, x1, y1) its
+-- receptive field in input pixels (clipped to the image, x1/y1 exclusive).
+CREATE OR REPLACE VIEW top_activations AS
+SELECT layer, channel, rank, image_id, value, y, x, x0, y0, x1, y1
+FROM read_parquet('top_activations.parquet');
+
+-- Per image, layer and channel: the spatial maximum of the channel's map.
+CREATE OR REPLACE VIEW activations AS
+SELECT image_id, layer, channel, value
+FROM read_parquet('activations/*/*.parquet', hive_partitioning = true);
