@@ -135,7 +135,7 @@ def build(model: str, data: str, out: str | Path, *, weights: str | None = None,
                 tops[name].merge(TopK.from_state({f: st[f"{name}.topk.{f}"] for f in ("values", "ids", "pos")}))
                 moms[name].merge(Moments.from_state({f: st[f"{name}.mom.{f}"]
                                                      for f in ("count", "sum", "sumsq", "fires", "max")}))
-            errors.update(json.loads(str(st["errors"])))
+            errors.update({int(i): e for i, e in json.loads(str(st["errors"])).items()})
     top_rows = _top_rows(lmap, chosen, tops)
 
     t_sw = time.perf_counter()

@@ -8,6 +8,6 @@ SELECT coalesce(getvariable('layer'), 'conv1') AS layer, x.channel AS channel_a,
        round(corr(x.value, y.value), 4) AS correlation
 FROM a x JOIN a y ON x.image_id = y.image_id AND x.channel < y.channel
 GROUP BY x.channel, y.channel
-HAVING correlation IS NOT NULL
+HAVING correlation IS NOT NULL AND NOT isnan(correlation)
 ORDER BY correlation DESC
 LIMIT 20;

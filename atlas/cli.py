@@ -1,0 +1,252 @@
+"""The `atlas` command line: small commands, the same option names everywhere.
+
+Each command parses its options and calls one library function; anything a
+command does, Python users can do through the same function.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import AtlasError
+from .output import FORMATS, render, render_dicts
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+class AtlasGroup(click.Group):
+    """Turns expected failures into one line on stderr and a non-zero exit."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except AtlasError as e:
+            click.echo(f"Error: {e}", err=True)
+            sys.exit(e.exit_code)
+        except KeyboardInterrupt:
+            click.echo("Interrupted. A build or training run continues where it stopped with --resume.", err=True)
+            sys.exit(130)
+
+    def list_commands(self, ctx):
+        return list(self.commands)  # in the order they were added: the order of a tutorial
+
+
+@click.group(cls=AtlasGroup, context_settings=CONTEXT)
+@click.version_option(package_name="atlas")
+def main():
+    """Feature Atlas: what every channel of a CNN has learned, over a whole dataset.
+
+    \b
+    Start here:
+      atlas demo                          make data, train a small ZFNet, build its atlas
+      atlas build --model zfnet --weights zf.pt --data imgs/ --out my-atlas
+      atlas info my-atlas                 what is in it
+      atlas channels my-atlas conv5 --sort max --desc
+      atlas top my-atlas conv5 17         the channel's strongest images
+      atlas sql my-atlas "SELECT * FROM channels WHERE max <= 0"
+    """
+
+
+# -- shared options ------------------------------------------------------------
+def format_option(f):
+    return click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True,
+                        help="Output as an aligned table, CSV or JSON.")(f)
+
+
+def atlas_argument(f):
+    return click.argument("atlas_path", metavar="ATLAS", type=click.Path(path_type=Path))(f)
+
+
+def _open(path: Path):
+    from .store import Atlas
+
+    return Atlas(path)
+
+
+def _say(msg: str) -> None:
+    click.echo(msg, err=True)
+
+
+# -- demo and build --------------------------------------------------------------
+@main.command(context_settings=CONTEXT)
+@click.option("--out", type=click.Path(path_type=Path), default=Path("atlas-demo"), show_default=True,
+              help="Folder for the demo's data, training run and atlas.")
+@click.option("--quick", is_flag=True, help="A small, fast version (under 30 s) for tests and a first look.")
+@click.option("--progress/--no-progress", default=None, help="Progress bars (default: when on a terminal).")
+def demo(out, quick, progress):
+    """Make the `shapes` dataset, train zfnet-mini on it, and build its atlas.
+
+    Everything is generated locally from a fixed seed; nothing is downloaded.
+    At the end it prints where the atlas is and what to try next.
+    """
+    from .demo import run_demo
+
+    run_demo(out, quick=quick, progress=progress, log=_say)
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--model", "model_name", required=True, help="zfnet, zfnet-mini, alexnet-single, alexnet, vgg16, ...")
+@click.option("--weights", type=click.Path(path_type=Path), help="Weights file (state_dict or `atlas train` "
+              "checkpoint). Without it the model is randomly initialised, and the manifest says so.")
+@click.option("--data", required=True, help="Image folder (ImageFolder or flat), CIFAR-10 folder, or `shapes`.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="The atlas folder to write.")
+@click.option("--k", default=9, show_default=True, help="Top activations kept per channel.")
+@click.option("--layers", help="Comma-separated layers to record (default: every conv layer, after its ReLU).")
+@click.option("--batch-size", default=64, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--workers", type=int, help="Image decoding processes (default: by device and cores).")
+@click.option("--image-size", type=int, help="Input size, for models that take several (zfnet-mini: 32-64).")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True)
+@click.option("--no-activations", is_flag=True, help="Skip the per-image activations table (huge datasets).")
+@click.option("--no-switches", is_flag=True, help="Skip the max-pool switches (no projections from the atlas alone).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted build of the same atlas.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing atlas at --out.")
+@click.option("--seed", default=0, show_default=True, help="Seed of a randomly initialised model.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar (default: when on a terminal).")
+def build(model_name, weights, data, out, k, layers, batch_size, device, workers, image_size, precision,
+          no_activations, no_switches, resume, overwrite, seed, progress):
+    """Run a model over a whole dataset and write its atlas.
+
+    For every channel of the chosen layers: the top-k activations (value,
+    image, position, receptive-field box), the max-pool switches to project
+    them, per-image maxima and per-channel statistics. Interrupted builds
+    continue with --resume; the atlas appears only when it is complete.
+    """
+    from .build import build as run_build
+
+    path = run_build(model_name, data, out, weights=str(weights) if weights else None, k=k, layers=layers,
+                     batch_size=batch_size, device=device, workers=workers, image_size=image_size,
+                     precision=precision, activations=not no_activations, switches=not no_switches,
+                     resume=resume, overwrite=overwrite, seed=seed, progress=progress, log=_say)
+    click.echo(str(path))
+
+
+@main.command("make-shapes", context_settings=CONTEXT)
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--n", "count", default=2000, show_default=True, help="Number of images.")
+@click.option("--size", default=64, show_default=True, help="Image side in pixels.")
+@click.option("--seed", default=0, show_default=True)
+def make_shapes(out, count, size, seed):
+    """Write the synthetic `shapes` dataset as an ImageFolder."""
+    from .shapes import generate
+
+    click.echo(str(generate(out, n=count, size=size, seed=seed)))
+
+
+# -- querying and browsing -----------------------------------------------------
+@main.command(context_settings=CONTEXT)
+@atlas_argument
+@click.argument("query", required=False)
+@click.option("--file", "sql_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Read the SQL from a file.")
+@click.option("--query", "-q", "canned", help="Run an example query from sql/queries by name (see `atlas queries`).")
+@click.option("--param", "-p", multiple=True, metavar="NAME=VALUE",
+              help="Set a SQL variable, read in the query with getvariable('NAME').")
+@format_option
+def sql(atlas_path, query, sql_file, canned, param, fmt):
+    """Query an atlas with SQL (DuckDB).
+
+    \b
+    Views: images, layers, channels, top_activations, activations.
+      atlas sql my-atlas "SELECT * FROM channels ORDER BY max DESC LIMIT 5"
+      atlas sql my-atlas -q class_selectivity -p label=circle
+    """
+    from .store import canned_queries
+
+    sources = [s for s in (query, sql_file, canned) if s]
+    if len(sources) != 1:
+        raise AtlasError("give exactly one of QUERY, --file or --query")
+    if canned:
+        known = canned_queries()
+        if canned not in known:
+            raise AtlasError(f"unknown query '{canned}': known queries are {', '.join(known)}")
+        query = known[canned][1]
+    elif sql_file:
+        query = sql_file.read_text()
+    params = {}
+    for p in param:
+        if "=" not in p:
+            raise AtlasError(f"--param '{p}' is not NAME=VALUE")
+        name, value = p.split("=", 1)
+        params[name] = value
+    rel = _open(atlas_path).sql(query, params)
+    if rel is None:
+        return
+    click.echo(render(rel.columns, rel.fetchall(), fmt))
+
+
+@main.command(context_settings=CONTEXT)
+@format_option
+def queries(fmt):
+    """List the example queries that `atlas sql --query NAME` runs."""
+    from .store import canned_queries
+
+    click.echo(render(["name", "description"], [(n, d) for n, (d, _) in canned_queries().items()], fmt))
+
+
+@main.command(context_settings=CONTEXT)
+@atlas_argument
+@click.option("--json", "as_json", is_flag=True, help="Print the whole manifest as JSON.")
+def info(atlas_path, as_json):
+    """Summary of an atlas: model, weights, dataset, layers, timings."""
+    a = _open(atlas_path)
+    m = a.manifest
+    if as_json:
+        click.echo(json.dumps(m, indent=2))
+        return
+    mdl, ds, t = m["model"], m["dataset"], m["timings"]
+    weights = "random init (seed %s)" % mdl.get("seed") if mdl["random_init"] else \
+        f"{mdl['weights']} (sha256 {mdl['weights_sha256'][:12]}…)"
+    lines = [
+        f"atlas      {a.path}",
+        f"model      {mdl['name']}, {weights}",
+        f"dataset    {ds['spec']} ({ds['kind']}): {ds['count']} images, {ds['errors']} unreadable"
+        + (f", {len(ds['classes'])} classes" if ds.get("classes") else ", unlabelled"),
+        f"input      {m['preprocessing']['note']}",
+        f"k          {m['k']}",
+        f"layers     {', '.join(a.layer_names)}",
+        f"built      {m['created']} with atlas {m['tool']['version']} in {t['total_s']} s "
+        f"({t['images_per_s']} images/s on {m['options']['device']})",
+    ]
+    click.echo("\n".join(lines))
+
+
+@main.command(context_settings=CONTEXT)
+@atlas_argument
+@format_option
+def layers(atlas_path, fmt):
+    """The recorded layers with their geometry and how many channels are dead."""
+    click.echo(render_dicts(_open(atlas_path).layers(), fmt))
+
+
+@main.command(context_settings=CONTEXT)
+@atlas_argument
+@click.argument("layer")
+@click.option("--sort", default="channel", show_default=True,
+              type=click.Choice(["channel", "mean", "std", "max", "fire_rate"]))
+@click.option("--desc", is_flag=True, help="Largest first.")
+@click.option("--limit", type=int, help="Show only the first N.")
+@format_option
+def channels(atlas_path, layer, sort, desc, limit, fmt):
+    """A layer's channels with their statistics over the dataset."""
+    rows = _open(atlas_path).channels(layer, sort, desc)
+    click.echo(render_dicts(rows[:limit] if limit else rows, fmt))
+
+
+@main.command(context_settings=CONTEXT)
+@atlas_argument
+@click.argument("layer")
+@click.argument("channel", type=int)
+@format_option
+def top(atlas_path, layer, channel, fmt):
+    """A channel's top-k activations: image, value, position and receptive-field box."""
+    rows = _open(atlas_path).top(layer, channel)
+    cols = ["rank", "image_id", "value", "y", "x", "x0", "y0", "x1", "y1", "label", "path"]
+    click.echo(render_dicts(rows, fmt, cols))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
