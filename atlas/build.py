@@ -13,6 +13,7 @@ ATLAS.
 from __future__ import annotations
 
 import datetime as _dt
+import io
 import json
 import os
 import shutil
@@ -28,7 +29,7 @@ import torch
 from . import FORMAT_VERSION, __version__
 from .data import DecodedImages, Preprocess, open_dataset
 from .errors import AtlasError
-from .fsutil import atomic_write, atomic_write_json, atomic_write_parquet, publish_dir
+from .fsutil import atomic_write, atomic_write_bytes, atomic_write_json, atomic_write_parquet, publish_dir
 from .layers import LayerMap
 from .mining import NO_IMAGE, Moments, TopK, spatial_max
 from .models.registry import load_model, preprocessing_for
@@ -150,7 +151,9 @@ def build(model: str, data: str, out: str | Path, *, weights: str | None = None,
         _compact_activations(staging, work, names, nchunks)
     (staging / "model").mkdir(exist_ok=True)
     state = {key: v.detach().cpu().contiguous() for key, v in net.features.state_dict().items()}
-    atomic_write(staging / "model" / "features.pt", lambda tmp: torch.save(state, tmp))
+    buf = io.BytesIO()  # torch.save names the archive after the file: a temp name would change the bytes
+    torch.save(state, buf)
+    atomic_write_bytes(staging / "model" / "features.pt", buf.getvalue())
     t_wr = time.perf_counter() - t_wr
 
     n_ok = n - len(errors)
