@@ -185,6 +185,43 @@ def build(model: str, data: str, out: str | Path, *, weights: str | None = None,
     return out
 
 
+class ChunkMiner:
+    """Mines batches into one chunk's partial state (top-k, moments, activation rows)."""
+
+    def __init__(self, lmap: LayerMap, chosen, k: int, dev: torch.device, precision: str = "fp32",
+                 activations: bool = True, chunk: int = 0):
+        self.lmap, self.names, self.dev, self.chunk = lmap, [la.name for la in chosen], dev, chunk
+        self.autocast = precision == "bf16"
+        self.keep_activations = activations
+        self.errors: dict[int, str] = {}
+        self.acts: dict[str, list] = {m: [] for m in self.names}
+        self.tops = {la.name: TopK(la.channels, k, dev) for la in chosen}
+        self.moms = {la.name: Moments(la.channels, dev) for la in chosen}
+
+    def add(self, x: torch.Tensor, ids: torch.Tensor, errs: list[str] | None = None) -> None:
+        errs = errs or [""] * len(ids)
+        for i, e in zip(ids.tolist(), errs):
+            if e:
+                self.errors[i] = e
+        x = x.to(self.dev, non_blocking=True)
+        if self.dev.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            with torch.autocast(self.dev.type, torch.bfloat16, enabled=self.autocast):
+                feats = self.lmap.extract(x, self.names)
+            ids = ids.to(self.dev)
+            ok = None if not any(errs) else torch.tensor([not e for e in errs], device=self.dev)
+            for name, a in feats.items():
+                v, p = spatial_max(a.float())
+                vid = ids
+                if ok is not None:
+                    v, p, vid = v[ok], p[ok], ids[ok]
+                self.tops[name].update(v, vid, p)
+                self.moms[name].update(v)
+                if self.keep_activations:
+                    self.acts[name].append((vid.cpu(), v.cpu()))
+
+
 def _mine_chunks(lmap: LayerMap, chosen, dataset, todo, chunk_size, batch_size, k, dev, precision,
                  workers, work: Path, activations: bool, bar: Progress) -> None:
     n = len(dataset)
@@ -197,60 +234,35 @@ def _mine_chunks(lmap: LayerMap, chosen, dataset, todo, chunk_size, batch_size, 
     if not batches:
         return
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
-                                         pin_memory=dev.type == "cuda", persistent_workers=False)
-    names = [la.name for la in chosen]
-    acc = None
-    cuda = dev.type == "cuda"
+                                         pin_memory=dev.type == "cuda")
+    miner = None
     for bi, (x, ids, errs) in enumerate(loader):
-        c = owner[bi]
-        if acc is None or acc["chunk"] != c:
-            if acc is not None:
-                _flush_chunk(acc, work, activations)
-            acc = {"chunk": c, "errors": {}, "acts": {m: [] for m in names},
-                   "tops": {la.name: TopK(la.channels, k, dev) for la in chosen},
-                   "moms": {la.name: Moments(la.channels, dev) for la in chosen}}
-        ok = torch.tensor([e == "" for e in errs])
-        for i, e in zip(ids.tolist(), errs):
-            if e:
-                acc["errors"][i] = e
-        x = x.to(dev, non_blocking=True)
-        if cuda:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode(), torch.autocast(dev.type, torch.bfloat16, enabled=precision == "bf16"):
-            feats = lmap.extract(x, names)
-        okd, idd = ok.to(dev), ids.to(dev)
-        all_ok = bool(ok.all())
-        with torch.inference_mode():
-            for name, a in feats.items():
-                v, p = spatial_max(a.float())
-                vid = idd
-                if not all_ok:
-                    v, p, vid = v[okd], p[okd], idd[okd]
-                acc["tops"][name].update(v, vid, p)
-                acc["moms"][name].update(v)
-                if activations:
-                    acc["acts"][name].append((vid.cpu(), v.cpu()))
+        if miner is None or miner.chunk != owner[bi]:
+            if miner is not None:
+                _flush_chunk(miner, work)
+            miner = ChunkMiner(lmap, chosen, k, dev, precision, activations, chunk=owner[bi])
+        miner.add(x, ids, list(errs))
         bar.update(len(errs))
-    _flush_chunk(acc, work, activations)
+    _flush_chunk(miner, work)
 
 
-def _flush_chunk(acc: dict, work: Path, activations: bool) -> None:
-    c = acc["chunk"]
-    if activations:
-        for name, parts in acc["acts"].items():
+def _flush_chunk(miner: ChunkMiner, work: Path) -> None:
+    c = miner.chunk
+    if miner.keep_activations:
+        for name, parts in miner.acts.items():
             ids = torch.cat([p[0] for p in parts]).numpy().astype(np.int32) if parts else np.zeros(0, np.int32)
             vals = torch.cat([p[1] for p in parts]).numpy() if parts else np.zeros((0, 0), np.float32)
-            nimg, nch = (vals.shape if vals.ndim == 2 else (0, 0))
+            nimg, nch = vals.shape
             table = pa.table({
                 "image_id": pa.array(np.repeat(ids, nch), pa.int32()),
                 "channel": pa.array(np.tile(np.arange(nch, dtype=np.int16), nimg), pa.int16()),
                 "value": pa.array(vals.reshape(-1).astype(np.float32), pa.float32()),
             })
             atomic_write_parquet(work / f"act-{c:05d}-{name}.parquet", table, compression="zstd")
-    arrays = {"errors": np.array(json.dumps({str(i): e for i, e in acc["errors"].items()}))}
-    for name, t in acc["tops"].items():
+    arrays = {"errors": np.array(json.dumps({str(i): e for i, e in miner.errors.items()}))}
+    for name, t in miner.tops.items():
         arrays.update({f"{name}.topk.{f}": v for f, v in t.state().items()})
-        arrays.update({f"{name}.mom.{f}": v for f, v in acc["moms"][name].state().items()})
+        arrays.update({f"{name}.mom.{f}": v for f, v in miner.moms[name].state().items()})
     atomic_write(work / f"chunk-{c:05d}.npz", lambda tmp: _savez(tmp, arrays))
 
 
