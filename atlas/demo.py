@@ -1,0 +1,58 @@
+"""`atlas demo`: the whole pipeline on the embedded `shapes` dataset.
+
+Generate the dataset (deterministic), train zfnet-mini on it with `atlas.train`,
+build the atlas over the whole dataset, and say what to try next.
+"""
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+FULL = {"images": 4000, "epochs": 3}
+QUICK = {"images": 400, "epochs": 1}
+
+
+def run_demo(out: str | Path = "atlas-demo", quick: bool = False, progress: bool | None = None,
+             log: Callable[[str], None] = print) -> Path:
+    from .build import build
+    from .shapes import generate
+    from .train import train
+
+    t0 = time.perf_counter()
+    out = Path(out)
+    cfg = QUICK if quick else FULL
+    data = generate(out / "data" / f"shapes-{cfg['images']}", n=cfg["images"], size=64, seed=0)
+    log(f"[1/3] dataset: {cfg['images']} shapes images (64 px) in {data}")
+    run = out / "run"
+    if run.exists():
+        shutil.rmtree(run)  # the demo always shows a whole run
+    train("zfnet-mini", str(data), run, epochs=cfg["epochs"], seed=0, progress=progress, log=log)
+    log(f"[2/3] trained zfnet-mini for {cfg['epochs']} epoch(s): {run / 'final.pt'}")
+    path = build("zfnet-mini", str(data), out / "atlas", weights=str(run / "final.pt"), k=9, overwrite=True,
+                 progress=progress, log=log)
+    log(f"[3/3] atlas built over the whole dataset in {time.perf_counter() - t0:.0f} s total")
+    log(next_steps(path))
+    return path
+
+
+def next_steps(path: Path) -> str:
+    from .cli import main
+
+    p = str(path)
+    tries = [
+        ("info", f"atlas info {p}", "what is in it"),
+        ("channels", f"atlas channels {p} conv5 --sort max --desc --limit 10", "the strongest conv5 channels"),
+        ("top", f"atlas top {p} conv5 0", "a channel's top-9 images"),
+        ("sql", f"atlas sql {p} -q class_selectivity -p label=circle", "channels most selective for circles"),
+        ("show", f"atlas show {p} conv3 5", "the paper's figure 2 panel for one channel"),
+        ("filters", f"atlas filters {p}", "the learned conv1 filters"),
+        ("similar", f"atlas similar {p} --image-id 0", "images the network sees as alike"),
+        ("export", f"atlas export {p} {p}-site", "a browsable static site"),
+    ]
+    lines = [f"\nYour atlas: {p}\nTry next:"]
+    for cmd, line, why in tries:
+        if cmd in main.commands:
+            lines.append(f"  {line:<62} # {why}")
+    return "\n".join(lines)
