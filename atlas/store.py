@@ -10,6 +10,7 @@
       activations/layer=L/*.parquet   image_id, channel, value
       model/features.pt        the conv weights, so projections need no other file
       cache/                   lazily rendered PNGs (created on demand)
+      analyses/NAME/*.parquet  results of `atlas occlude`, `invariance`, ...: each NAME is a SQL view
 
 `Atlas` opens one for reading; `atlas.build` writes one.
 """
@@ -73,6 +74,11 @@ class Atlas:
         if not list(self.path.glob("activations/*/*.parquet")):
             con.execute("CREATE OR REPLACE VIEW activations AS SELECT NULL::INTEGER AS image_id, "
                         "NULL::VARCHAR AS layer, NULL::INTEGER AS channel, NULL::FLOAT AS value WHERE false")
+        # Analyses (occlusion, invariance, ...) store tables under analyses/NAME/*.parquet.
+        for d in sorted(p for p in (self.path / "analyses").glob("*") if p.is_dir()):
+            if list(d.glob("*.parquet")) and d.name.replace("_", "").isalnum():
+                con.execute(f"CREATE OR REPLACE VIEW {d.name} AS SELECT * FROM "
+                            f"read_parquet('analyses/{d.name}/*.parquet', union_by_name = true)")
         for hook in _connection_hooks:
             hook(self, con)
         return con
