@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 import torch
 
 from . import FORMAT_VERSION, __version__
+from .distributed import ranks_from_env
 from .data import DecodedImages, Preprocess, open_dataset
 from .errors import AtlasError
 from .fsutil import atomic_write, atomic_write_bytes, atomic_write_json, atomic_write_parquet, publish_dir
@@ -75,7 +76,10 @@ def build(model: str, data: str, out: str | Path, *, weights: str | None = None,
         raise AtlasError(f"unknown precision '{precision}': use fp32 or bf16")
     if out.exists() and not overwrite:
         raise AtlasError(f"atlas '{out}' already exists: pass --overwrite to replace it")
+    ranks = ranks_from_env(device)
     dev = resolve_device(device)
+    if dev.type == "cuda" and ranks.active:
+        dev = torch.device("cuda", ranks.local_rank)
     net = load_model(model, weights, seed=seed)
     source = open_dataset(data)
     pre = net.atlas_meta.get("preprocessing") or preprocessing_for(model, image_size)
@@ -98,33 +102,38 @@ def build(model: str, data: str, out: str | Path, *, weights: str | None = None,
         "layers": names, "batch_size": batch_size, "chunk_size": chunk_size, "activations": activations,
         "switches": switches, "precision": precision,
     }
-    if staging.exists():
-        cfg_file = work / "config.json"
-        if not resume:
-            raise AtlasError(f"an interrupted build of '{out}' is in '{staging}': continue it with --resume "
-                             "(or delete that folder to start over)")
-        old = json.loads(cfg_file.read_text()) if cfg_file.is_file() else None
-        if old is not None and old != config:
-            diff = sorted(key for key in config if old.get(key) != config[key])
-            raise AtlasError(f"cannot resume '{staging}': it was started with other options ({', '.join(diff)})")
-    work.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(work / "config.json", config)
+    error = None
+    if ranks.leader:  # one process prepares the staging folder; the others learn its verdict
+        try:
+            _prepare_staging(staging, out, config, resume)
+        except AtlasError as e:
+            error = str(e)
+    error = ranks.share(error)
+    if error:
+        raise AtlasError(error)
 
     net = net.to(dev)
     if dev.type == "cuda":
         net = net.to(memory_format=torch.channels_last)
     dataset = DecodedImages(source, Preprocess(pre), range(n))
     done = [c for c in range(nchunks) if (work / f"chunk-{c:05d}.npz").is_file()]
-    todo = [c for c in range(nchunks) if c not in set(done)]
+    todo = [c for c in range(nchunks) if c not in set(done) and ranks.owns(c)]
     if done:
         log(f"resuming: {len(done)} of {nchunks} chunks already done")
     n_done = sum(min(chunk_size, n - c * chunk_size) for c in done)
 
     t_fwd = time.perf_counter()
+    if ranks.active:
+        n_done = n - sum(min(chunk_size, n - c * chunk_size) for c in todo)
+        progress = progress if ranks.leader else False
     with Progress(n, "build", "images", enabled=progress, initial=n_done) as bar:
         _mine_chunks(lmap, chosen, dataset, todo, chunk_size, batch_size, k, dev, precision,
                      workers if workers is not None else default_workers(dev), work, activations, bar)
     t_fwd = time.perf_counter() - t_fwd
+    ranks.barrier()  # every chunk is on disk
+    if not ranks.leader:
+        ranks.barrier()  # wait for rank 0 to publish
+        return out
 
     # Merge partial states in chunk order (see the module docstring).
     tops = {la.name: TopK(la.channels, k) for la in chosen}
@@ -172,7 +181,8 @@ def build(model: str, data: str, out: str | Path, *, weights: str | None = None,
         "switches": {"stored": switches, "encoding": "receptive-field boxes, window offsets dy*k+dx, "
                                                     "nibble-packed when k*k <= 16 (atlas/switches.py)"},
         "activations": activations,
-        "options": {"batch_size": batch_size, "chunk_size": chunk_size, "device": str(dev), "precision": precision},
+        "options": {"batch_size": batch_size, "chunk_size": chunk_size, "device": str(dev), "precision": precision,
+                    "ranks": ranks.world},
         "timings": {"mining_s": round(t_fwd, 3), "switches_s": round(t_sw, 3), "write_s": round(t_wr, 3),
                     "total_s": round(time.perf_counter() - t_start, 3),
                     "images_per_s": round((n - n_done) / t_fwd, 2) if t_fwd > 0 else None},
@@ -180,6 +190,7 @@ def build(model: str, data: str, out: str | Path, *, weights: str | None = None,
     atomic_write_json(staging / "manifest.json", manifest)
     shutil.rmtree(work)
     publish_dir(staging, out, overwrite=overwrite)
+    ranks.barrier()
     log(f"atlas written to {out}: {n_ok} images ({len(errors)} unreadable), {len(names)} layers, k={k}, "
         f"{manifest['timings']['total_s']:.1f} s")
     return out
@@ -220,6 +231,21 @@ class ChunkMiner:
                 self.moms[name].update(v)
                 if self.keep_activations:
                     self.acts[name].append((vid.cpu(), v.cpu()))
+
+
+def _prepare_staging(staging: Path, out: Path, config: dict, resume: bool) -> None:
+    work = staging / "work"
+    if staging.exists():
+        cfg_file = work / "config.json"
+        if not resume:
+            raise AtlasError(f"an interrupted build of '{out}' is in '{staging}': continue it with --resume "
+                             "(or delete that folder to start over)")
+        old = json.loads(cfg_file.read_text()) if cfg_file.is_file() else None
+        if old is not None and old != config:
+            diff = sorted(key for key in config if old.get(key) != config[key])
+            raise AtlasError(f"cannot resume '{staging}': it was started with other options ({', '.join(diff)})")
+    work.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(work / "config.json", config)
 
 
 def _mine_chunks(lmap: LayerMap, chosen, dataset, todo, chunk_size, batch_size, k, dev, precision,

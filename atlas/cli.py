@@ -6,6 +6,7 @@ command does, Python users can do through the same function.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -105,23 +106,30 @@ def demo(out, quick, progress):
 @click.option("--resume", is_flag=True, help="Continue an interrupted build of the same atlas.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing atlas at --out.")
 @click.option("--seed", default=0, show_default=True, help="Seed of a randomly initialised model.")
+@click.option("--chunk-size", type=int, help="Images per resumable chunk (default: about 1024).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when on a terminal).")
 def build(model_name, weights, data, out, k, layers, batch_size, device, workers, image_size, precision,
-          no_activations, no_switches, resume, overwrite, seed, progress):
+          no_activations, no_switches, resume, overwrite, seed, chunk_size, progress):
     """Run a model over a whole dataset and write its atlas.
 
     For every channel of the chosen layers: the top-k activations (value,
     image, position, receptive-field box), the max-pool switches to project
     them, per-image maxima and per-channel statistics. Interrupted builds
     continue with --resume; the atlas appears only when it is complete.
+
+    \b
+    Several GPUs or machines: torchrun --nproc-per-node N -m atlas build ...
+    (each rank mines its share; the atlas is identical to a one-process build).
     """
     from .build import build as run_build
 
     path = run_build(model_name, data, out, weights=str(weights) if weights else None, k=k, layers=layers,
                      batch_size=batch_size, device=device, workers=workers, image_size=image_size,
                      precision=precision, activations=not no_activations, switches=not no_switches,
-                     resume=resume, overwrite=overwrite, seed=seed, progress=progress, log=_say)
-    click.echo(str(path))
+                     resume=resume, overwrite=overwrite, seed=seed, chunk_size=chunk_size, progress=progress,
+                     log=_say)
+    if int(os.environ.get("RANK", "0")) == 0:
+        click.echo(str(path))
 
 
 @main.command("make-shapes", context_settings=CONTEXT)

@@ -1,0 +1,4 @@
+"""`python -m atlas ...` (and `torchrun ... -m atlas build ...`) runs the CLI."""
+from .cli import main
+
+main()
