@@ -1,0 +1,401 @@
+"""Export an atlas as a static website: plain files that open from file:// or any static host.
+
+CLI: atlas export ATLAS SITE_DIR [--layers conv1,conv3] [--channels 0-15,17] [--max-channels N]
+                                 [--progress/--no-progress]
+     One library call: export(atlas_path, site_dir, layers=..., channels=..., max_channels=...,
+     progress=..., log=...) -> Path (prints the site's index.html path).
+     --layers        comma-separated layers (default: every recorded conv layer)
+     --channels      channel numbers / ranges, applied to each chosen layer (default: all)
+     --max-channels  only the first N of those channels per layer (a quick look at a big model)
+     --progress      progress bar (default: on a terminal; log lines otherwise)
+
+Site layout (every address relative and stable, so a link to a unit survives a re-export):
+
+    index.html  index.json        model, weights, dataset, k, build figures, layers, conv1 filters, analyses
+    static/atlas.css, atlas.js    the only style and script (no fonts, CDNs or external anything)
+    img/conv1-filters.png         the first layer's filters (figure 6)
+    conv3/index.html  .json       a layer: every channel as a tile, sortable and filterable in the page
+    conv3/17.html  conv3/17.json  a channel: figure-2 panel, statistics, histogram, label mix,
+                                  similar channels, the SQL behind its numbers, prev/next/up
+    conv3/img/17-panel.png        the figure-2 panel (top-k projections beside their patches)
+    conv3/img/17-0.png, 17-0-patch.png   rank 0's projection and image patch (and so on per rank)
+    analyses/NAME.html  .json     a page per analysis found under ATLAS/analyses/NAME/
+    .atlas-export.json            the site's own manifest: the key of every file's inputs
+
+Every page has a JSON twin beside it holding the same data (like Datasette).
+Pictures come from the lazy renderer's cache inside the atlas and are
+hardlinked into the site (copied across file systems), never re-encoded.
+
+Re-exporting: files whose inputs did not change are not touched, so a second
+export of an unchanged atlas does almost nothing; a partial export (layers,
+channels, max_channels) adds to what an earlier export of the same atlas left;
+an export of a different (or rebuilt) atlas replaces it and removes the stale
+files. Each file is written atomically, pictures before the pages that show
+them.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from ..errors import AtlasError
+from ..progress import Progress
+from . import gather
+from .images import Pictures
+from .site import STATE, Site, key_of
+
+EXPORT_VERSION = 1
+PACKAGE = Path(__file__).resolve().parent.parent
+TEMPLATES = PACKAGE / "templates"
+STATIC = PACKAGE / "static"
+RESERVED = {"static", "img", "analyses", "index"}
+CHUNK = 16  # channels whose pictures are asked for in one call
+
+__all__ = ["export", "parse_channels", "EXPORT_VERSION"]
+
+
+def export(atlas_path: str | Path, site_dir: str | Path, *, layers: str | Iterable[str] | None = None,
+           channels: str | Iterable[int] | None = None, max_channels: int | None = None,
+           progress: bool | None = None, log: Callable[[str], None] | None = None) -> Path:
+    """Write (or bring up to date) the static site of an atlas; returns the site folder."""
+    from ..store import Atlas
+
+    log = log or (lambda s: None)
+    t0 = time.perf_counter()
+    a = atlas_path if isinstance(atlas_path, Atlas) else Atlas(atlas_path)
+    site = Site(Path(site_dir))
+    selection = _selection(a, layers, channels, max_channels)
+    identity = hashlib.sha256((Path(a.path) / "manifest.json").read_bytes()).hexdigest()[:24]
+    state = site.state
+    if state.get("identity") == identity and state.get("version") == EXPORT_VERSION:
+        for la, chans in (state.get("selection") or {}).items():
+            if la in a.layer_names:
+                selection[la] = sorted(set(selection.get(la, [])) | set(chans))
+        selection = {la: selection[la] for la in a.layer_names if la in selection}
+    code = _code_hash()
+    fingerprint = key_of(identity, _atlas_files(a), code, selection, EXPORT_VERSION)
+    if state.get("fingerprint") == fingerprint and all((site.root / r).is_file() for r in state.get("files", {})):
+        dt = time.perf_counter() - t0
+        log(f"site '{site.root}' is up to date ({len(state['files'])} files, checked in {dt:.2f} s)")
+        _save_run(site, state, {"seconds": round(dt, 3), "up_to_date": True})
+        return site.root
+
+    total = sum(len(v) for v in selection.values())
+    pics = Pictures(a)
+    ex = _Exporter(a, site, pics, selection, code, log)
+    with Progress(total, "export", "channels", enabled=progress) as bar:
+        ex.run(bar)
+    removed = site.prune()
+    dt = time.perf_counter() - t0
+    run = {"seconds": round(dt, 3), "picture_seconds": round(pics.seconds, 3), "pictures_rendered": pics.rendered,
+           "channels": total, "files_written": site.written, "files_linked": site.linked,
+           "files_kept": site.skipped, "files_removed": removed, "up_to_date": False}
+    site.save(version=EXPORT_VERSION, identity=identity, fingerprint=fingerprint, selection=selection,
+              atlas=str(Path(a.path).resolve()), last_run=run)
+    log(f"site written to {site.root}: {total} channel pages; {site.written} files written, {site.linked} pictures "
+        f"linked, {site.skipped} unchanged, {removed} removed; {dt:.1f} s ({pics.seconds:.1f} s making pictures)")
+    return site.root
+
+
+def parse_channels(spec: str | Iterable[int] | None) -> list[int] | None:
+    """'0-15,17' or [0, 1, 17] -> sorted channel numbers (None: all)."""
+    if spec is None:
+        return None
+    if isinstance(spec, int):
+        return [spec]
+    if isinstance(spec, str):
+        out: set[int] = set()
+        for part in (p.strip() for p in spec.split(",")):
+            if not part:
+                continue
+            try:
+                if "-" in part[1:]:
+                    lo, hi = part.split("-", 1) if not part.startswith("-") else (part, "")
+                    lo_i, hi_i = int(lo), int(hi)
+                    if hi_i < lo_i:
+                        raise ValueError
+                    out.update(range(lo_i, hi_i + 1))
+                else:
+                    out.add(int(part))
+            except ValueError:
+                raise AtlasError(f"--channels: '{part}' is not a channel number or range like 0-15") from None
+        return sorted(out)
+    return sorted({int(c) for c in spec})
+
+
+def _selection(a, layers, channels, max_channels) -> dict[str, list[int]]:
+    if isinstance(layers, str):
+        layers = [s.strip() for s in layers.split(",") if s.strip()]
+    names = list(layers) if layers else list(a.layer_names)
+    for n in names:
+        a.check_layer(n)
+    if max_channels is not None and max_channels < 1:
+        raise AtlasError(f"--max-channels must be at least 1 (got {max_channels})")
+    chans = parse_channels(channels)
+    counts = {la["layer"]: la["channels"] for la in a.manifest["layers"]}
+    out = {}
+    for n in a.layer_names:  # atlas order
+        if n not in names:
+            continue
+        _slug(n)
+        if chans is None:
+            sel = list(range(counts[n]))
+        else:
+            bad = [c for c in chans if not 0 <= c < counts[n]]
+            if bad:
+                raise AtlasError(f"channel {bad[0]} is out of range for {n} (0..{counts[n] - 1})")
+            sel = list(chans)
+        out[n] = sel[:max_channels] if max_channels else sel
+    return out
+
+
+def _slug(layer: str) -> str:
+    """The layer's folder name: its own name, which must be a plain file name."""
+    ok = layer and all(ch.isalnum() or ch in "_-" for ch in layer) and layer.lower() not in RESERVED
+    if not ok:
+        raise AtlasError(f"layer name '{layer}' cannot be a folder of the site")
+    return layer
+
+
+def _code_hash() -> str:
+    h = hashlib.sha256()
+    for d, pat in ((TEMPLATES, "*"), (STATIC, "*"), (Path(__file__).parent, "*.py")):
+        for f in sorted(d.glob(pat)):
+            if f.is_file():
+                h.update(f.name.encode())
+                h.update(f.read_bytes())
+    return h.hexdigest()[:24]
+
+
+def _atlas_files(a) -> list:
+    """What the site depends on in the atlas folder: every file but the render cache (name, size, mtime)."""
+    root = Path(a.path)
+    out = []
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root)
+        if rel.parts[0] == "cache" or not p.is_file():
+            continue
+        st = p.stat()
+        out.append((str(rel), st.st_size, st.st_mtime_ns))
+    return out
+
+
+def _save_run(site: Site, state: dict, run: dict) -> None:
+    from ..fsutil import atomic_write_json
+
+    state = dict(state)
+    state["last_run"] = run
+    atomic_write_json(site.root / STATE, state)
+
+
+def _fmt_s(v: Any) -> str | None:
+    if v is None:
+        return None
+    v = float(v)
+    return f"{v:.1f} s" if v < 120 else f"{int(v // 60)} min {int(v % 60):02d} s"
+
+
+class _Exporter:
+    def __init__(self, a, site: Site, pics: Pictures, selection: dict[str, list[int]], code: str, log):
+        import jinja2
+
+        self.a, self.site, self.pics, self.sel, self.code, self.log = a, site, pics, selection, code, log
+        self.env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), autoescape=True,
+                                      undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+        m = a.manifest
+        self.model_name = m["model"]["name"]
+        mdl = m["model"]
+        self.weights_note = (f"random initialisation, seed {mdl.get('seed')}" if mdl.get("random_init")
+                             else f"weights sha256 {str(mdl.get('weights_sha256'))[:12]}…")
+        ds = m["dataset"]
+        self.dataset_name = Path(str(ds.get("spec") or ds.get("root") or "dataset")).name or str(ds.get("spec"))
+        self.errors: list[str] = []
+
+    # -- helpers ------------------------------------------------------------------
+    def common(self, root: str, json_href: str) -> dict[str, Any]:
+        return {"root": root, "json_href": json_href, "model_name": self.model_name,
+                "weights_note": self.weights_note, "dataset_name": self.dataset_name}
+
+    def page(self, rel: str, template: str, data: dict[str, Any], root: str) -> None:
+        """Write rel (HTML) and its JSON twin from the same data; skipped when data and code are unchanged."""
+        json_rel = rel[:-5] + ".json"
+        json_href = Path(json_rel).name
+        k = key_of(self.code, template, data)
+        self.site.write_json(json_rel, k, lambda: data)
+        self.site.write_text(rel, k, lambda: self.env.get_template(template).render(
+            **data, **self.common(root, json_href)))
+
+    # -- the run ------------------------------------------------------------------
+    def run(self, bar: Progress) -> None:
+        summaries = {s["layer"]: s for s in gather.layer_summaries(self.a)}
+        for layer, chans in self.sel.items():
+            self.layer(layer, chans, summaries[layer], bar)
+        filters = self.filters()
+        analyses = self.analyses()
+        self.static()
+        self.index(summaries, filters, analyses)
+
+    def layer(self, layer: str, chans: list[int], summary: dict[str, Any], bar: Progress) -> None:
+        a = self.a
+        stats = gather.channel_stats(a, layer)
+        by_c = {s["channel"]: s for s in stats}
+        tops = gather.top_rows(a, layer)
+        act = gather.activation_summary(a, layer, summary["channels"])
+        order = sorted((s for s in stats if s["max"] is not None), key=lambda s: (-s["max"], s["channel"]))
+        rank_by_max = {s["channel"]: i + 1 for i, s in enumerate(order)}
+        exported = set(chans)
+        slug = _slug(layer)
+        tiles_pics: dict[int, dict[str, Any]] = {}
+        pk = self.pics.key
+        for i in range(0, len(chans), CHUNK):
+            part = chans[i:i + CHUNK]
+            # pictures: ask the renderer only for channels with a picture not already in the site
+            want = {}
+            for c in part:
+                rows = tops.get(c, [])
+                files = [(f"{slug}/img/{c}-panel.png", key_of(pk, layer, c, "panel", rows))] if rows else []
+                for r in rows:
+                    rk = key_of(pk, layer, c, r)
+                    files += [(f"{slug}/img/{c}-{r['rank']}.png", rk), (f"{slug}/img/{c}-{r['rank']}-patch.png",
+                                                                         rk + "p")]
+                want[c] = files
+            need = [c for c in part if not all([self.site.fresh(rel, k) for rel, k in want[c]])]
+            made = self.pics.channels(layer, need, tops) if need else {}
+            for c in part:
+                rows = tops.get(c, [])
+                have = {rel for rel, _ in want[c] if rel in self.site.files}
+                got = made.get(c)
+                if got is not None:
+                    srcs = [got.get("panel")] + [p for pair in zip(got["proj"], got["patch"]) for p in pair]
+                    for (rel, k), src in zip(want[c], srcs if rows else []):
+                        if rel in have:
+                            continue
+                        if src is not None and Path(src).is_file():
+                            self.site.link(rel, k, Path(src))
+                            have.add(rel)
+                    if got.get("error"):
+                        self.errors.append(f"{layer}/{c}: {got['error']}")
+                top = []
+                for r in rows:
+                    pr, pa = f"img/{c}-{r['rank']}.png", f"img/{c}-{r['rank']}-patch.png"
+                    top.append({**r, "proj": pr if f"{slug}/{pr}" in have else None,
+                                "patch": pa if f"{slug}/{pa}" in have else None})
+                panel = f"img/{c}-panel.png" if f"{slug}/img/{c}-panel.png" in have else None
+                tiles_pics[c] = {"proj": top[0]["proj"] if top else None, "patch": top[0]["patch"] if top else None}
+                self.channel(layer, c, chans, by_c[c], rank_by_max, len(stats), top, panel, act, exported,
+                             got.get("error") if got else None)
+                bar.update(1)
+        # the layer page
+        tiles = []
+        labels: set[str] = set()
+        for s in stats:
+            c = s["channel"]
+            mix = gather.label_mix(tops.get(c, []))
+            labs = sorted({r["label"] for r in tops.get(c, []) if r["label"] is not None})
+            labels.update(labs)
+            p = tiles_pics.get(c, {})
+            tiles.append({**s, "href": f"{c}.html" if c in exported else None,
+                          "proj": p.get("proj"), "patch": p.get("patch"),
+                          "top_label": mix[0]["label"] if mix else None, "labels": labs,
+                          "labels_json": json.dumps(labs, ensure_ascii=False)})
+        data = {"layer": summary, "tiles": tiles, "labels": sorted(labels), "exported": len(exported)}
+        self.page(f"{slug}/index.html", "layer.html", data, "../")
+
+    def channel(self, layer, c, chans, stats, rank_by_max, n, top, panel, act, exported, error) -> None:
+        j = chans.index(c)
+        prev = {"channel": chans[j - 1], "href": f"{chans[j - 1]}.html"} if j > 0 else None
+        nxt = {"channel": chans[j + 1], "href": f"{chans[j + 1]}.html"} if j + 1 < len(chans) else None
+        similar = []
+        hist = None
+        if act is not None:
+            hist = act["hist"].get(c)
+            similar = [{**s, "href": f"{s['channel']}.html" if s["channel"] in exported else None}
+                       for s in act["similar"].get(c, [])]
+        data = {
+            "layer": layer, "channel": c,
+            "stats": {**stats, "rank_by_max": rank_by_max.get(c), "of": n},
+            "top": top, "panel": panel, "error": error,
+            "label_mix": gather.label_mix(top),
+            "histogram": hist, "similar": similar,
+            "sql": gather.sql_for_channel(layer, c),
+            "prev": prev, "next": nxt, "up": "index.html",
+        }
+        self.page(f"{_slug(layer)}/{c}.html", "channel.html", data, "../")
+
+    def filters(self) -> dict[str, Any] | None:
+        lm_layers = [la for la in self.a.manifest["layers"] if la.get("kind", "conv") == "conv"]
+        if not lm_layers:
+            return None
+        first = lm_layers[0]
+        if first.get("pools_below"):
+            return None
+        rel = f"img/{_slug(first['layer'])}-filters.png"
+        k = key_of(self.pics.key, "filters", first["layer"])
+        if not self.site.fresh(rel, k):
+            src = self.pics.filter_grid(first["layer"])
+            if src is None or not Path(src).is_file():
+                return None
+            self.site.link(rel, k, Path(src))
+        return {"layer": first["layer"], "channels": first["channels"], "src": rel}
+
+    def analyses(self) -> list[dict[str, Any]]:
+        out = []
+        for an in gather.analyses(self.a):
+            name = an["name"]
+            slug = name if all(ch.isalnum() or ch in "_-" for ch in name) else "a-" + key_of(name)[:10]
+            pictures = []
+            for i, p in enumerate(an["pictures"]):
+                rel = f"analyses/{slug}/{i}{p.suffix.lower()}"
+                st = p.stat()
+                self.site.link(rel, key_of(str(p), st.st_size, st.st_mtime_ns), p)
+                pictures.append({"name": str(p.relative_to(an["dir"])), "src": f"{slug}/{i}{p.suffix.lower()}"})
+            table = None
+            if an["view"]:
+                try:
+                    cols, rows, total = gather.analysis_rows(self.a, an["view"])
+                    table = {"view": an["view"], "columns": cols, "rows": rows, "total": total}
+                except Exception as e:  # noqa: BLE001 - a broken analysis table must not stop the export
+                    self.errors.append(f"analysis {name}: {e}")
+            data = {"name": name, "title": an["title"], "about": an["about"], "pictures": pictures, "table": table}
+            self.page(f"analyses/{slug}.html", "analysis.html", data, "../")
+            out.append({"name": name, "title": an["title"], "about": an["about"], "view": an["view"],
+                        "href": f"analyses/{slug}.html"})
+        return out
+
+    def static(self) -> None:
+        for f in sorted(STATIC.iterdir()):
+            if f.is_file():
+                text = f.read_text(encoding="utf-8")
+                self.site.write_text(f"static/{f.name}", key_of(text), lambda t=text: t)
+
+    def index(self, summaries, filters, analyses) -> None:
+        m = self.a.manifest
+        mdl, ds, t = m["model"], m["dataset"], m.get("timings", {})
+        layers = []
+        for name, s in summaries.items():
+            layers.append({**s, "href": f"{_slug(name)}/index.html" if name in self.sel else None,
+                           "exported": len(self.sel.get(name, []))})
+        timings = [(label, v) for label, v in (
+            ("mining", _fmt_s(t.get("mining_s"))), ("switches", _fmt_s(t.get("switches_s"))),
+            ("writing", _fmt_s(t.get("write_s"))), ("total", _fmt_s(t.get("total_s"))),
+            ("throughput", f"{t['images_per_s']} images/s" if t.get("images_per_s") else None)) if v]
+        data = {
+            "model": mdl["name"],
+            "weights": {"random_init": bool(mdl.get("random_init")), "seed": mdl.get("seed"),
+                        "file": Path(mdl["weights"]).name if mdl.get("weights") else None,
+                        "sha256": mdl.get("weights_sha256")},
+            "dataset": {"name": self.dataset_name, "kind": ds.get("kind"), "count": ds.get("count"),
+                        "ok": ds.get("ok"), "errors": ds.get("errors"), "classes": ds.get("classes")},
+            "preprocessing": m["preprocessing"].get("note", ""),
+            "k": m["k"],
+            "built": {"created": m.get("created"), "version": m.get("tool", {}).get("version"),
+                      "torch": m.get("tool", {}).get("torch"), "device": m.get("options", {}).get("device")},
+            "timings": timings,
+            "layers": layers,
+            "filters": filters,
+            "analyses": analyses,
+        }
+        self.page("index.html", "index.html", data, "")

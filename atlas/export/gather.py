@@ -1,0 +1,274 @@
+"""What the pages show, read from the atlas in bulk (one pass per layer, never one query per channel).
+
+Every number here has a SQL twin in `sql_for_channel`, shown on the channel
+page, that reproduces it with `atlas sql ATLAS "..."`.
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HIST_BINS = 24
+SIMILAR = 6
+UNLABELLED = "(unlabelled)"
+
+
+def _clean(v: Any) -> Any:
+    """JSON-safe scalars: NaN/inf -> None, numpy -> Python."""
+    if isinstance(v, (np.floating, float)):
+        f = float(v)
+        return f if math.isfinite(f) else None
+    if isinstance(v, np.integer):
+        return int(v)
+    return v
+
+
+def layer_summaries(a) -> list[dict[str, Any]]:
+    """Per recorded conv layer: geometry plus summary statistics of its channels."""
+    rows = a.rows(
+        "SELECT l.*, count(c.channel) FILTER (WHERE c.max <= 0) AS dead, "
+        "count(c.channel) FILTER (WHERE c.fire_rate < 0.01) AS rarely_fire, "
+        "avg(c.mean) AS mean_of_means, max(c.max) AS max, avg(c.fire_rate) AS mean_fire_rate "
+        "FROM layers l LEFT JOIN channels c USING (layer) GROUP BY ALL")
+    order = {n: i for i, n in enumerate(a.layer_names)}
+    rows.sort(key=lambda r: order.get(r["layer"], len(order)))
+    return [{k: _clean(v) for k, v in r.items()} for r in rows]
+
+
+def channel_stats(a, layer: str) -> list[dict[str, Any]]:
+    rows = a.rows("SELECT channel, mean, std, max, fire_rate FROM channels WHERE layer = ? ORDER BY channel",
+                  [layer])
+    for r in rows:
+        for k in ("mean", "std", "max", "fire_rate"):
+            r[k] = _clean(r[k])
+        r["dead"] = r["max"] is None or r["max"] <= 0
+    return rows
+
+
+def top_rows(a, layer: str) -> dict[int, list[dict[str, Any]]]:
+    """channel -> its top-k rows (rank order) with the image's path and label."""
+    out: dict[int, list[dict[str, Any]]] = {}
+    for r in a.rows("SELECT t.channel, t.rank, t.image_id, t.value, t.y, t.x, t.x0, t.y0, t.x1, t.y1, "
+                    "i.path, i.label FROM top_activations t JOIN images i USING (image_id) "
+                    "WHERE t.layer = ? ORDER BY t.channel, t.rank", [layer]):
+        r["value"] = _clean(r["value"])
+        out.setdefault(r.pop("channel"), []).append(r)
+    return out
+
+
+def label_mix(tops: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The labels among a channel's top-k, most frequent first (ties by label): label, n, share."""
+    c = Counter(r["label"] if r["label"] is not None else UNLABELLED for r in tops)
+    n = sum(c.values())
+    return [{"label": lab, "n": k, "share": round(k / n, 3)} for lab, k in sorted(c.items(), key=lambda t: (-t[1], t[0]))]
+
+
+def has_activations(a, layer: str) -> bool:
+    return any(Path(a.path, "activations", f"layer={layer}").glob("*.parquet"))
+
+
+def activation_summary(a, layer: str, channels: int, bins: int = HIST_BINS, similar: int = SIMILAR
+                       ) -> dict[str, Any] | None:
+    """Histograms of each channel's per-image maxima and its most correlated channels, in one
+    streamed pass over the layer's activations (memory: C x C, not images x C).
+
+    Returns {"hist": {channel: {"lo", "hi", "counts"}}, "similar": {channel: [{"channel", "r"}]},
+    "images": N} or None when the atlas has no activations table for the layer.
+    """
+    if not has_activations(a, layer):
+        return None
+    lim = {r["channel"]: (r["lo"], r["hi"]) for r in a.rows(
+        "SELECT channel, min(value::DOUBLE) AS lo, max(value::DOUBLE) AS hi FROM activations "
+        "WHERE layer = ? GROUP BY channel", [layer])}
+    if not lim:
+        return None
+    C = channels
+    lo = np.array([lim.get(c, (0.0, 0.0))[0] for c in range(C)], dtype=np.float64)
+    hi = np.array([lim.get(c, (0.0, 0.0))[1] for c in range(C)], dtype=np.float64)
+    span = hi - lo
+    safe = np.where(span > 0, span, np.inf)  # a constant channel: everything in bin 0, as the SQL says
+    counts = np.zeros((C, bins), dtype=np.int64)
+    s1 = np.zeros(C)
+    gram = np.zeros((C, C))
+    n = 0
+    for block in _image_blocks(a, layer, C):
+        x = block.astype(np.float64)  # (images, C)
+        b = np.clip(np.floor((x - lo) * bins / safe), 0, bins - 1).astype(np.int64)
+        counts += np.bincount((b + np.arange(C) * bins).ravel(), minlength=C * bins).reshape(C, bins)
+        s1 += x.sum(0)
+        gram += x.T @ x
+        n += x.shape[0]
+    sim: dict[int, list[dict[str, Any]]] = {}
+    if n >= 2:
+        mean = s1 / n
+        cov = gram / n - np.outer(mean, mean)
+        sd = np.sqrt(np.clip(np.diag(cov), 0, None))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            r = cov / np.outer(sd, sd)
+        ok = sd > 1e-12 * np.maximum(np.abs(mean), 1.0)
+        r[~ok, :] = np.nan
+        r[:, ~ok] = np.nan
+        np.fill_diagonal(r, np.nan)
+        r = np.clip(r, -1.0, 1.0)
+        for c in range(C):
+            row = r[c]
+            if not ok[c]:
+                sim[c] = []
+                continue
+            cand = np.where(np.isfinite(row))[0]
+            best = cand[np.lexsort((cand, -row[cand]))][:similar]
+            sim[c] = [{"channel": int(j), "r": round(float(row[j]), 4)} for j in best]
+    hist = {c: {"lo": _clean(lo[c]), "hi": _clean(hi[c]), "counts": counts[c].tolist()} for c in range(C)}
+    return {"hist": hist, "similar": sim, "images": n, "bins": bins}
+
+
+def _image_blocks(a, layer: str, C: int, rows_per_block: int = 1 << 20):
+    """Yield (images, C) float32 blocks of the layer's activations, one row per image.
+
+    The build writes each image's C channels as consecutive rows in channel
+    order; that layout is read straight from the Parquet files. Anything else
+    (a hand-made table) goes through DuckDB, sorted.
+    """
+    import pyarrow.parquet as pq
+
+    files = sorted(Path(a.path, "activations", f"layer={layer}").glob("*.parquet"))
+    expect = np.arange(C, dtype=np.int64)
+    try:
+        blocks = []
+        carry_v = np.zeros(0, np.float32)
+        carry_c = np.zeros(0, np.int64)
+        for f in files:
+            pf = pq.ParquetFile(f)
+            for batch in pf.iter_batches(batch_size=rows_per_block, columns=["channel", "value"]):
+                ch = np.concatenate([carry_c, batch.column(0).to_numpy(zero_copy_only=False).astype(np.int64)])
+                v = np.concatenate([carry_v, batch.column(1).to_numpy(zero_copy_only=False).astype(np.float32)])
+                m = (len(v) // C) * C
+                if m and not np.array_equal(ch[:m].reshape(-1, C), np.broadcast_to(expect, (m // C, C))):
+                    raise ValueError("layout")
+                carry_c, carry_v = ch[m:], v[m:]
+                if m:
+                    blocks.append(v[:m].reshape(-1, C))
+                    if sum(len(b) for b in blocks) * C >= rows_per_block:
+                        yield from blocks
+                        blocks = []
+        if len(carry_v):
+            raise ValueError("layout")
+        yield from blocks
+        return
+    except ValueError:
+        pass
+    # Fallback: pivot through DuckDB (sorted; missing channels count as 0).
+    rel = a.con.execute("SELECT image_id, channel, value FROM activations WHERE layer = ? "
+                        "ORDER BY image_id, channel", [layer])
+    cur_id, row = None, np.zeros(C, np.float32)
+    out = []
+    while True:
+        chunk = rel.fetchmany(65536)
+        if not chunk:
+            break
+        for image_id, channel, value in chunk:
+            if image_id != cur_id:
+                if cur_id is not None:
+                    out.append(row)
+                cur_id, row = image_id, np.zeros(C, np.float32)
+            if 0 <= channel < C:
+                row[channel] = value
+        if len(out) >= 4096:
+            yield np.stack(out)
+            out = []
+    if cur_id is not None:
+        out.append(row)
+    if out:
+        yield np.stack(out)
+
+
+def q(s: str) -> str:
+    """A SQL string literal."""
+    return "'" + str(s).replace("'", "''") + "'"
+
+
+def sql_for_channel(layer: str, channel: int, bins: int = HIST_BINS, similar: int = SIMILAR) -> list[dict[str, str]]:
+    """The queries that reproduce a channel page's numbers (run with `atlas sql ATLAS "..."`)."""
+    L = q(layer)
+    c = int(channel)
+    return [
+        {"title": "Statistics over the dataset",
+         "sql": f"SELECT * FROM channels WHERE layer = {L} AND channel = {c};"},
+        {"title": "Top-k activations (the panel)",
+         "sql": "SELECT t.rank, t.image_id, i.path, i.label, t.value, t.y, t.x, t.x0, t.y0, t.x1, t.y1\n"
+                "FROM top_activations t JOIN images i USING (image_id)\n"
+                f"WHERE t.layer = {L} AND t.channel = {c}\nORDER BY t.rank;"},
+        {"title": "Label mix of the top-k",
+         "sql": "SELECT coalesce(i.label, '(unlabelled)') AS label, count(*) AS n,\n"
+                "       round(count(*) / sum(count(*)) OVER (), 3) AS share\n"
+                "FROM top_activations t JOIN images i USING (image_id)\n"
+                f"WHERE t.layer = {L} AND t.channel = {c}\nGROUP BY ALL ORDER BY n DESC, label;"},
+        {"title": f"Histogram of the per-image maxima ({bins} bins from min to max)",
+         "sql": "WITH v AS (SELECT value::DOUBLE AS value FROM activations\n"
+                f"           WHERE layer = {L} AND channel = {c}),\n"
+                "     r AS (SELECT min(value) AS lo, max(value) AS hi FROM v)\n"
+                f"SELECT least(greatest(coalesce(floor((value - lo) * {bins} / nullif(hi - lo, 0)), 0), 0), "
+                f"{bins - 1})::INT AS bin,\n"
+                f"       lo + bin * (hi - lo) / {bins} AS bin_start, count(*) AS images\n"
+                "FROM v, r GROUP BY ALL ORDER BY bin;"},
+        {"title": "Most similar channels (correlation of per-image maxima)",
+         "sql": "SELECT b.channel, round(corr(a.value, b.value), 4) AS r\n"
+                "FROM activations a JOIN activations b USING (image_id, layer)\n"
+                f"WHERE a.layer = {L} AND a.channel = {c} AND b.channel <> {c}\n"
+                "GROUP BY b.channel HAVING NOT isnan(r) ORDER BY r DESC, b.channel "
+                f"LIMIT {similar};"},
+    ]
+
+
+def analyses(a) -> list[dict[str, Any]]:
+    """What the analyses left in ATLAS/analyses/NAME/: its tables (SQL views) and pictures."""
+    known = {
+        "occlusion": ("Occlusion sensitivity", "figure 7: a grey square slid over the image; the strongest "
+                      "layer-5 map, its projection, the probability of the true class"),
+        "evolution": ("Feature evolution", "figure 4: the strongest activation of a few channels per layer "
+                      "over training epochs, projected to pixels"),
+        "invariance": ("Invariance", "figure 5: feature distance and class probability under translation, "
+                       "scale and rotation"),
+        "correspondence": ("Correspondence", "figure 8 / table 7: consistency of occluding the same part "
+                           "across images (Hamming distance of feature-difference signs)"),
+    }
+    out = []
+    root = Path(a.path, "analyses")
+    if not root.is_dir():
+        return out
+    for d in sorted(p for p in root.iterdir() if p.is_dir()):
+        tables = sorted(d.glob("*.parquet"))
+        pictures = sorted(p for p in d.rglob("*") if p.is_file() and p.suffix.lower() in (".png", ".jpg", ".jpeg",
+                                                                                         ".svg", ".gif", ".webp"))
+        if not tables and not pictures:
+            continue
+        title, about = known.get(d.name, (d.name.replace("_", " ").capitalize(), ""))
+        view = d.name if tables and d.name.replace("_", "").isalnum() else None
+        out.append({"name": d.name, "title": title, "about": about, "dir": d, "tables": tables,
+                    "view": view, "pictures": pictures})
+    return out
+
+
+def analysis_rows(a, view: str, limit: int = 200) -> tuple[list[str], list[list[Any]], int]:
+    """(columns, first rows as display values, total rows) of an analysis view."""
+    total = a.con.execute(f'SELECT count(*) FROM "{view}"').fetchone()[0]
+    cur = a.con.execute(f'SELECT * FROM "{view}" LIMIT {int(limit)}')
+    cols = [d[0] for d in cur.description]
+    rows = [[_display(v) for v in r] for r in cur.fetchall()]
+    return cols, rows, int(total)
+
+
+def _display(v: Any) -> Any:
+    if isinstance(v, (bytes, bytearray, memoryview)):
+        return f"<{len(bytes(v))} bytes>"
+    if isinstance(v, float):
+        return round(v, 6) if math.isfinite(v) else str(v)
+    if isinstance(v, (int, str, bool)) or v is None:
+        return v
+    if isinstance(v, (list, tuple)) and len(v) > 12:
+        return f"[{len(v)} values]"
+    return str(v)
