@@ -35,7 +35,7 @@ from .layers import LayerMap
 from .mining import NO_IMAGE, Moments, TopK, spatial_max
 from .models.registry import load_model, preprocessing_for
 from .progress import Progress
-from .switches import encode, regions_below
+from .switches import pack, regions_below, union, window_codes
 
 ACT_ROW_GROUP = 1 << 20
 
@@ -316,34 +316,31 @@ def _top_rows(lmap: LayerMap, chosen, tops: dict[str, TopK]) -> list[dict[str, A
 
 
 def _switch_table(lmap: LayerMap, top_rows, dataset, dev, batch_size) -> pa.Table:
-    """Second pass over the final top-k images only: their pool switches inside each unit's field."""
-    by_image: dict[int, list[dict]] = {}
+    """Second pass over the final top-k images only: their pool switches inside the units' fields."""
+    needed: dict[int, dict[str, list]] = {}  # image -> pool -> regions its top-k units reach
     for r in top_rows:
-        if lmap.by_name[r["layer"]].pools_below:
-            by_image.setdefault(r["image_id"], []).append(r)
-    cols: dict[str, list] = {c: [] for c in ("layer", "channel", "rank", "pool", "y0", "x0", "h", "w", "data")}
-    image_ids = sorted(by_image)
+        la = lmap.by_name[r["layer"]]
+        for reg in regions_below(lmap, la, r["y"], r["x"]):
+            needed.setdefault(r["image_id"], {}).setdefault(reg.pool, []).append(reg)
+    cols: dict[str, list] = {c: [] for c in ("image_id", "pool", "y0", "x0", "h", "w", "data")}
+    image_ids = sorted(needed)
     deepest = max((lmap.by_name[r["layer"]] for r in top_rows), key=lmap.layers.index, default=None)
-    entries = []
     for b in range(0, len(image_ids), batch_size):
         chunk = image_ids[b:b + batch_size]
         x = torch.stack([dataset[i][0] for i in chunk]).to(dev)  # dataset is indexed by image id
         with torch.inference_mode():
             _, sw = lmap.extract(x, [deepest.name], pool_indices=True)
-        sw = {p: t.cpu() for p, t in sw.items()}
         for j, image_id in enumerate(chunk):
-            for r in by_image[image_id]:
-                la = lmap.by_name[r["layer"]]
-                for reg in regions_below(lmap, la, r["y"], r["x"]):
-                    entries.append((la, r, reg, encode(sw[reg.pool][j], lmap.pool_by_name[reg.pool].geometry, reg)))
-    entries.sort(key=lambda e: (lmap.layers.index(e[0]), e[1]["channel"], e[1]["rank"], e[2].pool))
-    for la, r, reg, data in entries:
-        for key, v in (("layer", la.name), ("channel", r["channel"]), ("rank", r["rank"]), ("pool", reg.pool),
-                       ("y0", reg.y0), ("x0", reg.x0), ("h", reg.h), ("w", reg.w), ("data", data)):
-            cols[key].append(v)
-    schema = pa.schema([("layer", pa.string()), ("channel", pa.int32()), ("rank", pa.int32()),
-                        ("pool", pa.string()), ("y0", pa.int32()), ("x0", pa.int32()), ("h", pa.int32()),
-                        ("w", pa.int32()), ("data", pa.binary())])
+            for pool in sorted(needed[image_id]):
+                reg = union(needed[image_id][pool])
+                geom = lmap.pool_by_name[pool].geometry
+                codes = window_codes(sw[pool][j, :, reg.y0:reg.y0 + reg.h, reg.x0:reg.x0 + reg.w], geom,
+                                     origin=(reg.y0, reg.x0))
+                for key, v in (("image_id", image_id), ("pool", pool), ("y0", reg.y0), ("x0", reg.x0),
+                               ("h", reg.h), ("w", reg.w), ("data", pack(codes, geom.kernel))):
+                    cols[key].append(v)
+    schema = pa.schema([("image_id", pa.int32()), ("pool", pa.string()), ("y0", pa.int32()), ("x0", pa.int32()),
+                        ("h", pa.int32()), ("w", pa.int32()), ("data", pa.binary())])
     return pa.table(cols, schema=schema)
 
 

@@ -6,7 +6,7 @@
       layers.parquet           layer, kind, channels, height, width, kernel, stride, padding, rf_size, jump, offset
       channels.parquet         layer, channel, mean, std, max, fire_rate
       top_activations.parquet  layer, channel, rank, image_id, value, y, x, x0, y0, x1, y1
-      switches.parquet         layer, channel, rank, pool, y0, x0, h, w, data  (see atlas/switches.py)
+      switches.parquet         image_id, pool, y0, x0, h, w, data  (see atlas/switches.py)
       activations/layer=L/*.parquet   image_id, channel, value
       model/features.pt        the conv weights, so projections need no other file
       cache/                   lazily rendered PNGs (created on demand)
@@ -202,13 +202,20 @@ class Atlas:
 
     # -- switches -----------------------------------------------------------
     def switches(self, layer: str, channel: int, rank: int):
-        """{pool: index tensor (C, H, W)} for a top-k entry, decoded from the stored switches."""
+        """{pool: index tensor (C, H, W)} for a top-k entry, decoded from the stored switches.
+
+        Exact inside the unit's receptive field, which is all a unit projection reads.
+        """
         from .switches import SwitchRegion, decode
 
         if not (self.path / "switches.parquet").is_file():
             raise AtlasError(f"atlas '{self.path}' has no switches (built with --no-switches)")
-        rows = self.rows("SELECT pool, y0, x0, h, w, data FROM read_parquet('switches.parquet') "
-                         "WHERE layer = ? AND channel = ? AND rank = ?", [layer, int(channel), int(rank)])
+        self.check_channel(layer, channel)
+        rows = self.rows("SELECT s.pool, s.y0, s.x0, s.h, s.w, s.data FROM read_parquet('switches.parquet') s "
+                         "JOIN top_activations t USING (image_id) WHERE t.layer = ? AND t.channel = ? AND t.rank = ?",
+                         [layer, int(channel), int(rank)])
+        below = self.lmap.by_name[layer].pools_below
+        rows = [r for r in rows if r["pool"] in below]
         out = {}
         for r in rows:
             pool = self.lmap.pool_by_name[r["pool"]]

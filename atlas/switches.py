@@ -2,11 +2,13 @@
 
 A DeconvNet projection of a unit needs, for every max-pool below it, the
 position that won each pooling window -- but only inside the unit's receptive
-field, since the projected signal is zero everywhere else.
+field, since the projected signal is zero everywhere else. Switches depend on
+the image alone, so the units of one image share them.
 
-Encoding (one record per top-k activation and pool below it):
+Encoding (one record per top-k image and pool):
     region  y0, x0, h, w   -- the box, in the pool's *output* coordinates, that
-                              the unit's receptive field covers (clipped)
+                              covers the receptive fields of all of that image's
+                              top-k units above the pool (their bounding box, clipped)
     data    bytes          -- for each channel c, row, column of that box (C-order),
                               the winner's offset inside its window, dy * k + dx;
                               two offsets per byte (low nibble first) when k*k <= 16,
@@ -48,19 +50,39 @@ def regions_below(lmap: LayerMap, layer: Layer, y: int, x: int) -> list[SwitchRe
     return out
 
 
-def encode(indices: torch.Tensor, geom: Geometry, region: SwitchRegion) -> bytes:
-    """Pack one image's pool indices (C, H_out, W_out; flat over the input map) inside `region`."""
+def window_codes(indices: torch.Tensor, geom: Geometry, origin: tuple[int, int] = (0, 0)) -> np.ndarray:
+    """Each pooled position's winner as its offset inside the window, dy * k + dx (uint8, C x H x W).
+
+    `indices` may be a crop of the pool's output whose top-left corner is `origin`.
+    """
     k, s, p, w_in = geom.kernel, geom.stride, geom.padding, geom.in_size
-    sub = indices[:, region.y0:region.y0 + region.h, region.x0:region.x0 + region.w].to(torch.int64)
-    oy = torch.arange(region.y0, region.y0 + region.h).view(1, -1, 1) * s - p
-    ox = torch.arange(region.x0, region.x0 + region.w).view(1, 1, -1) * s - p
-    dy, dx = sub // w_in - oy, sub % w_in - ox
-    codes = (dy * k + dx).reshape(-1).numpy().astype(np.uint8)
-    if k * k <= 16:
+    idx = indices.cpu().numpy()
+    oy = ((np.arange(idx.shape[1]) + origin[0]) * s - p).reshape(1, -1, 1)
+    ox = ((np.arange(idx.shape[2]) + origin[1]) * s - p).reshape(1, 1, -1)
+    return ((idx // w_in - oy) * k + (idx % w_in - ox)).astype(np.uint8)
+
+
+def pack(codes: np.ndarray, kernel: int) -> bytes:
+    """Codes in C order, two per byte (low nibble first) when kernel*kernel <= 16."""
+    codes = np.ascontiguousarray(codes).reshape(-1)
+    if kernel * kernel <= 16:
         if codes.size % 2:
             codes = np.append(codes, np.uint8(0))
         codes = codes[0::2] | (codes[1::2] << 4)
     return codes.tobytes()
+
+
+def encode(indices: torch.Tensor, geom: Geometry, region: SwitchRegion) -> bytes:
+    """Pack one image's pool indices (C, H_out, W_out; flat over the input map) inside `region`."""
+    crop = indices[:, region.y0:region.y0 + region.h, region.x0:region.x0 + region.w]
+    return pack(window_codes(crop, geom, origin=(region.y0, region.x0)), geom.kernel)
+
+
+def union(regions: list[SwitchRegion]) -> SwitchRegion:
+    """The bounding box of several regions of one pool."""
+    y0, x0 = min(r.y0 for r in regions), min(r.x0 for r in regions)
+    y1, x1 = max(r.y0 + r.h for r in regions), max(r.x0 + r.w for r in regions)
+    return SwitchRegion(regions[0].pool, y0, x0, y1 - y0, x1 - x0)
 
 
 def decode(data: bytes, channels: int, geom: Geometry, region: SwitchRegion) -> torch.Tensor:

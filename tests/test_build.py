@@ -65,9 +65,10 @@ def test_switches_reproduce_the_forward_pooling(tiny_atlas):
     a = atlas.open(tiny_atlas)
     src = open_dataset(a.manifest["dataset"]["root"])
     ds = DecodedImages(src, Preprocess(a.manifest["preprocessing"]), range(len(src)))
-    rows = a.rows("SELECT s.*, t.image_id FROM read_parquet('switches.parquet') s JOIN top_activations t "
-                  "USING (layer, channel, rank) WHERE s.layer IN ('conv2', 'conv5') AND s.channel < 6")
+    rows = a.rows("SELECT * FROM read_parquet('switches.parquet')")
     assert rows and {r["pool"] for r in rows} == {"pool1", "pool2"}
+    assert {r["image_id"] for r in rows} == {r["image_id"] for r in a.rows("SELECT image_id FROM top_activations "
+                                                                             "WHERE layer <> 'conv1'")}
     for r in rows:
         with torch.no_grad():
             _, sw = a.lmap.extract(ds[r["image_id"]][0][None], ["conv5"], pool_indices=True)
@@ -76,6 +77,16 @@ def test_switches_reproduce_the_forward_pooling(tiny_atlas):
         dec = decode(r["data"], pool.channels, pool.geometry, reg)
         box = (slice(None), slice(reg.y0, reg.y0 + reg.h), slice(reg.x0, reg.x0 + reg.w))
         assert torch.equal(dec[box], sw[r["pool"]][0][box])
+    # Every top-k unit's receptive field lies inside its image's stored box.
+    from atlas.switches import regions_below
+
+    boxes = {(r["image_id"], r["pool"]): r for r in rows}
+    for t in a.rows("SELECT * FROM top_activations WHERE layer <> 'conv1'"):
+        for reg in regions_below(a.lmap, a.lmap.by_name[t["layer"]], t["y"], t["x"]):
+            b = boxes[(t["image_id"], reg.pool)]
+            assert b["y0"] <= reg.y0 and reg.y0 + reg.h <= b["y0"] + b["h"]
+            assert b["x0"] <= reg.x0 and reg.x0 + reg.w <= b["x0"] + b["w"]
+        assert set(a.switches(t["layer"], t["channel"], t["rank"])) == set(a.lmap.by_name[t["layer"]].pools_below)
 
 
 def test_ties_break_by_image_id(tmp_path):

@@ -1,0 +1,113 @@
+"""Benchmark: is the build job bound by decoding, by the forward pass, or by neither?
+
+In one run, over a folder of generated JPEGs of ImageNet-like size (about
+500x375, quality 90), for `zfnet` at 224 px:
+  1. decode alone     -- the build's DataLoader (workers, PIL decode, resize, crop), no model
+  2. forward alone    -- the conv stack on in-memory batches on the device
+  3. the whole build  -- `atlas build` end to end (mining, switches, writing)
+Target: the whole build reaches at least 0.8 of the slower of the two ceilings.
+Runs on the GPU when there is one, else on the CPU (then the GPU figures wait).
+
+    python scripts/bench_gpu.py --images 2000          # on a GPU machine
+    python scripts/bench_gpu.py --images 128           # CPU smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from atlas.build import build, default_workers, resolve_device  # noqa: E402
+from atlas.data import DecodedImages, Preprocess, open_dataset  # noqa: E402
+from atlas.layers import LayerMap  # noqa: E402
+from atlas.models import load_model, preprocessing_for  # noqa: E402
+
+
+def make_jpegs(folder: Path, n: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:375, 0:500]
+    for i in range(n):
+        # Smooth structure plus texture: compresses like a photo, unlike pure noise.
+        f1, f2 = rng.uniform(0.01, 0.08, 2)
+        base = np.stack([np.sin(xx * f1 + c) * np.cos(yy * f2 - c) for c in (0, 1, 2)], -1)
+        img = (127 + 90 * base + rng.normal(0, 12, base.shape)).clip(0, 255).astype(np.uint8)
+        Image.fromarray(img).save(folder / f"img_{i:06d}.jpg", quality=90)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--workers", type=int, default=None)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--precision", default=None, help="fp32 or bf16 (default: bf16 on CUDA, fp32 on CPU)")
+    ap.add_argument("--data", type=Path, help="reuse a folder of JPEGs instead of generating one")
+    args = ap.parse_args()
+    dev = resolve_device(args.device)
+    precision = args.precision or ("bf16" if dev.type == "cuda" else "fp32")
+    workers = args.workers if args.workers is not None else default_workers(dev)
+    batch = args.batch if dev.type == "cuda" else min(args.batch, 32)
+    gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "none (CPU run; GPU figures wait)"
+    print(f"device {dev} [{gpu}], torch {torch.__version__}, {os.cpu_count()} CPU cores, {workers} workers, "
+          f"batch {batch}, {precision}")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = args.data or Path(tmp) / "jpegs"
+        if args.data is None:
+            t = time.perf_counter()
+            make_jpegs(folder, args.images)
+            print(f"generated {args.images} JPEGs (500x375, q90) in {time.perf_counter() - t:.1f} s")
+        src = open_dataset(folder)
+        n = len(src)
+        pre = preprocessing_for("zfnet")
+        ds = DecodedImages(src, Preprocess(pre), range(n))
+        loader = torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=workers,
+                                             pin_memory=dev.type == "cuda")
+        t = time.perf_counter()
+        for x, _, _ in loader:
+            x.to(dev, non_blocking=True)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        decode = n / (time.perf_counter() - t)
+
+        model = load_model("zfnet").to(dev)
+        if dev.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+        lmap = LayerMap(model, 224)
+        stack = model.features[: lmap.by_name["conv5"].read_at + 1]
+        xb = torch.randn(batch, 3, 224, 224, device=dev)
+        if dev.type == "cuda":
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        reps = max(2, n // batch)
+        with torch.inference_mode(), torch.autocast(dev.type, torch.bfloat16, enabled=precision == "bf16"):
+            stack(xb)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            for _ in range(reps):
+                stack(xb)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+        forward = reps * batch / (time.perf_counter() - t)
+
+        t = time.perf_counter()
+        build("zfnet", str(folder), Path(tmp) / "atlas", batch_size=batch, device=str(dev), workers=workers,
+              precision=precision, progress=False)
+        whole = n / (time.perf_counter() - t)
+    ceiling = min(decode, forward)
+    print(f"decode alone     {decode:9.1f} images/s")
+    print(f"forward alone    {forward:9.1f} images/s")
+    print(f"whole build      {whole:9.1f} images/s   = {whole / ceiling:.2f} of the slower ceiling (target >= 0.8)")
+
+
+if __name__ == "__main__":
+    main()
