@@ -9,7 +9,13 @@ __version__ = "0.1.0"
 FORMAT_VERSION = 1
 
 from .errors import AtlasError  # noqa: E402
-from .models import load_model  # noqa: E402
+
+
+def load_model(name, weights=None, **kwargs):
+    """The named model in eval mode, weights from the file `weights` (see atlas.models.registry)."""
+    from .models.registry import load_model as _load  # torch is imported only when a model is needed
+
+    return _load(name, weights, **kwargs)
 
 
 def open(path):  # noqa: A001 - the documented API name
