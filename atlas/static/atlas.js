@@ -21,8 +21,9 @@
     var minfire = document.getElementById("minfire");
     var label = document.getElementById("label");
     var count = document.getElementById("count");
+    document.getElementById("controls").addEventListener("submit", function (e) { e.preventDefault(); });
 
-    function apply() {
+    function apply(initial) {
       var key = sort.value, desc = key.charAt(0) === "-";
       if (desc) key = key.slice(1);
       var sorted = tiles.slice().sort(function (a, b) {
@@ -46,6 +47,7 @@
         box.appendChild(t);
       });
       count.textContent = shown + " of " + tiles.length + " channels";
+      if (initial === true) return;
       var state = [sort.value, want, minfire.value, lab].map(encodeURIComponent).join("&");
       try { history.replaceState(null, "", "#" + state); } catch (e) { /* file:// may refuse */ }
     }
@@ -67,7 +69,7 @@
       el.addEventListener("change", apply);
       el.addEventListener("input", apply);
     });
-    apply();
+    apply(true);
   }
 
   function setupCopy() {

@@ -1,0 +1,175 @@
+"""The exported site in a real headless Chromium (the distribution's, driven by Playwright over CDP).
+
+From file://: index -> layer -> channel by clicking, pictures shown (screenshot not blank), no console
+errors, the sort/filter controls work, and a dataset with a file named like an <img onerror=...> tag
+runs no script and opens no dialog.
+"""
+import io
+import re
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import atlas
+from atlas.build import build
+from atlas.export import export
+
+from test_export import make_hostile_folder, xss_channel
+
+ARGS = ["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage", "--no-default-browser-check"]
+
+
+def chromium_binary() -> str | None:
+    for name in (os.environ.get("ATLAS_CHROMIUM"), "/usr/bin/chromium", "chromium", "chromium-browser",
+                 "google-chrome"):
+        if name and (shutil.which(name) or (os.path.isfile(name) and os.access(name, os.X_OK))):
+            return shutil.which(name) or name
+    return None
+
+
+@pytest.fixture(scope="module")
+def browser_site(tmp_path_factory):
+    root = tmp_path_factory.mktemp("browser")
+    data = make_hostile_folder(root / "data")
+    path = build("zfnet-mini", str(data), root / "atlas", k=4, batch_size=16, image_size=32, progress=False)
+    c = xss_channel(atlas.open(path))
+    site = root / "site"
+    export(path, site, layers="conv2", channels=sorted({0, 1, c}), progress=False)
+    return site, c
+
+
+@pytest.fixture(scope="module")
+def browser():
+    exe = chromium_binary()
+    if exe is None:
+        pytest.skip("no Chromium binary (looked for /usr/bin/chromium, chromium, chromium-browser, google-chrome; "
+                    "set ATLAS_CHROMIUM): the browser test needs one, e.g. `apt-get install chromium`")
+    from playwright.sync_api import sync_playwright
+
+    profile = tempfile.mkdtemp(prefix="atlas-chromium-")
+    with sync_playwright() as p:
+        ctx = p.chromium.launch_persistent_context(profile, executable_path=exe, headless=True, args=ARGS,
+                                                   viewport={"width": 1200, "height": 900})
+        try:
+            yield ctx
+        finally:
+            ctx.close()
+            shutil.rmtree(profile, ignore_errors=True)
+
+
+def watch(page):
+    ev = {"console": [], "errors": [], "dialogs": [], "failed": []}
+    page.on("console", lambda m: ev["console"].append((m.type, m.text)))
+    page.on("pageerror", lambda e: ev["errors"].append(str(e)))
+    page.on("requestfailed", lambda r: ev["failed"].append(r.url))
+
+    def dialog(d):
+        ev["dialogs"].append(d.message)
+        d.dismiss()
+
+    page.on("dialog", dialog)
+    return ev
+
+
+def images_ok(page) -> tuple[int, list[str]]:
+    return page.evaluate("""() => {
+        const imgs = Array.from(document.images);
+        return [imgs.length, imgs.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.src)];
+    }""")
+
+
+def test_click_through_from_file_url(browser_site, browser):
+    site, c = browser_site
+    page = browser.new_page()
+    ev = watch(page)
+    page.goto((site / "index.html").as_uri())
+    assert page.title().startswith("zfnet-mini")
+    assert page.evaluate("window.__xss") is None
+
+    page.click('a[href="conv2/index.html"]')
+    page.wait_for_url(re.compile(r".*/conv2/index.html(#.*)?$"))
+    assert page.locator("#count").inner_text().startswith("64 of 64")
+    page.locator(f'a.tile[href="{c}.html"] img').first.scroll_into_view_if_needed()
+    page.hover(f'a.tile[href="{c}.html"]')
+
+    page.click(f'a.tile[href="{c}.html"]')
+    page.wait_for_url(f"**/conv2/{c}.html")
+    page.wait_for_load_state("load")
+    n, broken = images_ok(page)
+    assert n >= 9 and not broken, broken  # the panel, and a projection + patch per rank
+    assert "onerror=window.__xss=1" in page.locator(".ranks").inner_text()  # shown as text
+    for el in page.locator(".path, .lab").all():
+        el.hover()
+    shot = Image.open(io.BytesIO(page.screenshot(full_page=False))).convert("RGB")
+    px = np.asarray(shot, dtype=np.float64)
+    assert px.std() > 20, "the channel page looks blank"
+    # The pictures themselves are not blank either.
+    panel = Image.open(io.BytesIO(page.locator("img.figure2").screenshot())).convert("L")
+    assert np.asarray(panel, dtype=np.float64).std() > 5
+
+    page.click("button.copy >> nth=0")
+    page.wait_for_timeout(100)
+    assert page.locator("button.copy").first.inner_text() in ("copied", "select and copy", "copy")
+
+    page.click('a[rel="up"]')
+    page.wait_for_url(re.compile(r".*/conv2/index.html(#.*)?$"))
+    page.click('a[href="../index.html"]')
+    page.wait_for_url("**/site/index.html")
+
+    assert page.evaluate("window.__xss") is None
+    assert not ev["dialogs"], ev["dialogs"]
+    assert not ev["errors"], ev["errors"]
+    assert not [m for m in ev["console"] if m[0] in ("error", "warning")], ev["console"]
+    assert not ev["failed"], ev["failed"]
+    page.close()
+
+
+def test_sort_and_filter_in_the_page(browser_site, browser):
+    site, c = browser_site
+    page = browser.new_page()
+    ev = watch(page)
+    page.goto((site / "conv2" / "index.html").as_uri())
+
+    def visible_channels():
+        return page.evaluate("""() => Array.from(document.querySelectorAll('#tiles .tile'))
+            .filter(t => !t.classList.contains('hidden')).map(t => +t.dataset.channel)""")
+
+    a = atlas.open(Path(site).parent / "atlas")
+    stats = a.rows("SELECT channel, max, fire_rate FROM channels WHERE layer = 'conv2'")
+    page.select_option("#sort", "-max")
+    by_max = [s["channel"] for s in sorted(stats, key=lambda s: (-s["max"], s["channel"]))]
+    assert visible_channels() == by_max
+    page.select_option("#sort", "fire")
+    assert visible_channels()[0] == min(stats, key=lambda s: (s["fire_rate"], s["channel"]))["channel"]
+
+    page.select_option("#dead", "dead")
+    dead = sorted(s["channel"] for s in stats if s["max"] <= 0)
+    assert sorted(visible_channels()) == dead
+    page.select_option("#dead", "all")
+
+    page.fill("#minfire", "99")
+    assert sorted(visible_channels()) == sorted(s["channel"] for s in stats if s["fire_rate"] >= 0.99)
+    page.fill("#minfire", "0")
+
+    # the hostile label is an option like any other, and selecting it filters by the top-k labels
+    label = a.rows("SELECT label FROM images WHERE path LIKE '%onerror%'")[0]["label"]
+    page.select_option("#label", label)
+    want = {r["channel"] for r in a.rows("SELECT DISTINCT t.channel FROM top_activations t JOIN images i "
+                                         "USING (image_id) WHERE t.layer = 'conv2' AND i.label = ?", [label])}
+    assert set(visible_channels()) == want and c in want
+    assert page.locator("#count").inner_text() == f"{len(want)} of 64 channels"
+
+    # the view is kept in the address: reload restores it
+    page.reload()
+    assert page.input_value("#label") == label and set(visible_channels()) == want
+
+    assert page.evaluate("window.__xss") is None
+    assert not ev["dialogs"] and not ev["errors"], ev
+    assert not [m for m in ev["console"] if m[0] == "error"], ev["console"]
+    page.close()
