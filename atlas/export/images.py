@@ -12,13 +12,12 @@ ATLAS/cache/export/.
 from __future__ import annotations
 
 import hashlib
-import io
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 from ..errors import AtlasError
-from ..fsutil import atomic_write_bytes
 
 try:  # the lazy renderer (another module's public API)
     from .. import render as _render  # type: ignore[attr-defined]
@@ -68,90 +67,134 @@ def _h(*parts: Any) -> str:
 
 
 # ---------------------------------------------------------------------------
-# the stand-in renderer (until atlas.render lands)
+# the stand-in for the lazy cache (until atlas.render has one): atlas.render's pictures,
+# atlas.deconv's projections, files under ATLAS/cache/export/
 # ---------------------------------------------------------------------------
+SWITCH_CACHE_BYTES = 1 << 30
+
+
 class _Fallback:
-    version = "fallback-1"
+    version = "render-1"
 
     def __init__(self, atlas, mode: str, norm: str):
         self.a, self.mode, self.norm = atlas, mode, norm
         self.rendered = 0
-        self._crops: dict[int, Any] = {}
+        self._crops: OrderedDict[int, Any] = OrderedDict()
+        self._switches: OrderedDict[int, dict] = OrderedDict()
         w = atlas.manifest["model"].get("weights_sha256") or "random"
         self.root = Path(atlas.path, "cache", "export", f"{w[:16]}-{mode}-{norm}")
 
+    # -- inputs, each read once per image ---------------------------------------
     def _crop(self, image_id: int):
-        if image_id not in self._crops:
-            if len(self._crops) > 512:
-                self._crops.clear()
-            try:
-                self._crops[image_id] = self.a.image(image_id)
-            except AtlasError as e:
-                self._crops[image_id] = e
-        return self._crops[image_id]
+        """The S x S RGB image the net saw, or the AtlasError saying why it is unavailable."""
+        if image_id in self._crops:
+            self._crops.move_to_end(image_id)
+            return self._crops[image_id]
+        try:
+            v = self.a.image(image_id)[1]
+        except AtlasError as e:
+            v = e
+        self._crops[image_id] = v
+        if len(self._crops) > 512:
+            self._crops.popitem(last=False)
+        return v
 
+    def _load_switches(self, image_ids: list[int], pools: list[str]) -> None:
+        from ..switches import SwitchRegion, decode
+
+        want = [i for i in image_ids if i not in self._switches]
+        if want:
+            if not Path(self.a.path, "switches.parquet").is_file():
+                raise AtlasError(f"atlas '{self.a.path}' has no switches (built with --no-switches)")
+            got: dict[int, dict] = {i: {} for i in want}
+            for r in self.a.rows("SELECT image_id, pool, y0, x0, h, w, data FROM read_parquet('switches.parquet') "
+                                 f"WHERE image_id IN ({', '.join(str(int(i)) for i in want)})"):
+                pool = self.a.lmap.pool_by_name[r["pool"]]
+                got[r["image_id"]][r["pool"]] = decode(r["data"], pool.channels, pool.geometry,
+                                                       SwitchRegion(r["pool"], r["y0"], r["x0"], r["h"], r["w"]))
+            self._switches.update(got)
+        for i in image_ids:
+            self._switches.move_to_end(i)
+        # keep decoded switches of recently used images, up to about SWITCH_CACHE_BYTES
+        per = max(1, sum(t.numel() * t.element_size() for t in self._switches[image_ids[0]].values())) \
+            if image_ids else 1
+        while len(self._switches) > max(len(image_ids), SWITCH_CACHE_BYTES // per):
+            self._switches.popitem(last=False)
+
+    # -- pictures -------------------------------------------------------------
     def channels(self, layer, channels, tops):
         out = {}
         todo = []
         for c in channels:
             rows = tops.get(c, [])
             d = self.root / layer
-            res = {"panel": None, "proj": [d / f"{c}-{r['rank']}.png" for r in rows],
+            res = {"panel": d / f"{c}-panel.png" if rows else None,
+                   "proj": [d / f"{c}-{r['rank']}.png" for r in rows],
                    "patch": [d / f"{c}-{r['rank']}-patch.png" for r in rows], "error": None}
-            if rows:
-                res["panel"] = d / f"{c}-panel.png"
             out[c] = res
             if rows and not all(p.is_file() for p in res["proj"] + res["patch"] + [res["panel"]]):
                 todo.append(c)
-        for i in range(0, len(todo), 8):
-            self._render(layer, todo[i:i + 8], tops, out)
-        return out
-
-    def _render(self, layer, chans, tops, out):
-        import torch
-
-        from .. import deconv as D
-
-        reqs, sw_lists, meta = [], {}, []
-        for c in chans:
-            for r in tops[c]:
-                crop = self._crop(r["image_id"])
-                if isinstance(crop, Exception):
-                    out[c]["error"] = str(crop)
-                    continue
-                try:
-                    sw = self.a.switches(layer, c, r["rank"])
-                except AtlasError as e:
-                    out[c]["error"] = str(e)
-                    continue
-                for k, v in sw.items():
-                    sw_lists.setdefault(k, []).append(v)
-                reqs.append(D.Request(len(reqs), layer, c, r["y"], r["x"], value=r["value"]))
-                meta.append((c, r))
-        if reqs:
-            switches = {k: torch.stack(v) for k, v in sw_lists.items()}
-            P = D.project(self.a.lmap, reqs, switches, mode=self.mode, norm=self.norm)
-            by_c: dict[int, list] = {}
-            for i, (c, r) in enumerate(meta):
-                proj = _to_image(P.crop(i, (r["x0"], r["y0"], r["x1"], r["y1"])))
-                patch = self._crop(r["image_id"])[1].crop((r["x0"], r["y0"], r["x1"], r["y1"]))
-                _save(out[c]["proj"][r["rank"]], proj)
-                _save(out[c]["patch"][r["rank"]], patch)
-                by_c.setdefault(c, []).append((proj, patch))
-                self.rendered += 2
-            for c, pairs in by_c.items():
-                _save(out[c]["panel"], _panel(pairs))
-                self.rendered += 1
-        for c in chans:  # what could not be made is not offered
+        if todo:
+            self._render(layer, todo, tops, out)
+        for c in channels:  # what could not be made is not offered
             o = out[c]
             o["proj"] = [p if p.is_file() else None for p in o["proj"]]
             o["patch"] = [p if p.is_file() else None for p in o["patch"]]
             if o["panel"] is not None and not o["panel"].is_file():
                 o["panel"] = None
+        return out
+
+    def _render(self, layer, chans, tops, out):
+        from .. import deconv as D
+        from .. import render as R
+
+        lm = self.a.lmap
+        la = lm.by_name[layer]
+        S = lm.image_size
+        rows = [(c, r) for c in chans for r in tops[c]]
+        ids = sorted({r["image_id"] for _, r in rows})
+        if la.pools_below:
+            self._load_switches(ids, la.pools_below)
+        slot = {i: n for n, i in enumerate(ids)}
+        reqs, meta = [], []
+        for c, r in rows:
+            if la.pools_below and not all(p in self._switches[r["image_id"]] for p in la.pools_below):
+                out[c]["error"] = f"no switches stored for image {r['image_id']}"
+                continue
+            reqs.append(D.Request(slot[r["image_id"]], layer, c, r["y"], r["x"], value=r["value"]))
+            meta.append((c, r))
+        if not reqs:
+            return
+        switches = None
+        if la.pools_below:
+            import torch
+
+            switches = {p: torch.stack([self._switches[i][p] for i in ids]) for p in la.pools_below}
+        P = D.project(lm, reqs, switches, mode=self.mode, norm=self.norm)
+        by_c: dict[int, list[int]] = {}
+        for i, (c, r) in enumerate(meta):
+            by_c.setdefault(c, []).append(i)
+        for c, idx in by_c.items():
+            patches = []
+            for i in idx:
+                r = meta[i][1]
+                crop = self._crop(r["image_id"])
+                if isinstance(crop, Exception):
+                    out[c]["error"] = str(crop)
+                    crop = None
+                patches.append(crop)
+                box = tuple(P.meta[i]["rf_box"])
+                up = R.upscale_for(max(box[2] - box[0], box[3] - box[1]))
+                R.write_png(out[c]["proj"][r["rank"]], R.projection_image(P, i, rank=r["rank"], text=_src(r)))
+                R.write_png(out[c]["patch"][r["rank"]], R.patch_cell(crop, box, S, up), text=_src(r))
+                self.rendered += 2
+            sub = D.Projections(P.mode, P.norm, S, [P.meta[i] for i in idx], [P.windows[i] for i in idx],
+                                [P.origins[i] for i in idx])
+            R.write_png(out[c]["panel"], R.panel(sub, patches))
+            self.rendered += 1
 
     def filter_grid(self, layer):
-        import numpy as np
-        from PIL import Image
+        from .. import render as R
 
         p = self.root / f"{layer}-filters.png"
         if p.is_file():
@@ -160,57 +203,13 @@ class _Fallback:
         la = lm.by_name.get(layer)
         if la is None or la.kind != "conv" or la.pools_below:
             return None
-        w = lm.model.features[la.index].weight.detach().float().cpu().numpy()  # (C, 3, k, k)
-        if w.shape[1] != 3:
+        w = lm.model.features[la.index].weight
+        if w.shape[1] not in (1, 3):
             return None
-        n, k = w.shape[0], w.shape[-1]
-        cols = int(np.ceil(np.sqrt(n)))
-        rows = -(-n // cols)
-        cell = k + 1
-        grid = np.full((rows * cell + 1, cols * cell + 1, 3), 255, np.uint8)
-        for i in range(n):
-            f = w[i].transpose(1, 2, 0)
-            m = np.abs(f).max() or 1.0
-            img = ((f / m) * 127.5 + 127.5).clip(0, 255).astype(np.uint8)
-            y, x = divmod(i, cols)
-            grid[1 + y * cell:1 + y * cell + k, 1 + x * cell:1 + x * cell + k] = img
-        scale = max(1, 12 // k)
-        im = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
-        _save(p, im)
+        R.write_png(p, R.filter_grid(w))
         self.rendered += 1
         return p
 
 
-def _to_image(t):
-    """A signed projection (3, h, w) as an RGB image: zero is mid-grey, scaled by its largest |value|."""
-    from PIL import Image
-
-    a = t.detach().float().cpu().numpy().transpose(1, 2, 0)
-    m = float(abs(a).max()) or 1.0
-    return Image.fromarray((a / m * 127.5 + 127.5).clip(0, 255).astype("uint8"))
-
-
-def _panel(pairs):
-    """Figure 2: each projection beside its image patch, in a grid."""
-    from PIL import Image
-
-    cw = max(p.width for p, _ in pairs)
-    ch = max(p.height for p, _ in pairs)
-    cols = int(len(pairs) ** 0.5 + 0.999)
-    rows = -(-len(pairs) // cols)
-    pad = 2
-    W = cols * (2 * cw + 3 * pad) + pad
-    H = rows * (ch + pad) + pad
-    im = Image.new("RGB", (W, H), (255, 255, 255))
-    for i, (p, q) in enumerate(pairs):
-        y, x = divmod(i, cols)
-        x0 = pad + x * (2 * cw + 3 * pad)
-        im.paste(p, (x0, pad + y * (ch + pad)))
-        im.paste(q, (x0 + cw + pad, pad + y * (ch + pad)))
-    return im
-
-
-def _save(path: Path, im) -> None:
-    buf = io.BytesIO()
-    im.save(buf, "PNG")
-    atomic_write_bytes(path, buf.getvalue())
+def _src(r: dict) -> dict:
+    return {"image_id": r["image_id"], "value": r["value"], "y": r["y"], "x": r["x"]}
