@@ -1,0 +1,312 @@
+"""Invariance to translation, scale and rotation (Zeiler & Fergus 2014, figure 5).
+
+CLI: atlas invariance ATLAS IMAGES... [--transforms translate,scale,rotate] [--layers conv1,fc7]
+                     [--labels L1,L2,...] [--fill mean|grey] [--device auto|cpu|cuda] [--out DIR]
+     IMAGES are image_ids of the atlas (digits) and/or image files. One call:
+         r = invariance(Atlas(ATLAS), IMAGES, transforms=..., layers=..., labels=..., fill=..., device=..., out=...)
+     then print "\\n".join(r.summary()).
+
+Each image (the cropped model input, S x S px) is transformed by
+
+  translate  vertical shift in px, positive = down: -60..60 in steps of 10 at 224 px (the
+             paper's range), scaled to S for other inputs (e.g. -9..9 px at 32 px)
+  scale      zoom about the centre by 1.0, 1.1, ..., 1.8 (resize by the factor, centre crop S)
+  rotate     counter-clockwise about the centre, 0..350 degrees in steps of 10
+
+(`amounts` overrides a range). Pixels the transformation brings in from outside
+the image get the fill colour: "mean" (default), the preprocessing's mean colour,
+an all-zero model input; or "grey", the mid-grey pixel. Amount 0 / 1.0 is the
+untransformed image itself (distance exactly 0).
+
+For each image, transformation and amount we record, at each layer, the
+Euclidean distance between the feature vectors (the whole post-ReLU map,
+flattened, for a conv layer) of the original and the transformed image, that
+distance divided by the original's norm (`distance_rel`), and -- when the model
+has a classifier and the image's class is known (its dataset label, or
+`labels`) -- the probability of that class. Layers: default the paper's layer 1
+and layer 7, i.e. conv1 and the fc layer below the logits (fc7 for ZFNet); for
+a model without a classifier (weights file gone, or no fc layers) the last conv
+layer stands in for layer 7 and the result says so.
+
+Output: ATLAS/analyses/invariance/RUN.parquet (the SQL view `invariance`, one
+row per image, transformation, amount and layer) and PNG plots, drawn with PIL:
+one panel per transformation and quantity, one curve per image
+(TRANSFORM-QUANTITY.png), and all of them in figure.png (rows: transformations,
+columns: quantities, as in the paper), in ATLAS/analyses/invariance/RUN/ or `out`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from ..errors import AtlasError
+from . import common as C
+
+TRANSFORMS = ("translate", "scale", "rotate")
+UNITS = {"translate": "px", "scale": "factor", "rotate": "degrees"}
+TITLES = {"translate": "Vertical translation", "scale": "Scale", "rotate": "Rotation"}
+XLABELS = {"translate": "vertical shift (px, + = down)", "scale": "scale factor", "rotate": "rotation (degrees)"}
+FILLS = ("mean", "grey")
+
+
+def default_amounts(transform: str, image_size: int) -> list[float]:
+    """The paper's ranges: translation -60..60 px at 224 (proportional), scale 1.0..1.8, rotation 0..350."""
+    if transform == "translate":
+        return sorted({int(round(v)) for v in np.linspace(-60, 60, 13) * image_size / 224})
+    if transform == "scale":
+        return [round(1.0 + 0.1 * i, 2) for i in range(9)]
+    if transform == "rotate":
+        return [float(d) for d in range(0, 360, 10)]
+    raise AtlasError(f"unknown transformation '{transform}': choose from {', '.join(TRANSFORMS)}")
+
+
+def _identity(transform: str, amount: float) -> bool:
+    return (transform == "scale" and amount == 1.0) or (transform != "scale" and amount == 0)
+
+
+def transform_image(crop, transform: str, amount: float, fill: tuple[int, int, int]):
+    """The S x S crop transformed (a new PIL image of the same size)."""
+    from PIL import Image
+
+    S = crop.width
+    if _identity(transform, amount):
+        return crop.copy()
+    if transform == "translate":
+        dy = int(round(amount))
+        return crop.transform(crop.size, Image.AFFINE, (1, 0, 0, 0, 1, -dy), resample=Image.NEAREST, fillcolor=fill)
+    if transform == "scale":
+        m = max(1, int(round(S * amount)))
+        big = crop.resize((m, m), Image.BILINEAR)
+        if m >= S:
+            o = (m - S) // 2
+            return big.crop((o, o, o + S, o + S))
+        out = Image.new("RGB", (S, S), fill)  # a factor below 1 shrinks the image into the fill colour
+        o = (S - m) // 2
+        out.paste(big, (o, o))
+        return out
+    if transform == "rotate":
+        return crop.rotate(float(amount), resample=Image.BILINEAR, fillcolor=fill)
+    raise AtlasError(f"unknown transformation '{transform}': choose from {', '.join(TRANSFORMS)}")
+
+
+def _fill_colour(preprocess, fill: str) -> tuple[int, int, int]:
+    if fill == "mean":
+        return tuple(int(round(float(v) * 255)) for v in preprocess.mean.flatten())
+    if fill == "grey":
+        return (128, 128, 128)
+    raise AtlasError(f"unknown fill '{fill}': choose one of {', '.join(FILLS)}")
+
+
+def _parse_list(v, what: str) -> list[str]:
+    if v is None:
+        return []
+    if isinstance(v, str):
+        return [s.strip() for s in v.split(",") if s.strip()]
+    return [str(s) for s in v]
+
+
+@dataclass
+class InvarianceResult:
+    run: str
+    images: list[str]
+    layers: list[str]
+    transforms: list[str]
+    rows: list[dict[str, Any]] = field(repr=False)
+    notes: list[str] = field(default_factory=list)
+    table: Path | None = None
+    figures: dict[str, Path] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def curves(self, transform: str, quantity: str) -> dict[str, tuple[list[float], list[float]]]:
+        """image -> (amounts, values) for quantity 'probability' or a layer name (distance)."""
+        out: dict[str, tuple[list[float], list[float]]] = {}
+        layer = self.layers[0] if quantity == "probability" else quantity
+        for r in self.rows:
+            if r["transform"] == transform and r["layer"] == layer:
+                v = r["probability"] if quantity == "probability" else r["distance"]
+                xs, ys = out.setdefault(r["image"], ([], []))
+                xs.append(r["amount"])
+                ys.append(float("nan") if v is None else v)
+        return out
+
+    def summary(self) -> list[str]:
+        lines = [f"invariance of {len(self.images)} image(s) to {', '.join(self.transforms)} at layers "
+                 f"{', '.join(self.layers)} ({self.seconds:.1f} s)"]
+        has_p = any(r["probability"] is not None for r in self.rows)
+        head = ["transform", "amount"] + [f"dist {la}" for la in self.layers] + (["p(true)"] if has_p else [])
+        table = []
+        for t in self.transforms:
+            amounts = sorted({r["amount"] for r in self.rows if r["transform"] == t})
+            for a in amounts:
+                rs = [r for r in self.rows if r["transform"] == t and r["amount"] == a]
+                row = [t, f"{a:g}"]
+                for la in self.layers:
+                    row.append(f"{np.mean([r['distance'] for r in rs if r['layer'] == la]):.4g}")
+                if has_p:
+                    ps = [r["probability"] for r in rs if r["layer"] == self.layers[0] and r["probability"] is not None]
+                    row.append(f"{np.mean(ps):.3f}" if ps else "")
+                table.append(row)
+        w = [max(len(h), *(len(r[i]) for r in table)) for i, h in enumerate(head)]
+        lines.append("mean over images:")
+        lines.append("  " + "  ".join(h.rjust(w[i]) for i, h in enumerate(head)))
+        for r in table:
+            lines.append("  " + "  ".join(c.rjust(w[i]) for i, c in enumerate(r)))
+        lines += [f"note: {n}" for n in self.notes]
+        if self.table:
+            lines.append(f"table: {self.table} (SQL view invariance, run '{self.run}')")
+        if self.figures:
+            lines.append(f"figures: {self.figures['figure']} (+ {len(self.figures) - 1} panels)")
+        return lines
+
+
+def _schema():
+    import pyarrow as pa
+
+    i32, f64, s = pa.int32(), pa.float64(), pa.string()
+    return pa.schema([("run", s), ("image", s), ("image_id", i32), ("path", s), ("model", s), ("label", s),
+                      ("label_index", i32), ("transform", s), ("amount", f64), ("unit", s), ("fill", s),
+                      ("layer", s), ("distance", f64), ("distance_rel", f64), ("probability", f64),
+                      ("top_class", i32), ("top_class_name", s)])
+
+
+def invariance(atlas, images: Sequence[int | str | Path], *, transforms: Sequence[str] | str = TRANSFORMS,
+               layers: Sequence[str] | str | None = None, labels: Sequence | None = None,
+               amounts: dict[str, Sequence[float]] | None = None, fill: str = "mean", device: str = "auto",
+               batch_size: int | None = None, out: str | Path | None = None, store: bool = True,
+               figures: bool = True) -> InvarianceResult:
+    """Feature distance and class probability under transformations (figure 5); see the module docstring.
+
+    images      image_ids and/or image files
+    transforms  any of translate, scale, rotate (list or comma string)
+    layers      layers for the distances (default: conv1 and the layer below the logits)
+    labels      one class (name or index) per image, or one for all; default the dataset labels
+    amounts     {transform: amounts} to override the paper's ranges
+    """
+    import time
+
+    t0 = time.perf_counter()
+    atlas = C.open_atlas(atlas)
+    transforms = _parse_list(transforms, "transforms")
+    if not transforms:
+        raise AtlasError("no transformations given: choose from translate, scale, rotate")
+    for t in transforms:
+        if t not in TRANSFORMS:
+            raise AtlasError(f"unknown transformation '{t}': choose from {', '.join(TRANSFORMS)}")
+    if fill not in FILLS:
+        raise AtlasError(f"unknown fill '{fill}': choose one of {', '.join(FILLS)}")
+    S = atlas.image_size
+    amts: dict[str, list[float]] = {}
+    for t in transforms:
+        given = (amounts or {}).get(t)
+        if given is not None:
+            try:
+                vals = [float(v) for v in given]
+            except (TypeError, ValueError):
+                raise AtlasError(f"amounts for {t} must be numbers, not {given!r}") from None
+            if not vals:
+                raise AtlasError(f"no amounts given for {t}")
+            if t == "scale" and min(vals) <= 0:
+                raise AtlasError(f"scale factors must be positive, not {min(vals)}")
+            if t == "translate" and max(abs(v) for v in vals) >= S:
+                big = max(abs(v) for v in vals)
+                raise AtlasError(f"a translation of {big:g} px moves the {S} px image out of view")
+            amts[t] = vals
+        else:
+            amts[t] = default_amounts(t, S)
+    notes: list[str] = []
+    names = _parse_list(layers, "layers")
+    if not names:
+        deep, note = C.default_deep_layer(atlas)
+        names = [atlas.lmap.conv_layers[0].name, deep]
+        if note:
+            notes.append(note)
+    names = C.check_layers(atlas, names, "the feature distance")
+    has_cls, why = C.classifier_status(atlas)
+    if labels is not None:
+        if not has_cls:
+            C.require_classifier(atlas, "the class probability of --labels")
+        labels = _parse_list(labels, "labels") if isinstance(labels, str) else list(labels)
+    refs = C.resolve_images(atlas, images, labels)
+    keys = [r.key for r in refs]
+    if len(set(keys)) != len(keys):
+        dup = next(k for k in keys if keys.count(k) > 1)
+        raise AtlasError(f"image {dup} is given twice")
+    logits_layer = atlas.lmap.layers[-1].name if has_cls else None
+    if not has_cls:
+        notes.append(f"no class probabilities: the model has no classifier ({why})")
+    elif all(r.class_index is None for r in refs):
+        notes.append("no class probabilities: no image's class is known to the model (give --labels)")
+    runner = C.Runner(atlas, device)
+    fillc = _fill_colour(atlas.preprocess, fill)
+    cls_names = C.class_names(atlas) if has_cls else []
+    model_name = atlas.manifest["model"]["name"]
+    want = list(dict.fromkeys(names + ([logits_layer] if logits_layer else [])))
+    rows: list[dict[str, Any]] = []
+    for ref in refs:
+        plan = [(t, a) for t in transforms for a in amts[t]]
+        xs = [ref.x] + [atlas.preprocess.to_tensor(transform_image(ref.crop, t, a, fillc)) for t, a in plan]
+        acts = runner.extract(torch.stack(xs), want, batch_size)
+        probs = top = None
+        if logits_layer:
+            lg = acts[logits_layer].double()
+            p = torch.softmax(lg, 1)
+            top = p.argmax(1).tolist()
+            if ref.class_index is not None:
+                probs = p[:, ref.class_index].tolist()
+        for la in names:
+            f = acts[la].double().flatten(1)
+            d = (f[1:] - f[0:1]).norm(dim=1).tolist()
+            norm0 = float(f[0].norm())
+            for k, (t, a) in enumerate(plan):
+                rows.append({
+                    "run": "", "image": ref.key, "image_id": ref.image_id, "path": ref.path, "model": model_name,
+                    "label": ref.label, "label_index": ref.class_index, "transform": t, "amount": float(a),
+                    "unit": UNITS[t], "fill": fill, "layer": la, "distance": d[k],
+                    "distance_rel": d[k] / norm0 if norm0 > 0 else None,
+                    "probability": None if probs is None else probs[k + 1],
+                    "top_class": None if top is None else top[k + 1],
+                    "top_class_name": None if top is None else cls_names[top[k + 1]],
+                })
+    run = f"n{len(refs)}-" + C.short_hash({"images": keys, "labels": [r.label for r in refs], "t": transforms,
+                                           "a": amts, "layers": names, "fill": fill})
+    for r in rows:
+        r["run"] = run
+    res = InvarianceResult(run, keys, names, transforms, rows, notes)
+    if store:
+        res.table = C.store_table(atlas, "invariance", run, rows, _schema())
+    if figures:
+        res.figures = render(res, refs, C.figure_dir(atlas, "invariance", run, out))
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+def render(res: InvarianceResult, refs, folder: Path) -> dict[str, Path]:
+    """One panel per transformation and quantity (a curve per image); figure.png holds them all."""
+    colours = {r.key: C.PALETTE[i % len(C.PALETTE)] for i, r in enumerate(refs)}
+    names = {r.key: (r.name + (f" ({r.label})" if r.label else "")) for r in refs}
+    has_p = any(r["probability"] is not None for r in res.rows)
+    quantities = list(res.layers) + (["probability"] if has_p else [])
+    files: dict[str, Path] = {}
+    grid = []
+    for t in res.transforms:
+        row = []
+        for q in quantities:
+            curves = res.curves(t, q)
+            series = [(names[k], colours[k], xs, ys) for k, (xs, ys) in curves.items()]
+            if q == "probability":
+                kw = dict(title=f"{TITLES[t]}: p(true class)", ylabel="probability of the true class", ylim=(0.0, 1.0))
+            else:
+                kw = dict(title=f"{TITLES[t]}: {q} distance", ylabel="Euclidean distance")
+            im = C.line_plot(series, xlabel=XLABELS[t], **kw)
+            files[f"{t}-{q}"] = C.save_png(folder / f"{t}-{q}.png", C.margin(im, 6))
+            row.append(C.line_plot(series, xlabel=XLABELS[t], show_legend=False, **kw))
+        grid.append(C.beside(*row, pad=10))
+    lg = C.legend([(colours[r.key], names[r.key]) for r in refs], columns=4, max_width=grid[0].width)
+    fig = C.titled(C.below(*grid, lg, pad=10), "Invariance (Zeiler & Fergus figure 5)",
+                   "distance between the feature vectors of the original and the transformed image; "
+                   "probability of the true class" + ("\n" + "; ".join(res.notes) if res.notes else ""))
+    return {"figure": C.save_png(folder / "figure.png", C.margin(fig, 10)), **files}
