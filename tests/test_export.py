@@ -297,3 +297,20 @@ def test_progress_and_log(hostile_atlas, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "export: 2/2 channels" in err
     assert msgs and "site written to" in msgs[-1]
+
+
+def test_a_missing_image_gives_a_placeholder_not_a_broken_site(tmp_path):
+    from conftest import make_image_folder
+
+    data = make_image_folder(tmp_path / "data", per_class=4)
+    path = build("zfnet-mini", str(data), tmp_path / "atlas", k=3, batch_size=16, image_size=32, progress=False)
+    a = atlas.open(path)
+    top = a.rows("SELECT t.channel, i.path FROM top_activations t JOIN images i USING (image_id) "
+                 "WHERE t.layer = 'conv2' AND t.rank = 0 ORDER BY t.channel LIMIT 1")[0]
+    (data / top["path"]).unlink()
+    out = export(path, tmp_path / "site", layers="conv2", channels=[top["channel"]], progress=False)
+    page = (out / "conv2" / f"{top['channel']}.html").read_text()
+    assert "Some pictures are incomplete" in page and "is unavailable" in page
+    twin = json.loads((out / "conv2" / f"{top['channel']}.json").read_text())
+    assert all(t["proj"] and t["patch"] for t in twin["top"])  # the projection needs switches only
+    assert not crawl(out)[1]

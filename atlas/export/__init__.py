@@ -52,7 +52,7 @@ PACKAGE = Path(__file__).resolve().parent.parent
 TEMPLATES = PACKAGE / "templates"
 STATIC = PACKAGE / "static"
 RESERVED = {"static", "img", "analyses", "index"}
-CHUNK = 16  # channels whose pictures are asked for in one call
+CHUNK = 32  # channels whose pictures are asked for in one call
 
 __all__ = ["export", "parse_channels", "EXPORT_VERSION"]
 

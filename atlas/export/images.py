@@ -80,7 +80,10 @@ class _Fallback:
         self.a, self.mode, self.norm = atlas, mode, norm
         self.rendered = 0
         self._crops: OrderedDict[int, Any] = OrderedDict()
-        self._switches: OrderedDict[int, dict] = OrderedDict()
+        self._slab: dict[str, Any] | None = None       # pool -> (slots, C, H, W) decoded switches
+        self._slots: OrderedDict[int, int] = OrderedDict()  # image id -> slot, least recently used first
+        self._free: list[int] = []
+        self._have: dict[int, set] = {}  # image id -> the pools whose switches are stored for it
         w = atlas.manifest["model"].get("weights_sha256") or "random"
         self.root = Path(atlas.path, "cache", "export", f"{w[:16]}-{mode}-{norm}")
 
@@ -99,27 +102,51 @@ class _Fallback:
             self._crops.popitem(last=False)
         return v
 
-    def _load_switches(self, image_ids: list[int], pools: list[str]) -> None:
+    def _load_switches(self, image_ids: list[int], pools: list[str]) -> tuple[dict[int, int], set[int]]:
+        """Decoded switches of these images in the slab (one tensor per pool, a slot per image):
+        returns (image id -> slot, ids with no stored switches). Each image is decoded once while it
+        stays in the slab (least recently used slots are reused), so nothing is stacked per call."""
+        import torch
+
         from ..switches import SwitchRegion, decode
 
-        want = [i for i in image_ids if i not in self._switches]
+        lm = self.a.lmap
+        if self._slab is None:
+            per = sum(lm.pool_by_name[p].channels * lm.pool_by_name[p].geometry.out_size ** 2 * 8
+                      for p in lm.pool_by_name)
+            cap = max(len(image_ids), min(4096, SWITCH_CACHE_BYTES // max(per, 1)))
+            self._slab = {p: torch.empty((cap, pool.channels, pool.geometry.out_size, pool.geometry.out_size),
+                                         dtype=torch.int64) for p, pool in lm.pool_by_name.items()}
+            self._free = list(range(cap - 1, -1, -1))
+        cap = next(iter(self._slab.values())).shape[0]
+        if len(image_ids) > cap:  # more images in one call than slots: grow (keeps the slots in place)
+            grow = len(image_ids) - cap
+            self._slab = {p: torch.cat([t, t.new_empty((grow,) + t.shape[1:])]) for p, t in self._slab.items()}
+            self._free += list(range(cap + grow - 1, cap - 1, -1))
+        want = [i for i in image_ids if i not in self._slots]
+        keep = set(image_ids)
+        for i in image_ids:
+            if i in self._slots:
+                self._slots.move_to_end(i)
+        while len(self._free) < len(want):
+            old = next(j for j in self._slots if j not in keep)
+            self._free.append(self._slots.pop(old))
+            self._have.pop(old, None)
         if want:
             if not Path(self.a.path, "switches.parquet").is_file():
                 raise AtlasError(f"atlas '{self.a.path}' has no switches (built with --no-switches)")
-            got: dict[int, dict] = {i: {} for i in want}
+            for i in want:
+                self._slots[i] = self._free.pop()
+            seen: dict[int, set] = {i: set() for i in want}
             for r in self.a.rows("SELECT image_id, pool, y0, x0, h, w, data FROM read_parquet('switches.parquet') "
                                  f"WHERE image_id IN ({', '.join(str(int(i)) for i in want)})"):
-                pool = self.a.lmap.pool_by_name[r["pool"]]
-                got[r["image_id"]][r["pool"]] = decode(r["data"], pool.channels, pool.geometry,
-                                                       SwitchRegion(r["pool"], r["y0"], r["x0"], r["h"], r["w"]))
-            self._switches.update(got)
-        for i in image_ids:
-            self._switches.move_to_end(i)
-        # keep decoded switches of recently used images, up to about SWITCH_CACHE_BYTES
-        per = max(1, sum(t.numel() * t.element_size() for t in self._switches[image_ids[0]].values())) \
-            if image_ids else 1
-        while len(self._switches) > max(len(image_ids), SWITCH_CACHE_BYTES // per):
-            self._switches.popitem(last=False)
+                pool = lm.pool_by_name[r["pool"]]
+                self._slab[r["pool"]][self._slots[r["image_id"]]] = decode(
+                    r["data"], pool.channels, pool.geometry, SwitchRegion(r["pool"], r["y0"], r["x0"], r["h"], r["w"]))
+                seen[r["image_id"]].add(r["pool"])
+            self._have.update(seen)
+        return ({i: self._slots[i] for i in image_ids},
+                {i for i in image_ids if not set(pools) <= self._have.get(i, set())})
 
     # -- pictures -------------------------------------------------------------
     def channels(self, layer, channels, tops):
@@ -153,23 +180,19 @@ class _Fallback:
         S = lm.image_size
         rows = [(c, r) for c in chans for r in tops[c]]
         ids = sorted({r["image_id"] for _, r in rows})
+        slot, missing = {i: n for n, i in enumerate(ids)}, set()
         if la.pools_below:
-            self._load_switches(ids, la.pools_below)
-        slot = {i: n for n, i in enumerate(ids)}
+            slot, missing = self._load_switches(ids, la.pools_below)
         reqs, meta = [], []
         for c, r in rows:
-            if la.pools_below and not all(p in self._switches[r["image_id"]] for p in la.pools_below):
+            if r["image_id"] in missing:
                 out[c]["error"] = f"no switches stored for image {r['image_id']}"
                 continue
             reqs.append(D.Request(slot[r["image_id"]], layer, c, r["y"], r["x"], value=r["value"]))
             meta.append((c, r))
         if not reqs:
             return
-        switches = None
-        if la.pools_below:
-            import torch
-
-            switches = {p: torch.stack([self._switches[i][p] for i in ids]) for p in la.pools_below}
+        switches = {p: self._slab[p] for p in la.pools_below} if la.pools_below else None
         P = D.project(lm, reqs, switches, mode=self.mode, norm=self.norm)
         by_c: dict[int, list[int]] = {}
         for i, (c, r) in enumerate(meta):
@@ -185,12 +208,12 @@ class _Fallback:
                 patches.append(crop)
                 box = tuple(P.meta[i]["rf_box"])
                 up = R.upscale_for(max(box[2] - box[0], box[3] - box[1]))
-                R.write_png(out[c]["proj"][r["rank"]], R.projection_image(P, i, rank=r["rank"], text=_src(r)))
-                R.write_png(out[c]["patch"][r["rank"]], R.patch_cell(crop, box, S, up), text=_src(r))
+                _write_png(out[c]["proj"][r["rank"]], R.projection_image(P, i, rank=r["rank"], text=_src(r)))
+                _write_png(out[c]["patch"][r["rank"]], R.patch_cell(crop, box, S, up), text=_src(r))
                 self.rendered += 2
             sub = D.Projections(P.mode, P.norm, S, [P.meta[i] for i in idx], [P.windows[i] for i in idx],
                                 [P.origins[i] for i in idx])
-            R.write_png(out[c]["panel"], R.panel(sub, patches))
+            _write_png(out[c]["panel"], R.panel(sub, patches))
             self.rendered += 1
 
     def filter_grid(self, layer):
@@ -206,9 +229,26 @@ class _Fallback:
         w = lm.model.features[la.index].weight
         if w.shape[1] not in (1, 3):
             return None
-        R.write_png(p, R.filter_grid(w))
+        _write_png(p, R.filter_grid(w))
         self.rendered += 1
         return p
+
+
+def _write_png(path: Path, image, text: dict | None = None) -> None:
+    """atlas.render's PNG (its text chunks included), renamed into place atomically; no fsync: a
+    cache can be remade, and one fsync per picture would cost more than drawing it."""
+    import os
+
+    from .. import render as R
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        image.save(tmp, format="PNG", pnginfo=R.png_info(image, text))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _src(r: dict) -> dict:
