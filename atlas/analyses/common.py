@@ -18,6 +18,7 @@ import hashlib
 import io
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -29,7 +30,8 @@ import torch
 
 from ..errors import AtlasError
 
-# CPU memory an analysis may use for one batch of activations (GPU: a share of what is free).
+# CPU memory an analysis may use for one batch of activations (at most a quarter of the memory
+# available; GPU: a share of what is free).
 CPU_BUDGET_BYTES = 2 << 30
 GPU_BUDGET_SHARE = 0.5
 
@@ -260,7 +262,11 @@ class Runner:
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
             return int(free * GPU_BUDGET_SHARE)
-        return CPU_BUDGET_BYTES
+        try:  # never more than a quarter of the memory available now
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+            return max(64 << 20, min(CPU_BUDGET_BYTES, avail // 4))
+        except (ValueError, OSError, AttributeError):
+            return CPU_BUDGET_BYTES
 
     def per_image_bytes(self, start: int = 0) -> int:
         """Peak bytes of one image's activations in a forward pass from features[start] on

@@ -173,6 +173,8 @@ def plan(lmap, boxes: np.ndarray, read_at: int, method: str = "incremental") -> 
         if isinstance(m, (nn.Conv2d, nn.MaxPool2d)) and i in lmap.geoms:
             if isinstance(m, nn.MaxPool2d) and m.dilation not in (1, (1, 1)):
                 break
+            if isinstance(m, nn.Conv2d) and (m.padding_mode != "zeros" or isinstance(m.padding, str)):
+                break  # the windows pad with zeros
             g = lmap.geoms[i]
             ly, hy = _affected(ly, hy, g.kernel, g.stride, g.padding, g.out_size)
             lx, hx = _affected(lx, hx, g.kernel, g.stride, g.padding, g.out_size)
@@ -423,7 +425,8 @@ class OcclusionResult:
 
     def summary(self) -> list[str]:
         n = self.n
-        lines = [f"occlusion of {self.image} ({self.path}) with {self.model} at {self.image_size} px: "
+        what = f"image {self.image_id} ({self.path})" if self.image_id is not None else self.path
+        lines = [f"occlusion of {what} with {self.model} at {self.image_size} px: "
                  f"{self.size} px {self.fill} square, stride {self.stride}, {n} x {n} positions "
                  f"({n * n} forward passes in {self.seconds:.2f} s on {self.device}, {self.method}, "
                  f"batches of {self.batch})"]
@@ -612,9 +615,12 @@ def render(res: OcclusionResult, crop, folder: Path) -> dict[str, Path]:
         panels["projection"] = C.titled(pim, f"(c) projection of {res.layer} map {res.channel}",
                                         "DeconvNet, unoccluded image\n(grey = 0, scaled by max |value|)")
     if res.probability is not None:
-        hp = maparea(res.probability, 0.0, max(float(res.probability.max()), 1e-6))
-        panels["probability"] = C.titled(C.beside(hp, C.colorbar(0.0, max(float(res.probability.max()), 1e-6), W),
-                                                  pad=4),
+        # the map's own range (a flat map: 0..max), so that small changes show; the scale gives the values
+        plo, phi = float(res.probability.min()), float(res.probability.max())
+        if phi - plo <= 1e-12:
+            plo = 0.0
+        hp = maparea(res.probability, plo, max(phi, 1e-12))
+        panels["probability"] = C.titled(C.beside(hp, C.colorbar(plo, max(phi, 1e-12), W), pad=4),
                                          f"(d) p({res.label})", "probability of the class vs square position")
         vals, counts = np.unique(res.top_class, return_counts=True)
         order = [int(vals[i]) for i in np.argsort(-counts, kind="stable")]
