@@ -1,0 +1,393 @@
+"""Feature evolution during training (the paper's figure 4).
+
+CLI:
+  atlas evolution RUN_DIR [--data DATA] [options]
+      -> one call: evolution(RUN_DIR, data=DATA, **options); prints the PNG's path
+  RUN_DIR                    a training run (`atlas train --snapshot-epochs 1,2,5,...`), or its final.pt
+  --data DATA                images to search (default: the run's training data, as in the paper)
+  --layers conv1,conv3       conv layers (default: every conv layer)
+  --channels 0,5,9           the same channels in every chosen layer (default: chosen by --select)
+  --per-layer 4              channels per layer when --channels is not given
+  --select strongest|first   strongest: the channels with the largest final activation; first: 0..N-1
+  --epochs 1,2,5             which snapshots to show (default: all, plus final.pt if it is a later epoch)
+  --out PNG                  default RUN_DIR/evolution.png; the table goes beside it (.parquet)
+  --cell 64                  cell size in pixels
+  --max-images N             search only the first N images
+  --batch-size 64 --device auto --workers N --progress/--no-progress
+
+What it computes, for each snapshot s (RUN_DIR/snapshots/epoch-XXX.pt, and final.pt when its epoch
+has no snapshot): the snapshot's model runs over every image of DATA (its own preprocessing: centre
+crop, eval mode, fp32); for each channel of the chosen layers the strongest activation -- the spatial
+and image maximum, ties to the first image and position -- is kept. Every channel's maximum at every
+snapshot goes to the table (EVOLUTION.parquet: epoch, snapshot, layer, channel, image_id, image_path,
+value, y, x, shown). For the shown channels the activation is projected to pixels with the
+DeconvNet engine (atlas.deconv.project_images, unit mode, contrast normalisation as identity) and
+the projection inside the unit's receptive field is drawn: one row per channel, one column per
+snapshot. Display: atlas.render's normalisation -- each cell is scaled by its own max |value|
+around mid-grey (grey = 0, v / (2 max|v|) + 0.5), then resized to the cell; a channel whose maximum is <= 0 (dead at that snapshot) is drawn as a flat grey
+cell marked "dead". The geometry of the grid is stored in the PNG's text chunk "atlas-grid" (JSON).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from ..data import DecodedImages, Preprocess, open_dataset
+from ..errors import AtlasError
+from ..fsutil import atomic_write, atomic_write_parquet
+from ..layers import LayerMap
+from ..models.registry import load_model, read_weights
+from ..progress import Progress
+from . import font, wrap_text
+
+MEMORY_LIMIT = 2 << 30
+_SNAP = re.compile(r"^epoch-(\d+)\.pt$")
+
+
+# ---------------------------------------------------------------------------
+# the run's snapshots
+# ---------------------------------------------------------------------------
+def find_snapshots(run_dir: str | os.PathLike) -> tuple[Path, list[tuple[int, str, Path]]]:
+    """(run folder, [(epoch, label, weights path)]) in epoch order: the snapshots, plus final.pt
+    when its epoch is later than every snapshot's."""
+    p = Path(run_dir)
+    run = p.parent if p.is_file() else p
+    if not run.is_dir():
+        raise AtlasError(f"training run '{run_dir}' does not exist")
+    snaps: list[tuple[int, str, Path]] = []
+    sdir = run / "snapshots"
+    if sdir.is_dir():
+        for f in sorted(sdir.iterdir()):
+            m = _SNAP.match(f.name)
+            if m:
+                snaps.append((int(m.group(1)), f"epoch {int(m.group(1))}", f))
+    final = run / "final.pt"
+    if final.is_file():
+        _, meta = read_weights(final)
+        fe = int(meta.get("epochs", -1))
+        if not snaps or fe > snaps[-1][0]:
+            snaps.append((fe, f"epoch {fe} (final)" if fe >= 0 else "final", final))
+    if not snaps:
+        raise AtlasError(f"training run '{run}' has no snapshots and no final.pt: train it with "
+                         "--snapshot-epochs 1,2,5,...")
+    return run, sorted(snaps, key=lambda s: s[0])
+
+
+def _run_data(run: Path) -> str | None:
+    cfg = run / "config.json"
+    if cfg.is_file():
+        c = json.loads(cfg.read_text())
+        return c.get("data_root") or c.get("data")
+    return None
+
+
+# ---------------------------------------------------------------------------
+# the images
+# ---------------------------------------------------------------------------
+class _Images:
+    """The dataset's images, preprocessed by a model's own preprocessing: decoded once when they
+    fit in memory (uint8 centre crops), else decoded again for each snapshot."""
+
+    def __init__(self, source, ids: list[int], pre: dict[str, Any], batch_size: int, workers: int,
+                 progress, memory_limit: int = MEMORY_LIMIT):
+        self.source, self.ids, self.pre = source, ids, Preprocess(pre)
+        self.batch_size, self.workers = batch_size, workers
+        c = self.pre.crop
+        self.u8 = None
+        if len(ids) * 3 * c * c <= memory_limit:
+            from ..train import decode_squares
+
+            sq, _ = decode_squares(source, ids, self.pre.resize, workers, progress, "decode")
+            o = (self.pre.resize - c) // 2
+            self.u8 = sq[:, :, o:o + c, o:o + c].contiguous()
+
+    def normalize(self, u8: torch.Tensor) -> torch.Tensor:
+        return (u8.float() / 255.0 - self.pre.mean) / self.pre.std
+
+    def batches(self):
+        """Yield (normalised float batch, positions) in dataset order."""
+        n = len(self.ids)
+        if self.u8 is not None:
+            for s in range(0, n, self.batch_size):
+                yield self.normalize(self.u8[s:s + self.batch_size]), torch.arange(s, min(s + self.batch_size, n))
+            return
+        ds = DecodedImages(self.source, self.pre, self.ids)
+        loader = torch.utils.data.DataLoader(ds, batch_size=self.batch_size, num_workers=self.workers)
+        s = 0
+        for x, _, _ in loader:
+            yield x, torch.arange(s, s + len(x))
+            s += len(x)
+
+    def get(self, positions: Sequence[int]) -> torch.Tensor:
+        if self.u8 is not None:
+            return self.normalize(self.u8[list(positions)])
+        return torch.stack([self.pre(self.source.open_image(self.ids[p])) for p in positions])
+
+
+def strongest(lmap: LayerMap, images: _Images, layers: list[str], dev: torch.device,
+              bar: Progress | None = None) -> dict[str, dict[str, torch.Tensor]]:
+    """For each layer: per channel the largest activation over all images and positions.
+
+    Returns {layer: {"value", "image" (position in images.ids), "y", "x"}} (CPU tensors, one per
+    channel). Ties go to the first image, then the first position (row-major)."""
+    best: dict[str, dict[str, torch.Tensor]] = {}
+    with torch.no_grad():
+        for x, pos in images.batches():
+            acts = lmap.extract(x.to(dev), layers)
+            for name in layers:
+                a = acts[name].float()
+                b, c, h, w = a.shape
+                flat = a.reshape(b, c, h * w)
+                v, where = flat.max(dim=2)            # first position on ties
+                bv, bi = v.max(dim=0)                  # first image on ties
+                loc = where.gather(0, bi[None]).squeeze(0)
+                cur = best.get(name)
+                img = pos.to(bi.device)[bi]
+                new = {"value": bv, "image": img, "y": loc // w, "x": loc % w}
+                if cur is None:
+                    best[name] = new
+                else:
+                    better = new["value"] > cur["value"]  # strictly: earlier images win ties
+                    for k in new:
+                        cur[k] = torch.where(better, new[k], cur[k])
+            if bar is not None:
+                bar.update(len(x))
+    return {n: {k: v.cpu() for k, v in d.items()} for n, d in best.items()}
+
+
+# ---------------------------------------------------------------------------
+# the grid
+# ---------------------------------------------------------------------------
+def grid_geometry(rows: int, cols: int, cell: int, label_w: int = 120, header_h: int = 44,
+                  value_h: int = 16, gap: int = 6, footer_h: int = 28, min_width: int = 0) -> dict[str, Any]:
+    """Where each cell goes: cell (r, c) has its top-left corner at
+    (x0 + c * pitch_x, y0 + r * pitch_y) and is `cell` x `cell` pixels."""
+    pitch_x, pitch_y = cell + gap, cell + value_h + gap
+    width = max(label_w + cols * pitch_x + gap, min_width)
+    height = header_h + rows * pitch_y + footer_h
+    return {"rows": rows, "cols": cols, "cell": cell, "x0": label_w, "y0": header_h,
+            "pitch_x": pitch_x, "pitch_y": pitch_y, "width": width, "height": height, "footer_h": footer_h}
+
+
+def _fit(arr: np.ndarray, cell: int):
+    """A (h, w, 3) uint8 projection centred in a cell x cell tile (aspect kept)."""
+    from PIL import Image
+
+    im = Image.fromarray(arr)
+    h, w = arr.shape[:2]
+    s = cell / max(h, w)
+    size = (max(1, round(w * s)), max(1, round(h * s)))
+    im = im.resize(size, Image.NEAREST if s >= 1 else Image.BILINEAR)
+    tile = Image.new("RGB", (cell, cell), (128, 128, 128))
+    tile.paste(im, ((cell - size[0]) // 2, (cell - size[1]) // 2))
+    return tile
+
+
+def draw_grid(cells: list[list[dict[str, Any]]], row_labels: list[str], col_labels: list[str], cell: int,
+              title: str, footer: str, path: Path) -> Path:
+    """cells[r][c] = {"image": (h, w, 3) uint8 or None, "text": str}. Title and footer are wrapped to
+    the width of the grid (at least 420 px)."""
+    from PIL import Image, ImageDraw
+    from PIL.PngImagePlugin import PngInfo
+
+    rows, cols = len(row_labels), len(col_labels)
+    f, fs, ft = font(13), font(11), font(14)
+    label_w = max(90, int(max((f.getlength(t) for t in row_labels), default=0)) + 16)
+    base = grid_geometry(rows, cols, cell, label_w=label_w, min_width=420)
+    tlines = wrap_text(title, ft, base["width"] - 12)
+    flines = wrap_text(footer, fs, base["width"] - 12)
+    g = grid_geometry(rows, cols, cell, label_w=label_w, header_h=30 + 17 * len(tlines),
+                      footer_h=10 + 14 * len(flines), min_width=420)
+    img = Image.new("RGB", (g["width"], g["height"]), (255, 255, 255))
+    d = ImageDraw.Draw(img)
+    for i, line in enumerate(tlines):
+        d.text((6, 6 + 17 * i), line, fill=(0, 0, 0), font=ft)
+    for c, lab in enumerate(col_labels):
+        cx = g["x0"] + c * g["pitch_x"] + cell // 2
+        d.text((cx, g["y0"] - 6), lab, fill=(0, 0, 0), font=fs if cell < 70 else f, anchor="mb")
+    for r, lab in enumerate(row_labels):
+        cy = g["y0"] + r * g["pitch_y"] + cell // 2
+        d.text((g["x0"] - 8, cy), lab, fill=(0, 0, 0), font=f, anchor="rm")
+        for c in range(cols):
+            x, y = g["x0"] + c * g["pitch_x"], g["y0"] + r * g["pitch_y"]
+            item = cells[r][c]
+            if item.get("image") is not None:
+                img.paste(_fit(item["image"], cell), (x, y))
+            else:
+                d.rectangle([x, y, x + cell - 1, y + cell - 1], fill=(128, 128, 128))
+            d.rectangle([x - 1, y - 1, x + cell, y + cell], outline=(200, 200, 200))
+            if item.get("text"):
+                d.text((x + cell // 2, y + cell + 2), item["text"], fill=(60, 60, 60), font=fs, anchor="mt")
+    for i, line in enumerate(flines):
+        d.text((6, g["height"] - g["footer_h"] + 4 + 14 * i), line, fill=(90, 90, 90), font=fs)
+    info = PngInfo()
+    info.add_text("atlas-grid", json.dumps({**g, "row_labels": row_labels, "col_labels": col_labels}))
+    from ..render import NORMALISATION
+
+    info.add_text("atlas.normalisation", NORMALISATION)
+    return atomic_write(path, lambda tmp: img.save(tmp, format="PNG", pnginfo=info))
+
+
+def read_grid(path: str | os.PathLike) -> dict[str, Any]:
+    """The grid geometry stored in a PNG written by this module."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return json.loads(im.text["atlas-grid"])
+
+
+# ---------------------------------------------------------------------------
+# the analysis
+# ---------------------------------------------------------------------------
+def _choose(best: dict[str, dict[str, torch.Tensor]], lmap: LayerMap, layers: list[str],
+            channels: Iterable[int] | dict[str, Iterable[int]] | None, per_layer: int, select: str
+            ) -> list[tuple[str, int]]:
+    out = []
+    for name in layers:
+        n = lmap.by_name[name].channels
+        if isinstance(channels, dict):
+            chosen = [int(c) for c in channels.get(name, [])]
+        elif channels is not None:
+            chosen = [int(c) for c in channels]
+        elif select == "first":
+            chosen = list(range(min(per_layer, n)))
+        else:
+            v = best[name]["value"]
+            order = sorted(range(n), key=lambda c: (-float(v[c]), c))
+            chosen = sorted(order[:min(per_layer, n)])
+        bad = [c for c in chosen if not 0 <= c < n]
+        if bad:
+            raise AtlasError(f"{name} has channels 0..{n - 1}, not {', '.join(map(str, bad))}")
+        out += [(name, c) for c in chosen]
+    return out
+
+
+def evolution(run_dir: str | os.PathLike, data: str | os.PathLike | None = None, *,
+              layers: str | Sequence[str] | None = None,
+              channels: str | Iterable[int] | dict[str, Iterable[int]] | None = None, per_layer: int = 4,
+              select: str = "strongest", epochs: str | Iterable[int] | None = None,
+              out: str | os.PathLike | None = None, cell: int = 64, max_images: int | None = None,
+              batch_size: int = 64, device: str = "auto", workers: int | None = None,
+              progress: bool | None = None, log: Callable[[str], None] | None = None) -> Path:
+    """Figure 4 for a training run: returns the PNG's path (the table is written beside it)."""
+    from ..deconv import project_images
+    from ..render import normalise
+    from ..train import default_workers, parse_epochs, resolve_device
+
+    log = log or (lambda s: None)
+    if select not in ("strongest", "first"):
+        raise AtlasError(f"--select must be strongest or first (got '{select}')")
+    if per_layer < 1:
+        raise AtlasError(f"--per-layer must be at least 1 (got {per_layer})")
+    if cell < 16:
+        raise AtlasError(f"--cell must be at least 16 pixels (got {cell})")
+    if isinstance(channels, str):
+        try:
+            channels = [int(c) for c in channels.split(",") if c.strip()]
+        except ValueError:
+            raise AtlasError(f"--channels must be channel numbers like 0,5,9 (got '{channels}')") from None
+    run, snaps = find_snapshots(run_dir)
+    if epochs is not None and epochs != "":
+        want = parse_epochs(epochs)
+        missing = [e for e in want if e not in {s[0] for s in snaps}]
+        if missing:
+            raise AtlasError(f"training run '{run}' has no snapshot of epoch {', '.join(map(str, missing))} "
+                             f"(it has {', '.join(str(s[0]) for s in snaps)})")
+        snaps = [s for s in snaps if s[0] in want]
+    _, meta = read_weights(snaps[-1][2])
+    name = meta.get("model")
+    if not name:
+        raise AtlasError(f"weights '{snaps[-1][2]}' do not say which model they are for (no meta.model): "
+                         "evolution needs the snapshots written by `atlas train`")
+    pre = meta.get("preprocessing")
+    data = data if data is not None else _run_data(run)
+    if data is None:
+        raise AtlasError(f"training run '{run}' has no config.json naming its data: pass --data")
+    source = open_dataset(data)
+    ids = list(range(len(source) if max_images is None else min(len(source), int(max_images))))
+    dev = resolve_device(device)
+    nworkers = workers if workers is not None else default_workers(dev)
+    out = Path(out) if out is not None else run / "evolution.png"
+    table_path = out.with_suffix(".parquet")
+
+    # one pass over the images per snapshot: every channel's strongest activation
+    bests = []
+    lmap = None
+    with Progress(len(ids) * len(snaps), "evolution", "images", enabled=progress) as bar:
+        images = None
+        for epoch, label, path in snaps:
+            net = load_model(name, weights=path).to(dev)
+            spre = net.atlas_meta.get("preprocessing") or pre
+            if images is None:
+                images = _Images(source, ids, spre, batch_size, nworkers, progress)
+            lmap = LayerMap(net, images.pre.crop)
+            chosen_layers = [la.name for la in lmap.resolve(layers, kinds=("conv",))]
+            bad = [la for la in chosen_layers if lmap.by_name[la].kind != "conv"]
+            if bad:
+                raise AtlasError(f"evolution shows conv layers; '{bad[0]}' is not one")
+            bests.append(strongest(lmap, images, chosen_layers, dev, bar))
+            del net
+    shown = _choose(bests[-1], lmap, chosen_layers, channels, per_layer, select)
+    shown_set = set(shown)
+
+    # the table: every channel, every snapshot
+    cols: dict[str, list] = {k: [] for k in ("epoch", "snapshot", "layer", "channel", "image_id", "image_path",
+                                              "value", "y", "x", "shown")}
+    for (epoch, label, path), best in zip(snaps, bests):
+        for la in chosen_layers:
+            b = best[la]
+            for c in range(len(b["value"])):
+                img = int(b["image"][c])
+                cols["epoch"].append(epoch)
+                cols["snapshot"].append(path.name)
+                cols["layer"].append(la)
+                cols["channel"].append(c)
+                cols["image_id"].append(ids[img])
+                cols["image_path"].append(source.records[ids[img]].path)
+                cols["value"].append(float(b["value"][c]))
+                cols["y"].append(int(b["y"][c]))
+                cols["x"].append(int(b["x"][c]))
+                cols["shown"].append((la, c) in shown_set)
+    table = pa.table({
+        "epoch": pa.array(cols["epoch"], pa.int32()), "snapshot": pa.array(cols["snapshot"], pa.string()),
+        "layer": pa.array(cols["layer"], pa.string()), "channel": pa.array(cols["channel"], pa.int32()),
+        "image_id": pa.array(cols["image_id"], pa.int64()), "image_path": pa.array(cols["image_path"], pa.string()),
+        "value": pa.array(cols["value"], pa.float32()), "y": pa.array(cols["y"], pa.int32()),
+        "x": pa.array(cols["x"], pa.int32()), "shown": pa.array(cols["shown"], pa.bool_()),
+    })
+    atomic_write_parquet(table_path, table)
+
+    # the projections: one row per shown channel, one column per snapshot
+    grid = [[{} for _ in snaps] for _ in shown]
+    for s, ((epoch, label, path), best) in enumerate(zip(snaps, bests)):
+        live = [(r, la, c) for r, (la, c) in enumerate(shown) if float(best[la]["value"][c]) > 0]
+        for r, (la, c) in enumerate(shown):
+            v = float(best[la]["value"][c])
+            grid[r][s] = {"image": None, "text": "dead" if v <= 0 else f"{v:.3g}"}
+        if not live:
+            continue
+        positions = sorted({int(bests[s][la]["image"][c]) for _, la, c in live})
+        where = {p: i for i, p in enumerate(positions)}
+        x = images.get(positions).to(dev)
+        lmap = LayerMap(load_model(name, weights=path).to(dev), images.pre.crop)
+        reqs = [{"image": where[int(best[la]["image"][c])], "layer": la, "channel": c,
+                 "y": int(best[la]["y"][c]), "x": int(best[la]["x"][c])} for _, la, c in live]
+        proj = project_images(lmap, x, reqs)
+        for i, (r, la, c) in enumerate(live):
+            grid[r][s]["image"] = normalise(proj.crop(i))
+    row_labels = [f"{la} ch {c}" for la, c in shown]
+    col_labels = [label for _, label, _ in snaps]
+    title = (f"{name}: strongest activation over {len(ids)} images of {Path(str(data)).name}, "
+             f"projected to pixels, at each snapshot")
+    footer = ("DeconvNet projection inside the unit's receptive field; each cell scaled by its own max |value|, "
+              "grey = 0. Number: the activation.")
+    draw_grid(grid, row_labels, col_labels, cell, title, footer, out)
+    log(f"evolution of {len(shown)} channels over {len(snaps)} snapshots: {out} (table: {table_path})")
+    return out

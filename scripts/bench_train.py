@@ -1,0 +1,150 @@
+"""Training throughput of `atlas train` against the bare forward+backward+step ceiling.
+
+    python scripts/bench_train.py                       # zfnet at 224 px; CPU: batch 16, 6 steps
+    python scripts/bench_train.py --device cuda         # GPU: batch 128, 40 steps, bf16 + channels-last
+    python scripts/bench_train.py --model zfnet-mini --image-size 64 --batch-size 64 --steps 20
+
+What is measured, side by side in one process, on the same images:
+  train    atlas.train.train() on a synthetic ImageFolder of steps x batch images (256 px JPEG-free
+           PNGs, 2 classes, a separate 4-image --val folder); its own images/s of the last epoch's
+           training phase (metrics.csv; the first epoch carries the warm-up). This is the whole
+           per-step path of a real run: batch gather, random crop + flip on the device,
+           normalisation, autocast, forward, loss, backward, SGD step, filter renormalisation,
+           metric accumulation, progress.
+  ceiling  the same model (same init, same precision and memory format) stepping on the same
+           images, already cropped, normalised and resident on the device: forward, cross-entropy,
+           backward, SGD step, nothing else. Measured before and after the train run; the faster
+           of the two is the ceiling.
+The ratio train / ceiling is printed; the target is >= 0.9.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from atlas.models.registry import build_model  # noqa: E402
+from atlas.models.zfnet import paper_init  # noqa: E402
+from atlas.train import (MODEL_DEFAULTS, PAPER_DEFAULTS, _preprocessing, decode_squares,  # noqa: E402
+                         read_metrics, resolve_device, train)
+from atlas.data import open_dataset  # noqa: E402
+
+
+def make_folder(root: Path, n: int, size: int, seed: int) -> Path:
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        d = root / f"class{i % 2}"
+        d.mkdir(parents=True, exist_ok=True)
+        arr = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+        Image.fromarray(arr).save(d / f"{i:05d}.png", compress_level=1)
+    return root
+
+
+def ceiling(model: str, init: str, x_all: torch.Tensor, y_all: torch.Tensor, batch: int, steps: int,
+            dev: torch.device, precision: str, channels_last: bool, lr: float, seed: int) -> float:
+    """images/s of bare forward + backward + step on resident, preprocessed batches."""
+    torch.manual_seed(seed)
+    net = build_model(model, num_classes=2)
+    if init == "paper":
+        paper_init(net)
+    net = net.to(dev).train()
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+    batches = []
+    for s in range(steps):
+        x = x_all[s * batch:(s + 1) * batch].to(dev)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        batches.append((x, y_all[s * batch:(s + 1) * batch].to(dev)))
+
+    def step(x, y):
+        with torch.autocast(dev.type, torch.bfloat16, enabled=precision == "bf16"):
+            out = net(x)
+        loss = F.cross_entropy(out.float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    step(*batches[0])  # warm-up
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    t = time.perf_counter()
+    for x, y in batches:
+        step(x, y)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    return steps * batch / (time.perf_counter() - t)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="zfnet")
+    ap.add_argument("--image-size", type=int, default=None, help="crop size (default: the model's, 224 for zfnet)")
+    ap.add_argument("--batch-size", type=int, default=None, help="default 16 on CPU, 128 on GPU")
+    ap.add_argument("--steps", type=int, default=None, help="steps per epoch (default 6 on CPU, 40 on GPU)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--precision", default="auto")
+    ap.add_argument("--workers", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    dev = resolve_device(args.device)
+    gpu = dev.type == "cuda"
+    batch = args.batch_size or (128 if gpu else 16)
+    steps = args.steps or (40 if gpu else 6)
+    precision = args.precision if args.precision != "auto" else ("bf16" if gpu else "fp32")
+    pre = _preprocessing(args.model, args.image_size, None, None)
+    md = {**PAPER_DEFAULTS, **MODEL_DEFAULTS.get(args.model, {})}
+    init, lr = md["init"], 1e-3
+    n = batch * steps
+    tmp = Path(tempfile.mkdtemp(prefix="bench_train-"))
+    try:
+        t = time.perf_counter()
+        data = make_folder(tmp / "train", n, pre["resize"], args.seed)
+        val = make_folder(tmp / "val", 4, pre["resize"], args.seed + 1)
+        print(f"{args.model} at {pre['crop']} px (from {pre['resize']}), batch {batch}, {steps} steps/epoch, "
+              f"{dev}, {precision}, torch {torch.__version__}, {torch.get_num_threads()} threads "
+              f"[data made in {time.perf_counter() - t:.1f} s]")
+
+        # the same images the train run sees, centre-cropped and normalised, on the device
+        src = open_dataset(str(data))
+        sq, _ = decode_squares(src, range(len(src)), pre["resize"], 0, False)
+        o = (pre["resize"] - pre["crop"]) // 2
+        mean = torch.tensor(pre["mean"]).view(1, 3, 1, 1)
+        std = torch.tensor(pre["std"]).view(1, 3, 1, 1)
+        x_all = (sq[:, :, o:o + pre["crop"], o:o + pre["crop"]].float() / 255 - mean) / std
+        y_all = torch.tensor([r.label_index for r in src.records])
+
+        c1 = ceiling(args.model, init, x_all, y_all, batch, steps, dev, precision, gpu, lr, args.seed)
+        print(f"ceiling (before): {c1:8.1f} images/s")
+        t = time.perf_counter()
+        final = train(args.model, str(data), tmp / "run", val=str(val), epochs=2, batch_size=batch, lr=lr,
+                      image_size=args.image_size, device=str(dev), precision=precision, workers=args.workers,
+                      seed=args.seed, progress=False)
+        wall = time.perf_counter() - t
+        rows = read_metrics(final.parent)
+        tr = rows[-1]["images_per_s"]
+        print(f"atlas train:      {tr:8.1f} images/s (epoch 2 training phase; epoch 1: "
+              f"{rows[0]['images_per_s']:.1f}; whole call {wall:.1f} s incl. decode, validation, checkpoints)")
+        c2 = ceiling(args.model, init, x_all, y_all, batch, steps, dev, precision, gpu, lr, args.seed)
+        print(f"ceiling (after):  {c2:8.1f} images/s")
+        top = max(c1, c2)
+        print(f"ratio train / ceiling = {tr / top:.3f} (vs the mean ceiling {tr / ((c1 + c2) / 2):.3f}); "
+              f"target >= 0.9")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
