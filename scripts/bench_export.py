@@ -10,7 +10,10 @@ ImageFolder of N images of 300 x 250 px (4 classes of shapes on noise). Then
             `atlas show` costs): pages and hardlinks only
 
 Reported: seconds per scenario, per channel, and the share of the cold export that
-is picture work (the renderer: projections, patches, panels, PNG encoding).
+is picture work (reading images and switches, the DeconvNet projections, drawing
+and PNG encoding), with the projection engine's own share broken out. The machine
+load (1-minute load average) before and after is printed: on a shared machine,
+compare runs only at similar load.
 With --max-channels N only N channels per layer are exported and the full-export
 figures are EXTRAPOLATED from the measured per-channel time (labelled as such).
 
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -101,6 +105,7 @@ def main() -> None:
 
         site = work / "site"
         shutil.rmtree(site, ignore_errors=True)
+        load0 = round(os.getloadavg()[0], 2)
         cold = run(site)
         again = run(site)
         warm_site = work / "site-warm"
@@ -113,12 +118,16 @@ def main() -> None:
         per_ch = cold["seconds"] / n
         pic_share = cold["picture_seconds"] / cold["seconds"]
         res = {
+            "load_average_1min_before_after": [load0, round(os.getloadavg()[0], 2)],
             "model": "zfnet", "image_size": a.image_size, "images": a.manifest["dataset"]["count"], "k": args.k,
             "threads": torch.get_num_threads(), "build_s": round(t_build, 1),
             "channels_in_atlas": total_channels, "channels_exported": n,
             "cold_export_s": cold["seconds"], "cold_per_channel_s": round(per_ch, 4),
             "cold_picture_s": cold["picture_seconds"], "cold_picture_share": round(pic_share, 3),
             "cold_pictures_rendered": cold["pictures_rendered"],
+            "cold_picture_split_s": cold.get("picture_split"),
+            "cold_projection_engine_share": round(cold.get("picture_split", {}).get("projection_s", 0)
+                                                  / cold["seconds"], 3),
             "pictures_per_channel_s": round(cold["picture_seconds"] / n, 4),
             "pages_and_stats_per_channel_s": round((cold["seconds"] - cold["picture_seconds"]) / n, 4),
             "again_export_s": again["seconds"], "again_up_to_date": again["up_to_date"],
@@ -134,7 +143,8 @@ def main() -> None:
         print(json.dumps(res, indent=2))
         print(f"\nzfnet @224, {res['images']} images, k={args.k}, {res['threads']} threads: "
               f"cold export of {n} channels {cold['seconds']:.1f} s ({per_ch * 1000:.0f} ms/channel, "
-              f"{pic_share:.0%} picture work); unchanged re-export {again['seconds']:.2f} s "
+              f"{pic_share:.0%} picture work, of it "
+              f"{res['cold_projection_engine_share']:.0%} of the total in the DeconvNet engine); unchanged re-export {again['seconds']:.2f} s "
               f"({res['speedup_again_vs_cold']}x faster); new site from a warm cache {warm['seconds']:.1f} s")
         if args.json:
             Path(args.json).write_text(json.dumps(res, indent=2))

@@ -91,6 +91,7 @@ def export(atlas_path: str | Path, site_dir: str | Path, *, layers: str | Iterab
     removed = site.prune()
     dt = time.perf_counter() - t0
     run = {"seconds": round(dt, 3), "picture_seconds": round(pics.seconds, 3), "pictures_rendered": pics.rendered,
+           "picture_split": pics.split,
            "channels": total, "files_written": site.written, "files_linked": site.linked,
            "files_kept": site.skipped, "files_removed": removed, "up_to_date": False}
     site.save(version=EXPORT_VERSION, identity=identity, fingerprint=fingerprint, selection=selection,

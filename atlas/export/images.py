@@ -54,6 +54,11 @@ class Pictures:
             self.seconds += time.perf_counter() - t0
             self.rendered = self._impl.rendered
 
+    @property
+    def split(self) -> dict[str, float]:
+        """Picture time by kind: reading inputs (images, switches), the projection engine, drawing + PNG."""
+        return {k: round(v, 3) for k, v in getattr(self._impl, "split", {}).items()}
+
     def filter_grid(self, layer: str) -> Path | None:
         t0 = time.perf_counter()
         try:
@@ -79,6 +84,7 @@ class _Fallback:
     def __init__(self, atlas, mode: str, norm: str):
         self.a, self.mode, self.norm = atlas, mode, norm
         self.rendered = 0
+        self.split = {"inputs_s": 0.0, "projection_s": 0.0, "drawing_s": 0.0}  # where picture time goes
         self._crops: OrderedDict[int, Any] = OrderedDict()
         self._slab: dict[str, Any] | None = None       # pool -> (slots, C, H, W) decoded switches
         self._slots: OrderedDict[int, int] = OrderedDict()  # image id -> slot, least recently used first
@@ -182,7 +188,9 @@ class _Fallback:
         ids = sorted({r["image_id"] for _, r in rows})
         slot, missing = {i: n for n, i in enumerate(ids)}, set()
         if la.pools_below:
+            t = time.perf_counter()
             slot, missing = self._load_switches(ids, la.pools_below)
+            self.split["inputs_s"] += time.perf_counter() - t
         reqs, meta = [], []
         for c, r in rows:
             if r["image_id"] in missing:
@@ -193,7 +201,14 @@ class _Fallback:
         if not reqs:
             return
         switches = {p: self._slab[p] for p in la.pools_below} if la.pools_below else None
+        t = time.perf_counter()
         P = D.project(lm, reqs, switches, mode=self.mode, norm=self.norm)
+        self.split["projection_s"] += time.perf_counter() - t
+        t = time.perf_counter()
+        for _, r in meta:  # the images (decoded once, kept while they recur)
+            self._crop(r["image_id"])
+        self.split["inputs_s"] += time.perf_counter() - t
+        t = time.perf_counter()
         by_c: dict[int, list[int]] = {}
         for i, (c, r) in enumerate(meta):
             by_c.setdefault(c, []).append(i)
@@ -215,6 +230,7 @@ class _Fallback:
                                 [P.origins[i] for i in idx])
             _write_png(out[c]["panel"], R.panel(sub, patches))
             self.rendered += 1
+        self.split["drawing_s"] += time.perf_counter() - t
 
     def filter_grid(self, layer):
         from .. import render as R
