@@ -347,12 +347,16 @@ class _Exporter:
         for an in gather.analyses(self.a):
             name = an["name"]
             slug = name if all(ch.isalnum() or ch in "_-" for ch in name) else "a-" + key_of(name)[:10]
-            pictures = []
+            runs: dict[str, list] = {}
             for i, p in enumerate(an["pictures"]):
                 rel = f"analyses/{slug}/{i}{p.suffix.lower()}"
                 st = p.stat()
                 self.site.link(rel, key_of(str(p), st.st_size, st.st_mtime_ns), p)
-                pictures.append({"name": str(p.relative_to(an["dir"])), "src": f"{slug}/{i}{p.suffix.lower()}"})
+                sub = p.relative_to(an["dir"])
+                run = str(sub.parent) if sub.parent != Path(".") else ""
+                runs.setdefault(run, []).append({"name": sub.name, "src": f"{slug}/{i}{p.suffix.lower()}",
+                                                 "main": p.stem == "figure"})
+            runs_list = [{"name": k, "pictures": v} for k, v in runs.items()]
             table = None
             if an["view"]:
                 try:
@@ -360,7 +364,7 @@ class _Exporter:
                     table = {"view": an["view"], "columns": cols, "rows": rows, "total": total}
                 except Exception as e:  # noqa: BLE001 - a broken analysis table must not stop the export
                     self.errors.append(f"analysis {name}: {e}")
-            data = {"name": name, "title": an["title"], "about": an["about"], "pictures": pictures, "table": table}
+            data = {"name": name, "title": an["title"], "about": an["about"], "runs": runs_list, "table": table}
             self.page(f"analyses/{slug}.html", "analysis.html", data, "../")
             out.append({"name": name, "title": an["title"], "about": an["about"], "view": an["view"],
                         "href": f"analyses/{slug}.html"})

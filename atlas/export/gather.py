@@ -242,8 +242,9 @@ def analyses(a) -> list[dict[str, Any]]:
         return out
     for d in sorted(p for p in root.iterdir() if p.is_dir()):
         tables = sorted(d.glob("*.parquet"))
-        pictures = sorted(p for p in d.rglob("*") if p.is_file() and p.suffix.lower() in (".png", ".jpg", ".jpeg",
-                                                                                         ".svg", ".gif", ".webp"))
+        pictures = sorted((p for p in d.rglob("*") if p.is_file() and not p.name.startswith(".")
+                           and p.suffix.lower() in (".png", ".jpg", ".jpeg", ".gif", ".webp")),
+                          key=lambda p: (str(p.parent), p.stem != "figure", p.name))  # a run's figure first
         if not tables and not pictures:
             continue
         title, about = known.get(d.name, (d.name.replace("_", " ").capitalize(), ""))
@@ -253,7 +254,7 @@ def analyses(a) -> list[dict[str, Any]]:
     return out
 
 
-def analysis_rows(a, view: str, limit: int = 200) -> tuple[list[str], list[list[Any]], int]:
+def analysis_rows(a, view: str, limit: int = 50) -> tuple[list[str], list[list[Any]], int]:
     """(columns, first rows as display values, total rows) of an analysis view."""
     total = a.con.execute(f'SELECT count(*) FROM "{view}"').fetchone()[0]
     cur = a.con.execute(f'SELECT * FROM "{view}" LIMIT {int(limit)}')
