@@ -35,9 +35,9 @@ Index choice (`choose_index`), measured by scripts/bench_index.py on a busy
   IVF-Flat: the same recall at twice the bytes and a slower scan;
   IVF-SQ8: 253 MiB but recall@10 tops out at 0.967 (0.959 at nprobe 32),
   too near the 0.95 bar; IVF-PQ32/PQ64: recall@10 0.46/0.65 whatever
-  nprobe; HNSW32: recall 0.97 at efSearch 64 and 0.4 ms a query, but adding
-  1M vectors took 6.5 min on 2 cores (bar: 3 min), ~1.2 GiB, and a
-  multithreaded HNSW build is not reproducible.
+  nprobe; HNSW32: recall 0.962 at efSearch 64 (0.983 at 128) and 0.4 (0.75)
+  ms a query, but adding 1M vectors took 4.4-6.5 min on 2 cores (bar: 3
+  min), 1.2 GiB, and a multithreaded HNSW build is not reproducible.
 
 Everything is deterministic: the training sample is drawn from a seeded
 generator, the k-means uses the same seed (`ClusteringParameters.seed`), and

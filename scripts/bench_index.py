@@ -8,8 +8,8 @@
 (2) 50k vectors (ImageNet validation size), the exact index: single-query
     latency p50/p95, build time.
 --compare also builds the alternatives at size N (IVF-Flat, IVF-SQ8, IVF-PQ,
-and HNSW32 on --hnsw-n vectors, 100k by default: adding 1M took 6.5 min on
-2 busy cores).
+and HNSW32 on --hnsw-n vectors, 100k by default: adding 1M took 4.4-6.5 min on
+2 busy cores; `--compare --hnsw-n 1000000` measures it).
 
 Bars (the issue's): recall@10 >= 0.95, p50 < 5 ms, build < 3 min at 1M x 256
 on 2 cores; p50 < 5 ms for exact search over 50k.
