@@ -12,9 +12,10 @@ What is measured, side by side in one process, on the same images:
            normalisation, autocast, forward, loss, backward, SGD step, filter renormalisation,
            metric accumulation, progress.
   ceiling  the same model (same init, same precision and memory format) stepping on the same
-           images, already cropped, normalised and resident on the device: forward, cross-entropy,
-           backward, SGD step, nothing else. Measured before and after the train run; the faster
-           of the two is the ceiling.
+           images in the same order, already cropped, normalised and resident on the device:
+           forward, cross-entropy, backward, SGD step, nothing else (CPU: with denormals flushed,
+           as in train). Measured before and after the train run: the ratio is taken against
+           their mean (and, conservatively, against the faster one).
 The ratio train / ceiling is printed; the target is >= 0.9.
 """
 from __future__ import annotations
@@ -35,8 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from atlas.models.registry import build_model  # noqa: E402
 from atlas.models.zfnet import paper_init  # noqa: E402
-from atlas.train import (MODEL_DEFAULTS, PAPER_DEFAULTS, _preprocessing, decode_squares,  # noqa: E402
-                         read_metrics, resolve_device, train)
+from atlas.train import (MODEL_DEFAULTS, PAPER_DEFAULTS, _epoch_augmentation, _preprocessing,  # noqa: E402
+                         decode_squares, flush_denormal, read_metrics, resolve_device, train)
 from atlas.data import open_dataset  # noqa: E402
 
 
@@ -76,15 +77,16 @@ def ceiling(model: str, init: str, x_all: torch.Tensor, y_all: torch.Tensor, bat
         loss.backward()
         opt.step()
 
-    step(*batches[0])  # warm-up
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    t = time.perf_counter()
-    for x, y in batches:
-        step(x, y)
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    return steps * batch / (time.perf_counter() - t)
+    with flush_denormal(dev.type == "cpu"):  # as train() runs on CPU
+        step(*batches[0])  # warm-up
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        t = time.perf_counter()
+        for x, y in batches:
+            step(x, y)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        return steps * batch / (time.perf_counter() - t)
 
 
 def main() -> None:
@@ -125,6 +127,10 @@ def main() -> None:
         std = torch.tensor(pre["std"]).view(1, 3, 1, 1)
         x_all = (sq[:, :, o:o + pre["crop"], o:o + pre["crop"]].float() / 255 - mean) / std
         y_all = torch.tensor([r.label_index for r in src.records])
+        # in train's epoch-1 order (a folder listing is sorted by class: single-class batches learn
+        # fast, and their vanishing gradients would make the ceiling a different workload)
+        order = _epoch_augmentation(args.seed, 1, n, pre["resize"], pre["crop"], False)[0]
+        x_all, y_all = x_all[order], y_all[order]
 
         c1 = ceiling(args.model, init, x_all, y_all, batch, steps, dev, precision, gpu, lr, args.seed)
         print(f"ceiling (before): {c1:8.1f} images/s")
@@ -139,9 +145,8 @@ def main() -> None:
               f"{rows[0]['images_per_s']:.1f}; whole call {wall:.1f} s incl. decode, validation, checkpoints)")
         c2 = ceiling(args.model, init, x_all, y_all, batch, steps, dev, precision, gpu, lr, args.seed)
         print(f"ceiling (after):  {c2:8.1f} images/s")
-        top = max(c1, c2)
-        print(f"ratio train / ceiling = {tr / top:.3f} (vs the mean ceiling {tr / ((c1 + c2) / 2):.3f}); "
-              f"target >= 0.9")
+        print(f"ratio train / ceiling = {tr / ((c1 + c2) / 2):.3f} (the mean of the two ceilings around it; "
+              f"vs the faster one: {tr / max(c1, c2):.3f}); target >= 0.9")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
