@@ -70,14 +70,24 @@ class ImageSource:
                 "classes": self.classes}
 
 
-def _read_cifar_batch(path: Path) -> tuple[np.ndarray, list[int]]:
+def _unpickle_cifar(path: Path, what: str) -> dict:
+    """A CIFAR-10 pickle as a dict with str keys: the official files were pickled by Python 2 (bytes
+    keys under encoding="bytes"), copies re-saved by Python 3 tools have str keys."""
     try:
         with open(path, "rb") as f:
             d = pickle.load(f, encoding="bytes")
-        data = np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-        return np.ascontiguousarray(data), list(d[b"labels"])
+        return {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
     except Exception as e:  # a CIFAR file that is not one: say which
-        raise AtlasError(f"CIFAR-10 batch '{path}' is not readable ({type(e).__name__})") from None
+        raise AtlasError(f"CIFAR-10 {what} '{path}' is not readable ({type(e).__name__})") from None
+
+
+def _read_cifar_batch(path: Path) -> tuple[np.ndarray, list[int]]:
+    d = _unpickle_cifar(path, "batch")
+    try:
+        data = np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        return np.ascontiguousarray(data), [int(v) for v in d["labels"]]
+    except (KeyError, ValueError) as e:
+        raise AtlasError(f"CIFAR-10 batch '{path}' is not readable ({type(e).__name__}: {e})") from None
 
 
 def _cifar(root: Path, spec: str) -> ImageSource:
@@ -89,8 +99,10 @@ def _cifar(root: Path, spec: str) -> ImageSource:
         names = [n for n in CIFAR_BATCHES if (root / n).is_file()]
     classes = None
     if (root / "batches.meta").is_file():
-        with open(root / "batches.meta", "rb") as f:
-            classes = [c.decode() for c in pickle.load(f, encoding="bytes")[b"label_names"]]
+        label_names = _unpickle_cifar(root / "batches.meta", "metadata").get("label_names")
+        if not label_names:
+            raise AtlasError(f"CIFAR-10 metadata '{root / 'batches.meta'}' has no label_names")
+        classes = [c.decode() if isinstance(c, bytes) else str(c) for c in label_names]
     records, arrays = [], {}
     for name in names:
         data, labels = _read_cifar_batch(root / name)
