@@ -64,25 +64,24 @@ def test_build_over_cifar_and_flat_folders(tmp_path):
         [(f"img{i}.png", None) for i in range(5)]
 
 
-def test_python3_pickles_with_str_keys_are_read_too(tmp_path):
-    d = tmp_path / "c"
+def write_py3_cifar(d):
+    """Two images pickled by Python 3 (str keys), as tools that re-save CIFAR-10 write them."""
     d.mkdir()
     with open(d / "batches.meta", "wb") as f:
         pickle.dump({"label_names": CLASSES}, f)
     with open(d / "data_batch_1", "wb") as f:
         pickle.dump({"data": np.zeros((2, 3072), np.uint8), "labels": [3, 5]}, f)
-    src = open_dataset(d)
+    return d
+
+
+def test_python3_pickles_with_str_keys_are_read_too(tmp_path):
+    src = open_dataset(write_py3_cifar(tmp_path / "c"))
     assert [r.label for r in src.records] == ["cat", "dog"]
 
 
 @pytest.mark.parametrize("broken", ["batches.meta", "data_batch_1"])
 def test_a_file_that_is_not_a_cifar_pickle_is_one_clear_error(tmp_path, broken):
-    d = tmp_path / "c"
-    d.mkdir()
-    with open(d / "batches.meta", "wb") as f:
-        pickle.dump({"label_names": CLASSES}, f)
-    with open(d / "data_batch_1", "wb") as f:
-        pickle.dump({"data": np.zeros((2, 3072), np.uint8), "labels": [3, 5]}, f)
+    d = write_py3_cifar(tmp_path / "c")
     (d / broken).write_bytes(b"not a pickle")
     with pytest.raises(AtlasError, match=f"'{d / broken}' is not readable"):
         open_dataset(d)
