@@ -166,10 +166,11 @@ def strongest(lmap: LayerMap, images: _Images, layers: list[str], dev: torch.dev
 # the grid
 # ---------------------------------------------------------------------------
 def grid_geometry(rows: int, cols: int, cell: int, label_w: int = 120, header_h: int = 44,
-                  value_h: int = 16, gap: int = 6, footer_h: int = 28, min_width: int = 0) -> dict[str, Any]:
+                  value_h: int = 16, gap: int = 6, footer_h: int = 28, min_width: int = 0,
+                  min_pitch_x: int = 0) -> dict[str, Any]:
     """Where each cell goes: cell (r, c) has its top-left corner at
     (x0 + c * pitch_x, y0 + r * pitch_y) and is `cell` x `cell` pixels."""
-    pitch_x, pitch_y = cell + gap, cell + value_h + gap
+    pitch_x, pitch_y = max(cell + gap, min_pitch_x), cell + value_h + gap
     width = max(label_w + cols * pitch_x + gap, min_width)
     height = header_h + rows * pitch_y + footer_h
     return {"rows": rows, "cols": cols, "cell": cell, "x0": label_w, "y0": header_h,
@@ -200,18 +201,22 @@ def draw_grid(cells: list[list[dict[str, Any]]], row_labels: list[str], col_labe
     rows, cols = len(row_labels), len(col_labels)
     f, fs, ft = font(13), font(11), font(14)
     label_w = max(90, int(max((f.getlength(t) for t in row_labels), default=0)) + 16)
-    base = grid_geometry(rows, cols, cell, label_w=label_w, min_width=420)
+    cf = fs if cell < 70 else f
+    # columns at least as wide as their labels: "epoch 12 (final)" is wider than a small cell
+    pitch = int(max((cf.getlength(t) for t in col_labels), default=0)) + 8
+    base = grid_geometry(rows, cols, cell, label_w=label_w, min_width=420, min_pitch_x=pitch)
     tlines = wrap_text(title, ft, base["width"] - 12)
     flines = wrap_text(footer, fs, base["width"] - 12)
     g = grid_geometry(rows, cols, cell, label_w=label_w, header_h=30 + 17 * len(tlines),
-                      footer_h=10 + 14 * len(flines), min_width=420)
+                      footer_h=10 + 14 * len(flines), min_width=420,
+                      min_pitch_x=pitch)
     img = Image.new("RGB", (g["width"], g["height"]), (255, 255, 255))
     d = ImageDraw.Draw(img)
     for i, line in enumerate(tlines):
         d.text((6, 6 + 17 * i), line, fill=(0, 0, 0), font=ft)
     for c, lab in enumerate(col_labels):
         cx = g["x0"] + c * g["pitch_x"] + cell // 2
-        d.text((cx, g["y0"] - 6), lab, fill=(0, 0, 0), font=fs if cell < 70 else f, anchor="mb")
+        d.text((cx, g["y0"] - 6), lab, fill=(0, 0, 0), font=cf, anchor="mb")
     for r, lab in enumerate(row_labels):
         cy = g["y0"] + r * g["pitch_y"] + cell // 2
         d.text((g["x0"] - 8, cy), lab, fill=(0, 0, 0), font=f, anchor="rm")
@@ -391,3 +396,22 @@ def evolution(run_dir: str | os.PathLike, data: str | os.PathLike | None = None,
     draw_grid(grid, row_labels, col_labels, cell, title, footer, out)
     log(f"evolution of {len(shown)} channels over {len(snaps)} snapshots: {out} (table: {table_path})")
     return out
+
+
+def evolution_table(png: str | os.PathLike) -> list[dict[str, Any]]:
+    """The shown channels' strongest activation at each snapshot, read from the table beside `png`:
+    one dict per channel (layer, channel, then one "epoch N" key per snapshot, in epoch order)."""
+    import pyarrow.parquet as pq
+
+    path = Path(png).with_suffix(".parquet")
+    if not path.is_file():
+        raise AtlasError(f"'{png}' has no evolution table beside it ({path.name})")
+    t = pq.read_table(path, columns=["epoch", "layer", "channel", "value", "shown"]).to_pydict()
+    epochs = sorted(set(t["epoch"]))
+    rows: dict[tuple[str, int], dict[str, Any]] = {}
+    for e, la, c, v, s in zip(t["epoch"], t["layer"], t["channel"], t["value"], t["shown"]):
+        if s:
+            rows.setdefault((la, c), {"layer": la, "channel": c})[f"epoch {e}"] = v
+    order = {la: i for i, la in enumerate(dict.fromkeys(t["layer"]))}
+    return [{"layer": r["layer"], "channel": r["channel"], **{f"epoch {e}": r.get(f"epoch {e}") for e in epochs}}
+            for _, r in sorted(rows.items(), key=lambda kv: (order[kv[0][0]], kv[0][1]))]
