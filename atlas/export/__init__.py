@@ -181,6 +181,10 @@ def _atlas_files(a) -> list:
             continue
         st = p.stat()
         out.append((str(rel), st.st_size, st.st_mtime_ns))
+    for pics in gather.linked_pictures(a).values():  # outside the atlas, but shown by the site
+        for p in pics:
+            st = p.stat()
+            out.append((str(p), st.st_size, st.st_mtime_ns))
     return out
 
 
@@ -352,10 +356,13 @@ class _Exporter:
                 rel = f"analyses/{slug}/{i}{p.suffix.lower()}"
                 st = p.stat()
                 self.site.link(rel, key_of(str(p), st.st_size, st.st_mtime_ns), p)
-                sub = p.relative_to(an["dir"])
-                run = str(sub.parent) if sub.parent != Path(".") else ""
+                if p in an["linked"]:  # a picture of the linked training run: its own group, shown first
+                    run, sub = an["linked"][p], Path(p.name)
+                else:
+                    sub = p.relative_to(an["dir"])
+                    run = str(sub.parent) if sub.parent != Path(".") else ""
                 runs.setdefault(run, []).append({"name": sub.name, "src": f"{slug}/{i}{p.suffix.lower()}",
-                                                 "main": p.stem == "figure"})
+                                                 "main": p.stem == "figure" or p in an["linked"]})
             runs_list = [{"name": k, "pictures": v} for k, v in runs.items()]
             table = None
             if an["view"]:

@@ -224,8 +224,29 @@ def sql_for_channel(layer: str, channel: int, bins: int = HIST_BINS, similar: in
     ]
 
 
+def linked_run(a) -> Path | None:
+    """The training run an atlas links: the folder of its weights when `atlas train` wrote them
+    (`atlas build --weights RUN_DIR/final.pt`), else None."""
+    w = a.manifest.get("model", {}).get("weights")
+    if not w:
+        return None
+    run = Path(w).parent
+    return run if (run / "config.json").is_file() else None
+
+
+def linked_pictures(a) -> dict[str, dict[Path, str]]:
+    """Analysis pictures that live in the linked training run rather than the atlas:
+    {analysis name: {picture: group (the run folder's name)}}."""
+    run = linked_run(a)
+    if run is None:
+        return {}
+    fig = run / "evolution.png"  # where `atlas evolution RUN_DIR` writes by default
+    return {"evolution": {fig: run.name}} if fig.is_file() else {}
+
+
 def analyses(a) -> list[dict[str, Any]]:
-    """What the analyses left in ATLAS/analyses/NAME/: its tables (SQL views) and pictures."""
+    """What the analyses left in ATLAS/analyses/NAME/ (its tables, SQL views, and pictures), plus
+    the pictures of the linked training run (see linked_pictures)."""
     known = {
         "occlusion": ("Occlusion sensitivity", "figure 7: a grey square slid over the image; the strongest "
                       "layer-5 map, its projection, the probability of the true class"),
@@ -238,19 +259,22 @@ def analyses(a) -> list[dict[str, Any]]:
     }
     out = []
     root = Path(a.path, "analyses")
-    if not root.is_dir():
-        return out
-    for d in sorted(p for p in root.iterdir() if p.is_dir()):
-        tables = sorted(d.glob("*.parquet"))
-        pictures = sorted((p for p in d.rglob("*") if p.is_file() and not p.name.startswith(".")
+    linked = linked_pictures(a)
+    dirs = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    dirs += [root / name for name in sorted(linked) if not (root / name).is_dir()]
+    for d in dirs:
+        tables = sorted(d.glob("*.parquet")) if d.is_dir() else []
+        pictures = sorted((p for p in (d.rglob("*") if d.is_dir() else []) if p.is_file()
+                           and not p.name.startswith(".")
                            and p.suffix.lower() in (".png", ".jpg", ".jpeg", ".gif", ".webp")),
                           key=lambda p: (str(p.parent), p.stem != "figure", p.name))  # a run's figure first
+        pictures = list(linked.get(d.name, {})) + pictures
         if not tables and not pictures:
             continue
         title, about = known.get(d.name, (d.name.replace("_", " ").capitalize(), ""))
         view = d.name if tables and d.name.replace("_", "").isalnum() else None
         out.append({"name": d.name, "title": title, "about": about, "dir": d, "tables": tables,
-                    "view": view, "pictures": pictures})
+                    "view": view, "pictures": pictures, "linked": linked.get(d.name, {})})
     return out
 
 
