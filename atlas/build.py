@@ -9,6 +9,11 @@ finished chunk leaves its partial top-k, moments and activation rows in
 the final merge runs over chunk files in chunk order, so a resumed build gives
 the same bytes as an uninterrupted one. Only a complete atlas is renamed to
 ATLAS.
+
+Similarity indexes (`atlas.similarity`) are built in the staging folder before
+it is published: conv layers from the activations table, fc layers (fc7) from
+the vectors each chunk keeps in `work/vec-CCCCC.npz` (float16: the classifier
+is cheap next to the convs, and no second pass is needed).
 """
 from __future__ import annotations
 
@@ -35,6 +40,7 @@ from .layers import LayerMap
 from .mining import NO_IMAGE, Moments, TopK, spatial_max
 from .models.registry import load_model, preprocessing_for
 from .progress import Progress
+from .similarity import ChunkVectors, MinerPlan, build_indexes, layer_vectors, plan_for_build, vector_arrays
 from .switches import pack, regions_below, union, window_codes
 
 ACT_ROW_GROUP = 1 << 20
@@ -62,8 +68,9 @@ def build(model: str, data: str, out: str | Path, *, weights: str | None = None,
           layers: str | list[str] | None = None, batch_size: int = 64, device: str = "auto",
           workers: int | None = None, activations: bool = True, switches: bool = True,
           resume: bool = False, overwrite: bool = False, image_size: int | None = None,
-          chunk_size: int | None = None, precision: str = "fp32", seed: int = 0,
-          progress: bool | None = None, log: Callable[[str], None] | None = None) -> Path:
+          chunk_size: int | None = None, precision: str = "fp32", seed: int = 0, index: bool = True,
+          index_layers: str | list[str] | None = None, progress: bool | None = None,
+          log: Callable[[str], None] | None = None) -> Path:
     """Run the build job; returns the path of the published atlas."""
     log = log or (lambda s: None)
     t_start = time.perf_counter()
@@ -91,6 +98,7 @@ def build(model: str, data: str, out: str | Path, *, weights: str | None = None,
         raise AtlasError("build records conv layers; fully connected layers are indexed by `atlas index`")
     names = [la.name for la in chosen]
     n = len(source)
+    plan = plan_for_build(lmap, names, index_layers, activations, n) if index else None
     chunk_size = chunk_size or batch_size * max(1, 1024 // batch_size)
     nchunks = (n + chunk_size - 1) // chunk_size
 
@@ -100,7 +108,7 @@ def build(model: str, data: str, out: str | Path, *, weights: str | None = None,
         "format_version": FORMAT_VERSION, "model": model, "weights_sha256": net.atlas_meta["weights_sha256"],
         "seed": seed, "dataset": str(source.root.resolve()), "images": n, "preprocessing": pre, "k": k,
         "layers": names, "batch_size": batch_size, "chunk_size": chunk_size, "activations": activations,
-        "switches": switches, "precision": precision,
+        "switches": switches, "precision": precision, "index": plan.config() if plan else None,
     }
     error = None
     if ranks.leader:  # one process prepares the staging folder; the others learn its verdict
@@ -128,7 +136,7 @@ def build(model: str, data: str, out: str | Path, *, weights: str | None = None,
         progress = progress if ranks.leader else False
     with Progress(n, "build", "images", enabled=progress, initial=n_done) as bar:
         _mine_chunks(lmap, chosen, dataset, todo, chunk_size, batch_size, k, dev, precision,
-                     workers if workers is not None else default_workers(dev), work, activations, bar)
+                     workers if workers is not None else default_workers(dev), work, activations, bar, plan)
     t_fwd = time.perf_counter() - t_fwd
     ranks.barrier()  # every chunk is on disk
     if not ranks.leader:
@@ -188,6 +196,8 @@ def build(model: str, data: str, out: str | Path, *, weights: str | None = None,
                     "images_per_s": round((n - n_done) / t_fwd, 2) if t_fwd > 0 else None},
     }
     atomic_write_json(staging / "manifest.json", manifest)
+    if plan is not None:
+        build_indexes(staging, plan.layers, chunks=ChunkVectors(work, nchunks), log=log)
     shutil.rmtree(work)
     publish_dir(staging, out, overwrite=overwrite)
     ranks.barrier()
@@ -200,7 +210,7 @@ class ChunkMiner:
     """Mines batches into one chunk's partial state (top-k, moments, activation rows)."""
 
     def __init__(self, lmap: LayerMap, chosen, k: int, dev: torch.device, precision: str = "fp32",
-                 activations: bool = True, chunk: int = 0):
+                 activations: bool = True, chunk: int = 0, plan: MinerPlan | None = None):
         self.lmap, self.names, self.dev, self.chunk = lmap, [la.name for la in chosen], dev, chunk
         self.autocast = precision == "bf16"
         self.keep_activations = activations
@@ -208,6 +218,12 @@ class ChunkMiner:
         self.acts: dict[str, list] = {m: [] for m in self.names}
         self.tops = {la.name: TopK(la.channels, k, dev) for la in chosen}
         self.moms = {la.name: Moments(la.channels, dev) for la in chosen}
+        # For the similarity indexes: per-image vectors of plan.vectors, and the profile sample's conv maxima.
+        self.kept: dict[str, list] = {f"images.{m}": [] for m in (plan.vectors if plan else [])}
+        self.fc_names = [m for m in (plan.vectors if plan else []) if lmap.by_name[m].kind == "fc"]
+        self.sample = None if plan is None or plan.sample is None else torch.as_tensor(plan.sample, device=dev)
+        if self.sample is not None:
+            self.kept.update({f"sample.{m}": [] for m in self.names})
 
     def add(self, x: torch.Tensor, ids: torch.Tensor, errs: list[str] | None = None) -> None:
         errs = errs or [""] * len(ids)
@@ -219,18 +235,26 @@ class ChunkMiner:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
             with torch.autocast(self.dev.type, torch.bfloat16, enabled=self.autocast):
-                feats = self.lmap.extract(x, self.names)
+                feats = self.lmap.extract(x, self.names + self.fc_names)
             ids = ids.to(self.dev)
             ok = None if not any(errs) else torch.tensor([not e for e in errs], device=self.dev)
-            for name, a in feats.items():
-                v, p = spatial_max(a.float())
-                vid = ids
+            vid = ids if ok is None else ids[ok]
+            for name in self.names:
+                v, p = spatial_max(feats[name].float())
                 if ok is not None:
-                    v, p, vid = v[ok], p[ok], ids[ok]
+                    v, p = v[ok], p[ok]
                 self.tops[name].update(v, vid, p)
                 self.moms[name].update(v)
                 if self.keep_activations:
                     self.acts[name].append((vid.cpu(), v.cpu()))
+                if f"images.{name}" in self.kept:
+                    self.kept[f"images.{name}"].append((vid.cpu(), v.cpu()))
+                if self.sample is not None:
+                    s = torch.isin(vid, self.sample)
+                    self.kept[f"sample.{name}"].append((vid[s].cpu(), v[s].cpu()))
+            for name in self.fc_names:
+                f = feats[name] if ok is None else feats[name][ok]
+                self.kept[f"images.{name}"].append((vid.cpu(), layer_vectors("fc", f).cpu()))
 
 
 def _prepare_staging(staging: Path, out: Path, config: dict, resume: bool) -> None:
@@ -249,7 +273,7 @@ def _prepare_staging(staging: Path, out: Path, config: dict, resume: bool) -> No
 
 
 def _mine_chunks(lmap: LayerMap, chosen, dataset, todo, chunk_size, batch_size, k, dev, precision,
-                 workers, work: Path, activations: bool, bar: Progress) -> None:
+                 workers, work: Path, activations: bool, bar: Progress, plan: MinerPlan | None = None) -> None:
     n = len(dataset)
     batches, owner = [], []
     for c in todo:
@@ -266,7 +290,7 @@ def _mine_chunks(lmap: LayerMap, chosen, dataset, todo, chunk_size, batch_size, 
         if miner is None or miner.chunk != owner[bi]:
             if miner is not None:
                 _flush_chunk(miner, work)
-            miner = ChunkMiner(lmap, chosen, k, dev, precision, activations, chunk=owner[bi])
+            miner = ChunkMiner(lmap, chosen, k, dev, precision, activations, chunk=owner[bi], plan=plan)
         miner.add(x, ids, list(errs))
         bar.update(len(errs))
     _flush_chunk(miner, work)
@@ -285,6 +309,8 @@ def _flush_chunk(miner: ChunkMiner, work: Path) -> None:
                 "value": pa.array(vals.reshape(-1).astype(np.float32), pa.float32()),
             })
             atomic_write_parquet(work / f"act-{c:05d}-{name}.parquet", table, compression="zstd")
+    if miner.kept:  # before the chunk file: its presence is what marks the chunk done
+        atomic_write(work / f"vec-{c:05d}.npz", lambda tmp: _savez(tmp, vector_arrays(miner.kept)))
     arrays = {"errors": np.array(json.dumps({str(i): e for i, e in miner.errors.items()}))}
     for name, t in miner.tops.items():
         arrays.update({f"{name}.topk.{f}": v for f, v in t.state().items()})

@@ -103,13 +103,17 @@ def demo(out, quick, progress):
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True)
 @click.option("--no-activations", is_flag=True, help="Skip the per-image activations table (huge datasets).")
 @click.option("--no-switches", is_flag=True, help="Skip the max-pool switches (no projections from the atlas alone).")
+@click.option("--index/--no-index", default=True, show_default=True,
+              help="Build the similarity indexes (`atlas similar`); without, `atlas index` builds them later.")
+@click.option("--index-layers", help="Layers with an image index (default: the deepest recorded conv layer, "
+              "and fc7 when the model has it).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted build of the same atlas.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing atlas at --out.")
 @click.option("--seed", default=0, show_default=True, help="Seed of a randomly initialised model.")
 @click.option("--chunk-size", type=int, help="Images per resumable chunk (default: about 1024).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when on a terminal).")
 def build(model_name, weights, data, out, k, layers, batch_size, device, workers, image_size, precision,
-          no_activations, no_switches, resume, overwrite, seed, chunk_size, progress):
+          no_activations, no_switches, index, index_layers, resume, overwrite, seed, chunk_size, progress):
     """Run a model over a whole dataset and write its atlas.
 
     For every channel of the chosen layers: the top-k activations (value,
@@ -127,7 +131,7 @@ def build(model_name, weights, data, out, k, layers, batch_size, device, workers
                      batch_size=batch_size, device=device, workers=workers, image_size=image_size,
                      precision=precision, activations=not no_activations, switches=not no_switches,
                      resume=resume, overwrite=overwrite, seed=seed, chunk_size=chunk_size, progress=progress,
-                     log=_say)
+                     index=index, index_layers=index_layers, log=_say)
     if int(os.environ.get("RANK", "0")) == 0:
         click.echo(str(path))
 
@@ -544,6 +548,67 @@ def correspondence(atlas_path, spec, layers, random_draws, seed, fill, device, o
             seed=seed, fill=fill, device=device, out=out)
     click.echo(r.format_table())
     click.echo("\n".join(r.summary()))
+
+
+# -- similarity search -----------------------------------------------------------
+@main.command("index", context_settings=CONTEXT)
+@atlas_argument
+@click.option("--layers", help="Comma-separated layers to index images at (default: the deepest recorded conv "
+              "layer, and fc7 when the model has it).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda (for layers that need a "
+              "forward pass).")
+@click.option("--batch-size", default=64, show_default=True)
+@click.option("--progress/--no-progress", default=None, help="Progress bar (default: when on a terminal).")
+@format_option
+def index_cmd(atlas_path, layers, device, batch_size, progress, fmt):
+    """Build (or rebuild) an atlas's similarity indexes, for `atlas similar`.
+
+    One image index per layer (each image's per-channel maxima; fc layers'
+    outputs) and one channels index over every recorded conv layer (each
+    channel's responses over a fixed sample of images). Conv layers are read
+    from the activations table; fc layers, and atlases built with
+    --no-activations, need the dataset for a forward pass. `atlas build` does
+    this already unless given --no-index.
+
+    \b
+      atlas index my-atlas --layers conv3,conv5,fc7
+    """
+    from .similarity import build_indexes, index_summary
+
+    record = build_indexes(atlas_path, layers, device=device, batch_size=batch_size, progress=progress, log=_say)
+    click.echo(render_dicts(index_summary(record), fmt))
+
+
+@main.command(context_settings=CONTEXT)
+@atlas_argument
+@click.option("--image", type=click.Path(path_type=Path), help="Any image file: images the network sees alike.")
+@click.option("--image-id", type=int, help="An image of the atlas: images the network sees alike.")
+@click.option("--channel", help="LAYER:CHANNEL, e.g. conv5:17: channels that respond to the same images.")
+@click.option("--layer", help="Image queries: the indexed layer compared at (default: the deepest conv layer). "
+              "Channel queries: only channels of this layer.")
+@click.option("-k", "--k", "k", default=10, show_default=True, help="How many results.")
+@format_option
+def similar(atlas_path, image, image_id, channel, layer, k, fmt):
+    """Nearest neighbours by cosine similarity: images like an image, or channels like a channel.
+
+    \b
+      atlas similar my-atlas --image-id 42             # rank, image_id, path, label, score
+      atlas similar my-atlas --image cat.jpg --layer fc7 -k 5
+      atlas similar my-atlas --channel conv5:17        # rank, layer, channel, score
+    The same from SQL: SELECT * FROM similar_images(42, 10) JOIN images USING (image_id).
+    """
+    given = [o for o, v in (("--image", image), ("--image-id", image_id), ("--channel", channel)) if v is not None]
+    if len(given) != 1:
+        raise AtlasError(f"give exactly one of --image, --image-id and --channel (got {', '.join(given) or 'none'})")
+    a = _open(atlas_path)
+    if channel is not None:
+        rows = a.similar_channels(channel, k=k, layer=layer)
+    else:
+        rows = a.similar_images(image_id=image_id, image=image, layer=layer, k=k)
+    if not rows:
+        _say("no results: the query's vector is all zero (nothing fires on it), so nothing is like it")
+    click.echo(render_dicts(rows, fmt, ["rank", "layer", "channel", "score"] if channel is not None else
+                            ["rank", "image_id", "path", "label", "score"]))
 
 
 # -- publishing ----------------------------------------------------------------

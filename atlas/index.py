@@ -299,6 +299,40 @@ def search(index, queries: np.ndarray, k: int, spec: dict | None = None,
     return scores, ids
 
 
+def reconstruct(index, ids) -> np.ndarray:
+    """The indexed (L2-normalised) vectors of `ids`, (n, d) float32, in the order asked for.
+
+    Lets a query by id ("images like image 42") run from the index alone, with
+    no dataset and no forward pass. An exact index gives the vectors back as
+    added; an IVF-SQfp16 one gives its fp16 codes decoded (a hashtable from id
+    to list position is built on first use: ~8 bytes a vector). AtlasError
+    names an id the index does not hold.
+    """
+    faiss = _faiss()
+    want = np.atleast_1d(np.asarray(ids, dtype=np.int64))
+    if isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)):
+        stored = faiss.vector_to_array(index.id_map)
+        order = np.argsort(stored, kind="stable")
+        at = np.searchsorted(stored, want, sorter=order)
+        at = np.minimum(at, max(len(stored) - 1, 0))
+        found = stored[order[at]] == want if len(stored) else np.zeros(len(want), bool)
+        if not found.all():
+            raise AtlasError(f"id {int(want[~found][0])} is not in the index")
+        return np.stack([index.index.reconstruct(int(order[a])) for a in at]).astype(np.float32, copy=False)
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is None:
+        raise ValueError(f"reconstruct: unsupported index type {type(index).__name__}")
+    if ivf.direct_map.type != faiss.DirectMap.Hashtable:
+        ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
+    out = np.empty((len(want), index.d), np.float32)
+    for j, i in enumerate(want):
+        try:
+            out[j] = index.reconstruct(int(i))
+        except RuntimeError:
+            raise AtlasError(f"id {int(i)} is not in the index") from None
+    return out
+
+
 @contextmanager
 def _omp_threads(n: int | None):
     """Run the block with n OpenMP threads (the setting is per calling thread), then restore it."""

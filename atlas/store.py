@@ -89,12 +89,14 @@ class Atlas:
 
         for name, value in (params or {}).items():
             self.con.execute(f"SET VARIABLE {_ident(name)} = ?", [value])
+        self._similarity_sql(query)
         try:
             return self.con.sql(query)
         except duckdb.Error as e:
             raise AtlasError(f"SQL error: {str(e).splitlines()[0]}") from None
 
     def rows(self, query: str, params: list | None = None) -> list[dict[str, Any]]:
+        self._similarity_sql(query)
         cur = self.con.execute(query, params or [])
         cols = [d[0] for d in cur.description]
         return [dict(zip(cols, r)) for r in cur.fetchall()]
@@ -199,6 +201,28 @@ class Atlas:
         except Exception as e:
             raise AtlasError(f"image {image_id} ('{rows[0]['path']}') cannot be read: {e}") from None
         return self.preprocess.to_tensor(crop), crop
+
+    # -- similarity (atlas/similarity.py) ----------------------------------
+    def similar_images(self, image_id: int | None = None, image: str | Path | None = None,
+                       layer: str | None = None, k: int = 10) -> list[dict[str, Any]]:
+        """Images most like image `image_id` of the atlas, or any image file `image`: `similarity.similar_images`."""
+        from .similarity import similar_images
+
+        return similar_images(self, image_id=image_id, image=image, layer=layer, k=k)
+
+    def similar_channels(self, channel, k: int = 10, layer: str | None = None) -> list[dict[str, Any]]:
+        """Channels whose responses are most like `channel` ("conv5:17"): `similarity.similar_channels`."""
+        from .similarity import similar_channels
+
+        return similar_channels(self, channel, k=k, layer=layer)
+
+    def _similarity_sql(self, query: str) -> None:
+        # The table macros similar_images/similar_channels are registered on first use: registering a Python UDF
+        # imports numpy (~60 ms), which opening an atlas and plain SQL should not pay.
+        if "similar_images" in query.lower() or "similar_channels" in query.lower():
+            from .similarity import register_sql
+
+            register_sql(self)
 
     # -- switches -----------------------------------------------------------
     def switches(self, layer: str, channel: int, rank: int):
