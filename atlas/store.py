@@ -90,6 +90,7 @@ class Atlas:
         for name, value in (params or {}).items():
             self.con.execute(f"SET VARIABLE {_ident(name)} = ?", [value])
         self._similarity_sql(query)
+        self._deconv_png_sql(query)
         try:
             return self.con.sql(query)
         except duckdb.Error as e:
@@ -97,6 +98,7 @@ class Atlas:
 
     def rows(self, query: str, params: list | None = None) -> list[dict[str, Any]]:
         self._similarity_sql(query)
+        self._deconv_png_sql(query)
         cur = self.con.execute(query, params or [])
         cols = [d[0] for d in cur.description]
         return [dict(zip(cols, r)) for r in cur.fetchall()]
@@ -246,6 +248,28 @@ class Atlas:
             region = SwitchRegion(r["pool"], r["y0"], r["x0"], r["h"], r["w"])
             out[r["pool"]] = decode(r["data"], pool.channels, pool.geometry, region)
         return out
+
+    # -- pictures (rendered on demand, cached under cache/; see atlas/projections.py) ---------
+    def show(self, layer: str, channel: int, rank: int | None = None, **options) -> Path:
+        """The figure 2 panel of a channel (or, with rank, one projection) as a PNG path: `projections.show`."""
+        from .projections import show
+
+        return show(self, layer, channel, rank, **options)
+
+    def filters(self, layer: str | None = None, out: str | Path | None = None) -> Path:
+        """The first layer's filters as a grid PNG (figure 6 view): `projections.filters`."""
+        from .projections import filters
+
+        return filters(self, layer, out)
+
+    def _deconv_png_sql(self, query: str) -> None:
+        # deconv_png is registered on the first query that names it (as similar_images is): a Python
+        # UDF's registration imports numpy, which opening an atlas and plain SQL need not pay.
+        if "deconv_png" in query.lower() and not self.__dict__.get("_deconv_png"):
+            from .projections import register_sql
+
+            register_sql(self, self.con)
+            self._deconv_png = True
 
 
 # Functions other modules register to extend every atlas SQL connection (e.g. deconv_png).

@@ -1,0 +1,525 @@
+"""Projections rendered on demand and cached inside the atlas (the lazy path).
+
+    show(atlas, "conv5", 17)           -> the figure 2 panel: top-k projections beside their image patches
+    show(atlas, "conv5", 17, rank=0)   -> one projection
+    filters(atlas)                     -> the first layer's filters as a grid (figure 6 view)
+    SELECT deconv_png(layer, channel, rank) FROM top_activations WHERE ...   (on every atlas SQL connection)
+
+Every picture of `atlas show`, of deconv_png() and of `atlas export` comes from
+the one `Renderer` here, so whichever asks first renders and the others read
+the file. Cache layout (the atlas is immutable once built, so these keys are
+all a picture depends on):
+
+    ATLAS/cache/projections-v1/<weights16>/<mode>-<norm>/<layer>/<channel>-<rank>.png        projection
+                                                                 <channel>-<rank>-patch.png  image patch
+                                                                 <channel>-panel.png         figure 2 panel
+    ATLAS/cache/projections-v1/<weights16>/filters/<layer>.png
+
+weights16 is the start of the weights file's sha256 (random-seed<N> for a
+randomly initialised model), mode is unit|map, norm how local response
+normalisation is undone (identity: the paper; gradient: its true gradient),
+v1 the drawing's version. The display normalisation (atlas.render.NORMALISATION:
+per projection, centred on grey, symmetric scale) is written into each PNG's text.
+
+Switches: "stored" decodes switches.parquet (enough for unit mode with
+norm=identity); "recompute" runs the images through the model again (needs the
+dataset; the only way for map mode or norm=gradient on a model with LRN);
+"auto" picks stored where it suffices. Both give the same projection (tested),
+so the cache does not tell them apart.
+
+Concurrency and crashes: a PNG is drawn into a temp file with a unique name
+(mkstemp: unique per process and thread) beside its final path and renamed
+into place, so two processes asking for the same picture both get a whole
+file, and a crash leaves at most a temp file, never a truncated PNG. A picture
+drawn while its image was missing carries `atlas.unavailable` in its PNG text;
+`show` draws such a panel again on the next request (the image may be back).
+
+Speed: a channel's top-k is one batched engine call; switches are decoded once
+per image into a slab kept between calls; images are read once. Nothing here
+imports torch until a picture has to be drawn: a cache hit is a stat and a
+PNG header read.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+import time
+import weakref
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import AtlasError
+
+VERSION = "projections-v1"
+# deconv.MODES / deconv.NORMS, repeated so that a cache hit needs no torch
+MODES = ("unit", "map")
+NORMS = ("identity", "gradient")
+SWITCHES = ("auto", "stored", "recompute")
+SWITCH_CACHE_BYTES = 1 << 30
+UNAVAILABLE = "atlas.unavailable"  # PNG text of a picture drawn with an image missing
+
+
+def cache_root(atlas) -> Path:
+    """ATLAS/cache/projections-v1/<weights16>: everything rendered from these weights."""
+    m = atlas.manifest["model"]
+    w = (m.get("weights_sha256") or "")[:16] or f"random-seed{m.get('seed', 0)}"
+    return Path(atlas.path, "cache", VERSION, w)
+
+
+# ---------------------------------------------------------------------------
+# the public calls
+# ---------------------------------------------------------------------------
+def show(atlas, layer: str, channel: int, rank: int | None = None, *, mode: str = "unit", norm: str = "identity",
+         switches: str = "auto", out: str | os.PathLike | None = None,
+         log: Callable[[str], None] | None = None) -> Path:
+    """The figure 2 panel of a channel (rank=None) or one projection (rank=R) as a PNG; returns its path.
+
+    Rendered on the first request, read from the atlas's cache after that. With `out` the PNG is
+    also copied there (a folder gets <layer>-<channel>[-<rank>].png). A missing image file is no
+    error: its patch is a placeholder and `log` gets one line saying so.
+
+        >>> a = atlas.open("my-atlas")
+        >>> show(a, "conv5", 17)            # .../cache/projections-v1/<w>/unit-identity/conv5/17-panel.png
+    """
+    _check_options(mode, norm, switches)
+    atlas.check_channel(layer, channel)
+    k = int(atlas.manifest["k"])
+    if rank is not None and not 0 <= rank < k:
+        raise AtlasError(f"rank {rank} is out of range for {layer} channel {channel} (0..{k - 1})")
+    r = renderer(atlas, mode, norm)
+    target = r.root / layer / (f"{channel}-panel.png" if rank is None else f"{channel}-{rank}.png")
+    stale = target.is_file() and _unavailable(target) is not None
+    if target.is_file() and not stale:
+        return _deliver(target, out, layer, channel, rank)
+    rows = atlas.top(layer, channel)
+    if rank is not None and rank not in {t["rank"] for t in rows}:
+        have = f"0..{len(rows) - 1}" if rows else "none"
+        raise AtlasError(f"rank {rank} is out of range for {layer} channel {channel} (ranks: {have})")
+    if not rows:
+        raise AtlasError(f"{layer} channel {channel} has no top activations to project")
+    with r.lock:
+        res = r.channels(layer, [channel], {channel: rows}, ranks=None if rank is None else [rank],
+                         panel=rank is None, switches=switches, force=stale)[channel]
+    path = res["panel"] if rank is None else res["proj"][rank]
+    if path is None:
+        raise AtlasError(res["error"] or f"could not render {layer} channel {channel}")
+    if res["error"] and log is not None and rank is None:
+        log(f"Warning: {res['error']}; its patch in the panel is a placeholder")
+    return _deliver(path, out, layer, channel, rank)
+
+
+def filters(atlas, layer: str | None = None, out: str | os.PathLike | None = None) -> Path:
+    """The first conv layer's learned filters as a grid (the paper's figure 6 view); returns the PNG path.
+
+        >>> filters(atlas.open("my-atlas"))   # .../cache/projections-v1/<w>/filters/conv1.png
+    """
+    lm = atlas.lmap
+    convs = [la.name for la in lm.conv_layers]
+    name = layer or convs[0]
+    la = lm.by_name.get(name)
+    if la is None or la.kind != "conv":
+        raise AtlasError(f"unknown conv layer '{name}' in atlas '{atlas.path}': conv layers are {', '.join(convs)}")
+    path = renderer(atlas).filter_grid(name)
+    if path is None:
+        cin = lm.model.features[la.index].weight.shape[1]
+        raise AtlasError(f"only the first layer's filters are pictures ({convs[0]}): the filters of {name} "
+                         f"act on {cin} feature maps, not on pixels")
+    return _deliver(path, out, name, None, None, suffix="filters")
+
+
+def project(atlas, layer: str, channel: int, ranks: list[int] | None = None, *, mode: str = "unit",
+            norm: str = "identity", switches: str = "auto"):
+    """The projections (a `deconv.Projections`, tensors, not cached) of a channel's top-k entries."""
+    _check_options(mode, norm, switches)
+    rows = atlas.top(layer, channel)
+    if ranks is not None:
+        bad = sorted(set(ranks) - {t["rank"] for t in rows})
+        if bad:
+            raise AtlasError(f"rank {bad[0]} is out of range for {layer} channel {channel} (0..{len(rows) - 1})")
+        rows = [t for t in rows if t["rank"] in set(ranks)]
+    items = [(channel, t) for t in rows]
+    P, done, errors = renderer(atlas, mode, norm).project(layer, items, switches)
+    if errors:
+        raise AtlasError(next(iter(errors.values())))
+    return P
+
+
+_renderers: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+
+
+def renderer(atlas, mode: str = "unit", norm: str = "identity") -> "Renderer":
+    """The renderer of this atlas handle for these settings (kept with the handle, so its slab is reused)."""
+    per = _renderers.setdefault(atlas, {})
+    if (mode, norm) not in per:
+        per[(mode, norm)] = Renderer(atlas, mode, norm)
+    return per[(mode, norm)]
+
+
+def _check_options(mode: str, norm: str, switches: str) -> None:
+    for what, v, ok in (("projection mode", mode, MODES), ("norm handling", norm, NORMS),
+                        ("switches", switches, SWITCHES)):
+        if v not in ok:
+            raise AtlasError(f"unknown {what} '{v}': choose one of {', '.join(ok)}")
+    if mode == "map" and switches == "stored":
+        raise AtlasError("map mode needs switches over the whole image: use switches='recompute' "
+                         "(--switches recompute), which reads the images")
+
+
+def _unavailable(path: Path) -> str | None:
+    """The `atlas.unavailable` text of a PNG (read from the header chunks, no decoding)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.info.get(UNAVAILABLE)
+    except OSError:
+        return "unreadable"
+
+
+def _deliver(path: Path, out, layer: str, channel: int | None, rank: int | None, suffix: str = "") -> Path:
+    if out is None:
+        return path
+    from .fsutil import atomic_write_bytes
+
+    out = Path(out)
+    if out.is_dir():
+        out = out / ("-".join(str(p) for p in (layer, channel, rank, suffix) if p not in (None, "")) + ".png")
+    return atomic_write_bytes(out, path.read_bytes())
+
+
+# ---------------------------------------------------------------------------
+# the renderer and its cache
+# ---------------------------------------------------------------------------
+class Renderer:
+    """Draws and caches the pictures of one atlas handle for one (mode, norm). Not thread-safe: hold `lock`."""
+
+    version = VERSION
+
+    def __init__(self, atlas, mode: str = "unit", norm: str = "identity"):
+        self.a, self.mode, self.norm = atlas, mode, norm
+        self.lock = threading.RLock()
+        self.rendered = 0  # pictures drawn (not found in the cache)
+        self.split = {"inputs_s": 0.0, "projection_s": 0.0, "drawing_s": 0.0}  # where picture time goes
+        self._crops: OrderedDict[int, Any] = OrderedDict()
+        self._slab: dict[str, Any] | None = None       # pool -> (slots, C, H, W) decoded switches
+        self._slots: OrderedDict[int, int] = OrderedDict()  # image id -> slot, least recently used first
+        self._free: list[int] = []
+        self._have: dict[int, set] = {}  # image id -> the pools whose switches are stored for it
+        self.base = cache_root(atlas)
+        self.root = self.base / f"{mode}-{norm}"
+
+    # -- what the export and show ask for ------------------------------------------
+    def channels(self, layer: str, channels: list[int], tops: dict[int, list[dict[str, Any]]], *,
+                 ranks: list[int] | None = None, panel: bool = True, switches: str = "auto",
+                 force: bool = False) -> dict[int, dict[str, Any]]:
+        """For each channel: {"panel": Path|None, "proj": [Path|None per rank], "patch": [...], "error": str|None}.
+
+        `tops[c]` holds the channel's top-k rows (rank, image_id, value, y, x). Only `ranks` (default
+        all) and, with `panel`, the panel are made where missing (all of them with `force`).
+        What could not be made (no switches, an image gone for recompute) is None, the reason in "error".
+        """
+        out, items, panels = {}, [], set()
+        for c in channels:
+            rows = tops.get(c, [])
+            d = self.root / layer
+            res = {"panel": d / f"{c}-panel.png" if rows else None,
+                   "proj": [d / f"{c}-{r['rank']}.png" for r in rows],
+                   "patch": [d / f"{c}-{r['rank']}-patch.png" for r in rows], "error": None}
+            out[c] = res
+            if not rows:
+                continue
+            if panel and (force or not res["panel"].is_file()):
+                panels.add(c)
+                items += [(c, r) for r in rows]  # the panel needs every projection of the channel
+                continue
+            for i, r in enumerate(rows):
+                if (ranks is None or r["rank"] in ranks) and (
+                        force or not (res["proj"][i].is_file() and res["patch"][i].is_file())):
+                    items.append((c, r))
+        if items:
+            self._render(layer, items, panels, out, switches, force)
+        for o in out.values():  # what could not be made is not offered
+            o["proj"] = [p if p.is_file() else None for p in o["proj"]]
+            o["patch"] = [p if p.is_file() else None for p in o["patch"]]
+            if o["panel"] is not None and not (panel and o["panel"].is_file()):
+                o["panel"] = None
+        return out
+
+    def filter_grid(self, layer: str) -> Path | None:
+        """The layer's filters as a grid, if they are pictures (a first conv layer on RGB or grey)."""
+        p = self.base / "filters" / f"{layer}.png"
+        if p.is_file():
+            return p
+        from . import render as R
+
+        lm = self.a.lmap
+        la = lm.by_name.get(layer)
+        if la is None or la.kind != "conv" or la.pools_below:
+            return None
+        w = lm.model.features[la.index].weight
+        if w.shape[1] not in (1, 3) or any(m.kind == "conv" and m.index < la.index for m in lm.conv_layers):
+            return None
+        _write_png(p, R.filter_grid(w))
+        self.rendered += 1
+        return p
+
+    # -- projections -------------------------------------------------------------
+    def _source(self, switches: str) -> str:
+        if switches != "auto":
+            return switches
+        if self.mode == "map":
+            return "recompute"  # stored switches hold only the receptive fields of the top-k units
+        if self.norm == "gradient":
+            from .deconv import _NORM
+
+            if any(isinstance(m, _NORM) for m in self.a.lmap.model.features):
+                return "recompute"
+        return "stored"
+
+    def project(self, layer: str, items: list[tuple[int, dict]], switches: str = "auto"):
+        """(deconv.Projections of the items that could be projected, their indices in `items`,
+        {index: why not} for the others)."""
+        from . import deconv as D
+
+        lm = self.a.lmap
+        la = lm.by_name[layer]
+        ids = sorted({r["image_id"] for _, r in items})
+        source = self._source(switches)
+        errors: dict[int, str] = {}
+        t = time.perf_counter()
+        if source == "stored":
+            _check_options(self.mode, self.norm, source)
+            slot, missing = {i: n for n, i in enumerate(ids)}, set()
+            if la.pools_below:
+                slot, missing = self._load_switches(ids, la.pools_below)
+            for n, (_, r) in enumerate(items):
+                if r["image_id"] in missing:
+                    errors[n] = f"no switches stored for image {r['image_id']}"
+            x = None
+        else:
+            import torch
+
+            slot, xs = {}, []
+            for i in ids:
+                crop = self._crop(i)
+                if isinstance(crop, Exception):
+                    errors.update({n: f"{crop} (recomputing switches needs the image)"
+                                   for n, (_, r) in enumerate(items) if r["image_id"] == i})
+                    continue
+                slot[i] = len(xs)
+                xs.append(self.a.preprocess.to_tensor(crop))
+            x = torch.stack(xs) if xs else None
+        self.split["inputs_s"] += time.perf_counter() - t
+        done = [n for n in range(len(items)) if n not in errors]
+        reqs = [D.Request(slot[items[n][1]["image_id"]], layer, items[n][0], items[n][1]["y"], items[n][1]["x"],
+                          value=items[n][1]["value"] if source == "stored" else None) for n in done]
+        t = time.perf_counter()
+        if not reqs:
+            P = D.Projections(self.mode, self.norm, lm.image_size, [], [], [])
+        elif source == "stored":
+            sw = {p: self._slab[p] for p in la.pools_below} if la.pools_below else None
+            P = D.project(lm, reqs, sw, mode=self.mode, norm=self.norm)
+        else:
+            P = D.project_images(lm, x, reqs, mode=self.mode, norm=self.norm)
+        self.split["projection_s"] += time.perf_counter() - t
+        return P, done, errors
+
+    def _render(self, layer, items, panels, out, switches, force):
+        from . import deconv as D
+        from . import render as R
+
+        S = self.a.lmap.image_size
+        P, done, errors = self.project(layer, items, switches)
+        for n, why in errors.items():
+            out[items[n][0]]["error"] = why
+        t = time.perf_counter()
+        for n in done:  # the images (decoded once, kept while they recur)
+            self._crop(items[n][1]["image_id"])
+        self.split["inputs_s"] += time.perf_counter() - t
+        t = time.perf_counter()
+        by_c: dict[int, list[int]] = {}
+        for i, n in enumerate(done):
+            by_c.setdefault(items[n][0], []).append(i)
+        for c, idx in by_c.items():
+            res, patches, gone = out[c], [], None
+            for i in idx:
+                r = items[done[i]][1]
+                crop = self._crop(r["image_id"])
+                if isinstance(crop, Exception):
+                    gone = res["error"] = str(crop)
+                    crop = None
+                patches.append(crop)
+                box = tuple(P.meta[i]["rf_box"]) if self.mode == "unit" else (0, 0, S, S)
+                proj, patch = res["proj"][r["rank"]], res["patch"][r["rank"]]
+                if force or not proj.is_file():
+                    _write_png(proj, R.projection_image(P, i, rank=r["rank"], text=_src(r)))
+                    self.rendered += 1
+                if force or not patch.is_file():
+                    up = R.upscale_for(max(box[2] - box[0], box[3] - box[1]))
+                    text = _src(r) if crop is not None else {**_src(r), UNAVAILABLE: gone}
+                    _write_png(patch, R.patch_cell(crop, box, S, up), text=text)
+                    self.rendered += 1
+            if c in panels and len(idx) == len(res["proj"]):
+                meta = [{**P.meta[i], "rank": items[done[i]][1]["rank"], "image_id": items[done[i]][1]["image_id"]}
+                        for i in idx]
+                sub = D.Projections(P.mode, P.norm, S, meta, [P.windows[i] for i in idx],
+                                    [P.origins[i] for i in idx])
+                _write_png(res["panel"], R.panel(sub, patches), text={UNAVAILABLE: gone} if gone else None)
+                self.rendered += 1
+        self.split["drawing_s"] += time.perf_counter() - t
+
+    # -- inputs, each read once per image ---------------------------------------
+    def _crop(self, image_id: int):
+        """The S x S RGB image the net saw, or the AtlasError saying why it is unavailable."""
+        if image_id in self._crops:
+            self._crops.move_to_end(image_id)
+            return self._crops[image_id]
+        try:
+            v = self.a.image(image_id)[1]
+        except AtlasError as e:
+            v = e
+        self._crops[image_id] = v
+        if len(self._crops) > 512:
+            self._crops.popitem(last=False)
+        return v
+
+    def _load_switches(self, image_ids: list[int], pools: list[str]) -> tuple[dict[int, int], set[int]]:
+        """Decoded switches of these images in the slab (one tensor per pool, a slot per image):
+        returns (image id -> slot, ids with no stored switches). Each image is decoded once while it
+        stays in the slab (least recently used slots are reused), so nothing is stacked per call."""
+        import torch
+
+        from .switches import SwitchRegion, decode
+
+        if not Path(self.a.path, "switches.parquet").is_file():
+            raise AtlasError(f"atlas '{self.a.path}' has no switches (built with --no-switches): project "
+                             "from the images instead with --switches recompute")
+        lm = self.a.lmap
+        if self._slab is None:
+            per = sum(lm.pool_by_name[p].channels * lm.pool_by_name[p].geometry.out_size ** 2 * 8
+                      for p in lm.pool_by_name)
+            cap = max(len(image_ids), min(4096, SWITCH_CACHE_BYTES // max(per, 1)))
+            self._slab = {p: torch.empty((cap, pool.channels, pool.geometry.out_size, pool.geometry.out_size),
+                                         dtype=torch.int64) for p, pool in lm.pool_by_name.items()}
+            self._free = list(range(cap - 1, -1, -1))
+        cap = next(iter(self._slab.values())).shape[0]
+        if len(image_ids) > cap:  # more images in one call than slots: grow (keeps the slots in place)
+            grow = len(image_ids) - cap
+            self._slab = {p: torch.cat([t, t.new_empty((grow,) + t.shape[1:])]) for p, t in self._slab.items()}
+            self._free += list(range(cap + grow - 1, cap - 1, -1))
+        want = [i for i in image_ids if i not in self._slots]
+        keep = set(image_ids)
+        for i in image_ids:
+            if i in self._slots:
+                self._slots.move_to_end(i)
+        while len(self._free) < len(want):
+            old = next(j for j in self._slots if j not in keep)
+            self._free.append(self._slots.pop(old))
+            self._have.pop(old, None)
+        if want:
+            for i in want:
+                self._slots[i] = self._free.pop()
+            seen: dict[int, set] = {i: set() for i in want}
+            for r in self.a.rows("SELECT image_id, pool, y0, x0, h, w, data FROM read_parquet('switches.parquet') "
+                                 f"WHERE image_id IN ({', '.join(str(int(i)) for i in want)})"):
+                pool = lm.pool_by_name[r["pool"]]
+                self._slab[r["pool"]][self._slots[r["image_id"]]] = decode(
+                    r["data"], pool.channels, pool.geometry, SwitchRegion(r["pool"], r["y0"], r["x0"], r["h"], r["w"]))
+                seen[r["image_id"]].add(r["pool"])
+            self._have.update(seen)
+        return ({i: self._slots[i] for i in image_ids},
+                {i for i in image_ids if not set(pools) <= self._have.get(i, set())})
+
+
+def _write_png(path: Path, image, text: dict | None = None) -> None:
+    """atlas.render's PNG (its text chunks included), renamed into place atomically. The temp name is
+    unique per process and thread (mkstemp). No fsync: a cache can be remade, and one fsync per
+    picture would cost more than drawing it."""
+    from . import render as R
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format="PNG", pnginfo=R.png_info(image, text))
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the site hardlinks these files
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _src(r: dict) -> dict:
+    return {"image_id": r["image_id"], "value": r["value"], "y": r["y"], "x": r["x"]}
+
+
+# ---------------------------------------------------------------------------
+# deconv_png() in SQL
+# ---------------------------------------------------------------------------
+SQL_FUNCTION = "atlas_deconv_png"
+
+
+def register_sql(atlas, con) -> None:
+    """Add deconv_png(layer, channel, rank [, mode [, norm]]) -> the projection's PNG path to `con`.
+
+    The function renders on demand (through the cache) a batch of rows at a time; torch is imported
+    on its first call, not here. It works on a second handle of the same atlas, because a function
+    running inside a query may not use that query's connection; the function holds that handle,
+    never `atlas` itself (DuckDB would keep the atlas and its connection alive in a cycle).
+    """
+    path, state, lock = atlas.path, {}, threading.Lock()
+
+    def batch(layer, channel, rank, mode, norm):
+        with lock:  # DuckDB may call from several threads; a renderer is not thread-safe
+            if "handle" not in state:
+                from .store import Atlas
+
+                state["handle"] = Atlas(path)
+            return _sql_batch(state["handle"], layer, channel, rank, mode, norm)
+
+    con.create_function(SQL_FUNCTION, batch, ["VARCHAR", "INTEGER", "INTEGER", "VARCHAR", "VARCHAR"], "VARCHAR",
+                        type="arrow", side_effects=True)
+    con.execute(f"CREATE OR REPLACE MACRO deconv_png(layer, channel, rank, mode := 'unit', norm := 'identity') "
+                f"AS {SQL_FUNCTION}(layer, channel, rank, mode, norm)")
+
+
+def _sql_batch(h, layer, channel, rank, mode, norm):
+    import pyarrow as pa
+
+    rows = list(zip(layer.to_pylist(), channel.to_pylist(), rank.to_pylist(), mode.to_pylist(),
+                    norm.to_pylist()))
+    groups: dict[tuple, dict[int, set]] = {}
+    for la, c, r, m, n in rows:
+        if None in (la, c, r, m, n):
+            continue
+        _check_options(m, n, "auto")
+        h.check_channel(la, c)
+        groups.setdefault((la, m, n), {}).setdefault(c, set()).add(r)
+    paths: dict[tuple, str] = {}
+    for (la, m, n), chans in groups.items():
+        tops = _tops(h, la, sorted(chans))
+        for c, ranks in chans.items():
+            have = {t["rank"] for t in tops.get(c, [])}
+            bad = sorted(ranks - have)
+            if bad:
+                raise AtlasError(f"rank {bad[0]} is out of range for {la} channel {c} (0..{len(have) - 1})")
+        res = renderer(h, m, n).channels(la, sorted(chans), tops, ranks=sorted(set().union(*chans.values())),
+                                         panel=False)
+        for c, ranks in chans.items():
+            for r in ranks:
+                p = res[c]["proj"][r]
+                if p is None:
+                    raise AtlasError(f"cannot project {la} channel {c} rank {r}: {res[c]['error']}")
+                paths[(la, c, r, m, n)] = str(p)
+    return pa.array([paths.get(t) if None not in t else None for t in rows], type=pa.string())
+
+
+def _tops(atlas, layer: str, channels: list[int]) -> dict[int, list[dict[str, Any]]]:
+    """channel -> its top-k rows (rank order) for some channels of a layer."""
+    out: dict[int, list[dict[str, Any]]] = {}
+    for r in atlas.rows("SELECT channel, rank, image_id, value, y, x FROM top_activations WHERE layer = ? AND "
+                        f"channel IN ({', '.join(str(int(c)) for c in channels)}) ORDER BY channel, rank", [layer]):
+        out.setdefault(r.pop("channel"), []).append(r)
+    return out
