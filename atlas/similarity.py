@@ -217,7 +217,7 @@ def _dataset(a: Atlas, what: str):
     return src
 
 
-def _forward_vectors(a: Atlas, names: list[str], image_ids: np.ndarray, what: str, *, device: str,
+def _forward_vectors(a: Atlas, src, names: list[str], image_ids: np.ndarray, *, device: str,
                      batch_size: int, workers: int | None, progress: bool | None) -> dict[str, np.ndarray]:
     """{layer: (len(image_ids), C)} per-image vectors of `names`, by a forward pass over those images."""
     import torch
@@ -227,7 +227,6 @@ def _forward_vectors(a: Atlas, names: list[str], image_ids: np.ndarray, what: st
     from .data import DecodedImages
     from .progress import Progress
 
-    src = _dataset(a, what)
     # The build's memory layout (channels-last on a GPU only): then a CPU gives the build's numbers, bit for bit.
     runner = Runner(a, device, channels_last=resolve_device(device).type == "cuda")
     kinds = {n: runner.lmap.by_name[n].kind for n in names}
@@ -301,8 +300,9 @@ def build_indexes(atlas, layers: str | list[str] | None = None, *, device: str =
     fwd_ids = ok_ids if any(src_images[n] == "forward" for n in names) else sample_ids
     if fwd:
         what = f"indexing {', '.join(fwd)}"
+        src = _dataset(a, what)
         log(f"{what}: a forward pass over {len(fwd_ids)} images")
-        forward = _forward_vectors(a, fwd, fwd_ids, what, device=device, batch_size=batch_size, workers=workers,
+        forward = _forward_vectors(a, src, fwd, fwd_ids, device=device, batch_size=batch_size, workers=workers,
                                    progress=progress)
 
     def vectors(key: str, layer: str, ids: np.ndarray) -> np.ndarray:

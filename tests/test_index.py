@@ -8,8 +8,8 @@ faiss = pytest.importorskip("faiss")
 
 from atlas.errors import AtlasError  # noqa: E402
 from atlas.index import (  # noqa: E402
-    EXACT_MAX, build_index, channel_keys, channel_profiles, choose_index, load_index, profile_rows,
-    save_index, search, sidecar_path, split_channel_keys,
+    EXACT_MAX, build_index, channel_keys, channel_profiles, choose_index, load_index, normalize, profile_rows,
+    reconstruct, save_index, search, sidecar_path, split_channel_keys,
 )
 
 
@@ -250,3 +250,15 @@ def test_bad_inputs(data):
         build_index(x[:3], np.array([1, 1, 2]))
     with pytest.raises(AtlasError, match="NaN"):
         channel_profiles(bad)
+
+
+def test_reconstruct_gives_the_indexed_vectors_back_by_id(data):
+    x, ids = data
+    want = normalize(x[[5, 0, 2999]])
+    for spec in (None, choose_index(len(x), x.shape[1], exact_max=0)):
+        index = build_index(x, ids, spec)
+        got = reconstruct(index, ids[[5, 0, 2999]])
+        np.testing.assert_allclose(got, want, atol=1e-3 if spec else 0)  # IVF: fp16 codes
+        assert search(index, got[:1], 1)[1][0, 0] == ids[5]
+        with pytest.raises(AtlasError, match="not in the index"):
+            reconstruct(index, [ids.max() + 1])
