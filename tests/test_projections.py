@@ -108,11 +108,12 @@ def test_cache_hit_returns_the_same_bytes_without_rendering(fresh):
     assert time.perf_counter() - t0 < 0.05
     assert again == p and again.read_bytes() == data and p.stat().st_mtime_ns == mtime
     assert r.rendered == before
-    # another process: the same file, read from the cache, and torch is never imported
-    code = ("import sys, atlas; a = atlas.open(sys.argv[1]); print(a.show('conv4', 3)); "
+    grid = a.filters()
+    # another process: the same files, read from the cache, and torch is never imported
+    code = ("import sys, atlas; a = atlas.open(sys.argv[1]); print(a.show('conv4', 3)); print(a.filters()); "
             "print(a.sql('SELECT count(*) FROM channels').fetchall()[0][0]); print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code, str(fresh)], capture_output=True, text=True, check=True)
-    assert out.stdout.split() == [str(p), str(len(a.rows("SELECT * FROM channels"))), "False"]
+    assert out.stdout.split() == [str(p), str(grid), str(len(a.rows("SELECT * FROM channels"))), "False"]
     assert p.stat().st_mtime_ns == mtime
 
 

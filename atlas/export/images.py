@@ -48,7 +48,7 @@ class Pictures:
 
     @property
     def split(self) -> dict[str, float]:
-        """Picture time by kind: reading inputs (images, switches), the projection engine, drawing + PNG."""
+        """Picture time by kind: stored switches, images, the projection engine, drawing + PNG."""
         return {k: round(v, 3) for k, v in self._impl.split.items()}
 
     def filter_grid(self, layer: str) -> Path | None:
