@@ -14,6 +14,13 @@
 --   SELECT * FROM similar_images(42, 10) JOIN images USING (image_id) ORDER BY rank;
 --   SELECT * FROM similar_channels('conv5', 17, 10) JOIN channels USING (layer, channel) ORDER BY rank;
 -- Plain DuckDB has neither: they are Python functions over the FAISS indexes in ATLAS/index/.
+--
+-- And one scalar function: deconv_png(layer, channel, rank [, mode [, norm]]) renders the
+-- DeconvNet projection of a top-k entry on demand and returns its PNG's path (cached inside
+-- the atlas; mode 'unit' (default) or 'map', norm 'identity' (default) or 'gradient'), e.g.
+--   SELECT rank, deconv_png(layer, channel, rank) FROM top_activations
+--   WHERE layer = 'conv5' AND channel = 17;
+-- It is defined by atlas/projections.py, not here: plain DuckDB has no such function.
 
 -- One row per image of the dataset; status is 'ok' or 'error' (with the error).
 CREATE OR REPLACE VIEW images AS
