@@ -272,7 +272,7 @@ class Atlas:
             self._deconv_png = True
 
 
-# Functions other modules register to extend every atlas SQL connection (e.g. deconv_png).
+# Functions other modules register to extend every atlas SQL connection.
 _connection_hooks: list = []
 
 
