@@ -59,8 +59,9 @@ Measured (2-core CPU VM shared with other jobs, torch 2.15, fp32):
   val=<1,200 other shapes images, seed 1> and all 4,000 for training: 39 / 73 / 78 %.
   About 1,100 training images/s with both cores free: the 3 epochs take ~12-18 s in all
   (decode, validation and checkpoints included); 70-110 s while other jobs held the cores.
-  scripts/bench_train.py: zfnet at 224 px, batch 16: 0.93-0.98 of the bare
-  forward+backward+step rate (about 18 images/s on this CPU).
+  scripts/bench_train.py (3 rounds of ceiling / train / ceiling): zfnet at 224 px, batch 16:
+  best-of ratio 0.95-1.00 of the bare forward+backward+step rate (best 23-24 images/s on this
+  CPU, load average 2.5-4 from other jobs; single rounds swing from 0.83 to 1.5 with the load).
 """
 from __future__ import annotations
 
@@ -415,7 +416,9 @@ class Trainer:
         self.radius = renorm_radius
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        x = (x.float() - self.mean) * self.inv_std
+        # In place on the one fresh float copy: one large allocation per batch instead of three
+        # (on CPU each is page-faulted in anew).
+        x = x.to(torch.float32, copy=True).sub_(self.mean).mul_(self.inv_std)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def step(self, x: torch.Tensor, y: torch.Tensor, ok: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
