@@ -158,8 +158,7 @@ def build(model: str, data: str, out: str | Path, *, weights: str | None = None,
 
     t_sw = time.perf_counter()
     if switches:
-        sw_table = _switch_table(lmap, top_rows, dataset, dev, batch_size)
-        atomic_write_parquet(staging / "switches.parquet", sw_table, compression="zstd")
+        _write_switches(staging / "switches.parquet", lmap, top_rows, dataset, dev, batch_size)
     t_sw = time.perf_counter() - t_sw
 
     t_wr = time.perf_counter()
@@ -341,33 +340,46 @@ def _top_rows(lmap: LayerMap, chosen, tops: dict[str, TopK]) -> list[dict[str, A
     return rows
 
 
-def _switch_table(lmap: LayerMap, top_rows, dataset, dev, batch_size) -> pa.Table:
-    """Second pass over the final top-k images only: their pool switches inside the units' fields."""
+SWITCH_SCHEMA = pa.schema([("image_id", pa.int32()), ("pool", pa.string()), ("y0", pa.int32()), ("x0", pa.int32()),
+                           ("h", pa.int32()), ("w", pa.int32()), ("data", pa.binary())])
+
+
+def _write_switches(path: Path, lmap: LayerMap, top_rows, dataset, dev, batch_size) -> None:
+    """Second pass over the final top-k images only: their pool switches inside the units' fields.
+
+    Streamed to Parquet a batch of images at a time: an image's switches can take ~170 KB (zfnet's
+    pool1 under a conv5 unit), and up to channels x k images have some, so holding them all would
+    make memory grow with the dataset. One row group per batch, in image order, so that a reader
+    asking for a few images skips the rest by the row groups' image_id statistics.
+    """
     needed: dict[int, dict[str, list]] = {}  # image -> pool -> regions its top-k units reach
     for r in top_rows:
         la = lmap.by_name[r["layer"]]
         for reg in regions_below(lmap, la, r["y"], r["x"]):
             needed.setdefault(r["image_id"], {}).setdefault(reg.pool, []).append(reg)
-    cols: dict[str, list] = {c: [] for c in ("image_id", "pool", "y0", "x0", "h", "w", "data")}
     image_ids = sorted(needed)
     deepest = max((lmap.by_name[r["layer"]] for r in top_rows), key=lmap.layers.index, default=None)
-    for b in range(0, len(image_ids), batch_size):
-        chunk = image_ids[b:b + batch_size]
-        x = torch.stack([dataset[i][0] for i in chunk]).to(dev)  # dataset is indexed by image id
-        with torch.inference_mode():
-            _, sw = lmap.extract(x, [deepest.name], pool_indices=True)
-        for j, image_id in enumerate(chunk):
-            for pool in sorted(needed[image_id]):
-                reg = union(needed[image_id][pool])
-                geom = lmap.pool_by_name[pool].geometry
-                codes = window_codes(sw[pool][j, :, reg.y0:reg.y0 + reg.h, reg.x0:reg.x0 + reg.w], geom,
-                                     origin=(reg.y0, reg.x0))
-                for key, v in (("image_id", image_id), ("pool", pool), ("y0", reg.y0), ("x0", reg.x0),
-                               ("h", reg.h), ("w", reg.w), ("data", pack(codes, geom.kernel))):
-                    cols[key].append(v)
-    schema = pa.schema([("image_id", pa.int32()), ("pool", pa.string()), ("y0", pa.int32()), ("x0", pa.int32()),
-                        ("h", pa.int32()), ("w", pa.int32()), ("data", pa.binary())])
-    return pa.table(cols, schema=schema)
+
+    def write(tmp: Path) -> None:
+        with pq.ParquetWriter(tmp, SWITCH_SCHEMA, compression="zstd") as writer:
+            for b in range(0, len(image_ids), batch_size):
+                chunk = image_ids[b:b + batch_size]
+                x = torch.stack([dataset[i][0] for i in chunk]).to(dev)  # dataset is indexed by image id
+                with torch.inference_mode():
+                    _, sw = lmap.extract(x, [deepest.name], pool_indices=True)
+                cols: dict[str, list] = {c: [] for c in SWITCH_SCHEMA.names}
+                for j, image_id in enumerate(chunk):
+                    for pool in sorted(needed[image_id]):
+                        reg = union(needed[image_id][pool])
+                        geom = lmap.pool_by_name[pool].geometry
+                        codes = window_codes(sw[pool][j, :, reg.y0:reg.y0 + reg.h, reg.x0:reg.x0 + reg.w], geom,
+                                             origin=(reg.y0, reg.x0))
+                        for key, v in (("image_id", image_id), ("pool", pool), ("y0", reg.y0), ("x0", reg.x0),
+                                       ("h", reg.h), ("w", reg.w), ("data", pack(codes, geom.kernel))):
+                            cols[key].append(v)
+                writer.write_table(pa.table(cols, schema=SWITCH_SCHEMA))
+
+    atomic_write(path, write)
 
 
 def _write_tables(staging: Path, source, errors: dict[int, str], lmap, chosen, moms, top_rows) -> None:
