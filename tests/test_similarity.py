@@ -2,8 +2,10 @@
 
 Small atlases (36 images of 32 px, zfnet-mini), real FAISS indexes on disk, checked against numpy brute force.
 """
+import gc
 import json
 import shutil
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -236,6 +238,13 @@ def test_sql_macros_join_with_the_other_tables(tiny_atlas, dup_atlas):
     top = d.sql(f"SELECT s.layer, s.channel, c.fire_rate FROM similar_channels('conv5', {SRC}, 3) s "
                 "JOIN channels c USING (layer, channel) ORDER BY s.rank").fetchall()
     assert top[0][:2] == ("conv5", DUP) and top[0][2] is not None
+    # a relation may outlive its Atlas (as in `atlas sql`); an Atlas that used the macros is still freed
+    rel = atlas.open(tiny_atlas).sql("SELECT image_id FROM similar_images(9, 2) ORDER BY rank")
+    assert rel.fetchall()[0] == (9,)
+    gone = weakref.ref(d)
+    del d
+    gc.collect()
+    assert gone() is None
     out = cli_json("sql", tiny_atlas, "-q", "similar_images", "-p", "image_id=7", "-p", "k=3")
     assert [r["image_id"] for r in out][0] == 7 and len(out) == 3 and out[0]["same_label"] is True
 
