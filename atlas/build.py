@@ -35,6 +35,7 @@ from . import FORMAT_VERSION, __version__
 from .distributed import ranks_from_env
 from .data import DecodedImages, Preprocess, open_dataset
 from .errors import AtlasError
+from .heap import keep_memory_flat
 from .fsutil import atomic_write, atomic_write_bytes, atomic_write_json, atomic_write_parquet, publish_dir
 from .layers import LayerMap
 from .mining import NO_IMAGE, Moments, TopK, spatial_max
@@ -74,6 +75,7 @@ def build(model: str, data: str, out: str | Path, *, weights: str | None = None,
     """Run the build job; returns the path of the published atlas."""
     log = log or (lambda s: None)
     t_start = time.perf_counter()
+    keep_memory_flat()  # memory must not grow with the number of images (atlas/heap.py says why)
     out = Path(out)
     if k < 1:
         raise AtlasError(f"--k must be at least 1 (got {k})")

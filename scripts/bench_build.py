@@ -27,6 +27,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from atlas.build import ChunkMiner, resolve_device  # noqa: E402
+from atlas.heap import keep_memory_flat  # noqa: E402
 from atlas.layers import LayerMap  # noqa: E402
 from atlas.models import load_model, preprocessing_for  # noqa: E402
 
@@ -114,6 +115,7 @@ def main() -> None:
         args.model, args.size, args.batch, args.batches, args.rounds, args.memory_images = \
             "zfnet-mini", 64, 64, 4, 2, 256
     torch.set_num_threads(os.cpu_count() or 1)
+    keep_memory_flat()  # as `atlas build` does: both sides of the ratio run under the same allocator
     print(f"model {args.model} at {args.size} px, batch {args.batch}, device {resolve_device(args.device)}, "
           f"torch {torch.__version__}, {os.cpu_count()} CPU threads")
     t = throughput(args.model, args.size, args.batch, args.batches, args.device, args.rounds)
