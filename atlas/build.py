@@ -20,7 +20,6 @@ from __future__ import annotations
 import datetime as _dt
 import io
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ import torch
 from . import FORMAT_VERSION, __version__
 from .distributed import ranks_from_env
 from .data import DecodedImages, Preprocess, open_dataset
+from .device import default_workers, resolve_device  # noqa: F401 (re-exported)
 from .errors import AtlasError
 from .heap import keep_memory_flat
 from .fsutil import atomic_write, atomic_write_bytes, atomic_write_json, atomic_write_parquet, publish_dir
@@ -45,24 +45,6 @@ from .similarity import ChunkVectors, MinerPlan, build_indexes, layer_vectors, p
 from .switches import pack, regions_below, union, window_codes
 
 ACT_ROW_GROUP = 1 << 20
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise AtlasError(f"device '{device}' was asked for, but no CUDA GPU is available")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise AtlasError(f"unknown device '{device}': use auto, cpu or cuda") from None
-
-
-def default_workers(dev: torch.device) -> int:
-    n = os.cpu_count() or 1
-    if dev.type == "cuda":
-        return min(8, max(1, n - 1))
-    return 0 if n <= 2 else min(4, n // 2)  # on few cores, decoding steals from the forward pass
 
 
 def build(model: str, data: str, out: str | Path, *, weights: str | None = None, k: int = 9,

@@ -82,6 +82,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import ImageSource, Preprocess, open_dataset
+from .device import default_workers, resolve_device  # noqa: F401 (re-exported)
 from .errors import AtlasError
 from .fsutil import atomic_write, atomic_write_bytes, atomic_write_json
 from .models.registry import build_model, model_names, preprocessing_for
@@ -114,24 +115,6 @@ def _mix(*parts: int) -> int:
     """A 63-bit seed from integers (seed, epoch, stream): independent streams per epoch."""
     return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint32)
                .astype(np.uint64).dot(np.array([1 << 31, 1], dtype=np.uint64)) & ((1 << 63) - 1))
-
-
-def resolve_device(device: str) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise AtlasError(f"device '{device}' was asked for, but no CUDA GPU is available")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise AtlasError(f"unknown device '{device}': use auto, cpu or cuda") from None
-
-
-def default_workers(dev: torch.device) -> int:
-    n = os.cpu_count() or 1
-    if dev.type == "cuda":
-        return min(8, max(1, n - 1))
-    return 0 if n <= 2 else min(4, n // 2)
 
 
 def parse_epochs(spec: str | Iterable[int] | None) -> list[int]:

@@ -1,5 +1,4 @@
 """atlas.train: the paper's recipe, resumable runs, and bad input (small data, CPU)."""
-import csv
 import json
 import os
 import signal

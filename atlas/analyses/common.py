@@ -240,7 +240,7 @@ class Runner:
     """
 
     def __init__(self, atlas, device: str = "auto", channels_last: bool = True):
-        from ..build import resolve_device
+        from ..device import resolve_device
         from ..layers import LayerMap
 
         self.device = resolve_device(device)

@@ -284,7 +284,8 @@ def evolution(run_dir: str | os.PathLike, data: str | os.PathLike | None = None,
     """Figure 4 for a training run: returns the PNG's path (the table is written beside it)."""
     from ..deconv import project_images
     from ..render import normalise
-    from ..train import default_workers, parse_epochs, resolve_device
+    from ..device import default_workers, resolve_device
+    from ..train import parse_epochs
 
     log = log or (lambda s: None)
     if select not in ("strongest", "first"):
