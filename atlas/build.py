@@ -400,17 +400,21 @@ def _write_tables(staging: Path, source, errors: dict[int, str], lmap, chosen, m
 def _compact_activations(staging: Path, work: Path, names: list[str], nchunks: int) -> None:
     """One file per layer from the chunk parts, streamed (memory stays flat)."""
     for name in names:
-        target = staging / "activations" / f"layer={name}" / "part-0.parquet"
-        parts = [work / f"act-{c:05d}-{name}.parquet" for c in range(nchunks)]
+        parts = (pq.read_table(work / f"act-{c:05d}-{name}.parquet") for c in range(nchunks))
+        write_activations(staging / "activations" / f"layer={name}" / "part-0.parquet", parts)
 
-        def write(tmp: Path) -> None:
-            writer = None
-            for p in parts:
-                table = pq.read_table(p)
-                if writer is None:
-                    writer = pq.ParquetWriter(tmp, table.schema, compression="zstd")
-                writer.write_table(table, row_group_size=ACT_ROW_GROUP)
-            if writer is not None:
-                writer.close()
 
-        atomic_write(target, write)
+def write_activations(target: Path, tables) -> None:
+    """A layer's activations file from tables of (image_id, channel, value) rows in image order,
+    streamed and published atomically. scripts/make_large_atlas.py writes through this too."""
+
+    def write(tmp: Path) -> None:
+        writer = None
+        for table in tables:
+            if writer is None:
+                writer = pq.ParquetWriter(tmp, table.schema, compression="zstd")
+            writer.write_table(table, row_group_size=ACT_ROW_GROUP)
+        if writer is not None:
+            writer.close()
+
+    atomic_write(target, write)
