@@ -184,10 +184,9 @@ def sql(atlas_path, query, sql_file, canned, param, fmt):
             raise AtlasError(f"--param '{p}' is not NAME=VALUE")
         name, value = p.split("=", 1)
         params[name] = value
-    rel = _open(atlas_path).sql(query, params)
-    if rel is None:
-        return
-    click.echo(render(rel.columns, rel.fetchall(), fmt))
+    columns, rows = _open(atlas_path).fetch(query, params)
+    if columns:
+        click.echo(render(columns, rows, fmt))
 
 
 @main.command(context_settings=CONTEXT)

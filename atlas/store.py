@@ -25,6 +25,7 @@ from . import FORMAT_VERSION
 from .errors import AtlasError
 
 SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
+ACTIVATION_FILES = "read_parquet('activations/*/*.parquet', hive_partitioning = true)"  # as in views.sql
 
 
 def canned_queries() -> dict[str, tuple[str, str]]:
@@ -70,10 +71,13 @@ class Atlas:
 
         con = duckdb.connect()
         con.execute("SET file_search_path = ?", [str(self.path.resolve())])
-        con.execute((SQL_DIR / "views.sql").read_text())
+        views = (SQL_DIR / "views.sql").read_text()
         if not list(self.path.glob("activations/*/*.parquet")):
-            con.execute("CREATE OR REPLACE VIEW activations AS SELECT NULL::INTEGER AS image_id, "
-                        "NULL::VARCHAR AS layer, NULL::INTEGER AS channel, NULL::FLOAT AS value WHERE false")
+            # built with --no-activations: DuckDB refuses a view over a glob that matches nothing,
+            # so the view gets the same columns and no rows
+            views = views.replace(ACTIVATION_FILES, "(SELECT NULL::INTEGER AS image_id, NULL::VARCHAR AS layer, "
+                                                    "NULL::INTEGER AS channel, NULL::FLOAT AS value WHERE false)")
+        con.execute(views)
         # Analyses (occlusion, invariance, ...) store tables under analyses/NAME/*.parquet.
         for d in sorted(p for p in (self.path / "analyses").glob("*") if p.is_dir()):
             if list(d.glob("*.parquet")) and d.name.replace("_", "").isalnum():
@@ -93,6 +97,19 @@ class Atlas:
         self._deconv_png_sql(query)
         try:
             return self.con.sql(query)
+        except duckdb.Error as e:
+            raise AtlasError(f"SQL error: {str(e).splitlines()[0]}") from None
+
+    def fetch(self, query: str, params: dict[str, Any] | None = None) -> tuple[list[str], list[tuple]]:
+        """(column names, rows) of a query, run now: errors that only show while the query runs
+        (a bad cast, a function's own error) are AtlasErrors too, as they are at planning time."""
+        import duckdb
+
+        rel = self.sql(query, params)
+        if rel is None:  # a statement with no result (SET, CREATE VIEW ...)
+            return [], []
+        try:
+            return list(rel.columns), rel.fetchall()
         except duckdb.Error as e:
             raise AtlasError(f"SQL error: {str(e).splitlines()[0]}") from None
 

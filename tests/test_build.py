@@ -229,6 +229,18 @@ def test_bad_input_gives_one_clear_line(tmp_path, tiny_folder, tiny_atlas):
                                                "--out", str(tiny_atlas)])
     assert "out of range" in one_line_error(["top", str(tiny_atlas), "conv1", "999"])
     assert "SQL error" in one_line_error(["sql", str(tiny_atlas), "SELECT nonsense FROM nowhere"])
+    # an error that shows only while the query runs is one line too
+    assert "Conversion Error" in one_line_error(["sql", str(tiny_atlas), "SELECT path::INTEGER FROM images"])
+
+
+def test_an_atlas_without_activations_answers_sql(tmp_path, tiny_folder):
+    out = build("zfnet-mini", str(tiny_folder), tmp_path / "noact", k=2, batch_size=8, image_size=32,
+                activations=False, index=False, progress=False)
+    assert not (out / "activations").exists()
+    res = CliRunner().invoke(main, ["sql", str(out), "SELECT (SELECT count(*) FROM activations) AS acts, "
+                                    "(SELECT count(*) FROM top_activations) AS tops", "--format", "csv"])
+    assert res.exit_code == 0, res.output
+    assert res.output.splitlines()[1] == f"0,{2 * (32 + 64 + 96 + 96 + 64)}"
 
 
 def test_cli_browsing_and_sql(tiny_atlas):
