@@ -219,10 +219,21 @@ def info(atlas_path, as_json):
         f"input      {m['preprocessing']['note']}",
         f"k          {m['k']}",
         f"layers     {', '.join(a.layer_names)}",
+        f"indexes    {_describe_indexes(m.get('index'))}",
         f"built      {m['created']} with atlas {m['tool']['version']} in {t['total_s']} s "
         f"({t['images_per_s']} images/s on {m['options']['device']})",
     ]
     click.echo("\n".join(lines))
+
+
+def _describe_indexes(ix) -> str:
+    if not ix or not (ix.get("images") or ix.get("channels")):
+        return "none (build them with `atlas index ATLAS`)"
+    parts = [f"images at {name} ({e['count']} x {e['dim']}, {e['spec']['factory']})"
+             for name, e in ix.get("images", {}).items()]
+    if ix.get("channels"):
+        parts.append(f"{ix['channels']['count']} channels")
+    return "; ".join(parts)
 
 
 @main.command(context_settings=CONTEXT)

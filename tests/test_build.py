@@ -247,6 +247,7 @@ def test_cli_browsing_and_sql(tiny_atlas):
     r = CliRunner()
     res = r.invoke(main, ["info", str(tiny_atlas)])
     assert res.exit_code == 0 and "zfnet-mini" in res.output and "random init" in res.output
+    assert "images at conv5 (36 x 64" in res.output and "images at fc7" in res.output
     res = r.invoke(main, ["layers", str(tiny_atlas), "--format", "csv"])
     assert res.output.splitlines()[0].startswith("layer,kind,channels") and len(res.output.splitlines()) == 6
     res = r.invoke(main, ["channels", str(tiny_atlas), "conv2", "--sort", "max", "--desc", "--format", "json"])
