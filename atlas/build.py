@@ -44,6 +44,12 @@ from .progress import Progress
 from .similarity import ChunkVectors, MinerPlan, build_indexes, layer_vectors, plan_for_build, vector_arrays
 from .switches import pack, regions_below, union, window_codes
 
+# Row groups (scripts/bench_scale.py measures both on a 1M-image atlas):
+# images.parquet: a channel's top-k joins its k images, and DuckDB pushes their ids into the scan, skipping
+# every row group whose image_id range holds none; small groups keep that lookup flat in the number of images.
+IMAGE_ROW_GROUP = 1 << 14
+# activations: whole-layer scans (class selectivity, the export's histograms) want big groups (fewer, better
+# compressed pages); a lookup of a few images still skips by the image_id statistics.
 ACT_ROW_GROUP = 1 << 20
 
 
@@ -375,7 +381,7 @@ def _write_tables(staging: Path, source, errors: dict[int, str], lmap, chosen, m
         "label_index": pa.array([r.label_index for r in recs], pa.int32()),
         "status": pa.array(["error" if r.image_id in errors else "ok" for r in recs], pa.string()),
         "error": pa.array([errors.get(r.image_id) for r in recs], pa.string()),
-    }))
+    }), row_group_size=IMAGE_ROW_GROUP)
     layer_rows = [la.to_row() for la in chosen]
     atomic_write_parquet(staging / "layers.parquet", pa.Table.from_pylist(layer_rows, schema=pa.schema([
         ("layer", pa.string()), ("kind", pa.string()), ("channels", pa.int32()), ("height", pa.int32()),
@@ -405,16 +411,28 @@ def _compact_activations(staging: Path, work: Path, names: list[str], nchunks: i
 
 
 def write_activations(target: Path, tables) -> None:
-    """A layer's activations file from tables of (image_id, channel, value) rows in image order,
+    """A layer's activations file from tables of (image_id, channel, value) rows in image order, in row
+    groups of ACT_ROW_GROUP rows whatever size the tables come in (a build's chunk parts hold 1024 images),
     streamed and published atomically. scripts/make_large_atlas.py writes through this too."""
 
     def write(tmp: Path) -> None:
-        writer = None
+        writer, pending, n = None, [], 0
         for table in tables:
             if writer is None:
-                writer = pq.ParquetWriter(tmp, table.schema, compression="zstd")
-            writer.write_table(table, row_group_size=ACT_ROW_GROUP)
+                # value: split into byte streams, the exponents of similar floats compress (zstd) ~17 %
+                # smaller and scan faster than a dictionary that overflows into plain pages
+                writer = pq.ParquetWriter(tmp, table.schema, compression="zstd",
+                                          use_dictionary=["image_id", "channel"],
+                                          column_encoding={"value": "BYTE_STREAM_SPLIT"})
+            pending.append(table)
+            n += table.num_rows
+            while n >= ACT_ROW_GROUP:
+                buf = pa.concat_tables(pending)
+                writer.write_table(buf.slice(0, ACT_ROW_GROUP), row_group_size=ACT_ROW_GROUP)
+                pending, n = [buf.slice(ACT_ROW_GROUP)], n - ACT_ROW_GROUP
         if writer is not None:
+            if n:
+                writer.write_table(pa.concat_tables(pending), row_group_size=ACT_ROW_GROUP)
             writer.close()
 
     atomic_write(target, write)
