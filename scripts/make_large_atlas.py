@@ -1,13 +1,23 @@
 """Write a synthetic atlas of realistic shape, without running a model.
 
-1M images, zfnet's 1376 conv channels, k = 9, the activations table for one
-layer: for measuring the query side (see scripts/bench_scale.py). Values are
-drawn so that they look like post-ReLU spatial maxima (a third of them zero,
-the rest gamma-distributed, per-class shifts so selectivity queries find
-something). Switches are written for channel 0 of every layer, so that those
-channels can be projected from the atlas alone.
+1M images, zfnet's 1376 conv channels at 224 px, k = 9, the activations table for one
+layer (conv5, 256 channels): for measuring the query side (scripts/bench_scale.py).
 
-    python scripts/make_large_atlas.py --out /tmp/large-atlas              # 1M images
+The tables are written by the build's own writers (atlas.build: `_write_tables`,
+`write_activations`, `_top_rows`, SWITCH_SCHEMA), so file names, schemas, sort order and
+row groups are what `atlas build` writes; only the numbers are made up:
+  activations  look like post-ReLU spatial maxima: a third zero, the rest gamma-distributed,
+               shifted per class so that selectivity queries find something; the layer's
+               channel statistics and top-k are computed from these very numbers
+  other layers statistics and top-k drawn at random (no activations table, as if built
+               with activations for one layer only)
+  switches     valid but random window offsets for every top-k image of the activations
+               layer and channel 0 of every other layer, so those project from the atlas
+               alone (`atlas show`, `atlas export`); images are not on disk, so patches are
+               placeholders
+  manifest     the build's keys; no similarity indexes (as `atlas build --no-index`)
+
+    python scripts/make_large_atlas.py --out /tmp/large-atlas              # 1M images, ~2 min
     python scripts/make_large_atlas.py --out /tmp/small --images 20000    # quick
 """
 from __future__ import annotations
@@ -19,6 +29,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
@@ -28,11 +39,95 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from atlas import FORMAT_VERSION, __version__  # noqa: E402
-from atlas.build import ACT_ROW_GROUP  # noqa: E402
-from atlas.fsutil import atomic_write_json, publish_dir  # noqa: E402
+from atlas.build import SWITCH_SCHEMA, _top_rows, _write_tables, write_activations  # noqa: E402
+from atlas.data import Record  # noqa: E402
+from atlas.fsutil import atomic_write, atomic_write_bytes, atomic_write_json, publish_dir  # noqa: E402
 from atlas.layers import LayerMap  # noqa: E402
+from atlas.mining import Moments, TopK  # noqa: E402
 from atlas.models import load_model, preprocessing_for  # noqa: E402
-from atlas.switches import regions_below  # noqa: E402
+from atlas.switches import pack, regions_below, union  # noqa: E402
+
+IMAGES_PER_BLOCK = 16384  # activation rows are generated (and top-k merged) this many images at a time
+SWITCH_BATCH = 64         # images per switches row group: the build's default batch size
+
+
+def synthetic_layer(rng, la, n: int, k: int) -> tuple[Moments, TopK]:
+    """Statistics and top-k of a layer without an activations table: plausible, not derived."""
+    C = la.channels
+    mean, std = rng.gamma(2, 0.5, C), rng.gamma(2, 0.3, C)
+    mom = Moments.from_state({"count": np.full(C, float(n)), "sum": mean * n, "sumsq": (std ** 2 + mean ** 2) * n,
+                              "fires": np.floor(rng.uniform(0.2, 1.0, C) * n), "max": rng.gamma(9, 1.0, (C,)) + 9})
+    ids = np.stack([rng.choice(n, k, replace=False) for _ in range(C)])
+    top = TopK.from_state({"values": -np.sort(-rng.gamma(9, 1.0, (C, k)), axis=1).astype(np.float32),
+                           "ids": ids.astype(np.int64),
+                           "pos": rng.integers(0, la.height * la.width, (C, k), dtype=np.int64)})
+    return mom, top
+
+
+def activation_tables(rng, la, labels: np.ndarray, classes: int, mom: Moments, top: TopK):
+    """(image_id, channel, value) tables in image order, as the build's chunk parts are; the layer's
+    moments and top-k are accumulated from the same numbers on the way."""
+    n, C = len(labels), la.channels
+    shift = rng.gamma(1.0, 0.3, (classes, C)).astype(np.float32)
+    for lo in range(0, n, IMAGES_PER_BLOCK):
+        m = min(IMAGES_PER_BLOCK, n - lo)
+        v = rng.standard_gamma(2.0, (m, C), dtype=np.float32) * np.float32(0.6) + shift[labels[lo:lo + m]]
+        v[rng.random((m, C), dtype=np.float32) < 0.33] = 0
+        vt = torch.from_numpy(v)
+        mom.update(vt)
+        best = torch.topk(vt.t(), min(top.k, m), dim=1)  # per channel: the block's candidates only
+        top.merge(TopK.from_state({"values": best.values.numpy(), "ids": (best.indices + lo).numpy(),
+                                   "pos": rng.integers(0, la.height * la.width, best.indices.shape)}))
+        yield pa.table({"image_id": pa.array(np.repeat(np.arange(lo, lo + m, dtype=np.int32), C), pa.int32()),
+                        "channel": pa.array(np.tile(np.arange(C, dtype=np.int16), m), pa.int16()),
+                        "value": pa.array(v.reshape(-1), pa.float32())})
+        print(f"activations ({la.name}): {lo + m}/{n} images", end="\r", file=sys.stderr)
+    print(file=sys.stderr)
+
+
+def random_codes(rng, geom, reg) -> np.ndarray:
+    """Window offsets dy * k + dx (C, h, w) that stay inside the pool's input, as real switches do."""
+    k, s, p = geom.kernel, geom.stride, geom.padding
+
+    def axis(start: int, size: int) -> np.ndarray:
+        o = (np.arange(start, start + size) * s - p)[None, :]
+        lo, hi = np.maximum(0, -o), np.minimum(k, geom.in_size - o)
+        return lo, hi - lo
+
+    (ly, ny), (lx, nx) = axis(reg.y0, reg.h), axis(reg.x0, reg.w)
+    shape = (geom.channels, reg.h, reg.w)
+    dy = ly.reshape(1, -1, 1) + np.floor(rng.random(shape) * ny.reshape(1, -1, 1)).astype(int)
+    dx = lx.reshape(1, 1, -1) + np.floor(rng.random(shape) * nx.reshape(1, 1, -1)).astype(int)
+    return (dy * k + dx).astype(np.uint8)
+
+
+def write_switches(path: Path, rng, lmap: LayerMap, top_rows, layer: str) -> int:
+    """switches.parquet as `atlas.build._write_switches` lays it out (one row per image and pool, the union of
+    its units' regions, image order, a row group per batch of images) for the rows that get switches."""
+    needed: dict[int, dict[str, list]] = {}
+    for r in top_rows:
+        if r["layer"] == layer or r["channel"] == 0:
+            for reg in regions_below(lmap, lmap.by_name[r["layer"]], r["y"], r["x"]):
+                needed.setdefault(r["image_id"], {}).setdefault(reg.pool, []).append(reg)
+    image_ids = sorted(needed)
+
+    def write(tmp: Path) -> None:
+        with pq.ParquetWriter(tmp, SWITCH_SCHEMA, compression="zstd") as writer:
+            for b in range(0, len(image_ids), SWITCH_BATCH):
+                cols: dict[str, list] = {c: [] for c in SWITCH_SCHEMA.names}
+                for image_id in image_ids[b:b + SWITCH_BATCH]:
+                    for pool in sorted(needed[image_id]):
+                        reg = union(needed[image_id][pool])
+                        p = lmap.pool_by_name[pool]
+                        geom = SimpleNamespace(**vars(p.geometry), channels=p.channels)
+                        for key, v in (("image_id", image_id), ("pool", pool), ("y0", reg.y0), ("x0", reg.x0),
+                                       ("h", reg.h), ("w", reg.w), ("data", pack(random_codes(rng, geom, reg),
+                                                                                  geom.kernel))):
+                            cols[key].append(v)
+                writer.write_table(pa.table(cols, schema=SWITCH_SCHEMA))
+
+    atomic_write(path, write)
+    return len(image_ids)
 
 
 def main() -> None:
@@ -50,108 +145,59 @@ def main() -> None:
     model = load_model("zfnet")
     lmap = LayerMap(model, 224)
     convs = lmap.conv_layers
+    if args.layer not in lmap.by_name or lmap.by_name[args.layer].kind != "conv":
+        sys.exit(f"Error: --layer must be one of {', '.join(la.name for la in convs)}")
     staging = args.out.with_name(args.out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
 
     labels = np.arange(n) % args.classes
-    pq.write_table(pa.table({
-        "image_id": pa.array(np.arange(n, dtype=np.int32)),
-        "path": pa.array([f"n{c:05d}/img_{i:08d}.JPEG" for i, c in enumerate(labels)]),
-        "label": pa.array([f"class_{c:04d}" for c in labels]),
-        "label_index": pa.array(labels.astype(np.int32)),
-        "status": pa.array(["ok"] * n),
-        "error": pa.nulls(n, pa.string()),
-    }), staging / "images.parquet", compression="zstd")
-    pq.write_table(pa.Table.from_pylist([la.to_row() for la in convs]), staging / "layers.parquet")
-
-    ch = {c: [] for c in ("layer", "channel", "mean", "std", "max", "fire_rate")}
-    top = {c: [] for c in ("layer", "channel", "rank", "image_id", "value", "y", "x", "x0", "y0", "x1", "y1")}
+    moms, tops = {}, {}
     for la in convs:
-        C = la.channels
-        ch["layer"] += [la.name] * C
-        ch["channel"] += list(range(C))
-        ch["mean"] += list(rng.gamma(2, 0.5, C))
-        ch["std"] += list(rng.gamma(2, 0.3, C))
-        ch["max"] += list(rng.gamma(9, 1.0, C))
-        ch["fire_rate"] += list(rng.uniform(0.2, 1.0, C))
-        for c in range(C):
-            vals = np.sort(rng.gamma(9, 1.0, k))[::-1]
-            ids = rng.choice(n, k, replace=False)
-            for r in range(k):
-                y, x = int(rng.integers(la.height)), int(rng.integers(la.width))
-                x0, y0, x1, y1 = la.box(y, x, 224)
-                for key, v in zip(top, (la.name, c, r, int(ids[r]), float(vals[r]), y, x, x0, y0, x1, y1)):
-                    top[key].append(v)
-    pq.write_table(pa.table(ch), staging / "channels.parquet")
-    pq.write_table(pa.table(top), staging / "top_activations.parquet", compression="zstd")
-
-    # Switches for channel 0 of every layer: random but valid window offsets.
-    sw = {c: [] for c in ("layer", "channel", "rank", "pool", "y0", "x0", "h", "w", "data")}
-    for i in range(len(top["layer"])):
-        if top["channel"][i] != 0:
-            continue
-        la = lmap.by_name[top["layer"][i]]
-        for reg in regions_below(lmap, la, top["y"][i], top["x"][i]):
-            pool = lmap.pool_by_name[reg.pool]
-            codes = rng.integers(0, pool.geometry.kernel ** 2, pool.channels * reg.h * reg.w).astype(np.uint8)
-            if codes.size % 2:
-                codes = np.append(codes, np.uint8(0))
-            for key, v in zip(sw, (la.name, 0, top["rank"][i], reg.pool, reg.y0, reg.x0, reg.h, reg.w,
-                                   (codes[0::2] | (codes[1::2] << 4)).tobytes())):
-                sw[key].append(v)
-    pq.write_table(pa.table(sw), staging / "switches.parquet", compression="zstd")
-
+        moms[la.name], tops[la.name] = synthetic_layer(rng, la, n, k)
     la = lmap.by_name[args.layer]
-    folder = staging / "activations" / f"layer={args.layer}"
-    folder.mkdir(parents=True)
-    writer = None
-    step = max(1, (4 * ACT_ROW_GROUP) // la.channels)
-    class_shift = rng.gamma(1.0, 0.3, (args.classes, la.channels)).astype(np.float32)
-    for lo in range(0, n, step):
-        m = min(step, n - lo)
-        v = rng.gamma(2.0, 0.6, (m, la.channels)).astype(np.float32) + class_shift[labels[lo:lo + m]]
-        v[rng.random((m, la.channels)) < 0.33] = 0
-        table = pa.table({
-            "image_id": pa.array(np.repeat(np.arange(lo, lo + m, dtype=np.int32), la.channels)),
-            "channel": pa.array(np.tile(np.arange(la.channels, dtype=np.int16), m)),
-            "value": pa.array(v.reshape(-1)),
-        })
-        if writer is None:
-            writer = pq.ParquetWriter(folder / "part-0.parquet", table.schema, compression="zstd")
-        writer.write_table(table, row_group_size=ACT_ROW_GROUP)
-        print(f"activations: {lo + m}/{n} images", end="\r", file=sys.stderr)
-    writer.close()
-    print(file=sys.stderr)
+    moms[la.name], tops[la.name] = Moments(la.channels), TopK(la.channels, k)
+    write_activations(staging / "activations" / f"layer={la.name}" / "part-0.parquet",
+                      activation_tables(rng, la, labels, args.classes, moms[la.name], tops[la.name]))
+    t_act = time.perf_counter() - t0
 
-    (staging / "model").mkdir()
+    source = SimpleNamespace(records=[Record(i, f"n{c:05d}/img_{i:08d}.JPEG", f"class_{c:04d}", int(c))
+                                      for i, c in enumerate(labels.tolist())])
+    top_rows = _top_rows(lmap, convs, tops)
+    _write_tables(staging, source, {}, lmap, convs, moms, top_rows)
+    del source
+    n_sw = write_switches(staging / "switches.parquet", rng, lmap, top_rows, la.name)
+
     buf = io.BytesIO()
     torch.save(model.features.state_dict(), buf)
-    (staging / "model" / "features.pt").write_bytes(buf.getvalue())
+    atomic_write_bytes(staging / "model" / "features.pt", buf.getvalue())
     atomic_write_json(staging / "manifest.json", {
         "format_version": FORMAT_VERSION,
         "tool": {"name": "atlas", "version": __version__, "torch": torch.__version__},
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "model": {"name": "zfnet", "weights": None, "weights_sha256": None, "random_init": True, "seed": 0,
-                  "num_classes": 1000, "classes": None},
-        "dataset": {"spec": "synthetic", "kind": "synthetic", "root": "/nonexistent/synthetic", "count": n,
+                  "num_classes": lmap.classes(), "classes": None},
+        "dataset": {"spec": "synthetic", "kind": "synthetic", "count": n, "root": "/nonexistent/synthetic",
                     "ok": n, "errors": 0, "classes": [f"class_{c:04d}" for c in range(args.classes)]},
         "preprocessing": preprocessing_for("zfnet"),
         "k": k,
-        "layers": [{**la.to_row(), "pools_below": la.pools_below} for la in convs],
+        "layers": [{**la_.to_row(), "pools_below": la_.pools_below} for la_ in convs],
         "geometry": lmap.describe(),
-        "switches": {"stored": True, "encoding": "synthetic: channel 0 of every layer only"},
+        "switches": {"stored": True, "encoding": f"synthetic: random window offsets for every top-k image of "
+                                                 f"{la.name} and channel 0 of the other layers"},
         "activations": True,
-        "options": {"batch_size": 0, "chunk_size": 0, "device": "none", "precision": "fp32", "ranks": 1},
-        "timings": {"mining_s": 0, "switches_s": 0, "write_s": round(time.perf_counter() - t0, 1), "total_s": 0,
-                    "images_per_s": None},
-        "synthetic": True,
+        "options": {"batch_size": SWITCH_BATCH, "chunk_size": 0, "device": "none", "precision": "fp32",
+                    "ranks": 1},
+        "timings": {"mining_s": 0, "switches_s": 0, "write_s": round(time.perf_counter() - t0, 1),
+                    "total_s": round(time.perf_counter() - t0, 1), "images_per_s": None},
+        "synthetic": {"seed": args.seed, "activations_layer": la.name, "classes": args.classes},
     })
     publish_dir(staging, args.out, overwrite=True)
     size = sum(f.stat().st_size for f in args.out.rglob("*") if f.is_file())
     act_size = sum(f.stat().st_size for f in (args.out / "activations").rglob("*") if f.is_file())
-    print(f"wrote {args.out}: {n} images in {time.perf_counter() - t0:.0f} s; {size / 1e9:.2f} GB on disk, "
-          f"of which activations ({args.layer}, {la.channels} channels) {act_size / 1e9:.2f} GB")
+    print(f"wrote {args.out}: {n} images in {time.perf_counter() - t0:.0f} s (activations {t_act:.0f} s); "
+          f"{size / 1e9:.2f} GB on disk, of which activations ({la.name}, {la.channels} channels) "
+          f"{act_size / 1e9:.2f} GB; switches for {n_sw} images")
 
 
 if __name__ == "__main__":
