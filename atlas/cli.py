@@ -16,6 +16,9 @@ from .errors import AtlasError
 from .output import FORMATS, render, render_dicts
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+TUTORIAL_ORDER = ["demo", "build", "info", "layers", "channels", "top", "show", "filters", "sql", "queries",
+                  "similar", "index", "export", "train", "evolution", "compare-filters", "occlude", "invariance",
+                  "correspondence", "make-shapes"]
 
 
 class AtlasGroup(click.Group):
@@ -32,7 +35,8 @@ class AtlasGroup(click.Group):
             sys.exit(130)
 
     def list_commands(self, ctx):
-        return list(self.commands)  # in the order they were added: the order of a tutorial
+        known = [c for c in TUTORIAL_ORDER if c in self.commands]  # the order of a first session, not A-Z
+        return known + [c for c in self.commands if c not in known]
 
 
 @click.group(cls=AtlasGroup, context_settings=CONTEXT)
@@ -47,7 +51,12 @@ def main():
       atlas info my-atlas                 what is in it
       atlas channels my-atlas conv5 --sort max --desc
       atlas top my-atlas conv5 17         the channel's strongest images
+      atlas show my-atlas conv5 17        their DeconvNet projections beside the patches (figure 2)
       atlas sql my-atlas "SELECT * FROM channels WHERE max <= 0"
+      atlas similar my-atlas --image-id 42
+      atlas export my-atlas site/         a static site to browse and publish
+
+    Every command explains itself: atlas COMMAND --help.
     """
 
 
