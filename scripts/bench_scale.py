@@ -174,7 +174,7 @@ PROBES = {"open": probe_open, "top": probe_top, "show": probe_show, "selectivity
 
 def run_probe(name: str, path: Path, repeat: int) -> dict:
     p = subprocess.run([sys.executable, __file__, "--probe", name, "--atlas", str(path), "--repeat", str(repeat)],
-                       capture_output=True, text=True)
+                       capture_output=True, text=True, check=False)
     if p.returncode:
         raise SystemExit(f"probe {name} on {path} failed:\n{p.stderr}")
     return json.loads(p.stdout.strip().splitlines()[-1])
@@ -328,7 +328,9 @@ def report(results: list[dict]) -> None:
     row("top-k: Atlas.top (open atlas)", lambda r: r["top"], BARS["top_s"], "flat")
     row("`atlas top` end to end", lambda r: r["cli_top"], None, "flat")
     row("show cached: projection (rank 0)", lambda r: r["show"]["rank0"], BARS["show_cached_s"], "flat")
-    row("show cached: panel", lambda r: r["show"]["panel"], BARS["show_cached_s"], "flat")
+    redraw = results[-1]["show"]["panel_placeholder"]
+    row("show cached: panel" + (" (a redraw, see note)" if redraw else ""), lambda r: r["show"]["panel"],
+        BARS["show_cached_s"], "flat")
     row("`atlas show --rank 0` end to end", lambda r: r["cli_show_rank0"], None, "flat")
     row("`atlas show` (panel) end to end", lambda r: r["cli_show_panel"], None, "flat")
     row("class_selectivity.sql", lambda r: r["selectivity"]["class_selectivity"], None, "linear")
@@ -364,10 +366,11 @@ def report(results: list[dict]) -> None:
           f"(split {e['picture_split']}), {fmt_s(e['warm_per_channel_s'])} with pictures cached; peak RSS "
           f"{e['cold_maxrss_mb']:.0f} MB / {e['warm_maxrss_mb']:.0f} MB")
     if len(results) > 1:
-        print("  peak RSS, small -> big: selectivity " + " -> ".join(f"{r['selectivity']['maxrss_mb']:.0f}"
-                                                                      for r in results)
-              + " MB, export (pictures cached) " + " -> ".join(f"{r['export']['warm_maxrss_mb']:.0f}"
-                                                               for r in results) + " MB")
+        print("  peak RSS, " + " -> ".join(head) + ": " + ", ".join(
+            f"{label} " + " -> ".join(f"{get(r):.0f}" for r in results) + " MB" for label, get in (
+                ("selectivity", lambda r: r["selectivity"]["maxrss_mb"]),
+                ("export cold", lambda r: r["export"]["cold_maxrss_mb"]),
+                ("export pictures cached", lambda r: r["export"]["warm_maxrss_mb"]))))
 
     print("\ndisk (bytes; per million images for the tables that grow with the images):")
     names = sorted(big["disk"]["bytes"], key=lambda k: -big["disk"]["bytes"][k])
