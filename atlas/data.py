@@ -39,6 +39,13 @@ def atlas_home() -> Path:
     return Path(os.environ.get("ATLAS_HOME", Path.home() / ".cache" / "atlas"))
 
 
+def open_rgb(path: Path) -> Image.Image:
+    """An image file as RGB, fully decoded (raises OSError/ValueError for a corrupt file)."""
+    with Image.open(path) as im:
+        im.load()
+        return im.convert("RGB")
+
+
 class ImageSource:
     """An ordered, labelled list of images and a way to open each one."""
 
@@ -56,9 +63,7 @@ class ImageSource:
         if self.kind == "cifar10":
             batch, row = rec.path.split("#")
             return Image.fromarray(self._load_batch(batch)[int(row)])
-        with Image.open(self.root / rec.path) as im:
-            im.load()
-            return im.convert("RGB")
+        return open_rgb(self.root / rec.path)
 
     def _load_batch(self, name: str) -> np.ndarray:
         if name not in self._arrays:

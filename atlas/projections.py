@@ -90,7 +90,10 @@ def show(atlas, layer: str, channel: int, rank: int | None = None, *, mode: str 
         raise AtlasError(f"rank {rank} is out of range for {layer} channel {channel} (0..{k - 1})")
     r = renderer(atlas, mode, norm)
     target = r.root / layer / (f"{channel}-panel.png" if rank is None else f"{channel}-{rank}.png")
-    stale = target.is_file() and _unavailable(target) is not None
+    # a picture drawn while an image was missing is drawn again, in case the image is back; not while
+    # the whole dataset is gone, where that would redraw (and rescan) on every request for nothing
+    stale = target.is_file() and _unavailable(target) is not None and \
+        Path(atlas.manifest["dataset"]["root"]).exists()
     if target.is_file() and not stale:
         return _deliver(target, out, layer, channel, rank)
     rows = atlas.top(layer, channel)

@@ -179,7 +179,8 @@ def _table_vectors(a: Atlas, layer: str, image_ids: np.ndarray) -> np.ndarray:
     x = np.zeros((len(image_ids), C), np.float32)
     seen = np.zeros(len(image_ids), np.int64)
     for f in sorted((a.path / "activations" / f"layer={layer}").glob("*.parquet")):
-        for batch in pq.ParquetFile(f).iter_batches(batch_size=1 << 20, columns=["image_id", "channel", "value"]):
+        pf = pq.ParquetFile(f, pre_buffer=False)  # pre-buffering keeps every row group read until close
+        for batch in pf.iter_batches(batch_size=1 << 20, columns=["image_id", "channel", "value"]):
             ids, ch, v = (batch.column(i).to_numpy(zero_copy_only=False) for i in range(3))
             if not len(ids):
                 continue

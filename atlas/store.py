@@ -211,14 +211,25 @@ class Atlas:
         rows = self.rows("SELECT path, status FROM images WHERE image_id = ?", [int(image_id)])
         if not rows:
             raise AtlasError(f"image id {image_id} is not in atlas '{self.path}'")
-        src = self.source
-        if src is None or image_id >= len(src) or src.records[image_id].path != rows[0]["path"]:
-            raise AtlasError(f"image {image_id} ('{rows[0]['path']}') is unavailable: the dataset at "
-                             f"'{self.manifest['dataset']['root']}' is gone or changed")
+        ds, path = self.manifest["dataset"], rows[0]["path"]
+        gone = AtlasError(f"image {image_id} ('{path}') is unavailable: the dataset at '{ds['root']}' is gone "
+                          "or changed")
+        if ds["kind"] == "cifar10":  # rows of batch files: the source holds them
+            src = self.source
+            if src is None or image_id >= len(src) or src.records[image_id].path != path:
+                raise gone
+            opener = lambda: src.open_image(image_id)  # noqa: E731
+        else:  # a file under the root: opened directly, no scan of a dataset that may hold millions
+            from .data import open_rgb
+
+            file = Path(ds["root"]) / path
+            if not file.is_file():
+                raise gone
+            opener = lambda: open_rgb(file)  # noqa: E731
         try:
-            crop = self.preprocess.crop_image(src.open_image(image_id))
+            crop = self.preprocess.crop_image(opener())
         except Exception as e:
-            raise AtlasError(f"image {image_id} ('{rows[0]['path']}') cannot be read: {e}") from None
+            raise AtlasError(f"image {image_id} ('{path}') cannot be read: {e}") from None
         return self.preprocess.to_tensor(crop), crop
 
     # -- similarity (atlas/similarity.py) ----------------------------------

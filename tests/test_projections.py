@@ -321,6 +321,20 @@ def test_a_missing_image_gives_a_placeholder_patch_and_a_warning(small):
     assert not (PJ.cache_root(a) / "unit-identity" / "conv3" / f"{c}-panel.png").exists()
 
 
+def test_with_the_whole_dataset_gone_the_cached_panel_is_served(small):
+    path, data = small
+    a = atlas.open(path)
+    c = a.rows("SELECT channel FROM top_activations WHERE layer = 'conv2' ORDER BY channel LIMIT 1")[0]["channel"]
+    shutil.rmtree(data)
+    first = _cli("show", path, "conv2", c)
+    assert first.exit_code == 0 and "Warning:" in first.stderr
+    p = Path(first.stdout.strip())
+    stamp = p.stat().st_mtime_ns
+    again = _cli("show", path, "conv2", c)  # nothing could be better now: no redraw, no warning
+    assert again.exit_code == 0 and again.stdout == first.stdout and "Warning" not in again.stderr
+    assert p.stat().st_mtime_ns == stamp
+
+
 def test_unknown_options_are_refused_before_any_work(fresh):
     a = atlas.open(fresh)
     for kw, msg in (({"mode": "full"}, "unknown projection mode 'full'"), ({"norm": "x"}, "unknown norm handling"),

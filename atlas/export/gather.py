@@ -142,7 +142,7 @@ def _image_blocks(a, layer: str, C: int, rows_per_block: int = 1 << 20):
         carry_v = np.zeros(0, np.float32)
         carry_c = np.zeros(0, np.int64)
         for f in files:
-            pf = pq.ParquetFile(f)
+            pf = pq.ParquetFile(f, pre_buffer=False)  # pre-buffering keeps every row group read until close
             for batch in pf.iter_batches(batch_size=rows_per_block, columns=["channel", "value"]):
                 ch = np.concatenate([carry_c, batch.column(0).to_numpy(zero_copy_only=False).astype(np.int64)])
                 v = np.concatenate([carry_v, batch.column(1).to_numpy(zero_copy_only=False).astype(np.float32)])
