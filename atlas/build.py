@@ -33,7 +33,7 @@ import torch
 from . import FORMAT_VERSION, __version__
 from .distributed import ranks_from_env
 from .data import DecodedImages, Preprocess, open_dataset
-from .device import default_workers, resolve_device  # noqa: F401 (re-exported)
+from .device import default_workers, resolve_device
 from .errors import AtlasError
 from .heap import keep_memory_flat
 from .fsutil import atomic_write, atomic_write_bytes, atomic_write_json, atomic_write_parquet, publish_dir

@@ -231,7 +231,7 @@ def _forward_vectors(a: Atlas, src, names: list[str], image_ids: np.ndarray, *, 
     import torch
 
     from .analyses.common import Runner
-    from .build import default_workers, resolve_device
+    from .device import default_workers, resolve_device
     from .data import DecodedImages
     from .progress import Progress
 

@@ -82,7 +82,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import ImageSource, Preprocess, open_dataset
-from .device import default_workers, resolve_device  # noqa: F401 (re-exported)
+from .device import default_workers, resolve_device
 from .errors import AtlasError
 from .fsutil import atomic_write, atomic_write_bytes, atomic_write_json
 from .models.registry import build_model, model_names, preprocessing_for

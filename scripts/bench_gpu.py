@@ -26,7 +26,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from atlas.build import build, default_workers, resolve_device  # noqa: E402
+from atlas.build import build  # noqa: E402
+from atlas.device import default_workers, resolve_device  # noqa: E402
 from atlas.data import DecodedImages, Preprocess, open_dataset  # noqa: E402
 from atlas.layers import LayerMap  # noqa: E402
 from atlas.models import load_model, preprocessing_for  # noqa: E402

@@ -40,7 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from atlas.models.registry import build_model  # noqa: E402
 from atlas.models.zfnet import paper_init  # noqa: E402
 from atlas.train import (MODEL_DEFAULTS, PAPER_DEFAULTS, _epoch_augmentation, _preprocessing,  # noqa: E402
-                         decode_squares, flush_denormal, read_metrics, resolve_device, train)
+                         decode_squares, flush_denormal, read_metrics, train)
+from atlas.device import resolve_device  # noqa: E402
 from atlas.data import open_dataset  # noqa: E402
 
 

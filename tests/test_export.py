@@ -1,6 +1,5 @@
 """`atlas export`: the static site -- links, escaping, numbers vs their SQL, incremental and partial exports."""
 import json
-import os
 import shutil
 import time
 from html.parser import HTMLParser
@@ -288,9 +287,7 @@ def test_bad_requests(hostile_atlas, tmp_path):
 
 
 def test_progress_and_log(hostile_atlas, tmp_path, capsys):
-    import io
 
-    from atlas import progress as P
 
     msgs = []
     export(hostile_atlas, tmp_path / "s", layers="conv1", max_channels=2, progress=True, log=msgs.append)

@@ -1,6 +1,5 @@
 """The lazy projection path: `atlas show`, `atlas filters`, deconv_png() in SQL, the shared PNG cache."""
 import json
-import os
 import shutil
 import subprocess
 import sys
