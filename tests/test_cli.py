@@ -1,0 +1,50 @@
+"""The command line as a whole: every command teaches with --help, and every library call it makes resolves.
+
+Commands import their library function when they run (so that `atlas --help` does not import torch); a
+broken import there would only show when the command runs, so it is checked here for all of them.
+"""
+import ast
+import importlib
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import atlas.cli
+from atlas.cli import main
+
+CLI_DIR = Path(atlas.cli.__file__).parent
+
+
+@pytest.mark.parametrize("name", sorted(main.commands))
+def test_every_command_has_help_with_an_explanation(name):
+    res = CliRunner().invoke(main, [name, "--help"])
+    assert res.exit_code == 0, res.output
+    assert res.output.startswith(f"Usage: main {name}") or res.output.startswith(f"Usage: atlas {name}")
+    body = res.output.split("Options:")[0]
+    assert len(body.split("\n", 2)[-1].strip()) > 20, f"{name} has no explanation"
+
+
+def _lazy_imports():
+    for path in sorted(CLI_DIR.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        for fn in (n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)):
+            for node in ast.walk(fn):
+                if isinstance(node, ast.ImportFrom):
+                    yield path.stem, node
+
+
+@pytest.mark.parametrize("module,node", list(_lazy_imports()),
+                         ids=lambda v: v if isinstance(v, str) else f"line{v.lineno}")
+def test_the_library_calls_of_the_commands_resolve(module, node):
+    # the package of every atlas/cli/*.py module is atlas.cli: relative names resolve from there
+    base = importlib.import_module("." * node.level + (node.module or ""), package="atlas.cli")
+    for alias in node.names:
+        assert hasattr(base, alias.name) or importlib.util.find_spec(f"{base.__name__}.{alias.name}"), \
+            f"atlas/cli/{module}.py line {node.lineno}: {base.__name__} has no {alias.name}"
+
+
+def test_commands_are_listed_in_the_order_of_a_first_session():
+    res = CliRunner().invoke(main, ["--help"])
+    listed = [line.split()[0] for line in res.output.split("Commands:")[1].splitlines() if line.strip()]
+    assert listed[:3] == ["demo", "build", "info"] and set(listed) == set(main.commands)
