@@ -371,7 +371,7 @@ class Renderer:
                     _write_png(patch, R.patch_cell(crop, box, S, up), text=text)
                     self.rendered += 1
             if c in panels and len(idx) == len(res["proj"]):
-                meta = [{**P.meta[i], "rank": items[done[i]][1]["rank"], "image_id": items[done[i]][1]["image_id"]}
+                meta = [{**P.meta[i], **{k: items[done[i]][1][k] for k in ("rank", "image_id", "value")}}
                         for i in idx]
                 sub = D.Projections(P.mode, P.norm, S, meta, [P.windows[i] for i in idx],
                                     [P.origins[i] for i in idx])

@@ -259,8 +259,10 @@ def panel(projections: Any, patches: Sequence[Any], *, boxes: Sequence[tuple[int
     if meta and meta[0]:
         first = meta[0]
         info.update({k: first[k] for k in ("layer", "channel", "mode", "norm") if k in first})
-        info["projections"] = json.dumps([{k: m.get(k) for k in ("rank", "image", "image_id", "value", "y", "x",
-                                                                   "box")} for m in meta], default=str)
+        # image ids, never the engine's batch positions: those depend on what else was in the batch,
+        # and the same picture must carry the same bytes however it was asked for
+        info["projections"] = json.dumps([{k: m.get(k) for k in ("rank", "image_id", "value", "y", "x", "box")}
+                                          for m in meta], default=str)
     im.info.update(_text(info, text))
     return im
 
@@ -275,7 +277,7 @@ def projection_image(projections: Any, i: int, *, box: tuple[int, int, int, int]
     b = box or (tuple(m["rf_box"]) if m["mode"] == "unit" else (0, 0, s, s))
     up = upscale or upscale_for(max(b[2] - b[0], b[3] - b[1]))
     im = projection_cell(projections.crop(i, b), b, s, up, full=False)
-    info = {k: m[k] for k in ("layer", "channel", "mode", "norm", "y", "x", "value", "image") if k in m}
+    info = {k: m[k] for k in ("layer", "channel", "mode", "norm", "y", "x", "value", "image_id") if k in m}
     info.update({"rank": rank if rank is not None else m.get("rank"), "box": list(b), "upscale": up,
                  "normalisation": NORMALISATION, "outside": OUTSIDE})
     im.info.update(_text(info, text))

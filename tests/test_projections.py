@@ -116,6 +116,19 @@ def test_cache_hit_returns_the_same_bytes_without_rendering(fresh):
     assert p.stat().st_mtime_ns == mtime
 
 
+def test_the_same_picture_has_the_same_bytes_whatever_was_asked_before(fresh, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(fresh, other)
+    a = atlas.open(fresh)
+    first = PJ.show(a, "conv5", 3).read_bytes()
+    b = atlas.open(other)
+    for c in (7, 1, 5):  # fill the renderer's slots with other images first
+        PJ.show(b, "conv5", c)
+    PJ.show(b, "conv2", 0)
+    assert PJ.show(b, "conv5", 3).read_bytes() == first
+    assert PJ.show(b, "conv5", 3, rank=2).read_bytes() == PJ.show(a, "conv5", 3, rank=2).read_bytes()
+
+
 def test_two_processes_asking_at_once_both_get_a_whole_png(fresh, tmp_path):
     go = tmp_path / "go"
     code = ("import sys, time, os, atlas; a = atlas.open(sys.argv[1]); _ = a.lmap; print('ready', flush=True)\n"
