@@ -31,8 +31,11 @@ Concurrency and crashes: a PNG is drawn into a temp file with a unique name
 (mkstemp: unique per process and thread) beside its final path and renamed
 into place, so two processes asking for the same picture both get a whole
 file, and a crash leaves at most a temp file, never a truncated PNG. A picture
-drawn while its image was missing carries `atlas.unavailable` in its PNG text;
-`show` draws such a panel again on the next request (the image may be back).
+drawn while its image was missing carries `atlas.unavailable` in its PNG text
+and a marker file beside it (`NAME.png.unavailable`, the reason inside): while
+the dataset folder exists, the next request (`show` or `export`) draws it again,
+since the image may be back; with the whole dataset gone it is served as it is,
+and the caller is told the picture is incomplete.
 
 Speed: a channel's top-k is one batched engine call; switches are decoded once
 per image into a slab kept between calls; images are read once. Nothing here
@@ -90,11 +93,7 @@ def show(atlas, layer: str, channel: int, rank: int | None = None, *, mode: str 
         raise AtlasError(f"rank {rank} is out of range for {layer} channel {channel} (0..{k - 1})")
     r = renderer(atlas, mode, norm)
     target = r.root / layer / (f"{channel}-panel.png" if rank is None else f"{channel}-{rank}.png")
-    # a picture drawn while an image was missing is drawn again, in case the image is back; not while
-    # the whole dataset is gone, where that would redraw (and rescan) on every request for nothing
-    stale = target.is_file() and _unavailable(target) is not None and \
-        Path(atlas.manifest["dataset"]["root"]).exists()
-    if target.is_file() and not stale:
+    if usable(atlas, target):
         return _deliver(target, out, layer, channel, rank)
     rows = atlas.top(layer, channel)
     if rank is not None and rank not in {t["rank"] for t in rows}:
@@ -104,7 +103,7 @@ def show(atlas, layer: str, channel: int, rank: int | None = None, *, mode: str 
         raise AtlasError(f"{layer} channel {channel} has no top activations to project")
     with r.lock:
         res = r.channels(layer, [channel], {channel: rows}, ranks=None if rank is None else [rank],
-                         panel=rank is None, switches=switches, force=stale)[channel]
+                         panel=rank is None, switches=switches)[channel]
     path = res["panel"] if rank is None else res["proj"][rank]
     if path is None:
         raise AtlasError(res["error"] or f"could not render {layer} channel {channel}")
@@ -174,15 +173,23 @@ def _check_options(mode: str, norm: str, switches: str) -> None:
                          "(--switches recompute), which reads the images")
 
 
-def _unavailable(path: Path) -> str | None:
-    """The `atlas.unavailable` text of a PNG (read from the header chunks, no decoding)."""
-    from PIL import Image
+def _marker(path: Path) -> Path:
+    return path.with_name(path.name + ".unavailable")
 
+
+def incomplete(path: Path) -> str | None:
+    """Why a cached picture was drawn without one of its images (None if it was not): a stat, no PNG read."""
+    m = _marker(path)
     try:
-        with Image.open(path) as im:
-            return im.info.get(UNAVAILABLE)
-    except OSError:
-        return "unreadable"
+        return m.read_text() or "an image was unavailable"
+    except FileNotFoundError:
+        return None
+
+
+def usable(atlas, path: Path) -> bool:
+    """A cached picture serves unless it was drawn with an image missing and the dataset is there to
+    try again; with the whole dataset gone, redrawing could not do better."""
+    return path.is_file() and (incomplete(path) is None or not Path(atlas.manifest["dataset"]["root"]).exists())
 
 
 def _deliver(path: Path, out, layer: str, channel: int | None, rank: int | None, suffix: str = "") -> Path:
@@ -221,12 +228,12 @@ class Renderer:
 
     # -- what the export and show ask for ------------------------------------------
     def channels(self, layer: str, channels: list[int], tops: dict[int, list[dict[str, Any]]], *,
-                 ranks: list[int] | None = None, panel: bool = True, switches: str = "auto",
-                 force: bool = False) -> dict[int, dict[str, Any]]:
+                 ranks: list[int] | None = None, panel: bool = True, switches: str = "auto"
+                 ) -> dict[int, dict[str, Any]]:
         """For each channel: {"panel": Path|None, "proj": [Path|None per rank], "patch": [...], "error": str|None}.
 
         `tops[c]` holds the channel's top-k rows (rank, image_id, value, y, x). Only `ranks` (default
-        all) and, with `panel`, the panel are made where missing (all of them with `force`).
+        all) and, with `panel`, the panel are made where missing or drawn incomplete (`usable`).
         What could not be made (no switches, an image gone for recompute) is None, the reason in "error".
         """
         out, items, panels = {}, [], set()
@@ -239,21 +246,23 @@ class Renderer:
             out[c] = res
             if not rows:
                 continue
-            if panel and (force or not res["panel"].is_file()):
+            if panel and not usable(self.a, res["panel"]):
                 panels.add(c)
                 items += [(c, r) for r in rows]  # the panel needs every projection of the channel
                 continue
             for i, r in enumerate(rows):
-                if (ranks is None or r["rank"] in ranks) and (
-                        force or not (res["proj"][i].is_file() and res["patch"][i].is_file())):
+                if (ranks is None or r["rank"] in ranks) and not (
+                        usable(self.a, res["proj"][i]) and usable(self.a, res["patch"][i])):
                     items.append((c, r))
         if items:
-            self._render(layer, items, panels, out, switches, force)
-        for o in out.values():  # what could not be made is not offered
+            self._render(layer, items, panels, out, switches)
+        for o in out.values():  # what could not be made is not offered; what is incomplete says so
             o["proj"] = [p if p.is_file() else None for p in o["proj"]]
             o["patch"] = [p if p.is_file() else None for p in o["patch"]]
             if o["panel"] is not None and not (panel and o["panel"].is_file()):
                 o["panel"] = None
+            shown = [q for q in [o["panel"], *o["patch"]] if q is not None]
+            o["error"] = o["error"] or next((why for why in map(incomplete, shown) if why), None)
         return out
 
     def filter_grid(self, layer: str) -> Path | None:
@@ -335,7 +344,7 @@ class Renderer:
         self.split["projection_s"] += time.perf_counter() - t
         return P, done, errors
 
-    def _render(self, layer, items, panels, out, switches, force):
+    def _render(self, layer, items, panels, out, switches):
         from . import deconv as D
         from . import render as R
 
@@ -362,20 +371,20 @@ class Renderer:
                 patches.append(crop)
                 box = tuple(P.meta[i]["rf_box"]) if self.mode == "unit" else (0, 0, S, S)
                 proj, patch = res["proj"][r["rank"]], res["patch"][r["rank"]]
-                if force or not proj.is_file():
+                if not proj.is_file():  # a projection needs no image: never incomplete
                     _write_png(proj, R.projection_image(P, i, rank=r["rank"], text=_src(r)))
                     self.rendered += 1
-                if force or not patch.is_file():
+                if not usable(self.a, patch):
                     up = R.upscale_for(max(box[2] - box[0], box[3] - box[1]))
-                    text = _src(r) if crop is not None else {**_src(r), UNAVAILABLE: gone}
-                    _write_png(patch, R.patch_cell(crop, box, S, up), text=text)
+                    why = None if crop is not None else str(gone)
+                    _write_png(patch, R.patch_cell(crop, box, S, up), text=_src(r), unavailable=why)
                     self.rendered += 1
             if c in panels and len(idx) == len(res["proj"]):
                 meta = [{**P.meta[i], **{k: items[done[i]][1][k] for k in ("rank", "image_id", "value")}}
                         for i in idx]
                 sub = D.Projections(P.mode, P.norm, S, meta, [P.windows[i] for i in idx],
                                     [P.origins[i] for i in idx])
-                _write_png(res["panel"], R.panel(sub, patches), text={UNAVAILABLE: gone} if gone else None)
+                _write_png(res["panel"], R.panel(sub, patches), unavailable=gone)
                 self.rendered += 1
         self.split["drawing_s"] += time.perf_counter() - t
 
@@ -388,7 +397,7 @@ class Renderer:
         try:
             v = self.a.image(image_id)[1]
         except AtlasError as e:
-            v = e
+            return e  # not remembered: the image may be back on the next request
         self._crops[image_id] = v
         if len(self._crops) > 512:
             self._crops.popitem(last=False)
@@ -442,13 +451,18 @@ class Renderer:
                 {i for i in image_ids if not set(pools) <= self._have.get(i, set())})
 
 
-def _write_png(path: Path, image, text: dict | None = None) -> None:
+def _write_png(path: Path, image, text: dict | None = None, unavailable: str | None = None) -> None:
     """atlas.render's PNG (its text chunks included), renamed into place atomically. The temp name is
     unique per process and thread (mkstemp). No fsync: a cache can be remade, and one fsync per
-    picture would cost more than drawing it."""
+    picture would cost more than drawing it. `unavailable`: why an image is missing from the picture;
+    its marker is written before the PNG and removed after a whole one, so that a crash in between
+    can only cause a redraw, never an incomplete picture served as whole."""
     from . import render as R
 
     path.parent.mkdir(parents=True, exist_ok=True)
+    if unavailable:
+        text = {**(text or {}), UNAVAILABLE: unavailable}
+        _marker(path).write_text(unavailable)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -458,6 +472,8 @@ def _write_png(path: Path, image, text: dict | None = None) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    if not unavailable:
+        _marker(path).unlink(missing_ok=True)
 
 
 def _src(r: dict) -> dict:

@@ -107,7 +107,7 @@ def probe_top(path: str, repeat: int) -> dict:
 
 def probe_show(path: str, repeat: int) -> dict:
     import atlas
-    from atlas.projections import _unavailable, renderer
+    from atlas.projections import incomplete, renderer
 
     a = atlas.open(path)
     d = renderer(a).root / LAYER
@@ -116,7 +116,7 @@ def probe_show(path: str, repeat: int) -> dict:
     t = time.perf_counter()
     panel = a.show(LAYER, 0)
     render = time.perf_counter() - t
-    out = {"render_s": render, "panel_placeholder": _unavailable(panel) is not None}
+    out = {"render_s": render, "panel_placeholder": incomplete(panel) is not None}
     for key, rank in (("panel", None), ("rank0", 0)):
         times = []
         for _ in range(repeat if rank is not None or not out["panel_placeholder"] else min(repeat, 3)):

@@ -333,6 +333,26 @@ def test_a_missing_image_gives_a_placeholder_patch_and_a_warning(small):
     assert not (PJ.cache_root(a) / "unit-identity" / "conv3" / f"{c}-panel.png").exists()
 
 
+def test_export_redraws_incomplete_pictures_once_the_image_is_back(small, tmp_path):
+    from atlas.export import export
+
+    path, data = small
+    a = atlas.open(path)
+    top = a.rows("SELECT t.channel, i.path FROM top_activations t JOIN images i USING (image_id) "
+                 "WHERE t.layer = 'conv2' AND t.rank = 0 ORDER BY t.channel LIMIT 1")[0]
+    c, image = top["channel"], data / top["path"]
+    saved = image.read_bytes()
+    image.unlink()
+    for site in ("s1", "s2"):  # the second export reads the cache, and must say so all the same
+        export(path, tmp_path / site, layers="conv2", channels=[c], progress=False)
+        assert "Some pictures are incomplete" in (tmp_path / site / "conv2" / f"{c}.html").read_text()
+    image.write_bytes(saved)
+    export(path, tmp_path / "s3", layers="conv2", channels=[c], progress=False)
+    assert "Some pictures are incomplete" not in (tmp_path / "s3" / "conv2" / f"{c}.html").read_text()
+    panel = PJ.cache_root(a) / "unit-identity" / "conv2" / f"{c}-panel.png"
+    assert PJ.incomplete(panel) is None and "unavailable" not in R.read_text(panel)
+
+
 def test_with_the_whole_dataset_gone_the_cached_panel_is_served(small):
     path, data = small
     a = atlas.open(path)
