@@ -48,3 +48,16 @@ def test_commands_are_listed_in_the_order_of_a_first_session():
     res = CliRunner().invoke(main, ["--help"])
     listed = [line.split()[0] for line in res.output.split("Commands:")[1].splitlines() if line.strip()]
     assert listed[:3] == ["demo", "build", "info"] and set(listed) == set(main.commands)
+
+
+def test_a_file_system_refusal_is_one_line(tiny_atlas, tmp_path):
+    import shutil
+
+    a = tmp_path / "atlas"
+    shutil.copytree(tiny_atlas, a)
+    blocked = a / "manifest.json" / "out.png"  # a file where a folder would have to be
+    for args in (["filters", str(a), "--out", str(blocked)], ["export", str(a), str(a / "manifest.json" / "site")]):
+        res = CliRunner().invoke(main, args)
+        text = res.output.strip()
+        assert res.exit_code == 1 and "Traceback" not in text and len(text.splitlines()) == 1, text
+        assert text.startswith("Error: cannot write or read") and "manifest.json" in text

@@ -24,6 +24,10 @@ class AtlasGroup(click.Group):
         except AtlasError as e:
             click.echo(f"Error: {e}", err=True)
             sys.exit(e.exit_code)
+        except OSError as e:  # the file system said no: read-only atlas, full disk, a file where a folder goes
+            where = f" '{e.filename}'" if e.filename else ""
+            click.echo(f"Error: cannot write or read{where}: {e.strerror or e}", err=True)
+            sys.exit(1)
         except KeyboardInterrupt:
             click.echo("Interrupted. A build or training run continues where it stopped with --resume.", err=True)
             sys.exit(130)
