@@ -127,7 +127,9 @@ def filters(atlas, layer: str | None = None, out: str | os.PathLike | None = Non
     la = lm.by_name.get(name)
     if la is None or la.kind != "conv":
         raise AtlasError(f"unknown conv layer '{name}' in atlas '{atlas.path}': conv layers are {', '.join(convs)}")
-    path = renderer(atlas).filter_grid(name)
+    r = renderer(atlas)
+    with r.lock:
+        path = r.filter_grid(name)
     if path is None:
         cin = lm.model.features[la.index].weight.shape[1]
         raise AtlasError(f"only the first layer's filters are pictures ({convs[0]}): the filters of {name} "
@@ -146,7 +148,9 @@ def project(atlas, layer: str, channel: int, ranks: list[int] | None = None, *, 
             raise AtlasError(f"rank {bad[0]} is out of range for {layer} channel {channel} (0..{len(rows) - 1})")
         rows = [t for t in rows if t["rank"] in set(ranks)]
     items = [(channel, t) for t in rows]
-    P, done, errors = renderer(atlas, mode, norm).project(layer, items, switches)
+    r = renderer(atlas, mode, norm)
+    with r.lock:
+        P, done, errors = r.project(layer, items, switches)
     if errors:
         raise AtlasError(next(iter(errors.values())))
     return P

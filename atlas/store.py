@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ class Atlas:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self._lock = threading.RLock()
         mf = self.path / "manifest.json"
         if not self.path.is_dir():
             raise AtlasError(f"atlas '{path}' does not exist")
@@ -116,9 +118,10 @@ class Atlas:
     def rows(self, query: str, params: list | None = None) -> list[dict[str, Any]]:
         self._similarity_sql(query)
         self._deconv_png_sql(query)
-        cur = self.con.execute(query, params or [])
-        cols = [d[0] for d in cur.description]
-        return [dict(zip(cols, r)) for r in cur.fetchall()]
+        with self._lock:  # one DuckDB connection per handle: threads (a server, DuckDB's own) take turns
+            cur = self.con.execute(query, params or [])
+            cols = [d[0] for d in cur.description]
+            return [dict(zip(cols, r)) for r in cur.fetchall()]
 
     # -- model and geometry --------------------------------------------------
     @property

@@ -129,6 +129,18 @@ def test_the_same_picture_has_the_same_bytes_whatever_was_asked_before(fresh, tm
     assert PJ.show(b, "conv5", 3, rank=2).read_bytes() == PJ.show(a, "conv5", 3, rank=2).read_bytes()
 
 
+def test_threads_sharing_one_atlas_handle(fresh):
+    from concurrent.futures import ThreadPoolExecutor
+
+    a = atlas.open(fresh)
+    asks = [("conv5", c % 4, None if c % 2 else c % 3) for c in range(16)]
+    with ThreadPoolExecutor(4) as pool:
+        paths = list(pool.map(lambda q: PJ.show(a, q[0], q[1], rank=q[2]), asks))
+    one = atlas.open(fresh)
+    assert [p.read_bytes() for p in paths] == [PJ.show(one, *q[:2], rank=q[2]).read_bytes() for q in asks]
+    assert a.rows("SELECT count(*) AS n FROM similar_images(0, 3)")[0]["n"] == 3  # no lock held across its UDF
+
+
 def test_two_processes_asking_at_once_both_get_a_whole_png(fresh, tmp_path):
     go = tmp_path / "go"
     code = ("import sys, time, os, atlas; a = atlas.open(sys.argv[1]); _ = a.lmap; print('ready', flush=True)\n"
