@@ -534,14 +534,13 @@ def _sql_batch(h, layer, channel, rank, mode, norm):
             bad = sorted(ranks - have)
             if bad:
                 raise AtlasError(f"rank {bad[0]} is out of range for {la} channel {c} (0..{len(have) - 1})")
-        res = renderer(h, m, n).channels(la, sorted(chans), tops, ranks=sorted(set().union(*chans.values())),
-                                         panel=False)
-        for c, ranks in chans.items():
-            for r in ranks:
-                p = res[c]["proj"][r]
+        asked = {c: [t for t in tops[c] if t["rank"] in chans[c]] for c in chans}  # only what the query names
+        res = renderer(h, m, n).channels(la, sorted(chans), asked, panel=False)
+        for c, rows_c in asked.items():
+            for t, p in zip(rows_c, res[c]["proj"]):
                 if p is None:
-                    raise AtlasError(f"cannot project {la} channel {c} rank {r}: {res[c]['error']}")
-                paths[(la, c, r, m, n)] = str(p)
+                    raise AtlasError(f"cannot project {la} channel {c} rank {t['rank']}: {res[c]['error']}")
+                paths[(la, c, t["rank"], m, n)] = str(p)
     return pa.array([paths.get(t) if None not in t else None for t in rows], type=pa.string())
 
 

@@ -252,6 +252,10 @@ def test_deconv_png_in_atlas_sql(fresh):
     assert all(Path(r["projection"]).is_file() for r in json.loads(res.output))
     got = a.sql("SELECT deconv_png('conv2', 0, 1, 'map'), deconv_png(NULL, 0, 1)").fetchall()[0]
     assert Path(got[0]).parent.parent.name == "map-identity" and Path(got[0]).is_file() and got[1] is None
+    # a query draws what it names, no more: two ranks of two channels are two projections (and patches)
+    folder = PJ.cache_root(a) / "unit-identity" / "conv3"
+    a.sql("SELECT deconv_png('conv3', 0, 0), deconv_png('conv3', 1, 2)").fetchall()
+    assert sorted(f.name for f in folder.glob("*.png") if not f.name.endswith("-patch.png")) == ["0-0.png", "1-2.png"]
 
 
 def test_deconv_png_bad_input_is_one_sql_error(fresh):
