@@ -246,7 +246,8 @@ class Renderer:
             d = self.root / layer
             res = {"panel": d / f"{c}-panel.png" if rows else None,
                    "proj": [d / f"{c}-{r['rank']}.png" for r in rows],
-                   "patch": [d / f"{c}-{r['rank']}-patch.png" for r in rows], "error": None}
+                   "patch": [d / f"{c}-{r['rank']}-patch.png" for r in rows], "error": None,
+                   "at": {r["rank"]: i for i, r in enumerate(rows)}}  # rank -> index: rows may be a subset
             out[c] = res
             if not rows:
                 continue
@@ -374,7 +375,8 @@ class Renderer:
                     crop = None
                 patches.append(crop)
                 box = tuple(P.meta[i]["rf_box"]) if self.mode == "unit" else (0, 0, S, S)
-                proj, patch = res["proj"][r["rank"]], res["patch"][r["rank"]]
+                at = res["at"][r["rank"]]
+                proj, patch = res["proj"][at], res["patch"][at]
                 if not proj.is_file():  # a projection needs no image: never incomplete
                     _write_png(proj, R.projection_image(P, i, rank=r["rank"], text=_src(r)))
                     self.rendered += 1
