@@ -91,7 +91,7 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, list[int]]:
     try:
         data = np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
         return np.ascontiguousarray(data), [int(v) for v in d["labels"]]
-    except (KeyError, ValueError) as e:
+    except (KeyError, ValueError, TypeError) as e:
         raise AtlasError(f"CIFAR-10 batch '{path}' is not readable ({type(e).__name__}: {e})") from None
 
 
@@ -112,6 +112,8 @@ def _cifar(root: Path, spec: str) -> ImageSource:
     for name in names:
         data, labels = _read_cifar_batch(root / name)
         arrays[name] = data
+        if classes and any(not 0 <= lab < len(classes) for lab in labels):
+            raise AtlasError(f"CIFAR-10 batch '{root / name}' has labels outside its {len(classes)} label_names")
         for row, lab in enumerate(labels):
             records.append(Record(len(records), f"{name}#{row}", classes[lab] if classes else str(lab), int(lab)))
     return ImageSource("cifar10", root, records, classes, spec, arrays)

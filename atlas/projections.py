@@ -104,7 +104,7 @@ def show(atlas, layer: str, channel: int, rank: int | None = None, *, mode: str 
     with r.lock:
         res = r.channels(layer, [channel], {channel: rows}, ranks=None if rank is None else [rank],
                          panel=rank is None, switches=switches)[channel]
-    path = res["panel"] if rank is None else res["proj"][rank]
+    path = res["panel"] if rank is None else res["proj"][res["at"][rank]]
     if path is None:
         raise AtlasError(res["error"] or f"could not render {layer} channel {channel}")
     if res["error"] and log is not None and rank is None:

@@ -85,3 +85,14 @@ def test_a_file_that_is_not_a_cifar_pickle_is_one_clear_error(tmp_path, broken):
     (d / broken).write_bytes(b"not a pickle")
     with pytest.raises(AtlasError, match=f"'{d / broken}' is not readable"):
         open_dataset(d)
+
+
+@pytest.mark.parametrize("batch, message", [({"data": np.zeros((2, 3072), np.uint8), "labels": [3, 12]},
+                                             "labels outside its 10 label_names"),
+                                            ({"data": np.zeros((2, 3072), np.uint8), "labels": None}, "not readable")])
+def test_a_malformed_cifar_batch_is_one_clear_error(tmp_path, batch, message):
+    d = write_py3_cifar(tmp_path / "c")
+    with open(d / "data_batch_1", "wb") as f:
+        pickle.dump(batch, f)
+    with pytest.raises(AtlasError, match=message):
+        open_dataset(d)
