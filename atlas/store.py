@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 from functools import cached_property
 from pathlib import Path
@@ -26,6 +27,7 @@ from . import FORMAT_VERSION
 from .errors import AtlasError
 
 SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
+FUNCTION_CALL = re.compile(r"\b(deconv_png|similar_images|similar_channels)\s*\(")
 ACTIVATION_FILES = "read_parquet('activations/*/*.parquet', hive_partitioning = true)"  # as in views.sql
 
 
@@ -85,8 +87,6 @@ class Atlas:
             if list(d.glob("*.parquet")) and d.name.replace("_", "").isalnum():
                 con.execute(f"CREATE OR REPLACE VIEW {d.name} AS SELECT * FROM "
                             f"read_parquet('analyses/{d.name}/*.parquet', union_by_name = true)")
-        for hook in _connection_hooks:
-            hook(self, con)
         return con
 
     def sql(self, query: str, params: dict[str, Any] | None = None):
@@ -95,8 +95,7 @@ class Atlas:
 
         for name, value in (params or {}).items():
             self.con.execute(f"SET VARIABLE {_ident(name)} = ?", [value])
-        self._similarity_sql(query)
-        self._deconv_png_sql(query)
+        self._register_functions(query)
         try:
             return self.con.sql(query)
         except duckdb.Error as e:
@@ -116,8 +115,7 @@ class Atlas:
             raise AtlasError(f"SQL error: {str(e).splitlines()[0]}") from None
 
     def rows(self, query: str, params: list | None = None) -> list[dict[str, Any]]:
-        self._similarity_sql(query)
-        self._deconv_png_sql(query)
+        self._register_functions(query)
         with self._lock:  # one DuckDB connection per handle: threads (a server, DuckDB's own) take turns
             cur = self.con.execute(query, params or [])
             cols = [d[0] for d in cur.description]
@@ -249,14 +247,6 @@ class Atlas:
 
         return similar_channels(self, channel, k=k, layer=layer)
 
-    def _similarity_sql(self, query: str) -> None:
-        # The table macros similar_images/similar_channels are registered on first use: registering a Python UDF
-        # imports numpy (~60 ms), which opening an atlas and plain SQL should not pay.
-        if "similar_images" in query.lower() or "similar_channels" in query.lower():
-            from .similarity import register_sql
-
-            register_sql(self)
-
     # -- switches -----------------------------------------------------------
     def switches(self, layer: str, channel: int, rank: int):
         """{pool: index tensor (C, H, W)} for a top-k entry, decoded from the stored switches.
@@ -293,23 +283,20 @@ class Atlas:
 
         return filters(self, layer, out)
 
-    def _deconv_png_sql(self, query: str) -> None:
-        # deconv_png is registered on the first query that names it (as similar_images is): a Python
-        # UDF's registration imports numpy, which opening an atlas and plain SQL need not pay.
-        if "deconv_png" in query.lower() and not self.__dict__.get("_deconv_png"):
-            from .projections import register_sql
+    def _register_functions(self, query: str) -> None:
+        # Python functions (deconv_png, similar_images, similar_channels) are registered on the first
+        # query that calls them: registering one imports numpy (~60 ms), which opening an atlas and plain
+        # SQL should not pay. A name merely mentioned (a column alias, a string) registers nothing.
+        called = set(FUNCTION_CALL.findall(query.lower()))
+        if called & {"similar_images", "similar_channels"}:
+            from .similarity import register_sql
 
-            register_sql(self, self.con)
+            register_sql(self)
+        if "deconv_png" in called and not self.__dict__.get("_deconv_png"):
+            from .projections import register_sql as register_deconv_png
+
+            register_deconv_png(self, self.con)
             self._deconv_png = True
-
-
-# Functions other modules register to extend every atlas SQL connection.
-_connection_hooks: list = []
-
-
-def register_connection_hook(fn) -> None:
-    if fn not in _connection_hooks:
-        _connection_hooks.append(fn)
 
 
 def _ident(name: str) -> str:

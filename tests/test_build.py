@@ -241,6 +241,10 @@ def test_an_atlas_without_activations_answers_sql(tmp_path, tiny_folder):
                                     "(SELECT count(*) FROM top_activations) AS tops", "--format", "csv"])
     assert res.exit_code == 0, res.output
     assert res.output.splitlines()[1] == f"0,{2 * (32 + 64 + 96 + 96 + 64)}"
+    # naming a function without calling it (an alias here) needs no index; calling it says how to build one
+    res = CliRunner().invoke(main, ["sql", str(out), "SELECT count(*) AS similar_images FROM images"])
+    assert res.exit_code == 0 and "36" in res.output, res.output
+    assert "atlas index" in one_line_error(["sql", str(out), "SELECT * FROM similar_images (0, 3)"])
 
 
 def test_cli_browsing_and_sql(tiny_atlas):
