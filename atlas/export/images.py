@@ -24,8 +24,12 @@ class Pictures:
         self.a = atlas
         self.mode, self.norm = mode, norm
         self.seconds = 0.0
-        self.rendered = 0  # pictures that had to be made (not found in the cache)
         self._impl = Renderer(atlas, mode, norm)  # its own counters: they describe this export only
+
+    @property
+    def rendered(self) -> int:
+        """Pictures that had to be made (not found in the cache), the filter grid included."""
+        return self._impl.rendered
 
     @property
     def key(self) -> str:
@@ -44,7 +48,6 @@ class Pictures:
             return self._impl.channels(layer, channels, tops)
         finally:
             self.seconds += time.perf_counter() - t0
-            self.rendered = self._impl.rendered
 
     @property
     def split(self) -> dict[str, float]:
