@@ -207,8 +207,8 @@ class Atlas:
 
         return Preprocess(self.manifest["preprocessing"])
 
-    def image(self, image_id: int):
-        """(model input tensor (3, S, S), the cropped RGB PIL image), or AtlasError if unavailable."""
+    def original(self, image_id: int):
+        """The dataset's image as RGB, before preprocessing, or AtlasError if unavailable or unreadable."""
         rows = self.rows("SELECT path, status FROM images WHERE image_id = ?", [int(image_id)])
         if not rows:
             raise AtlasError(f"image id {image_id} is not in atlas '{self.path}'")
@@ -228,9 +228,13 @@ class Atlas:
                 raise gone
             opener = lambda: open_rgb(file)  # noqa: E731
         try:
-            crop = self.preprocess.crop_image(opener())
+            return opener()
         except Exception as e:
             raise AtlasError(f"image {image_id} ('{path}') cannot be read: {e}") from None
+
+    def image(self, image_id: int):
+        """(model input tensor (3, S, S), the cropped RGB PIL image), or AtlasError if unavailable."""
+        crop = self.preprocess.crop_image(self.original(image_id))
         return self.preprocess.to_tensor(crop), crop
 
     # -- similarity (atlas/similarity.py) ----------------------------------

@@ -91,15 +91,12 @@ def resolve_image(atlas, image: int | str | Path, label: int | str | None = None
     if image_id is not None:
         if image_id < 0:
             raise AtlasError(f"image id {image_id} is negative")
-        x, crop = atlas.image(image_id)  # AtlasError names the image when it is unknown or unreadable
+        original = atlas.original(image_id)  # AtlasError names the image when it is unknown or unreadable
+        crop = atlas.preprocess.crop_image(original)
+        x = atlas.preprocess.to_tensor(crop)
         row = atlas.rows("SELECT path, label FROM images WHERE image_id = ?", [image_id])[0]
-        src = atlas.source
-        try:
-            with src.open_image(image_id) as im:  # the size before preprocessing (box mapping)
-                size = im.size
-        except Exception:  # noqa: BLE001 - atlas.image just read it; this is only for the size
-            size = crop.size
-        ref = ImageRef(f"id:{image_id}", image_id, row["path"], row["label"], None, x, crop, size, f"id{image_id}")
+        ref = ImageRef(f"id:{image_id}", image_id, row["path"], row["label"], None, x, crop, original.size,
+                       f"id{image_id}")  # the size before preprocessing maps boxes given in original pixels
         given = label if label is not None else row["label"]
         ref.label, ref.class_index = _label(atlas, given, explicit=label is not None, where=f"image {image_id}")
         return ref
