@@ -417,22 +417,24 @@ def write_activations(target: Path, tables) -> None:
 
     def write(tmp: Path) -> None:
         writer, pending, n = None, [], 0
-        for table in tables:
-            if writer is None:
-                # value: split into byte streams, the exponents of similar floats compress (zstd) ~17 %
-                # smaller and scan faster than a dictionary that overflows into plain pages
-                writer = pq.ParquetWriter(tmp, table.schema, compression="zstd",
-                                          use_dictionary=["image_id", "channel"],
-                                          column_encoding={"value": "BYTE_STREAM_SPLIT"})
-            pending.append(table)
-            n += table.num_rows
-            while n >= ACT_ROW_GROUP:
-                buf = pa.concat_tables(pending)
-                writer.write_table(buf.slice(0, ACT_ROW_GROUP), row_group_size=ACT_ROW_GROUP)
-                pending, n = [buf.slice(ACT_ROW_GROUP)], n - ACT_ROW_GROUP
-        if writer is not None:
-            if n:
+        try:
+            for table in tables:
+                if writer is None:
+                    # value: split into byte streams, the exponents of similar floats compress (zstd) ~17 %
+                    # smaller and scan faster than a dictionary that overflows into plain pages
+                    writer = pq.ParquetWriter(tmp, table.schema, compression="zstd",
+                                              use_dictionary=["image_id", "channel"],
+                                              column_encoding={"value": "BYTE_STREAM_SPLIT"})
+                pending.append(table)
+                n += table.num_rows
+                while n >= ACT_ROW_GROUP:
+                    buf = pa.concat_tables(pending)
+                    writer.write_table(buf.slice(0, ACT_ROW_GROUP), row_group_size=ACT_ROW_GROUP)
+                    pending, n = [buf.slice(ACT_ROW_GROUP)], n - ACT_ROW_GROUP
+            if writer is not None and n:
                 writer.write_table(pa.concat_tables(pending), row_group_size=ACT_ROW_GROUP)
-            writer.close()
+        finally:
+            if writer is not None:
+                writer.close()
 
     atomic_write(target, write)
