@@ -287,8 +287,6 @@ def test_bad_requests(hostile_atlas, tmp_path):
 
 
 def test_progress_and_log(hostile_atlas, tmp_path, capsys):
-
-
     msgs = []
     export(hostile_atlas, tmp_path / "s", layers="conv1", max_channels=2, progress=True, log=msgs.append)
     err = capsys.readouterr().err

@@ -102,9 +102,7 @@ def test_cache_hit_returns_the_same_bytes_without_rendering(fresh):
     data, mtime = p.read_bytes(), p.stat().st_mtime_ns
     r = PJ.renderer(a)
     before = r.rendered
-    t0 = time.perf_counter()
-    again = a.show("conv4", 3)
-    assert time.perf_counter() - t0 < 0.05
+    again = a.show("conv4", 3)  # a hit is proven by the bytes, mtime and counter, not by a clock (CI is noisy)
     assert again == p and again.read_bytes() == data and p.stat().st_mtime_ns == mtime
     assert r.rendered == before
     grid = a.filters()
