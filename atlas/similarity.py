@@ -328,8 +328,11 @@ def build_indexes(atlas, layers: str | list[str] | None = None, *, device: str =
 
     folder = a.path / INDEX_DIR
     record: dict[str, Any] = {"format": INDEX_FORMAT, "layers": names, "images": {}, "metric": "cosine"}
+    sampled: dict[str, np.ndarray] = {}  # profile rows taken from vectors already read, not read twice
     for n in names:
         x = vectors("images", n, ok_ids)
+        if n in recorded and src_sample[n] == src_images[n]:
+            sampled[n] = x[np.searchsorted(ok_ids, sample_ids)]
         spec = choose_index(len(ok_ids), x.shape[1], exact_max=exact_max)
         side = save_index(build_index(x, ok_ids, spec, seed=PROFILE_SEED), folder / f"images-{n}.faiss",
                           {"spec": spec, "seed": PROFILE_SEED, "ids": "image_id", "layer": n, "dtype": str(x.dtype)})
@@ -338,7 +341,8 @@ def build_indexes(atlas, layers: str | list[str] | None = None, *, device: str =
         log(f"indexed {n}: {side['count']} images x {side['dim']} ({spec['factory']}, from {src_images[n]})")
     profiles, keys, layer_ids = [], [], {}
     for n in recorded:
-        p = channel_profiles(vectors("sample", n, sample_ids), sample=len(sample_ids), seed=PROFILE_SEED)
+        v = sampled.pop(n) if n in sampled else vectors("sample", n, sample_ids)
+        p = channel_profiles(v, sample=len(sample_ids), seed=PROFILE_SEED)
         layer_ids[n] = order.index(n)
         profiles.append(p)
         keys.append(channel_keys(layer_ids[n], len(p)))
