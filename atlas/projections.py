@@ -39,8 +39,8 @@ and the caller is told the picture is incomplete.
 
 Speed: a channel's top-k is one batched engine call; switches are decoded once
 per image into a slab kept between calls; images are read once. Nothing here
-imports torch until a picture has to be drawn: a cache hit is a stat and a
-PNG header read.
+imports torch until a picture has to be drawn: a cache hit is two stats (the
+picture and its incomplete-marker).
 """
 from __future__ import annotations
 
@@ -101,10 +101,10 @@ def show(atlas, layer: str, channel: int, rank: int | None = None, *, mode: str 
         raise AtlasError(f"rank {rank} is out of range for {layer} channel {channel} (ranks: {have})")
     if not rows:
         raise AtlasError(f"{layer} channel {channel} has no top activations to project")
+    asked = rows if rank is None else [t for t in rows if t["rank"] == rank]
     with r.lock:
-        res = r.channels(layer, [channel], {channel: rows}, ranks=None if rank is None else [rank],
-                         panel=rank is None, switches=switches)[channel]
-    path = res["panel"] if rank is None else res["proj"][res["at"][rank]]
+        res = r.channels(layer, [channel], {channel: asked}, panel=rank is None, switches=switches)[channel]
+    path = res["panel"] if rank is None else res["proj"][0]
     if path is None:
         raise AtlasError(res["error"] or f"could not render {layer} channel {channel}")
     if res["error"] and log is not None and rank is None:
@@ -232,12 +232,11 @@ class Renderer:
 
     # -- what the export and show ask for ------------------------------------------
     def channels(self, layer: str, channels: list[int], tops: dict[int, list[dict[str, Any]]], *,
-                 ranks: list[int] | None = None, panel: bool = True, switches: str = "auto"
-                 ) -> dict[int, dict[str, Any]]:
-        """For each channel: {"panel": Path|None, "proj": [Path|None per rank], "patch": [...], "error": str|None}.
+                 panel: bool = True, switches: str = "auto") -> dict[int, dict[str, Any]]:
+        """For each channel: {"panel": Path|None, "proj": [Path|None per row], "patch": [...], "error": str|None}.
 
-        `tops[c]` holds the channel's top-k rows (rank, image_id, value, y, x). Only `ranks` (default
-        all) and, with `panel`, the panel are made where missing or drawn incomplete (`usable`).
+        `tops[c]` holds the rows (rank, image_id, value, y, x) of the channel's top-k to draw: all of
+        them for a panel, or any subset. What is missing or was drawn incomplete (`usable`) is made.
         What could not be made (no switches, an image gone for recompute) is None, the reason in "error".
         """
         out, items, panels = {}, [], set()
@@ -255,10 +254,8 @@ class Renderer:
                 panels.add(c)
                 items += [(c, r) for r in rows]  # the panel needs every projection of the channel
                 continue
-            for i, r in enumerate(rows):
-                if (ranks is None or r["rank"] in ranks) and not (
-                        usable(self.a, res["proj"][i]) and usable(self.a, res["patch"][i])):
-                    items.append((c, r))
+            items += [(c, r) for i, r in enumerate(rows)
+                      if not (usable(self.a, res["proj"][i]) and usable(self.a, res["patch"][i]))]
         if items:
             self._render(layer, items, panels, out, switches)
         for o in out.values():  # what could not be made is not offered; what is incomplete says so
@@ -358,8 +355,9 @@ class Renderer:
         for n, why in errors.items():
             out[items[n][0]]["error"] = why
         t = time.perf_counter()
-        for n in done:  # the images (decoded once, kept while they recur)
-            self._crop(items[n][1]["image_id"])
+        crops = {items[n][1]["image_id"]: None for n in done}
+        for i in crops:  # each image read once (a failure too: it is not retried within one call)
+            crops[i] = self._crop(i)
         self.split["images_s"] += time.perf_counter() - t
         t = time.perf_counter()
         by_c: dict[int, list[int]] = {}
@@ -369,7 +367,7 @@ class Renderer:
             res, patches, gone = out[c], [], None
             for i in idx:
                 r = items[done[i]][1]
-                crop = self._crop(r["image_id"])
+                crop = crops[r["image_id"]]
                 if isinstance(crop, Exception):
                     gone = res["error"] = str(crop)
                     crop = None
