@@ -490,8 +490,8 @@ def _src(r: dict) -> dict:
 SQL_FUNCTION = "atlas_deconv_png"
 
 
-def register_sql(atlas, con) -> None:
-    """Add deconv_png(layer, channel, rank [, mode [, norm]]) -> the projection's PNG path to `con`.
+def register_sql(atlas) -> None:
+    """Add deconv_png(layer, channel, rank [, mode [, norm]]) -> the projection's PNG path to the atlas's SQL.
 
     The function renders on demand (through the cache) a batch of rows at a time; torch is imported
     on its first call, not here. It works on a second handle of the same atlas, because a function
@@ -508,6 +508,7 @@ def register_sql(atlas, con) -> None:
                 state["handle"] = Atlas(path)
             return _sql_batch(state["handle"], layer, channel, rank, mode, norm)
 
+    con = atlas.con
     con.create_function(SQL_FUNCTION, batch, ["VARCHAR", "INTEGER", "INTEGER", "VARCHAR", "VARCHAR"], "VARCHAR",
                         type="arrow", side_effects=True)
     con.execute(f"CREATE OR REPLACE MACRO deconv_png(layer, channel, rank, mode := 'unit', norm := 'identity') "

@@ -562,14 +562,11 @@ def register_sql(atlas) -> None:
         SELECT * FROM similar_images(42, layer := 'fc7')
         SELECT * FROM similar_channels('conv5', 17, 10) JOIN channels USING (layer, channel)
 
-    Atlas.sql registers them on the first query that names them: a Python
+    Atlas.sql registers them (once) on the first query that calls them: a Python
     UDF's registration imports numpy (~60 ms), which plain SQL need not pay.
     The UDFs read the indexes only (no SQL of their own), loaded on first call.
     """
     a = _open(atlas)
-    state = _STATE.setdefault(a, {})
-    if state.get("sql"):
-        return
     _record(a)  # no indexes: say so now, in one line, rather than from inside a query
     # A weak reference: the connection is the atlas's, and DuckDB's C++ side hides a cycle from the collector.
     ref, path, spare = weakref.ref(a), a.path, []
@@ -601,4 +598,3 @@ def register_sql(atlas) -> None:
                         "STRUCT(rank INTEGER, layer VARCHAR, channel INTEGER, score FLOAT)[]",
                         null_handling="special", side_effects=True)
     con.execute(SQL_MACROS)
-    state["sql"] = True

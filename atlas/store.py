@@ -48,6 +48,7 @@ class Atlas:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self._lock = threading.RLock()
+        self._registered: set[str] = set()  # modules whose SQL functions are on the connection
         mf = self.path / "manifest.json"
         if not self.path.is_dir():
             raise AtlasError(f"atlas '{path}' does not exist")
@@ -99,7 +100,7 @@ class Atlas:
         try:
             return self.con.sql(query)
         except duckdb.Error as e:
-            raise AtlasError(f"SQL error: {str(e).splitlines()[0]}") from None
+            raise _sql_error(e) from None
 
     def fetch(self, query: str, params: dict[str, Any] | None = None) -> tuple[list[str], list[tuple]]:
         """(column names, rows) of a query, run now: errors that only show while the query runs
@@ -112,7 +113,7 @@ class Atlas:
         try:
             return list(rel.columns), rel.fetchall()
         except duckdb.Error as e:
-            raise AtlasError(f"SQL error: {str(e).splitlines()[0]}") from None
+            raise _sql_error(e) from None
 
     def rows(self, query: str, params: list | None = None) -> list[dict[str, Any]]:
         self._register_functions(query)
@@ -290,17 +291,18 @@ class Atlas:
     def _register_functions(self, query: str) -> None:
         # Python functions (deconv_png, similar_images, similar_channels) are registered on the first
         # query that calls them: registering one imports numpy (~60 ms), which opening an atlas and plain
-        # SQL should not pay. A name merely mentioned (a column alias, a string) registers nothing.
-        called = set(FUNCTION_CALL.findall(query.lower()))
-        if called & {"similar_images", "similar_channels"}:
-            from .similarity import register_sql
+        # SQL should not pay. A name that is not followed by "(" (a column alias) registers nothing.
+        for name in set(FUNCTION_CALL.findall(query.lower())):
+            module = "projections" if name == "deconv_png" else "similarity"
+            if module not in self._registered:
+                import importlib
 
-            register_sql(self)
-        if "deconv_png" in called and not self.__dict__.get("_deconv_png"):
-            from .projections import register_sql as register_deconv_png
+                importlib.import_module(f".{module}", __package__).register_sql(self)
+                self._registered.add(module)
 
-            register_deconv_png(self, self.con)
-            self._deconv_png = True
+
+def _sql_error(e: Exception) -> AtlasError:
+    return AtlasError(f"SQL error: {str(e).splitlines()[0]}")
 
 
 def _ident(name: str) -> str:
