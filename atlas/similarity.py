@@ -165,8 +165,13 @@ class ChunkVectors:
 
 # -- vectors out of an atlas -----------------------------------------------------------------------------
 
+def _geometry(a: Atlas, layer: str) -> dict[str, Any]:
+    """The model layer's row of the manifest's geometry (kind, channels, ...)."""
+    return next(g for g in a.manifest["geometry"]["layers"] if g["layer"] == layer)
+
+
 def _channels_of(a: Atlas, layer: str) -> int:
-    return next(int(g["channels"]) for g in a.manifest["geometry"]["layers"] if g["layer"] == layer)
+    return int(_geometry(a, layer)["channels"])
 
 
 def _table_vectors(a: Atlas, layer: str, image_ids: np.ndarray) -> np.ndarray:
@@ -269,8 +274,6 @@ def build_indexes(atlas, layers: str | list[str] | None = None, *, device: str =
     vectors (see ChunkVectors). Each file is written atomically, the
     manifest last; index files of layers no longer indexed are removed.
     """
-    from .export.gather import has_activations
-
     t0 = time.perf_counter()
     log = log or (lambda s: None)
     a = _open(atlas)
@@ -299,7 +302,7 @@ def build_indexes(atlas, layers: str | list[str] | None = None, *, device: str =
     def source(key: str, layer: str) -> str:
         if chunks is not None and chunks.has(f"{key}.{layer}"):
             return "build"
-        return "activations" if kinds[layer] == "conv" and has_activations(a, layer) else "forward"
+        return "activations" if kinds[layer] == "conv" and a.has_activations(layer) else "forward"
 
     src_images = {n: source("images", n) for n in names}
     src_sample = {n: source("sample", n) for n in recorded}
@@ -423,7 +426,7 @@ def _image_index(a: Atlas, layer: str | None):
 
 
 def _kind(a: Atlas, layer: str) -> str:
-    return next(g["kind"] for g in a.manifest["geometry"]["layers"] if g["layer"] == layer)
+    return _geometry(a, layer)["kind"]
 
 
 def _check_k(k) -> int:

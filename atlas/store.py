@@ -77,7 +77,7 @@ class Atlas:
         con = duckdb.connect()
         con.execute("SET file_search_path = ?", [str(self.path.resolve())])
         views = (SQL_DIR / "views.sql").read_text()
-        if not list(self.path.glob("activations/*/*.parquet")):
+        if not self.has_activations():
             # built with --no-activations: DuckDB refuses a view over a glob that matches nothing,
             # so the view gets the same columns and no rows
             views = views.replace(ACTIVATION_FILES, "(SELECT NULL::INTEGER AS image_id, NULL::VARCHAR AS layer, "
@@ -89,6 +89,10 @@ class Atlas:
                 con.execute(f"CREATE OR REPLACE VIEW {d.name} AS SELECT * FROM "
                             f"read_parquet('analyses/{d.name}/*.parquet', union_by_name = true)")
         return con
+
+    def has_activations(self, layer: str = "*") -> bool:
+        """Whether the activations table holds the layer (any layer by default): not with --no-activations."""
+        return any(self.path.glob(f"activations/layer={layer}/*.parquet"))
 
     def sql(self, query: str, params: dict[str, Any] | None = None):
         """Run SQL over the atlas views; returns a DuckDB relation (`.fetchall()`, `.df()`, ...)."""

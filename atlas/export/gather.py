@@ -67,10 +67,6 @@ def label_mix(tops: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{"label": lab, "n": k, "share": round(k / n, 3)} for lab, k in sorted(c.items(), key=lambda t: (-t[1], t[0]))]
 
 
-def has_activations(a, layer: str) -> bool:
-    return any(Path(a.path, "activations", f"layer={layer}").glob("*.parquet"))
-
-
 def activation_summary(a, layer: str, channels: int, bins: int = HIST_BINS, similar: int = SIMILAR
                        ) -> dict[str, Any] | None:
     """Histograms of each channel's per-image maxima and its most correlated channels, in one
@@ -79,7 +75,7 @@ def activation_summary(a, layer: str, channels: int, bins: int = HIST_BINS, simi
     Returns {"hist": {channel: {"lo", "hi", "counts"}}, "similar": {channel: [{"channel", "r"}]},
     "images": N} or None when the atlas has no activations table for the layer.
     """
-    if not has_activations(a, layer):
+    if not a.has_activations(layer):
         return None
     lim = {r["channel"]: (r["lo"], r["hi"]) for r in a.rows(
         "SELECT channel, min(value::DOUBLE) AS lo, max(value::DOUBLE) AS hi FROM activations "
