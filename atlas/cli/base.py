@@ -82,6 +82,11 @@ def device_option(f):
     return click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")(f)
 
 
+def progress_option(f):
+    return click.option("--progress/--no-progress", default=None,
+                        help="Progress bars with images/s and ETA (default: when on a terminal).")(f)
+
+
 def out_option(f):
     return click.option("--out", type=click.Path(path_type=Path),
                         help="Folder for the PNGs (default: inside the atlas, under analyses/).")(f)

@@ -6,14 +6,14 @@ from pathlib import Path
 
 import click
 
-from .base import CONTEXT, main, _say
+from .base import CONTEXT, device_option, main, progress_option, _say
 
 
 @main.command(context_settings=CONTEXT)
 @click.option("--out", type=click.Path(path_type=Path), default=Path("atlas-demo"), show_default=True,
               help="Folder for the demo's data, training run and atlas.")
 @click.option("--quick", is_flag=True, help="A small, fast version (under 30 s) for tests and a first look.")
-@click.option("--progress/--no-progress", default=None, help="Progress bars (default: when on a terminal).")
+@progress_option
 def demo(out, quick, progress):
     """Make the `shapes` dataset, train zfnet-mini on it, and build its atlas.
 
@@ -34,7 +34,7 @@ def demo(out, quick, progress):
 @click.option("--k", default=9, show_default=True, help="Top activations kept per channel.")
 @click.option("--layers", help="Comma-separated layers to record (default: every conv layer, after its ReLU).")
 @click.option("--batch-size", default=64, show_default=True)
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@device_option
 @click.option("--workers", type=int, help="Image decoding processes (default: by device and cores).")
 @click.option("--image-size", type=int, help="Input size, for models that take several (zfnet-mini: 32-64).")
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True)
@@ -48,7 +48,7 @@ def demo(out, quick, progress):
 @click.option("--overwrite", is_flag=True, help="Replace an existing atlas at --out.")
 @click.option("--seed", default=0, show_default=True, help="Seed of a randomly initialised model.")
 @click.option("--chunk-size", type=int, help="Images per resumable chunk (default: about 1024).")
-@click.option("--progress/--no-progress", default=None, help="Progress bar (default: when on a terminal).")
+@progress_option
 def build(model_name, weights, data, out, k, layers, batch_size, device, workers, image_size, precision,
           no_activations, no_switches, index, index_layers, resume, overwrite, seed, chunk_size, progress):
     """Run a model over a whole dataset and write its atlas.

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from .base import CONTEXT, atlas_argument, main, _say
+from .base import CONTEXT, atlas_argument, main, progress_option, _say
 
 
 @main.command(context_settings=CONTEXT)
@@ -14,7 +14,7 @@ from .base import CONTEXT, atlas_argument, main, _say
 @click.option("--layers", help="Comma-separated layers to export (default: all recorded).")
 @click.option("--channels", help="Channels per layer, e.g. 0-15,17 (default: all).")
 @click.option("--max-channels", type=int, help="Only the first N channels of each layer.")
-@click.option("--progress/--no-progress", default=None, help="Progress bar (default: when on a terminal).")
+@progress_option
 def export(atlas_path, site_dir, layers, channels, max_channels, progress):
     """Export the atlas as a static site that opens from file:// or any static host.
 

@@ -7,17 +7,16 @@ import click
 
 from ..errors import AtlasError
 from ..output import render_dicts
-from .base import CONTEXT, atlas_argument, format_option, main, _open, _say
+from .base import CONTEXT, atlas_argument, device_option, format_option, main, progress_option, _open, _say
 
 
 @main.command("index", context_settings=CONTEXT)
 @atlas_argument
 @click.option("--layers", help="Comma-separated layers to index images at (default: the deepest recorded conv "
               "layer, and fc7 when the model has it).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda (for layers that need a "
-              "forward pass).")
+@device_option
 @click.option("--batch-size", default=64, show_default=True)
-@click.option("--progress/--no-progress", default=None, help="Progress bar (default: when on a terminal).")
+@progress_option
 @format_option
 def index_cmd(atlas_path, layers, device, batch_size, progress, fmt):
     """Build (or rebuild) an atlas's similarity indexes, for `atlas similar`.

@@ -6,7 +6,7 @@ from pathlib import Path
 import click
 
 from ..output import render_dicts
-from .base import CONTEXT, format_option, main, _say
+from .base import CONTEXT, device_option, format_option, main, progress_option, _say
 
 
 @main.command(context_settings=CONTEXT)
@@ -42,7 +42,7 @@ from .base import CONTEXT, format_option, main, _say
               "1,2,5,10,20,30,40,64 (0: the initial weights).")
 @click.option("--resume", is_flag=True, help="Continue a killed run where it stopped (same options).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run at --out.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@device_option
 @click.option("--workers", type=int, help="Image decoding processes (default: by device and cores).")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
               help="auto: bf16 on CUDA, fp32 on CPU.")
@@ -50,14 +50,14 @@ from .base import CONTEXT, format_option, main, _say
               "from disk (default: in memory when they fit in 2 GB).")
 @click.option("--seed", default=0, show_default=True, help="Initialisation, data order, crops, flips, dropout.")
 @click.option("--image-size", type=int, help="Input size, for models that take several (zfnet-mini: 32-64).")
-@click.option("--progress/--no-progress", default=None, help="Progress bar (default: when on a terminal).")
+@progress_option
 def train(model_name, data, val, out, epochs, batch_size, lr, momentum, weight_decay, dropout, init,
           renorm_radius, lr_patience, lr_factor, resize, crop, flip, ten_crop_eval, val_fraction,
           snapshot_epochs, resume, overwrite, device, workers, precision, in_memory, seed, image_size, progress):
     """Train a model with the paper's recipe.
 
-    Prints RUN_DIR/final.pt, the weights `atlas build --weights` reads. The defaults are Zeiler & Fergus's (section 3): SGD with momentum 0.9,
-    batch 128, lr 1e-2 lowered 10x when the validation top-1 error stops
+    Prints RUN_DIR/final.pt, the weights `atlas build --weights` reads. The
+    defaults are Zeiler & Fergus's (section 3): SGD with momentum 0.9, batch 128, lr 1e-2 lowered 10x when the validation top-1 error stops
     falling, dropout 0.5 in fc6/fc7, weights N(0, 1e-2) and biases 0, every
     conv filter renormalised to RMS <= 0.1 after each step, random 224 crops
     of the 256 centre crop with horizontal flips. zfnet-mini (small images,
@@ -107,9 +107,9 @@ def _table_then_path(rows, fmt, png) -> None:
 @click.option("--cell", default=64, show_default=True, help="Cell side in pixels.")
 @click.option("--max-images", type=int, help="Search only the first N images.")
 @click.option("--batch-size", default=64, show_default=True)
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@device_option
 @click.option("--workers", type=int, help="Image decoding processes (default: by device and cores).")
-@click.option("--progress/--no-progress", default=None, help="Progress bar (default: when on a terminal).")
+@progress_option
 @format_option
 def evolution(run_dir, data, layers, channels, per_layer, select, epochs, out, cell, max_images, batch_size,
               device, workers, progress, fmt):
