@@ -5,9 +5,10 @@ free; below it they come from the heap, which fragments. The threshold starts at
 128 KB and *rises* each time an mmapped block is freed (up to 32 MB), so after a
 few batches a forward pass's activations of a few MB each live in the heap, and a
 build's resident memory creeps up with every batch it runs. Fixing the threshold
-stops that: measured with scripts/bench_build.py (zfnet, 224 px), peak memory of
-a 4x larger build grew 24 % with glibc's default and 3 % with a fixed 1 MB threshold,
-at no cost in throughput (the large activations were mmapped either way).
+stops that: with scripts/bench_build.py's peak-memory runs (zfnet, 224 px, 256 vs
+1,024 images), the larger build's peak grew 24 % with glibc's default and 0.5-3 %
+with a fixed 1 MB threshold; the build then still ran at 0.98 of the bare forward
+pass (the largest activations were mmapped either way).
 """
 from __future__ import annotations
 
