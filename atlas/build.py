@@ -334,42 +334,60 @@ SWITCH_SCHEMA = pa.schema([("image_id", pa.int32()), ("pool", pa.string()), ("y0
                            ("h", pa.int32()), ("w", pa.int32()), ("data", pa.binary())])
 
 
-def _write_switches(path: Path, lmap: LayerMap, top_rows, dataset, dev, batch_size) -> None:
-    """Second pass over the final top-k images only: their pool switches inside the units' fields.
-
-    Streamed to Parquet a batch of images at a time: an image's switches can take ~170 KB (zfnet's
-    pool1 under a conv5 unit), and up to channels x k images have some, so holding them all would
-    make memory grow with the dataset. One row group per batch, in image order, so that a reader
-    asking for a few images skips the rest by the row groups' image_id statistics.
-    """
-    needed: dict[int, dict[str, list]] = {}  # image -> pool -> regions its top-k units reach
+def switch_regions(lmap: LayerMap, top_rows) -> dict[int, dict[str, Any]]:
+    """image id -> pool -> the box of the pool's output that the image's top-k units reach (the union of
+    their receptive fields there), in image order: what the switches pass records."""
+    needed: dict[int, dict[str, list]] = {}
     for r in top_rows:
-        la = lmap.by_name[r["layer"]]
-        for reg in regions_below(lmap, la, r["y"], r["x"]):
+        for reg in regions_below(lmap, lmap.by_name[r["layer"]], r["y"], r["x"]):
             needed.setdefault(r["image_id"], {}).setdefault(reg.pool, []).append(reg)
-    image_ids = sorted(needed)
-    deepest = max((lmap.by_name[r["layer"]] for r in top_rows), key=lmap.layers.index, default=None)
+    return {i: {pool: union(regs) for pool, regs in sorted(needed[i].items())} for i in sorted(needed)}
+
+
+def write_switches(path: Path, lmap: LayerMap, regions: dict[int, dict[str, Any]],
+                   codes: Callable[[list[int]], dict[tuple[int, str], np.ndarray]], batch_size: int) -> None:
+    """switches.parquet from `regions` (see switch_regions), `codes(image_ids)` giving a batch's window
+    codes per (image id, pool) inside its region.
+
+    Streamed a batch of images at a time: an image's switches can take ~170 KB (zfnet's pool1 under a
+    conv5 unit), and up to channels x k images have some, so holding them all would make memory grow
+    with the dataset. One row group per batch, in image order, so that a reader asking for a few
+    images skips the rest by the row groups' image_id statistics. scripts/make_large_atlas.py writes
+    through this too.
+    """
+    image_ids = list(regions)
 
     def write(tmp: Path) -> None:
         with pq.ParquetWriter(tmp, SWITCH_SCHEMA, compression="zstd") as writer:
             for b in range(0, len(image_ids), batch_size):
                 chunk = image_ids[b:b + batch_size]
-                x = torch.stack([dataset[i][0] for i in chunk]).to(dev)  # dataset is indexed by image id
-                with torch.inference_mode():
-                    _, sw = lmap.extract(x, [deepest.name], pool_indices=True)
+                got = codes(chunk)
                 cols: dict[str, list] = {c: [] for c in SWITCH_SCHEMA.names}
-                for j, image_id in enumerate(chunk):
-                    for pool in sorted(needed[image_id]):
-                        reg = union(needed[image_id][pool])
-                        geom = lmap.pool_by_name[pool].geometry
-                        codes = window_codes(sw[pool][j, :, reg.y0:reg.y0 + reg.h, reg.x0:reg.x0 + reg.w], geom,
-                                             origin=(reg.y0, reg.x0))
+                for image_id in chunk:
+                    for pool, reg in regions[image_id].items():
+                        data = pack(got[(image_id, pool)], lmap.pool_by_name[pool].geometry.kernel)
                         for key, v in (("image_id", image_id), ("pool", pool), ("y0", reg.y0), ("x0", reg.x0),
-                                       ("h", reg.h), ("w", reg.w), ("data", pack(codes, geom.kernel))):
+                                       ("h", reg.h), ("w", reg.w), ("data", data)):
                             cols[key].append(v)
                 writer.write_table(pa.table(cols, schema=SWITCH_SCHEMA))
 
     atomic_write(path, write)
+
+
+def _write_switches(path: Path, lmap: LayerMap, top_rows, dataset, dev, batch_size) -> None:
+    """Second pass over the final top-k images only: their pool switches inside the units' fields."""
+    regions = switch_regions(lmap, top_rows)
+    deepest = max((lmap.by_name[r["layer"]] for r in top_rows), key=lmap.layers.index, default=None)
+
+    def forward(chunk: list[int]) -> dict[tuple[int, str], np.ndarray]:
+        x = torch.stack([dataset[i][0] for i in chunk]).to(dev)  # dataset is indexed by image id
+        with torch.inference_mode():
+            _, sw = lmap.extract(x, [deepest.name], pool_indices=True)
+        return {(i, pool): window_codes(sw[pool][j, :, reg.y0:reg.y0 + reg.h, reg.x0:reg.x0 + reg.w],
+                                        lmap.pool_by_name[pool].geometry, origin=(reg.y0, reg.x0))
+                for j, i in enumerate(chunk) for pool, reg in regions[i].items()}
+
+    write_switches(path, lmap, regions, forward, batch_size)
 
 
 def _write_tables(staging: Path, source, errors: dict[int, str], lmap, chosen, moms, top_rows) -> None:

@@ -4,7 +4,7 @@
 layer (conv5, 256 channels): for measuring the query side (scripts/bench_scale.py).
 
 The tables are written by the build's own writers (atlas.build: `_write_tables`,
-`write_activations`, `_top_rows`, SWITCH_SCHEMA), so file names, schemas, sort order and
+`write_activations`, `_top_rows`, `write_switches`), so file names, schemas, sort order and
 row groups are what `atlas build` writes; only the numbers are made up:
   activations  look like post-ReLU spatial maxima: a third zero, the rest gamma-distributed,
                shifted per class so that selectivity queries find something; the layer's
@@ -33,19 +33,17 @@ from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from atlas import FORMAT_VERSION, __version__  # noqa: E402
-from atlas.build import SWITCH_SCHEMA, _top_rows, _write_tables, write_activations  # noqa: E402
+from atlas.build import _top_rows, _write_tables, switch_regions, write_activations, write_switches  # noqa: E402
 from atlas.data import Record  # noqa: E402
-from atlas.fsutil import atomic_write, atomic_write_bytes, atomic_write_json, publish_dir  # noqa: E402
+from atlas.fsutil import atomic_write_bytes, atomic_write_json, publish_dir  # noqa: E402
 from atlas.layers import LayerMap  # noqa: E402
 from atlas.mining import Moments, TopK  # noqa: E402
 from atlas.models import load_model, preprocessing_for  # noqa: E402
-from atlas.switches import pack, regions_below, union  # noqa: E402
 
 IMAGES_PER_BLOCK = 16384  # activation rows are generated (and top-k merged) this many images at a time
 SWITCH_BATCH = 64         # images per switches row group: the build's default batch size
@@ -101,33 +99,21 @@ def random_codes(rng, geom, reg) -> np.ndarray:
     return (dy * k + dx).astype(np.uint8)
 
 
-def write_switches(path: Path, rng, lmap: LayerMap, top_rows, layer: str) -> int:
-    """switches.parquet as `atlas.build._write_switches` lays it out (one row per image and pool, the union of
-    its units' regions, image order, a row group per batch of images) for the rows that get switches."""
-    needed: dict[int, dict[str, list]] = {}
-    for r in top_rows:
-        if r["layer"] == layer or r["channel"] == 0:
-            for reg in regions_below(lmap, lmap.by_name[r["layer"]], r["y"], r["x"]):
-                needed.setdefault(r["image_id"], {}).setdefault(reg.pool, []).append(reg)
-    image_ids = sorted(needed)
+def synthetic_switches(path: Path, rng, lmap: LayerMap, top_rows, layer: str) -> int:
+    """switches.parquet through the build's own writer, random window codes, for the rows of `layer` and
+    channel 0 of every layer."""
+    regions = switch_regions(lmap, [r for r in top_rows if r["layer"] == layer or r["channel"] == 0])
 
-    def write(tmp: Path) -> None:
-        with pq.ParquetWriter(tmp, SWITCH_SCHEMA, compression="zstd") as writer:
-            for b in range(0, len(image_ids), SWITCH_BATCH):
-                cols: dict[str, list] = {c: [] for c in SWITCH_SCHEMA.names}
-                for image_id in image_ids[b:b + SWITCH_BATCH]:
-                    for pool in sorted(needed[image_id]):
-                        reg = union(needed[image_id][pool])
-                        p = lmap.pool_by_name[pool]
-                        geom = SimpleNamespace(**vars(p.geometry), channels=p.channels)
-                        for key, v in (("image_id", image_id), ("pool", pool), ("y0", reg.y0), ("x0", reg.x0),
-                                       ("h", reg.h), ("w", reg.w), ("data", pack(random_codes(rng, geom, reg),
-                                                                                  geom.kernel))):
-                            cols[key].append(v)
-                writer.write_table(pa.table(cols, schema=SWITCH_SCHEMA))
+    def codes(chunk: list[int]) -> dict[tuple[int, str], np.ndarray]:
+        out = {}
+        for i in chunk:
+            for pool, reg in regions[i].items():
+                p = lmap.pool_by_name[pool]
+                out[(i, pool)] = random_codes(rng, SimpleNamespace(**vars(p.geometry), channels=p.channels), reg)
+        return out
 
-    atomic_write(path, write)
-    return len(image_ids)
+    write_switches(path, lmap, regions, codes, SWITCH_BATCH)
+    return len(regions)
 
 
 def main() -> None:
@@ -166,7 +152,7 @@ def main() -> None:
     top_rows = _top_rows(lmap, convs, tops)
     _write_tables(staging, source, {}, lmap, convs, moms, top_rows)
     del source
-    n_sw = write_switches(staging / "switches.parquet", rng, lmap, top_rows, la.name)
+    n_sw = synthetic_switches(staging / "switches.parquet", rng, lmap, top_rows, la.name)
 
     buf = io.BytesIO()
     torch.save(model.features.state_dict(), buf)
