@@ -60,7 +60,7 @@ Measured (2-core CPU VM shared with other jobs, torch 2.15, fp32):
   About 1,100 training images/s with both cores free: the 3 epochs take ~12-18 s in all
   (decode, validation and checkpoints included); 70-110 s while other jobs held the cores.
   scripts/bench_train.py (3 rounds of ceiling / train / ceiling): zfnet at 224 px, batch 16:
-  best-of ratio 0.95-1.00 of the bare forward+backward+step rate (best 23-24 images/s on this
+  best-of ratio 0.91-1.00 of the bare forward+backward+step rate (best 23-24 images/s on this
   CPU, load average 2.5-4 from other jobs; single rounds swing from 0.83 to 1.5 with the load).
 """
 from __future__ import annotations
