@@ -32,10 +32,11 @@ import torch
 
 from . import FORMAT_VERSION, __version__
 from .distributed import ranks_from_env
-from .data import DecodedImages, Preprocess, open_dataset
+from .data import Preprocess, open_dataset
 from .device import default_workers, resolve_device
 from .errors import AtlasError
 from .heap import keep_memory_flat
+from .inputs import InputBatches, choose_decoder
 from .fsutil import atomic_write, atomic_write_bytes, atomic_write_json, atomic_write_parquet, publish_dir
 from .layers import LayerMap
 from .mining import NO_IMAGE, Moments, TopK, spatial_max
@@ -57,7 +58,8 @@ def build(model: str, data: str, out: str | Path, *, weights: str | None = None,
           layers: str | list[str] | None = None, batch_size: int = 64, device: str = "auto",
           workers: int | None = None, activations: bool = True, switches: bool = True,
           resume: bool = False, overwrite: bool = False, image_size: int | None = None,
-          chunk_size: int | None = None, precision: str = "fp32", seed: int = 0, index: bool = True,
+          chunk_size: int | None = None, precision: str = "fp32", decode: str = "auto", seed: int = 0,
+          index: bool = True,
           index_layers: str | list[str] | None = None, progress: bool | None = None,
           log: Callable[[str], None] | None = None) -> Path:
     """Run the build job; returns the path of the published atlas."""
@@ -79,6 +81,7 @@ def build(model: str, data: str, out: str | Path, *, weights: str | None = None,
         dev = torch.device("cuda", ranks.local_rank)
     net = load_model(model, weights, seed=seed)
     source = open_dataset(data)
+    decoder = choose_decoder(decode, source, dev)
     pre = net.atlas_meta.get("preprocessing") or preprocessing_for(model, image_size)
     if image_size and image_size != pre["crop"]:
         pre = preprocessing_for(model, image_size)
@@ -98,7 +101,7 @@ def build(model: str, data: str, out: str | Path, *, weights: str | None = None,
         "format_version": FORMAT_VERSION, "model": model, "weights_sha256": net.atlas_meta["weights_sha256"],
         "seed": seed, "dataset": str(source.root.resolve()), "images": n, "preprocessing": pre, "k": k,
         "layers": names, "batch_size": batch_size, "chunk_size": chunk_size, "activations": activations,
-        "switches": switches, "precision": precision, "index": plan.config() if plan else None,
+        "switches": switches, "precision": precision, "decode": decoder, "index": plan.config() if plan else None,
     }
     error = None
     if ranks.leader:  # one process prepares the staging folder; the others learn its verdict
@@ -113,7 +116,8 @@ def build(model: str, data: str, out: str | Path, *, weights: str | None = None,
     net = net.to(dev)
     if dev.type == "cuda":
         net = net.to(memory_format=torch.channels_last)
-    dataset = DecodedImages(source, Preprocess(pre), range(n))
+    inputs = InputBatches(source, Preprocess(pre), dev, decoder,
+                          workers if workers is not None else default_workers(dev))
     done = [c for c in range(nchunks) if (work / f"chunk-{c:05d}.npz").is_file()]
     todo = [c for c in range(nchunks) if c not in set(done) and ranks.owns(c)]
     if done:
@@ -125,8 +129,8 @@ def build(model: str, data: str, out: str | Path, *, weights: str | None = None,
         n_done = n - sum(min(chunk_size, n - c * chunk_size) for c in todo)
         progress = progress if ranks.leader else False
     with Progress(n, "build", "images", enabled=progress, initial=n_done) as bar:
-        _mine_chunks(lmap, chosen, dataset, todo, chunk_size, batch_size, k, dev, precision,
-                     workers if workers is not None else default_workers(dev), work, activations, bar, plan)
+        _mine_chunks(lmap, chosen, inputs, n, todo, chunk_size, batch_size, k, dev, precision, work,
+                     activations, bar, plan)
     t_fwd = time.perf_counter() - t_fwd
     ranks.barrier()  # every chunk is on disk
     if not ranks.leader:
@@ -148,7 +152,7 @@ def build(model: str, data: str, out: str | Path, *, weights: str | None = None,
 
     t_sw = time.perf_counter()
     if switches:
-        _write_switches(staging / "switches.parquet", lmap, top_rows, dataset, dev, batch_size)
+        _write_switches(staging / "switches.parquet", lmap, top_rows, inputs, batch_size)
     t_sw = time.perf_counter() - t_sw
 
     t_wr = time.perf_counter()
@@ -179,6 +183,7 @@ def build(model: str, data: str, out: str | Path, *, weights: str | None = None,
                                                     "nibble-packed when k*k <= 16 (atlas/switches.py)"},
         "activations": activations,
         "options": {"batch_size": batch_size, "chunk_size": chunk_size, "device": str(dev), "precision": precision,
+                    "decode": decoder,
                     "ranks": ranks.world},
         "timings": {"mining_s": round(t_fwd, 3), "switches_s": round(t_sw, 3), "write_s": round(t_wr, 3),
                     "total_s": round(time.perf_counter() - t_start, 3),
@@ -261,9 +266,8 @@ def _prepare_staging(staging: Path, out: Path, config: dict, resume: bool) -> No
     atomic_write_json(work / "config.json", config)
 
 
-def _mine_chunks(lmap: LayerMap, chosen, dataset, todo, chunk_size, batch_size, k, dev, precision,
-                 workers, work: Path, activations: bool, bar: Progress, plan: MinerPlan | None = None) -> None:
-    n = len(dataset)
+def _mine_chunks(lmap: LayerMap, chosen, inputs: InputBatches, n: int, todo, chunk_size, batch_size, k, dev,
+                 precision, work: Path, activations: bool, bar: Progress, plan: MinerPlan | None = None) -> None:
     batches, owner = [], []
     for c in todo:
         lo, hi = c * chunk_size, min(n, (c + 1) * chunk_size)
@@ -272,10 +276,8 @@ def _mine_chunks(lmap: LayerMap, chosen, dataset, todo, chunk_size, batch_size, 
             owner.append(c)
     if not batches:
         return
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
-                                         pin_memory=dev.type == "cuda")
     miner = None
-    for bi, (x, ids, errs) in enumerate(loader):
+    for bi, (x, ids, errs) in enumerate(inputs(batches)):
         if miner is None or miner.chunk != owner[bi]:
             if miner is not None:
                 _flush_chunk(miner, work)
@@ -374,15 +376,26 @@ def write_switches(path: Path, lmap: LayerMap, regions: dict[int, dict[str, Any]
     atomic_write(path, write)
 
 
-def _write_switches(path: Path, lmap: LayerMap, top_rows, dataset, dev, batch_size) -> None:
-    """Second pass over the final top-k images only: their pool switches inside the units' fields."""
+def _write_switches(path: Path, lmap: LayerMap, top_rows, inputs: InputBatches, batch_size) -> None:
+    """Second pass over the final top-k images only: their pool switches inside the units' fields.
+
+    Decoded by the same input pipeline as the mining pass (workers, device decoder), batch by batch in
+    the order write_switches asks for them."""
     regions = switch_regions(lmap, top_rows)
-    deepest = max((lmap.by_name[r["layer"]] for r in top_rows), key=lmap.layers.index, default=None)
+    # the model runs only as far as the deepest pool any unit's switches need: zfnet's conv5 units need
+    # pool1 and pool2, so conv3-5 (~45 % of its conv work) are skipped
+    deepest = max({pool for r in regions.values() for pool in r}, key=lambda p: lmap.pool_by_name[p].index,
+                  default=None)
+    image_ids = list(regions)
+    batches = inputs([image_ids[b:b + batch_size] for b in range(0, len(image_ids), batch_size)])
 
     def forward(chunk: list[int]) -> dict[tuple[int, str], np.ndarray]:
-        x = torch.stack([dataset[i][0] for i in chunk]).to(dev)  # dataset is indexed by image id
+        x, ids, _ = next(batches)
+        assert ids.tolist() == chunk, "switches batches out of step with write_switches"
+        if inputs.dev.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
-            _, sw = lmap.extract(x, [deepest.name], pool_indices=True)
+            _, sw = lmap.extract(x, [deepest], pool_indices=True)
         return {(i, pool): window_codes(sw[pool][j, :, reg.y0:reg.y0 + reg.h, reg.x0:reg.x0 + reg.w],
                                         lmap.pool_by_name[pool].geometry, origin=(reg.y0, reg.x0))
                 for j, i in enumerate(chunk) for pool, reg in regions[i].items()}

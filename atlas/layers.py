@@ -190,14 +190,17 @@ class LayerMap:
         """Run the model as far as the deepest requested layer.
 
         Returns {name: activation}; with `pool_indices`, also {pool name: argmax
-        indices} (flat over each pooled map, as F.max_pool2d gives them).
+        indices} (flat over each pooled map, as F.max_pool2d gives them). A pool
+        name in `names` runs the model only as far as that pool (its switches,
+        no activation): what the switches of a deep layer's units need.
         """
-        wanted = {self.by_name[n].read_at: n for n in names if self.by_name[n].kind == "conv"}
-        fc_wanted = {self.by_name[n].read_at: n for n in names if self.by_name[n].kind == "fc"}
+        layers = [n for n in names if n not in self.pool_by_name]
+        wanted = {self.by_name[n].read_at: n for n in layers if self.by_name[n].kind == "conv"}
+        fc_wanted = {self.by_name[n].read_at: n for n in layers if self.by_name[n].kind == "fc"}
         out: dict[str, torch.Tensor] = {}
         switches: dict[str, torch.Tensor] = {}
         pool_at = {p.index: p.name for p in self.pools}
-        last = max(wanted) if wanted else -1
+        last = max([*wanted, *(self.pool_by_name[n].index for n in names if n in self.pool_by_name)], default=-1)
         if fc_wanted:
             last = len(self.model.features) - 1
         feats = self.model.features

@@ -38,6 +38,9 @@ def demo(out, quick, progress):
 @click.option("--workers", type=int, help="Image decoding processes (default: by device and cores).")
 @click.option("--image-size", type=int, help="Input size, for models that take several (zfnet-mini: 32-64).")
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True)
+@click.option("--decode", type=click.Choice(["auto", "cpu", "device"]), default="auto", show_default=True,
+              help="Where JPEGs are decoded: cpu (PIL in --workers processes) or device (torchvision on "
+              "--device: nvjpeg on a GPU). auto: device on a GPU, else cpu.")
 @click.option("--no-activations", is_flag=True, help="Skip the per-image activations table (huge datasets).")
 @click.option("--no-switches", is_flag=True, help="Skip the max-pool switches (no projections from the atlas alone).")
 @click.option("--index/--no-index", default=True, show_default=True,
@@ -49,7 +52,7 @@ def demo(out, quick, progress):
 @click.option("--seed", default=0, show_default=True, help="Seed of a randomly initialised model.")
 @click.option("--chunk-size", type=int, help="Images per resumable chunk (default: about 1024).")
 @progress_option
-def build(model_name, weights, data, out, k, layers, batch_size, device, workers, image_size, precision,
+def build(model_name, weights, data, out, k, layers, batch_size, device, workers, image_size, precision, decode,
           no_activations, no_switches, index, index_layers, resume, overwrite, seed, chunk_size, progress):
     """Run a model over a whole dataset and write its atlas.
 
@@ -66,7 +69,7 @@ def build(model_name, weights, data, out, k, layers, batch_size, device, workers
 
     path = run_build(model_name, data, out, weights=str(weights) if weights else None, k=k, layers=layers,
                      batch_size=batch_size, device=device, workers=workers, image_size=image_size,
-                     precision=precision, activations=not no_activations, switches=not no_switches,
+                     precision=precision, decode=decode, activations=not no_activations, switches=not no_switches,
                      resume=resume, overwrite=overwrite, seed=seed, chunk_size=chunk_size, progress=progress,
                      index=index, index_layers=index_layers, log=_say)
     if int(os.environ.get("RANK", "0")) == 0:

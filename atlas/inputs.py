@@ -1,0 +1,209 @@
+"""Model input on the device: batches of image ids read, decoded and preprocessed.
+
+Two decoders give the same pictures to within one grey level:
+
+  cpu     PIL in DataLoader worker processes (the reference: `Preprocess`,
+          which the renderer and the analyses use too).
+  device  torchvision's JPEG decoder on `--device` (nvjpeg on a GPU, batched;
+          libjpeg-turbo on a CPU); the workers only read file bytes. Resize
+          (PIL's antialiased bilinear, as `F.interpolate(antialias=True)`
+          computes it), crop and normalisation run on the device too, so a GPU
+          is not left waiting on CPU cores. Files that are not JPEG, and JPEGs
+          the device decoder refuses (CMYK on nvjpeg, say), are decoded by PIL.
+
+`auto` picks `device` for a folder dataset on a CUDA device whose decoder
+works, else `cpu`. The two differ by at most one grey level per pixel (the
+resize rounds in floating point, not in PIL's fixed point), which can swap
+near-ties in a ranking like bf16 does; an atlas records which decoder built
+it and a resumed build keeps it.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .data import DecodedImages, ImageSource, Preprocess, open_rgb
+from .errors import AtlasError
+
+DECODERS = ("auto", "cpu", "device")
+
+# torchvision 0.29 deprecates its decoders in favour of TorchCodec but keeps them working; the warning
+# would print once per worker and call site and says nothing a user of atlas can act on.
+warnings.filterwarnings("ignore", message=r".*decoding and encoding capabilities of TorchVision are deprecated")
+
+JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+def choose_decoder(decode: str, source: ImageSource, dev: torch.device) -> str:
+    """The decoder a build uses: `cpu` or `device` (see the module docstring)."""
+    if decode not in DECODERS:
+        raise AtlasError(f"unknown decoder '{decode}': use {', '.join(DECODERS)}")
+    folder = source.kind in ("imagefolder", "flat")
+    if decode == "device":
+        if not folder:
+            raise AtlasError(f"--decode device reads image files; dataset '{source.spec}' is {source.kind}")
+        if not device_decoder_works(dev):
+            raise AtlasError(f"--decode device: torchvision cannot decode JPEG on {dev}")
+        return "device"
+    if decode == "auto" and folder and dev.type == "cuda" and device_decoder_works(dev):
+        return "device"
+    return "cpu"
+
+
+def device_decoder_works(dev: torch.device) -> bool:
+    """Whether torchvision decodes a JPEG on `dev` (a build without nvjpeg, or a future torchvision
+    without its decoders, falls back to the CPU workers)."""
+    try:
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        buf = io.BytesIO()
+        from PIL import Image
+
+        Image.new("RGB", (16, 8), (200, 30, 10)).save(buf, "JPEG")
+        x = decode_jpeg([torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)],
+                        mode=ImageReadMode.RGB, device=dev)[0]
+        return tuple(x.shape) == (3, 8, 16)
+    except Exception:  # any failure means: not on this machine
+        return False
+
+
+class EncodedImages(torch.utils.data.Dataset):
+    """(kind, payload, image_id, error) for a list of ids: a JPEG's bytes ("jpeg"), or any other image
+    fully decoded by PIL as uint8 (C, H, W) ("rgb"). What a worker does for the `device` decoder."""
+
+    def __init__(self, source: ImageSource, ids: Sequence[int]):
+        self.source, self.ids = source, list(ids)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int):
+        image_id = self.ids[i]
+        path = self.source.root / self.source.records[image_id].path
+        try:
+            data = path.read_bytes()
+            if data[:3] == JPEG_MAGIC:
+                return "jpeg", torch.frombuffer(bytearray(data), dtype=torch.uint8), image_id, ""
+            return "rgb", _rgb_tensor(open_rgb(path)), image_id, ""
+        except Exception as e:  # a property of the file, recorded per image as DecodedImages does
+            return "rgb", None, image_id, _error(e)
+
+
+def _rgb_tensor(img) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def _error(e: Exception) -> str:
+    return f"{type(e).__name__}: {e}"[:300] or "unreadable"
+
+
+def _as_lists(batch):
+    return tuple(list(col) for col in zip(*batch))
+
+
+class DeviceDecoder:
+    """Turns a batch of EncodedImages items into normalised model input on `dev`."""
+
+    def __init__(self, preprocess: Preprocess, dev: torch.device):
+        self.pre, self.dev = preprocess, dev
+        self.mean = preprocess.mean.to(dev)
+        self.std = preprocess.std.to(dev)
+
+    def __call__(self, kinds: list[str], payloads: list, errs: list[str]) -> tuple[torch.Tensor, list[str]]:
+        errs = list(errs)
+        pixels: list[torch.Tensor | None] = [None] * len(kinds)
+        jpegs = [i for i, k in enumerate(kinds) if k == "jpeg" and not errs[i]]
+        for i, x in zip(jpegs, self._decode_jpegs([payloads[i] for i in jpegs])):
+            if x is None:  # the device decoder refused it: PIL, as the cpu decoder would
+                try:
+                    from PIL import Image
+
+                    with Image.open(io.BytesIO(payloads[i].numpy().tobytes())) as im:
+                        im.load()
+                        x = _rgb_tensor(im.convert("RGB"))
+                except Exception as e:
+                    errs[i] = _error(e)
+                    continue
+            pixels[i] = x
+        for i, k in enumerate(kinds):
+            if k == "rgb" and not errs[i]:
+                pixels[i] = payloads[i]
+        return self._preprocess(pixels), errs
+
+    def _decode_jpegs(self, data: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        if not data:
+            return []
+        try:  # batched: nvjpeg decodes a list in one call, much faster than one by one
+            return decode_jpeg(data, mode=ImageReadMode.RGB, device=self.dev)
+        except RuntimeError:  # one bad file fails the whole call; find which, one by one
+            out = []
+            for d in data:
+                try:
+                    out.append(decode_jpeg(d, mode=ImageReadMode.RGB, device=self.dev))
+                except RuntimeError:
+                    out.append(None)
+            return out
+
+    def _preprocess(self, pixels: list[torch.Tensor | None]) -> torch.Tensor:
+        """Preprocess.crop_image + to_tensor on the device; images of one size are resized together."""
+        crop = self.pre.crop
+        x = torch.zeros(len(pixels), 3, crop, crop, device=self.dev)
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for i, p in enumerate(pixels):
+            if p is not None:
+                by_size.setdefault(tuple(p.shape[1:]), []).append(i)
+        for (h, w), idx in by_size.items():
+            imgs = torch.stack([pixels[i].to(self.dev, non_blocking=True) for i in idx])
+            scale = self.pre.resize / min(w, h)
+            if (w, h) != (round(w * scale), round(h * scale)):
+                nh, nw = max(crop, round(h * scale)), max(crop, round(w * scale))
+                # PIL resizes in uint8; rounding back to uint8 keeps the model's input quantised the same way
+                imgs = F.interpolate(imgs.float(), size=(nh, nw), mode="bilinear", antialias=True,
+                                     align_corners=False).round_().clamp_(0, 255)
+                h, w = nh, nw
+            top, left = (h - crop) // 2, (w - crop) // 2
+            x[idx] = imgs[:, :, top:top + crop, left:left + crop].float()
+        ok = torch.tensor([p is not None for p in pixels], device=self.dev).view(-1, 1, 1, 1)
+        return torch.where(ok, (x / 255.0 - self.mean) / self.std, 0.0)
+
+
+class InputBatches:
+    """Model input for batches of image ids, on the device: (x, ids, errors) per batch, in order.
+
+    Errors are per image ("" when it decoded); an unreadable image's input is zeros, as the cpu decoder
+    gives it. The build's mining pass and its switches pass both read through this, so the switches
+    are recorded on the same pixels the ranking saw.
+    """
+
+    def __init__(self, source: ImageSource, preprocess: Preprocess, dev: torch.device, decoder: str,
+                 workers: int):
+        if decoder not in ("cpu", "device"):
+            raise ValueError(f"decoder must be resolved to cpu or device (choose_decoder), got {decoder!r}")
+        self.source, self.pre, self.dev, self.decoder, self.workers = source, preprocess, dev, decoder, workers
+        self._device_decoder = DeviceDecoder(preprocess, dev) if decoder == "device" else None
+
+    def __call__(self, batches: list[list[int]]) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+        if not batches:
+            return
+        # Datasets are indexed by position in a list of every id, so batch_sampler can hand out image ids.
+        all_ids = range(len(self.source))
+        if self.decoder == "cpu":
+            loader = torch.utils.data.DataLoader(
+                DecodedImages(self.source, self.pre, all_ids), batch_sampler=batches, num_workers=self.workers,
+                pin_memory=self.dev.type == "cuda")
+            for x, ids, errs in loader:
+                yield x.to(self.dev, non_blocking=True), ids, list(errs)
+            return
+        loader = torch.utils.data.DataLoader(
+            EncodedImages(self.source, all_ids), batch_sampler=batches, num_workers=self.workers,
+            collate_fn=_as_lists)
+        for kinds, payloads, ids, errs in loader:
+            x, errs = self._device_decoder(kinds, payloads, errs)
+            yield x, torch.tensor(ids, dtype=torch.int64), errs

@@ -1,0 +1,150 @@
+"""The input pipeline: the device decoder gives the cpu decoder's pictures, and a build through it is exact."""
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+import atlas
+from atlas.build import build
+from atlas.cli import main
+from atlas.data import DecodedImages, Preprocess, open_dataset
+from atlas.errors import AtlasError
+from atlas.inputs import InputBatches, choose_decoder
+from atlas.models import preprocessing_for
+from atlas.switches import SwitchRegion, decode
+
+from test_datasets import write_cifar
+
+PRE = preprocessing_for("zfnet-mini", 32)
+
+
+@pytest.fixture(scope="module")
+def jpeg_folder(tmp_path_factory):
+    """Photos-like JPEGs of two sizes (both downscaled), grey and CMYK JPEGs, a PNG, and two broken files."""
+    root = tmp_path_factory.mktemp("jpegs") / "data"
+    rng = np.random.default_rng(1)
+    yy, xx = np.mgrid[0:90, 0:120]
+    for c, cls in enumerate(("a", "b")):
+        (root / cls).mkdir(parents=True)
+        for i in range(10):
+            f = rng.uniform(0.05, 0.3, 2)
+            base = np.stack([np.sin(xx * f[0] + ch + c) * np.cos(yy * f[1] - ch) for ch in range(3)], -1)
+            img = (127 + 100 * base + rng.normal(0, 10, base.shape)).clip(0, 255).astype(np.uint8)
+            if i % 2:
+                img = img[:70, :55]  # portrait, another size: resized apart from the others
+            Image.fromarray(img).save(root / cls / f"{i:02d}.jpg", quality=90)
+    Image.fromarray(img).convert("L").save(root / "a" / "grey.jpg", quality=90)
+    Image.fromarray(img).convert("CMYK").save(root / "a" / "cmyk.jpg", quality=90)
+    Image.fromarray(img).save(root / "b" / "lossless.png")
+    (root / "b" / "garbage.jpg").write_bytes(b"\xff\xd8\xff" + bytes(range(256)) * 4)
+    (root / "b" / "empty.png").write_bytes(b"")
+    return root
+
+
+def test_device_decoder_gives_the_cpu_decoders_pictures(jpeg_folder):
+    src = open_dataset(jpeg_folder)
+    pre = Preprocess(PRE)
+    ref = DecodedImages(src, pre, range(len(src)))
+    batches = [list(range(b, min(len(src), b + 5))) for b in range(0, len(src), 5)]
+    got = {}
+    for x, ids, errs in InputBatches(src, pre, torch.device("cpu"), "device", workers=0)(batches):
+        for xi, i, e in zip(x, ids.tolist(), errs):
+            got[i] = (xi, e)
+    assert sorted(got) == list(range(len(src)))
+    names = {r.image_id: r.path for r in src.records}
+    broken = {i for i, n in names.items() if n.endswith(("garbage.jpg", "empty.png"))}
+    assert len(broken) == 2
+    for i in range(len(src)):
+        want, _, want_err = ref[i]
+        x, err = got[i]
+        assert bool(err) == bool(want_err) == (i in broken), names[i]
+        # one grey level at most: back in 0-255 units through the normalisation
+        diff = ((x - want) * pre.std * 255).abs().max().item()
+        assert diff <= 1.0 + 1e-3, (names[i], diff)
+        if i in broken:
+            assert torch.count_nonzero(x) == 0
+
+
+def test_a_build_through_the_device_decoder_is_exact_on_its_own_pixels(jpeg_folder, tmp_path):
+    out = build("zfnet-mini", str(jpeg_folder), tmp_path / "a", k=3, batch_size=4, image_size=32,
+                decode="device", workers=1, index=False, progress=False)
+    a = atlas.open(out)
+    assert a.manifest["options"]["decode"] == "device"
+    assert a.sql("SELECT count(*) FROM images WHERE status = 'error'").fetchall()[0][0] == 2
+    # brute force over every image as the device decoder sees it
+    src = open_dataset(jpeg_folder)
+    x = torch.cat([b[0] for b in InputBatches(src, Preprocess(PRE), torch.device("cpu"), "device", 0)(
+        [list(range(len(src)))])])
+    ok = torch.tensor([r["status"] == "ok" for r in a.rows("SELECT status FROM images ORDER BY image_id")])
+    with torch.no_grad():
+        acts = a.lmap.extract(x, a.layer_names, pool_indices=True)
+    feats, sw = acts
+    for name in a.layer_names:
+        vals = feats[name].flatten(2).max(2).values
+        vals[~ok] = -np.inf
+        top = vals.topk(3, dim=0)
+        got = a.rows("SELECT channel, rank, image_id, value FROM top_activations WHERE layer = ? "
+                     "ORDER BY channel, rank", [name])
+        for r in got:
+            assert r["value"] == pytest.approx(top.values[r["rank"], r["channel"]].item(), rel=1e-5, abs=1e-6)
+    # the switches pass saw the same pixels
+    rows = a.rows("SELECT * FROM read_parquet('switches.parquet')")
+    assert rows
+    for r in rows:
+        pool = a.lmap.pool_by_name[r["pool"]]
+        reg = SwitchRegion(r["pool"], r["y0"], r["x0"], r["h"], r["w"])
+        box = (slice(None), slice(reg.y0, reg.y0 + reg.h), slice(reg.x0, reg.x0 + reg.w))
+        assert torch.equal(decode(r["data"], pool.channels, pool.geometry, reg)[box], sw[r["pool"]][r["image_id"]][box])
+
+
+def test_decoders_agree_on_the_ranking_within_tolerance(jpeg_folder, tmp_path):
+    runs = {d: atlas.open(build("zfnet-mini", str(jpeg_folder), tmp_path / d, k=3, batch_size=8, image_size=32,
+                                decode=d, index=False, progress=False)) for d in ("cpu", "device")}
+    top = {d: {(r["layer"], r["channel"], r["image_id"]) for r in a.rows("SELECT * FROM top_activations")}
+           for d, a in runs.items()}
+    kept = len(top["cpu"] & top["device"]) / len(top["cpu"])
+    assert kept >= 0.85, kept
+    assert runs["cpu"].manifest["options"]["decode"] == "cpu"
+
+
+def test_choosing_a_decoder(jpeg_folder, tmp_path):
+    cpu = torch.device("cpu")
+    src = open_dataset(jpeg_folder)
+    assert choose_decoder("auto", src, cpu) == "cpu"  # on a CPU the worker processes decode
+    assert choose_decoder("device", src, cpu) == "device"
+    cifar = open_dataset(write_cifar(tmp_path / "cifar")[0])
+    assert choose_decoder("auto", cifar, cpu) == "cpu"
+    with pytest.raises(AtlasError, match="reads image files"):
+        choose_decoder("device", cifar, cpu)
+    with pytest.raises(AtlasError, match="unknown decoder 'gpu'"):
+        choose_decoder("gpu", src, cpu)
+
+
+def test_decode_option_errors_are_one_line(tmp_path):
+    root, _ = write_cifar(tmp_path / "cifar")
+    r = CliRunner().invoke(main, ["build", "--model", "zfnet-mini", "--data", str(root), "--out",
+                                  str(tmp_path / "x"), "--image-size", "32", "--decode", "device"])
+    assert r.exit_code != 0 and "Traceback" not in r.output
+    assert r.output.strip().count("\n") == 0 and "--decode device reads image files" in r.output
+
+
+def test_a_resumed_build_keeps_its_decoder(jpeg_folder, tmp_path, monkeypatch):
+    import atlas.build as b
+
+    real = b._flush_chunk
+
+    def interrupted(*args, **kw):
+        real(*args, **kw)
+        raise KeyboardInterrupt  # Ctrl-C after the first chunk
+
+    monkeypatch.setattr(b, "_flush_chunk", interrupted)
+    out = tmp_path / "a"
+    opts = dict(k=3, batch_size=4, chunk_size=8, image_size=32, index=False, progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        build("zfnet-mini", str(jpeg_folder), out, decode="device", **opts)
+    monkeypatch.setattr(b, "_flush_chunk", real)
+    with pytest.raises(AtlasError, match=r"other options \(decode\)"):
+        build("zfnet-mini", str(jpeg_folder), out, decode="cpu", resume=True, **opts)
+    build("zfnet-mini", str(jpeg_folder), out, decode="device", resume=True, **opts)
+    assert atlas.open(out).manifest["options"]["decode"] == "device"
