@@ -220,6 +220,8 @@ class ChunkMiner:
             self.kept.update({f"sample.{m}": [] for m in self.names})
 
     def add(self, x: torch.Tensor, ids: torch.Tensor, errs: list[str] | None = None) -> None:
+        """One batch. Nothing here waits for the device (no copies back per batch): the chunk's rows stay
+        on it until `host()`, so the loader's next batch is queued while this one computes."""
         errs = errs or [""] * len(ids)
         for i, e in zip(ids.tolist(), errs):
             if e:
@@ -230,7 +232,7 @@ class ChunkMiner:
         with torch.inference_mode():
             with torch.autocast(self.dev.type, torch.bfloat16, enabled=self.autocast):
                 feats = self.lmap.extract(x, self.names + self.fc_names)
-            ids = ids.to(self.dev)
+            ids = ids.to(self.dev, non_blocking=True)
             ok = None if not any(errs) else torch.tensor([not e for e in errs], device=self.dev)
             vid = ids if ok is None else ids[ok]
             for name in self.names:
@@ -240,15 +242,27 @@ class ChunkMiner:
                 self.tops[name].update(v, vid, p)
                 self.moms[name].update(v)
                 if self.keep_activations:
-                    self.acts[name].append((vid.cpu(), v.cpu()))
+                    self.acts[name].append((vid, v))
                 if f"images.{name}" in self.kept:
-                    self.kept[f"images.{name}"].append((vid.cpu(), v.cpu()))
+                    self.kept[f"images.{name}"].append((vid, v))
                 if self.sample is not None:
                     s = torch.isin(vid, self.sample)
-                    self.kept[f"sample.{name}"].append((vid[s].cpu(), v[s].cpu()))
+                    self.kept[f"sample.{name}"].append((vid[s], v[s]))
             for name in self.fc_names:
                 f = feats[name] if ok is None else feats[name][ok]
-                self.kept[f"images.{name}"].append((vid.cpu(), layer_vectors("fc", f).cpu()))
+                self.kept[f"images.{name}"].append((vid, layer_vectors("fc", f)))
+
+    def host(self) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, list]]:
+        """The chunk's activation rows {layer: (ids, values (images, channels))} and kept vectors, on the
+        host: one copy per layer and chunk."""
+        def cat(parts):
+            if not parts:
+                return np.zeros(0, np.int32), np.zeros((0, 0), np.float32)
+            return torch.cat([p[0] for p in parts]).cpu().numpy(), torch.cat([p[1] for p in parts]).cpu().numpy()
+
+        acts = {name: cat(parts) for name, parts in self.acts.items()} if self.keep_activations else {}
+        kept = {key: [cat(parts)] if parts else [] for key, parts in self.kept.items()}
+        return acts, kept
 
 
 def _prepare_staging(staging: Path, out: Path, config: dict, resume: bool) -> None:
@@ -289,19 +303,17 @@ def _mine_chunks(lmap: LayerMap, chosen, inputs: InputBatches, n: int, todo, chu
 
 def _flush_chunk(miner: ChunkMiner, work: Path) -> None:
     c = miner.chunk
-    if miner.keep_activations:
-        for name, parts in miner.acts.items():
-            ids = torch.cat([p[0] for p in parts]).numpy().astype(np.int32) if parts else np.zeros(0, np.int32)
-            vals = torch.cat([p[1] for p in parts]).numpy() if parts else np.zeros((0, 0), np.float32)
-            nimg, nch = vals.shape
-            table = pa.table({
-                "image_id": pa.array(np.repeat(ids, nch), pa.int32()),
-                "channel": pa.array(np.tile(np.arange(nch, dtype=np.int16), nimg), pa.int16()),
-                "value": pa.array(vals.reshape(-1).astype(np.float32), pa.float32()),
-            })
-            atomic_write_parquet(work / f"act-{c:05d}-{name}.parquet", table, compression="zstd")
-    if miner.kept:  # before the chunk file: its presence is what marks the chunk done
-        atomic_write(work / f"vec-{c:05d}.npz", lambda tmp: _savez(tmp, vector_arrays(miner.kept)))
+    acts, kept = miner.host()
+    for name, (ids, vals) in acts.items():
+        nimg, nch = vals.shape
+        table = pa.table({
+            "image_id": pa.array(np.repeat(ids.astype(np.int32), nch), pa.int32()),
+            "channel": pa.array(np.tile(np.arange(nch, dtype=np.int16), nimg), pa.int16()),
+            "value": pa.array(vals.reshape(-1).astype(np.float32), pa.float32()),
+        })
+        atomic_write_parquet(work / f"act-{c:05d}-{name}.parquet", table, compression="zstd")
+    if kept:  # before the chunk file: its presence is what marks the chunk done
+        atomic_write(work / f"vec-{c:05d}.npz", lambda tmp: _savez(tmp, vector_arrays(kept)))
     arrays = {"errors": np.array(json.dumps({str(i): e for i, e in miner.errors.items()}))}
     for name, t in miner.tops.items():
         arrays.update({f"{name}.topk.{f}": v for f, v in t.state().items()})
