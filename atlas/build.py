@@ -82,6 +82,9 @@ def build(model: str, data: str, out: str | Path, *, weights: str | None = None,
     net = load_model(model, weights, seed=seed)
     source = open_dataset(data)
     decoder = choose_decoder(decode, source, dev)
+    leaders = ranks.share(decoder)
+    if leaders != decoder:  # one atlas, one decoder: a rank without nvjpeg fails the job
+        raise AtlasError(f"rank {ranks.rank}: rank 0 decodes with '{leaders}', this rank cannot")
     pre = net.atlas_meta.get("preprocessing") or preprocessing_for(model, image_size)
     if image_size and image_size != pre["crop"]:
         pre = preprocessing_for(model, image_size)

@@ -1,16 +1,23 @@
-"""How much does `atlas build --precision bf16` change the atlas? Build both, compare the rankings.
+"""How much does a faster build option change the atlas? Build both ways, compare the rankings.
 
-bf16 autocast makes the forward pass faster on a GPU but rounds activations to 8 bits of mantissa,
-so near-ties among a channel's strongest images can swap. This prints, per layer: the share of
-each channel's fp32 top-k images that the bf16 top-k also holds, the share of channels whose
-strongest image is the same, and the largest relative difference of a channel's maximum.
+  --vary precision   fp32 vs `--precision bf16`: bf16 autocast makes the forward pass faster on a
+                     GPU but rounds activations to 8 bits of mantissa.
+  --vary decode      `--decode cpu` (PIL) vs `--decode device` (torchvision's JPEG decoder, on
+                     --device: nvjpeg on a GPU; its resize rounds in floating point, not in PIL's
+                     fixed point, so pixels differ by up to one grey level).
 
-    python scripts/compare_precision.py --model zfnet-mini --data atlas-demo/data/shapes-8000 \\
+Near-ties among a channel's strongest images can swap. This prints, per layer: the share of each
+channel's reference top-k images (fp32, cpu) that the other build's top-k also holds, the share of
+channels whose strongest image is the same, and the largest relative difference of a channel's
+maximum.
+
+    python scripts/compare_builds.py --model zfnet-mini --data atlas-demo/data/shapes-8000 \\
         --weights atlas-demo/run/final.pt            # after `atlas demo`
-    python scripts/compare_precision.py --model zfnet --data imgs/ --device cuda
+    python scripts/compare_builds.py --vary decode --model zfnet --data jpegs/ --device cuda
 
 On a CPU, bf16 autocast is emulated (same rounding, no speed-up): the agreement figures hold,
-the timings do not.
+the timings do not. The decoders only differ where images are resized (the demo's 64 px shapes
+are not): compare them on photos.
 """
 from __future__ import annotations
 
@@ -23,6 +30,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from atlas.build import build  # noqa: E402
+
+VARIANTS = {"precision": [("fp32", {"precision": "fp32"}), ("bf16", {"precision": "bf16"})],
+            "decode": [("cpu", {"decode": "cpu"}), ("device", {"decode": "device"})]}
 
 AGREEMENT = """
 WITH a AS (SELECT * FROM read_parquet('{a}/top_activations.parquet')),
@@ -49,20 +59,22 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=9)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--vary", choices=list(VARIANTS), default="precision")
     args = ap.parse_args()
     import duckdb
 
     with tempfile.TemporaryDirectory() as tmp:
         out, seconds = {}, {}
-        for precision in ("fp32", "bf16"):
+        (ref, _), (other, _) = VARIANTS[args.vary]
+        for name, option in VARIANTS[args.vary]:
             t = time.perf_counter()
-            out[precision] = build(args.model, args.data, Path(tmp) / precision, weights=args.weights, k=args.k,
-                                   device=args.device, batch_size=args.batch_size, precision=precision,
-                                   index=False, progress=False)
-            seconds[precision] = time.perf_counter() - t
-        rows = duckdb.sql(AGREEMENT.format(a=out["fp32"], b=out["bf16"])).fetchall()
-    print(f"{args.model} over {args.data}, k = {args.k}: fp32 build {seconds['fp32']:.1f} s, "
-          f"bf16 build {seconds['bf16']:.1f} s")
+            out[name] = build(args.model, args.data, Path(tmp) / name, weights=args.weights, k=args.k,
+                              device=args.device, batch_size=args.batch_size, index=False, progress=False,
+                              **option)
+            seconds[name] = time.perf_counter() - t
+        rows = duckdb.sql(AGREEMENT.format(a=out[ref], b=out[other])).fetchall()
+    print(f"{args.model} over {args.data}, k = {args.k}: {ref} build {seconds[ref]:.1f} s, "
+          f"{other} build {seconds[other]:.1f} s")
     print(f"{'layer':<8} {'top-k kept':>10} {'same strongest':>15} {'max rel. diff of maxima':>24}")
     for layer, overlap, same, diff in rows:
         print(f"{layer:<8} {overlap:>10.1%} {same:>15.1%} {diff:>24.2%}")
