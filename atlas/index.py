@@ -109,14 +109,18 @@ def normalize(vectors: np.ndarray) -> np.ndarray:
 def build_index(vectors: np.ndarray, ids: np.ndarray, spec: dict | None = None, seed: int = 0):
     """A faiss index over the L2-normalised `vectors` (n, d), searchable by cosine, returning `ids`.
 
+    `vectors`: an array, or an array-like with `shape` whose `x[a:b]` and `x[rows]` give arrays.
+
     `ids` (n,) int64 are what `search` returns (image ids, channel keys, ...);
     they need not be contiguous but must be unique and >= 0. `spec` defaults to
     `choose_index(n, d)`. Training (IVF) uses a seeded sample and seeded
     k-means, so the same inputs and seed give the same index bytes.
     """
     faiss = _faiss()
-    x = np.asarray(vectors)
-    if x.ndim != 2:
+    # an array, or an array-like that reads rows when indexed (similarity.ChunkRows): only the training
+    # sample and one batch at a time are ever in memory beside the index
+    x = vectors if hasattr(vectors, "shape") and hasattr(vectors, "__getitem__") else np.asarray(vectors)
+    if len(x.shape) != 2:
         raise ValueError(f"build_index: expected vectors of shape (n, d), got {x.shape}")
     n, d = x.shape
     ids = np.ascontiguousarray(ids, dtype=np.int64)

@@ -134,7 +134,7 @@ def vector_arrays(kept: dict[str, list]) -> dict[str, np.ndarray]:
 
 
 class ChunkVectors:
-    """What a build's ChunkMiner kept in WORK/vec-CCCCC.npz, concatenated in chunk order.
+    """What a build's ChunkMiner kept in WORK/vec-CCCCC.npz, in chunk order.
 
     Keys: "images.LAYER" (every readable image) and "sample.LAYER" (the
     profile sample). Chunk order is image order, whatever order the chunks
@@ -151,16 +151,54 @@ class ChunkVectors:
     def has(self, key: str) -> bool:
         return key in self.keys
 
-    def get(self, key: str) -> tuple[np.ndarray, np.ndarray]:
-        ids, xs = [], []
+    def ids(self, key: str) -> np.ndarray:
+        parts = []
         for f in self.files:
             with np.load(f) as z:
-                if len(z[f"{key}.ids"]):
-                    ids.append(z[f"{key}.ids"])
-                    xs.append(z[f"{key}.x"])
-        if not ids:
-            return np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
-        return np.concatenate(ids), np.concatenate(xs)
+                parts.append(z[f"{key}.ids"])
+        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+    def rows(self, key: str) -> "ChunkRows":
+        """The key's vectors as a (n, d) array-like that reads chunk files only when rows are asked for."""
+        return ChunkRows(self.files, key)
+
+
+class ChunkRows:
+    """Rows of one key across chunk files, read on indexing (`x[a:b]`, `x[int array]`).
+
+    At a million images fc7's vectors are 8 GB (float16): the index build reads them a batch at a
+    time instead of holding them all beside the index it fills.
+    """
+
+    def __init__(self, files: list[Path], key: str):
+        self.files, self.key = [], f"{key}.x"
+        counts, d, self.dtype = [], 0, np.dtype(np.float32)
+        for f in files:
+            with np.load(f) as z:
+                n = len(z[f"{key}.ids"])
+                if n:
+                    self.files.append(f)
+                    counts.append(n)
+                    x = z[self.key]
+                    d, self.dtype = x.shape[1], x.dtype
+        self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self.shape = (int(self.starts[-1]), d)
+        self.ndim = 2
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows) -> np.ndarray:
+        if isinstance(rows, slice):
+            rows = np.arange(*rows.indices(self.shape[0]))
+        rows = np.asarray(rows, np.int64)
+        out = np.empty((len(rows), self.shape[1]), self.dtype)
+        which = np.searchsorted(self.starts, rows, side="right") - 1
+        for c in np.unique(which):
+            sel = which == c
+            with np.load(self.files[c]) as z:
+                out[sel] = z[self.key][rows[sel] - self.starts[c]]
+        return out
 
 
 # -- vectors out of an atlas -----------------------------------------------------------------------------
@@ -230,9 +268,16 @@ def _dataset(a: Atlas, what: str):
     return src
 
 
-def _forward_vectors(a: Atlas, src, names: list[str], image_ids: np.ndarray, *, device: str,
-                     batch_size: int, workers: int | None, progress: bool | None) -> dict[str, np.ndarray]:
-    """{layer: (len(image_ids), C)} per-image vectors of `names`, by a forward pass over those images."""
+def _forward_vectors(a: Atlas, src, names: list[str], image_ids: np.ndarray, *, keep: dict[str, np.ndarray],
+                     device: str, batch_size: int, workers: int | None,
+                     progress: bool | None) -> dict[str, np.ndarray]:
+    """{layer: (len(keep[layer]), C)} per-image vectors of `names` for the images `keep[layer]` (sorted, a
+    subset of `image_ids`), by one forward pass over `image_ids`.
+
+    Each layer keeps only its own images (a layer wanted for channel profiles only keeps the 4,096-image
+    sample, not a vector per image), written in place into one array per layer: no list of parts and
+    no concatenated copy of them (fc7 at 1M images is 8 GB).
+    """
     import torch
 
     from .analyses.common import Runner
@@ -246,7 +291,7 @@ def _forward_vectors(a: Atlas, src, names: list[str], image_ids: np.ndarray, *, 
     loader = torch.utils.data.DataLoader(
         DecodedImages(src, a.preprocess, [int(i) for i in image_ids]), batch_size=batch_size,
         num_workers=workers if workers is not None else default_workers(runner.device))
-    parts: dict[str, list] = {n: [] for n in names}
+    out: dict[str, np.ndarray] = {}
     with Progress(len(image_ids), "index", "images", enabled=progress) as bar, torch.inference_mode():
         for x, ids, errs in loader:
             bad = [(int(i), e) for i, e in zip(ids, errs) if e]
@@ -254,10 +299,18 @@ def _forward_vectors(a: Atlas, src, names: list[str], image_ids: np.ndarray, *, 
                 raise AtlasError(f"image {bad[0][0]} ('{src.records[bad[0][0]].path}') cannot be read now "
                                  f"({bad[0][1]}), though it could when the atlas was built")
             feats = runner.lmap.extract(runner.prepare(x), names)
+            ids = ids.numpy()
             for n in names:
-                parts[n].append(layer_vectors(kinds[n], feats[n]).cpu().numpy())
+                pos = np.searchsorted(keep[n], ids)
+                mine = (pos < len(keep[n])) & (keep[n][np.minimum(pos, len(keep[n]) - 1)] == ids)
+                if not mine.any():
+                    continue
+                v = layer_vectors(kinds[n], feats[n][torch.from_numpy(mine)]).cpu().numpy()
+                if n not in out:
+                    out[n] = np.zeros((len(keep[n]), v.shape[1]), v.dtype)
+                out[n][pos[mine]] = v
             bar.update(len(errs))
-    return {n: np.concatenate(v) for n, v in parts.items()}
+    return out
 
 
 # -- building --------------------------------------------------------------------------------------------
@@ -310,24 +363,26 @@ def build_indexes(atlas, layers: str | list[str] | None = None, *, device: str =
                              [n for n in recorded if src_sample[n] == "forward"]))
     forward: dict[str, np.ndarray] = {}
     fwd_ids = ok_ids if any(src_images[n] == "forward" for n in names) else sample_ids
+    # the images each layer's forward vectors are kept for: all of them for an image index, else the sample
+    fwd_keep = {n: ok_ids if n in names and src_images[n] == "forward" else sample_ids for n in fwd}
     if fwd:
         what = f"indexing {', '.join(fwd)}"
         src = _dataset(a, what)
         log(f"{what}: a forward pass over {len(fwd_ids)} images")
-        forward = _forward_vectors(a, src, fwd, fwd_ids, device=device, batch_size=batch_size, workers=workers,
-                                   progress=progress)
+        forward = _forward_vectors(a, src, fwd, fwd_ids, keep=fwd_keep, device=device, batch_size=batch_size,
+                                   workers=workers, progress=progress)
 
     def vectors(key: str, layer: str, ids: np.ndarray) -> np.ndarray:
         src = src_images[layer] if key == "images" else src_sample[layer]
         if src == "activations":
             return _table_vectors(a, layer, ids)
         if src == "forward":
-            return forward[layer][np.searchsorted(fwd_ids, ids)]
-        got_ids, x = chunks.get(f"{key}.{layer}")
-        if not np.array_equal(got_ids, ids):
+            return forward[layer][np.searchsorted(fwd_keep[layer], ids)]
+        if not np.array_equal(chunks.ids(f"{key}.{layer}"), ids):
             raise AtlasError(f"the build's {key} vectors of {layer} do not cover its readable images; "
                              f"{_hint(a)} afterwards")
-        return x
+        rows = chunks.rows(f"{key}.{layer}")
+        return rows if key == "images" else rows[:]  # a profile sample is small: read it whole
 
     folder = a.path / INDEX_DIR
     record: dict[str, Any] = {"format": INDEX_FORMAT, "layers": names, "images": {}, "metric": "cosine"}

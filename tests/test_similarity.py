@@ -293,3 +293,19 @@ def test_bad_input_gives_one_clear_line(tmp_path, tiny_folder, tiny_atlas, no_in
     msg = one_line_error("index", nodata)
     assert "fc7 needs a forward pass" in msg and "is gone" in msg
     cli("index", nodata, "--layers", "conv5")  # conv layers come from the activations table: no dataset needed
+
+
+def test_a_profile_sample_smaller_than_the_dataset_reads_the_same_through_every_path(tmp_path, tiny_folder,
+                                                                                     monkeypatch):
+    # A 16-image profile sample of 36 images: the build's chunks keep the sample's rows of every conv
+    # layer; `atlas index` over the same atlas keeps them by its forward pass. Same files either way.
+    monkeypatch.setattr(similarity, "PROFILE_SAMPLE", 16)
+    built = build("zfnet-mini", str(tiny_folder), tmp_path / "noact", activations=False, chunk_size=16, **OPTS)
+    ref = index_bytes(built)
+    meta = json.loads((built / "index" / "channels.faiss.json").read_text())
+    assert meta["sample"]["images"] == 16
+    later = tmp_path / "later"
+    shutil.copytree(built, later)
+    similarity.build_indexes(later, progress=False)
+    assert atlas.open(later).manifest["index"]["images"]["conv5"]["source"] == "forward"
+    assert index_bytes(later) == ref
