@@ -94,7 +94,7 @@ def test_renormalization_after_a_step():
     net = build_model("zfnet-mini", num_classes=3)
     conv1 = net.features[0]
     with torch.no_grad():
-        conv1.weight[0].mul_(50.0)     # RMS far above the radius
+        conv1.weight[0].mul_(500.0)    # RMS far above the radius (conv1 starts at RMS 3e-3)
         conv1.weight[1].mul_(1e-3)     # far below
     before = conv_filter_rms(net)
     assert float(before["features.0"][0]) > 1.0
@@ -115,7 +115,7 @@ def test_renormalization_after_a_step():
     torch.manual_seed(0)
     net2 = build_model("zfnet-mini", num_classes=3)
     with torch.no_grad():
-        net2.features[0].weight[0].mul_(50.0)
+        net2.features[0].weight[0].mul_(500.0)
     tr2 = Trainer(net2, torch.optim.SGD(net2.parameters(), lr=0.01, momentum=0.9), torch.device("cpu"), pre,
                   "fp32", False, 0.0)
     tr2.step(tr2.normalize(x), y)
