@@ -142,12 +142,12 @@ class DeviceDecoder:
             return []
         try:  # batched: nvjpeg decodes a list in one call, much faster than one by one
             return decode_jpeg(data, mode=ImageReadMode.RGB, device=self.dev)
-        except RuntimeError:  # one bad file fails the whole call; find which, one by one
+        except Exception:  # one bad file fails the whole call; find which, one by one
             out = []
             for d in data:
                 try:
                     out.append(decode_jpeg(d, mode=ImageReadMode.RGB, device=self.dev))
-                except RuntimeError:
+                except Exception:  # whatever the decoder raises, PIL gets its turn (DeviceDecoder.__call__)
                     out.append(None)
             return out
 
