@@ -65,7 +65,8 @@ BUILD_HINT = "run `atlas index ATLAS` to build it"
 _TRAIN_PER_LIST = 64         # k-means training points per inverted list
 _KMEANS_ITERS = 20
 _CHANNEL_BITS = 32           # channel_key: layer_index << 32 | channel
-_ADD_BATCH = 65_536          # vectors normalised and added at a time
+_ADD_BATCH = 65_536          # vectors normalised and added at a time, at most
+_ADD_BYTES = 128 << 20       # and at most this much float32 per batch (fc7: 8,192 vectors of 4096)
 SMALL_BATCH = 4              # search() runs batches up to this many queries on one thread
 
 
@@ -155,8 +156,9 @@ def build_index(vectors: np.ndarray, ids: np.ndarray, spec: dict | None = None, 
         index.train(_finite(normalize(x[rows]), n))
     else:
         raise ValueError(f"build_index: unknown index kind {kind!r}")
-    for s in range(0, n, _ADD_BATCH):  # normalised a batch at a time: no second copy of all the vectors
-        index.add_with_ids(_finite(normalize(x[s:s + _ADD_BATCH]), n), ids[s:s + _ADD_BATCH])
+    step = max(1, min(_ADD_BATCH, _ADD_BYTES // (4 * max(d, 1))))
+    for s in range(0, n, step):  # normalised a batch at a time: no second copy of all the vectors
+        index.add_with_ids(_finite(normalize(x[s:s + step]), n), ids[s:s + step])
     _apply_params(index, spec)
     return index
 

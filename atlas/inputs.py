@@ -37,6 +37,7 @@ DECODERS = ("auto", "cpu", "device")
 warnings.filterwarnings("ignore", message=r".*decoding and encoding capabilities of TorchVision are deprecated")
 
 JPEG_MAGIC = b"\xff\xd8\xff"
+JPEG_END = b"\xff\xd9"
 
 
 def choose_decoder(decode: str, source: ImageSource, dev: torch.device) -> str:
@@ -87,7 +88,9 @@ class EncodedImages(torch.utils.data.Dataset):
         path = self.source.root / self.source.records[image_id].path
         try:
             data = path.read_bytes()
-            if data[:3] == JPEG_MAGIC:
+            # a JPEG without its end marker is truncated: PIL calls that an error, and nvjpeg might
+            # decode what is there, so PIL decides (cpu and device decoders then agree on what is readable)
+            if data[:3] == JPEG_MAGIC and data[-2:] == JPEG_END:
                 return "jpeg", torch.frombuffer(bytearray(data), dtype=torch.uint8), image_id, ""
             return "rgb", _rgb_tensor(open_rgb(path)), image_id, ""
         except Exception as e:  # a property of the file, recorded per image as DecodedImages does

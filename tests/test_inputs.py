@@ -21,7 +21,7 @@ PRE = preprocessing_for("zfnet-mini", 32)
 
 @pytest.fixture(scope="module")
 def jpeg_folder(tmp_path_factory):
-    """Photos-like JPEGs of two sizes (both downscaled), grey and CMYK JPEGs, a PNG, and two broken files."""
+    """Photos-like JPEGs of two sizes (both downscaled), grey and CMYK JPEGs, a PNG, and three broken files."""
     root = tmp_path_factory.mktemp("jpegs") / "data"
     rng = np.random.default_rng(1)
     yy, xx = np.mgrid[0:90, 0:120]
@@ -39,6 +39,8 @@ def jpeg_folder(tmp_path_factory):
     Image.fromarray(img).save(root / "b" / "lossless.png")
     (root / "b" / "garbage.jpg").write_bytes(b"\xff\xd8\xff" + bytes(range(256)) * 4)
     (root / "b" / "empty.png").write_bytes(b"")
+    whole = (root / "a" / "00.jpg").read_bytes()
+    (root / "b" / "truncated.jpg").write_bytes(whole[:len(whole) // 2])
     return root
 
 
@@ -53,8 +55,8 @@ def test_device_decoder_gives_the_cpu_decoders_pictures(jpeg_folder):
             got[i] = (xi, e)
     assert sorted(got) == list(range(len(src)))
     names = {r.image_id: r.path for r in src.records}
-    broken = {i for i, n in names.items() if n.endswith(("garbage.jpg", "empty.png"))}
-    assert len(broken) == 2
+    broken = {i for i, n in names.items() if n.endswith(("garbage.jpg", "empty.png", "truncated.jpg"))}
+    assert len(broken) == 3
     for i in range(len(src)):
         want, _, want_err = ref[i]
         x, err = got[i]
@@ -71,7 +73,7 @@ def test_a_build_through_the_device_decoder_is_exact_on_its_own_pixels(jpeg_fold
                 decode="device", workers=1, index=False, progress=False)
     a = atlas.open(out)
     assert a.manifest["options"]["decode"] == "device"
-    assert a.sql("SELECT count(*) FROM images WHERE status = 'error'").fetchall()[0][0] == 2
+    assert a.sql("SELECT count(*) FROM images WHERE status = 'error'").fetchall()[0][0] == 3
     # brute force over every image as the device decoder sees it
     src = open_dataset(jpeg_folder)
     x = torch.cat([b[0] for b in InputBatches(src, Preprocess(PRE), torch.device("cpu"), "device", 0)(
