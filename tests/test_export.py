@@ -302,6 +302,7 @@ def test_a_missing_image_gives_a_placeholder_not_a_broken_site(tmp_path):
     a = atlas.open(path)
     top = a.rows("SELECT t.channel, i.path FROM top_activations t JOIN images i USING (image_id) "
                  "WHERE t.layer = 'conv2' AND t.rank = 0 ORDER BY t.channel LIMIT 1")[0]
+    image = (data / top["path"]).read_bytes()
     (data / top["path"]).unlink()
     out = export(path, tmp_path / "site", layers="conv2", channels=[top["channel"]], progress=False)
     page = (out / "conv2" / f"{top['channel']}.html").read_text()
@@ -309,3 +310,8 @@ def test_a_missing_image_gives_a_placeholder_not_a_broken_site(tmp_path):
     twin = json.loads((out / "conv2" / f"{top['channel']}.json").read_text())
     assert all(t["proj"] and t["patch"] for t in twin["top"])  # the projection needs switches only
     assert not crawl(out)[1]
+    # the image comes back: exporting the same site again (atlas unchanged) draws the whole picture
+    (data / top["path"]).write_bytes(image)
+    export(path, out, layers="conv2", channels=[top["channel"]], progress=False)
+    page = (out / "conv2" / f"{top['channel']}.html").read_text()
+    assert "Some pictures are incomplete" not in page and "is unavailable" not in page

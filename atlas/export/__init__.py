@@ -77,7 +77,10 @@ def export(atlas_path: str | Path, site_dir: str | Path, *, layers: str | Iterab
         selection = {la: selection[la] for la in a.layer_names if la in selection}
     code = _code_hash()
     fingerprint = key_of(identity, _atlas_files(a), code, selection, EXPORT_VERSION)
-    if state.get("fingerprint") == fingerprint and all((site.root / r).is_file() for r in state.get("files", {})):
+    # pictures drawn with an image missing are redrawn once the dataset is back: not up to date then
+    waiting = state.get("incomplete") and Path(a.manifest["dataset"]["root"]).exists()
+    if state.get("fingerprint") == fingerprint and not waiting and \
+            all((site.root / r).is_file() for r in state.get("files", {})):
         dt = time.perf_counter() - t0
         log(f"site '{site.root}' is up to date ({len(state['files'])} files, checked in {dt:.2f} s)")
         _save_run(site, state, {"seconds": round(dt, 3), "up_to_date": True})
@@ -95,7 +98,7 @@ def export(atlas_path: str | Path, site_dir: str | Path, *, layers: str | Iterab
            "channels": total, "files_written": site.written, "files_linked": site.linked,
            "files_kept": site.skipped, "files_removed": removed, "up_to_date": False}
     site.save(version=EXPORT_VERSION, identity=identity, fingerprint=fingerprint, selection=selection,
-              atlas=str(Path(a.path).resolve()), last_run=run)
+              atlas=str(Path(a.path).resolve()), incomplete=len(ex.errors), last_run=run)
     log(f"site written to {site.root}: {total} channel pages; {site.written} files written, {site.linked} pictures "
         f"linked, {site.skipped} unchanged, {removed} removed; {dt:.1f} s ({pics.seconds:.1f} s making pictures)")
     return site.root
