@@ -81,10 +81,9 @@ def build(model: str, data: str, out: str | Path, *, weights: str | None = None,
         dev = torch.device("cuda", ranks.local_rank)
     net = load_model(model, weights, seed=seed)
     source = open_dataset(data)
-    decoder = choose_decoder(decode, source, dev)
-    leaders = ranks.share(decoder)
-    if leaders != decoder:  # one atlas, one decoder: a rank without nvjpeg fails the job
-        raise AtlasError(f"rank {ranks.rank}: rank 0 decodes with '{leaders}', this rank cannot")
+    staging = out.with_name(out.name + ".partial")
+    work = staging / "work"
+    decoder = _decoder(decode, source, dev, ranks, work if resume else None)
     pre = net.atlas_meta.get("preprocessing") or preprocessing_for(model, image_size)
     if image_size and image_size != pre["crop"]:
         pre = preprocessing_for(model, image_size)
@@ -98,8 +97,6 @@ def build(model: str, data: str, out: str | Path, *, weights: str | None = None,
     chunk_size = chunk_size or batch_size * max(1, 1024 // batch_size)
     nchunks = (n + chunk_size - 1) // chunk_size
 
-    staging = out.with_name(out.name + ".partial")
-    work = staging / "work"
     config = {
         "format_version": FORMAT_VERSION, "model": model, "weights_sha256": net.atlas_meta["weights_sha256"],
         "seed": seed, "dataset": str(source.root.resolve()), "images": n, "preprocessing": pre, "k": k,
@@ -268,6 +265,31 @@ class ChunkMiner:
         return acts, kept
 
 
+def _decoder(decode: str, source, dev: torch.device, ranks, resumed: Path | None) -> str:
+    """The decoder of this build (atlas.inputs): one for every rank, and with --decode auto a resumed
+    build's own (`resumed`: its work folder)."""
+    started = None
+    if decode == "auto" and resumed is not None and (resumed / "config.json").is_file():
+        try:  # builds from before --decode decoded with PIL
+            started = json.loads((resumed / "config.json").read_text()).get("decode", "cpu")
+            decode = started
+        except (OSError, ValueError):
+            pass  # _prepare_staging says what is wrong with it
+    try:
+        mine, why = choose_decoder(decode, source, dev), None
+    except AtlasError as e:
+        mine, why = None, f"this build was started with --decode {started}; {e}" if started else str(e)
+    lead, lead_why = ranks.share((mine, why))  # every rank reaches this, whatever it found
+    if lead_why:
+        raise AtlasError(lead_why)
+    if why:
+        raise AtlasError(f"rank {ranks.rank}: {why}")
+    if lead == "device" and mine != "device":
+        raise AtlasError(f"rank {ranks.rank}: rank 0 decodes JPEGs on its device and this rank cannot; "
+                         "pass --decode cpu")
+    return lead  # a rank that could decode on its device follows rank 0 to the CPU
+
+
 def _prepare_staging(staging: Path, out: Path, config: dict, resume: bool) -> None:
     work = staging / "work"
     if staging.exists():
@@ -276,6 +298,8 @@ def _prepare_staging(staging: Path, out: Path, config: dict, resume: bool) -> No
             raise AtlasError(f"an interrupted build of '{out}' is in '{staging}': continue it with --resume "
                              "(or delete that folder to start over)")
         old = json.loads(cfg_file.read_text()) if cfg_file.is_file() else None
+        if old is not None:
+            old.setdefault("decode", "cpu")  # started before --decode: PIL decoded it
         if old is not None and old != config:
             diff = sorted(key for key in config if old.get(key) != config[key])
             raise AtlasError(f"cannot resume '{staging}': it was started with other options ({', '.join(diff)})")

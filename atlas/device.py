@@ -21,7 +21,8 @@ def resolve_device(device: str | None) -> torch.device:
 
 
 def default_workers(dev: torch.device) -> int:
-    n = os.cpu_count() or 1
+    # under torchrun every local rank starts its own workers: share the cores among them
+    n = max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     if dev.type == "cuda":
         # a GPU outruns PIL: every core but the main process's decodes (device decoding needs far fewer,
         # its workers only read files, but idle ones cost nothing)

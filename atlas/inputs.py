@@ -9,7 +9,8 @@ Two decoders give the same pictures to within one grey level:
           (PIL's antialiased bilinear, as `F.interpolate(antialias=True)`
           computes it), crop and normalisation run on the device too, so a GPU
           is not left waiting on CPU cores. Files that are not JPEG, and JPEGs
-          the device decoder refuses (CMYK on nvjpeg, say), are decoded by PIL.
+          the device decoder refuses (CMYK on nvjpeg, say), are decoded and
+          cropped by PIL, exactly as the cpu decoder does.
 
 `auto` picks `device` for a folder dataset on a CUDA device whose decoder
 works, else `cpu`. The two differ by at most one grey level per pixel (the
@@ -38,6 +39,7 @@ warnings.filterwarnings("ignore", message=r".*decoding and encoding capabilities
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 JPEG_END = b"\xff\xd9"
+RESIZE_BYTES = 256 << 20  # float32 images resized in one call, at most
 
 
 def choose_decoder(decode: str, source: ImageSource, dev: torch.device) -> str:
@@ -75,10 +77,12 @@ def device_decoder_works(dev: torch.device) -> bool:
 
 class EncodedImages(torch.utils.data.Dataset):
     """(kind, payload, image_id, error) for a list of ids: a JPEG's bytes ("jpeg"), or any other image
-    fully decoded by PIL as uint8 (C, H, W) ("rgb"). What a worker does for the `device` decoder."""
+    decoded and cropped by PIL exactly as the cpu decoder does, uint8 (3, crop, crop) ("crop"): only
+    crops cross the workers' shared memory, never a full-resolution PNG. What a worker does for the
+    `device` decoder."""
 
-    def __init__(self, source: ImageSource, ids: Sequence[int]):
-        self.source, self.ids = source, list(ids)
+    def __init__(self, source: ImageSource, preprocess: Preprocess, ids: Sequence[int]):
+        self.source, self.pre, self.ids = source, preprocess, list(ids)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -92,9 +96,9 @@ class EncodedImages(torch.utils.data.Dataset):
             # decode what is there, so PIL decides (cpu and device decoders then agree on what is readable)
             if data[:3] == JPEG_MAGIC and data[-2:] == JPEG_END:
                 return "jpeg", torch.frombuffer(bytearray(data), dtype=torch.uint8), image_id, ""
-            return "rgb", _rgb_tensor(open_rgb(path)), image_id, ""
+            return "crop", _rgb_tensor(self.pre.crop_image(open_rgb(path))), image_id, ""
         except Exception as e:  # a property of the file, recorded per image as DecodedImages does
-            return "rgb", None, image_id, _error(e)
+            return "crop", None, image_id, _error(e)
 
 
 def _rgb_tensor(img) -> torch.Tensor:
@@ -119,7 +123,8 @@ class DeviceDecoder:
 
     def __call__(self, kinds: list[str], payloads: list, errs: list[str]) -> tuple[torch.Tensor, list[str]]:
         errs = list(errs)
-        pixels: list[torch.Tensor | None] = [None] * len(kinds)
+        pixels: list[torch.Tensor | None] = [None] * len(kinds)  # full-size, or already cropped:
+        cropped = [k == "crop" for k in kinds]
         jpegs = [i for i, k in enumerate(kinds) if k == "jpeg" and not errs[i]]
         for i, x in zip(jpegs, self._decode_jpegs([payloads[i] for i in jpegs])):
             if x is None:  # the device decoder refused it: PIL, as the cpu decoder would
@@ -128,21 +133,27 @@ class DeviceDecoder:
 
                     with Image.open(io.BytesIO(payloads[i].numpy().tobytes())) as im:
                         im.load()
-                        x = _rgb_tensor(im.convert("RGB"))
+                        x = _rgb_tensor(self.pre.crop_image(im.convert("RGB")))
+                    cropped[i] = True
                 except Exception as e:
                     errs[i] = _error(e)
                     continue
             pixels[i] = x
         for i, k in enumerate(kinds):
-            if k == "rgb" and not errs[i]:
+            if k == "crop" and not errs[i]:
                 pixels[i] = payloads[i]
-        return self._preprocess(pixels), errs
+        return self._preprocess(pixels, cropped), errs
 
     def _decode_jpegs(self, data: list[torch.Tensor]) -> list[torch.Tensor | None]:
         from torchvision.io import ImageReadMode, decode_jpeg
 
         if not data:
             return []
+        if self.dev.type == "cuda":
+            # nvjpeg allocates its outputs on the current stream but decodes on a stream of its own that
+            # does not wait for ours: memory the previous batch's kernels still use could be written over
+            # (pytorch/vision PR 9606). The decoder blocks the host anyway; waiting first costs little.
+            torch.cuda.current_stream(self.dev).synchronize()
         try:  # batched: nvjpeg decodes a list in one call, much faster than one by one
             return decode_jpeg(data, mode=ImageReadMode.RGB, device=self.dev)
         except Exception:  # one bad file fails the whole call; find which, one by one
@@ -154,25 +165,31 @@ class DeviceDecoder:
                     out.append(None)
             return out
 
-    def _preprocess(self, pixels: list[torch.Tensor | None]) -> torch.Tensor:
-        """Preprocess.crop_image + to_tensor on the device; images of one size are resized together."""
+    def _preprocess(self, pixels: list[torch.Tensor | None], cropped: list[bool]) -> torch.Tensor:
+        """Preprocess.crop_image + to_tensor on the device; images of one size are resized together, a
+        slice at a time (a batch of 12-megapixel photos in float32 would be gigabytes)."""
         crop = self.pre.crop
         x = torch.zeros(len(pixels), 3, crop, crop, device=self.dev)
         by_size: dict[tuple[int, int], list[int]] = {}
         for i, p in enumerate(pixels):
-            if p is not None:
+            if p is not None and cropped[i]:
+                x[i] = p.to(self.dev, non_blocking=True).float()
+            elif p is not None:
                 by_size.setdefault(tuple(p.shape[1:]), []).append(i)
-        for (h, w), idx in by_size.items():
-            imgs = torch.stack([pixels[i].to(self.dev, non_blocking=True) for i in idx])
-            scale = self.pre.resize / min(w, h)
-            if (w, h) != (round(w * scale), round(h * scale)):
-                nh, nw = max(crop, round(h * scale)), max(crop, round(w * scale))
-                # PIL resizes in uint8; rounding back to uint8 keeps the model's input quantised the same way
-                imgs = F.interpolate(imgs.float(), size=(nh, nw), mode="bilinear", antialias=True,
-                                     align_corners=False).round_().clamp_(0, 255)
-                h, w = nh, nw
-            top, left = (h - crop) // 2, (w - crop) // 2
-            x[idx] = imgs[:, :, top:top + crop, left:left + crop].float()
+        for (h0, w0), group in by_size.items():
+            step = max(1, RESIZE_BYTES // (3 * h0 * w0 * 4))
+            for s in range(0, len(group), step):
+                idx = group[s:s + step]
+                imgs, h, w = torch.stack([pixels[i].to(self.dev, non_blocking=True) for i in idx]), h0, w0
+                scale = self.pre.resize / min(w, h)
+                if (w, h) != (round(w * scale), round(h * scale)):
+                    nh, nw = max(crop, round(h * scale)), max(crop, round(w * scale))
+                    # PIL resizes in uint8; rounding back to uint8 keeps the model's input quantised the same way
+                    imgs = F.interpolate(imgs.float(), size=(nh, nw), mode="bilinear", antialias=True,
+                                         align_corners=False).round_().clamp_(0, 255)
+                    h, w = nh, nw
+                top, left = (h - crop) // 2, (w - crop) // 2
+                x[idx] = imgs[:, :, top:top + crop, left:left + crop].float()
         ok = torch.tensor([p is not None for p in pixels], device=self.dev).view(-1, 1, 1, 1)
         return torch.where(ok, (x / 255.0 - self.mean) / self.std, 0.0)
 
@@ -205,7 +222,7 @@ class InputBatches:
                 yield x.to(self.dev, non_blocking=True), ids, list(errs)
             return
         loader = torch.utils.data.DataLoader(
-            EncodedImages(self.source, all_ids), batch_sampler=batches, num_workers=self.workers,
+            EncodedImages(self.source, self.pre, all_ids), batch_sampler=batches, num_workers=self.workers,
             collate_fn=_as_lists)
         for kinds, payloads, ids, errs in loader:
             x, errs = self._device_decoder(kinds, payloads, errs)

@@ -389,7 +389,8 @@ def build_indexes(atlas, layers: str | list[str] | None = None, *, device: str =
     sampled: dict[str, np.ndarray] = {}  # profile rows taken from vectors already read, not read twice
     for n in names:
         x = vectors("images", n, ok_ids)
-        if n in recorded and src_sample[n] == src_images[n]:
+        if n in recorded and src_sample[n] == src_images[n] and isinstance(x, np.ndarray):
+            # (from a build's chunks the small "sample" key is cheaper than picking rows out of every chunk)
             sampled[n] = x[np.searchsorted(ok_ids, sample_ids)]
         spec = choose_index(len(ok_ids), x.shape[1], exact_max=exact_max)
         side = save_index(build_index(x, ok_ids, spec, seed=PROFILE_SEED), folder / f"images-{n}.faiss",

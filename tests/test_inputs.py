@@ -1,4 +1,6 @@
 """The input pipeline: the device decoder gives the cpu decoder's pictures, and a build through it is exact."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -44,7 +46,9 @@ def jpeg_folder(tmp_path_factory):
     return root
 
 
-def test_device_decoder_gives_the_cpu_decoders_pictures(jpeg_folder):
+def test_device_decoder_gives_the_cpu_decoders_pictures(jpeg_folder, monkeypatch):
+    import atlas.inputs
+
     src = open_dataset(jpeg_folder)
     pre = Preprocess(PRE)
     ref = DecodedImages(src, pre, range(len(src)))
@@ -53,6 +57,10 @@ def test_device_decoder_gives_the_cpu_decoders_pictures(jpeg_folder):
     for x, ids, errs in InputBatches(src, pre, torch.device("cpu"), "device", workers=0)(batches):
         for xi, i, e in zip(x, ids.tolist(), errs):
             got[i] = (xi, e)
+    # images of one size are resized in slices under a memory cap: any slicing, the same pixels
+    monkeypatch.setattr(atlas.inputs, "RESIZE_BYTES", 1)
+    one_by_one = torch.cat([x for x, _, _ in InputBatches(src, pre, torch.device("cpu"), "device", 0)(batches)])
+    assert torch.equal(one_by_one, torch.stack([got[i][0] for i in range(len(src))]))
     assert sorted(got) == list(range(len(src)))
     names = {r.image_id: r.path for r in src.records}
     broken = {i for i, n in names.items() if n.endswith(("garbage.jpg", "empty.png", "truncated.jpg"))}
@@ -64,6 +72,8 @@ def test_device_decoder_gives_the_cpu_decoders_pictures(jpeg_folder):
         # one grey level at most: back in 0-255 units through the normalisation
         diff = ((x - want) * pre.std * 255).abs().max().item()
         assert diff <= 1.0 + 1e-3, (names[i], diff)
+        if names[i].endswith(".png"):  # not a JPEG: cropped by PIL in the worker, the reference itself
+            assert torch.equal(x, want), names[i]
         if i in broken:
             assert torch.count_nonzero(x) == 0
 
@@ -148,5 +158,28 @@ def test_a_resumed_build_keeps_its_decoder(jpeg_folder, tmp_path, monkeypatch):
     monkeypatch.setattr(b, "_flush_chunk", real)
     with pytest.raises(AtlasError, match=r"other options \(decode\)"):
         build("zfnet-mini", str(jpeg_folder), out, decode="cpu", resume=True, **opts)
-    build("zfnet-mini", str(jpeg_folder), out, decode="device", resume=True, **opts)
+    build("zfnet-mini", str(jpeg_folder), out, resume=True, **opts)  # --decode auto: the build's own
     assert atlas.open(out).manifest["options"]["decode"] == "device"
+
+
+def test_a_build_started_before_decoders_existed_resumes(tiny_folder, tmp_path, monkeypatch):
+    import atlas.build as b
+
+    real = b._flush_chunk
+
+    def interrupted(*args, **kw):
+        real(*args, **kw)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(b, "_flush_chunk", interrupted)
+    out = tmp_path / "a"
+    opts = dict(k=3, batch_size=4, chunk_size=8, image_size=32, index=False, progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        build("zfnet-mini", str(tiny_folder), out, **opts)
+    monkeypatch.setattr(b, "_flush_chunk", real)
+    cfg = tmp_path / "a.partial" / "work" / "config.json"
+    old = json.loads(cfg.read_text())
+    del old["decode"]  # what an older version wrote
+    cfg.write_text(json.dumps(old))
+    build("zfnet-mini", str(tiny_folder), out, resume=True, **opts)
+    assert atlas.open(out).manifest["options"]["decode"] == "cpu"

@@ -77,7 +77,8 @@ def export(atlas_path: str | Path, site_dir: str | Path, *, layers: str | Iterab
         selection = {la: selection[la] for la in a.layer_names if la in selection}
     code = _code_hash()
     fingerprint = key_of(identity, _atlas_files(a), code, selection, EXPORT_VERSION)
-    # pictures drawn with an image missing are redrawn once the dataset is back: not up to date then
+    # pictures drawn with an image missing are redrawn once it is back, so while the dataset is there such
+    # a site is never "up to date" (the full pass finds every other picture in the cache: seconds, not minutes)
     waiting = state.get("incomplete") and Path(a.manifest["dataset"]["root"]).exists()
     if state.get("fingerprint") == fingerprint and not waiting and \
             all((site.root / r).is_file() for r in state.get("files", {})):
@@ -98,7 +99,7 @@ def export(atlas_path: str | Path, site_dir: str | Path, *, layers: str | Iterab
            "channels": total, "files_written": site.written, "files_linked": site.linked,
            "files_kept": site.skipped, "files_removed": removed, "up_to_date": False}
     site.save(version=EXPORT_VERSION, identity=identity, fingerprint=fingerprint, selection=selection,
-              atlas=str(Path(a.path).resolve()), incomplete=len(ex.errors), last_run=run)
+              atlas=str(Path(a.path).resolve()), incomplete=ex.incomplete, last_run=run)
     log(f"site written to {site.root}: {total} channel pages; {site.written} files written, {site.linked} pictures "
         f"linked, {site.skipped} unchanged, {removed} removed; {dt:.1f} s ({pics.seconds:.1f} s making pictures)")
     return site.root
@@ -221,6 +222,7 @@ class _Exporter:
         ds = m["dataset"]
         self.dataset_name = Path(str(ds.get("spec") or ds.get("root") or "dataset")).name or str(ds.get("spec"))
         self.errors: list[str] = []
+        self.incomplete = 0  # channels whose pictures lack an image: redrawn by a later export if it is back
 
     # -- helpers ------------------------------------------------------------------
     def common(self, root: str, json_href: str) -> dict[str, Any]:
@@ -286,6 +288,7 @@ class _Exporter:
                             have.add(rel)
                     if got.get("error"):
                         self.errors.append(f"{layer}/{c}: {got['error']}")
+                        self.incomplete += 1
                 top = []
                 for r in rows:
                     pr, pa = f"img/{c}-{r['rank']}.png", f"img/{c}-{r['rank']}-patch.png"
