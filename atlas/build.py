@@ -297,9 +297,8 @@ def _prepare_staging(staging: Path, out: Path, config: dict, resume: bool) -> No
         if not resume:
             raise AtlasError(f"an interrupted build of '{out}' is in '{staging}': continue it with --resume "
                              "(or delete that folder to start over)")
-        old = json.loads(cfg_file.read_text()) if cfg_file.is_file() else None
-        if old is not None:
-            old.setdefault("decode", "cpu")  # started before --decode: PIL decoded it
+        # a build started before --decode existed decoded with PIL
+        old = {"decode": "cpu", **json.loads(cfg_file.read_text())} if cfg_file.is_file() else None
         if old is not None and old != config:
             diff = sorted(key for key in config if old.get(key) != config[key])
             raise AtlasError(f"cannot resume '{staging}': it was started with other options ({', '.join(diff)})")

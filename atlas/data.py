@@ -15,7 +15,7 @@ import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -39,8 +39,9 @@ def atlas_home() -> Path:
     return Path(os.environ.get("ATLAS_HOME", Path.home() / ".cache" / "atlas"))
 
 
-def open_rgb(path: Path) -> Image.Image:
-    """An image file as RGB, fully decoded (raises OSError/ValueError for a corrupt file)."""
+def open_rgb(path: Path | BinaryIO) -> Image.Image:
+    """An image file (a path, or its bytes as a file object) as RGB, fully decoded (raises OSError/ValueError
+    for a corrupt file)."""
     with Image.open(path) as im:
         im.load()
         return im.convert("RGB")

@@ -118,8 +118,8 @@ def build_index(vectors: np.ndarray, ids: np.ndarray, spec: dict | None = None, 
     k-means, so the same inputs and seed give the same index bytes.
     """
     faiss = _faiss()
-    # an array, or an array-like that reads rows when indexed (similarity.ChunkRows): only the training
-    # sample and one batch at a time are ever in memory beside the index
+    # an array-like (similarity.ChunkRows) reads rows when indexed: only the training sample and one
+    # batch at a time are then in memory beside the index
     x = vectors if hasattr(vectors, "shape") and hasattr(vectors, "__getitem__") else np.asarray(vectors)
     if len(x.shape) != 2:
         raise ValueError(f"build_index: expected vectors of shape (n, d), got {x.shape}")

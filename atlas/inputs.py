@@ -27,6 +27,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from .data import DecodedImages, ImageSource, Preprocess, open_rgb
 from .errors import AtlasError
@@ -65,8 +66,6 @@ def device_decoder_works(dev: torch.device) -> bool:
         from torchvision.io import ImageReadMode, decode_jpeg
 
         buf = io.BytesIO()
-        from PIL import Image
-
         Image.new("RGB", (16, 8), (200, 30, 10)).save(buf, "JPEG")
         x = decode_jpeg([torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)],
                         mode=ImageReadMode.RGB, device=dev)[0]
@@ -129,11 +128,7 @@ class DeviceDecoder:
         for i, x in zip(jpegs, self._decode_jpegs([payloads[i] for i in jpegs])):
             if x is None:  # the device decoder refused it: PIL, as the cpu decoder would
                 try:
-                    from PIL import Image
-
-                    with Image.open(io.BytesIO(payloads[i].numpy().tobytes())) as im:
-                        im.load()
-                        x = _rgb_tensor(self.pre.crop_image(im.convert("RGB")))
+                    x = _rgb_tensor(self.pre.crop_image(open_rgb(io.BytesIO(payloads[i].numpy().tobytes()))))
                     cropped[i] = True
                 except Exception as e:
                     errs[i] = _error(e)

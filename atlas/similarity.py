@@ -183,7 +183,6 @@ class ChunkRows:
                     d, self.dtype = x.shape[1], x.dtype
         self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self.shape = (int(self.starts[-1]), d)
-        self.ndim = 2
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -282,18 +281,19 @@ def _forward_vectors(a: Atlas, src, names: list[str], image_ids: np.ndarray, *, 
 
     from .analyses.common import Runner
     from .device import default_workers, resolve_device
-    from .data import DecodedImages
+    from .inputs import InputBatches
     from .progress import Progress
 
-    # The build's memory layout (channels-last on a GPU only): then a CPU gives the build's numbers, bit for bit.
+    # The build's memory layout (channels-last on a GPU only) and its decoder: then a CPU gives the build's
+    # numbers, bit for bit.
     runner = Runner(a, device, channels_last=resolve_device(device).type == "cuda")
     kinds = {n: runner.lmap.by_name[n].kind for n in names}
-    loader = torch.utils.data.DataLoader(
-        DecodedImages(src, a.preprocess, [int(i) for i in image_ids]), batch_size=batch_size,
-        num_workers=workers if workers is not None else default_workers(runner.device))
+    inputs = InputBatches(src, a.preprocess, runner.device, a.manifest["options"].get("decode", "cpu"),
+                          workers if workers is not None else default_workers(runner.device))
+    ids_list = [int(i) for i in image_ids]
     out: dict[str, np.ndarray] = {}
     with Progress(len(image_ids), "index", "images", enabled=progress) as bar, torch.inference_mode():
-        for x, ids, errs in loader:
+        for x, ids, errs in inputs([ids_list[b:b + batch_size] for b in range(0, len(ids_list), batch_size)]):
             bad = [(int(i), e) for i, e in zip(ids, errs) if e]
             if bad:
                 raise AtlasError(f"image {bad[0][0]} ('{src.records[bad[0][0]].path}') cannot be read now "
@@ -301,14 +301,13 @@ def _forward_vectors(a: Atlas, src, names: list[str], image_ids: np.ndarray, *, 
             feats = runner.lmap.extract(runner.prepare(x), names)
             ids = ids.numpy()
             for n in names:
-                pos = np.searchsorted(keep[n], ids)
-                mine = (pos < len(keep[n])) & (keep[n][np.minimum(pos, len(keep[n]) - 1)] == ids)
+                mine = np.isin(ids, keep[n])
                 if not mine.any():
                     continue
                 v = layer_vectors(kinds[n], feats[n][torch.from_numpy(mine)]).cpu().numpy()
                 if n not in out:
                     out[n] = np.zeros((len(keep[n]), v.shape[1]), v.dtype)
-                out[n][pos[mine]] = v
+                out[n][np.searchsorted(keep[n], ids[mine])] = v
             bar.update(len(errs))
     return out
 
