@@ -6,7 +6,7 @@
     a.sql("SELECT * FROM channels ORDER BY fire_rate LIMIT 5")
 """
 __version__ = "0.1.0"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the manifest records the model's constructor options (model.kwargs)
 
 from .errors import AtlasError  # noqa: E402
 

@@ -36,11 +36,11 @@ from .data import Preprocess, open_dataset
 from .device import default_workers, resolve_device
 from .errors import AtlasError
 from .heap import keep_memory_flat
-from .inputs import InputBatches, choose_decoder
+from .inputs import InputBatches, choose_decoder, chunk_batches
 from .fsutil import atomic_write, atomic_write_bytes, atomic_write_json, atomic_write_parquet, publish_dir
 from .layers import LayerMap
 from .mining import NO_IMAGE, Moments, TopK, spatial_max
-from .models.registry import load_model, preprocessing_for
+from .models.registry import contrast_norm_option, load_model, model_record, preprocessing_for
 from .progress import Progress
 from .similarity import ChunkVectors, MinerPlan, build_indexes, layer_vectors, plan_for_build, vector_arrays
 from .switches import pack, regions_below, union, window_codes
@@ -60,8 +60,8 @@ def build(model: str, data: str, out: str | Path, *, weights: str | None = None,
           resume: bool = False, overwrite: bool = False, image_size: int | None = None,
           chunk_size: int | None = None, precision: str = "fp32", decode: str = "auto", seed: int = 0,
           index: bool = True,
-          index_layers: str | list[str] | None = None, progress: bool | None = None,
-          log: Callable[[str], None] | None = None) -> Path:
+          index_layers: str | list[str] | None = None, contrast_norm: bool | None = None,
+          progress: bool | None = None, log: Callable[[str], None] | None = None) -> Path:
     """Run the build job; returns the path of the published atlas."""
     log = log or (lambda s: None)
     t_start = time.perf_counter()
@@ -79,7 +79,7 @@ def build(model: str, data: str, out: str | Path, *, weights: str | None = None,
     dev = resolve_device(device)
     if dev.type == "cuda" and ranks.active:
         dev = torch.device("cuda", ranks.local_rank)
-    net = load_model(model, weights, seed=seed)
+    net = load_model(model, weights, seed=seed, **contrast_norm_option(model, contrast_norm))
     source = open_dataset(data)
     staging = out.with_name(out.name + ".partial")
     work = staging / "work"
@@ -98,7 +98,8 @@ def build(model: str, data: str, out: str | Path, *, weights: str | None = None,
     nchunks = (n + chunk_size - 1) // chunk_size
 
     config = {
-        "format_version": FORMAT_VERSION, "model": model, "weights_sha256": net.atlas_meta["weights_sha256"],
+        "format_version": FORMAT_VERSION, "model": model, "model_kwargs": net.atlas_meta["kwargs"],
+        "weights_sha256": net.atlas_meta["weights_sha256"],
         "seed": seed, "dataset": str(source.root.resolve()), "images": n, "preprocessing": pre, "k": k,
         "layers": names, "batch_size": batch_size, "chunk_size": chunk_size, "activations": activations,
         "switches": switches, "precision": precision, "decode": decoder, "index": plan.config() if plan else None,
@@ -171,7 +172,7 @@ def build(model: str, data: str, out: str | Path, *, weights: str | None = None,
         "format_version": FORMAT_VERSION,
         "tool": {"name": "atlas", "version": __version__, "torch": torch.__version__},
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "model": {"name": model, "weights": str(Path(weights).resolve()) if weights else None,
+        "model": {**model_record(net), "weights": str(Path(weights).resolve()) if weights else None,
                   "weights_sha256": net.atlas_meta["weights_sha256"], "random_init": net.atlas_meta["random_init"],
                   "seed": seed, "num_classes": lmap.classes(), "classes": net.atlas_meta.get("classes")},
         "dataset": {**source.describe(), "root": str(source.root.resolve()), "ok": n_ok, "errors": len(errors)},
@@ -204,8 +205,10 @@ class ChunkMiner:
     """Mines batches into one chunk's partial state (top-k, moments, activation rows)."""
 
     def __init__(self, lmap: LayerMap, chosen, k: int, dev: torch.device, precision: str = "fp32",
-                 activations: bool = True, chunk: int = 0, plan: MinerPlan | None = None):
+                 activations: bool = True, chunk: int = 0, plan: MinerPlan | None = None,
+                 batch_size: int | None = None):
         self.lmap, self.names, self.dev, self.chunk = lmap, [la.name for la in chosen], dev, chunk
+        self.batch_size = batch_size  # every batch computed at this size (LayerMap.extract says why)
         self.autocast = precision == "bf16"
         self.keep_activations = activations
         self.errors: dict[int, str] = {}
@@ -231,7 +234,7 @@ class ChunkMiner:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
             with torch.autocast(self.dev.type, torch.bfloat16, enabled=self.autocast):
-                feats = self.lmap.extract(x, self.names + self.fc_names)
+                feats = self.lmap.extract(x, self.names + self.fc_names, batch_size=self.batch_size)
             ids = ids.to(self.dev, non_blocking=True)
             ok = None if not any(errs) else torch.tensor([not e for e in errs], device=self.dev)
             vid = ids if ok is None else ids[ok]
@@ -308,20 +311,17 @@ def _prepare_staging(staging: Path, out: Path, config: dict, resume: bool) -> No
 
 def _mine_chunks(lmap: LayerMap, chosen, inputs: InputBatches, n: int, todo, chunk_size, batch_size, k, dev,
                  precision, work: Path, activations: bool, bar: Progress, plan: MinerPlan | None = None) -> None:
-    batches, owner = [], []
-    for c in todo:
-        lo, hi = c * chunk_size, min(n, (c + 1) * chunk_size)
-        for b in range(lo, hi, batch_size):
-            batches.append(list(range(b, min(hi, b + batch_size))))
-            owner.append(c)
-    if not batches:
+    layout = chunk_batches(n, chunk_size, batch_size, todo)
+    if not layout:
         return
+    owner, batches = [c for c, _ in layout], [ids for _, ids in layout]
     miner = None
     for bi, (x, ids, errs) in enumerate(inputs(batches)):
         if miner is None or miner.chunk != owner[bi]:
             if miner is not None:
                 _flush_chunk(miner, work)
-            miner = ChunkMiner(lmap, chosen, k, dev, precision, activations, chunk=owner[bi], plan=plan)
+            miner = ChunkMiner(lmap, chosen, k, dev, precision, activations, chunk=owner[bi], plan=plan,
+                               batch_size=batch_size)
         miner.add(x, ids, list(errs))
         bar.update(len(errs))
     _flush_chunk(miner, work)
@@ -433,7 +433,7 @@ def _write_switches(path: Path, lmap: LayerMap, top_rows, inputs: InputBatches, 
         if inputs.dev.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
-            _, sw = lmap.extract(x, [deepest], pool_indices=True)
+            _, sw = lmap.extract(x, [deepest], pool_indices=True, batch_size=batch_size)
         return {(i, pool): window_codes(sw[pool][j, :, reg.y0:reg.y0 + reg.h, reg.x0:reg.x0 + reg.w],
                                         lmap.pool_by_name[pool].geometry, origin=(reg.y0, reg.x0))
                 for j, i in enumerate(chunk) for pool, reg in regions[i].items()}

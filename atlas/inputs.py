@@ -74,6 +74,18 @@ def device_decoder_works(dev: torch.device) -> bool:
         return False
 
 
+def chunk_batches(n: int, chunk_size: int, batch_size: int, chunks=None) -> list[tuple[int, list[int]]]:
+    """(chunk, image ids) of the build's batches over `n` images, for `chunks` (default all): each chunk's
+    images in order, `batch_size` at a time, the last of a chunk short. Whatever reads an atlas's images
+    again to store numbers (`atlas index`) reads them in these batches, so it computes what the build did."""
+    nchunks = (n + chunk_size - 1) // chunk_size
+    out = []
+    for c in (range(nchunks) if chunks is None else chunks):
+        lo, hi = c * chunk_size, min(n, (c + 1) * chunk_size)
+        out += [(c, list(range(b, min(hi, b + batch_size)))) for b in range(lo, hi, batch_size)]
+    return out
+
+
 class EncodedImages(torch.utils.data.Dataset):
     """(kind, payload, image_id, error) for a list of ids: a JPEG's bytes ("jpeg"), or any other image
     decoded and cropped by PIL exactly as the cpu decoder does, uint8 (3, crop, crop) ("crop"): only

@@ -268,11 +268,13 @@ def _dataset(a: Atlas, what: str):
 
 
 def _forward_vectors(a: Atlas, src, names: list[str], image_ids: np.ndarray, *, keep: dict[str, np.ndarray],
-                     device: str, batch_size: int, workers: int | None,
-                     progress: bool | None) -> dict[str, np.ndarray]:
+                     device: str, workers: int | None, progress: bool | None) -> dict[str, np.ndarray]:
     """{layer: (len(keep[layer]), C)} per-image vectors of `names` for the images `keep[layer]` (sorted, a
     subset of `image_ids`), by one forward pass over `image_ids`.
 
+    The images go through the build's own batches (`inputs.chunk_batches` at the atlas's recorded batch
+    and chunk size, an image the build could not read as the build's zeros), each padded to the full
+    batch size: then this pass computes the numbers the build computed, bit for bit on the same machine.
     Each layer keeps only its own images (a layer wanted for channel profiles only keeps the 4,096-image
     sample, not a vector per image), written in place into one array per layer: no list of parts and
     no concatenated copy of them (fc7 at 1M images is 8 GB).
@@ -281,25 +283,35 @@ def _forward_vectors(a: Atlas, src, names: list[str], image_ids: np.ndarray, *, 
 
     from .analyses.common import Runner
     from .device import default_workers, resolve_device
-    from .inputs import InputBatches
+    from .inputs import InputBatches, chunk_batches
     from .progress import Progress
 
-    # The build's memory layout (channels-last on a GPU only) and its decoder: then a CPU gives the build's
-    # numbers, bit for bit.
+    # The build's memory layout (channels-last on a GPU only) and its decoder, as well as its batches.
     runner = Runner(a, device, channels_last=resolve_device(device).type == "cuda")
     kinds = {n: runner.lmap.by_name[n].kind for n in names}
-    inputs = InputBatches(src, a.preprocess, runner.device, a.manifest["options"].get("decode", "cpu"),
+    options = a.manifest["options"]
+    batch_size, chunk_size = int(options["batch_size"]), int(options["chunk_size"])
+    inputs = InputBatches(src, a.preprocess, runner.device, options.get("decode", "cpu"),
                           workers if workers is not None else default_workers(runner.device))
-    ids_list = [int(i) for i in image_ids]
+    status = _images_table(a).column("status").to_numpy(zero_copy_only=False)
+    unread = set(np.flatnonzero(status != "ok").tolist())  # zeros in the build's batches
+    wanted = set(int(i) for i in image_ids)
+    batches = []
+    for _, ids in chunk_batches(len(status), chunk_size, batch_size):
+        if wanted.intersection(ids):
+            batches.append([i for i in ids if i in wanted or i in unread])
     out: dict[str, np.ndarray] = {}
     with Progress(len(image_ids), "index", "images", enabled=progress) as bar, torch.inference_mode():
-        for x, ids, errs in inputs([ids_list[b:b + batch_size] for b in range(0, len(ids_list), batch_size)]):
-            bad = [(int(i), e) for i, e in zip(ids, errs) if e]
+        for x, ids, errs in inputs(batches):
+            bad = [(int(i), e) for i, e in zip(ids, errs) if e and int(i) not in unread]
             if bad:
                 raise AtlasError(f"image {bad[0][0]} ('{src.records[bad[0][0]].path}') cannot be read now "
                                  f"({bad[0][1]}), though it could when the atlas was built")
-            feats = runner.lmap.extract(runner.prepare(x), names)
             ids = ids.numpy()
+            zero = torch.from_numpy(np.isin(ids, list(unread)))
+            if zero.any():
+                x = torch.where(zero.to(x.device).view(-1, 1, 1, 1), 0.0, x)
+            feats = runner.lmap.extract(runner.prepare(x), names, batch_size=batch_size)
             for n in names:
                 mine = np.isin(ids, keep[n])
                 if not mine.any():
@@ -308,13 +320,13 @@ def _forward_vectors(a: Atlas, src, names: list[str], image_ids: np.ndarray, *, 
                 if n not in out:
                     out[n] = np.zeros((len(keep[n]), v.shape[1]), v.dtype)
                 out[n][np.searchsorted(keep[n], ids[mine])] = v
-            bar.update(len(errs))
+            bar.update(int(np.isin(ids, image_ids).sum()))
     return out
 
 
 # -- building --------------------------------------------------------------------------------------------
 
-def build_indexes(atlas, layers: str | list[str] | None = None, *, device: str = "auto", batch_size: int = 64,
+def build_indexes(atlas, layers: str | list[str] | None = None, *, device: str = "auto",
                   workers: int | None = None, progress: bool | None = None, exact_max: int = EXACT_MAX,
                   chunks: ChunkVectors | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Build the atlas's similarity indexes (replacing any) and record them in its manifest; returns that record.
@@ -329,8 +341,6 @@ def build_indexes(atlas, layers: str | list[str] | None = None, *, device: str =
     t0 = time.perf_counter()
     log = log or (lambda s: None)
     a = _open(atlas)
-    if batch_size < 1:
-        raise AtlasError(f"--batch-size must be at least 1 (got {batch_size})")
     geometry = a.manifest["geometry"]["layers"]
     kinds = {g["layer"]: g["kind"] for g in geometry}
     order = [g["layer"] for g in geometry]
@@ -368,8 +378,8 @@ def build_indexes(atlas, layers: str | list[str] | None = None, *, device: str =
         what = f"indexing {', '.join(fwd)}"
         src = _dataset(a, what)
         log(f"{what}: a forward pass over {len(fwd_ids)} images")
-        forward = _forward_vectors(a, src, fwd, fwd_ids, keep=fwd_keep, device=device, batch_size=batch_size,
-                                   workers=workers, progress=progress)
+        forward = _forward_vectors(a, src, fwd, fwd_ids, keep=fwd_keep, device=device, workers=workers,
+                                   progress=progress)
 
     def vectors(key: str, layer: str, ids: np.ndarray) -> np.ndarray:
         src = src_images[layer] if key == "images" else src_sample[layer]

@@ -26,7 +26,12 @@ from typing import Any
 from . import FORMAT_VERSION
 from .errors import AtlasError
 
-SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
+# sql/ at the repository's top level is the source; a wheel carries a copy inside the package (setup.py)
+_PACKAGED_SQL = Path(__file__).resolve().parent / "sql"
+SQL_DIR = _PACKAGED_SQL if _PACKAGED_SQL.is_dir() else Path(__file__).resolve().parent.parent / "sql"
+# Format versions this tool reads. 1 did not record the model's constructor options (Atlas.model says what
+# that costs); anything else is refused with one line saying to rebuild.
+READABLE_VERSIONS = (1, FORMAT_VERSION)
 FUNCTION_CALL = re.compile(r"\b(deconv_png|similar_images|similar_channels)\s*\(")
 ACTIVATION_FILES = "read_parquet('activations/*/*.parquet', hive_partitioning = true)"  # as in views.sql
 
@@ -61,9 +66,9 @@ class Atlas:
         except ValueError:
             raise AtlasError(f"atlas '{path}' has an unreadable manifest.json") from None
         version = self.manifest.get("format_version")
-        if version != FORMAT_VERSION:
-            raise AtlasError(f"atlas '{path}' has format version {version}; this atlas tool reads version "
-                             f"{FORMAT_VERSION} (rebuild it with `atlas build`)")
+        if version not in READABLE_VERSIONS:
+            raise AtlasError(f"atlas '{path}' has format version {version}; this atlas tool reads versions "
+                             f"{', '.join(map(str, READABLE_VERSIONS))} (rebuild it with `atlas build`)")
 
     def __repr__(self) -> str:
         m = self.manifest
@@ -136,15 +141,25 @@ class Atlas:
         """The model with the atlas's own copy of the conv weights (classifier from the weights file if any)."""
         import torch
 
-        from .models.registry import load_model
+        from .models.registry import load_model, feature_options
 
         m = self.manifest["model"]
         weights = m.get("weights")
         use_file = bool(weights) and Path(weights).is_file()
-        model = load_model(m["name"], weights if use_file else None, num_classes=m.get("num_classes"),
-                           seed=m.get("seed", 0), **m.get("kwargs", {}))
+        kwargs = m.get("kwargs")
+        if kwargs is None:  # format 1 did not record the constructor options
+            kwargs = {"num_classes": m.get("num_classes")}
+            if not use_file and feature_options(m["name"]):
+                raise AtlasError(f"atlas '{self.path}' (format 1) does not record how its {m['name']} was built "
+                                 f"(contrast normalisation, width), and its weights file '{weights}' is gone: "
+                                 "rebuild the atlas with `atlas build`")
+        model = load_model(m["name"], weights if use_file else None, seed=m.get("seed", 0), **kwargs)
         state = torch.load(self.path / "model" / "features.pt", map_location="cpu", weights_only=True)
-        model.features.load_state_dict(state)
+        try:
+            model.features.load_state_dict(state)
+        except RuntimeError:
+            raise AtlasError(f"atlas '{self.path}': model/features.pt does not fit the {m['name']} its manifest "
+                             "describes (a damaged or edited atlas): rebuild it with `atlas build`") from None
         model.atlas_meta["classifier_from"] = weights if use_file else ("random init" if m.get("random_init")
                                                                         else "unavailable")
         return model.eval()

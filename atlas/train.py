@@ -85,7 +85,8 @@ from .data import ImageSource, Preprocess, open_dataset
 from .device import default_workers, resolve_device
 from .errors import AtlasError
 from .fsutil import atomic_write, atomic_write_bytes, atomic_write_json
-from .models.registry import build_model, model_names, preprocessing_for
+from .models.registry import (build_model, constructor_options, contrast_norm_option, model_names,
+                              preprocessing_for)
 from .models.zfnet import paper_init
 from .progress import Progress
 
@@ -505,8 +506,8 @@ def train(model: str, data: str | os.PathLike, out: str | os.PathLike, *, val: s
           val_fraction: float = 0.1, snapshot_epochs: str | Iterable[int] | None = None,
           resume: bool = False, overwrite: bool = False, device: str = "auto", workers: int | None = None,
           precision: str = "auto", in_memory: bool | None = None, memory_limit: int = MEMORY_LIMIT,
-          seed: int = 0, image_size: int | None = None, progress: bool | None = None,
-          log: Callable[[str], None] | None = None) -> Path:
+          seed: int = 0, image_size: int | None = None, contrast_norm: bool | None = None,
+          progress: bool | None = None, log: Callable[[str], None] | None = None) -> Path:
     """Train `model` (a registry name) on the labelled images of `data`; returns RUN_DIR/final.pt.
 
     Options left as None take the model's defaults (MODEL_DEFAULTS) or the paper's (PAPER_DEFAULTS);
@@ -523,6 +524,8 @@ def train(model: str, data: str | os.PathLike, out: str | os.PathLike, *, val: s
     if precision == "auto":
         precision = "bf16" if dev.type == "cuda" else "fp32"
     pre = _preprocessing(model, image_size, resize, crop)
+    model_options = contrast_norm_option(model, contrast_norm)
+    default_norm = constructor_options(model).get("contrast_norm")
     opts: dict[str, Any] = {
         "model": model, "epochs": int(epochs if epochs is not None else md["epochs"]),
         "batch_size": int(batch_size if batch_size is not None else md["batch_size"]),
@@ -533,6 +536,7 @@ def train(model: str, data: str | os.PathLike, out: str | os.PathLike, *, val: s
         "resize": pre["resize"], "crop": pre["crop"], "flip": bool(flip), "ten_crop_eval": bool(ten_crop_eval),
         "val_fraction": float(val_fraction), "snapshot_epochs": parse_epochs(snapshot_epochs),
         "precision": precision, "seed": int(seed), "image_size": image_size,
+        "contrast_norm": model_options.get("contrast_norm", default_norm),
     }
     _check_options(opts)
 
@@ -585,7 +589,8 @@ def train(model: str, data: str | os.PathLike, out: str | os.PathLike, *, val: s
         if resume:
             if cfg_path.exists():
                 old = json.loads(cfg_path.read_text())
-                old_id = {**old.get("options", {}), "data": old.get("data_root"),
+                # a run from before --contrast-norm had the model's own
+                old_id = {"contrast_norm": default_norm, **old.get("options", {}), "data": old.get("data_root"),
                           "train_images": old.get("train_images"), "classes": old.get("classes"),
                           "validation": {k: v for k, v in (old.get("validation") or {}).items() if k != "note"}}
                 diff = _differences(old_id, identity)
@@ -619,7 +624,7 @@ def train(model: str, data: str | os.PathLike, out: str | os.PathLike, *, val: s
     # -- model and optimizer -------------------------------------------------------
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        net = build_model(model, num_classes=len(classes), dropout=opts["dropout"])
+        net = build_model(model, num_classes=len(classes), dropout=opts["dropout"], **model_options)
         if opts["init"] == "paper":
             paper_init(net)
     net = net.to(dev)
@@ -645,7 +650,9 @@ def train(model: str, data: str | os.PathLike, out: str | os.PathLike, *, val: s
         start = int(checkpoint["epoch"]) + 1
         log(f"resuming '{out}' after epoch {start - 1}")
 
-    meta_base = {"model": model, "num_classes": len(classes), "classes": classes, "preprocessing": pre,
+    # model_kwargs: every constructor option, so that load_model (and an atlas) rebuilds this very net
+    meta_base = {"model": model, "model_kwargs": net.atlas_kwargs, "num_classes": len(classes),
+                 "classes": classes, "preprocessing": pre,
                  "init": opts["init"], "seed": int(seed), "dataset": config["data_root"], "trained_by": "atlas train"}
 
     # -- data in memory or streamed ---------------------------------------------------

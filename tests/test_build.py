@@ -222,7 +222,7 @@ def test_bad_input_gives_one_clear_line(tmp_path, tiny_folder, tiny_atlas):
     assert "not an atlas" in one_line_error(["info", str(tiny_folder)])
     old = tmp_path / "old"
     shutil.copytree(tiny_atlas, old)
-    mf = (old / "manifest.json").read_text().replace('"format_version": 1', '"format_version": 0')
+    mf = (old / "manifest.json").read_text().replace('"format_version": 2', '"format_version": 0')
     (old / "manifest.json").write_text(mf)
     assert "format version 0" in one_line_error(["layers", str(old)])
     assert "already exists" in one_line_error(["build", "--model", "zfnet-mini", "--data", str(tiny_folder),

@@ -82,6 +82,13 @@ def device_option(f):
     return click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")(f)
 
 
+def contrast_norm_option(f):
+    return click.option("--contrast-norm/--no-contrast-norm", "contrast_norm", default=None,
+                        help="The paper's local contrast normalisation after pool1 and pool2, on or off "
+                        "(default: the model's own: on for zfnet and alexnet-single, off for zfnet-mini; "
+                        "a checkpoint's choice). Only for models that have it.")(f)
+
+
 def progress_option(f):
     return click.option("--progress/--no-progress", default=None,
                         help="Progress bars with images/s and ETA (default: when on a terminal).")(f)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .base import CONTEXT, device_option, main, progress_option, _say
+from .base import CONTEXT, contrast_norm_option, device_option, main, progress_option, _say
 
 
 @main.command(context_settings=CONTEXT)
@@ -53,9 +53,11 @@ def demo(out, quick, progress):
 @click.option("--overwrite", is_flag=True, help="Replace an existing atlas at --out.")
 @click.option("--seed", default=0, show_default=True, help="Seed of a randomly initialised model.")
 @click.option("--chunk-size", type=int, help="Images per resumable chunk (default: about 1024).")
+@contrast_norm_option
 @progress_option
 def build(model_name, weights, data, out, k, layers, batch_size, device, workers, image_size, precision, decode,
-          no_activations, no_switches, index, index_layers, resume, overwrite, seed, chunk_size, progress):
+          no_activations, no_switches, index, index_layers, resume, overwrite, seed, chunk_size, contrast_norm,
+          progress):
     """Run a model over a whole dataset and write its atlas.
 
     For every channel of the chosen layers: the top-k activations (value,
@@ -73,7 +75,7 @@ def build(model_name, weights, data, out, k, layers, batch_size, device, workers
                      batch_size=batch_size, device=device, workers=workers, image_size=image_size,
                      precision=precision, decode=decode, activations=not no_activations, switches=not no_switches,
                      resume=resume, overwrite=overwrite, seed=seed, chunk_size=chunk_size, progress=progress,
-                     index=index, index_layers=index_layers, log=_say)
+                     index=index, index_layers=index_layers, contrast_norm=contrast_norm, log=_say)
     if int(os.environ.get("RANK", "0")) == 0:
         click.echo(str(path))
 

@@ -15,7 +15,7 @@ from .base import CONTEXT, atlas_argument, device_option, format_option, main, p
 @click.option("--layers", help="Comma-separated layers to index images at (default: the deepest recorded conv "
               "layer, and fc7 when the model has it).")
 @device_option
-@click.option("--batch-size", default=64, show_default=True)
+@click.option("--batch-size", type=int, hidden=True)  # before 0.1: its own batch size; now the build's (below)
 @progress_option
 @format_option
 def index_cmd(atlas_path, layers, device, batch_size, progress, fmt):
@@ -26,14 +26,19 @@ def index_cmd(atlas_path, layers, device, batch_size, progress, fmt):
     channel's responses over a fixed sample of images). Conv layers are read
     from the activations table; fc layers, and atlases built with
     --no-activations, need the dataset for a forward pass. `atlas build` does
-    this already unless given --no-index.
+    this already unless given --no-index. A forward pass runs in the build's
+    own batches (its recorded --batch-size), so it gives the numbers the build
+    would have given.
 
     \b
       atlas index my-atlas --layers conv3,conv5,fc7
     """
     from ..similarity import build_indexes, index_summary
 
-    record = build_indexes(atlas_path, layers, device=device, batch_size=batch_size, progress=progress, log=_say)
+    if batch_size is not None:
+        _say("warning: --batch-size is ignored: a forward pass of `atlas index` runs in the build's own batches, "
+             "so it computes the build's numbers")
+    record = build_indexes(atlas_path, layers, device=device, progress=progress, log=_say)
     click.echo(render_dicts(index_summary(record), fmt))
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import click
 
 from ..output import render_dicts
-from .base import CONTEXT, device_option, format_option, main, progress_option, _say
+from .base import CONTEXT, contrast_norm_option, device_option, format_option, main, progress_option, _say
 
 
 @main.command(context_settings=CONTEXT)
@@ -50,10 +50,12 @@ from .base import CONTEXT, device_option, format_option, main, progress_option, 
               "from disk (default: in memory when they fit in 2 GB).")
 @click.option("--seed", default=0, show_default=True, help="Initialisation, data order, crops, flips, dropout.")
 @click.option("--image-size", type=int, help="Input size, for models that take several (zfnet-mini: 32-64).")
+@contrast_norm_option
 @progress_option
 def train(model_name, data, val, out, epochs, batch_size, lr, momentum, weight_decay, dropout, init,
           renorm_radius, lr_patience, lr_factor, resize, crop, flip, ten_crop_eval, val_fraction,
-          snapshot_epochs, resume, overwrite, device, workers, precision, in_memory, seed, image_size, progress):
+          snapshot_epochs, resume, overwrite, device, workers, precision, in_memory, seed, image_size,
+          contrast_norm, progress):
     """Train a model with the paper's recipe.
 
     Prints RUN_DIR/final.pt, the weights `atlas build --weights` reads. The
@@ -82,7 +84,7 @@ def train(model_name, data, val, out, epochs, batch_size, lr, momentum, weight_d
                       crop=crop, flip=flip, ten_crop_eval=ten_crop_eval, val_fraction=val_fraction,
                       snapshot_epochs=snapshot_epochs, resume=resume, overwrite=overwrite, device=device,
                       workers=workers, precision=precision, in_memory=in_memory, seed=seed,
-                      image_size=image_size, progress=progress, log=_say)
+                      image_size=image_size, contrast_norm=contrast_norm, progress=progress, log=_say)
     click.echo(str(final))
 
 

@@ -6,6 +6,7 @@ checkpoint written by `atlas train` (a dict with "model_state" and "meta").
 from __future__ import annotations
 
 import hashlib
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -86,17 +87,46 @@ def _num_classes_in(state: dict[str, torch.Tensor]) -> int | None:
     return int(state[last].shape[0])
 
 
-def build_model(name: str, num_classes: int | None = None, **kwargs: Any) -> nn.Module:
-    """A randomly initialised model (seeded by the caller for determinism)."""
+def constructor_options(name: str, num_classes: int | None = None, **kwargs: Any) -> dict[str, Any]:
+    """Every constructor option of the model `name` as it will be built: the given ones over the class's
+    defaults. This is what an atlas records (manifest "model"."kwargs") to rebuild exactly its model
+    when the weights file is gone: `build_model(name, **constructor_options(...))` is that model."""
     _check_name(name)
+    if num_classes is not None:
+        kwargs["num_classes"] = int(num_classes)
     if name in _OWN:
         cls = _OWN[name][0]
-        if num_classes is not None:
-            kwargs["num_classes"] = num_classes
-        return cls(**kwargs)
-    import torchvision.models as tvm
+        params = inspect.signature(cls).parameters
+        unknown = sorted(set(kwargs) - set(params))
+        if unknown:
+            raise AtlasError(f"model '{name}' has no option {', '.join(unknown)} (its options: "
+                             f"{', '.join(params)})")
+        return {key: kwargs.get(key, p.default) for key, p in params.items()}
+    # torchvision's builders take **kwargs: what is not given is the class's default, which is fixed by
+    # the name (num_classes is the only option a weights file sets)
+    if set(kwargs) - {"num_classes"}:
+        extra = ", ".join(sorted(set(kwargs) - {"num_classes"}))
+        raise AtlasError(f"model '{name}' (torchvision) takes no option {extra} here")
+    return {"num_classes": int(kwargs.get("num_classes") or 1000)}
 
-    return getattr(tvm, name)(weights=None, num_classes=num_classes or 1000, **kwargs)
+
+def option_models(option: str) -> list[str]:
+    """The model names whose constructor takes `option` (say, contrast_norm)."""
+    return [n for n, (cls, _) in _OWN.items() if option in inspect.signature(cls).parameters]
+
+
+def build_model(name: str, num_classes: int | None = None, **kwargs: Any) -> nn.Module:
+    """A randomly initialised model (seeded by the caller for determinism); `model.atlas_kwargs` holds
+    every constructor option it was built with (constructor_options)."""
+    options = constructor_options(name, num_classes, **kwargs)
+    if name in _OWN:
+        model = _OWN[name][0](**options)
+    else:
+        import torchvision.models as tvm
+
+        model = getattr(tvm, name)(weights=None, **options)
+    model.atlas_kwargs = options
+    return model
 
 
 def load_model(name: str, weights: str | Path | None = None, num_classes: int | None = None,
@@ -105,6 +135,9 @@ def load_model(name: str, weights: str | Path | None = None, num_classes: int | 
 
     Without weights the model is randomly initialised from `seed` (so the same
     call gives the same model) and `model.atlas_meta["weights"]` says so.
+    Constructor options (`contrast_norm`, `width`, ...) not given here come
+    from the checkpoint's meta, else the class's defaults; the ones used are in
+    `model.atlas_meta["kwargs"]`.
     """
     meta: dict[str, Any] = {}
     state = None
@@ -113,9 +146,12 @@ def load_model(name: str, weights: str | Path | None = None, num_classes: int | 
         if meta.get("model") and meta["model"] != name:
             raise AtlasError(f"weights file '{weights}' was trained for model '{meta['model']}', not '{name}'")
         num_classes = num_classes or meta.get("num_classes") or _num_classes_in(state)
-        for key in ("contrast_norm", "width"):
-            if key in meta and key not in kwargs:
-                kwargs[key] = meta[key]
+        # `atlas train` records every constructor option (model_kwargs); older checkpoints a few of them
+        recorded = dict(meta.get("model_kwargs") or {})
+        recorded.update({key: meta[key] for key in ("contrast_norm", "width") if key in meta})
+        for key, value in recorded.items():
+            if key != "num_classes":
+                kwargs.setdefault(key, value)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = build_model(name, num_classes=num_classes, **kwargs)
@@ -130,4 +166,33 @@ def load_model(name: str, weights: str | Path | None = None, num_classes: int | 
                             "random_init": False, **{k: v for k, v in meta.items() if k in ("classes", "preprocessing")}}
     else:
         model.atlas_meta = {"name": name, "weights": None, "weights_sha256": None, "random_init": True, "seed": seed}
+    model.atlas_meta["kwargs"] = dict(model.atlas_kwargs)
     return model.eval()
+
+
+def contrast_norm_option(name: str, contrast_norm: bool | None) -> dict[str, Any]:
+    """The constructor options for `--contrast-norm/--no-contrast-norm` (None: the model's own default),
+    refused in one line for a model that has no contrast normalisation."""
+    if contrast_norm is None:
+        return {}
+    _check_name(name)
+    having = option_models("contrast_norm")
+    if name not in having:
+        raise AtlasError(f"--{'' if contrast_norm else 'no-'}contrast-norm: model '{name}' has no contrast "
+                         f"normalisation to switch (models with it: {', '.join(having)})")
+    return {"contrast_norm": bool(contrast_norm)}
+
+
+def model_record(model: nn.Module) -> dict[str, Any]:
+    """How to rebuild `model` (a load_model result) without its weights file: the manifest's record."""
+    name = model.atlas_meta["name"]
+    return {"source": "atlas" if name in _OWN else "torchvision", "name": name,
+            "kwargs": dict(model.atlas_meta["kwargs"])}
+
+
+def feature_options(name: str) -> list[str]:
+    """The constructor options of model `name` beyond num_classes and dropout that change its features
+    (what an atlas must record to rebuild them): [] for torchvision's."""
+    if name not in _OWN:
+        return []
+    return [p for p in inspect.signature(_OWN[name][0]).parameters if p not in ("num_classes", "dropout")]
