@@ -5,6 +5,9 @@
   --vary decode      `--decode cpu` (PIL) vs `--decode device` (torchvision's JPEG decoder, on
                      --device: nvjpeg on a GPU; its resize rounds in floating point, not in PIL's
                      fixed point, so pixels differ by up to one grey level).
+  --vary batch-size  --batch-size B vs 3B/4 (or --other-batch-size): CPU kernels are chosen by batch shape and round
+                     differently, so an image's numbers move by a few ulps with the batch size
+                     (the same batch size always gives the same bytes: README, "Determinism").
 
 Near-ties among a channel's strongest images can swap. This prints, per layer: the share of each
 channel's reference top-k images (fp32, cpu) that the other build's top-k also holds, the share of
@@ -14,6 +17,8 @@ maximum.
     python scripts/compare_builds.py --model zfnet-mini --data atlas-demo/data/shapes-8000 \\
         --weights atlas-demo/run/final.pt            # after `atlas demo`
     python scripts/compare_builds.py --vary decode --model zfnet --data jpegs/ --device cuda
+    python scripts/compare_builds.py --vary batch-size --model zfnet-mini --data atlas-demo/data/shapes-8000 \
+        --weights atlas-demo/run/final.pt
 
 On a CPU, bf16 autocast is emulated (same rounding, no speed-up): the agreement figures hold,
 the timings do not. The decoders only differ where images are resized (the demo's 64 px shapes
@@ -32,7 +37,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from atlas.build import build  # noqa: E402
 
 VARIANTS = {"precision": [("fp32", {"precision": "fp32"}), ("bf16", {"precision": "bf16"})],
-            "decode": [("cpu", {"decode": "cpu"}), ("device", {"decode": "device"})]}
+            "decode": [("cpu", {"decode": "cpu"}), ("device", {"decode": "device"})],
+            "batch-size": None}  # from --batch-size: see variants()
+
+
+def variants(vary: str, batch_size: int, other: int | None = None) -> list[tuple[str, dict]]:
+    if vary == "batch-size":
+        other = other or max(1, batch_size * 3 // 4)
+        return [(f"batch {batch_size}", {"batch_size": batch_size}), (f"batch {other}", {"batch_size": other})]
+    return VARIANTS[vary]
 
 AGREEMENT = """
 WITH a AS (SELECT * FROM read_parquet('{a}/top_activations.parquet')),
@@ -46,7 +59,7 @@ WITH a AS (SELECT * FROM read_parquet('{a}/top_activations.parquet')),
      maxima AS (SELECT layer, max(abs(ca.max - cb.max) / nullif(abs(ca.max), 0)) AS max_rel_diff
                 FROM read_parquet('{a}/channels.parquet') ca JOIN read_parquet('{b}/channels.parquet') cb
                 USING (layer, channel) GROUP BY layer)
-SELECT layer, round(topk_overlap, 4), round(strongest_same, 4), round(max_rel_diff, 4)
+SELECT layer, round(topk_overlap, 4), round(strongest_same, 4), max_rel_diff
 FROM kept JOIN same USING (layer) JOIN maxima USING (layer) ORDER BY layer
 """
 
@@ -60,24 +73,27 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--vary", choices=list(VARIANTS), default="precision")
+    ap.add_argument("--other-batch-size", type=int, help="--vary batch-size: the other build's (default 3/4)")
     args = ap.parse_args()
     import duckdb
 
     with tempfile.TemporaryDirectory() as tmp:
         out, seconds = {}, {}
-        (ref, _), (other, _) = VARIANTS[args.vary]
-        for name, option in VARIANTS[args.vary]:
+        runs = variants(args.vary, args.batch_size, args.other_batch_size)
+        (ref, _), (other, _) = runs
+        for name, option in runs:
             t = time.perf_counter()
-            out[name] = build(args.model, args.data, Path(tmp) / name, weights=args.weights, k=args.k,
-                              device=args.device, batch_size=args.batch_size, index=False, progress=False,
-                              **option)
+            kw = dict(weights=args.weights, k=args.k, device=args.device, batch_size=args.batch_size, index=False,
+                      progress=False)
+            out[name] = build(args.model, args.data, Path(tmp) / name.replace(" ", "-"), **{**kw, **option})
             seconds[name] = time.perf_counter() - t
         rows = duckdb.sql(AGREEMENT.format(a=out[ref], b=out[other])).fetchall()
     print(f"{args.model} over {args.data}, k = {args.k}: {ref} build {seconds[ref]:.1f} s, "
           f"{other} build {seconds[other]:.1f} s")
     print(f"{'layer':<8} {'top-k kept':>10} {'same strongest':>15} {'max rel. diff of maxima':>24}")
     for layer, overlap, same, diff in rows:
-        print(f"{layer:<8} {overlap:>10.1%} {same:>15.1%} {diff:>24.2%}")
+        shown = f"{diff:.2%}" if diff >= 1e-4 else f"{diff:.1e}"  # batch sizes move values by ulps
+        print(f"{layer:<8} {overlap:>10.1%} {same:>15.1%} {shown:>24}")
 
 
 if __name__ == "__main__":

@@ -123,12 +123,14 @@ def assert_same_atlas(p, q):
     assert (p / "model" / "features.pt").read_bytes() == (q / "model" / "features.pt").read_bytes()
 
 
+@pytest.mark.determinism
 def test_same_inputs_same_atlas(tmp_path, tiny_folder, tiny_atlas):
     again = build("zfnet-mini", str(tiny_folder), tmp_path / "again", k=4, batch_size=8, image_size=32,
                   progress=False)
     assert_same_atlas(tiny_atlas, again)
 
 
+@pytest.mark.determinism
 def test_interrupted_build_resumes_to_the_same_atlas(tmp_path, tiny_folder, monkeypatch):
     ref = build("zfnet-mini", str(tiny_folder), tmp_path / "ref", k=4, batch_size=4, chunk_size=8,
                 image_size=32, progress=False)

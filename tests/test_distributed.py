@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pyarrow.parquet as pq
+import pytest
 
 from atlas.build import build
 
@@ -29,6 +30,7 @@ def same(p, q):
         assert pq.read_table(p / t).equals(pq.read_table(q / t)), t
 
 
+@pytest.mark.determinism
 def test_two_ranks_build_the_same_atlas(tmp_path, tiny_folder):
     out = tmp_path / "two"
     res = subprocess.run(TORCHRUN + ["-m", "atlas", "build", "--model", "zfnet-mini", "--data", str(tiny_folder),

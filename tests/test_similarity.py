@@ -163,6 +163,7 @@ def test_the_planted_duplicate_channel_is_found_first(dup_atlas):
         "rank", "layer", "channel", "score"] and "conv" not in res.stdout
 
 
+@pytest.mark.determinism
 def test_same_inputs_same_index_files(tmp_path, tiny_folder, tiny_atlas, no_index_atlas, monkeypatch):
     ref = index_bytes(tiny_atlas)
     assert set(ref) == {"channels.faiss", "channels.faiss.json", "images-conv5.faiss", "images-conv5.faiss.json",
@@ -295,6 +296,7 @@ def test_bad_input_gives_one_clear_line(tmp_path, tiny_folder, tiny_atlas, no_in
     cli("index", nodata, "--layers", "conv5")  # conv layers come from the activations table: no dataset needed
 
 
+@pytest.mark.determinism
 def test_a_profile_sample_smaller_than_the_dataset_reads_the_same_through_every_path(tmp_path, tiny_folder,
                                                                                      monkeypatch):
     # A 16-image profile sample of 36 images: the build's chunks keep the sample's rows of every conv
