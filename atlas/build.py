@@ -37,7 +37,9 @@ from .device import default_workers, resolve_device
 from .errors import AtlasError
 from .heap import keep_memory_flat
 from .inputs import InputBatches, choose_decoder, chunk_batches
-from .fsutil import atomic_write, atomic_write_bytes, atomic_write_json, atomic_write_parquet, publish_dir
+from .lock import writer_lock
+from .fsutil import (atomic_write, atomic_write_bytes, atomic_write_json, atomic_write_parquet, publish_dir,
+                     remove_temp_files)
 from .layers import LayerMap
 from .mining import NO_IMAGE, Moments, TopK, spatial_max
 from .models.registry import contrast_norm_option, load_model, model_record, preprocessing_for
@@ -67,15 +69,45 @@ def build(model: str, data: str, out: str | Path, *, weights: str | None = None,
     t_start = time.perf_counter()
     keep_memory_flat()  # memory must not grow with the number of images (atlas/heap.py says why)
     out = Path(out)
-    if k < 1:
-        raise AtlasError(f"--k must be at least 1 (got {k})")
-    if batch_size < 1:
-        raise AtlasError(f"--batch-size must be at least 1 (got {batch_size})")
+    for name, value, least in (("--k", k, 1), ("--batch-size", batch_size, 1), ("--chunk-size", chunk_size, 1),
+                               ("--workers", workers, 0)):
+        if value is not None and value < least:
+            raise AtlasError(f"{name} must be at least {least} (got {value})")
     if precision not in ("fp32", "bf16"):
         raise AtlasError(f"unknown precision '{precision}': use fp32 or bf16")
-    if out.exists() and not overwrite:
-        raise AtlasError(f"atlas '{out}' already exists: pass --overwrite to replace it")
+    check_replaceable(out, overwrite)
     ranks = ranks_from_env(device)
+    # One writer at a time (atlas/lock.py): rank 0 holds the lock for a torchrun job
+    with writer_lock(out, "a build", enabled=ranks.leader):
+        return _build(model, data, out, weights=weights, k=k, layers=layers, batch_size=batch_size, device=device,
+                      workers=workers, activations=activations, switches=switches, resume=resume,
+                      overwrite=overwrite, image_size=image_size, chunk_size=chunk_size, precision=precision,
+                      decode=decode, seed=seed, index=index, index_layers=index_layers,
+                      contrast_norm=contrast_norm, progress=progress, log=log, ranks=ranks, t_start=t_start)
+
+
+def check_replaceable(out: Path, overwrite: bool) -> None:
+    """--overwrite replaces an atlas or an empty folder, nothing else (a mistyped --out must not delete
+    someone's folder): the rule `atlas export` follows for sites."""
+    if not out.exists():
+        return
+    if not overwrite:
+        raise AtlasError(f"atlas '{out}' already exists: pass --overwrite to replace it")
+    if not out.is_dir():
+        raise AtlasError(f"--out '{out}' is a file, not an atlas: --overwrite replaces only an atlas or an "
+                         "empty folder")
+    if not (out / "manifest.json").is_file():
+        inside = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir())
+        if inside:
+            shown = ", ".join(inside[:5]) + (f" and {len(inside) - 5} more" if len(inside) > 5 else "")
+            raise AtlasError(f"--out '{out}' is not an atlas (it holds {shown}): --overwrite replaces only an "
+                             "atlas or an empty folder")
+
+
+def _build(model, data, out: Path, *, weights, k, layers, batch_size, device, workers, activations, switches,
+           resume, overwrite, image_size, chunk_size, precision, decode, seed, index, index_layers, contrast_norm,
+           progress, log, ranks, t_start) -> Path:
+    """The build under its writer lock (build() checks the options first)."""
     dev = resolve_device(device)
     if dev.type == "cuda" and ranks.active:
         dev = torch.device("cuda", ranks.local_rank)
@@ -132,11 +164,12 @@ def build(model: str, data: str, out: str | Path, *, weights: str | None = None,
     with Progress(n, "build", "images", enabled=progress, initial=n_done) as bar:
         _mine_chunks(lmap, chosen, inputs, n, todo, chunk_size, batch_size, k, dev, precision, work,
                      activations, bar, plan)
-    t_fwd = time.perf_counter() - t_fwd
     ranks.barrier()  # every chunk is on disk
+    t_fwd = time.perf_counter() - t_fwd  # after the barrier: the job's mining, every rank's chunks
     if not ranks.leader:
         ranks.barrier()  # wait for rank 0 to publish
         return out
+    runs = _record_run(work, n - sum(min(chunk_size, n - c * chunk_size) for c in done), t_fwd)
 
     # Merge partial states in chunk order (see the module docstring).
     tops = {la.name: TopK(la.channels, k) for la in chosen}
@@ -149,6 +182,11 @@ def build(model: str, data: str, out: str | Path, *, weights: str | None = None,
                 moms[name].merge(Moments.from_state({f: st[f"{name}.mom.{f}"]
                                                      for f in ("count", "sum", "sumsq", "fires", "max")}))
             errors.update({int(i): e for i, e in json.loads(str(st["errors"])).items()})
+    if len(errors) == n:  # nothing to show: no atlas, and no staging folder left behind to resume
+        shutil.rmtree(staging, ignore_errors=True)
+        first = next(iter(sorted(errors.items())))
+        raise AtlasError(f"no image of dataset '{data}' could be read ({n} tried; the first, "
+                         f"'{source.records[first[0]].path}': {first[1]})")
     top_rows = _top_rows(lmap, chosen, tops)
 
     t_sw = time.perf_counter()
@@ -186,18 +224,54 @@ def build(model: str, data: str, out: str | Path, *, weights: str | None = None,
         "options": {"batch_size": batch_size, "chunk_size": chunk_size, "device": str(dev), "precision": precision,
                     "decode": decoder,
                     "ranks": ranks.world},
-        "timings": {"mining_s": round(t_fwd, 3), "switches_s": round(t_sw, 3), "write_s": round(t_wr, 3),
-                    "total_s": round(time.perf_counter() - t_start, 3),
-                    "images_per_s": round((n - n_done) / t_fwd, 2) if t_fwd > 0 else None},
+        "timings": {"switches_s": round(t_sw, 3), "write_s": round(t_wr, 3),
+                    "total_s": round(time.perf_counter() - t_start, 3), **_mining_timings(runs)},
     }
     atomic_write_json(staging / "manifest.json", manifest)
     if plan is not None:
-        build_indexes(staging, plan.layers, chunks=ChunkVectors(work, nchunks), log=log)
+        build_indexes(staging, plan.layers, chunks=ChunkVectors(work, nchunks), locked=True, log=log)
     shutil.rmtree(work)
     publish_dir(staging, out, overwrite=overwrite)
     ranks.barrier()
     log(f"atlas written to {out}: {n_ok} images ({len(errors)} unreadable), {len(names)} layers, k={k}, "
         f"{manifest['timings']['total_s']:.1f} s")
+    if errors:
+        for image_id, why in sorted(errors.items())[:UNREADABLE_SHOWN]:
+            log(f"  unreadable: {source.records[image_id].path}: {why}")
+        more = f" (and {len(errors) - UNREADABLE_SHOWN} more)" if len(errors) > UNREADABLE_SHOWN else ""
+        log(f"  all of them{more}: atlas sql {out} \"SELECT image_id, path, error FROM images "
+            "WHERE status = 'error'\"")
+    return out
+
+
+UNREADABLE_SHOWN = 5  # the build's last lines name this many unreadable images
+
+
+def _record_run(work: Path, mined: int, seconds: float) -> list[dict[str, Any]]:
+    """Append this run's mining (images, seconds) to the build's record of runs; returns every run.
+
+    A resumed build reports its throughput over the work each run actually did: a run that found
+    every chunk done mined nothing and says so, rather than turning the whole build into 0 images/s.
+    (A run killed while mining leaves no record; its finished chunks count as done for the next.)
+    """
+    path = work / "runs.json"
+    try:
+        runs = json.loads(path.read_text()) if path.is_file() else []
+    except ValueError:
+        runs = []
+    runs.append({"images": int(mined), "mining_s": round(seconds, 3),
+                 "images_per_s": round(mined / seconds, 2) if mined and seconds > 0 else None})
+    atomic_write_json(path, runs)
+    return runs
+
+
+def _mining_timings(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    images = sum(r["images"] for r in runs)
+    seconds = sum(r["mining_s"] for r in runs)
+    out = {"mining_s": round(seconds, 3), "images_per_s": round(images / seconds, 2) if images and seconds > 0
+           else None}
+    if len(runs) > 1:
+        out.update({"resumed": True, "runs": runs})
     return out
 
 
@@ -300,6 +374,7 @@ def _prepare_staging(staging: Path, out: Path, config: dict, resume: bool) -> No
         if not resume:
             raise AtlasError(f"an interrupted build of '{out}' is in '{staging}': continue it with --resume "
                              "(or delete that folder to start over)")
+        remove_temp_files(staging)  # what the interrupted run was writing; under the lock, nobody else is
         # a build started before --decode existed decoded with PIL
         old = {"decode": "cpu", **json.loads(cfg_file.read_text())} if cfg_file.is_file() else None
         if old is not None and old != config:

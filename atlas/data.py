@@ -12,6 +12,7 @@ them and goes on.
 from __future__ import annotations
 
 import os
+import sys
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,14 +125,23 @@ def _is_image(p: Path) -> bool:
     return p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
 
 
+SHAPES_DEFAULT = 2000  # `--data shapes`; the demo makes its own 8,000 (atlas/demo.py)
+
+
 def open_dataset(spec: str | os.PathLike) -> ImageSource:
     """Resolve a `--data` argument to an ImageSource (raises AtlasError for a bad one)."""
     spec = str(spec)
     if spec == "shapes" or spec.startswith("shapes:"):
         from . import shapes
 
-        n = int(spec.split(":", 1)[1]) if ":" in spec else 2000
+        count = spec.split(":", 1)[1] if ":" in spec else str(SHAPES_DEFAULT)
+        if not count.isdigit() or int(count) < 1:
+            raise AtlasError(f"dataset '{spec}': the count after 'shapes:' must be a whole number of images")
+        n = int(count)
         root = shapes.generate(atlas_home() / "datasets" / f"shapes-n{n}-s64-seed0", n=n, size=64, seed=0)
+        # where the images are: generated once, kept in the user's cache, and read from there later
+        sys.stderr.write(f"dataset {spec}: {n} synthetic 64 px images, cached in {root} "
+                         f"(`--data shapes:N` for N images; ATLAS_HOME moves the cache)\n")
         src = open_dataset(root)
         src.spec = spec
         return src

@@ -31,6 +31,27 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     return path
 
 
+def temp_files(folder: str | os.PathLike):
+    """The temporary files atomic_write leaves under `folder` when its process is killed mid-write."""
+    return (f for f in Path(folder).rglob(".*.tmp") if f.is_file())
+
+
+def remove_temp_files(folder: str | os.PathLike, older_than_s: float | None = None) -> int:
+    """Remove what `temp_files` finds (only those not modified for `older_than_s`, when given: where
+    writers run without a lock, a younger one may still be written). Returns how many."""
+    import time
+
+    now, n = time.time(), 0
+    for f in list(temp_files(folder)):
+        try:
+            if older_than_s is None or now - f.stat().st_mtime > older_than_s:
+                f.unlink()
+                n += 1
+        except FileNotFoundError:
+            pass  # its writer renamed or removed it meanwhile
+    return n
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_bytes(data))
 

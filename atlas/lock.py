@@ -120,3 +120,22 @@ def writer_lock(target: str | os.PathLike, what: str, *, enabled: bool = True) -
         with contextlib.suppress(OSError):
             path.unlink()  # before the unlock, so a waiter's samestat check sees it gone
         os.close(fd)
+
+
+def holds_writer_lock(what: str, target: str = "out"):
+    """Decorator: run the function under the writer lock of its `target` argument (a folder it writes)."""
+    import functools
+    import inspect
+
+    def wrap(fn):
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def locked(*args, **kwargs):
+            folder = signature.bind(*args, **kwargs).arguments[target]
+            with writer_lock(folder, what):
+                return fn(*args, **kwargs)
+
+        return locked
+
+    return wrap

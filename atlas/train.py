@@ -84,7 +84,8 @@ from torch import nn
 from .data import ImageSource, Preprocess, open_dataset
 from .device import default_workers, resolve_device
 from .errors import AtlasError
-from .fsutil import atomic_write, atomic_write_bytes, atomic_write_json
+from .fsutil import atomic_write, atomic_write_bytes, atomic_write_json, remove_temp_files
+from .lock import holds_writer_lock
 from .models.registry import (build_model, constructor_options, contrast_norm_option, model_names,
                               preprocessing_for)
 from .models.zfnet import paper_init
@@ -498,6 +499,7 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, float]]:
         return [{k: (int(v) if k == "epoch" else float(v)) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
+@holds_writer_lock("a training run")
 def train(model: str, data: str | os.PathLike, out: str | os.PathLike, *, val: str | os.PathLike | None = None,
           epochs: int | None = None, batch_size: int | None = None, lr: float | None = None,
           momentum: float = 0.9, weight_decay: float = 5e-4, dropout: float | None = None, init: str | None = None,
@@ -612,6 +614,8 @@ def train(model: str, data: str | os.PathLike, out: str | os.PathLike, *, val: s
     elif resume:
         log(f"no checkpoint in '{out}': starting a new run")
     out.mkdir(parents=True, exist_ok=True)
+    if resume:
+        remove_temp_files(out)  # a killed run's half-written checkpoint or snapshot (under the lock)
     channels_last = dev.type == "cuda"
     nworkers = workers if workers is not None else default_workers(dev)
     need = (len(train_ids) + len(val_ids)) * 3 * pre["resize"] ** 2

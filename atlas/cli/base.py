@@ -91,7 +91,8 @@ def contrast_norm_option(f):
 
 def progress_option(f):
     return click.option("--progress/--no-progress", default=None,
-                        help="Progress bars with images/s and ETA (default: when on a terminal).")(f)
+                        help="Progress with images/s and ETA: a bar on a terminal, a line every 5 s otherwise "
+                        "(a log file); on by default.")(f)
 
 
 def out_option(f):

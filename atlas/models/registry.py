@@ -41,6 +41,11 @@ def model_names() -> list[str]:
 def preprocessing_for(name: str, image_size: int | None = None) -> dict[str, Any]:
     """The model's own preprocessing, as recorded in the manifest."""
     _check_name(name)
+    if image_size is not None:
+        lo, hi = getattr(_OWN[name][0], "input_sizes", (1, None)) if name in _OWN else (1, None)
+        if image_size < lo or (hi is not None and image_size > hi):
+            span = f"{lo} to {hi}" if hi is not None else f"at least {lo}"
+            raise AtlasError(f"--image-size {image_size} does not suit model '{name}': it takes {span} px")
     pre = dict(_OWN[name][1]) if name in _OWN else dict(_TV_PREPROCESSING)
     if image_size is not None and image_size != pre["crop"]:
         scale = pre["resize"] / pre["crop"]

@@ -85,6 +85,7 @@ class ZFNetMini(nn.Module):
     """
 
     input_size = 64
+    input_sizes = (32, 64)  # the range it is built for: below 32 conv5 is 1x1, above 64 use zfnet
 
     def __init__(self, num_classes: int = 10, contrast_norm: bool = False, dropout: float = 0.5,
                  width: int = 32):
