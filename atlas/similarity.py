@@ -42,7 +42,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .errors import AtlasError
-from .fsutil import atomic_write_json
+from .fsutil import atomic_write_json, remove_temp_files
 from .index import (EXACT_MAX, INDEX_FORMAT, build_index, channel_keys, channel_profiles, choose_index, load_index,
                     profile_rows, reconstruct, save_index, search, split_channel_keys)
 from .store import Atlas
@@ -328,7 +328,23 @@ def _forward_vectors(a: Atlas, src, names: list[str], image_ids: np.ndarray, *, 
 
 def build_indexes(atlas, layers: str | list[str] | None = None, *, device: str = "auto",
                   workers: int | None = None, progress: bool | None = None, exact_max: int = EXACT_MAX,
-                  chunks: ChunkVectors | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+                  chunks: ChunkVectors | None = None, locked: bool = False,
+                  log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Build the atlas's similarity indexes under its writer lock (atlas/lock.py; `locked`: the caller,
+    the build, holds it already): see _build_indexes."""
+    from .lock import writer_lock
+
+    path = atlas.path if isinstance(atlas, Atlas) else Path(atlas)
+    with writer_lock(path, "an index build", enabled=not locked):
+        if not locked:
+            remove_temp_files(path / INDEX_DIR)  # what a killed `atlas index` was writing
+        return _build_indexes(atlas, layers, device=device, workers=workers, progress=progress,
+                              exact_max=exact_max, chunks=chunks, log=log)
+
+
+def _build_indexes(atlas, layers: str | list[str] | None = None, *, device: str = "auto",
+                   workers: int | None = None, progress: bool | None = None, exact_max: int = EXACT_MAX,
+                   chunks: ChunkVectors | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Build the atlas's similarity indexes (replacing any) and record them in its manifest; returns that record.
 
     `layers`: the image-index layers (default: the deepest recorded conv layer
