@@ -70,7 +70,9 @@ def test_switches_reproduce_the_forward_pooling(tiny_atlas):
                                                                              "WHERE layer <> 'conv1'")}
     for r in rows:
         with torch.no_grad():
-            _, sw = a.lmap.extract(ds[r["image_id"]][0][None], ["conv5"], pool_indices=True)
+            # at the atlas's batch size, as the build computed it (README, Determinism)
+            _, sw = a.lmap.extract(ds[r["image_id"]][0][None], ["conv5"], pool_indices=True,
+                                   batch_size=a.manifest["options"]["batch_size"])
         pool = a.lmap.pool_by_name[r["pool"]]
         reg = SwitchRegion(r["pool"], r["y0"], r["x0"], r["h"], r["w"])
         dec = decode(r["data"], pool.channels, pool.geometry, reg)
