@@ -39,8 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from atlas.models.registry import build_model  # noqa: E402
 from atlas.models.zfnet import paper_init  # noqa: E402
-from atlas.train import (MODEL_DEFAULTS, PAPER_DEFAULTS, _epoch_augmentation, _preprocessing,  # noqa: E402
-                         decode_squares, flush_denormal, read_metrics, train)
+from atlas.train import MODEL_DEFAULTS, PAPER_DEFAULTS, decode_squares, read_metrics, train  # noqa: E402
+from atlas.train.recipe import epoch_augmentation, run_preprocessing  # noqa: E402
+from atlas.train.trainer import flush_denormal  # noqa: E402
 from atlas.device import resolve_device  # noqa: E402
 from atlas.data import open_dataset  # noqa: E402
 
@@ -115,7 +116,7 @@ def main() -> None:
     batch = args.batch_size or (128 if gpu else 16)
     steps = args.steps or (40 if gpu else 6)
     precision = args.precision if args.precision != "auto" else ("bf16" if gpu else "fp32")
-    pre = _preprocessing(args.model, args.image_size, None, None)
+    pre = run_preprocessing(args.model, args.image_size, None, None)
     md = {**PAPER_DEFAULTS, **MODEL_DEFAULTS.get(args.model, {})}
     init, lr = md["init"], 1e-3
     n = batch * steps
@@ -138,7 +139,7 @@ def main() -> None:
         y_all = torch.tensor([r.label_index for r in src.records])
         # in train's epoch-1 order (a folder listing is sorted by class: single-class batches learn
         # fast, and their vanishing gradients would make the ceiling a different workload)
-        order = _epoch_augmentation(args.seed, 1, n, pre["resize"], pre["crop"], False)[0]
+        order = epoch_augmentation(args.seed, 1, n, pre["resize"], pre["crop"], False)[0]
         x_all, y_all = x_all[order], y_all[order]
 
         # Rounds of ceiling / train / ceiling, so that both see the same changes in the machine's load
