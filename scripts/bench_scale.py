@@ -150,11 +150,11 @@ def probe_selectivity(path: str, repeat: int) -> dict:
 
 def probe_writer(path: str, repeat: int) -> dict:
     """What an atlas written by make_large_atlas.py depends on: the build's table writers and the script."""
-    import atlas.build as B
+    import atlas.tables as T
 
     h = hashlib.sha256()
-    for part in (B._write_tables, B.write_activations, B._top_rows, B.IMAGE_ROW_GROUP, B.ACT_ROW_GROUP,
-                 B.SWITCH_SCHEMA):
+    for part in (T.write_tables, T.write_activations, T.top_rows, T.IMAGE_ROW_GROUP, T.ACT_ROW_GROUP,
+                 T.SWITCH_SCHEMA):
         h.update((inspect.getsource(part) if callable(part) else repr(part)).encode())
     h.update((ROOT / "scripts" / "make_large_atlas.py").read_bytes())
     return {"hash": h.hexdigest()[:16]}

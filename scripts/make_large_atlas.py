@@ -3,8 +3,8 @@
 1M images, zfnet's 1376 conv channels at 224 px, k = 9, the activations table for one
 layer (conv5, 256 channels): for measuring the query side (scripts/bench_scale.py).
 
-The tables are written by the build's own writers (atlas.build: `_write_tables`,
-`write_activations`, `_top_rows`, `write_switches`), so file names, schemas, sort order and
+The tables are written by the build's own writers (atlas.tables: `write_tables`,
+`write_activations`, `top_rows`, `write_switches`), so file names, schemas, sort order and
 row groups are what `atlas build` writes; only the numbers are made up:
   activations  look like post-ReLU spatial maxima: a third zero, the rest gamma-distributed,
                shifted per class so that selectivity queries find something; the layer's
@@ -38,7 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from atlas import FORMAT_VERSION, __version__  # noqa: E402
-from atlas.build import _top_rows, _write_tables, switch_regions, write_activations, write_switches  # noqa: E402
+from atlas.tables import switch_regions, top_rows, write_activations, write_switches, write_tables  # noqa: E402
 from atlas.data import Record  # noqa: E402
 from atlas.fsutil import atomic_write_bytes, atomic_write_json, publish_dir  # noqa: E402
 from atlas.layers import LayerMap  # noqa: E402
@@ -149,10 +149,10 @@ def main() -> None:
 
     source = SimpleNamespace(records=[Record(i, f"n{c:05d}/img_{i:08d}.JPEG", f"class_{c:04d}", int(c))
                                       for i, c in enumerate(labels.tolist())])
-    top_rows = _top_rows(lmap, convs, tops)
-    _write_tables(staging, source, {}, lmap, convs, moms, top_rows)
+    rows = top_rows(lmap, convs, tops)
+    write_tables(staging, source, {}, lmap, convs, moms, rows)
     del source
-    n_sw = synthetic_switches(staging / "switches.parquet", rng, lmap, top_rows, la.name)
+    n_sw = synthetic_switches(staging / "switches.parquet", rng, lmap, rows, la.name)
 
     buf = io.BytesIO()
     torch.save(model.features.state_dict(), buf)
