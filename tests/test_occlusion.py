@@ -162,10 +162,11 @@ def test_batched_windowed_forward_equals_naive(make, size):
 def test_occlude_dataset_image_stores_table_and_figures(tiny_atlas):
     res = O.occlude(str(tiny_atlas), "3")
     assert (res.size, res.stride, res.n) == (7, 1, 32)
-    assert res.image_id == 3 and res.label_source == "dataset" and res.label == "blue"
+    # a random head records no class names: 'blue' is the image's label, not a class of the model
+    assert res.image_id == 3 and res.dataset_label == "blue" and res.class_source == "most_probable"
     a = Atlas(tiny_atlas)
     rows = a.sql(f"SELECT count(*), count(DISTINCT (pos_y, pos_x)), min(probability) >= 0, max(probability) <= 1, "
-                 f"any_value(layer), any_value(label) FROM occlusion WHERE run = '{res.run}'").fetchall()[0]
+                 f"any_value(layer), any_value(dataset_label) FROM occlusion WHERE run = '{res.run}'").fetchall()[0]
     assert rows == (1024, 1024, True, True, "conv5", "blue")
     back = a.sql(f"SELECT activation FROM occlusion WHERE run = '{res.run}' ORDER BY pos_y, pos_x").fetchall()
     assert np.allclose([r[0] for r in back], res.activation.ravel())
@@ -209,7 +210,7 @@ def test_bad_input(tiny_atlas, tmp_path):
         (dict(image=0, size=33), "does not fit"),
         (dict(image=0, stride=0), "stride 0"),
         (dict(image=0, fill="pink"), "unknown fill"),
-        (dict(image=0, label="zebra"), "label 'zebra'.*not a class"),
+        (dict(image=0, label="zebra"), "class 'zebra'.*not a class"),
         (dict(image=0, label=99), "out of range"),
         (dict(image=0, method="magic"), "unknown method"),
     ]

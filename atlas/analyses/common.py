@@ -3,8 +3,11 @@
 - images: `resolve_image` turns an image_id (int, or a string of digits that is
   not a file) or a path (any image file, inside the dataset or not) into the
   model input the atlas's own preprocessing makes of it, with its label;
-- classes: `class_names`, `class_index`, `classifier_status` (a model "without a
-  classifier": its weights file is gone, or the model has no fc layers);
+- classes: `class_names`, `recorded_classes`, `given_class`, `true_class`,
+  `classifier_status` (a model "without a classifier": its weights file is gone, or
+  the model has no fc layers). A dataset label is a class of the model only when
+  the model records its own class names and the label is one of them: see
+  `true_class`;
 - the model for a run: `Runner` (a copy on the chosen device, memory budgets);
 - storage: `store_table` writes ATLAS/analyses/NAME/RUN.parquet atomically (the
   SQL view NAME in `atlas sql`), `figure_dir` the folder for a run's PNGs;
@@ -55,17 +58,29 @@ class ImageRef:
     key: str                    # "id:12" or the file's path
     image_id: int | None        # set for images of the atlas's dataset
     path: str                   # dataset-relative path, or the file path
-    label: str | None           # class name, when known
-    class_index: int | None     # the model's class index of `label`, when it has one
+    label: str | None           # the image's label in the atlas's dataset (None: outside it, or unlabelled)
+    true_index: int | None      # the model's class that is `label`, when the model's classes are known to be
+                                # the dataset's (see true_class); else None: the correct class is unknown
     x: torch.Tensor = field(repr=False)       # (3, S, S) model input
     crop: Any = field(repr=False)             # the cropped RGB PIL image the model sees
     original_size: tuple[int, int] = (0, 0)   # (width, height) before preprocessing
     slug: str = ""                            # a file-name-safe name for run ids
+    given_index: int | None = None            # the model class the caller asked for, if any
 
     @property
     def name(self) -> str:
         """A short display name."""
         return f"#{self.image_id} {Path(self.path).name}" if self.image_id is not None else Path(self.path).name
+
+    @property
+    def class_index(self) -> int | None:
+        """The model class to chart when one is known: the given one, else the true one."""
+        return self.given_index if self.given_index is not None else self.true_index
+
+    @property
+    def class_source(self) -> str | None:
+        """'given', 'true', or None (no class known: an analysis charts the most probable one)."""
+        return "given" if self.given_index is not None else ("true" if self.true_index is not None else None)
 
 
 def _slug(text: str, n: int = 40) -> str:
@@ -95,10 +110,10 @@ def resolve_image(atlas, image: int | str | Path, label: int | str | None = None
         crop = atlas.preprocess.crop_image(original)
         x = atlas.preprocess.to_tensor(crop)
         row = atlas.rows("SELECT path, label FROM images WHERE image_id = ?", [image_id])[0]
-        ref = ImageRef(f"id:{image_id}", image_id, row["path"], row["label"], None, x, crop, original.size,
-                       f"id{image_id}")  # the size before preprocessing maps boxes given in original pixels
-        given = label if label is not None else row["label"]
-        ref.label, ref.class_index = _label(atlas, given, explicit=label is not None, where=f"image {image_id}")
+        ref = ImageRef(f"id:{image_id}", image_id, row["path"], row["label"], true_class(atlas, row["label"]),
+                       x, crop, original.size, f"id{image_id}")  # the size before preprocessing maps boxes
+        if label is not None:
+            ref.given_index = given_class(atlas, label, where=f"image {image_id}")
         return ref
     p = Path(image)
     if not p.exists():
@@ -116,7 +131,7 @@ def resolve_image(atlas, image: int | str | Path, label: int | str | None = None
     full = str(p.resolve())
     ref = ImageRef(str(p), None, str(p), None, None, x, crop, rgb.size, f"{_slug(p.stem, 24)}-{short_hash(full, 6)}")
     if label is not None:
-        ref.label, ref.class_index = _label(atlas, label, explicit=True, where=f"image '{image}'")
+        ref.given_index = given_class(atlas, label, where=f"image '{image}'")
     return ref
 
 
@@ -140,43 +155,86 @@ def num_classes(atlas) -> int | None:
     return atlas.lmap.classes()
 
 
+def recorded_classes(atlas) -> list[str] | None:
+    """The model's own class names, one per output in output order, or None when it records none.
+
+    Only a checkpoint of `atlas train` records them (its meta "classes", copied into the manifest's
+    model.classes by `atlas build`): the names of the folders it was trained on, in the order of its
+    labels, so output k IS class names[k]. A list whose length is not the head's size does not
+    describe this head and is not used."""
+    n = num_classes(atlas)
+    names = atlas.manifest.get("model", {}).get("classes")
+    if not n or not names or len(names) != n:
+        return None
+    return [str(c) for c in names]
+
+
 def class_names(atlas) -> list[str]:
-    """The model's class names: its own (a trained checkpoint's), else the dataset's, else 'class K'."""
-    n = num_classes(atlas) or 0
-    model_classes = atlas.manifest.get("model", {}).get("classes") or []
-    ds_classes = atlas.manifest.get("dataset", {}).get("classes") or []
-    names = list(model_classes) if model_classes else (list(ds_classes) if len(ds_classes) <= n else [])
-    return (names + [f"class {k}" for k in range(len(names), n)])[:n] if n else names
+    """A display name per output of the model: its recorded class names, else 'output K'.
+
+    The dataset's class names are never lent to a head that does not record its own: an ImageNet
+    head on a 3-class folder would call output 1 'green' (or 'scenes'), and a random head's output
+    k is no class at all."""
+    names = recorded_classes(atlas)
+    return names if names is not None else [f"output {k}" for k in range(num_classes(atlas) or 0)]
 
 
-def _label(atlas, label, *, explicit: bool, where: str) -> tuple[str | None, int | None]:
-    """(name, model class index) of a label given as a class index or name.
+def true_class(atlas, label: str | None) -> int | None:
+    """The model's class index of a dataset label, or None when the correct class is unknown.
 
-    A dataset label the model does not know gives (name, None); an explicit one is an error.
-    """
+    Only recorded names count: the label must be one of the model's own class names. A head of the
+    dataset's size without names is not taken on trust: nothing says it was trained on this dataset,
+    nor in this class order (ImageFolder sorts the folder names; another trainer may not), so its
+    output k is not known to be the dataset's class k. A label is a name, never an index, even when it
+    is made of digits."""
     if label is None:
-        return None, None
-    names = class_names(atlas)
-    n = len(names)
-    if isinstance(label, (int, np.integer)) and not isinstance(label, bool):
+        return None
+    names = recorded_classes(atlas)
+    if names is None or str(label) not in names:
+        return None
+    return names.index(str(label))
+
+
+def unknown_class_reason(atlas, ref: ImageRef) -> str:
+    """Why the image's correct class among the model's outputs is unknown (for a note)."""
+    n = num_classes(atlas) or 0
+    if recorded_classes(atlas) is None:
+        return f"the model records no class names, so its {n} outputs are not known to be the dataset's classes"
+    if ref.label is None:
+        return ("the image is not in the atlas's dataset, so it has no label" if ref.image_id is None
+                else "the image has no label in the dataset")
+    return f"the image's label '{ref.label}' is not one of the model's {n} classes"
+
+
+def given_class(atlas, label, *, where: str = "the request") -> int:
+    """A class of the model named by the caller: an output index (int, or digits that are not a
+    recorded name) or a recorded class name. Anything else is one AtlasError line."""
+    names = recorded_classes(atlas)
+    n = num_classes(atlas) or 0
+    if isinstance(label, bool):
+        raise AtlasError(f"class {label!r} for {where} is neither a class index nor a class name")
+    if isinstance(label, (int, np.integer)):
         idx = int(label)
-    elif isinstance(label, str) and label.strip().isdigit() and label.strip() not in names:
+    elif isinstance(label, str) and re.fullmatch(r"\s*[+-]?\d+\s*", label) and label.strip() not in (names or []):
         idx = int(label.strip())
     else:
-        name = str(label)
-        if name in names:
-            return name, names.index(name)
-        if explicit:
-            shown = ", ".join(names[:12]) + (", ..." if n > 12 else "")
-            raise AtlasError(f"label '{name}' of {where} is not a class of the model ({shown or 'no classes'})")
-        return name, None
+        name = str(label).strip()
+        if names is not None and name in names:
+            return names.index(name)
+        if names is None:
+            raise AtlasError(f"class '{name}' for {where} is not a class of the model: it records no class "
+                             f"names (only a checkpoint of `atlas train` does), so give an output index "
+                             f"0..{n - 1}")
+        shown = ", ".join(names[:12]) + (", ..." if n > 12 else "")
+        raise AtlasError(f"class '{name}' for {where} is not a class of the model (its classes: {shown}; "
+                         f"or an index 0..{n - 1})")
     if not 0 <= idx < n:
-        raise AtlasError(f"label {idx} of {where} is out of range: the model has classes 0..{n - 1}")
-    return names[idx], idx
+        raise AtlasError(f"class {idx} for {where} is out of range: the model has classes 0..{n - 1}")
+    return idx
 
 
 def class_index(atlas, label) -> int:
-    return _label(atlas, label, explicit=True, where="the request")[1]
+    return given_class(atlas, label)
 
 
 def classifier_status(atlas) -> tuple[bool, str]:

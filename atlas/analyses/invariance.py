@@ -1,7 +1,7 @@
 """Invariance to translation, scale and rotation (Zeiler & Fergus 2014, figure 5).
 
 CLI: atlas invariance ATLAS IMAGES... [--transforms translate,scale,rotate] [--layers conv1,fc7]
-                     [--labels L1,L2,...] [--fill mean|grey] [--device auto|cpu|cuda] [--out DIR]
+                     [--classes C1,C2,...] [--fill mean|grey] [--device auto|cpu|cuda] [--out DIR]
      IMAGES are image_ids of the atlas (digits) and/or image files. One call:
          r = invariance(Atlas(ATLAS), IMAGES, transforms=..., layers=..., labels=..., fill=..., device=..., out=...)
      then print "\\n".join(r.summary()).
@@ -22,8 +22,12 @@ For each image, transformation and amount we record, at each layer, the
 Euclidean distance between the feature vectors (the whole post-ReLU map,
 flattened, for a conv layer) of the original and the transformed image, that
 distance divided by the original's norm (`distance_rel`), and -- when the model
-has a classifier and the image's class is known (its dataset label, or
-`labels`) -- the probability of that class. Layers: default the paper's layer 1
+has a classifier -- the probability of one class per image: the class given in
+`labels` (an output index or a recorded class name), else the image's true
+class, i.e. its dataset label when that is one of the model's own recorded
+class names (common.true_class), else -- the correct class being unknown --
+the most probable class of the untransformed image, labelled as such
+(class_source "most_probable"), never as the true class. Layers: default the paper's layer 1
 and layer 7, i.e. conv1 and the fc layer below the logits (fc7 for ZFNet); for
 a model without a classifier (weights file gone, or no fc layers) the last conv
 layer stands in for layer 7 and the result says so.
@@ -117,6 +121,8 @@ class InvarianceResult:
     transforms: list[str]
     rows: list[dict[str, Any]] = field(repr=False)
     notes: list[str] = field(default_factory=list)
+    # image -> (class index, class name, class source: given | true | most_probable), for the probability
+    charted: dict[str, tuple[int, str, str]] = field(default_factory=dict)
     table: Path | None = None
     figures: dict[str, Path] = field(default_factory=dict)
     seconds: float = 0.0
@@ -137,7 +143,8 @@ class InvarianceResult:
         lines = [f"invariance of {len(self.images)} image(s) to {', '.join(self.transforms)} at layers "
                  f"{', '.join(self.layers)} ({self.seconds:.1f} s)"]
         has_p = any(r["probability"] is not None for r in self.rows)
-        head = ["transform", "amount"] + [f"dist {la}" for la in self.layers] + (["p(true)"] if has_p else [])
+        p_head = "p(true)" if self.charted and all(v[2] == "true" for v in self.charted.values()) else "p(class)"
+        head = ["transform", "amount"] + [f"dist {la}" for la in self.layers] + ([p_head] if has_p else [])
         table = []
         for t in self.transforms:
             amounts = sorted({r["amount"] for r in self.rows if r["transform"] == t})
@@ -155,6 +162,8 @@ class InvarianceResult:
         lines.append("  " + "  ".join(h.rjust(w[i]) for i, h in enumerate(head)))
         for r in table:
             lines.append("  " + "  ".join(c.rjust(w[i]) for i, c in enumerate(r)))
+        for key, (_, name, source) in self.charted.items():
+            lines.append(f"class charted for {key}: {name} ({SOURCE_WORDS[source]})")
         lines += [f"note: {n}" for n in self.notes]
         if self.table:
             lines.append(f"table: {self.table} (SQL view invariance, run '{self.run}')")
@@ -167,10 +176,16 @@ def _schema():
     import pyarrow as pa
 
     i32, f64, s = pa.int32(), pa.float64(), pa.string()
-    return pa.schema([("run", s), ("image", s), ("image_id", i32), ("path", s), ("model", s), ("label", s),
-                      ("label_index", i32), ("transform", s), ("amount", f64), ("unit", s), ("fill", s),
-                      ("layer", s), ("distance", f64), ("distance_rel", f64), ("probability", f64),
+    return pa.schema([("run", s), ("image", s), ("image_id", i32), ("path", s), ("model", s),
+                      ("dataset_label", s), ("true_class_index", i32), ("true_class", s), ("class_index", i32),
+                      ("class_name", s), ("class_source", s), ("transform", s), ("amount", f64), ("unit", s),
+                      ("fill", s), ("layer", s), ("distance", f64), ("distance_rel", f64), ("probability", f64),
                       ("top_class", i32), ("top_class_name", s)])
+
+
+# what a charted class is, in words that claim no more than is known
+SOURCE_WORDS = {"true": "the image's true class", "given": "the class given",
+                "most_probable": "most probable for the untransformed image; the correct class is unknown"}
 
 
 def invariance(atlas, images: Sequence[int | str | Path], *, transforms: Sequence[str] | str = TRANSFORMS,
@@ -183,7 +198,8 @@ def invariance(atlas, images: Sequence[int | str | Path], *, transforms: Sequenc
     images      image_ids and/or image files
     transforms  any of translate, scale, rotate (list or comma string)
     layers      layers for the distances (default: conv1 and the layer below the logits)
-    labels      one class (name or index) per image, or one for all; default the dataset labels
+    labels      one class of the model (output index or recorded class name) per image, or one for all;
+                default the image's true class when known, else its most probable class (said so)
     amounts     {transform: amounts} to override the paper's ranges
     """
     import time
@@ -228,7 +244,7 @@ def invariance(atlas, images: Sequence[int | str | Path], *, transforms: Sequenc
     has_cls, why = C.classifier_status(atlas)
     if labels is not None:
         if not has_cls:
-            C.require_classifier(atlas, "the class probability of --labels")
+            C.require_classifier(atlas, "the probability of a given class")
         labels = _parse_list(labels, "labels") if isinstance(labels, str) else list(labels)
     refs = C.resolve_images(atlas, images, labels)
     keys = [r.key for r in refs]
@@ -238,8 +254,8 @@ def invariance(atlas, images: Sequence[int | str | Path], *, transforms: Sequenc
     logits_layer = atlas.lmap.layers[-1].name if has_cls else None
     if not has_cls:
         notes.append(f"no class probabilities: the model has no classifier ({why})")
-    elif all(r.class_index is None for r in refs):
-        notes.append("no class probabilities: no image's class is known to the model (give --labels)")
+    unknown: dict[str, list[str]] = {}  # reason -> images whose correct class it leaves unknown
+    charted: dict[str, tuple[int, str, str]] = {}
     runner = C.Runner(atlas, device)
     fillc = _fill_colour(atlas.preprocess, fill)
     cls_names = C.class_names(atlas) if has_cls else []
@@ -256,7 +272,13 @@ def invariance(atlas, images: Sequence[int | str | Path], *, transforms: Sequenc
             p = torch.softmax(lg, 1)
             top = p.argmax(1).tolist()
             if ref.class_index is not None:
-                probs = p[:, ref.class_index].tolist()
+                ci, source = ref.class_index, ref.class_source
+            else:
+                ci, source = top[0], "most_probable"
+                unknown.setdefault(C.unknown_class_reason(atlas, ref), []).append(ref.name)
+            charted[ref.key] = (ci, cls_names[ci], source)
+            probs = p[:, ci].tolist()
+        ci, cname, source = charted.get(ref.key, (None, None, None))
         for la in names:
             f = acts[la].double().flatten(1)
             d = (f[1:] - f[0:1]).norm(dim=1).tolist()
@@ -264,18 +286,25 @@ def invariance(atlas, images: Sequence[int | str | Path], *, transforms: Sequenc
             for k, (t, a) in enumerate(plan):
                 rows.append({
                     "run": "", "image": ref.key, "image_id": ref.image_id, "path": ref.path, "model": model_name,
-                    "label": ref.label, "label_index": ref.class_index, "transform": t, "amount": float(a),
+                    "dataset_label": ref.label, "true_class_index": ref.true_index if logits_layer else None,
+                    "true_class": cls_names[ref.true_index] if logits_layer and ref.true_index is not None
+                    else None, "class_index": ci, "class_name": cname, "class_source": source,
+                    "transform": t, "amount": float(a),
                     "unit": UNITS[t], "fill": fill, "layer": la, "distance": d[k],
                     "distance_rel": d[k] / norm0 if norm0 > 0 else None,
                     "probability": None if probs is None else probs[k + 1],
                     "top_class": None if top is None else top[k + 1],
                     "top_class_name": None if top is None else cls_names[top[k + 1]],
                 })
-    run = f"n{len(refs)}-" + C.short_hash({"images": keys, "labels": [r.label for r in refs], "t": transforms,
-                                           "a": amts, "layers": names, "fill": fill})
+    for reason, imgs in unknown.items():
+        shown = ", ".join(imgs[:4]) + (f" and {len(imgs) - 4} more" if len(imgs) > 4 else "")
+        notes.append(f"the correct class of {shown} is unknown: {reason}; charting the most probable class "
+                     "of the untransformed image instead")
+    run = f"n{len(refs)}-" + C.short_hash({"images": keys, "classes": [r.given_index for r in refs],
+                                           "t": transforms, "a": amts, "layers": names, "fill": fill})
     for r in rows:
         r["run"] = run
-    res = InvarianceResult(run, keys, names, transforms, rows, notes)
+    res = InvarianceResult(run, keys, names, transforms, rows, notes, charted)
     if store:
         res.table = C.store_table(atlas, "invariance", run, rows, _schema())
     if figures:
@@ -287,8 +316,16 @@ def invariance(atlas, images: Sequence[int | str | Path], *, transforms: Sequenc
 def render(res: InvarianceResult, refs, folder: Path) -> dict[str, Path]:
     """One panel per transformation and quantity (a curve per image); figure.png holds them all."""
     colours = {r.key: C.PALETTE[i % len(C.PALETTE)] for i, r in enumerate(refs)}
-    names = {r.key: (r.name + (f" ({r.label})" if r.label else "")) for r in refs}
+    short = {"true": "true class", "given": "given class", "most_probable": "most probable; correct unknown"}
+    names = {r.key: r.name + (f": p({res.charted[r.key][1]}), {short[res.charted[r.key][2]]}"
+                              if r.key in res.charted else (f" (label {r.label})" if r.label else ""))
+             for r in refs}
     has_p = any(r["probability"] is not None for r in res.rows)
+    sources = {v[2] for v in res.charted.values()}
+    p_what = ("the true class" if sources == {"true"} else
+              "the given class" if sources == {"given"} else
+              "the most probable class (correct class unknown)" if sources == {"most_probable"} else
+              "each image's class (see the legend)")
     quantities = list(res.layers) + (["probability"] if has_p else [])
     files: dict[str, Path] = {}
     grid = []
@@ -298,7 +335,8 @@ def render(res: InvarianceResult, refs, folder: Path) -> dict[str, Path]:
             curves = res.curves(t, q)
             series = [(names[k], colours[k], xs, ys) for k, (xs, ys) in curves.items()]
             if q == "probability":
-                kw = dict(title=f"{TITLES[t]}: p(true class)", ylabel="probability of the true class", ylim=(0.0, 1.0))
+                kw = dict(title=f"{TITLES[t]}: p(" + ("true class" if sources == {"true"} else "class") + ")",
+                          ylabel="probability", ylim=(0.0, 1.0))
             else:
                 kw = dict(title=f"{TITLES[t]}: {q} distance", ylabel="Euclidean distance")
             im = C.line_plot(series, xlabel=XLABELS[t], **kw)
@@ -307,6 +345,7 @@ def render(res: InvarianceResult, refs, folder: Path) -> dict[str, Path]:
         grid.append(C.beside(*row, pad=10))
     lg = C.legend([(colours[r.key], names[r.key]) for r in refs], columns=4, max_width=grid[0].width)
     fig = C.titled(C.below(*grid, lg, pad=10), "Invariance (Zeiler & Fergus figure 5)",
-                   "distance between the feature vectors of the original and the transformed image; "
-                   "probability of the true class" + ("\n" + "; ".join(res.notes) if res.notes else ""))
+                   "distance between the feature vectors of the original and the transformed image"
+                   + (f"; probability of {p_what}" if has_p else "")
+                   + ("\n" + "\n".join(res.notes) if res.notes else ""))
     return {"figure": C.save_png(folder / "figure.png", C.margin(fig, 10)), **files}

@@ -1,6 +1,6 @@
 """Occlusion sensitivity (Zeiler & Fergus 2014, figure 7).
 
-CLI: atlas occlude ATLAS IMAGE [--size PX] [--stride PX] [--fill grey|mean] [--label CLASS] [--layer conv5]
+CLI: atlas occlude ATLAS IMAGE [--size PX] [--stride PX] [--fill grey|mean] [--class CLASS] [--layer conv5]
                    [--method incremental|full] [--batch-size N] [--device auto|cpu|cuda] [--out DIR]
      IMAGE is an image_id of the atlas (digits) or any image file. One call:
          r = occlude(Atlas(ATLAS), IMAGE, size=..., stride=..., fill=..., label=..., layer=..., method=...,
@@ -15,8 +15,13 @@ at each position the occluded image runs through the model and we record
       largest (ties: the lowest channel) -- or of `layer`'s;
   (b) (once, for the unoccluded image) the DeconvNet projection of that whole
       map (atlas.deconv, mode "map");
-  (c) the probability of the correct class: `label` if given, else the image's
-      dataset label, else the class predicted for the unoccluded image (said so);
+  (c) the probability of one class of the model: `label` if given (an output
+      index, or one of the model's recorded class names); else the image's true
+      class -- its dataset label, when that is one of the model's own recorded
+      class names (an `atlas train` checkpoint records them; see
+      common.true_class); else the correct class is unknown and the most
+      probable class of the unoccluded image is charted, labelled as such
+      (class_source "most_probable"), never as the true label;
   (d) the most probable class.
 
 Positions: the input (S x S px) is cut into cells of `stride` px; the square's
@@ -45,7 +50,9 @@ method="full" (every occluded image through the whole net) up to float
 rounding; the tests check that.
 
 Output: ATLAS/analyses/occlusion/RUN.parquet (the SQL view `occlusion`: one row
-per position with the raw maps) and the figure panels as PNGs (figure.png, and
+per position with the raw maps; dataset_label is the image's label, true_class
+the model's class that is it (null: the correct class is unknown), class_index /
+class_name / class_source the class whose probability is charted) and the figure panels as PNGs (figure.png, and
 image.png, activation.png, projection.png, probability.png, top_class.png) in
 ATLAS/analyses/occlusion/RUN/ or `out`.
 """
@@ -387,13 +394,16 @@ class OcclusionResult:
     activation: np.ndarray = field(repr=False)          # (n, n)
     fill_rgb: tuple = (128, 128, 128)        # the occluder's colour, for display
     activation_base: float = 0.0
-    probability: np.ndarray | None = field(default=None, repr=False)   # (n, n) p(label)
+    probability: np.ndarray | None = field(default=None, repr=False)   # (n, n) p(class_index)
     probability_base: float | None = None
     top_class: np.ndarray | None = field(default=None, repr=False)     # (n, n) class index
     top_class_base: int | None = None
-    label: str | None = None
-    label_index: int | None = None
-    label_source: str | None = None          # given | dataset | predicted
+    dataset_label: str | None = None         # the image's label in the dataset: a fact about the image,
+                                             # a class of the model only when true_index is set
+    true_index: int | None = None            # the model's class that is the image's label (None: unknown)
+    class_index: int | None = None           # the class whose probability is charted
+    class_source: str | None = None          # given | true | most_probable (the correct class is unknown)
+    unknown_reason: str | None = None        # why the correct class is unknown, when it is
     class_names: list[str] = field(default_factory=list, repr=False)
     projection: Any = field(default=None, repr=False)  # (3, S, S) tensor, or None
     notes: list[str] = field(default_factory=list)
@@ -416,12 +426,33 @@ class OcclusionResult:
                 "stride": self.stride, "fill": self.fill, "pos_y": py, "pos_x": px,
                 "x0": x0, "y0": y0, "x1": x1, "y1": y1,
                 "activation": float(self.activation[py, px]), "activation_base": self.activation_base,
-                "label": self.label, "label_index": self.label_index, "label_source": self.label_source,
+                "dataset_label": self.dataset_label, "true_class_index": self.true_index,
+                "true_class": self.true_class, "class_index": self.class_index, "class_name": self.class_name,
+                "class_source": self.class_source,
                 "probability": None if self.probability is None else float(self.probability[py, px]),
                 "probability_base": self.probability_base,
                 "top_class": tc, "top_class_name": None if tc is None else self.class_names[tc],
             })
         return out
+
+    @property
+    def class_name(self) -> str | None:
+        return None if self.class_index is None else self.class_names[self.class_index]
+
+    @property
+    def true_class(self) -> str | None:
+        return None if self.true_index is None or not self.class_names else self.class_names[self.true_index]
+
+    def class_phrase(self) -> str:
+        """What the charted class is, in words that claim no more than is known."""
+        if self.class_source == "true":
+            return f"the image's true class (its label '{self.dataset_label}')"
+        if self.class_source == "given":
+            extra = ""
+            if self.true_index is not None and self.true_index != self.class_index:
+                extra = f"; the image's true class is {self.true_class}"
+            return f"the class given{extra}"
+        return "the most probable class of the unoccluded image; the correct class is unknown"
 
     def summary(self) -> list[str]:
         n = self.n
@@ -436,9 +467,7 @@ class OcclusionResult:
                      f"({self._where(am)})")
         if self.probability is not None:
             pm = np.unravel_index(int(np.argmin(self.probability)), self.probability.shape)
-            src = {"given": "given", "dataset": "the image's label",
-                   "predicted": "predicted for the unoccluded image: no label known"}[self.label_source]
-            lines.append(f"p({self.label}) [{src}]: {self.probability_base:.4f} unoccluded, "
+            lines.append(f"p({self.class_name}) [{self.class_phrase()}]: {self.probability_base:.4f} unoccluded, "
                          f"{self.probability.min():.4f} at the lowest ({self._where(pm)})")
             vals, counts = np.unique(self.top_class, return_counts=True)
             order = np.argsort(-counts)[:5]
@@ -467,8 +496,9 @@ def _schema():
     return pa.schema([("run", s), ("image", s), ("image_id", i32), ("path", s), ("model", s), ("layer", s),
                       ("channel", i32), ("size", i32), ("stride", i32), ("fill", s), ("pos_y", i32),
                       ("pos_x", i32), ("x0", i32), ("y0", i32), ("x1", i32), ("y1", i32),
-                      ("activation", f64), ("activation_base", f64), ("label", s), ("label_index", i32),
-                      ("label_source", s), ("probability", f64), ("probability_base", f64),
+                      ("activation", f64), ("activation_base", f64), ("dataset_label", s),
+                      ("true_class_index", i32), ("true_class", s), ("class_index", i32), ("class_name", s),
+                      ("class_source", s), ("probability", f64), ("probability_base", f64),
                       ("top_class", i32), ("top_class_name", s)])
 
 
@@ -480,7 +510,9 @@ def occlude(atlas, image, *, size: int | None = None, stride: int | None = None,
 
     image   an image_id of the atlas (int, or a string of digits) or a path to any image file
     size, stride   in model-input pixels (default: 50 / 8 at 224 px, proportional otherwise)
-    label   the class whose probability is mapped (index or name); default the image's label
+    label   the class whose probability is mapped: an output index, or one of the model's recorded
+            class names; default the image's true class when known (its dataset label is one of the
+            model's recorded class names), else the most probable class (the correct one is unknown)
     layer   the conv layer whose strongest map is followed (default: the top conv layer)
     out     folder for the PNGs (default ATLAS/analyses/occlusion/RUN/); the table is always
             written into the atlas
@@ -509,7 +541,7 @@ def occlude(atlas, image, *, size: int | None = None, stride: int | None = None,
                              f"(use one of {', '.join(c.name for c in convs)})")
     has_cls, why = C.classifier_status(atlas)
     if label is not None and not has_cls:
-        C.require_classifier(atlas, "the probability map of --label")
+        C.require_classifier(atlas, "the probability map of a given class")
     ref = C.resolve_image(atlas, image, label)
     notes = []
     names = C.class_names(atlas) if has_cls else []
@@ -522,19 +554,19 @@ def occlude(atlas, image, *, size: int | None = None, stride: int | None = None,
     peak = amap.flatten(1).max(1).values
     channel = int(torch.argmax(peak))
     act_base = float(amap[channel].sum())
-    label_index, label_source = None, None
+    charted = source = reason = None
     prob_base = top_base = None
     if has_cls:
         p0 = softmax(base[lmap.layers[-1].name][0].double().numpy()[None])[0]
         top_base = int(p0.argmax())
         if ref.class_index is not None:
-            label_index, label_source = ref.class_index, ("given" if label is not None else "dataset")
+            charted, source = ref.class_index, ref.class_source
         else:
-            if ref.label is not None:
-                notes.append(f"the image's label '{ref.label}' is not a class of the model: mapping the "
-                             "predicted class instead")
-            label_index, label_source = top_base, "predicted"
-        prob_base = float(p0[label_index])
+            reason = C.unknown_class_reason(atlas, ref)
+            charted, source = top_base, "most_probable"
+            notes.append(f"the correct class is unknown: {reason}; charting the most probable class of the "
+                         f"unoccluded image ({names[top_base]}) instead")
+        prob_base = float(p0[charted])
     else:
         notes.append(f"no probability or class maps: the model has no classifier ({why}); "
                      "the activation maps are still made")
@@ -564,10 +596,12 @@ def occlude(atlas, image, *, size: int | None = None, stride: int | None = None,
                                                            + atlas.preprocess.mean.flatten()).clamp(0, 1)))
     if has_cls:
         probs = softmax(maps.logits)
-        res.probability = probs[:, label_index].reshape(n, n)
+        res.probability = probs[:, charted].reshape(n, n)
         res.top_class = probs.argmax(1).reshape(n, n)
         res.probability_base, res.top_class_base = prob_base, top_base
-        res.label, res.label_index, res.label_source = names[label_index], label_index, label_source
+        res.class_index, res.class_source, res.unknown_reason = charted, source, reason
+        res.true_index = ref.true_index
+    res.dataset_label = ref.label
     lab = f"-{C._slug(str(label), 16)}" if label is not None else ""
     res.run = f"{ref.slug}-{layer}-s{size}-t{stride}-{fill}{lab}"
     if store:
@@ -580,6 +614,25 @@ def occlude(atlas, image, *, size: int | None = None, stride: int | None = None,
 # ---------------------------------------------------------------------------
 # figure 7
 # ---------------------------------------------------------------------------
+def image_caption(res: OcclusionResult) -> str:
+    """The input panel's caption: what the charted class is, claiming "true label" only for a class
+    known to be the image's own (see common.true_class)."""
+    sub = f"{Path(res.path).name}\n{res.size} px {res.fill} square (one position shown), stride {res.stride}"
+    if res.class_index is not None:
+        if res.class_source == "true":
+            sub += f"\ntrue label: {res.class_name} (p = {res.probability_base:.3f})"
+        elif res.class_source == "given":
+            sub += f"\ngiven class: {res.class_name} (p = {res.probability_base:.3f})"
+            if res.true_index is not None and res.true_index != res.class_index:
+                sub += f"\ntrue label: {res.true_class}"
+        else:
+            sub += f"\nmost probable class: {res.class_name} (p = {res.probability_base:.3f})"
+            sub += "\ncorrect class unknown"
+        if res.dataset_label is not None and res.true_index is None:
+            sub += f"\ndataset label: {res.dataset_label} (not a known class of the model)"
+    return sub
+
+
 def render(res: OcclusionResult, crop, folder: Path) -> dict[str, Path]:
     """The panels as PNGs (figure.png holds them all, in the paper's order)."""
     from PIL import Image, ImageDraw
@@ -600,10 +653,7 @@ def render(res: OcclusionResult, crop, folder: Path) -> dict[str, Path]:
     k = (res.n // 2) * res.n + res.n // 2
     y0, x0, y1, x1 = res.boxes[k].tolist()
     d.rectangle([x0 * D, y0 * D, x1 * D - 1, y1 * D - 1], fill=tuple(res.fill_rgb), outline=(255, 255, 255), width=1)
-    sub = f"{Path(res.path).name}\n{res.size} px {res.fill} square (one position shown), stride {res.stride}"
-    if res.label is not None:
-        tag = {"given": "given label", "dataset": "true label", "predicted": "predicted"}[res.label_source]
-        sub += f"\n{tag}: {res.label} (p = {res.probability_base:.3f})"
+    sub = image_caption(res)
     panels["image"] = C.titled(img, "(a) input image", sub, width=W)
     lo, hi = float(res.activation.min()), float(res.activation.max())
     hm = maparea(res.activation, lo, hi)
@@ -621,7 +671,11 @@ def render(res: OcclusionResult, crop, folder: Path) -> dict[str, Path]:
             plo = 0.0
         hp = maparea(res.probability, plo, max(phi, 1e-12))
         panels["probability"] = C.titled(C.beside(hp, C.colorbar(plo, max(phi, 1e-12), W), pad=4),
-                                         f"(d) p({res.label})", "probability of the class vs square position")
+                                         f"(d) p({res.class_name})",
+                                         {"true": "probability of the true class", "given": "probability of the "
+                                          "given class", "most_probable": "probability of the most probable "
+                                          "class (correct class unknown)"}[res.class_source]
+                                         + "\nvs square position")
         vals, counts = np.unique(res.top_class, return_counts=True)
         order = [int(vals[i]) for i in np.argsort(-counts, kind="stable")]
         shown = order[:10]
@@ -631,8 +685,7 @@ def render(res: OcclusionResult, crop, folder: Path) -> dict[str, Path]:
         for c in order:
             rgb[res.top_class == c] = cols.get(c, other)
         lm = Image.fromarray(rgb).resize((res.n * res.stride * D,) * 2, Image.NEAREST).crop((0, 0, W, W))
-        entries = [(cols[c], res.class_names[c] + (" (true)" if c == res.label_index and
-                                                   res.label_source != "predicted" else "")) for c in shown]
+        entries = [(cols[c], res.class_names[c] + (" (true)" if c == res.true_index else "")) for c in shown]
         if len(order) > len(shown):
             entries.append((other, f"{len(order) - len(shown)} other classes"))
         panels["top_class"] = C.titled(C.below(lm, C.legend(entries, columns=1, max_width=W)),

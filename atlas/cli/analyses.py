@@ -1,11 +1,52 @@
 """The paper's analyses on an atlas: `occlude`, `invariance`, `correspondence`."""
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 
 import click
 
+from ..output import FORMATS
 from .base import CONTEXT, atlas_argument, device_option, main, out_option, _open
+
+
+def rows_format_option(f):
+    # Not base.format_option: its default is "table", and here the default is the summary (a few lines),
+    # not every row (an occlusion run has one per square position, 784 at 224 px).
+    return click.option("--format", "fmt", type=click.Choice(FORMATS), default=None,
+                        help="Print the result rows (those of the Parquet table) as an aligned table, CSV or "
+                        "JSON instead of the summary; the summary, with the table's and the PNGs' paths, "
+                        "follows a table and goes to stderr with CSV or JSON (so they stay parseable).")(f)
+
+
+def _plain(v):
+    """A value strict JSON (and CSV) can hold: NaN and infinities become null, numpy scalars Python ones."""
+    if hasattr(v, "item") and not isinstance(v, (list, tuple, dict, str, bytes)):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, Path):
+        return str(v)
+    return v
+
+
+def emit(rows: list[dict], summary: list[str], fmt: str | None) -> None:
+    """The summary alone (no --format), or the rows, then the summary (stderr for CSV and JSON)."""
+    if fmt is None:
+        click.echo("\n".join(summary))
+        return
+    from ..output import render_dicts
+
+    rows = [{k: _plain(v) for k, v in r.items()} for r in rows]
+    if fmt == "json":
+        # render_dicts would turn a list cell (correspondence's per-draw deltas) into a string
+        click.echo(json.dumps(rows, indent=2, allow_nan=False))
+    else:
+        click.echo(render_dicts(rows, fmt))
+    click.echo("\n".join(summary), err=fmt != "table")
 
 
 @main.command(context_settings=CONTEXT)
@@ -14,27 +55,33 @@ from .base import CONTEXT, atlas_argument, device_option, main, out_option, _ope
 @click.option("--size", type=int, help="Occluder side in input pixels (default 50 at 224 px, proportional below).")
 @click.option("--stride", type=int, help="Step between occluder positions (default 8 at 224 px).")
 @click.option("--fill", type=click.Choice(["grey", "mean"]), default="grey", show_default=True)
-@click.option("--label", help="The class whose probability is mapped (default: the image's label, else the "
-              "predicted class).")
+@click.option("--class", "--label", "label", metavar="CLASS",
+              help="The class whose probability is mapped: an output index of the model, or one of its class "
+              "names (recorded by `atlas train`). Default: the image's true class when the model's recorded "
+              "class names contain its label, else the most probable class (the correct one is unknown).")
 @click.option("--layer", help="The conv layer whose strongest map is followed (default: the top one).")
 @click.option("--method", type=click.Choice(["incremental", "full"]), default="incremental", show_default=True,
               help="incremental recomputes only the window the square changes (exact).")
 @click.option("--batch-size", type=int, help="Occluded images per forward pass (default: by memory).")
 @device_option
 @out_option
-def occlude(atlas_path, image, size, stride, fill, label, layer, method, batch_size, device, out):
+@rows_format_option
+def occlude(atlas_path, image, size, stride, fill, label, layer, method, batch_size, device, out, fmt):
     """Occlusion sensitivity (the paper's figure 7) for one image.
 
     IMAGE is an image id of the atlas or any image file. A square slides over
     the image; at each position: the total activation of the top layer's
-    strongest map, its projection, the probability of the class and the most
-    probable class. PNGs plus the raw maps (SQL view `occlusion`).
+    strongest map, its projection, the probability of a class and the most
+    probable class. The class is the image's true class only when the model
+    records class names that contain its label; otherwise the most probable
+    class is charted and said to be so. PNGs plus the raw maps (SQL view
+    `occlusion`).
     """
     from ..analyses.occlusion import occlude as run
 
     r = run(_open(atlas_path), image, size=size, stride=stride, fill=fill, label=label, layer=layer,
             method=method, batch_size=batch_size, device=device, out=out)
-    click.echo("\n".join(r.summary()))
+    emit(r.rows(), r.summary(), fmt)
 
 
 @main.command(context_settings=CONTEXT)
@@ -42,23 +89,28 @@ def occlude(atlas_path, image, size, stride, fill, label, layer, method, batch_s
 @click.argument("images", nargs=-1, required=True)
 @click.option("--transforms", default="translate,scale,rotate", show_default=True)
 @click.option("--layers", help="Layers whose feature distance is measured (default: conv1 and fc7).")
-@click.option("--labels", help="True classes of the images, comma-separated (default: their dataset labels).")
+@click.option("--classes", "--labels", "labels", metavar="C1,C2,...",
+              help="The class charted per image, comma-separated, or one for all: output indices or the "
+              "model's class names. Default: each image's true class when the model's recorded class names "
+              "contain its label, else its most probable class (the correct one is unknown).")
 @click.option("--fill", type=click.Choice(["mean", "grey"]), default="mean", show_default=True)
 @device_option
 @out_option
-def invariance(atlas_path, images, transforms, layers, labels, fill, device, out):
+@rows_format_option
+def invariance(atlas_path, images, transforms, layers, labels, fill, device, out, fmt):
     """Invariance to translation, scale and rotation (the paper's figure 5).
 
     For each image and transformation amount: the Euclidean distance between
     the features of the original and the transformed image per layer, and the
-    probability of the true class. Curves as PNG; numbers in SQL view `invariance`.
+    probability of the image's class (the true one when known, else the most
+    probable, said so). Curves as PNG; numbers in SQL view `invariance`.
     """
     from ..analyses.invariance import invariance as run
 
     split = lambda v: [x.strip() for x in v.split(",") if x.strip()] if v else None  # noqa: E731
     r = run(_open(atlas_path), list(images), transforms=tuple(split(transforms)), layers=split(layers),
             labels=split(labels), fill=fill, device=device, out=out)
-    click.echo("\n".join(r.summary()))
+    emit(r.rows, r.summary(), fmt)
 
 
 @main.command(context_settings=CONTEXT)
@@ -71,7 +123,8 @@ def invariance(atlas_path, images, transforms, layers, labels, fill, device, out
 @click.option("--fill", type=click.Choice(["grey", "mean"]), default="grey", show_default=True)
 @device_option
 @out_option
-def correspondence(atlas_path, spec, layers, random_draws, seed, fill, device, out):
+@rows_format_option
+def correspondence(atlas_path, spec, layers, random_draws, seed, fill, device, out, fmt):
     """Correspondence of object parts across images (figure 8 / table 7).
 
     For each part occluded in every image, the sum over image pairs of the
@@ -82,5 +135,4 @@ def correspondence(atlas_path, spec, layers, random_draws, seed, fill, device, o
 
     r = run(_open(atlas_path), spec, layers=layers.split(",") if layers else None, random=random_draws,
             seed=seed, fill=fill, device=device, out=out)
-    click.echo(r.format_table())
-    click.echo("\n".join(r.summary()))
+    emit(r.rows, [r.format_table(), *r.summary()] if fmt is None else r.summary(), fmt)
