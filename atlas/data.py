@@ -128,6 +128,18 @@ def _is_image(p: Path) -> bool:
 SHAPES_DEFAULT = 2000  # `--data shapes`; the demo makes its own 8,000 (atlas/demo.py)
 
 
+def read_image_file(path: str | os.PathLike) -> Image.Image:
+    """Any image file as RGB, or AtlasError naming the file and what is wrong (a query image, an
+    analysis's image from outside the dataset)."""
+    p = Path(path)
+    if not p.is_file():
+        raise AtlasError(f"image '{path}' " + ("is not a file" if p.exists() else "does not exist"))
+    try:
+        return open_rgb(p)
+    except Exception as e:  # PIL raises many types for a file that is not an image
+        raise AtlasError(f"image '{path}' cannot be read: {type(e).__name__}: {str(e)[:120]}") from None
+
+
 def open_dataset(spec: str | os.PathLike) -> ImageSource:
     """Resolve a `--data` argument to an ImageSource (raises AtlasError for a bad one)."""
     spec = str(spec)

@@ -26,10 +26,11 @@ the same images for every layer, so that channels of different layers compare.
     a.sql("SELECT * FROM similar_images(42, 10) JOIN images USING (image_id)")
 
 Indexes load on the first query that needs one and stay loaded with their
-`Atlas` object. Ranks count from 1. An image query keeps the image itself
-(rank 1, score 1: a check that the index is sound); a channel query leaves the
-channel itself out. A query vector that is all zero (an image no channel fires
-on, a dead channel) has no direction to compare: it gets no rows.
+`Atlas` object. Ranks count from 0, as top_activations' do. An image query
+keeps the image itself (rank 0, score 1: a check that the index is sound); a
+channel query leaves the channel itself out. A query vector that is all zero (an
+image no channel fires on, a dead channel) has no direction to compare: it gets
+no rows.
 """
 from __future__ import annotations
 
@@ -281,7 +282,7 @@ def _forward_vectors(a: Atlas, src, names: list[str], image_ids: np.ndarray, *, 
     """
     import torch
 
-    from .analyses.common import Runner
+    from .runner import Runner
     from .device import default_workers, resolve_device
     from .inputs import InputBatches, chunk_batches
     from .progress import Progress
@@ -555,15 +556,15 @@ def _embed(a: Atlas, image, layer: str) -> np.ndarray:
     """The query vector of any image file at `layer`: the atlas's preprocessing, then its model."""
     import torch
 
-    from .analyses.common import resolve_image
+    from .data import read_image_file
 
-    ref = resolve_image(a, Path(image))  # AtlasError names a missing or unreadable file
+    x = a.preprocess.to_tensor(a.preprocess.crop_image(read_image_file(image)))  # AtlasError: missing, unreadable
     kind = _kind(a, layer)
     if kind == "fc" and not a.has_classifier:
         raise AtlasError(f"a query at {layer} needs the model's classifier, and its weights file "
                          f"'{a.manifest['model'].get('weights')}' is gone; query a conv layer (--layer)")
     with torch.inference_mode():
-        act = a.lmap.extract(ref.x[None], [layer])[layer]
+        act = a.lmap.extract(x[None], [layer])[layer]
     return layer_vectors(kind, act).float().numpy()
 
 
@@ -573,14 +574,14 @@ def similar_images(atlas, image_id: int | None = None, image: str | Path | None 
 
     Cosine similarity of the layer's image vectors (default: the deepest
     indexed conv layer). A file is cropped and normalised the atlas's way and
-    run through its model. Rows: rank (from 1), image_id, path, label, score.
+    run through its model. Rows: rank (from 0), image_id, path, label, score.
     """
     a = _open(atlas)
     pairs, _ = _image_pairs(a, image_id, image, layer, k)
     table = _images_table(a)
     at = np.searchsorted(table.column("image_id").to_numpy(), [i for _, i in pairs]).astype(np.int64)
     info = table.take(at).select(["path", "label"]).to_pylist()
-    return [{"rank": r + 1, "image_id": i, **info[r], "score": s} for r, (s, i) in enumerate(pairs)]
+    return [{"rank": r, "image_id": i, **info[r], "score": s} for r, (s, i) in enumerate(pairs)]
 
 
 def parse_channel(channel) -> tuple[str, int]:
@@ -622,10 +623,10 @@ def similar_channels(atlas, channel, k: int = 10, layer: str | None = None) -> l
     Channels of every recorded conv layer, or of `layer` only; the channel
     itself is left out. The score is the Pearson correlation of the two
     channels' per-image maxima over the profile sample (see
-    atlas.index.channel_profiles). Rows: rank (from 1), layer, channel, score.
+    atlas.index.channel_profiles). Rows: rank (from 0), layer, channel, score.
     """
     a = _open(atlas)
-    return [{"rank": r + 1, "layer": la, "channel": c, "score": s}
+    return [{"rank": r, "layer": la, "channel": c, "score": s}
             for r, (s, la, c) in enumerate(_channel_pairs(a, channel, k, layer))]
 
 
@@ -666,13 +667,13 @@ def register_sql(atlas) -> None:
         if image_id is None:
             return []
         pairs, _ = _image_pairs(current(), int(image_id), None, layer, 10 if k is None else k)
-        return [{"rank": r + 1, "image_id": i, "score": s} for r, (s, i) in enumerate(pairs)]
+        return [{"rank": r, "image_id": i, "score": s} for r, (s, i) in enumerate(pairs)]
 
     def channels(layer, channel, k, of_layer):
         if layer is None or channel is None:
             return []
         pairs = _channel_pairs(current(), (layer, channel), 10 if k is None else k, of_layer)
-        return [{"rank": r + 1, "layer": la, "channel": c, "score": s} for r, (s, la, c) in enumerate(pairs)]
+        return [{"rank": r, "layer": la, "channel": c, "score": s} for r, (s, la, c) in enumerate(pairs)]
 
     con = a.con
     con.create_function("_atlas_similar_images", images, ["BIGINT", "BIGINT", "VARCHAR"],

@@ -29,7 +29,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from atlas.analyses import common as C  # noqa: E402
+from atlas.analyses import common  # noqa: E402
+from atlas.runner import Runner  # noqa: E402
 from atlas.analyses import occlusion as O  # noqa: E402
 
 
@@ -62,7 +63,7 @@ def timed(fn, sync):
 
 
 def bench_device(atlas, ref, device: str, size: int, stride: int, serial: int) -> list[dict]:
-    runner = C.Runner(atlas, device)
+    runner = Runner(atlas, device)
     dev = runner.device
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
     n, boxes = O.positions(atlas.image_size, size, stride)
@@ -115,7 +116,7 @@ def main() -> int:
         print(f"built a ZFNet atlas (random weights, 224 px) over 2 images in {time.perf_counter() - t:.1f} s")
         atlas = Atlas(path)
         image = args.image or imgs[0]
-        ref = C.resolve_image(atlas, str(image))
+        ref = common.resolve_image(atlas, str(image))
         n, _ = O.positions(atlas.image_size, args.size, args.stride)
         print(f"occluding {image}: {args.size} px square, stride {args.stride}, {n} x {n} = {n * n} positions; "
               f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")

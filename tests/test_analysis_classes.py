@@ -12,7 +12,7 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
-from atlas.analyses import common as C
+from atlas.analyses import common
 from atlas.analyses import invariance as IV
 from atlas.analyses import occlusion as O
 from atlas.cli import main
@@ -140,8 +140,8 @@ def test_random_head_figure_caption_claims_no_true_label(tiny_atlas):
 def test_same_size_head_without_names_is_not_trusted(bare_atlas):
     """A 3-output head on a 3-class folder: nothing says its output k is the dataset's class k."""
     image = _image_of(bare_atlas, "red")
-    assert C.recorded_classes(Atlas(bare_atlas)) is None
-    assert C.class_names(Atlas(bare_atlas)) == ["output 0", "output 1", "output 2"]
+    assert common.recorded_classes(Atlas(bare_atlas)) is None
+    assert common.class_names(Atlas(bare_atlas)) == ["output 0", "output 1", "output 2"]
     res = O.occlude(bare_atlas, image, size=8, stride=4, store=False, figures=False)
     p0 = _probs(bare_atlas, image)
     assert res.class_source == "most_probable" and res.true_index is None
@@ -175,7 +175,7 @@ def test_random_head_invariance_charts_the_most_probable_class(tiny_atlas, tmp_p
 # ---------------------------------------------------------------------------
 def test_recorded_names_chart_the_true_class_at_the_models_index(named_atlas):
     a = Atlas(named_atlas)
-    assert C.recorded_classes(a) == PERMUTED
+    assert common.recorded_classes(a) == PERMUTED
     want = torch.softmax(torch.tensor(PLANTED_BIAS, dtype=torch.float64), 0).numpy()
     for label in ("blue", "green", "red"):
         image = _image_of(named_atlas, label)
@@ -201,7 +201,7 @@ def test_recorded_names_chart_the_true_class_at_the_models_index(named_atlas):
 
 def test_an_atlas_train_checkpoint_charts_the_true_class(trained_atlas):
     a = Atlas(trained_atlas)
-    assert C.recorded_classes(a) == ["blue", "green", "red"]  # the ImageFolder's sorted order
+    assert common.recorded_classes(a) == ["blue", "green", "red"]  # the ImageFolder's sorted order
     image = _image_of(trained_atlas, "green")
     p0 = _probs(trained_atlas, image)
     res = O.occlude(trained_atlas, image, size=8, stride=4, store=False, figures=False)

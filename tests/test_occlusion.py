@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from atlas.analyses import common as C
+from atlas.runner import Runner
 from atlas.analyses import occlusion as O
 from atlas.errors import AtlasError
 from atlas.layers import LayerMap
@@ -118,7 +118,7 @@ def test_positions_and_default_geometry():
     assert boxes[14 * n + 14].tolist() == [116 - 25, 116 - 25, 116 + 25, 116 + 25]
 
 
-class _Runner(C.Runner):
+class _Runner(Runner):
     def __init__(self, model, size):
         self.device = torch.device("cpu")
         self.channels_last = True

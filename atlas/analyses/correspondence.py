@@ -60,7 +60,9 @@ import numpy as np
 import torch
 
 from ..errors import AtlasError
-from . import common as C
+from . import common
+from .. import plotting
+from ..runner import Runner
 from .occlusion import FILLS, fill_value
 
 COORDINATES = ("input", "original")
@@ -80,7 +82,7 @@ def sign_hamming_score(diffs: torch.Tensor | np.ndarray) -> int:
 
 @dataclass
 class _Entry:
-    ref: C.ImageRef
+    ref: common.ImageRef
     boxes: dict[str, tuple[int, int, int, int]]   # part -> (x0, y0, x1, y1) in model-input px
 
 
@@ -152,7 +154,7 @@ def load_spec(atlas, spec_path: str | Path) -> tuple[list[_Entry], list[str], st
         else:
             img_arg = img
         try:
-            ref = C.resolve_image(atlas, img_arg)
+            ref = common.resolve_image(atlas, img_arg)
         except AtlasError as e:
             raise AtlasError(f"spec '{spec_path}': {e}") from None
         missing = [n for n in names if n not in parts]
@@ -258,7 +260,7 @@ def correspondence(atlas, spec_path: str | Path, *, layers: Sequence[str] | str 
     random  random-position draws of the control (0: no control)
     """
     t0 = time.perf_counter()
-    atlas = C.open_atlas(atlas)
+    atlas = common.open_atlas(atlas)
     if fill not in FILLS:
         raise AtlasError(f"unknown fill '{fill}': choose one of {', '.join(FILLS)}")
     if isinstance(random, bool) or not isinstance(random, (int, np.integer)) or random < 0:
@@ -267,11 +269,11 @@ def correspondence(atlas, spec_path: str | Path, *, layers: Sequence[str] | str 
     names = [s.strip() for s in layers.split(",") if s.strip()] if isinstance(layers, str) else list(layers or [])
     if not names:
         top = atlas.lmap.conv_layers[-1].name
-        deep, note = C.default_deep_layer(atlas)
+        deep, note = common.default_deep_layer(atlas)
         names = [top] if deep == top else [top, deep]
         if note:
             notes.append(note.replace("layer 7 replaced by", "no layer 7: only") if deep == top else note)
-    names = C.check_layers(atlas, names, "the correspondence score")
+    names = common.check_layers(atlas, names, "the correspondence score")
     entries, parts, coords = load_spec(atlas, spec_path)
     n, S = len(entries), atlas.image_size
     # the occluded images: parts, then random controls
@@ -300,7 +302,7 @@ def correspondence(atlas, spec_path: str | Path, *, layers: Sequence[str] | str 
             x = e.ref.x.clone()
             x[:, y0:y1, x0:x1] = fv
             xs.append(x)
-    runner = C.Runner(atlas, device)
+    runner = Runner(atlas, device)
     acts = runner.extract(torch.stack(xs), names, batch_size)
     results: dict[tuple[str, str], list[int]] = {}
     dims = {}
@@ -312,7 +314,7 @@ def correspondence(atlas, spec_path: str | Path, *, layers: Sequence[str] | str 
             occ = f[n + k * n:n + (k + 1) * n]
             results.setdefault((label, la), []).append(sign_hamming_score(base - occ))
     spec_text = Path(spec_path).read_text()
-    run = f"{C._slug(Path(spec_path).stem, 24)}-" + C.short_hash(
+    run = f"{common._slug(Path(spec_path).stem, 24)}-" + common.short_hash(
         {"spec": spec_text, "layers": names, "random": random, "seed": seed, "fill": fill})
     model = atlas.manifest["model"]["name"]
     rows = []
@@ -332,9 +334,9 @@ def correspondence(atlas, spec_path: str | Path, *, layers: Sequence[str] | str 
         notes.append("boxes given in original image pixels, mapped through the resize and centre crop")
     res = CorrespondenceResult(run, str(spec_path), names, rows, notes)
     if store:
-        res.table = C.store_table(atlas, "correspondence", run, rows, _schema())
+        res.table = common.store_table(atlas, "correspondence", run, rows, _schema())
     if figures:
-        res.figures = render(entries, parts, C.figure_dir(atlas, "correspondence", run, out))
+        res.figures = render(entries, parts, common.figure_dir(atlas, "correspondence", run, out))
     res.seconds = time.perf_counter() - t0
     return res
 
@@ -345,14 +347,14 @@ def render(entries: list[_Entry], parts: list[str], folder: Path) -> dict[str, P
 
     S = entries[0].ref.crop.width
     D = max(1, round(160 / S))
-    cols = {p: C.PALETTE[i % len(C.PALETTE)] for i, p in enumerate(parts)}
+    cols = {p: plotting.PALETTE[i % len(plotting.PALETTE)] for i, p in enumerate(parts)}
     tiles = []
     for e in entries:
         im = e.ref.crop.convert("RGB").resize((S * D, S * D), Image.NEAREST if D > 1 else Image.BILINEAR)
         d = ImageDraw.Draw(im)
         for p, (x0, y0, x1, y1) in e.boxes.items():
             d.rectangle([x0 * D, y0 * D, x1 * D - 1, y1 * D - 1], outline=cols[p], width=2)
-        tiles.append(C.titled(im, e.ref.name[:28]))
-    fig = C.titled(C.below(C.beside(*tiles, pad=8), C.legend([(cols[p], p) for p in parts], columns=4)),
+        tiles.append(plotting.titled(im, e.ref.name[:28]))
+    fig = plotting.titled(plotting.below(plotting.beside(*tiles, pad=8), plotting.legend([(cols[p], p) for p in parts], columns=4)),
                    "Correspondence (Zeiler & Fergus figure 8): the occluded parts")
-    return {"images": C.save_png(folder / "images.png", C.margin(fig, 10))}
+    return {"images": common.save_png(folder / "images.png", plotting.margin(fig, 10))}

@@ -48,7 +48,9 @@ import numpy as np
 import torch
 
 from ..errors import AtlasError
-from . import common as C
+from . import common
+from .. import plotting
+from ..runner import Runner
 
 TRANSFORMS = ("translate", "scale", "rotate")
 UNITS = {"translate": "px", "scale": "factor", "rotate": "degrees"}
@@ -205,7 +207,7 @@ def invariance(atlas, images: Sequence[int | str | Path], *, transforms: Sequenc
     import time
 
     t0 = time.perf_counter()
-    atlas = C.open_atlas(atlas)
+    atlas = common.open_atlas(atlas)
     transforms = _parse_list(transforms, "transforms")
     if not transforms:
         raise AtlasError("no transformations given: choose from translate, scale, rotate")
@@ -236,17 +238,17 @@ def invariance(atlas, images: Sequence[int | str | Path], *, transforms: Sequenc
     notes: list[str] = []
     names = _parse_list(layers, "layers")
     if not names:
-        deep, note = C.default_deep_layer(atlas)
+        deep, note = common.default_deep_layer(atlas)
         names = [atlas.lmap.conv_layers[0].name, deep]
         if note:
             notes.append(note)
-    names = C.check_layers(atlas, names, "the feature distance")
-    has_cls, why = C.classifier_status(atlas)
+    names = common.check_layers(atlas, names, "the feature distance")
+    has_cls, why = common.classifier_status(atlas)
     if labels is not None:
         if not has_cls:
-            C.require_classifier(atlas, "the probability of a given class")
+            common.require_classifier(atlas, "the probability of a given class")
         labels = _parse_list(labels, "labels") if isinstance(labels, str) else list(labels)
-    refs = C.resolve_images(atlas, images, labels)
+    refs = common.resolve_images(atlas, images, labels)
     keys = [r.key for r in refs]
     if len(set(keys)) != len(keys):
         dup = next(k for k in keys if keys.count(k) > 1)
@@ -256,9 +258,9 @@ def invariance(atlas, images: Sequence[int | str | Path], *, transforms: Sequenc
         notes.append(f"no class probabilities: the model has no classifier ({why})")
     unknown: dict[str, list[str]] = {}  # reason -> images whose correct class it leaves unknown
     charted: dict[str, tuple[int, str, str]] = {}
-    runner = C.Runner(atlas, device)
+    runner = Runner(atlas, device)
     fillc = _fill_colour(atlas.preprocess, fill)
-    cls_names = C.class_names(atlas) if has_cls else []
+    cls_names = common.class_names(atlas) if has_cls else []
     model_name = atlas.manifest["model"]["name"]
     want = list(dict.fromkeys(names + ([logits_layer] if logits_layer else [])))
     rows: list[dict[str, Any]] = []
@@ -275,7 +277,7 @@ def invariance(atlas, images: Sequence[int | str | Path], *, transforms: Sequenc
                 ci, source = ref.class_index, ref.class_source
             else:
                 ci, source = top[0], "most_probable"
-                unknown.setdefault(C.unknown_class_reason(atlas, ref), []).append(ref.name)
+                unknown.setdefault(common.unknown_class_reason(atlas, ref), []).append(ref.name)
             charted[ref.key] = (ci, cls_names[ci], source)
             probs = p[:, ci].tolist()
         ci, cname, source = charted.get(ref.key, (None, None, None))
@@ -300,22 +302,22 @@ def invariance(atlas, images: Sequence[int | str | Path], *, transforms: Sequenc
         shown = ", ".join(imgs[:4]) + (f" and {len(imgs) - 4} more" if len(imgs) > 4 else "")
         notes.append(f"the correct class of {shown} is unknown: {reason}; charting the most probable class "
                      "of the untransformed image instead")
-    run = f"n{len(refs)}-" + C.short_hash({"images": keys, "classes": [r.given_index for r in refs],
+    run = f"n{len(refs)}-" + common.short_hash({"images": keys, "classes": [r.given_index for r in refs],
                                            "t": transforms, "a": amts, "layers": names, "fill": fill})
     for r in rows:
         r["run"] = run
     res = InvarianceResult(run, keys, names, transforms, rows, notes, charted)
     if store:
-        res.table = C.store_table(atlas, "invariance", run, rows, _schema())
+        res.table = common.store_table(atlas, "invariance", run, rows, _schema())
     if figures:
-        res.figures = render(res, refs, C.figure_dir(atlas, "invariance", run, out))
+        res.figures = render(res, refs, common.figure_dir(atlas, "invariance", run, out))
     res.seconds = time.perf_counter() - t0
     return res
 
 
 def render(res: InvarianceResult, refs, folder: Path) -> dict[str, Path]:
     """One panel per transformation and quantity (a curve per image); figure.png holds them all."""
-    colours = {r.key: C.PALETTE[i % len(C.PALETTE)] for i, r in enumerate(refs)}
+    colours = {r.key: plotting.PALETTE[i % len(plotting.PALETTE)] for i, r in enumerate(refs)}
     short = {"true": "true class", "given": "given class", "most_probable": "most probable; correct unknown"}
     names = {r.key: r.name + (f": p({res.charted[r.key][1]}), {short[res.charted[r.key][2]]}"
                               if r.key in res.charted else (f" (label {r.label})" if r.label else ""))
@@ -339,13 +341,13 @@ def render(res: InvarianceResult, refs, folder: Path) -> dict[str, Path]:
                           ylabel="probability", ylim=(0.0, 1.0))
             else:
                 kw = dict(title=f"{TITLES[t]}: {q} distance", ylabel="Euclidean distance")
-            im = C.line_plot(series, xlabel=XLABELS[t], **kw)
-            files[f"{t}-{q}"] = C.save_png(folder / f"{t}-{q}.png", C.margin(im, 6))
-            row.append(C.line_plot(series, xlabel=XLABELS[t], show_legend=False, **kw))
-        grid.append(C.beside(*row, pad=10))
-    lg = C.legend([(colours[r.key], names[r.key]) for r in refs], columns=4, max_width=grid[0].width)
-    fig = C.titled(C.below(*grid, lg, pad=10), "Invariance (Zeiler & Fergus figure 5)",
+            im = plotting.line_plot(series, xlabel=XLABELS[t], **kw)
+            files[f"{t}-{q}"] = common.save_png(folder / f"{t}-{q}.png", plotting.margin(im, 6))
+            row.append(plotting.line_plot(series, xlabel=XLABELS[t], show_legend=False, **kw))
+        grid.append(plotting.beside(*row, pad=10))
+    lg = plotting.legend([(colours[r.key], names[r.key]) for r in refs], columns=4, max_width=grid[0].width)
+    fig = plotting.titled(plotting.below(*grid, lg, pad=10), "Invariance (Zeiler & Fergus figure 5)",
                    "distance between the feature vectors of the original and the transformed image"
                    + (f"; probability of {p_what}" if has_p else "")
                    + ("\n" + "\n".join(res.notes) if res.notes else ""))
-    return {"figure": C.save_png(folder / "figure.png", C.margin(fig, 10)), **files}
+    return {"figure": common.save_png(folder / "figure.png", plotting.margin(fig, 10)), **files}

@@ -70,7 +70,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import AtlasError
-from . import common as C
+from . import common
+from .. import plotting
+from ..runner import Runner
 
 FILLS = ("grey", "mean")
 METHODS = ("incremental", "full")
@@ -258,7 +260,7 @@ class Maps:
     plan: Plan
 
 
-def occlusion_forward(runner: C.Runner, x: torch.Tensor, boxes: np.ndarray, *, layer: str, channel: int,
+def occlusion_forward(runner: Runner, x: torch.Tensor, boxes: np.ndarray, *, layer: str, channel: int,
                       fill: torch.Tensor, method: str = "incremental", batch_size: int | None = None,
                       logits: bool = True) -> Maps:
     """The occluded copies of x (3, S, S), one per box (y0, x0, y1, x1), through the model in batches:
@@ -517,7 +519,7 @@ def occlude(atlas, image, *, size: int | None = None, stride: int | None = None,
     out     folder for the PNGs (default ATLAS/analyses/occlusion/RUN/); the table is always
             written into the atlas
     """
-    atlas = C.open_atlas(atlas)
+    atlas = common.open_atlas(atlas)
     S = atlas.image_size
     if fill not in FILLS:
         raise AtlasError(f"unknown fill '{fill}': choose one of {', '.join(FILLS)}")
@@ -539,13 +541,13 @@ def occlude(atlas, image, *, size: int | None = None, stride: int | None = None,
         if lmap.by_name[layer].kind != "conv":
             raise AtlasError(f"occlusion follows a conv layer's feature map; '{layer}' is a fc layer "
                              f"(use one of {', '.join(c.name for c in convs)})")
-    has_cls, why = C.classifier_status(atlas)
+    has_cls, why = common.classifier_status(atlas)
     if label is not None and not has_cls:
-        C.require_classifier(atlas, "the probability map of a given class")
-    ref = C.resolve_image(atlas, image, label)
+        common.require_classifier(atlas, "the probability map of a given class")
+    ref = common.resolve_image(atlas, image, label)
     notes = []
-    names = C.class_names(atlas) if has_cls else []
-    runner = C.Runner(atlas, device)
+    names = common.class_names(atlas) if has_cls else []
+    runner = Runner(atlas, device)
     # the unoccluded image: the strongest map, its projection, the base probabilities
     with torch.no_grad():
         want = [layer] + ([lmap.layers[-1].name] if has_cls else [])
@@ -562,7 +564,7 @@ def occlude(atlas, image, *, size: int | None = None, stride: int | None = None,
         if ref.class_index is not None:
             charted, source = ref.class_index, ref.class_source
         else:
-            reason = C.unknown_class_reason(atlas, ref)
+            reason = common.unknown_class_reason(atlas, ref)
             charted, source = top_base, "most_probable"
             notes.append(f"the correct class is unknown: {reason}; charting the most probable class of the "
                          f"unoccluded image ({names[top_base]}) instead")
@@ -602,12 +604,12 @@ def occlude(atlas, image, *, size: int | None = None, stride: int | None = None,
         res.class_index, res.class_source, res.unknown_reason = charted, source, reason
         res.true_index = ref.true_index
     res.dataset_label = ref.label
-    lab = f"-{C._slug(str(label), 16)}" if label is not None else ""
+    lab = f"-{common._slug(str(label), 16)}" if label is not None else ""
     res.run = f"{ref.slug}-{layer}-s{size}-t{stride}-{fill}{lab}"
     if store:
-        res.table = C.store_table(atlas, "occlusion", res.run, res.rows(), _schema())
+        res.table = common.store_table(atlas, "occlusion", res.run, res.rows(), _schema())
     if figures:
-        res.figures = render(res, ref.crop, C.figure_dir(atlas, "occlusion", res.run, out))
+        res.figures = render(res, ref.crop, common.figure_dir(atlas, "occlusion", res.run, out))
     return res
 
 
@@ -643,7 +645,7 @@ def render(res: OcclusionResult, crop, folder: Path) -> dict[str, Path]:
 
     def maparea(arr, vmin, vmax):
         cell = res.stride * D
-        hm = C.heatmap(arr, vmin, vmax, cell)
+        hm = plotting.heatmap(arr, vmin, vmax, cell)
         return hm.crop((0, 0, W, W))
 
     panels: dict[str, Any] = {}
@@ -654,15 +656,15 @@ def render(res: OcclusionResult, crop, folder: Path) -> dict[str, Path]:
     y0, x0, y1, x1 = res.boxes[k].tolist()
     d.rectangle([x0 * D, y0 * D, x1 * D - 1, y1 * D - 1], fill=tuple(res.fill_rgb), outline=(255, 255, 255), width=1)
     sub = image_caption(res)
-    panels["image"] = C.titled(img, "(a) input image", sub, width=W)
+    panels["image"] = plotting.titled(img, "(a) input image", sub, width=W)
     lo, hi = float(res.activation.min()), float(res.activation.max())
     hm = maparea(res.activation, lo, hi)
-    panels["activation"] = C.titled(C.beside(hm, C.colorbar(lo, hi, W), pad=4),
+    panels["activation"] = plotting.titled(plotting.beside(hm, plotting.colorbar(lo, hi, W), pad=4),
                                     f"(b) {res.layer} feature map {res.channel}",
                                     f"total activation vs square position\nunoccluded: {res.activation_base:.4g}")
     if res.projection is not None:
-        pim = C.projection_image(res.projection).resize((W, W), Image.NEAREST if D > 1 else Image.BILINEAR)
-        panels["projection"] = C.titled(pim, f"(c) projection of {res.layer} map {res.channel}",
+        pim = plotting.projection_image(res.projection).resize((W, W), Image.NEAREST if D > 1 else Image.BILINEAR)
+        panels["projection"] = plotting.titled(pim, f"(c) projection of {res.layer} map {res.channel}",
                                         "DeconvNet, unoccluded image\n(grey = 0, scaled by max |value|)")
     if res.probability is not None:
         # the map's own range (a flat map: 0..max), so that small changes show; the scale gives the values
@@ -670,7 +672,7 @@ def render(res: OcclusionResult, crop, folder: Path) -> dict[str, Path]:
         if phi - plo <= 1e-12:
             plo = 0.0
         hp = maparea(res.probability, plo, max(phi, 1e-12))
-        panels["probability"] = C.titled(C.beside(hp, C.colorbar(plo, max(phi, 1e-12), W), pad=4),
+        panels["probability"] = plotting.titled(plotting.beside(hp, plotting.colorbar(plo, max(phi, 1e-12), W), pad=4),
                                          f"(d) p({res.class_name})",
                                          {"true": "probability of the true class", "given": "probability of the "
                                           "given class", "most_probable": "probability of the most probable "
@@ -679,7 +681,7 @@ def render(res: OcclusionResult, crop, folder: Path) -> dict[str, Path]:
         vals, counts = np.unique(res.top_class, return_counts=True)
         order = [int(vals[i]) for i in np.argsort(-counts, kind="stable")]
         shown = order[:10]
-        cols = {c: C.PALETTE[i % len(C.PALETTE)] for i, c in enumerate(shown)}
+        cols = {c: plotting.PALETTE[i % len(plotting.PALETTE)] for i, c in enumerate(shown)}
         other = (60, 60, 60)
         rgb = np.zeros(res.top_class.shape + (3,), np.uint8)
         for c in order:
@@ -688,15 +690,15 @@ def render(res: OcclusionResult, crop, folder: Path) -> dict[str, Path]:
         entries = [(cols[c], res.class_names[c] + (" (true)" if c == res.true_index else "")) for c in shown]
         if len(order) > len(shown):
             entries.append((other, f"{len(order) - len(shown)} other classes"))
-        panels["top_class"] = C.titled(C.below(lm, C.legend(entries, columns=1, max_width=W)),
+        panels["top_class"] = plotting.titled(plotting.below(lm, plotting.legend(entries, columns=1, max_width=W)),
                                        "(e) most probable class", "label map vs square position")
     folder = Path(folder)
     files = {}
     for name, im in panels.items():
-        files[name] = C.save_png(folder / f"{name}.png", C.margin(im, 6))
+        files[name] = common.save_png(folder / f"{name}.png", plotting.margin(im, 6))
     shown = Path(res.path).name if res.image_id is None else f"image {res.image_id} ({Path(res.path).name})"
-    head = C.titled(C.beside(*panels.values(), pad=14), f"Occlusion sensitivity: {res.model}, {shown}",
+    head = plotting.titled(plotting.beside(*panels.values(), pad=14), f"Occlusion sensitivity: {res.model}, {shown}",
                     "Zeiler & Fergus figure 7: a square slid over the image; each map is indexed by the "
                     "square's centre")
-    files = {"figure": C.save_png(folder / "figure.png", C.margin(head, 10)), **files}
+    files = {"figure": common.save_png(folder / "figure.png", plotting.margin(head, 10)), **files}
     return files
