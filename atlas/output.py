@@ -1,4 +1,8 @@
-"""Rows out to a terminal or a pipe: aligned table, CSV or JSON."""
+"""Rows out to a terminal or a pipe: aligned table, CSV or JSON.
+
+JSON is strict (RFC 8259), so that any JSON reader takes it: NaN and infinities are null, DuckDB's lists
+and structs (maps) are arrays and objects, dates and times ISO 8601 strings, bytes a short description.
+"""
 from __future__ import annotations
 
 import csv
@@ -10,6 +14,49 @@ from typing import Any, Iterable, Sequence
 FORMATS = ("table", "csv", "json")
 
 
+def plain(v: Any) -> Any:
+    """A value as JSON has it (see the module's docstring)."""
+    if v is None or isinstance(v, (bool, int, str)):
+        return v
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    import datetime as dt  # here, not at the top: `atlas --help` imports this module
+    import decimal
+    import uuid
+
+    if isinstance(v, decimal.Decimal):
+        return (int(v) if v == v.to_integral_value() else float(v)) if v.is_finite() else None
+    if isinstance(v, (bytes, bytearray, memoryview)):
+        return f"<{len(bytes(v))} bytes>"
+    if isinstance(v, (dt.datetime, dt.date, dt.time)):
+        return v.isoformat()
+    if isinstance(v, dt.timedelta):
+        return _duration(v)
+    if isinstance(v, uuid.UUID):
+        return str(v)
+    if isinstance(v, dict):
+        return {str(k): plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple, set, frozenset)):
+        return [plain(x) for x in v]
+    if hasattr(v, "tolist"):  # numpy scalars and arrays
+        return plain(v.tolist())
+    return str(v)
+
+
+def _duration(v) -> str:
+    """A datetime.timedelta (DuckDB's INTERVAL) in ISO 8601: P1DT2H3M4.5S."""
+    sign, v = ("-", -v) if v.total_seconds() < 0 else ("", v)
+    hours, rest = divmod(v.seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    secs = f"{seconds + v.microseconds / 1e6:g}"
+    return f"{sign}P{v.days}DT{hours}H{minutes}M{secs}S"
+
+
+def json_text(obj: Any) -> str:
+    """obj as strict JSON, indented."""
+    return json.dumps(plain(obj), indent=2, allow_nan=False, ensure_ascii=False)
+
+
 def _cell(v: Any) -> str:
     if v is None:
         return ""
@@ -17,21 +64,21 @@ def _cell(v: Any) -> str:
         if math.isnan(v):
             return "nan"
         return f"{v:.6g}"
-    if isinstance(v, (bytes, bytearray)):
-        return f"<{len(v)} bytes>"
+    if isinstance(v, (bytes, bytearray, memoryview)):
+        return f"<{len(bytes(v))} bytes>"
+    if isinstance(v, (dict, list, tuple)):  # a list or struct cell reads as JSON, not as Python's repr
+        return json.dumps(plain(v), ensure_ascii=False)
     return str(v)
+
+
+def _records(columns: Sequence[str], rows: list[list[Any]]) -> list[dict[str, Any]]:
+    return [{c: v for c, v in zip(columns, r)} for r in rows]
 
 
 def render(columns: Sequence[str], rows: Iterable[Sequence[Any]], fmt: str = "table") -> str:
     rows = [list(r) for r in rows]
     if fmt == "json":
-        def plain(v):
-            if isinstance(v, (bytes, bytearray)):
-                return f"<{len(v)} bytes>"
-            if isinstance(v, float) and math.isnan(v):
-                return None
-            return v if isinstance(v, (int, float, str, bool, type(None))) else str(v)
-        return json.dumps([{c: plain(v) for c, v in zip(columns, r)} for r in rows], indent=2)
+        return json_text(_records(columns, rows))
     if fmt == "csv":
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
@@ -52,3 +99,11 @@ def render(columns: Sequence[str], rows: Iterable[Sequence[Any]], fmt: str = "ta
 def render_dicts(rows: list[dict[str, Any]], fmt: str = "table", columns: Sequence[str] | None = None) -> str:
     columns = list(columns or (rows[0].keys() if rows else []))
     return render(columns, [[r.get(c) for c in columns] for r in rows], fmt)
+
+
+def render_results(results: Sequence[tuple[Sequence[str], Sequence[Sequence[Any]]]], fmt: str = "table") -> str:
+    """Several (columns, rows) results, in order: one JSON document (a list of each result's list of rows;
+    one result alone is just its list, as `render` gives it), or tables / CSV blocks with a blank line between."""
+    if fmt == "json" and len(results) != 1:
+        return json_text([_records(cols, [list(r) for r in rows]) for cols, rows in results])
+    return "\n\n".join(render(cols, rows, fmt) for cols, rows in results)

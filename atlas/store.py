@@ -18,10 +18,13 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import tempfile
 import threading
+import weakref
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import FORMAT_VERSION
 from .errors import AtlasError
@@ -34,6 +37,20 @@ SQL_DIR = _PACKAGED_SQL if _PACKAGED_SQL.is_dir() else Path(__file__).resolve().
 READABLE_VERSIONS = (1, FORMAT_VERSION)
 FUNCTION_CALL = re.compile(r"\b(deconv_png|similar_images|similar_channels)\s*\(")
 ACTIVATION_FILES = "read_parquet('activations/*/*.parquet', hive_partitioning = true)"  # as in views.sql
+REQUIRED_FILES = ("images.parquet", "layers.parquet", "channels.parquet", "top_activations.parquet")
+PARQUET_PATH = re.compile(r"(read_parquet\(\s*)'([^']*)'")  # a view's file, relative to the atlas
+# Statements `atlas sql` runs unless --unsafe-full-duckdb (see check_read_only). DESCRIBE, SHOW, SUMMARIZE,
+# VALUES, FROM-first and PIVOT ... IN (...) parse as SELECT.
+READ_ONLY_PRAGMAS = frozenset({"version", "platform", "database_list", "database_size", "show_databases",
+                               "show_tables", "show_tables_expanded", "table_info", "show", "storage_info",
+                               "metadata_info", "functions", "collations", "user_agent"})
+
+
+class Result(NamedTuple):
+    """One statement's result: column names and rows."""
+
+    columns: list[str]
+    rows: list[tuple]
 
 
 def canned_queries() -> dict[str, tuple[str, str]]:
@@ -55,6 +72,9 @@ class Atlas:
         self._lock = threading.RLock()
         self._registered: set[str] = set()  # modules whose SQL functions are on the connection
         mf = self.path / "manifest.json"
+        if self.path.is_file():
+            raise AtlasError(f"'{path}' is a file, not an atlas folder (an atlas is the folder `atlas build --out` "
+                             "makes)")
         if not self.path.is_dir():
             raise AtlasError(f"atlas '{path}' does not exist")
         if not mf.is_file():
@@ -75,24 +95,52 @@ class Atlas:
         return f"<Atlas {self.path} model={m['model']['name']} images={m['dataset']['count']} k={m['k']}>"
 
     # -- SQL ----------------------------------------------------------------
+    # Two kinds of connection. `con` (Atlas.sql, .fetch, .rows, the tool's own queries) is DuckDB in full, in
+    # the user's own process: relative paths resolve inside the atlas. `query(confined=True)`, what `atlas sql`
+    # runs, goes to a twin Atlas whose connection reads the atlas folder and nothing else, and only read-only
+    # statements reach it (check_read_only): DuckDB's settings alone let COPY and ATTACH write inside an
+    # allowed folder, and a statement list alone would let read_csv('/etc/shadow') through.
+    _confined = False
+
     @cached_property
     def con(self):
         import duckdb
 
-        con = duckdb.connect()
-        con.execute("SET file_search_path = ?", [str(self.path.resolve())])
+        root = self.path.resolve()
+        missing = [f for f in REQUIRED_FILES if not (root / f).is_file()]
+        if missing:
+            raise self._damaged(missing[0], "is missing")
+        con = duckdb.connect(config={"autoinstall_known_extensions": False, "autoload_known_extensions": False}
+                             if self._confined else {})
+        if not self._confined:
+            con.execute("SET file_search_path = ?", [str(root)])
         views = (SQL_DIR / "views.sql").read_text()
         if not self.has_activations():
             # built with --no-activations: DuckDB refuses a view over a glob that matches nothing,
             # so the view gets the same columns and no rows
             views = views.replace(ACTIVATION_FILES, "(SELECT NULL::INTEGER AS image_id, NULL::VARCHAR AS layer, "
                                                     "NULL::INTEGER AS channel, NULL::FLOAT AS value WHERE false)")
-        con.execute(views)
+        statements = [str(st.query) for st in duckdb.extract_statements(views)]
         # Analyses (occlusion, invariance, ...) store tables under analyses/NAME/*.parquet.
-        for d in sorted(p for p in (self.path / "analyses").glob("*") if p.is_dir()):
+        for d in sorted(p for p in (root / "analyses").glob("*") if p.is_dir()):
             if list(d.glob("*.parquet")) and d.name.replace("_", "").isalnum():
-                con.execute(f"CREATE OR REPLACE VIEW {d.name} AS SELECT * FROM "
-                            f"read_parquet('analyses/{d.name}/*.parquet', union_by_name = true)")
+                statements.append(f"CREATE OR REPLACE VIEW {d.name} AS SELECT * FROM "
+                                  f"read_parquet('analyses/{d.name}/*.parquet', union_by_name = true)")
+        for statement in statements:
+            # Absolute paths: a confined connection refuses relative ones, whatever file_search_path says.
+            try:
+                con.execute(PARQUET_PATH.sub(lambda m: m[1] + _quote(f"{root}/{m[2]}"), statement))
+            except duckdb.Error as e:  # a view reads its file's schema now: a damaged file shows here
+                raise self._damaged(PARQUET_PATH.search(statement)[2], f"cannot be read ({_first_line(e)})") \
+                    from None
+        if self._confined:
+            # DuckDB's scratch files go to a folder of their own, not the working directory's .tmp
+            scratch = tempfile.mkdtemp(prefix="atlas-sql-")
+            weakref.finalize(self, shutil.rmtree, scratch, ignore_errors=True)
+            con.execute("SET temp_directory = ?", [scratch])
+            con.execute("SET allowed_directories = ?", [[f"{root}/"]])
+            con.execute("SET enable_external_access = false")
+            con.execute("SET lock_configuration = true")
         return con
 
     def has_activations(self, layer: str = "*") -> bool:
@@ -100,7 +148,9 @@ class Atlas:
         return any(self.path.glob(f"activations/layer={layer}/*.parquet"))
 
     def sql(self, query: str, params: dict[str, Any] | None = None):
-        """Run SQL over the atlas views; returns a DuckDB relation (`.fetchall()`, `.df()`, ...)."""
+        """Run SQL over the atlas views; returns a DuckDB relation (`.fetchall()`, `.df()`, ...).
+
+        DuckDB in full, in your own process: any statement, any file. `query` is what `atlas sql` runs."""
         import duckdb
 
         for name, value in (params or {}).items():
@@ -109,7 +159,7 @@ class Atlas:
         try:
             return self.con.sql(query)
         except duckdb.Error as e:
-            raise _sql_error(e) from None
+            raise self._query_error(e) from None
 
     def fetch(self, query: str, params: dict[str, Any] | None = None) -> tuple[list[str], list[tuple]]:
         """(column names, rows) of a query, run now: errors that only show while the query runs
@@ -122,14 +172,116 @@ class Atlas:
         try:
             return list(rel.columns), rel.fetchall()
         except duckdb.Error as e:
+            raise self._query_error(e) from None
+
+    def query(self, sql: str, params: dict[str, Any] | None = None, *, confined: bool = True,
+              timeout: float | None = None) -> list[Result]:
+        """Run a SQL script now: one Result (columns, rows) per statement that returns rows, in order.
+
+        confined (what `atlas sql` runs): only read-only statements (SELECT, WITH, VALUES, DESCRIBE, SHOW,
+        SUMMARIZE, EXPLAIN, PIVOT, read-only PRAGMAs, SET VARIABLE), on a connection that reads the atlas
+        folder and no other file, writes none and loads no extension; anything else is an AtlasError.
+        confined=False: DuckDB in full (the connection of Atlas.sql). timeout: seconds the whole script may
+        run (None: no limit); past it DuckDB is interrupted, which takes effect between the vectors (up to
+        2,048 rows) it hands a Python function (deconv_png, similar_images, similar_channels): a vector
+        being rendered or searched finishes first.
+        """
+        import duckdb
+
+        if confined != self._confined:
+            return self._twin(confined).query(sql, params, confined=confined, timeout=timeout)
+        try:
+            statements = duckdb.extract_statements(sql)
+        except duckdb.Error as e:
             raise _sql_error(e) from None
+        if not statements:
+            raise AtlasError("the SQL has no statement (only comments or nothing)")
+        if confined:
+            for n, st in enumerate(statements, 1):
+                check_read_only(st, f"statement {n}" if len(statements) > 1 else "the statement")
+        with self._lock:
+            for name, value in (params or {}).items():
+                self.con.execute(f"SET VARIABLE {_ident(name)} = ?", [value])
+            self._register_functions(sql)
+            results: list[Result] = []
+            with _Deadline(self.con, timeout) as deadline:
+                for st in statements:
+                    deadline.check()
+                    try:
+                        cur = self.con.execute(st)
+                        if list(st.expected_result_type) == [duckdb.ExpectedResultType.NOTHING]:
+                            continue  # SET VARIABLE, CREATE VIEW...: DuckDB answers 'Success', no rows
+                        results.append(Result([d[0] for d in cur.description], cur.fetchall()))
+                    except duckdb.InterruptException:
+                        deadline.check()
+                        raise AtlasError("query interrupted") from None
+                    except duckdb.PermissionException as e:
+                        raise self._refused(e) from None
+                    except duckdb.Error as e:
+                        raise self._query_error(e) from None
+        return results
+
+    def _twin(self, confined: bool) -> "Atlas":
+        twins = self.__dict__.setdefault("_twins", {})
+        if confined not in twins:
+            twin = Atlas(self.path)
+            twin._confined = confined
+            twins[confined] = twin
+        return twins[confined]
+
+    def _damaged(self, file: str, what: str) -> AtlasError:
+        return AtlasError(f"atlas '{self.path}' is damaged: {file} {what}; rebuild it with "
+                          f"`atlas build ... --out {self.path} --overwrite`")
+
+    def _query_error(self, e: Exception) -> AtlasError:
+        """A DuckDB error as one line: a damaged file of the atlas where it is one, else a SQL error."""
+        return self._damage(e) or _sql_error(e)
+
+    def _damage(self, e: Exception) -> AtlasError | None:
+        """The damaged file an error shows, if it shows one: a file of the atlas that it names and that is
+        there (a path that is not is the query's mistake), or an undecodable Parquet page, which DuckDB
+        raises as a bare duckdb.Error naming no file (then the file is the atlas's if this connection reads
+        nothing else: the tool's own queries, or a confined one)."""
+        import duckdb
+
+        if isinstance(e, (duckdb.IOException, duckdb.InvalidInputException)):
+            root = self.path.resolve()
+            for m in re.finditer(r"""["']([^"']+\.parquet)["']""", str(e)):
+                file = root / m[1]  # a relative path is the atlas's (file_search_path); an absolute one stays
+                if file.is_relative_to(root) and file.is_file():
+                    return self._damaged(str(file.relative_to(root)), f"cannot be read ({_first_line(e)})")
+        if type(e) is duckdb.Error and self._confined:
+            return self._damaged("one of its Parquet files", f"cannot be read ({_first_line(e)})")
+        return None
+
+    def _refused(self, e: Exception) -> AtlasError:
+        root = self.path.resolve()
+        m = re.search(r'Cannot access (?:file|directory) "([^"]*)"', str(e))
+        if m and not Path(m[1]).is_absolute() and "://" not in m[1]:
+            what = f"'{m[1]}' is a relative path (write '{root / m[1]}')"
+        else:
+            what = f"'{m[1]}' is not a file of the atlas" if m else _first_line(e)
+        return AtlasError(f"SQL refused: {what}: `atlas sql` reads only the atlas folder '{root}', by absolute "
+                          "path or through its views (--unsafe-full-duckdb opens every file DuckDB can reach)")
 
     def rows(self, query: str, params: list | None = None) -> list[dict[str, Any]]:
+        import duckdb
+
         self._register_functions(query)
         with self._lock:  # one DuckDB connection per handle: threads (a server, DuckDB's own) take turns
-            cur = self.con.execute(query, params or [])
-            cols = [d[0] for d in cur.description]
-            return [dict(zip(cols, r)) for r in cur.fetchall()]
+            try:
+                cur = self.con.execute(query, params or [])
+                cols = [d[0] for d in cur.description]
+                return [dict(zip(cols, r)) for r in cur.fetchall()]
+            except duckdb.Error as e:
+                # The tool's own SQL fails only on a damaged file; DuckDB does not always name it (a Parquet
+                # page it cannot decode is a bare duckdb.Error). Other errors are bugs: their traceback shows.
+                damage = self._damage(e)
+                if damage is None and (isinstance(e, duckdb.IOException) or type(e) is duckdb.Error):
+                    damage = self._damaged("one of its Parquet files", f"cannot be read ({_first_line(e)})")
+                if damage is None:
+                    raise
+                raise damage from None
 
     # -- model and geometry --------------------------------------------------
     @property
@@ -328,3 +480,89 @@ def _ident(name: str) -> str:
     if not name.replace("_", "").isalnum():
         raise AtlasError(f"bad parameter name '{name}'")
     return name
+
+
+def _quote(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+_LEADING_COMMENTS = re.compile(r"\A(?:\s+|--[^\n]*|/\*.*?\*/)+", re.S)
+
+
+def check_read_only(statement, where: str = "the statement") -> None:
+    """Refuse (AtlasError) a DuckDB statement (from duckdb.extract_statements) that is not a read-only query.
+
+    By kind, as DuckDB's parser classifies it; where the kind alone does not tell (SET, PRAGMA, EXPLAIN,
+    PIVOT's MULTI), by the statement's own text, and anything that does not read as one of the allowed
+    forms is refused.
+    """
+    import duckdb
+
+    T = duckdb.StatementType
+    text = _LEADING_COMMENTS.sub("", str(statement.query))
+    kind = statement.type
+    if kind == T.SELECT:
+        return
+    if kind == T.SET and re.match(r"(?:SET|RESET)\s+VARIABLE\s", text, re.I):
+        return  # a SQL variable, as --param sets: no setting of DuckDB's
+    if kind == T.PRAGMA:
+        name = re.match(r"PRAGMA\s+(\w+)", text, re.I)
+        if name and name[1].lower() in READ_ONLY_PRAGMAS:
+            return
+    if kind == T.MULTI and re.match(r"PIVOT\b", text, re.I):
+        return  # PIVOT without IN: DuckDB first makes an enum type of the pivoted values, in memory
+    if kind == T.EXPLAIN:
+        # EXPLAIN ANALYZE runs its statement (EXPLAIN ANALYZE COPY ... TO writes the file): judge that one
+        inner = re.match(r"EXPLAIN\s+(?:ANALY[SZ]E\s+)?(?:\((?:[^()']|'[^']*')*\)\s*)?(.*)\Z", text, re.I | re.S)
+        try:
+            explained = duckdb.extract_statements(inner[1]) if inner else []
+        except duckdb.Error:
+            explained = []
+        if len(explained) == 1:
+            check_read_only(explained[0], where)
+            return
+    # name it as written: "COPY", "INSTALL", "SET threads", "PRAGMA enable_profiling"
+    words = re.match(r"(\w+)(?:\s+(\w+))?", text)
+    head = "?" if not words else words[1].upper() + (f" {words[2]}" if kind in (T.SET, T.PRAGMA) and words[2]
+                                                      else "")
+    raise AtlasError(f"SQL refused: {where} is {head}, and `atlas sql` runs read-only queries only (SELECT, WITH, "
+                     "VALUES, DESCRIBE, SHOW, SUMMARIZE, EXPLAIN, PIVOT, read-only PRAGMAs, SET VARIABLE); "
+                     "--unsafe-full-duckdb runs any DuckDB statement")
+
+
+class _Deadline:
+    """Interrupts a DuckDB connection `seconds` after entering (None or 0: never).
+
+    It keeps interrupting until the query stops: an interrupt that lands between two statements is lost,
+    as DuckDB clears it when the next one starts.
+    """
+
+    def __init__(self, con, seconds: float | None):
+        self.con, self.seconds, self.fired = con, seconds, False
+        self._done = threading.Event()
+
+    def __enter__(self):
+        if self.seconds:
+            threading.Thread(target=self._watch, daemon=True, name="atlas-sql-timeout").start()
+        return self
+
+    def _watch(self):
+        if self._done.wait(self.seconds):
+            return
+        self.fired = True
+        while True:
+            self.con.interrupt()
+            if self._done.wait(0.05):
+                return
+
+    def check(self) -> None:
+        if self.fired:
+            raise AtlasError(f"query interrupted after {self.seconds:g} s (--timeout)")
+
+    def __exit__(self, *exc):
+        self._done.set()
+        return False

@@ -1,16 +1,17 @@
 -- Views over an atlas folder's Parquet files.
 -- Paths are relative: point DuckDB at the atlas first, e.g.
 --   duckdb -cmd "SET file_search_path='my-atlas'" -c ".read sql/views.sql" -c "FROM channels LIMIT 5"
--- `atlas sql` and `atlas.open(path).sql(...)` do this for you.
+-- `atlas sql` and `atlas.open(path).sql(...)` do this for you, with each path made absolute (inside
+-- the atlas folder), as `atlas sql` reads no file by a relative path.
 --
 -- There, two table functions more, for similarity search (atlas/similarity.py; they need the
 -- atlas's indexes, which `atlas build` makes unless --no-index, and `atlas index ATLAS` makes later):
 --   similar_images(image_id, k := 10, layer := NULL)  -> rank, image_id, score
 --       the k images most like image_id at an indexed layer (default: the deepest indexed conv
---       layer), by cosine similarity; the image itself is rank 1.
+--       layer), by cosine similarity; the image itself is rank 0 (ranks count from 0, as in top_activations).
 --   similar_channels(layer, channel, k := 10, of_layer := NULL)  -> rank, layer, channel, score
 --       the k channels (of every recorded layer, or of of_layer) whose responses over the dataset
---       correlate most with the channel's (the channel itself left out).
+--       correlate most with the channel's (the channel itself left out); rank 0 the closest.
 --   SELECT * FROM similar_images(42, 10) JOIN images USING (image_id) ORDER BY rank;
 --   SELECT * FROM similar_channels('conv5', 17, 10) JOIN channels USING (layer, channel) ORDER BY rank;
 -- Plain DuckDB has neither: they are Python functions over the FAISS indexes in ATLAS/index/.

@@ -104,7 +104,7 @@ def test_exact_search_agrees_with_brute_force(tiny_atlas):
     n = len(sim)
     for i in range(n):
         rows = a.similar_images(image_id=i, k=n)
-        assert [r["rank"] for r in rows] == list(range(1, n + 1))
+        assert [r["rank"] for r in rows] == list(range(n))  # from 0, as top_activations ranks
         got_ids = np.array([r["image_id"] for r in rows])
         got = np.array([r["score"] for r in rows])
         np.testing.assert_allclose(got, np.sort(sim[i])[::-1], atol=1e-5)
@@ -121,7 +121,7 @@ def test_each_image_is_its_own_nearest_neighbour_and_ids_map_back(tiny_atlas):
             for r in top:
                 assert (r["path"], r["label"]) == (images[r["image_id"]]["path"], images[r["image_id"]]["label"])
     rows = cli_json("similar", tiny_atlas, "--image-id", 5, "-k", 4)
-    assert [r["rank"] for r in rows] == [1, 2, 3, 4] and rows[0]["image_id"] == 5
+    assert [r["rank"] for r in rows] == [0, 1, 2, 3] and rows[0]["image_id"] == 5
     assert rows[0]["path"] == images[5]["path"] and set(rows[0]) == {"rank", "image_id", "path", "label", "score"}
 
 

@@ -1,7 +1,7 @@
 """Reading an atlas: `sql`, `queries`, `info`, `layers`, `channels`, `top`, `show`, `filters`."""
 from __future__ import annotations
 
-import json
+import re
 from pathlib import Path
 
 import click
@@ -9,6 +9,58 @@ import click
 from ..errors import AtlasError
 from ..output import render, render_dicts
 from .base import CONTEXT, atlas_argument, format_option, main, _open, _say
+
+
+class NumbersAsArguments(click.Command):
+    """A command whose arguments may be negative numbers: `atlas top ATLAS conv1 -1` reaches the channel
+    check (one line with the layer's range) instead of click's "No such option '-1'"."""
+
+    def parse_args(self, ctx, args):
+        if any(re.fullmatch(r"-\d+", a) for a in args):
+            ctx.ignore_unknown_options = True  # click then passes "-1" on as an argument
+        return super().parse_args(ctx, args)
+
+
+class AtLeastOne(click.ParamType):
+    """A whole number >= 1, refused in one line (AtlasError) rather than click's usage block."""
+
+    name = "integer"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int) and not isinstance(value, bool):
+            n = value
+        else:
+            try:
+                n = int(str(value).strip())
+            except ValueError:
+                n = None
+        if n is None or n < 1:
+            raise AtlasError(f"{_name(param)} must be a whole number of at least 1 (got '{value}')")
+        return n
+
+
+class ChannelNumber(click.ParamType):
+    """A channel number; its range (0..N-1 of the layer) is the atlas's to check (Atlas.check_channel)."""
+
+    name = "integer"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        try:
+            return int(str(value).strip())
+        except ValueError:
+            raise AtlasError(f"channel '{value}' is not a channel number (a whole number, 0..N-1 for a layer "
+                             "of N channels: see `atlas layers ATLAS`)") from None
+
+
+def _name(param) -> str:
+    if param is None:
+        return "the value"
+    return param.opts[0] if param.param_type_name == "option" else param.human_readable_name
+
+
+DEFAULT_TIMEOUT = 30.0
 
 
 @main.command(context_settings=CONTEXT)
@@ -19,15 +71,31 @@ from .base import CONTEXT, atlas_argument, format_option, main, _open, _say
 @click.option("--query", "-q", "canned", help="Run an example query from sql/queries by name (see `atlas queries`).")
 @click.option("--param", "-p", multiple=True, metavar="NAME=VALUE",
               help="Set a SQL variable, read in the query with getvariable('NAME').")
+@click.option("--timeout", type=click.FloatRange(min=0), default=DEFAULT_TIMEOUT, show_default=True,
+              metavar="SECONDS", help="Interrupt the SQL after this long (0: no limit). The limit is checked "
+              "between the vectors (up to 2,048 rows) that DuckDB hands deconv_png, similar_images and "
+              "similar_channels, which run Python: a vector being rendered or searched finishes first.")
+@click.option("--unsafe-full-duckdb", "unsafe", is_flag=True,
+              help="Run the SQL with DuckDB's full access: any statement (COPY ... TO, ATTACH, CREATE, SET, "
+              "INSTALL/LOAD), any file you can read or write, extensions and the network. Without it the SQL "
+              "reads the atlas folder only and writes nothing.")
 @format_option
-def sql(atlas_path, query, sql_file, canned, param, fmt):
-    """Query an atlas with SQL (DuckDB).
+def sql(atlas_path, query, sql_file, canned, param, timeout, unsafe, fmt):
+    """Query an atlas with SQL (DuckDB), read-only.
+
+    The SQL reads the atlas and nothing else: read-only statements only (SELECT,
+    WITH, VALUES, DESCRIBE, SHOW, SUMMARIZE, EXPLAIN, PIVOT, read-only PRAGMAs,
+    SET VARIABLE), no file outside the atlas folder, no writes, no extensions;
+    --unsafe-full-duckdb lifts all of it. Several statements (separated by ;)
+    show each result in order: tables and CSV one after another with a blank
+    line between, JSON as one list holding each statement's list of rows.
 
     \b
-    Views: images, layers, channels, top_activations, activations.
+    Views: images, layers, channels, top_activations, activations (and analyses, once run).
       atlas sql my-atlas "SELECT * FROM channels ORDER BY max DESC LIMIT 5"
       atlas sql my-atlas -q class_selectivity -p label=circle
     """
+    from ..output import render_results
     from ..store import canned_queries
 
     sources = [s for s in (query, sql_file, canned) if s]
@@ -46,9 +114,9 @@ def sql(atlas_path, query, sql_file, canned, param, fmt):
             raise AtlasError(f"--param '{p}' is not NAME=VALUE")
         name, value = p.split("=", 1)
         params[name] = value
-    columns, rows = _open(atlas_path).fetch(query, params)
-    if columns:
-        click.echo(render(columns, rows, fmt))
+    results = _open(atlas_path).query(query, params, confined=not unsafe, timeout=timeout or None)
+    if results:
+        click.echo(render_results(results, fmt))
 
 
 @main.command(context_settings=CONTEXT)
@@ -62,13 +130,17 @@ def queries(fmt):
 
 @main.command(context_settings=CONTEXT)
 @atlas_argument
-@click.option("--json", "as_json", is_flag=True, help="Print the whole manifest as JSON.")
-def info(atlas_path, as_json):
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True,
+              help="A summary, or the whole manifest as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="The same as --format json.")
+def info(atlas_path, fmt, as_json):
     """Summary of an atlas: model, weights, dataset, layers, timings."""
+    from ..output import json_text
+
     a = _open(atlas_path)
     m = a.manifest
-    if as_json:
-        click.echo(json.dumps(m, indent=2))
+    if as_json or fmt == "json":
+        click.echo(json_text(m))
         return
     mdl, ds, t = m["model"], m["dataset"], m["timings"]
     weights = "random init (seed %s)" % mdl.get("seed") if mdl["random_init"] else \
@@ -112,18 +184,18 @@ def layers(atlas_path, fmt):
 @click.option("--sort", default="channel", show_default=True,
               type=click.Choice(["channel", "mean", "std", "max", "fire_rate"]))
 @click.option("--desc", is_flag=True, help="Largest first.")
-@click.option("--limit", type=int, help="Show only the first N.")
+@click.option("--limit", type=AtLeastOne(), metavar="N", help="Show only the first N (N >= 1).")
 @format_option
 def channels(atlas_path, layer, sort, desc, limit, fmt):
     """A layer's channels with their statistics over the dataset."""
     rows = _open(atlas_path).channels(layer, sort, desc)
-    click.echo(render_dicts(rows[:limit] if limit else rows, fmt))
+    click.echo(render_dicts(rows if limit is None else rows[:limit], fmt))
 
 
-@main.command(context_settings=CONTEXT)
+@main.command(cls=NumbersAsArguments, context_settings=CONTEXT)
 @atlas_argument
 @click.argument("layer")
-@click.argument("channel", type=int)
+@click.argument("channel", type=ChannelNumber())
 @format_option
 def top(atlas_path, layer, channel, fmt):
     """A channel's top-k activations: image, value, position and receptive-field box."""
@@ -132,10 +204,10 @@ def top(atlas_path, layer, channel, fmt):
     click.echo(render_dicts(rows, fmt, cols))
 
 
-@main.command(context_settings=CONTEXT)
+@main.command(cls=NumbersAsArguments, context_settings=CONTEXT)
 @atlas_argument
 @click.argument("layer")
-@click.argument("channel", type=int)
+@click.argument("channel", type=ChannelNumber())
 @click.option("--rank", type=int, help="Only this top-k entry's projection (0 = strongest).")
 @click.option("--mode", type=click.Choice(["unit", "map"]), default="unit", show_default=True,
               help="unit: project the one strongest position; map: the channel's whole map (reads the image).")
@@ -144,12 +216,16 @@ def top(atlas_path, layer, channel, fmt):
 @click.option("--switches", type=click.Choice(["auto", "stored", "recompute"]), default="auto", show_default=True,
               help="Max-pool switches from the atlas, or recomputed from the image (needs the dataset).")
 @click.option("--out", type=click.Path(path_type=Path), help="Also write the PNG here (a file, or a folder).")
-def show(atlas_path, layer, channel, rank, mode, norm, switches, out):
+@click.option("--cache", type=click.Path(file_okay=False, path_type=Path),
+              help="Picture cache folder instead of the atlas's own (default: the atlas's, or "
+                   "~/.cache/atlas/pictures when the atlas cannot be written).")
+def show(atlas_path, layer, channel, rank, mode, norm, switches, out, cache):
     """A channel's DeconvNet projections as a PNG (the paper's figure 2); prints its path.
 
     The panel shows the top-k projections in a grid beside the matching image
     patches (each cell the unit's receptive field; hatched beyond the image
-    border). Rendered on the first request and cached inside the atlas.
+    border). Rendered on the first request and cached inside the atlas (in
+    ~/.cache/atlas/pictures when the atlas cannot be written, or --cache DIR).
 
     \b
       atlas show my-atlas conv5 17                 the panel
@@ -158,14 +234,17 @@ def show(atlas_path, layer, channel, rank, mode, norm, switches, out):
     from ..projections import show as run
 
     click.echo(str(run(_open(atlas_path), layer, channel, rank, mode=mode, norm=norm, switches=switches, out=out,
-                       log=_say)))
+                       log=_say, cache=cache)))
 
 
 @main.command(context_settings=CONTEXT)
 @atlas_argument
 @click.argument("layer", required=False)
 @click.option("--out", type=click.Path(path_type=Path), help="Also write the PNG here (a file, or a folder).")
-def filters(atlas_path, layer, out):
+@click.option("--cache", type=click.Path(file_okay=False, path_type=Path),
+              help="Picture cache folder instead of the atlas's own (default: the atlas's, or "
+                   "~/.cache/atlas/pictures when the atlas cannot be written).")
+def filters(atlas_path, layer, out, cache):
     """The first layer's learned filters as a grid PNG (the paper's figure 6 view); prints its path.
 
     \b
@@ -173,4 +252,4 @@ def filters(atlas_path, layer, out):
     """
     from ..projections import filters as run
 
-    click.echo(str(run(_open(atlas_path), layer, out=out)))
+    click.echo(str(run(_open(atlas_path), layer, out=out, cache=cache)))

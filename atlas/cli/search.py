@@ -54,6 +54,9 @@ def index_cmd(atlas_path, layers, device, batch_size, progress, fmt):
 def similar(atlas_path, image, image_id, channel, layer, k, fmt):
     """Nearest neighbours by cosine similarity: images like an image, or channels like a channel.
 
+    Ranks count from 0, as top-k ranks do: an image query's rank 0 is the
+    image itself (score 1); a channel query leaves the channel out.
+
     \b
       atlas similar my-atlas --image-id 42             # rank, image_id, path, label, score
       atlas similar my-atlas --image cat.jpg --layer fc7 -k 5
