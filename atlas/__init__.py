@@ -5,8 +5,7 @@
     a = atlas.open("my-atlas")
     a.sql("SELECT * FROM channels ORDER BY fire_rate LIMIT 5")
 """
-__version__ = "0.1.0"
-FORMAT_VERSION = 2  # 2: the manifest records the model's constructor options (model.kwargs)
+from .formats import FORMAT_VERSION, __version__  # noqa: E402
 
 from .errors import AtlasError  # noqa: E402
 
@@ -19,8 +18,8 @@ def load_model(name, weights=None, **kwargs):
 
 
 def open(path):  # noqa: A001 - the documented API name
-    """Open an existing atlas folder (see `atlas.store.Atlas`)."""
-    from .store import Atlas
+    """Open an existing atlas folder (see `atlas.facade.Atlas`)."""
+    from .facade import Atlas
 
     return Atlas(path)
 

@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from . import FORMAT_VERSION, __version__
+from .formats import FORMAT_VERSION, __version__
 from .data import Preprocess, open_dataset
 from .device import default_workers, resolve_device
 from .distributed import ranks_from_env

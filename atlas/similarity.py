@@ -46,7 +46,7 @@ from .errors import AtlasError
 from .fsutil import atomic_write_json, remove_temp_files
 from .index import (EXACT_MAX, INDEX_FORMAT, build_index, channel_keys, channel_profiles, choose_index, load_index,
                     profile_rows, reconstruct, save_index, search, split_channel_keys)
-from .store import Atlas
+from .store import AtlasReader
 
 INDEX_DIR = "index"
 CHANNELS_FILE = "channels.faiss"
@@ -54,14 +54,14 @@ PROFILE_SAMPLE = 4096   # images a channel profile is read on (correlation stand
 PROFILE_SEED = 0
 FC_DTYPE = "float16"    # fc vectors are kept at half the bytes, whichever of the build or `atlas index` computes them
 
-_STATE: "weakref.WeakKeyDictionary[Atlas, dict]" = weakref.WeakKeyDictionary()  # per Atlas: loaded indexes, SQL
+_STATE: "weakref.WeakKeyDictionary[AtlasReader, dict]" = weakref.WeakKeyDictionary()  # per handle: loaded indexes, SQL
 
 
-def _open(atlas) -> Atlas:
-    return atlas if isinstance(atlas, Atlas) else Atlas(atlas)
+def _open(atlas) -> AtlasReader:
+    return atlas if isinstance(atlas, AtlasReader) else AtlasReader(atlas)
 
 
-def _hint(a: Atlas) -> str:
+def _hint(a: AtlasReader) -> str:
     return f"run `atlas index {a.path}`"
 
 
@@ -203,16 +203,16 @@ class ChunkRows:
 
 # -- vectors out of an atlas -----------------------------------------------------------------------------
 
-def _geometry(a: Atlas, layer: str) -> dict[str, Any]:
+def _geometry(a: AtlasReader, layer: str) -> dict[str, Any]:
     """The model layer's row of the manifest's geometry (kind, channels, ...)."""
     return next(g for g in a.manifest["geometry"]["layers"] if g["layer"] == layer)
 
 
-def _channels_of(a: Atlas, layer: str) -> int:
+def _channels_of(a: AtlasReader, layer: str) -> int:
     return int(_geometry(a, layer)["channels"])
 
 
-def _table_vectors(a: Atlas, layer: str, image_ids: np.ndarray) -> np.ndarray:
+def _table_vectors(a: AtlasReader, layer: str, image_ids: np.ndarray) -> np.ndarray:
     """(len(image_ids), C) float32: these images' rows of the layer's activations table, in image_ids order."""
     import pyarrow.parquet as pq
 
@@ -241,8 +241,8 @@ def _table_vectors(a: Atlas, layer: str, image_ids: np.ndarray) -> np.ndarray:
     return x
 
 
-def _images_table(a: Atlas):
-    """images.parquet's image_id, path, label and status (an Arrow table by image_id), read once per Atlas.
+def _images_table(a: AtlasReader):
+    """images.parquet's image_id, path, label and status (an Arrow table by image_id), read once per handle.
 
     Read directly, not through SQL: a query's paths are then a `take` (microseconds) instead of a scan of
     the images table (~5 ms at 200k images); and building needs no SQL connection.
@@ -256,7 +256,7 @@ def _images_table(a: Atlas):
     return state["images"]
 
 
-def _dataset(a: Atlas, what: str):
+def _dataset(a: AtlasReader, what: str):
     """The atlas's dataset, checked unchanged, for a forward pass that `what` needs."""
     root = a.manifest["dataset"]["root"]
     src = a.source
@@ -268,7 +268,7 @@ def _dataset(a: Atlas, what: str):
     return src
 
 
-def _forward_vectors(a: Atlas, src, names: list[str], image_ids: np.ndarray, *, keep: dict[str, np.ndarray],
+def _forward_vectors(a: AtlasReader, src, names: list[str], image_ids: np.ndarray, *, keep: dict[str, np.ndarray],
                      device: str, workers: int | None, progress: bool | None) -> dict[str, np.ndarray]:
     """{layer: (len(keep[layer]), C)} per-image vectors of `names` for the images `keep[layer]` (sorted, a
     subset of `image_ids`), by one forward pass over `image_ids`.
@@ -335,7 +335,7 @@ def build_indexes(atlas, layers: str | list[str] | None = None, *, device: str =
     the build, holds it already): see _build_indexes."""
     from .lock import writer_lock
 
-    path = atlas.path if isinstance(atlas, Atlas) else Path(atlas)
+    path = atlas.path if isinstance(atlas, AtlasReader) else Path(atlas)
     with writer_lock(path, "an index build", enabled=not locked):
         if not locked:
             remove_temp_files(path / INDEX_DIR)  # what a killed `atlas index` was writing
@@ -467,15 +467,15 @@ def index_summary(record: dict[str, Any]) -> list[dict[str, Any]]:
 
 # -- loading ---------------------------------------------------------------------------------------------
 
-def _record(a: Atlas) -> dict[str, Any]:
+def _record(a: AtlasReader) -> dict[str, Any]:
     rec = a.manifest.get("index")
     if not rec:
         raise AtlasError(f"atlas '{a.path}' has no similarity indexes; {_hint(a)} to build them")
     return rec
 
 
-def _load(a: Atlas, info: dict[str, Any], what: str, dim: int):
-    """(index, sidecar) of a manifest index entry, loaded once per Atlas and checked against the model."""
+def _load(a: AtlasReader, info: dict[str, Any], what: str, dim: int):
+    """(index, sidecar) of a manifest index entry, loaded once per handle and checked against the model."""
     cache = _STATE.setdefault(a, {}).setdefault("indexes", {})
     key = (info["file"], info["sha256"])
     if key not in cache:
@@ -490,7 +490,7 @@ def _load(a: Atlas, info: dict[str, Any], what: str, dim: int):
     return cache[key]
 
 
-def _image_index(a: Atlas, layer: str | None):
+def _image_index(a: AtlasReader, layer: str | None):
     rec = _record(a)
     if layer is None:
         convs = [n for n in rec["images"] if _kind(a, n) == "conv"]
@@ -507,7 +507,7 @@ def _image_index(a: Atlas, layer: str | None):
     return index, layer
 
 
-def _kind(a: Atlas, layer: str) -> str:
+def _kind(a: AtlasReader, layer: str) -> str:
     return _geometry(a, layer)["kind"]
 
 
@@ -532,7 +532,7 @@ def _ranked(index, q: np.ndarray, k: int, drop: int | None = None, keep=None) ->
 
 # -- queries ---------------------------------------------------------------------------------------------
 
-def _image_pairs(a: Atlas, image_id=None, image=None, layer: str | None = None, k: int = 10):
+def _image_pairs(a: AtlasReader, image_id=None, image=None, layer: str | None = None, k: int = 10):
     if (image_id is None) == (image is None):
         raise AtlasError("give exactly one of an image id (an image of the atlas) and an image file")
     k = _check_k(k)
@@ -552,7 +552,7 @@ def _image_pairs(a: Atlas, image_id=None, image=None, layer: str | None = None, 
     return _ranked(index, q, k), layer
 
 
-def _embed(a: Atlas, image, layer: str) -> np.ndarray:
+def _embed(a: AtlasReader, image, layer: str) -> np.ndarray:
     """The query vector of any image file at `layer`: the atlas's preprocessing, then its model."""
     import torch
 
@@ -599,7 +599,7 @@ def parse_channel(channel) -> tuple[str, int]:
     return str(layer), c
 
 
-def _channel_pairs(a: Atlas, channel, k: int = 10, layer: str | None = None):
+def _channel_pairs(a: AtlasReader, channel, k: int = 10, layer: str | None = None):
     name, c = parse_channel(channel)
     k = _check_k(k)
     a.check_channel(name, c)
@@ -647,7 +647,7 @@ def register_sql(atlas) -> None:
         SELECT * FROM similar_images(42, layer := 'fc7')
         SELECT * FROM similar_channels('conv5', 17, 10) JOIN channels USING (layer, channel)
 
-    Atlas.sql registers them (once) on the first query that calls them: a Python
+    AtlasReader.sql registers them (once) on the first query that calls them: a Python
     UDF's registration imports numpy (~60 ms), which plain SQL need not pay.
     The UDFs read the indexes only (no SQL of their own), loaded on first call.
     """
@@ -656,10 +656,10 @@ def register_sql(atlas) -> None:
     # A weak reference: the connection is the atlas's, and DuckDB's C++ side hides a cycle from the collector.
     ref, path, spare = weakref.ref(a), a.path, []
 
-    def current() -> Atlas:  # a relation can outlive its Atlas (`atlas sql`): then a fresh reader of the folder
+    def current() -> AtlasReader:  # a relation can outlive its AtlasReader (`atlas sql`): then a fresh reader of the folder
         got = ref()
         if got is None:
-            spare[:] = spare or [Atlas(path)]
+            spare[:] = spare or [AtlasReader(path)]
             got = spare[0]
         return got
 

@@ -26,7 +26,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from . import FORMAT_VERSION
+from .formats import FORMAT_VERSION
 from .errors import AtlasError
 
 # sql/ at the repository's top level is the source; a wheel carries a copy inside the package (setup.py)
@@ -64,8 +64,12 @@ def canned_queries() -> dict[str, tuple[str, str]]:
     return out
 
 
-class Atlas:
-    """A built atlas, opened for reading. `atlas.open(path)` returns one."""
+class AtlasReader:
+    """A built atlas, opened for reading: its manifest, tables (SQL), model, geometry, images and switches.
+
+    Pure reading, so that everything above it (projections, similarity, the export, the analyses) can use
+    it without a circle of imports. `atlas.open(path)` returns an `atlas.facade.Atlas`, this plus the
+    pictures, the similarity queries and the SQL functions that run them."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -221,10 +225,10 @@ class Atlas:
                         raise self._query_error(e) from None
         return results
 
-    def _twin(self, confined: bool) -> "Atlas":
+    def _twin(self, confined: bool) -> "AtlasReader":
         twins = self.__dict__.setdefault("_twins", {})
         if confined not in twins:
-            twin = Atlas(self.path)
+            twin = type(self)(self.path)  # the same kind: a facade's twin has the SQL functions too
             twin._confined = confined
             twins[confined] = twin
         return twins[confined]
@@ -409,20 +413,6 @@ class Atlas:
         crop = self.preprocess.crop_image(self.original(image_id))
         return self.preprocess.to_tensor(crop), crop
 
-    # -- similarity (atlas/similarity.py) ----------------------------------
-    def similar_images(self, image_id: int | None = None, image: str | Path | None = None,
-                       layer: str | None = None, k: int = 10) -> list[dict[str, Any]]:
-        """Images most like image `image_id` of the atlas, or any image file `image`: `similarity.similar_images`."""
-        from .similarity import similar_images
-
-        return similar_images(self, image_id=image_id, image=image, layer=layer, k=k)
-
-    def similar_channels(self, channel, k: int = 10, layer: str | None = None) -> list[dict[str, Any]]:
-        """Channels whose responses are most like `channel` ("conv5:17"): `similarity.similar_channels`."""
-        from .similarity import similar_channels
-
-        return similar_channels(self, channel, k=k, layer=layer)
-
     # -- switches -----------------------------------------------------------
     def switches(self, layer: str, channel: int, rank: int):
         """{pool: index tensor (C, H, W)} for a top-k entry, decoded from the stored switches.
@@ -446,30 +436,9 @@ class Atlas:
             out[r["pool"]] = decode(r["data"], pool.channels, pool.geometry, region)
         return out
 
-    # -- pictures (rendered on demand, cached under cache/; see atlas/projections.py) ---------
-    def show(self, layer: str, channel: int, rank: int | None = None, **options) -> Path:
-        """The figure 2 panel of a channel (or, with rank, one projection) as a PNG path: `projections.show`."""
-        from .projections import show
-
-        return show(self, layer, channel, rank, **options)
-
-    def filters(self, layer: str | None = None, out: str | Path | None = None) -> Path:
-        """The first layer's filters as a grid PNG (figure 6 view): `projections.filters`."""
-        from .projections import filters
-
-        return filters(self, layer, out)
-
     def _register_functions(self, query: str) -> None:
-        # Python functions (deconv_png, similar_images, similar_channels) are registered on the first
-        # query that calls them: registering one imports numpy (~60 ms), which opening an atlas and plain
-        # SQL should not pay. A name that is not followed by "(" (a column alias) registers nothing.
-        for name in set(FUNCTION_CALL.findall(query.lower())):
-            module = "projections" if name == "deconv_png" else "similarity"
-            if module not in self._registered:
-                import importlib
-
-                importlib.import_module(f".{module}", __package__).register_sql(self)
-                self._registered.add(module)
+        """Put the Python functions a query calls on the connection: none here (pure reading); the
+        facade (atlas.facade.Atlas) registers deconv_png, similar_images and similar_channels."""
 
 
 def _sql_error(e: Exception) -> AtlasError:

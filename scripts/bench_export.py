@@ -78,7 +78,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from atlas.build import build
     from atlas.export import export
-    from atlas.store import Atlas
+    from atlas.facade import Atlas
 
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench-export-"))
     work.mkdir(parents=True, exist_ok=True)

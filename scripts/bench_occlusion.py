@@ -106,7 +106,7 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     from atlas.build import build
-    from atlas.store import Atlas
+    from atlas.facade import Atlas
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -110,7 +110,7 @@ def main() -> None:
     from atlas import deconv as D
     from atlas import projections as PJ
     from atlas.build import build
-    from atlas.store import Atlas
+    from atlas.facade import Atlas
 
     load0 = round(os.getloadavg()[0], 2)
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench-render-"))

@@ -17,7 +17,7 @@ from atlas.analyses import invariance as IV
 from atlas.analyses import occlusion as O
 from atlas.cli import main
 from atlas.errors import AtlasError
-from atlas.store import Atlas
+from atlas.facade import Atlas
 
 SMALL = {"translate": [-3, 0, 3]}
 # recorded names in an order that is NOT the dataset's (ImageFolder sorts: blue, green, red), so that

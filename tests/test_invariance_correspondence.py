@@ -12,7 +12,7 @@ from PIL import Image
 from atlas.analyses import correspondence as CO
 from atlas.analyses import invariance as IV
 from atlas.errors import AtlasError
-from atlas.store import Atlas
+from atlas.facade import Atlas
 
 SMALL = {"translate": [-3, 0, 3], "scale": [1.0, 1.3], "rotate": [0, 90, 180]}
 

@@ -16,7 +16,7 @@ from atlas.analyses import occlusion as O
 from atlas.errors import AtlasError
 from atlas.layers import LayerMap
 from atlas.models.zfnet import AlexNetSingle, ZFNetMini
-from atlas.store import Atlas
+from atlas.facade import Atlas
 
 S = 32
 R = (8, 16, 16, 24)  # the planted region: rows 8..15, columns 16..23 (y0, x0, y1, x1)

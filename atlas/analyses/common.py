@@ -34,7 +34,7 @@ from ..errors import AtlasError
 def open_atlas(atlas):
     """An Atlas, or a path to one."""
     if isinstance(atlas, (str, Path)):
-        from ..store import Atlas
+        from ..facade import Atlas
 
         return Atlas(atlas)
     return atlas

@@ -69,7 +69,7 @@ def atlas_argument(f):
 
 
 def _open(path: Path):
-    from ..store import Atlas
+    from ..facade import Atlas
 
     return Atlas(path)
 
