@@ -20,8 +20,8 @@ and the README.
 from .checkpoints import read_metrics
 from .pipeline import crop_flip, crop_flip_gather, decode_squares
 from .recipe import MODEL_DEFAULTS, PAPER_DEFAULTS, holdout_split, parse_epochs
-from .run import train
+from .run import TrainOptions, train
 from .trainer import Trainer, conv_filter_rms, renormalize_filters
 
-__all__ = ["MODEL_DEFAULTS", "PAPER_DEFAULTS", "Trainer", "conv_filter_rms", "crop_flip", "crop_flip_gather",
+__all__ = ["MODEL_DEFAULTS", "PAPER_DEFAULTS", "TrainOptions", "Trainer", "conv_filter_rms", "crop_flip", "crop_flip_gather",
            "decode_squares", "holdout_split", "parse_epochs", "read_metrics", "renormalize_filters", "train"]
