@@ -27,7 +27,39 @@ def _classifier(in_features: int, hidden: int, num_classes: int, dropout: float)
     )
 
 
-class ZFNet(nn.Module):
+def _pooled_conv(cin: int, cout: int, *, kernel: int, stride: int, padding: int, ceil_mode: bool,
+                 norm: bool) -> list[nn.Module]:
+    """conv -> ReLU -> 3x3/2 max-pool -> contrast normalisation (or Identity): conv1 and conv2 of ZFNet
+    and single-tower AlexNet, whose module indices the atlas's layer names follow."""
+    return [nn.Conv2d(cin, cout, kernel_size=kernel, stride=stride, padding=padding), nn.ReLU(inplace=True),
+            nn.MaxPool2d(kernel_size=3, stride=2, ceil_mode=ceil_mode), _lrn() if norm else nn.Identity()]
+
+
+def _conv3_to_pool5(ceil_mode: bool) -> list[nn.Module]:
+    """conv3, conv4, conv5 (3x3/1 pad 1: 384, 384, 256 filters) and pool5 (3x3/2): the same in ZFNet and
+    single-tower AlexNet."""
+    return [nn.Conv2d(256, 384, kernel_size=3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(384, 384, kernel_size=3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(384, 256, kernel_size=3, padding=1), nn.ReLU(inplace=True),
+            nn.MaxPool2d(kernel_size=3, stride=2, ceil_mode=ceil_mode)]
+
+
+class _EightLayerNet(nn.Module):
+    """Five convs (`features`, given by the subclass), avgpool to 6 x 6, fc6 4096, fc7 4096, fc8: ZFNet
+    and single-tower AlexNet, with the paper's initialisation."""
+
+    def __init__(self, features: nn.Sequential, num_classes: int, dropout: float):
+        super().__init__()
+        self.features = features
+        self.avgpool = nn.AdaptiveAvgPool2d((6, 6))
+        self.classifier = _classifier(256 * 6 * 6, 4096, num_classes, dropout)
+        paper_init(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
+class ZFNet(_EightLayerNet):
     """The paper's net, for 224 x 224 x 3 input.
 
     Shapes (channels x height x width) after each block:
@@ -43,32 +75,11 @@ class ZFNet(nn.Module):
     input_size = 224
 
     def __init__(self, num_classes: int = 1000, contrast_norm: bool = True, dropout: float = 0.5):
-        super().__init__()
-        norm = _lrn if contrast_norm else nn.Identity
-        self.features = nn.Sequential(
-            nn.Conv2d(3, 96, kernel_size=7, stride=2, padding=1),
-            nn.ReLU(inplace=True),
-            nn.MaxPool2d(kernel_size=3, stride=2, ceil_mode=True),
-            norm(),
-            nn.Conv2d(96, 256, kernel_size=5, stride=2),
-            nn.ReLU(inplace=True),
-            nn.MaxPool2d(kernel_size=3, stride=2, ceil_mode=True),
-            norm(),
-            nn.Conv2d(256, 384, kernel_size=3, padding=1),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(384, 384, kernel_size=3, padding=1),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(384, 256, kernel_size=3, padding=1),
-            nn.ReLU(inplace=True),
-            nn.MaxPool2d(kernel_size=3, stride=2, ceil_mode=True),
-        )
-        self.avgpool = nn.AdaptiveAvgPool2d((6, 6))
-        self.classifier = _classifier(256 * 6 * 6, 4096, num_classes, dropout)
-        paper_init(self)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.avgpool(self.features(x))
-        return self.classifier(torch.flatten(x, 1))
+        super().__init__(nn.Sequential(
+            *_pooled_conv(3, 96, kernel=7, stride=2, padding=1, ceil_mode=True, norm=contrast_norm),   # conv1
+            *_pooled_conv(96, 256, kernel=5, stride=2, padding=0, ceil_mode=True, norm=contrast_norm),  # conv2
+            *_conv3_to_pool5(ceil_mode=True),
+        ), num_classes, dropout)
 
 
 class ZFNetMini(nn.Module):
@@ -129,7 +140,7 @@ class ZFNetMini(nn.Module):
         return self.classifier(torch.flatten(x, 1))
 
 
-class AlexNetSingle(nn.Module):
+class AlexNetSingle(_EightLayerNet):
     """Krizhevsky et al. 2012 as one tower (the paper's figure 6 baseline).
 
         conv1 11x11/4 pad 2 ->  96 x 55 x 55, pool1 3x3/2 -> 96 x 27 x 27, norm1
@@ -141,32 +152,11 @@ class AlexNetSingle(nn.Module):
     input_size = 224
 
     def __init__(self, num_classes: int = 1000, contrast_norm: bool = True, dropout: float = 0.5):
-        super().__init__()
-        norm = _lrn if contrast_norm else nn.Identity
-        self.features = nn.Sequential(
-            nn.Conv2d(3, 96, kernel_size=11, stride=4, padding=2),
-            nn.ReLU(inplace=True),
-            nn.MaxPool2d(kernel_size=3, stride=2),
-            norm(),
-            nn.Conv2d(96, 256, kernel_size=5, padding=2),
-            nn.ReLU(inplace=True),
-            nn.MaxPool2d(kernel_size=3, stride=2),
-            norm(),
-            nn.Conv2d(256, 384, kernel_size=3, padding=1),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(384, 384, kernel_size=3, padding=1),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(384, 256, kernel_size=3, padding=1),
-            nn.ReLU(inplace=True),
-            nn.MaxPool2d(kernel_size=3, stride=2),
-        )
-        self.avgpool = nn.AdaptiveAvgPool2d((6, 6))
-        self.classifier = _classifier(256 * 6 * 6, 4096, num_classes, dropout)
-        paper_init(self)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.avgpool(self.features(x))
-        return self.classifier(torch.flatten(x, 1))
+        super().__init__(nn.Sequential(
+            *_pooled_conv(3, 96, kernel=11, stride=4, padding=2, ceil_mode=False, norm=contrast_norm),  # conv1
+            *_pooled_conv(96, 256, kernel=5, stride=1, padding=2, ceil_mode=False, norm=contrast_norm),  # conv2
+            *_conv3_to_pool5(ceil_mode=False),
+        ), num_classes, dropout)
 
 
 def paper_init(model: nn.Module, std: float = 1e-2) -> None:
