@@ -58,8 +58,8 @@ def _busy(target: Path, path: Path, rec: dict | None, what: str) -> AtlasError:
         return AtlasError(f"'{target}' is being written by another process ({path} is locked): wait for it "
                           "to finish")
     who = f"process {rec.get('pid')} on {rec.get('host')}, since {rec.get('started')}"
-    return AtlasError(f"{rec.get('what', 'a writer')} of '{target}' is running ({who}): wait for it to finish "
-                      f"before this {what}; if that process is gone (a shared filesystem can keep a lock its "
+    return AtlasError(f"{rec.get('what', 'a writer')} of '{target}' is running ({who}), so {what} cannot start: "
+                      f"wait for it to finish; if that process is gone (a shared filesystem can keep a lock its "
                       f"holder lost), delete {path}")
 
 

@@ -60,7 +60,8 @@ def site(hostile_atlas, tmp_path_factory) -> Path:
     c = xss_channel(a)
     out = tmp_path_factory.mktemp("site") / "site"
     export(hostile_atlas, out, max_channels=3, progress=False)
-    export(hostile_atlas, out, layers="conv2", channels=[c], progress=False)  # adds the hostile channel
+    # a re-export that asks for the hostile channel too (in every layer: a site is what the last export asked)
+    export(hostile_atlas, out, channels=sorted({0, 1, 2, c}), progress=False)
     return out
 
 
@@ -248,7 +249,7 @@ def test_second_export_is_a_no_op_and_changes_are_picked_up(hostile_atlas, tmp_p
     assert 'analyses/' not in (out / "index.html").read_text()
 
 
-def test_partial_exports_add_up_and_a_new_atlas_replaces(hostile_atlas, tiny_atlas, tmp_path):
+def test_partial_exports_are_what_was_asked_and_a_new_atlas_replaces(hostile_atlas, tiny_atlas, tmp_path):
     out = tmp_path / "site"
     export(hostile_atlas, out, layers="conv1", channels="0-1,5", progress=False)
     assert sorted(p.name for p in (out / "conv1").glob("*.html")) == ["0.html", "1.html", "5.html", "index.html"]
@@ -258,9 +259,12 @@ def test_partial_exports_add_up_and_a_new_atlas_replaces(hostile_atlas, tiny_atl
     assert 'href="5.html"' in layer_page and 'href="4.html"' not in layer_page
     ch1 = (out / "conv1" / "1.html").read_text()
     assert 'rel="next" href="5.html"' in ch1 and 'rel="prev" href="0.html"' in ch1
-    export(hostile_atlas, out, layers="conv2", max_channels=1, progress=False)
-    assert (out / "conv1" / "5.html").is_file() and (out / "conv2" / "0.html").is_file()
-    assert 'href="conv2/index.html"' in (out / "index.html").read_text()
+    export(hostile_atlas, out, layers="conv2", max_channels=1, progress=False)  # another layer replaces conv1
+    assert not (out / "conv1").exists() and (out / "conv2" / "0.html").is_file()
+    index = (out / "index.html").read_text()
+    assert 'href="conv2/index.html"' in index and 'href="conv1/index.html"' not in index
+    export(hostile_atlas, out, layers="conv1,conv2", channels="0-1,5", progress=False)
+    assert (out / "conv1" / "5.html").is_file() and (out / "conv2" / "5.html").is_file()
     # another atlas: the old pages go
     export(tiny_atlas, out, layers="conv1", max_channels=1, progress=False)
     assert not (out / "conv2").exists() and not (out / "conv1" / "5.html").exists()

@@ -14,17 +14,23 @@ from .base import CONTEXT, atlas_argument, main, progress_option, _say
 @click.option("--layers", help="Comma-separated layers to export (default: all recorded).")
 @click.option("--channels", help="Channels per layer, e.g. 0-15,17 (default: all).")
 @click.option("--max-channels", type=int, help="Only the first N channels of each layer.")
+@click.option("--cache", type=click.Path(file_okay=False, path_type=Path),
+              help="Picture cache folder to use instead of the atlas's own (default: the atlas's, or "
+                   "~/.cache/atlas/pictures when the atlas cannot be written).")
 @progress_option
-def export(atlas_path, site_dir, layers, channels, max_channels, progress):
+def export(atlas_path, site_dir, layers, channels, max_channels, cache, progress):
     """Export the atlas as a static site that opens from file:// or any static host.
 
     An index page, a page per layer (channel tiles you can sort and filter)
     and a page per channel (the figure 2 panel, statistics, histogram, label
     mix, similar channels, the SQL behind its numbers), each with a JSON twin.
-    Re-exporting an unchanged atlas does almost no work.
+    The site is what was asked, no more: re-exporting with fewer channels or
+    other layers removes the pages that are no longer asked for (never a file
+    the export did not write), and re-exporting an unchanged atlas does almost
+    no work. One export of a site at a time.
     """
     from ..export import export as run_export
 
     root = run_export(atlas_path, site_dir, layers=layers, channels=channels, max_channels=max_channels,
-                      progress=progress, log=_say)
+                      cache=cache, progress=progress, log=_say)
     click.echo(str(Path(root) / "index.html"))

@@ -1,17 +1,19 @@
 """Export an atlas as a static website: plain files that open from file:// or any static host.
 
 CLI: atlas export ATLAS SITE_DIR [--layers conv1,conv3] [--channels 0-15,17] [--max-channels N]
-                                 [--progress/--no-progress]
+                                 [--cache DIR] [--progress/--no-progress]
      One library call: export(atlas_path, site_dir, layers=..., channels=..., max_channels=...,
-     progress=..., log=...) -> Path (prints the site's index.html path).
+     cache=..., progress=..., log=...) -> Path (prints the site's index.html path).
      --layers        comma-separated layers (default: every recorded conv layer)
      --channels      channel numbers / ranges, applied to each chosen layer (default: all)
      --max-channels  only the first N of those channels per layer (a quick look at a big model)
+     --cache         the picture cache to use instead of the atlas's (see atlas.projections.PictureCache)
      --progress      progress bar (default: on a terminal; log lines otherwise)
 
 Site layout (every address relative and stable, so a link to a unit survives a re-export):
 
-    index.html  index.json        model, weights, dataset, k, build figures, layers, conv1 filters, analyses
+    index.html  index.json        model, weights, dataset (and its unreadable images), k, build figures,
+                                  layers, conv1 filters, analyses
     static/atlas.css, atlas.js    the only style and script (no fonts, CDNs or external anything)
     img/conv1-filters.png         the first layer's filters (figure 6)
     conv3/index.html  .json       a layer: every channel as a tile, sortable and filterable in the page
@@ -20,18 +22,26 @@ Site layout (every address relative and stable, so a link to a unit survives a r
     conv3/img/17-panel.png        the figure-2 panel (top-k projections beside their patches)
     conv3/img/17-0.png, 17-0-patch.png   rank 0's projection and image patch (and so on per rank)
     analyses/NAME.html  .json     a page per analysis found under ATLAS/analyses/NAME/
-    .atlas-export.json            the site's own manifest: the key of every file's inputs
+    .atlas-export.json            the site's own record: the key of every file's inputs
+    .atlas-export.journal         while an export runs: the files it is writing (gone when it finishes)
 
 Every page has a JSON twin beside it holding the same data (like Datasette).
-Pictures come from the lazy renderer's cache inside the atlas and are
-hardlinked into the site (copied across file systems), never re-encoded.
+Pictures come from the lazy renderer's cache (inside the atlas, or the
+per-user one when the atlas is read-only) and are hardlinked into the site
+(copied across file systems), never re-encoded.
 
-Re-exporting: files whose inputs did not change are not touched, so a second
-export of an unchanged atlas does almost nothing; a partial export (layers,
-channels, max_channels) adds to what an earlier export of the same atlas left;
-an export of a different (or rebuilt) atlas replaces it and removes the stale
-files. Each file is written atomically, pictures before the pages that show
-them.
+One writer at a time: an export holds the site's writer lock (atlas/lock.py,
+`.SITE.lock` beside the folder) from before it reads the site's record until it
+has saved it; a second export of the same site is refused in one line naming
+the holder, and touches nothing.
+
+Re-exporting makes the site what was asked, no more: files whose inputs did
+not change are not touched (a second export of an unchanged atlas does almost
+nothing); pages and pictures an earlier export wrote that this one does not
+(fewer channels, other layers, another atlas, an export killed half-way) are
+removed, from the site's own record (site.py), and files the export never
+wrote are left alone. Each file is written atomically, pictures before the
+pages that show them.
 """
 from __future__ import annotations
 
@@ -59,36 +69,47 @@ __all__ = ["export", "parse_channels", "EXPORT_VERSION"]
 
 def export(atlas_path: str | Path, site_dir: str | Path, *, layers: str | Iterable[str] | None = None,
            channels: str | Iterable[int] | None = None, max_channels: int | None = None,
-           progress: bool | None = None, log: Callable[[str], None] | None = None) -> Path:
-    """Write (or bring up to date) the static site of an atlas; returns the site folder."""
-    from ..store import Atlas
+           cache: str | Path | None = None, progress: bool | None = None,
+           log: Callable[[str], None] | None = None) -> Path:
+    """Write (or bring up to date) the static site of an atlas, exactly the layers and channels asked
+    for; returns the site folder. `cache`: the picture cache to use instead of the atlas's."""
+    from ..lock import writer_lock
+    from ..facade import Atlas
 
     log = log or (lambda s: None)
     t0 = time.perf_counter()
     a = atlas_path if isinstance(atlas_path, Atlas) else Atlas(atlas_path)
-    site = Site(Path(site_dir))
     selection = _selection(a, layers, channels, max_channels)
-    identity = hashlib.sha256((Path(a.path) / "manifest.json").read_bytes()).hexdigest()[:24]
+    with writer_lock(Path(site_dir), "an export"):
+        site = Site(Path(site_dir))
+        try:
+            return _export(a, site, selection, cache, progress, log, t0)
+        finally:
+            site.close()
+
+
+def _export(a, site: Site, selection: dict[str, list[int]], cache, progress, log, t0: float) -> Path:
+    from ..projections import identity as atlas_identity
+
+    site.remove_temps()
+    identity = atlas_identity(a)
     state = site.state
-    if state.get("identity") == identity and state.get("version") == EXPORT_VERSION:
-        for la, chans in (state.get("selection") or {}).items():
-            if la in a.layer_names:
-                selection[la] = sorted(set(selection.get(la, [])) | set(chans))
-        selection = {la: selection[la] for la in a.layer_names if la in selection}
     code = _code_hash()
     fingerprint = key_of(identity, _atlas_files(a), code, selection, EXPORT_VERSION)
+    dataset = Path(a.manifest["dataset"]["root"])
     # pictures drawn with an image missing are redrawn once it is back, so while the dataset is there such
     # a site is never "up to date" (the full pass finds every other picture in the cache: seconds, not minutes)
-    waiting = state.get("incomplete") and Path(a.manifest["dataset"]["root"]).exists()
-    if state.get("fingerprint") == fingerprint and not waiting and \
+    waiting = state.get("incomplete") and dataset.exists()
+    if state.get("fingerprint") == fingerprint and not waiting and not site.interrupted and \
             all((site.root / r).is_file() for r in state.get("files", {})):
         dt = time.perf_counter() - t0
+        _warn_incomplete(log, dataset, state.get("incomplete") or 0, None)
         log(f"site '{site.root}' is up to date ({len(state['files'])} files, checked in {dt:.2f} s)")
         _save_run(site, state, {"seconds": round(dt, 3), "up_to_date": True})
         return site.root
 
     total = sum(len(v) for v in selection.values())
-    pics = Pictures(a)
+    pics = Pictures(a, cache=cache)
     ex = _Exporter(a, site, pics, selection, code, log)
     with Progress(total, "export", "channels", enabled=progress) as bar:
         ex.run(bar)
@@ -100,9 +121,20 @@ def export(atlas_path: str | Path, site_dir: str | Path, *, layers: str | Iterab
            "files_kept": site.skipped, "files_removed": removed, "up_to_date": False}
     site.save(version=EXPORT_VERSION, identity=identity, fingerprint=fingerprint, selection=selection,
               atlas=str(Path(a.path).resolve()), incomplete=ex.incomplete, last_run=run)
+    _warn_incomplete(log, dataset, ex.incomplete, ex.errors[0] if ex.errors else None)
     log(f"site written to {site.root}: {total} channel pages; {site.written} files written, {site.linked} pictures "
         f"linked, {site.skipped} unchanged, {removed} removed; {dt:.1f} s ({pics.seconds:.1f} s making pictures)")
     return site.root
+
+
+def _warn_incomplete(log, dataset: Path, incomplete: int, first: str | None) -> None:
+    pages = f"{incomplete} channel page{'s' if incomplete != 1 else ''}"
+    if not dataset.exists():
+        log(f"Warning: the atlas's dataset folder '{dataset}' is gone: image patches are placeholders "
+            f"({pages} say incomplete); projections need only the stored switches")
+    elif incomplete:
+        log(f"Warning: {pages} have incomplete pictures (first: {first}); a later export redraws them once "
+            "the images are back")
 
 
 def parse_channels(spec: str | Iterable[int] | None) -> list[int] | None:
@@ -407,6 +439,7 @@ class _Exporter:
                         "sha256": mdl.get("weights_sha256")},
             "dataset": {"name": self.dataset_name, "kind": ds.get("kind"), "count": ds.get("count"),
                         "ok": ds.get("ok"), "errors": ds.get("errors"), "classes": ds.get("classes")},
+            "unreadable": gather.unreadable_images(self.a),
             "preprocessing": m["preprocessing"].get("note", ""),
             "k": m["k"],
             "built": {"created": m.get("created"), "version": m.get("tool", {}).get("version"),

@@ -60,6 +60,18 @@ def top_rows(a, layer: str) -> dict[int, list[dict[str, Any]]]:
     return out
 
 
+UNREADABLE_SHOWN = 10
+UNREADABLE_SQL = "SELECT image_id, path, error FROM images WHERE status = 'error' ORDER BY image_id;"
+
+
+def unreadable_images(a, shown: int = UNREADABLE_SHOWN) -> dict[str, Any]:
+    """The images the build could not read: {"count", "shown": the first few (image_id, path, error),
+    "sql": the query that lists them all}."""
+    count = a.rows("SELECT count(*) AS n FROM images WHERE status = 'error'")[0]["n"]
+    rows = a.rows(f"{UNREADABLE_SQL[:-1]} LIMIT {int(shown)}") if count else []
+    return {"count": int(count), "shown": rows, "sql": UNREADABLE_SQL}
+
+
 def label_mix(tops: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The labels among a channel's top-k, most frequent first (ties by label): label, n, share."""
     c = Counter(r["label"] if r["label"] is not None else UNLABELLED for r in tops)

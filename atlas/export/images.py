@@ -4,8 +4,9 @@
 copies) them into the site, never re-encodes them.
 
 The pictures are the lazy renderer's cache (`atlas.projections`, the same
-cache `atlas show` and deconv_png() fill), so an export after `atlas show`
-reuses those PNGs, and a show after an export finds them rendered.
+cache `atlas show` and deconv_png() fill: the atlas's own, or the per-user one
+when the atlas cannot be written, or a --cache DIR), so an export after `atlas
+show` reuses those PNGs, and a show after an export finds them rendered.
 """
 from __future__ import annotations
 
@@ -20,11 +21,11 @@ from ..projections import Renderer
 class Pictures:
     """PNG files for one atlas. `seconds` counts the time spent producing pictures (projection work)."""
 
-    def __init__(self, atlas, mode: str = "unit", norm: str = "identity"):
+    def __init__(self, atlas, mode: str = "unit", norm: str = "identity", cache=None):
         self.a = atlas
         self.mode, self.norm = mode, norm
         self.seconds = 0.0
-        self._impl = Renderer(atlas, mode, norm)  # its own counters: they describe this export only
+        self._impl = Renderer(atlas, mode, norm, cache)  # its own counters: they describe this export only
 
     @property
     def rendered(self) -> int:

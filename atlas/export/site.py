@@ -1,11 +1,17 @@
 """The site folder: atomic file writes, hardlinked pictures, and what to skip on a re-export.
 
-The site keeps its own manifest, `.atlas-export.json`: for every file it wrote,
-the key of the inputs it was made from. A file whose key is unchanged (and that
-is still there) is not written again; files of an earlier export that this one
-no longer produces are removed. Files are written one by one, each atomically
-(temp file + rename), pictures before the pages that show them, so a reader
-never sees half a page or a page whose pictures are missing.
+The site keeps its own record of what it wrote: `.atlas-export.json`, for every
+file of the last finished export the key of the inputs it was made from, and,
+while an export runs, `.atlas-export.journal`, one line per file that export is
+about to write (appended before the file is created). A file whose key is
+unchanged (and that is still there) is not written again; files an earlier
+export wrote that this one no longer produces are removed, those of an export
+that was killed half-way too (its journal names them); nothing else in the
+folder is touched. Files are written one by one, each atomically (temp file +
+rename), pictures before the pages that show them, so a reader never sees half
+a page or a page whose pictures are missing. The temp files a killed export
+left beside the files it was writing are removed by the next one (the export
+holds the site's writer lock, so no other writer's temp file can be among them).
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ from ..errors import AtlasError
 from ..fsutil import atomic_write_json
 
 STATE = ".atlas-export.json"
+JOURNAL = ".atlas-export.journal"
 
 
 def key_of(*parts: Any) -> str:
@@ -34,6 +41,9 @@ class Site:
         self.written = 0
         self.linked = 0
         self.skipped = 0
+        self.interrupted: set[str] = set()  # what a killed export was writing (its journal)
+        self._journal = None
+        self._noted: set[str] = set()
         if self.root.exists():
             if not self.root.is_dir():
                 raise AtlasError(f"site folder '{self.root}' exists and is not a folder")
@@ -43,10 +53,13 @@ class Site:
                     self.state = json.loads(st.read_text())
                 except ValueError:
                     self.state = {}
-            elif any(self.root.iterdir()):
+            elif not (self.root / JOURNAL).is_file() and any(self.root.iterdir()):  # a journal: ours, killed
                 raise AtlasError(f"'{self.root}' is not empty and is not an exported atlas site: export into a new "
                                  "or empty folder (or one an earlier `atlas export` wrote)")
-        self.old: dict[str, str] = dict(self.state.get("files") or {})
+            self.interrupted = _read_journal(self.root / JOURNAL)
+        self.old: dict[str, str | None] = dict(self.state.get("files") or {})
+        for rel in self.interrupted:  # written by an export that never finished: content unknown
+            self.old[rel] = None
 
     # -- skipping ---------------------------------------------------------------
     def fresh(self, rel: str, key: str) -> bool:
@@ -58,10 +71,23 @@ class Site:
         return False
 
     # -- writing ----------------------------------------------------------------
+    def _note(self, rel: str) -> None:
+        """Record `rel` in the journal before it is written, so that an export killed after writing it
+        still leaves a record of it (and of its temp file) for the next export to act on."""
+        if rel in self._noted:
+            return
+        if self._journal is None:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._journal = open(self.root / JOURNAL, "a", encoding="utf-8")
+        self._journal.write(json.dumps(rel) + "\n")
+        self._journal.flush()  # to the kernel: a killed process loses nothing (no fsync: a power cut may)
+        self._noted.add(rel)
+
     def write_text(self, rel: str, key: str, make: Callable[[], str]) -> None:
         if self.fresh(rel, key):
             return
         text = make()
+        self._note(rel)
         atomic_write(self.root / rel, lambda tmp: tmp.write_text(text, encoding="utf-8"))
         self.files[rel] = key
         self.written += 1
@@ -83,13 +109,25 @@ class Site:
             except OSError:
                 shutil.copyfile(src, tmp)
 
+        self._note(rel)
         atomic_write(dest, put)
         self.files[rel] = key
         self.linked += 1
 
     # -- finishing --------------------------------------------------------------
+    def remove_temps(self) -> int:
+        """Remove the temp files earlier exports left beside the files they were writing: only the
+        temps of files this site's record names (and of the record itself)."""
+        from ..projections import remove_temps
+
+        by_dir: dict[Path, set[str]] = {self.root: {STATE, JOURNAL}}
+        for rel in set(self.old) | self.interrupted:
+            p = self.root / rel
+            by_dir.setdefault(p.parent, set()).add(p.name)
+        return sum(remove_temps(d, names=names) for d, names in by_dir.items() if _inside(self.root, d))
+
     def prune(self) -> int:
-        """Remove files an earlier export wrote that this one did not (only files the state names)."""
+        """Remove files an earlier export wrote that this one did not (only files the record names)."""
         n = 0
         for rel in sorted(set(self.old) - set(self.files)):
             p = self.root / rel
@@ -108,6 +146,29 @@ class Site:
     def save(self, **extra: Any) -> None:
         self.state = {**extra, "files": self.files}
         atomic_write_json(self.root / STATE, self.state)
+        self.close()
+        (self.root / JOURNAL).unlink(missing_ok=True)  # the record now holds all this export wrote
+
+    def close(self) -> None:
+        if self._journal is not None:
+            self._journal.close()
+            self._journal = None
+
+
+def _read_journal(path: Path) -> set[str]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (FileNotFoundError, UnicodeDecodeError):
+        return set()
+    out = set()
+    for line in lines:
+        try:
+            rel = json.loads(line)
+        except ValueError:
+            continue  # the last line of a killed writer may be torn
+        if isinstance(rel, str) and rel:
+            out.add(rel)
+    return out
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -121,6 +182,9 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    # rename(2) onto a hardlink of the same file does nothing and leaves the temp name in place (a
+    # picture linked again from the cache it is already a link of)
+    tmp.unlink(missing_ok=True)
 
 
 def _inside(root: Path, p: Path) -> bool:
