@@ -44,11 +44,12 @@ class Atlas(AtlasReader):
 
         return show(self, layer, channel, rank, **options)
 
-    def filters(self, layer: str | None = None, out: str | Path | None = None) -> Path:
-        """The first layer's filters as a grid PNG (figure 6 view): `projections.filters`."""
+    def filters(self, layer: str | None = None, out: str | Path | None = None, **options) -> Path:
+        """The first layer's filters as a grid PNG (figure 6 view): `projections.filters` (cache=DIR: where
+        pictures go when the atlas cannot be written)."""
         from .projections import filters
 
-        return filters(self, layer, out)
+        return filters(self, layer, out, **options)
 
     def _register_functions(self, query: str) -> None:
         # Python functions (deconv_png, similar_images, similar_channels) are registered on the first
