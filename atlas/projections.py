@@ -566,7 +566,7 @@ class Renderer:
         if self.mode == "map":
             return "recompute"  # stored switches hold only the receptive fields of the top-k units
         if self.norm == "gradient":
-            from .deconv import _NORM
+            from .deconv import NORM_TYPES as _NORM
 
             if any(isinstance(m, _NORM) for m in self.a.lmap.model.features):
                 return "recompute"

@@ -45,7 +45,8 @@ BARS = {"cold_projection_work_s": 0.15, "cached_call_s": 0.010, "speedup": 5.0}
 
 def _baseline(model: nn.Module, lmap, x: torch.Tensor, reqs) -> torch.Tensor:
     """Per image: full forward with deconv ReLUs, then autograd from the one neuron (Captum-like)."""
-    from atlas.deconv import _NORM, _DeconvReLU, _IdentityBackward
+    from atlas.deconv.reference import _DeconvReLU, _IdentityBackward
+    from atlas.deconv.support import _NORM
 
     class DReLU(nn.Module):
         def forward(self, t):
