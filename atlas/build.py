@@ -9,7 +9,7 @@ skips finished chunks; the final merge runs over chunk files in chunk order, so 
 the same bytes as an uninterrupted one. Only a complete atlas is renamed to ATLAS, and one build (or
 index build) of an atlas runs at a time (`atlas.lock`).
 
-Similarity indexes (`atlas.similarity`) are built in the staging folder before it is published: conv
+Similarity indexes (`atlas.indexing`) are built in the staging folder before it is published: conv
 layers from the activations table, fc layers (fc7) from the vectors each chunk keeps in
 `work/vec-CCCCC.npz` (float16: the classifier is cheap next to the convs, and no second pass is needed).
 """
@@ -43,7 +43,7 @@ from .lock import writer_lock
 from .mining import Moments, TopK, spatial_max
 from .models.registry import contrast_norm_option, load_model, model_record, preprocessing_for
 from .progress import Progress
-from .similarity import ChunkVectors, MinerPlan, build_indexes, layer_vectors, plan_for_build, vector_arrays
+from .indexing import ChunkVectors, MinerPlan, build_indexes, layer_vectors, plan_for_build, vector_arrays
 from .switches import window_codes
 from .tables import switch_regions, top_rows, write_activations, write_switches, write_tables
 

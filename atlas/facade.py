@@ -4,11 +4,6 @@ It is the reader (`atlas.store.AtlasReader`: manifest, SQL, model, images, switc
 on it: pictures rendered on demand (`atlas.projections`), similarity queries (`atlas.similarity`) and
 the SQL functions that call them from a query. It lives above those modules so that they can read an
 atlas without importing what uses them.
-
-    a = atlas.open("my-atlas")
-    a.show("conv5", 17)                    # the figure 2 panel, a cached PNG's path
-    a.similar_images(image_id=42)
-    a.sql("SELECT * FROM similar_images(42, 10) JOIN images USING (image_id)")
 """
 from __future__ import annotations
 

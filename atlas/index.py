@@ -118,7 +118,7 @@ def build_index(vectors: np.ndarray, ids: np.ndarray, spec: dict | None = None, 
     k-means, so the same inputs and seed give the same index bytes.
     """
     faiss = _faiss()
-    # an array-like (similarity.ChunkRows) reads rows when indexed: only the training sample and one
+    # an array-like (indexing.ChunkRows) reads rows when indexed: only the training sample and one
     # batch at a time are then in memory beside the index
     x = vectors if hasattr(vectors, "shape") and hasattr(vectors, "__getitem__") else np.asarray(vectors)
     if len(x.shape) != 2:

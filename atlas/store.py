@@ -9,10 +9,13 @@
       switches.parquet         image_id, pool, y0, x0, h, w, data  (see atlas/switches.py)
       activations/layer=L/*.parquet   image_id, channel, value
       model/features.pt        the conv weights, so projections need no other file
+      index/*.faiss (+ .json)  similarity indexes (see atlas/indexing.py)
       cache/                   lazily rendered PNGs (created on demand)
       analyses/NAME/*.parquet  results of `atlas occlude`, `invariance`, ...: each NAME is a SQL view
 
-`Atlas` opens one for reading; `atlas.build` writes one.
+`atlas.build` writes one; `AtlasReader` reads one and only reads, so that everything above it
+(projections, similarity, the export, the analyses) can use it without an import circle. What keeps the
+SQL of `atlas sql` read-only and confined to the folder is `atlas.sql_guard`.
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ from typing import Any, NamedTuple
 
 from .formats import FORMAT_VERSION
 from .errors import AtlasError
+from .sql_guard import Deadline, check_read_only, first_line, refusal, sql_error
 
 # sql/ at the repository's top level is the source; a wheel carries a copy inside the package (setup.py)
 _PACKAGED_SQL = Path(__file__).resolve().parent / "sql"
@@ -39,11 +43,6 @@ FUNCTION_CALL = re.compile(r"\b(deconv_png|similar_images|similar_channels)\s*\(
 ACTIVATION_FILES = "read_parquet('activations/*/*.parquet', hive_partitioning = true)"  # as in views.sql
 REQUIRED_FILES = ("images.parquet", "layers.parquet", "channels.parquet", "top_activations.parquet")
 PARQUET_PATH = re.compile(r"(read_parquet\(\s*)'([^']*)'")  # a view's file, relative to the atlas
-# Statements `atlas sql` runs unless --unsafe-full-duckdb (see check_read_only). DESCRIBE, SHOW, SUMMARIZE,
-# VALUES, FROM-first and PIVOT ... IN (...) parse as SELECT.
-READ_ONLY_PRAGMAS = frozenset({"version", "platform", "database_list", "database_size", "show_databases",
-                               "show_tables", "show_tables_expanded", "table_info", "show", "storage_info",
-                               "metadata_info", "functions", "collations", "user_agent"})
 
 
 class Result(NamedTuple):
@@ -102,7 +101,7 @@ class AtlasReader:
     # Two kinds of connection. `con` (Atlas.sql, .fetch, .rows, the tool's own queries) is DuckDB in full, in
     # the user's own process: relative paths resolve inside the atlas. `query(confined=True)`, what `atlas sql`
     # runs, goes to a twin Atlas whose connection reads the atlas folder and nothing else, and only read-only
-    # statements reach it (check_read_only): DuckDB's settings alone let COPY and ATTACH write inside an
+    # statements reach it (atlas.sql_guard): DuckDB's settings alone let COPY and ATTACH write inside an
     # allowed folder, and a statement list alone would let read_csv('/etc/shadow') through.
     _confined = False
 
@@ -135,7 +134,7 @@ class AtlasReader:
             try:
                 con.execute(PARQUET_PATH.sub(lambda m: m[1] + _quote(f"{root}/{m[2]}"), statement))
             except duckdb.Error as e:  # a view reads its file's schema now: a damaged file shows here
-                raise self._damaged(PARQUET_PATH.search(statement)[2], f"cannot be read ({_first_line(e)})") \
+                raise self._damaged(PARQUET_PATH.search(statement)[2], f"cannot be read ({first_line(e)})") \
                     from None
         if self._confined:
             # DuckDB's scratch files go to a folder of their own, not the working directory's .tmp
@@ -197,7 +196,7 @@ class AtlasReader:
         try:
             statements = duckdb.extract_statements(sql)
         except duckdb.Error as e:
-            raise _sql_error(e) from None
+            raise sql_error(e) from None
         if not statements:
             raise AtlasError("the SQL has no statement (only comments or nothing)")
         if confined:
@@ -208,7 +207,7 @@ class AtlasReader:
                 self.con.execute(f"SET VARIABLE {_ident(name)} = ?", [value])
             self._register_functions(sql)
             results: list[Result] = []
-            with _Deadline(self.con, timeout) as deadline:
+            with Deadline(self.con, timeout) as deadline:
                 for st in statements:
                     deadline.check()
                     try:
@@ -220,7 +219,7 @@ class AtlasReader:
                         deadline.check()
                         raise AtlasError("query interrupted") from None
                     except duckdb.PermissionException as e:
-                        raise self._refused(e) from None
+                        raise refusal(self.path.resolve(), e) from None
                     except duckdb.Error as e:
                         raise self._query_error(e) from None
         return results
@@ -239,7 +238,7 @@ class AtlasReader:
 
     def _query_error(self, e: Exception) -> AtlasError:
         """A DuckDB error as one line: a damaged file of the atlas where it is one, else a SQL error."""
-        return self._damage(e) or _sql_error(e)
+        return self._damage(e) or sql_error(e)
 
     def _damage(self, e: Exception) -> AtlasError | None:
         """The damaged file an error shows, if it shows one: a file of the atlas that it names and that is
@@ -253,20 +252,10 @@ class AtlasReader:
             for m in re.finditer(r"""["']([^"']+\.parquet)["']""", str(e)):
                 file = root / m[1]  # a relative path is the atlas's (file_search_path); an absolute one stays
                 if file.is_relative_to(root) and file.is_file():
-                    return self._damaged(str(file.relative_to(root)), f"cannot be read ({_first_line(e)})")
+                    return self._damaged(str(file.relative_to(root)), f"cannot be read ({first_line(e)})")
         if type(e) is duckdb.Error and self._confined:
-            return self._damaged("one of its Parquet files", f"cannot be read ({_first_line(e)})")
+            return self._damaged("one of its Parquet files", f"cannot be read ({first_line(e)})")
         return None
-
-    def _refused(self, e: Exception) -> AtlasError:
-        root = self.path.resolve()
-        m = re.search(r'Cannot access (?:file|directory) "([^"]*)"', str(e))
-        if m and not Path(m[1]).is_absolute() and "://" not in m[1]:
-            what = f"'{m[1]}' is a relative path (write '{root / m[1]}')"
-        else:
-            what = f"'{m[1]}' is not a file of the atlas" if m else _first_line(e)
-        return AtlasError(f"SQL refused: {what}: `atlas sql` reads only the atlas folder '{root}', by absolute "
-                          "path or through its views (--unsafe-full-duckdb opens every file DuckDB can reach)")
 
     def rows(self, query: str, params: list | None = None) -> list[dict[str, Any]]:
         import duckdb
@@ -282,7 +271,7 @@ class AtlasReader:
                 # page it cannot decode is a bare duckdb.Error). Other errors are bugs: their traceback shows.
                 damage = self._damage(e)
                 if damage is None and (isinstance(e, duckdb.IOException) or type(e) is duckdb.Error):
-                    damage = self._damaged("one of its Parquet files", f"cannot be read ({_first_line(e)})")
+                    damage = self._damaged("one of its Parquet files", f"cannot be read ({first_line(e)})")
                 if damage is None:
                     raise
                 raise damage from None
@@ -441,10 +430,6 @@ class AtlasReader:
         facade (atlas.facade.Atlas) registers deconv_png, similar_images and similar_channels."""
 
 
-def _sql_error(e: Exception) -> AtlasError:
-    return AtlasError(f"SQL error: {str(e).splitlines()[0]}")
-
-
 def _ident(name: str) -> str:
     if not name.replace("_", "").isalnum():
         raise AtlasError(f"bad parameter name '{name}'")
@@ -454,84 +439,3 @@ def _ident(name: str) -> str:
 def _quote(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
-
-def _first_line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
-
-
-_LEADING_COMMENTS = re.compile(r"\A(?:\s+|--[^\n]*|/\*.*?\*/)+", re.S)
-
-
-def check_read_only(statement, where: str = "the statement") -> None:
-    """Refuse (AtlasError) a DuckDB statement (from duckdb.extract_statements) that is not a read-only query.
-
-    By kind, as DuckDB's parser classifies it; where the kind alone does not tell (SET, PRAGMA, EXPLAIN,
-    PIVOT's MULTI), by the statement's own text, and anything that does not read as one of the allowed
-    forms is refused.
-    """
-    import duckdb
-
-    T = duckdb.StatementType
-    text = _LEADING_COMMENTS.sub("", str(statement.query))
-    kind = statement.type
-    if kind == T.SELECT:
-        return
-    if kind == T.SET and re.match(r"(?:SET|RESET)\s+VARIABLE\s", text, re.I):
-        return  # a SQL variable, as --param sets: no setting of DuckDB's
-    if kind == T.PRAGMA:
-        name = re.match(r"PRAGMA\s+(\w+)", text, re.I)
-        if name and name[1].lower() in READ_ONLY_PRAGMAS:
-            return
-    if kind == T.MULTI and re.match(r"PIVOT\b", text, re.I):
-        return  # PIVOT without IN: DuckDB first makes an enum type of the pivoted values, in memory
-    if kind == T.EXPLAIN:
-        # EXPLAIN ANALYZE runs its statement (EXPLAIN ANALYZE COPY ... TO writes the file): judge that one
-        inner = re.match(r"EXPLAIN\s+(?:ANALY[SZ]E\s+)?(?:\((?:[^()']|'[^']*')*\)\s*)?(.*)\Z", text, re.I | re.S)
-        try:
-            explained = duckdb.extract_statements(inner[1]) if inner else []
-        except duckdb.Error:
-            explained = []
-        if len(explained) == 1:
-            check_read_only(explained[0], where)
-            return
-    # name it as written: "COPY", "INSTALL", "SET threads", "PRAGMA enable_profiling"
-    words = re.match(r"(\w+)(?:\s+(\w+))?", text)
-    head = "?" if not words else words[1].upper() + (f" {words[2]}" if kind in (T.SET, T.PRAGMA) and words[2]
-                                                      else "")
-    raise AtlasError(f"SQL refused: {where} is {head}, and `atlas sql` runs read-only queries only (SELECT, WITH, "
-                     "VALUES, DESCRIBE, SHOW, SUMMARIZE, EXPLAIN, PIVOT, read-only PRAGMAs, SET VARIABLE); "
-                     "--unsafe-full-duckdb runs any DuckDB statement")
-
-
-class _Deadline:
-    """Interrupts a DuckDB connection `seconds` after entering (None or 0: never).
-
-    It keeps interrupting until the query stops: an interrupt that lands between two statements is lost,
-    as DuckDB clears it when the next one starts.
-    """
-
-    def __init__(self, con, seconds: float | None):
-        self.con, self.seconds, self.fired = con, seconds, False
-        self._done = threading.Event()
-
-    def __enter__(self):
-        if self.seconds:
-            threading.Thread(target=self._watch, daemon=True, name="atlas-sql-timeout").start()
-        return self
-
-    def _watch(self):
-        if self._done.wait(self.seconds):
-            return
-        self.fired = True
-        while True:
-            self.con.interrupt()
-            if self._done.wait(0.05):
-                return
-
-    def check(self) -> None:
-        if self.fired:
-            raise AtlasError(f"query interrupted after {self.seconds:g} s (--timeout)")
-
-    def __exit__(self, *exc):
-        self._done.set()
-        return False

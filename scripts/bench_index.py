@@ -8,7 +8,7 @@
 (2) 50k vectors (ImageNet validation size), the exact index: single-query
     latency p50/p95, build time.
 (3) the same 50k vectors as an atlas's conv5 activations table (a minimal
-    atlas folder written here): `atlas.similarity.build_indexes` (table read,
+    atlas folder written here): `atlas.indexing.build_indexes` (table read,
     image index, channel profiles, files, manifest) and a query through the
     atlas (`similar_images(image_id=...)`: reconstruct + search + paths from
     SQL; `similar_channels`; the SQL macro), side by side with the bare
@@ -270,7 +270,7 @@ def build_cost(model_name: str, size: int, batch: int = 32, batches: int = 2, ro
     from atlas.build import ChunkMiner
     from atlas.layers import LayerMap
     from atlas.models import load_model
-    from atlas.similarity import plan_for_build
+    from atlas.indexing import plan_for_build
 
     torch.manual_seed(0)
     model = load_model(model_name)
@@ -354,7 +354,8 @@ def minimal_atlas(root: Path, x: np.ndarray, layer: str = "conv5") -> Path:
 def through_atlas(n: int, dim: int, seed: int, k: int, repeats: int = 300) -> dict:
     """Part (3): build_indexes on a minimal atlas, and queries through it next to the bare search."""
     import atlas
-    from atlas.similarity import build_indexes
+    from atlas.indexing import build_indexes
+    from atlas.similarity import _image_index
 
     x = synthetic(n, dim, seed + 1)
     with tempfile.TemporaryDirectory() as tmp:
@@ -364,7 +365,7 @@ def through_atlas(n: int, dim: int, seed: int, k: int, repeats: int = 300) -> di
         ids = np.random.default_rng(seed).choice(n, repeats, replace=False)
         a.similar_images(image_id=0, k=k), a.similar_channels("conv5:0", k=k)  # load the indexes
         a.sql("SELECT * FROM similar_images(0, 10)").fetchall()
-        index, _ = atlas.similarity._image_index(a, "conv5")
+        index, _ = _image_index(a, "conv5")
         qs = x[ids]
         t_api, t_bare, t_ch, t_sql = [], [], [], []
         for j, i in enumerate(ids):  # interleaved, so that a busy machine slows each alike

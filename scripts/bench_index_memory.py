@@ -39,7 +39,7 @@ def write_chunks(work: Path, n: int, dim: int) -> int:
 
 def child(work: Path, nchunks: int, variant: str) -> None:
     from atlas.index import build_index, choose_index
-    from atlas.similarity import ChunkVectors
+    from atlas.indexing import ChunkVectors
 
     chunks = ChunkVectors(work, nchunks)
     ids = chunks.ids("images.fc7")

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 import atlas
-from atlas import similarity
+from atlas import indexing
 from atlas.build import build
 
 pytestmark = pytest.mark.determinism
@@ -107,7 +107,7 @@ def folder_with_a_broken_file(tmp_path_factory, copies_folder):
 def test_atlas_index_afterwards_equals_the_builds_index(tmp_path, folder_with_a_broken_file, monkeypatch):
     # The build keeps fc7 and the profile sample per chunk; `atlas index` later computes them by its own
     # forward pass, in the build's batches (an unreadable image as the build's zeros), not in its own.
-    monkeypatch.setattr(similarity, "PROFILE_SAMPLE", 6)  # a sample smaller than the dataset
+    monkeypatch.setattr(indexing, "PROFILE_SAMPLE", 6)  # a sample smaller than the dataset
     opts = dict(k=3, batch_size=4, chunk_size=8, progress=False)
     built = build("zfnet-mini", str(folder_with_a_broken_file), tmp_path / "a", activations=False, **opts)
     assert atlas.open(built).manifest["dataset"]["errors"] == 1
@@ -115,7 +115,7 @@ def test_atlas_index_afterwards_equals_the_builds_index(tmp_path, folder_with_a_
     shutil.copytree(built, later)
     for f in (later / "index").iterdir():
         f.unlink()
-    similarity.build_indexes(later, progress=False)
+    indexing.build_indexes(later, progress=False)
     record = atlas.open(later).manifest["index"]
     assert {r["source"] for r in record["images"].values()} == {"forward"}
     assert {f.name: f.read_bytes() for f in (later / "index").iterdir()} == \

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 pytest.importorskip("faiss")
 
 import atlas  # noqa: E402
-from atlas import similarity  # noqa: E402
+from atlas import indexing, similarity  # noqa: E402
 from atlas.build import build  # noqa: E402
 from atlas.cli import main  # noqa: E402
 from atlas.data import DecodedImages, Preprocess, open_dataset  # noqa: E402
@@ -217,7 +217,7 @@ def test_atlas_index_replaces_the_set_and_loads_lazily(tmp_path, tiny_atlas):
 def test_approximate_index_through_the_atlas(tmp_path, tiny_atlas):
     path = tmp_path / "ivf"
     shutil.copytree(tiny_atlas, path)
-    rec = similarity.build_indexes(path, exact_max=0)
+    rec = indexing.build_indexes(path, exact_max=0)
     assert rec["images"]["conv5"]["spec"]["kind"] == "ivf" and rec["channels"]["spec"]["kind"] == "ivf"
     a = atlas.open(path)
     assert a.manifest["index"]["images"]["conv5"]["spec"]["nprobe"] >= 1
@@ -301,13 +301,13 @@ def test_a_profile_sample_smaller_than_the_dataset_reads_the_same_through_every_
                                                                                      monkeypatch):
     # A 16-image profile sample of 36 images: the build's chunks keep the sample's rows of every conv
     # layer; `atlas index` over the same atlas keeps them by its forward pass. Same files either way.
-    monkeypatch.setattr(similarity, "PROFILE_SAMPLE", 16)
+    monkeypatch.setattr(indexing, "PROFILE_SAMPLE", 16)
     built = build("zfnet-mini", str(tiny_folder), tmp_path / "noact", activations=False, chunk_size=16, **OPTS)
     ref = index_bytes(built)
     meta = json.loads((built / "index" / "channels.faiss.json").read_text())
     assert meta["sample"]["images"] == 16
     later = tmp_path / "later"
     shutil.copytree(built, later)
-    similarity.build_indexes(later, progress=False)
+    indexing.build_indexes(later, progress=False)
     assert atlas.open(later).manifest["index"]["images"]["conv5"]["source"] == "forward"
     assert index_bytes(later) == ref
