@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -12,8 +14,13 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Call `write(tmp)` on a temp path beside `path`, fsync it, then rename it into place."""
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], *, fsync: bool = True) -> Path:
+    """Call `write(tmp)` on a temp path beside `path` (unique per process and thread), then rename it into
+    place: a reader sees the old file or the whole new one, never half of one.
+
+    fsync: flush the file and the rename to disk first, for what is expensive to remake (an atlas's
+    tables, a checkpoint); a cache or a site, which can be made again, skips it (one fsync per picture
+    costs more than drawing it)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -22,38 +29,70 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; published files are as readable as any other
     try:
         write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        if fsync:
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    # rename(2) onto a hardlink of the same file does nothing and leaves the temp name in place (a site's
+    # picture linked again from the cache it already is a link of)
+    tmp.unlink(missing_ok=True)
+    if fsync:
+        _fsync_dir(path.parent)
     return path
 
 
-def temp_files(folder: str | os.PathLike):
-    """The temporary files atomic_write leaves under `folder` when its process is killed mid-write."""
-    return (f for f in Path(folder).rglob(".*.tmp") if f.is_file())
-
-
-def remove_temp_files(folder: str | os.PathLike, older_than_s: float | None = None) -> int:
-    """Remove what `temp_files` finds (only those not modified for `older_than_s`, when given: where
-    writers run without a lock, a younger one may still be written). Returns how many."""
-    import time
-
-    now, n = time.time(), 0
-    for f in list(temp_files(folder)):
+def _fsync_dir(folder: Path) -> None:
+    try:  # makes the rename itself durable; some file systems cannot open a folder: then no more is possible
+        fd = os.open(folder, os.O_RDONLY)
         try:
-            if older_than_s is None or now - f.stat().st_mtime > older_than_s:
-                f.unlink()
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+# the temp names atomic_write makes (mkstemp: .NAME.XXXXXXXX.tmp) and older writers made (.NAME.PID.tmp);
+# the tag never holds a dot, so NAME is what is left
+TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.[A-Za-z0-9_]+\.tmp$")
+
+
+def remove_temp_files(folder: str | os.PathLike, *, older_than_s: float | None = None,
+                      names: set[str] | None = None, recursive: bool = True) -> int:
+    """Remove the temp files that writers killed mid-write left under `folder` (in it alone unless
+    `recursive`): all of them under a writer's lock; where writers run without one (a cache), only
+    those not modified for `older_than_s`; with `names`, only the temps of those file names. Returns
+    how many went."""
+    now, n = time.time(), 0
+    folders = [Path(folder)]
+    if recursive:
+        folders += [p for p in Path(folder).rglob("*") if p.is_dir() and not p.is_symlink()]
+    for d in folders:
+        try:
+            entries = list(os.scandir(d))
+        except OSError:
+            continue
+        for e in entries:
+            m = TEMP_NAME.match(e.name)
+            if not m or (names is not None and m.group("name") not in names):
+                continue
+            try:
+                if not e.is_file(follow_symlinks=False):
+                    continue
+                if older_than_s is not None and now - e.stat(follow_symlinks=False).st_mtime < older_than_s:
+                    continue
+                os.unlink(e.path)
                 n += 1
-        except FileNotFoundError:
-            pass  # its writer renamed or removed it meanwhile
+            except OSError:
+                pass  # gone already (another writer swept it), or not ours to remove
     return n
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    return atomic_write(path, lambda tmp: tmp.write_bytes(data))
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, fsync: bool = True) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data), fsync=fsync)
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:

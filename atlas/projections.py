@@ -37,32 +37,8 @@ the dataset folder exists, the next request (`show` or `export`) draws it again,
 since the image may be back; with the whole dataset gone it is served as it is,
 and the caller is told the picture is incomplete.
 
-Where pictures go when the atlas cannot be written (a shared atlas on a
-read-only file system, a folder of another user): `PictureCache`. A picture is
-looked for in the atlas's own cache; when that cannot be written (its nearest
-existing folder is not writable for this process: a read-only file system, no
-permission, cache/ not a folder) or a write there fails all the same (any
-OSError: disk full, a server that says no), pictures are looked for and drawn
-in the per-user cache of this atlas instead, for the rest of that renderer's life:
-
-    $XDG_CACHE_HOME/atlas/pictures/<identity>/projections-v1/<weights16>/...   (default ~/.cache/atlas/pictures)
-
-An atlas whose cache can be written never touches the per-user one. `--cache DIR`
-(cache= here) replaces both with DIR/<identity>/projections-v1/<weights16>/.
-<identity> is `identity(atlas)`: the start of the sha256 of manifest.json's
-bytes, which hold the build's creation time and the weights' hash, so a rebuilt
-atlas never meets the pictures of the old one (the atlas's own cache needs no
-such key: a rebuild replaces the folder). The same writer and the same drawing
-make the same bytes wherever the file lands. The per-user cache is bounded
-(`user_cache_bound`: 1024 MB unless ATLAS_PICTURE_CACHE_MB says otherwise):
-when a call has written into it, the oldest files (by modification time) go
-until it fits, never the pictures that call returns; a --cache DIR the user
-chose is not trimmed.
-
-Leftover temp files: a process killed between drawing and renaming leaves
-`.NAME.XXXXXXXX.tmp` beside NAME. Readers write the cache concurrently without
-a lock, so a writer removes only temp files older than an hour (`TEMP_AGE_S`),
-surely abandoned, from each folder it writes into.
+Where pictures live (the atlas's own cache, or a per-user one when the atlas cannot be written) and
+how they are written: `atlas.picture_cache`.
 
 Speed: a channel's top-k is one batched engine call; switches are decoded once
 per image into a slab kept between calls; images are read once. Nothing here
@@ -71,11 +47,7 @@ picture and its incomplete-marker).
 """
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import os
-import re
-import tempfile
 import threading
 import time
 import weakref
@@ -84,66 +56,16 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import AtlasError
+from .picture_cache import VERSION, PictureCache, cache_root, incomplete, usable
 
-VERSION = "projections-v1"
 # deconv.MODES / deconv.NORMS, repeated so that a cache hit needs no torch
 MODES = ("unit", "map")
 NORMS = ("identity", "gradient")
 SWITCHES = ("auto", "stored", "recompute")
 SWITCH_CACHE_BYTES = 1 << 30
-UNAVAILABLE = "atlas.unavailable"  # PNG text of a picture drawn with an image missing
 
 
-USER_CACHE_MB = 1024  # the per-user cache's bound unless ATLAS_PICTURE_CACHE_MB says otherwise
-TEMP_AGE_S = 3600  # a cache temp file this old was left by a writer that died (a picture takes seconds)
-# the temp names of atlas.fsutil.atomic_write, of this module's writer (mkstemp: .NAME.XXXXXXXX.tmp) and of the
-# site writer (.NAME.PID.tmp); the tag never holds a dot, so NAME is what is left
-TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.[A-Za-z0-9_]+\.tmp$")
 
-
-def _weights_key(atlas) -> str:
-    m = atlas.manifest["model"]
-    return (m.get("weights_sha256") or "")[:16] or f"random-seed{m.get('seed', 0)}"
-
-
-def cache_root(atlas) -> Path:
-    """ATLAS/cache/projections-v1/<weights16>: everything rendered from these weights, in the atlas itself."""
-    return Path(atlas.path, "cache", VERSION, _weights_key(atlas))
-
-
-def identity(atlas) -> str:
-    """What tells atlases apart outside their folders: the start of the sha256 of manifest.json's bytes.
-
-    The manifest holds the build's creation time and the weights' sha256, so a rebuild (even of the same
-    model over the same data, into the same path) gets a new identity, and copies of one atlas share it.
-    """
-    try:
-        data = (Path(atlas.path) / "manifest.json").read_bytes()
-    except OSError as e:
-        raise AtlasError(f"cannot read the manifest of atlas '{atlas.path}': {e.strerror or e}") from None
-    return hashlib.sha256(data).hexdigest()[:24]
-
-
-def user_cache_dir() -> Path:
-    """$XDG_CACHE_HOME/atlas/pictures (default ~/.cache/atlas/pictures): the per-user picture cache."""
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    if xdg and os.path.isabs(xdg):
-        return Path(xdg) / "atlas" / "pictures"
-    try:
-        return Path.home() / ".cache" / "atlas" / "pictures"
-    except RuntimeError:  # no HOME and no passwd entry
-        raise AtlasError("no per-user cache folder (neither XDG_CACHE_HOME nor HOME is set): give one with "
-                         "--cache DIR") from None
-
-
-def user_cache_bound() -> int:
-    """The per-user cache's size bound in bytes (ATLAS_PICTURE_CACHE_MB, default USER_CACHE_MB)."""
-    v = os.environ.get("ATLAS_PICTURE_CACHE_MB")
-    try:
-        mb = float(v) if v else USER_CACHE_MB
-    except ValueError:
-        raise AtlasError(f"ATLAS_PICTURE_CACHE_MB='{v}' is not a number of megabytes") from None
-    return int(mb * (1 << 20))
 
 
 # ---------------------------------------------------------------------------
@@ -257,25 +179,6 @@ def _check_options(mode: str, norm: str, switches: str) -> None:
                          "(--switches recompute), which reads the images")
 
 
-def _marker(path: Path) -> Path:
-    return path.with_name(path.name + ".unavailable")
-
-
-def incomplete(path: Path) -> str | None:
-    """Why a cached picture was drawn without one of its images (None if it was not): a stat, no PNG read."""
-    m = _marker(path)
-    try:
-        return m.read_text() or "an image was unavailable"
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-
-
-def usable(atlas, path: Path) -> bool:
-    """A cached picture serves unless it was drawn with an image missing and the dataset is there to
-    try again; with the whole dataset gone, redrawing could not do better."""
-    return path.is_file() and (incomplete(path) is None or not Path(atlas.manifest["dataset"]["root"]).exists())
-
-
 def _deliver(path: Path, out, layer: str, channel: int | None, rank: int | None, suffix: str = "") -> Path:
     if out is None:
         return path
@@ -285,196 +188,6 @@ def _deliver(path: Path, out, layer: str, channel: int | None, rank: int | None,
     if out.is_dir():
         out = out / ("-".join(str(p) for p in (layer, channel, rank, suffix) if p not in (None, "")) + ".png")
     return atomic_write_bytes(out, path.read_bytes())
-
-
-# ---------------------------------------------------------------------------
-# where pictures live
-# ---------------------------------------------------------------------------
-class PictureCache:
-    """The folders one renderer reads pictures from and writes them to (see the module docstring).
-
-    `find(rel)` is the first usable copy, or where a new one would be written; `put(path, image)`
-    writes it there, moving on to the next folder when one cannot be written; `settle(keep)` keeps
-    the per-user cache within its bound after a call has written into it.
-    """
-
-    def __init__(self, atlas, cache: str | os.PathLike | None = None):
-        self.a = atlas
-        self.chosen = None if cache is None else Path(cache).absolute()
-        self._tiers: list[Path | None] = [None] if self.chosen is not None else [cache_root(atlas), None]
-        self.at = 0  # the folder written to: those before it could not be written
-        self.why: list[str | None] = []  # why, one per folder given up
-        self._probed = self.chosen is not None
-        self._swept: set[Path] = set()
-        self._written = 0  # bytes put into the bounded per-user cache since it was last trimmed
-        self._trimmed = False
-
-    def tier(self, i: int) -> Path:
-        if self._tiers[i] is None:  # built when first needed: a hit in the atlas's cache reads no manifest
-            base = self.chosen if self.chosen is not None else user_cache_dir()
-            self._tiers[i] = base / identity(self.a) / VERSION / _weights_key(self.a)
-        return self._tiers[i]
-
-    @property
-    def bounded(self) -> bool:
-        """Whether writes go to the per-user cache (the one with a size bound)."""
-        return self.chosen is None and self.at == 1
-
-    def find(self, rel: str) -> Path:
-        p = self.tier(0) / rel
-        if usable(self.a, p):
-            return p
-        if not self._probed:
-            # on a miss, once: the per-user cache is looked in (and HOME needed) only for an atlas whose own
-            # cache cannot be written; a write that fails anyway still moves on to it (put)
-            self._probed = True
-            if not _could_write(self.tier(0)):
-                self.why.append(None)
-                self.at = 1
-        for i in range(1, self.at + 1):
-            p = self.tier(i) / rel
-            if usable(self.a, p):
-                return p
-        return self.tier(self.at) / rel
-
-    def _rel(self, path: Path) -> str:
-        for t in self._tiers:
-            if t is not None and path.is_relative_to(t):
-                return str(path.relative_to(t))
-        raise ValueError(f"{path} is in none of the picture caches")
-
-    def put(self, path: Path, image, text: dict | None = None, unavailable: str | None = None) -> Path:
-        """Write `image` as the picture `path` names (a path `find` gave); returns where it went."""
-        rel = self._rel(path)
-        while True:
-            dest = self.tier(self.at) / rel
-            try:
-                _write_png(dest, image, text, unavailable)
-                break
-            except OSError as e:
-                self._give_up(dest, e)
-        self._sweep(dest.parent)
-        if self.bounded:
-            try:
-                self._written += dest.stat().st_size
-            except OSError:
-                pass
-        return dest
-
-    def _give_up(self, dest: Path, e: OSError) -> None:
-        where = self.tier(self.at)
-        why = e.strerror or str(e)
-        if self.chosen is not None:
-            raise AtlasError(f"cannot write pictures into --cache '{self.chosen}' ({where}): {why}") from None
-        if self.at == 0:
-            self.why.append(why)
-            self.at = 1
-            return
-        first = f" ({self.why[0]})" if self.why[0] else ""
-        raise AtlasError(f"cannot write pictures: not into the atlas's cache '{self.tier(0)}'{first} nor into the "
-                         f"per-user cache '{where}' ({why}); give a writable folder with --cache DIR") from None
-
-    def _sweep(self, folder: Path) -> None:
-        """Remove the temp files writers that died left in `folder` (once per folder and cache)."""
-        if folder in self._swept:
-            return
-        self._swept.add(folder)
-        remove_temps(folder, older_than_s=TEMP_AGE_S)
-
-    def settle(self, keep: set[Path] | None = None) -> None:
-        """After a call that wrote into the per-user cache: trim it to its bound, first once per
-        PictureCache, then each time another eighth of the bound has been written."""
-        if not self.bounded or not self._written:
-            return
-        bound = user_cache_bound()
-        if self._trimmed and self._written < bound // 8:
-            return
-        trim(user_cache_dir(), bound, keep={Path(k) for k in (keep or ()) if k is not None})
-        self._trimmed, self._written = True, 0
-
-
-def _could_write(folder: Path) -> bool:
-    """Whether `folder` could be made and written: its nearest existing ancestor is a folder this
-    process may write (a read-only file system says no here, even to root)."""
-    p = folder
-    while not os.path.lexists(p) and p != p.parent:
-        p = p.parent
-    ids = os.access in os.supports_effective_ids
-    return p.is_dir() and os.access(p, os.W_OK | os.X_OK, effective_ids=ids)
-
-
-def remove_temps(folder: Path, older_than_s: float | None = None, names: set[str] | None = None) -> int:
-    """Remove the writers' temp files (TEMP_NAME) in one folder: those older than `older_than_s`
-    (by mtime), or, with `names`, only the temps of those file names. Returns how many went."""
-    n, now = 0, time.time()
-    try:
-        entries = list(os.scandir(folder))
-    except OSError:
-        return 0
-    for e in entries:
-        m = TEMP_NAME.match(e.name)
-        if not m or (names is not None and m.group("name") not in names):
-            continue
-        try:
-            if not e.is_file(follow_symlinks=False):
-                continue
-            if older_than_s is not None and now - e.stat(follow_symlinks=False).st_mtime < older_than_s:
-                continue
-            os.unlink(e.path)
-            n += 1
-        except OSError:
-            pass  # gone already (another reader swept it), or not ours to remove
-    return n
-
-
-def trim(root: Path, bound: int, keep: set[Path] = frozenset()) -> int:
-    """Bring the files under `root` to at most `bound` bytes, oldest (mtime) first; returns bytes freed.
-
-    Never removes a path in `keep`, a temp file younger than TEMP_AGE_S (a writer may be about to
-    rename it), or an incomplete-marker whose picture is there or may be coming: without it, a
-    picture drawn with an image missing would be served as whole. A picture's marker goes with it.
-    """
-    files = []
-    for dirpath, _, filenames in os.walk(root):
-        for name in filenames:
-            p = os.path.join(dirpath, name)
-            try:
-                st = os.lstat(p)
-            except OSError:
-                continue
-            files.append((st.st_mtime_ns, st.st_size, p, name))
-    total = sum(f[1] for f in files)
-    if total <= bound:
-        return 0
-    keep = {str(k) for k in keep}
-    now, freed, touched = time.time_ns(), 0, set()
-    for mtime, size, p, name in sorted(files):
-        if total - freed <= bound:
-            break
-        if p in keep or p in touched:
-            continue
-        young = now - mtime < TEMP_AGE_S * 1e9
-        if TEMP_NAME.match(name) and young:
-            continue
-        # a marker is written before its picture: a young one alone may be a writer's, its picture coming
-        if name.endswith(".unavailable") and (young or os.path.exists(p[:-len(".unavailable")])):
-            continue
-        try:
-            os.unlink(p)
-        except OSError:
-            continue
-        freed += size
-        touched.add(p)
-        marker = p + ".unavailable"
-        if name.endswith(".png") and os.path.exists(marker):
-            with contextlib.suppress(OSError):
-                msize = os.lstat(marker).st_size
-                os.unlink(marker)
-                freed += msize
-                touched.add(marker)
-    # Emptied folders stay: removing one could pull it from under a writer between its mkdir and its
-    # temp file, and a few empty folders cost nothing.
-    return freed
 
 
 # ---------------------------------------------------------------------------
@@ -728,35 +441,6 @@ class Renderer:
             self._have.update(seen)
         return ({i: self._slots[i] for i in image_ids},
                 {i for i in image_ids if not set(pools) <= self._have.get(i, set())})
-
-
-def _write_png(path: Path, image, text: dict | None = None, unavailable: str | None = None) -> None:
-    """atlas.render's PNG (its text chunks included), renamed into place atomically. The temp name is
-    unique per process and thread (mkstemp). No fsync: a cache can be remade, and one fsync per
-    picture would cost more than drawing it. `unavailable`: why an image is missing from the picture;
-    its marker is written before the PNG and removed after a whole one, so that a crash in between
-    can only cause a redraw, never an incomplete picture served as whole."""
-    from . import render as R
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if unavailable:
-        text = {**(text or {}), UNAVAILABLE: unavailable}
-        _replace_into(_marker(path), lambda f: f.write(unavailable.encode()))
-    _replace_into(path, lambda f: image.save(f, format="PNG", pnginfo=R.png_info(image, text)))
-    if not unavailable:
-        _marker(path).unlink(missing_ok=True)
-
-
-def _replace_into(path: Path, write: Callable[[Any], None]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the site hardlinks these files
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _src(r: dict) -> dict:

@@ -19,8 +19,8 @@ Every cell is the unit's receptive-field box, unclipped, so patch and
 projection line up pixel for pixel; the part of the box beyond the image
 border is hatched (`OUTSIDE`) in both. Small fields are enlarged with NEAREST.
 
-PNG files are written atomically (`write_png`: temp file in the same folder,
-fsync, os.replace), so no reader ever sees a truncated PNG.
+PNG files are written atomically (`write_png`, through atlas.fsutil.atomic_write:
+the cache and the site skip its fsync), so no reader ever sees a truncated PNG.
 
 This module needs numpy and Pillow only; tensors are accepted (converted with
 `.detach().cpu()`), torch is never imported here.
@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -330,30 +329,17 @@ def png_info(image: Image.Image, text: dict[str, Any] | None = None) -> PngInfo:
     return info
 
 
-def write_png(path: str | os.PathLike, image: Image.Image, text: dict[str, Any] | None = None) -> Path:
-    """Write `image` as a PNG atomically (temp file in the same folder, fsync, os.replace), with its
-    `atlas.*` info and `text` as PNG text chunks. Readers see the old file or the whole new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
+def write_png(path: str | os.PathLike, image: Image.Image, text: dict[str, Any] | None = None, *,
+              fsync: bool = True) -> Path:
+    """Write `image` as a PNG with its `atlas.*` info and `text` as PNG text chunks, atomically
+    (atlas.fsutil.atomic_write: readers see the old file or the whole new one; fsync as there)."""
+    from .fsutil import atomic_write
+
+    def save(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
             image.save(f, format="PNG", pnginfo=png_info(image, text))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
-    return path
+
+    return atomic_write(path, save, fsync=fsync)
 
 
 def read_text(path: str | os.PathLike) -> dict[str, str]:

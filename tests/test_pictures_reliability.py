@@ -13,6 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 import atlas
+from atlas import picture_cache
 from atlas import projections as PJ
 from atlas.build import build
 from atlas.cli import main
@@ -250,7 +251,7 @@ def test_trim_never_leaves_a_picture_without_its_incomplete_marker(tmp_path):
     for name, (data, hours) in files.items():
         (d / name).write_bytes(data)
         os.utime(d / name, (now - hours * 3600, now - hours * 3600))
-    PJ.trim(tmp_path, 2100)  # one picture of 1000 bytes (and its marker) has to go
+    picture_cache.trim(tmp_path, 2100)  # one picture of 1000 bytes (and its marker) has to go
     # the oldest file is the marker, but it goes only with its picture; the young temp stays (a writer may
     # be about to rename it)
     assert sorted(p.name for p in d.iterdir()) == [".3-panel.png.abcd1234.tmp", "2-panel.png"]

@@ -7,7 +7,7 @@ CLI: atlas export ATLAS SITE_DIR [--layers conv1,conv3] [--channels 0-15,17] [--
      --layers        comma-separated layers (default: every recorded conv layer)
      --channels      channel numbers / ranges, applied to each chosen layer (default: all)
      --max-channels  only the first N of those channels per layer (a quick look at a big model)
-     --cache         the picture cache to use instead of the atlas's (see atlas.projections.PictureCache)
+     --cache         the picture cache to use instead of the atlas's (see atlas.picture_cache.PictureCache)
      --progress      progress bar (default: on a terminal; log lines otherwise)
 
 Site layout (every address relative and stable, so a link to a unit survives a re-export):
@@ -89,7 +89,7 @@ def export(atlas_path: str | Path, site_dir: str | Path, *, layers: str | Iterab
 
 
 def _export(a, site: Site, selection: dict[str, list[int]], cache, progress, log, t0: float) -> Path:
-    from ..projections import identity as atlas_identity
+    from ..picture_cache import identity as atlas_identity
 
     site.remove_temps()
     identity = atlas_identity(a)

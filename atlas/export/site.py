@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import AtlasError
+from .. import fsutil
 from ..fsutil import atomic_write_json
 
 STATE = ".atlas-export.json"
@@ -118,13 +119,12 @@ class Site:
     def remove_temps(self) -> int:
         """Remove the temp files earlier exports left beside the files they were writing: only the
         temps of files this site's record names (and of the record itself)."""
-        from ..projections import remove_temps
-
         by_dir: dict[Path, set[str]] = {self.root: {STATE, JOURNAL}}
         for rel in set(self.old) | self.interrupted:
             p = self.root / rel
             by_dir.setdefault(p.parent, set()).add(p.name)
-        return sum(remove_temps(d, names=names) for d, names in by_dir.items() if _inside(self.root, d))
+        return sum(fsutil.remove_temp_files(d, names=names, recursive=False) for d, names in by_dir.items()
+                   if _inside(self.root, d))
 
     def prune(self) -> int:
         """Remove files an earlier export wrote that this one did not (only files the record names)."""
@@ -172,19 +172,9 @@ def _read_journal(path: Path) -> set[str]:
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temp file beside `path`, then rename it into place (no fsync: a site can be
-    exported again; what matters is that a reader never sees a half-written file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    # rename(2) onto a hardlink of the same file does nothing and leaves the temp name in place (a
-    # picture linked again from the cache it is already a link of)
-    tmp.unlink(missing_ok=True)
+    """atlas.fsutil.atomic_write without fsync: a site can be exported again; what matters is that a
+    reader never sees a half-written file."""
+    fsutil.atomic_write(path, write, fsync=False)
 
 
 def _inside(root: Path, p: Path) -> bool:
