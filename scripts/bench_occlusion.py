@@ -10,7 +10,7 @@ positions of a 50 px square) and timed as
                  --serial positions spread over the grid, extrapolated per position
   batched full   all positions in memory-sized batches through the whole net
   batched incr.  the same batches; the first layers only on the window the square can
-                 change (occlusion.py, method="incremental", the default)
+                 change (occlusion_forward.py, method="incremental", the default)
 
 on the CPU, and again on the GPU when there is one (same script). The batched
 results are checked against the one-at-a-time ones. Finally the whole command
@@ -31,7 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from atlas.analyses import common  # noqa: E402
 from atlas.runner import Runner  # noqa: E402
-from atlas.analyses import occlusion as O  # noqa: E402
+from atlas.analyses.occluder import fill_value, positions  # noqa: E402
+from atlas.analyses.occlusion import occlude  # noqa: E402
+from atlas.analyses.occlusion_forward import occlusion_forward  # noqa: E402
 
 
 def synthetic_images(folder: Path, n: int = 2, size: int = 256) -> list[Path]:
@@ -66,24 +68,24 @@ def bench_device(atlas, ref, device: str, size: int, stride: int, serial: int) -
     runner = Runner(atlas, device)
     dev = runner.device
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
-    n, boxes = O.positions(atlas.image_size, size, stride)
+    n, boxes = positions(atlas.image_size, size, stride)
     N = len(boxes)
-    fill = O.fill_value(atlas.preprocess, "grey")
+    fill = fill_value(atlas.preprocess, "grey")
     layer = runner.lmap.conv_layers[-1].name
     kw = dict(layer=layer, channel=0, fill=fill)
     # warm-up (kernel selection, allocator), not timed
-    O.occlusion_forward(runner, ref.x, boxes[:8], **kw, batch_size=8)
-    O.occlusion_forward(runner, ref.x, boxes[:8], **kw, method="full", batch_size=8)
-    O.occlusion_forward(runner, ref.x, boxes[:2], **kw, method="full", batch_size=1)
+    occlusion_forward(runner, ref.x, boxes[:8], **kw, batch_size=8)
+    occlusion_forward(runner, ref.x, boxes[:8], **kw, method="full", batch_size=8)
+    occlusion_forward(runner, ref.x, boxes[:2], **kw, method="full", batch_size=1)
     sub = np.unique(np.linspace(0, N - 1, min(serial, N)).round().astype(int))
     rows = []
-    one, t1 = timed(lambda: O.occlusion_forward(runner, ref.x, boxes[sub], **kw, method="full", batch_size=1), sync)
+    one, t1 = timed(lambda: occlusion_forward(runner, ref.x, boxes[sub], **kw, method="full", batch_size=1), sync)
     per1 = t1 / len(sub)
     rows.append({"device": str(dev), "mode": "one-at-a-time", "positions": len(sub), "batch": 1,
                  "seconds": t1, "ms_per_position": 1e3 * per1, "seconds_for_all": per1 * N, "speedup": 1.0,
                  "note": f"{len(sub)} of {N} positions, extrapolated to all"})
     for method in ("full", "incremental"):
-        m, t = timed(lambda: O.occlusion_forward(runner, ref.x, boxes, **kw, method=method), sync)
+        m, t = timed(lambda: occlusion_forward(runner, ref.x, boxes, **kw, method=method), sync)
         err_a = np.abs(m.activation[sub] - one.activation).max() / max(np.abs(one.activation).max(), 1e-12)
         err_l = np.abs(m.logits[sub] - one.logits).max() / max(np.abs(one.logits).max(), 1e-12)
         rows.append({"device": str(dev), "mode": f"batched {method}", "positions": N, "batch": m.batch,
@@ -117,7 +119,7 @@ def main() -> int:
         atlas = Atlas(path)
         image = args.image or imgs[0]
         ref = common.resolve_image(atlas, str(image))
-        n, _ = O.positions(atlas.image_size, args.size, args.stride)
+        n, _ = positions(atlas.image_size, args.size, args.stride)
         print(f"occluding {image}: {args.size} px square, stride {args.stride}, {n} x {n} = {n * n} positions; "
               f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
         rows = bench_device(atlas, ref, "cpu", args.size, args.stride, args.serial)
@@ -136,7 +138,7 @@ def main() -> int:
             print(f"{dev}: batched (incremental) is {rr['batched incremental']['speedup']:.1f}x and batched (full) "
                   f"{rr['batched full']['speedup']:.1f}x faster than one position at a time")
         t = time.perf_counter()
-        res = O.occlude(atlas, str(image), size=args.size, stride=args.stride)
+        res = occlude(atlas, str(image), size=args.size, stride=args.stride)
         print(f"\nwhole `occlude` (maps, projection, table, PNGs): {time.perf_counter() - t:.1f} s")
         print("\n".join(res.summary()))
     return 0

@@ -14,7 +14,8 @@ from torch import nn
 
 from atlas.analyses import common
 from atlas.analyses import invariance as IV
-from atlas.analyses import occlusion as O
+from atlas.analyses.occlusion import occlude
+from atlas.analyses.occlusion_figure import image_caption
 from atlas.cli import main
 from atlas.errors import AtlasError
 from atlas.facade import Atlas
@@ -128,8 +129,8 @@ def test_random_head_occlusion_charts_the_most_probable_class(tiny_atlas):
 
 
 def test_random_head_figure_caption_claims_no_true_label(tiny_atlas):
-    res = O.occlude(tiny_atlas, _image_of(tiny_atlas, "red"), size=8, stride=4, store=False, figures=False)
-    cap = O.image_caption(res)
+    res = occlude(tiny_atlas, _image_of(tiny_atlas, "red"), size=8, stride=4, store=False, figures=False)
+    cap = image_caption(res)
     assert "true label" not in cap
     assert f"most probable class: {res.class_name}" in cap and "correct class unknown" in cap
     assert "dataset label: red" in cap
@@ -142,7 +143,7 @@ def test_same_size_head_without_names_is_not_trusted(bare_atlas):
     image = _image_of(bare_atlas, "red")
     assert common.recorded_classes(Atlas(bare_atlas)) is None
     assert common.class_names(Atlas(bare_atlas)) == ["output 0", "output 1", "output 2"]
-    res = O.occlude(bare_atlas, image, size=8, stride=4, store=False, figures=False)
+    res = occlude(bare_atlas, image, size=8, stride=4, store=False, figures=False)
     p0 = _probs(bare_atlas, image)
     assert res.class_source == "most_probable" and res.true_index is None
     assert res.class_index == int(p0.argmax()) and res.class_name == f"output {int(p0.argmax())}"
@@ -151,7 +152,7 @@ def test_same_size_head_without_names_is_not_trusted(bare_atlas):
     assert {r["class_source"] for r in inv.rows} == {"most_probable"}
     assert {r["true_class"] for r in inv.rows} == {None}
     with pytest.raises(AtlasError, match="records no class names"):
-        O.occlude(bare_atlas, image, label="red", store=False, figures=False)
+        occlude(bare_atlas, image, label="red", store=False, figures=False)
 
 
 def test_random_head_invariance_charts_the_most_probable_class(tiny_atlas, tmp_path):
@@ -180,13 +181,13 @@ def test_recorded_names_chart_the_true_class_at_the_models_index(named_atlas):
     for label in ("blue", "green", "red"):
         image = _image_of(named_atlas, label)
         k = PERMUTED.index(label)
-        res = O.occlude(named_atlas, image, size=8, stride=4, figures=False)
+        res = occlude(named_atlas, image, size=8, stride=4, figures=False)
         assert res.class_source == "true" and res.class_name == label and res.class_index == k
         assert res.true_index == k and res.true_class == label
         assert res.probability_base == pytest.approx(want[k], abs=1e-6)
         assert np.allclose(res.probability, want[k], atol=1e-6)
         assert res.top_class_base == 2 and {r["top_class_name"] for r in res.rows()} == {"blue"}
-        assert "true label: " + label in O.image_caption(res)
+        assert "true label: " + label in image_caption(res)
         assert any(line.startswith(f"p({label}) [the image's true class") for line in res.summary())
         assert not any("unknown" in n for n in res.notes)
     t = pq.read_table(named_atlas / "analyses" / "occlusion" / f"{res.run}.parquet").to_pylist()
@@ -204,7 +205,7 @@ def test_an_atlas_train_checkpoint_charts_the_true_class(trained_atlas):
     assert common.recorded_classes(a) == ["blue", "green", "red"]  # the ImageFolder's sorted order
     image = _image_of(trained_atlas, "green")
     p0 = _probs(trained_atlas, image)
-    res = O.occlude(trained_atlas, image, size=8, stride=4, store=False, figures=False)
+    res = occlude(trained_atlas, image, size=8, stride=4, store=False, figures=False)
     assert (res.class_source, res.class_name, res.class_index) == ("true", "green", 1)
     assert res.probability_base == pytest.approx(p0[1], rel=1e-5)
 
@@ -242,7 +243,7 @@ def test_class_errors_are_one_line(named_atlas, tiny_atlas, which, cls, pattern)
     import re
 
     path = named_atlas if which == "named" else tiny_atlas
-    for cmd in (["occlude", path, 0, "--size", 8, "--stride", 4, "--class", cls],
+    for cmd in (["occlude", path, 0, "--occluder-size", 8, "--stride", 4, "--class", cls],
                 ["invariance", path, 0, "--transforms", "translate", "--classes", cls]):
         r = _cli(*cmd)
         assert r.exit_code == 2, r.output

@@ -12,7 +12,9 @@ from PIL import Image
 from torch import nn
 
 from atlas.runner import Runner
-from atlas.analyses import occlusion as O
+from atlas.analyses.occluder import default_geometry, positions
+from atlas.analyses.occlusion import occlude
+from atlas.analyses.occlusion_forward import occlusion_forward
 from atlas.errors import AtlasError
 from atlas.layers import LayerMap
 from atlas.models.zfnet import AlexNetSingle, ZFNetMini
@@ -80,7 +82,7 @@ def _overlaps(boxes: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("method", ["incremental", "full"])
 def test_planted_probability_drops_exactly_over_the_region(tiny_atlas, tmp_path, method):
     a = planted_atlas(tiny_atlas)
-    res = O.occlude(a, str(planted_image(tmp_path)), size=5, stride=2, fill="grey", label=0, method=method,
+    res = occlude(a, str(planted_image(tmp_path)), size=5, stride=2, fill="grey", label=0, method=method,
                     out=tmp_path / "fig")
     assert res.probability_base == pytest.approx(0.5, abs=1e-6)
     assert res.layer == "conv1" and res.channel == 0
@@ -106,10 +108,10 @@ def test_planted_probability_drops_exactly_over_the_region(tiny_atlas, tmp_path,
 
 
 def test_positions_and_default_geometry():
-    assert O.default_geometry(224) == (50, 8)
-    assert O.default_geometry(32) == (7, 1)
-    assert O.default_geometry(64) == (14, 2)
-    n, boxes = O.positions(224, 50, 8)
+    assert default_geometry(224) == (50, 8)
+    assert default_geometry(32) == (7, 1)
+    assert default_geometry(64) == (14, 2)
+    n, boxes = positions(224, 50, 8)
     assert n == 28 and len(boxes) == 784
     assert boxes[:, :2].min() == 0 and boxes[:, 2:].max() == 224
     # cell (i, j) is centred in input pixels [8i, 8i+8): the square around it, clipped
@@ -135,8 +137,8 @@ def test_batched_windowed_forward_equals_naive(make, size):
     model = make().eval()
     naive = LayerMap(copy.deepcopy(model), size)
     runner = _Runner(model, size)
-    s, st = O.default_geometry(size)
-    n, boxes = O.positions(size, s, st)
+    s, st = default_geometry(size)
+    n, boxes = positions(size, s, st)
     pick = np.unique(np.r_[0, 1, n - 1, n, n * n // 2 + n // 2, n * (n - 1), n * n - 1, 3 * n + 5])
     b = boxes[pick]
     x = torch.randn(3, size, size)
@@ -144,7 +146,7 @@ def test_batched_windowed_forward_equals_naive(make, size):
     layer = runner.lmap.conv_layers[-1].name
     plans = {}
     for method in ("incremental", "full"):
-        m = O.occlusion_forward(runner, x, b, layer=layer, channel=3, fill=fill, method=method, batch_size=3)
+        m = occlusion_forward(runner, x, b, layer=layer, channel=3, fill=fill, method=method, batch_size=3)
         xs = x.repeat(len(b), 1, 1, 1)
         for i, (y0, x0, y1, x1) in enumerate(b.tolist()):
             xs[i, :, y0:y1, x0:x1] = fill
@@ -160,7 +162,7 @@ def test_batched_windowed_forward_equals_naive(make, size):
 
 
 def test_occlude_dataset_image_stores_table_and_figures(tiny_atlas):
-    res = O.occlude(str(tiny_atlas), "3")
+    res = occlude(str(tiny_atlas), "3")
     assert (res.size, res.stride, res.n) == (7, 1, 32)
     # a random head records no class names: 'blue' is the image's label, not a class of the model
     assert res.image_id == 3 and res.dataset_label == "blue" and res.class_source == "most_probable"
@@ -186,7 +188,7 @@ def _without_classifier(tiny_atlas, tmp_path) -> Path:
 
 def test_no_classifier_still_gives_activation_maps(tiny_atlas, tmp_path):
     path = _without_classifier(tiny_atlas, tmp_path)
-    res = O.occlude(path, 0, size=8, stride=4, figures=True)
+    res = occlude(path, 0, size=8, stride=4, figures=True)
     assert res.probability is None and res.top_class is None
     assert res.activation.shape == (8, 8)
     assert any("no classifier" in n and "gone.pt" in n for n in res.notes)
@@ -194,7 +196,7 @@ def test_no_classifier_still_gives_activation_maps(tiny_atlas, tmp_path):
     rows = Atlas(path).sql("SELECT count(*), count(probability) FROM occlusion").fetchall()[0]
     assert rows == (64, 0)
     with pytest.raises(AtlasError, match="classifier.*gone.pt"):
-        O.occlude(path, 0, label="red", store=False, figures=False)
+        occlude(path, 0, label="red", store=False, figures=False)
 
 
 def test_bad_input(tiny_atlas, tmp_path):
@@ -217,4 +219,4 @@ def test_bad_input(tiny_atlas, tmp_path):
     for kw, pattern in cases:
         image = kw.pop("image")
         with pytest.raises(AtlasError, match=pattern):
-            O.occlude(tiny_atlas, image, store=False, figures=False, **kw)
+            occlude(tiny_atlas, image, store=False, figures=False, **kw)

@@ -1,14 +1,25 @@
-"""Analyses behind the paper's figures, each one library call with keyword options (the CLI
-command of the same name is a thin wrapper). Training-run analyses:
+"""The analyses behind the paper's figures, one module (and one library call) each; the CLI commands
+of the same names are thin wrappers, imported only when a command runs.
+
+On an atlas (sharing `common`: images, classes, layers, where results are stored):
+
+    occlusion        figure 7: a square slid over one image -- the run (occlusion), the square
+                     (occluder), the batched, windowed passes over its positions
+                     (occlusion_forward), the result and its table rows (occlusion_result), the
+                     figure (occlusion_figure)
+    invariance       figure 5: feature distance and class probability under translation, scale
+                     and rotation
+    correspondence   figure 8 / table 7: how consistently a part's occlusion changes the features
+                     across images
+
+On training runs:
 
     evolution        figure 4: the strongest activation of chosen channels at each training
-                     snapshot, projected to pixels (atlas.analyses.evolution.evolution)
+                     snapshot, projected to pixels
     compare_filters  figure 6: the conv1 filters of two models side by side, with dead-filter
                      counts and their coverage of low / mid / high spatial frequencies
-                     (atlas.analyses.compare_filters.compare_filters)
 
-The atlas analyses (occlusion, invariance, correspondence) share atlas.analyses.common. The
-small drawing helpers below are used by the two training-run analyses."""
+The small drawing helpers below are used by the two training-run analyses."""
 from __future__ import annotations
 
 import numpy as np

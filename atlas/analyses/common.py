@@ -1,17 +1,23 @@
-"""Shared helpers of the figure analyses (occlusion, invariance, correspondence).
+"""What the figure analyses (occlusion, invariance, correspondence) share, so that each says the
+same thing the same way.
 
 - images: `resolve_image` turns an image_id (int, or a string of digits that is
   not a file) or a path (any image file, inside the dataset or not) into the
-  model input the atlas's own preprocessing makes of it, with its label;
+  model input the atlas's own preprocessing makes of it, with its label
+  (`first_repeated` finds an image given twice);
 - classes: `class_names`, `recorded_classes`, `given_class`, `true_class`,
   `classifier_status` (a model "without a classifier": its weights file is gone, or
   the model has no fc layers). A dataset label is a class of the model only when
   the model records its own class names and the label is one of them: see
   `true_class`;
-- the model for a run: `atlas.runner.Runner` (re-exported here);
+- layers: `check_layers`, `default_deep_layer` (the paper's "layer 7");
 - storage: `store_table` writes ATLAS/analyses/NAME/RUN.parquet atomically (the
-  SQL view NAME in `atlas sql`), `figure_dir` the folder for a run's PNGs;
-- plotting: `atlas.plotting` (PIL only; re-exported here for the analyses).
+  SQL view NAME in `atlas sql`) with the columns `table_schema` reads from a compact
+  "name:type ..." list, `figure_dir` the folder for a run's PNGs, `save_png` a PNG;
+  `keep_run` does both as a run was asked to, and `notes_and_table` closes a summary
+  with the notes and where the table went.
+
+The model itself runs through `atlas.runner.Runner`; the drawing is `atlas.plotting`.
 """
 from __future__ import annotations
 
@@ -21,14 +27,13 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
 
 from ..data import read_image_file
 from ..errors import AtlasError
-
 
 
 def open_atlas(atlas):
@@ -75,7 +80,8 @@ class ImageRef:
         return "given" if self.given_index is not None else ("true" if self.true_index is not None else None)
 
 
-def _slug(text: str, n: int = 40) -> str:
+def slug(text: str, n: int = 40) -> str:
+    """A file-name-safe form of text, at most n characters (never empty)."""
     s = re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.")
     return s[:n] or "x"
 
@@ -112,10 +118,16 @@ def resolve_image(atlas, image: int | str | Path, label: int | str | None = None
     crop = atlas.preprocess.crop_image(rgb)
     x = atlas.preprocess.to_tensor(crop)
     full = str(p.resolve())
-    ref = ImageRef(str(p), None, str(p), None, None, x, crop, rgb.size, f"{_slug(p.stem, 24)}-{short_hash(full, 6)}")
+    ref = ImageRef(str(p), None, str(p), None, None, x, crop, rgb.size, f"{slug(p.stem, 24)}-{short_hash(full, 6)}")
     if label is not None:
         ref.given_index = given_class(atlas, label, where=f"image '{image}'")
     return ref
+
+
+def first_repeated(keys: Iterable[str]) -> str | None:
+    """The first key (in order) that occurs more than once, or None."""
+    keys = list(keys)
+    return next((k for k in keys if keys.count(k) > 1), None)
 
 
 def resolve_images(atlas, images: Iterable[int | str | Path], labels: Sequence | None = None) -> list[ImageRef]:
@@ -216,10 +228,6 @@ def given_class(atlas, label, *, where: str = "the request") -> int:
     return idx
 
 
-def class_index(atlas, label) -> int:
-    return given_class(atlas, label)
-
-
 def classifier_status(atlas) -> tuple[bool, str]:
     """(has a usable classifier, why not)."""
     fcs = [la for la in atlas.lmap.layers if la.kind == "fc"]
@@ -273,13 +281,24 @@ def analysis_dir(atlas, name: str) -> Path:
     return Path(atlas.path) / "analyses" / name
 
 
-def store_table(atlas, name: str, run: str, rows: list[dict[str, Any]], schema) -> Path:
-    """Write rows as ATLAS/analyses/NAME/RUN.parquet (atomically); NAME becomes a SQL view."""
+def table_schema(columns: str):
+    """The pyarrow schema of a table's columns, given in order as "name:type ..." (types: str, i32,
+    i64, f64, list<f64>): one compact line per few columns in each analysis, pyarrow imported only here."""
+    import pyarrow as pa
+
+    types = {"str": pa.string(), "i32": pa.int32(), "i64": pa.int64(), "f64": pa.float64(),
+             "list<f64>": pa.list_(pa.float64())}
+    return pa.schema([(name, types[kind]) for name, kind in (c.split(":", 1) for c in columns.split())])
+
+
+def store_table(atlas, name: str, run: str, rows: list[dict[str, Any]], columns: str) -> Path:
+    """Write rows as ATLAS/analyses/NAME/RUN.parquet (atomically) with the given columns (see
+    `table_schema`); NAME becomes a SQL view."""
     import pyarrow as pa
 
     from ..fsutil import atomic_write_parquet
 
-    table = pa.Table.from_pylist(rows, schema=schema)
+    table = pa.Table.from_pylist(rows, schema=table_schema(columns))
     path = analysis_dir(atlas, name) / f"{run}.parquet"
     try:
         atomic_write_parquet(path, table)
@@ -299,6 +318,20 @@ def figure_dir(atlas, name: str, run: str, out: str | Path | None) -> Path:
     if not d.is_dir():
         raise AtlasError(f"figure folder '{d}' is not a folder")
     return d
+
+
+def keep_run(atlas, name: str, run: str, rows: list[dict[str, Any]], columns: str, *, store: bool, figures: bool,
+             out: str | Path | None, draw: Callable[[Path], dict[str, Path]]) -> tuple[Path | None, dict[str, Path]]:
+    """What a run leaves, as asked: (its table, `store_table`, or None; its figures, drawn by `draw`
+    into `figure_dir`, or none)."""
+    table = store_table(atlas, name, run, rows, columns) if store else None
+    files = draw(figure_dir(atlas, name, run, out)) if figures else {}
+    return table, files
+
+
+def notes_and_table(notes: Sequence[str], table: Path | None, view: str, run: str) -> list[str]:
+    """A result summary's closing lines: its notes, then where its table went (the SQL view)."""
+    return [f"note: {n}" for n in notes] + ([f"table: {table} (SQL view {view}, run '{run}')"] if table else [])
 
 
 def save_png(path: Path, im) -> Path:

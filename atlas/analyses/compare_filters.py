@@ -1,16 +1,5 @@
-"""Architecture comparison from the first layer's filters (the paper's figure 6).
-
-CLI:
-  atlas compare-filters A B [--out PNG] [options]
-      -> one call: compare_filters(A, B, out=PNG, **options); prints the table, writes the PNG
-  A, B                       training runs (their final.pt) or weights files (state_dict or
-                             `atlas train` checkpoint), e.g. an alexnet-single run and a zfnet run
-  --labels NAME_A,NAME_B     names in the table and the figure (default: model name and folder)
-  --out PNG                  default: compare-filters.png in A's run folder (or beside A's file)
-  --dead-fraction 0.01       a filter is dead when its RMS < this fraction of the layer's largest
-  --bands 0.125,0.25         edges of the low / mid / high bands, cycles per pixel
-  --fft-size 64              zero-padded FFT size
-  --format table|csv|json    (the CLI's usual table output of the returned rows)
+"""Architecture comparison from the first layer's filters (the paper's figure 6): two models'
+conv1 filters side by side, with the numbers that tell them apart.
 
 The paper's point (figure 6): AlexNet's conv1 (11x11, stride 4) has a mix of very high and very
 low frequency filters with little coverage of the mid frequencies, and some dead filters; ZFNet's
@@ -172,6 +161,8 @@ def _filter_grid(weight: torch.Tensor, dead: np.ndarray, cell: int):
 
 
 def _draw(models: list[dict[str, Any]], rows: list[dict[str, Any]], bands: Sequence[float], path: Path) -> Path:
+    """The figure: each model's filter grid under its title, the table of numbers, and stacked bars of
+    the band shares."""
     from PIL import Image, ImageDraw
 
     cell = 32

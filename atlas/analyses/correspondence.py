@@ -1,11 +1,5 @@
 """Correspondence of object parts across images (Zeiler & Fergus 2014, figure 8 / table 7).
 
-CLI: atlas correspondence ATLAS --images SPEC.json [--layers conv5,fc7] [--random 10] [--seed 0]
-                          [--fill grey|mean] [--device auto|cpu|cuda] [--out DIR]
-     One call:
-         r = correspondence(Atlas(ATLAS), SPEC, layers=..., random=..., seed=..., fill=..., device=..., out=...)
-     then print r.format_table() and "\\n".join(r.summary()) (r.rows are the table's rows).
-
 The spec (JSON) names the images and, per part, the occluder box in each image:
 
     {"coordinates": "input",
@@ -28,7 +22,7 @@ right, y down, x1 and y1 exclusive, in
 
 For each part and layer: e_i = x_i - x~_i, the difference of the layer's
 features (post-ReLU, a conv map flattened) of image i and of image i with the
-part occluded (the square filled grey, or the preprocessing's mean colour), and
+part occluded (its box filled grey, or the preprocessing's mean colour), and
 
     Delta_l = sum over ordered pairs i != j of Hamming(sign(e_i), sign(e_j))
 
@@ -59,13 +53,18 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..errors import AtlasError
-from . import common
 from .. import plotting
+from ..errors import AtlasError
 from ..runner import Runner
-from .occlusion import FILLS, fill_value
+from . import common
+from .occluder import check_fill, fill_value
 
 COORDINATES = ("input", "original")
+
+# the table's columns, in order (common.table_schema)
+COLUMNS = ("run:str spec:str model:str part:str kind:str control_for:str layer:str images:i32 dims:i64 "
+           "draws:i32 seed:i64 fill:str delta:f64 delta_std:f64 delta_norm:f64 delta_norm_std:f64 "
+           "deltas:list<f64>")
 
 
 def sign_hamming_score(diffs: torch.Tensor | np.ndarray) -> int:
@@ -103,9 +102,8 @@ def map_box(box: Sequence[float], original_size: tuple[int, int], pre) -> tuple[
     return x0 * sx - left, y0 * sy - top, x1 * sx - left, y1 * sy - top
 
 
-def load_spec(atlas, spec_path: str | Path) -> tuple[list[_Entry], list[str], str]:
-    """(entries, part names in order, coordinates) from a spec file, validated."""
-    spec_path = Path(spec_path)
+def _read_spec(spec_path: Path) -> dict[str, Any]:
+    """The spec file's JSON object, with its "images" list."""
     if not spec_path.is_file():
         raise AtlasError(f"spec '{spec_path}' does not exist")
     try:
@@ -114,9 +112,11 @@ def load_spec(atlas, spec_path: str | Path) -> tuple[list[_Entry], list[str], st
         raise AtlasError(f"spec '{spec_path}' is not readable JSON: {str(e).splitlines()[0][:120]}") from None
     if not isinstance(spec, dict) or not isinstance(spec.get("images"), list):
         raise AtlasError(f"spec '{spec_path}' must be a JSON object with an \"images\" list")
-    coords = spec.get("coordinates", "input")
-    if coords not in COORDINATES:
-        raise AtlasError(f"spec '{spec_path}': unknown coordinates '{coords}' (use input or original)")
+    return spec
+
+
+def _image_parts(spec: dict[str, Any], spec_path: Path) -> list[tuple[Any, dict[str, Any]]]:
+    """(image, {part: box}) per image, whichever of the two layouts the spec uses."""
     items = spec["images"]
     if len(items) < 2:
         raise AtlasError(f"spec '{spec_path}' lists {len(items)} image(s): the score compares pairs, give at least 2")
@@ -140,59 +140,76 @@ def load_spec(atlas, spec_path: str | Path) -> tuple[list[_Entry], list[str], st
                     raise AtlasError(f"{_where(spec_path, i, img)}: part '{name}' is given twice")
                 parts[name] = boxes[i]
         raw.append((img, parts))
+    return raw
+
+
+def _spec_image(atlas, spec_path: Path, i: int, img: Any) -> common.ImageRef:
+    """Image i of the spec: an image_id, or a path (relative ones from the spec's folder)."""
+    if isinstance(img, bool) or not isinstance(img, (int, str)):
+        raise AtlasError(f"{_where(spec_path, i, img)}: an image is an image_id (int) or a path (string)")
+    if isinstance(img, str):
+        p = Path(img)
+        img_arg: int | str = str(p if p.is_absolute() else spec_path.parent / p)
+    else:
+        img_arg = img
+    try:
+        return common.resolve_image(atlas, img_arg)
+    except AtlasError as e:
+        raise AtlasError(f"spec '{spec_path}': {e}") from None
+
+
+def _input_box(atlas, ref: common.ImageRef, b: Any, coords: str, where: str) -> tuple[int, int, int, int]:
+    """A part's box checked and, in model-input pixels, (x0, y0, x1, y1); original coordinates are
+    mapped through the preprocessing and rounded outwards."""
+    S = atlas.image_size
+    if (not isinstance(b, (list, tuple)) or len(b) != 4
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in b)):
+        raise AtlasError(f"{where}: a box is [x0, y0, x1, y1] (4 numbers), not {b!r}")
+    x0, y0, x1, y1 = (float(v) for v in b)
+    if not (x0 < x1 and y0 < y1):
+        raise AtlasError(f"{where}: box {list(b)} is empty (need x0 < x1 and y0 < y1)")
+    if coords == "original":
+        w, h = ref.original_size
+        if x0 < 0 or y0 < 0 or x1 > w or y1 > h:
+            raise AtlasError(f"{where}: box {list(b)} lies outside the {w} x {h} px image")
+        mx0, my0, mx1, my1 = map_box((x0, y0, x1, y1), ref.original_size, atlas.preprocess)
+        box = (math.floor(mx0 + 1e-6), math.floor(my0 + 1e-6), math.ceil(mx1 - 1e-6), math.ceil(my1 - 1e-6))
+        if box[0] < 0 or box[1] < 0 or box[2] > S or box[3] > S:
+            raise AtlasError(f"{where}: box {list(b)} falls outside the centre crop the model sees "
+                             f"(it maps to {list(box)} in the {S} x {S} px model input)")
+        return box
+    if any(v != int(v) for v in (x0, y0, x1, y1)):
+        raise AtlasError(f"{where}: input coordinates are whole pixels, not {list(b)}")
+    box = (int(x0), int(y0), int(x1), int(y1))
+    if box[0] < 0 or box[1] < 0 or box[2] > S or box[3] > S:
+        raise AtlasError(f"{where}: box {list(b)} lies outside the {S} x {S} px model input "
+                         "(coordinates: input; use \"coordinates\": \"original\" for original pixels)")
+    return box
+
+
+def load_spec(atlas, spec_path: str | Path) -> tuple[list[_Entry], list[str], str]:
+    """(entries, part names in order, coordinates) from a spec file, validated."""
+    spec_path = Path(spec_path)
+    spec = _read_spec(spec_path)
+    coords = spec.get("coordinates", "input")
+    if coords not in COORDINATES:
+        raise AtlasError(f"spec '{spec_path}': unknown coordinates '{coords}' (use input or original)")
+    raw = _image_parts(spec, spec_path)
     names = list(dict.fromkeys(n for _, parts in raw for n in parts))
     if not names:
         raise AtlasError(f"spec '{spec_path}' names no parts (e.g. \"parts\": {{\"nose\": [x0, y0, x1, y1]}})")
-    S = atlas.image_size
     entries: list[_Entry] = []
     for i, (img, parts) in enumerate(raw):
-        if isinstance(img, bool) or not isinstance(img, (int, str)):
-            raise AtlasError(f"{_where(spec_path, i, img)}: an image is an image_id (int) or a path (string)")
-        if isinstance(img, str):
-            p = Path(img)
-            img_arg: int | str = str(p if p.is_absolute() else spec_path.parent / p)
-        else:
-            img_arg = img
-        try:
-            ref = common.resolve_image(atlas, img_arg)
-        except AtlasError as e:
-            raise AtlasError(f"spec '{spec_path}': {e}") from None
+        ref = _spec_image(atlas, spec_path, i, img)
         missing = [n for n in names if n not in parts]
         if missing:
             raise AtlasError(f"{_where(spec_path, i, img)} has no box for part(s) {', '.join(missing)}: "
                              "every part needs a box in every image")
-        boxes = {}
-        for name in names:
-            b = parts[name]
-            where = f"{_where(spec_path, i, img)} part '{name}'"
-            if (not isinstance(b, (list, tuple)) or len(b) != 4
-                    or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-                               for v in b)):
-                raise AtlasError(f"{where}: a box is [x0, y0, x1, y1] (4 numbers), not {b!r}")
-            x0, y0, x1, y1 = (float(v) for v in b)
-            if not (x0 < x1 and y0 < y1):
-                raise AtlasError(f"{where}: box {list(b)} is empty (need x0 < x1 and y0 < y1)")
-            if coords == "original":
-                w, h = ref.original_size
-                if x0 < 0 or y0 < 0 or x1 > w or y1 > h:
-                    raise AtlasError(f"{where}: box {list(b)} lies outside the {w} x {h} px image")
-                mx0, my0, mx1, my1 = map_box((x0, y0, x1, y1), ref.original_size, atlas.preprocess)
-                box = (math.floor(mx0 + 1e-6), math.floor(my0 + 1e-6), math.ceil(mx1 - 1e-6), math.ceil(my1 - 1e-6))
-                if box[0] < 0 or box[1] < 0 or box[2] > S or box[3] > S:
-                    raise AtlasError(f"{where}: box {list(b)} falls outside the centre crop the model sees "
-                                     f"(it maps to {list(box)} in the {S} x {S} px model input)")
-            else:
-                if any(v != int(v) for v in (x0, y0, x1, y1)):
-                    raise AtlasError(f"{where}: input coordinates are whole pixels, not {list(b)}")
-                box = (int(x0), int(y0), int(x1), int(y1))
-                if box[0] < 0 or box[1] < 0 or box[2] > S or box[3] > S:
-                    raise AtlasError(f"{where}: box {list(b)} lies outside the {S} x {S} px model input "
-                                     "(coordinates: input; use \"coordinates\": \"original\" for original pixels)")
-            boxes[name] = box
+        boxes = {name: _input_box(atlas, ref, parts[name], coords, f"{_where(spec_path, i, img)} part '{name}'")
+                 for name in names}
         entries.append(_Entry(ref, boxes))
-    keys = [e.ref.key for e in entries]
-    if len(set(keys)) != len(keys):
-        dup = next(k for k in keys if keys.count(k) > 1)
+    dup = common.first_repeated(e.ref.key for e in entries)
+    if dup is not None:
         raise AtlasError(f"spec '{spec_path}': image {dup} is listed twice")
     return entries, names, coords
 
@@ -233,22 +250,91 @@ class CorrespondenceResult:
         lines = [f"mean feature sign change: Delta / (n (n-1) dims), n = {r0['images']} images; "
                  f"random: mean ± std over {max(r['draws'] for r in self.rows)} draws "
                  f"({self.seconds:.1f} s)"]
-        lines += [f"note: {n}" for n in self.notes]
-        if self.table:
-            lines.append(f"table: {self.table} (SQL view correspondence, run '{self.run}')")
+        lines += common.notes_and_table(self.notes, self.table, "correspondence", self.run)
         if self.figures:
             lines.append(f"figure: {self.figures['images']}")
         return lines
 
 
-def _schema():
-    import pyarrow as pa
+def _layers(atlas, layers: Sequence[str] | str | None, notes: list[str]) -> list[str]:
+    """The layers given, else the top conv layer and the layer below the logits (a note says what
+    stands in when there is none)."""
+    names = [s.strip() for s in layers.split(",") if s.strip()] if isinstance(layers, str) else list(layers or [])
+    if not names:
+        top = atlas.lmap.conv_layers[-1].name
+        deep, note = common.default_deep_layer(atlas)
+        names = [top] if deep == top else [top, deep]
+        if note:
+            notes.append(note.replace("layer 7 replaced by", "no layer 7: only") if deep == top else note)
+    return common.check_layers(atlas, names, "the correspondence score")
 
-    i32, i64, f64, s = pa.int32(), pa.int64(), pa.float64(), pa.string()
-    return pa.schema([("run", s), ("spec", s), ("model", s), ("part", s), ("kind", s), ("control_for", s),
-                      ("layer", s), ("images", i32), ("dims", i64), ("draws", i32), ("seed", i64), ("fill", s),
-                      ("delta", f64), ("delta_std", f64), ("delta_norm", f64), ("delta_norm_std", f64),
-                      ("deltas", pa.list_(f64))])
+
+def _jobs(entries: list[_Entry], parts: list[str], random: int, seed: int, S: int
+          ) -> tuple[list[tuple[str, int, list[tuple[int, int, int, int]]]], dict[str, list[str]]]:
+    """What to occlude: (label, draw, box per image) for each part, then `random` draws of the
+    control per set of box sizes; and the control labels -> the parts each stands for."""
+    groups: dict[tuple, list[str]] = {}
+    for p in parts:
+        sizes = tuple((e.boxes[p][2] - e.boxes[p][0], e.boxes[p][3] - e.boxes[p][1]) for e in entries)
+        groups.setdefault(sizes, []).append(p)
+    rng = np.random.default_rng(seed)
+    jobs = [(p, 0, [e.boxes[p] for e in entries]) for p in parts]
+    control_labels = {}
+    for sizes, ps in groups.items():
+        label = "random" if len(groups) == 1 else f"random ({', '.join(ps)})"
+        control_labels[label] = ps
+        for r in range(random):
+            boxes = []
+            for (w, h) in sizes:
+                x0, y0 = int(rng.integers(0, S - w + 1)), int(rng.integers(0, S - h + 1))
+                boxes.append((x0, y0, x0 + w, y0 + h))
+            jobs.append((label, r, boxes))
+    return jobs, control_labels
+
+
+def _occluded_inputs(entries: list[_Entry], jobs, fv: torch.Tensor) -> torch.Tensor:
+    """The images themselves, then per job each image with its box filled."""
+    xs = [e.ref.x for e in entries]
+    for _, _, boxes in jobs:
+        for e, (x0, y0, x1, y1) in zip(entries, boxes):
+            x = e.ref.x.clone()
+            x[:, y0:y1, x0:x1] = fv
+            xs.append(x)
+    return torch.stack(xs)
+
+
+def _scores(acts: dict[str, torch.Tensor], names: list[str], jobs, n: int
+            ) -> tuple[dict[tuple[str, str], list[int]], dict[str, int]]:
+    """Delta per (job label, layer), one per draw, and the feature dimensions per layer."""
+    results: dict[tuple[str, str], list[int]] = {}
+    dims = {}
+    for la in names:
+        f = acts[la].double().flatten(1)
+        dims[la] = f.shape[1]
+        base = f[:n]
+        for k, (label, _, _) in enumerate(jobs):
+            occ = f[n + k * n:n + (k + 1) * n]
+            results.setdefault((label, la), []).append(sign_hamming_score(base - occ))
+    return results, dims
+
+
+def _rows(run: str, spec_path, model: str, labels: list[str], names: list[str], control_labels, results, dims,
+          n: int, seed: int, fill: str) -> list[dict[str, Any]]:
+    """One table row per part or control and layer: Delta's mean (and spread over the draws), raw
+    and per pair and dimension."""
+    rows = []
+    for label in labels:
+        for la in names:
+            ds = np.array(results[(label, la)], dtype=np.float64)
+            norm = n * (n - 1) * dims[la]
+            kind = "random" if label in control_labels else "part"
+            std = float(ds.std(ddof=1)) if len(ds) > 1 else (0.0 if kind == "random" else None)
+            rows.append({"run": run, "spec": str(spec_path), "model": model, "part": label, "kind": kind,
+                         "control_for": ",".join(control_labels[label]) if kind == "random" else None,
+                         "layer": la, "images": n, "dims": dims[la], "draws": len(ds), "seed": seed, "fill": fill,
+                         "delta": float(ds.mean()), "delta_std": std, "delta_norm": float(ds.mean()) / norm,
+                         "delta_norm_std": None if std is None else std / norm, "deltas": ds.tolist()})
+    return rows
 
 
 def correspondence(atlas, spec_path: str | Path, *, layers: Sequence[str] | str | None = None, random: int = 10,
@@ -261,82 +347,29 @@ def correspondence(atlas, spec_path: str | Path, *, layers: Sequence[str] | str 
     """
     t0 = time.perf_counter()
     atlas = common.open_atlas(atlas)
-    if fill not in FILLS:
-        raise AtlasError(f"unknown fill '{fill}': choose one of {', '.join(FILLS)}")
+    check_fill(fill)
     if isinstance(random, bool) or not isinstance(random, (int, np.integer)) or random < 0:
         raise AtlasError(f"--random must be a whole number of draws >= 0, not {random!r}")
     notes: list[str] = []
-    names = [s.strip() for s in layers.split(",") if s.strip()] if isinstance(layers, str) else list(layers or [])
-    if not names:
-        top = atlas.lmap.conv_layers[-1].name
-        deep, note = common.default_deep_layer(atlas)
-        names = [top] if deep == top else [top, deep]
-        if note:
-            notes.append(note.replace("layer 7 replaced by", "no layer 7: only") if deep == top else note)
-    names = common.check_layers(atlas, names, "the correspondence score")
+    names = _layers(atlas, layers, notes)
     entries, parts, coords = load_spec(atlas, spec_path)
-    n, S = len(entries), atlas.image_size
-    # the occluded images: parts, then random controls
-    groups: dict[tuple, list[str]] = {}
-    for p in parts:
-        sizes = tuple((e.boxes[p][2] - e.boxes[p][0], e.boxes[p][3] - e.boxes[p][1]) for e in entries)
-        groups.setdefault(sizes, []).append(p)
-    rng = np.random.default_rng(seed)
-    jobs: list[tuple[str, int, list[tuple[int, int, int, int]]]] = []  # (label, draw, box per image)
-    for p in parts:
-        jobs.append((p, 0, [e.boxes[p] for e in entries]))
-    control_labels = {}
-    for sizes, ps in groups.items():
-        label = "random" if len(groups) == 1 else f"random ({', '.join(ps)})"
-        control_labels[label] = ps
-        for r in range(random):
-            boxes = []
-            for (w, h) in sizes:
-                x0, y0 = int(rng.integers(0, S - w + 1)), int(rng.integers(0, S - h + 1))
-                boxes.append((x0, y0, x0 + w, y0 + h))
-            jobs.append((label, r, boxes))
-    fv = fill_value(atlas.preprocess, fill)
-    xs = [e.ref.x for e in entries]
-    for _, _, boxes in jobs:
-        for e, (x0, y0, x1, y1) in zip(entries, boxes):
-            x = e.ref.x.clone()
-            x[:, y0:y1, x0:x1] = fv
-            xs.append(x)
-    runner = Runner(atlas, device)
-    acts = runner.extract(torch.stack(xs), names, batch_size)
-    results: dict[tuple[str, str], list[int]] = {}
-    dims = {}
-    for la in names:
-        f = acts[la].double().flatten(1)
-        dims[la] = f.shape[1]
-        base = f[:n]
-        for k, (label, _, _) in enumerate(jobs):
-            occ = f[n + k * n:n + (k + 1) * n]
-            results.setdefault((label, la), []).append(sign_hamming_score(base - occ))
+    n = len(entries)
+    jobs, control_labels = _jobs(entries, parts, random, seed, atlas.image_size)
+    xs = _occluded_inputs(entries, jobs, fill_value(atlas.preprocess, fill))
+    acts = Runner(atlas, device).extract(xs, names, batch_size)
+    results, dims = _scores(acts, names, jobs, n)
     spec_text = Path(spec_path).read_text()
-    run = f"{common._slug(Path(spec_path).stem, 24)}-" + common.short_hash(
+    run = f"{common.slug(Path(spec_path).stem, 24)}-" + common.short_hash(
         {"spec": spec_text, "layers": names, "random": random, "seed": seed, "fill": fill})
-    model = atlas.manifest["model"]["name"]
-    rows = []
     labels = parts + (list(control_labels) if random else [])
-    for label in labels:
-        for la in names:
-            ds = np.array(results[(label, la)], dtype=np.float64)
-            norm = n * (n - 1) * dims[la]
-            kind = "random" if label in control_labels else "part"
-            std = float(ds.std(ddof=1)) if len(ds) > 1 else (0.0 if kind == "random" else None)
-            rows.append({"run": run, "spec": str(spec_path), "model": model, "part": label, "kind": kind,
-                         "control_for": ",".join(control_labels[label]) if kind == "random" else None,
-                         "layer": la, "images": n, "dims": dims[la], "draws": len(ds), "seed": seed, "fill": fill,
-                         "delta": float(ds.mean()), "delta_std": std, "delta_norm": float(ds.mean()) / norm,
-                         "delta_norm_std": None if std is None else std / norm, "deltas": ds.tolist()})
+    rows = _rows(run, spec_path, atlas.manifest["model"]["name"], labels, names, control_labels, results, dims,
+                 n, seed, fill)
     if coords == "original":
         notes.append("boxes given in original image pixels, mapped through the resize and centre crop")
     res = CorrespondenceResult(run, str(spec_path), names, rows, notes)
-    if store:
-        res.table = common.store_table(atlas, "correspondence", run, rows, _schema())
-    if figures:
-        res.figures = render(entries, parts, common.figure_dir(atlas, "correspondence", run, out))
+    res.table, res.figures = common.keep_run(atlas, "correspondence", run, rows, COLUMNS, store=store,
+                                             figures=figures, out=out,
+                                             draw=lambda folder: render(entries, parts, folder))
     res.seconds = time.perf_counter() - t0
     return res
 

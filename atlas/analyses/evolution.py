@@ -1,31 +1,24 @@
-"""Feature evolution during training (the paper's figure 4).
+"""Feature evolution during training (the paper's figure 4): how the strongest activation of chosen
+channels, projected to pixels, changes from snapshot to snapshot of one training run.
 
-CLI:
-  atlas evolution RUN_DIR [--data DATA] [options]
-      -> one call: evolution(RUN_DIR, data=DATA, **options); prints the PNG's path
-  RUN_DIR                    a training run (`atlas train --snapshot-epochs 1,2,5,...`), or its final.pt
-  --data DATA                images to search (default: the run's training data, as in the paper)
-  --layers conv1,conv3       conv layers (default: every conv layer)
-  --channels 0,5,9           the same channels in every chosen layer (default: chosen by --select)
-  --per-layer 4              channels per layer when --channels is not given
-  --select strongest|first   strongest: the channels with the largest final activation; first: 0..N-1
-  --epochs 1,2,5             which snapshots to show (default: all, plus final.pt if it is a later epoch)
-  --out PNG                  default RUN_DIR/evolution.png; the table goes beside it (.parquet)
-  --cell 64                  cell size in pixels
-  --max-images N             search only the first N images
-  --batch-size 64 --device auto --workers N --progress/--no-progress
+For each snapshot s (RUN_DIR/snapshots/epoch-XXX.pt, and final.pt when it is later than every
+snapshot) the snapshot's model runs over every image of the data (the run's training data unless
+told otherwise; the snapshot's own preprocessing: centre crop, eval mode) and, for each channel of
+the chosen layers, the strongest activation -- the spatial and image maximum, ties to the first
+image and position -- is kept. Every channel's maximum at every snapshot goes to the table
+(beside the PNG, its name with .parquet: epoch, snapshot, layer, channel, image_id, image_path, value, y,
+x, shown). For the shown channels the activation is projected to pixels with the DeconvNet engine
+(atlas.deconv.project_images, unit mode, contrast normalisation as identity) and the projection
+inside the unit's receptive field is drawn: one row per channel, one column per snapshot.
 
-What it computes, for each snapshot s (RUN_DIR/snapshots/epoch-XXX.pt, and final.pt when its epoch
-has no snapshot): the snapshot's model runs over every image of DATA (its own preprocessing: centre
-crop, eval mode, fp32); for each channel of the chosen layers the strongest activation -- the spatial
-and image maximum, ties to the first image and position -- is kept. Every channel's maximum at every
-snapshot goes to the table (EVOLUTION.parquet: epoch, snapshot, layer, channel, image_id, image_path,
-value, y, x, shown). For the shown channels the activation is projected to pixels with the
-DeconvNet engine (atlas.deconv.project_images, unit mode, contrast normalisation as identity) and
-the projection inside the unit's receptive field is drawn: one row per channel, one column per
-snapshot. Display: atlas.render's normalisation -- each cell is scaled by its own max |value|
-around mid-grey (grey = 0, v / (2 max|v|) + 0.5), then resized to the cell; a channel whose maximum is <= 0 (dead at that snapshot) is drawn as a flat grey
-cell marked "dead". The geometry of the grid is stored in the PNG's text chunk "atlas-grid" (JSON).
+Display: atlas.render's normalisation -- each cell is scaled by its own max |value| around
+mid-grey (grey = 0, v / (2 max|v|) + 0.5), then resized to the cell; a channel whose maximum is
+<= 0 (dead at that snapshot) is drawn as a flat grey cell marked "dead". The geometry of the grid
+is stored in the PNG's text chunk "atlas-grid" (JSON), so that a reader (`read_grid`) finds each
+cell without guessing.
+
+The images are decoded once for all snapshots when they fit in memory (`_Images`), since every
+snapshot searches the same images.
 """
 from __future__ import annotations
 
@@ -274,6 +267,117 @@ def _choose(best: dict[str, dict[str, torch.Tensor]], lmap: LayerMap, layers: li
     return out
 
 
+def _parse_channels(channels):
+    if not isinstance(channels, str):
+        return channels
+    try:
+        return [int(c) for c in channels.split(",") if c.strip()]
+    except ValueError:
+        raise AtlasError(f"--channels must be channel numbers like 0,5,9 (got '{channels}')") from None
+
+
+def _chosen_snapshots(run_dir, epochs) -> tuple[Path, list[tuple[int, str, Path]]]:
+    """The run folder and its snapshots, only the `epochs` asked for when given."""
+    from ..train import parse_epochs
+
+    run, snaps = find_snapshots(run_dir)
+    if epochs is None or epochs == "":
+        return run, snaps
+    want = parse_epochs(epochs)
+    missing = [e for e in want if e not in {s[0] for s in snaps}]
+    if missing:
+        raise AtlasError(f"training run '{run}' has no snapshot of epoch {', '.join(map(str, missing))} "
+                         f"(it has {', '.join(str(s[0]) for s in snaps)})")
+    return run, [s for s in snaps if s[0] in want]
+
+
+def _model_of(weights: Path) -> tuple[str, Any]:
+    """(model name, preprocessing) that `atlas train` recorded in a snapshot."""
+    _, meta = read_weights(weights)
+    name = meta.get("model")
+    if not name:
+        raise AtlasError(f"weights '{weights}' do not say which model they are for (no meta.model): "
+                         "evolution needs the snapshots written by `atlas train`")
+    return name, meta.get("preprocessing")
+
+
+def _search_snapshots(name: str, pre, snaps, source, ids: list[int], layers, dev: torch.device, batch_size: int,
+                      workers: int, progress: bool | None):
+    """One pass over the images per snapshot: every channel's strongest activation.
+
+    Returns (per snapshot the `strongest` result, the images, the last snapshot's LayerMap, the
+    chosen conv layers)."""
+    bests = []
+    lmap = chosen_layers = None
+    with Progress(len(ids) * len(snaps), "evolution", "images", enabled=progress) as bar:
+        images = None
+        for _, _, path in snaps:
+            net = load_model(name, weights=path).to(dev)
+            spre = net.atlas_meta.get("preprocessing") or pre
+            if images is None:
+                images = _Images(source, ids, spre, batch_size, workers, progress)
+            lmap = LayerMap(net, images.pre.crop)
+            chosen_layers = [la.name for la in lmap.resolve(layers, kinds=("conv",))]
+            bad = [la for la in chosen_layers if lmap.by_name[la].kind != "conv"]
+            if bad:
+                raise AtlasError(f"evolution shows conv layers; '{bad[0]}' is not one")
+            bests.append(strongest(lmap, images, chosen_layers, dev, bar))
+            del net
+    return bests, images, lmap, chosen_layers
+
+
+def _write_table(path: Path, snaps, bests, layers: list[str], ids: list[int], source,
+                 shown: set[tuple[str, int]]) -> None:
+    """The table: every channel's strongest activation at every snapshot."""
+    cols: dict[str, list] = {k: [] for k in ("epoch", "snapshot", "layer", "channel", "image_id", "image_path",
+                                              "value", "y", "x", "shown")}
+    for (epoch, _, snap), best in zip(snaps, bests):
+        for la in layers:
+            b = best[la]
+            for c in range(len(b["value"])):
+                img = int(b["image"][c])
+                cols["epoch"].append(epoch)
+                cols["snapshot"].append(snap.name)
+                cols["layer"].append(la)
+                cols["channel"].append(c)
+                cols["image_id"].append(ids[img])
+                cols["image_path"].append(source.records[ids[img]].path)
+                cols["value"].append(float(b["value"][c]))
+                cols["y"].append(int(b["y"][c]))
+                cols["x"].append(int(b["x"][c]))
+                cols["shown"].append((la, c) in shown)
+    types = {"epoch": pa.int32(), "snapshot": pa.string(), "layer": pa.string(), "channel": pa.int32(),
+             "image_id": pa.int64(), "image_path": pa.string(), "value": pa.float32(), "y": pa.int32(),
+             "x": pa.int32(), "shown": pa.bool_()}
+    atomic_write_parquet(path, pa.table({k: pa.array(v, types[k]) for k, v in cols.items()}))
+
+
+def _snapshot_column(name: str, weights: Path, best, shown: list[tuple[str, int]], images: _Images,
+                     dev: torch.device) -> list[dict[str, Any]]:
+    """One snapshot's cells of the grid, a row per shown channel: its activation's projection, or
+    "dead" when its maximum is <= 0."""
+    from ..deconv import project_images
+    from ..render import normalise
+
+    cells = []
+    for la, c in shown:
+        v = float(best[la]["value"][c])
+        cells.append({"image": None, "text": "dead" if v <= 0 else f"{v:.3g}"})
+    live = [(r, la, c) for r, (la, c) in enumerate(shown) if float(best[la]["value"][c]) > 0]
+    if not live:
+        return cells
+    positions = sorted({int(best[la]["image"][c]) for _, la, c in live})
+    where = {p: i for i, p in enumerate(positions)}
+    x = images.get(positions).to(dev)
+    lmap = LayerMap(load_model(name, weights=weights).to(dev), images.pre.crop)
+    reqs = [{"image": where[int(best[la]["image"][c])], "layer": la, "channel": c,
+             "y": int(best[la]["y"][c]), "x": int(best[la]["x"][c])} for _, la, c in live]
+    proj = project_images(lmap, x, reqs)
+    for i, (r, _, _) in enumerate(live):
+        cells[r]["image"] = normalise(proj.crop(i))
+    return cells
+
+
 def evolution(run_dir: str | os.PathLike, data: str | os.PathLike | None = None, *,
               layers: str | Sequence[str] | None = None,
               channels: str | Iterable[int] | dict[str, Iterable[int]] | None = None, per_layer: int = 4,
@@ -282,10 +386,7 @@ def evolution(run_dir: str | os.PathLike, data: str | os.PathLike | None = None,
               batch_size: int = 64, device: str = "auto", workers: int | None = None,
               progress: bool | None = None, log: Callable[[str], None] | None = None) -> Path:
     """Figure 4 for a training run: returns the PNG's path (the table is written beside it)."""
-    from ..deconv import project_images
-    from ..render import normalise
     from ..device import default_workers, resolve_device
-    from ..train import parse_epochs
 
     log = log or (lambda s: None)
     if select not in ("strongest", "first"):
@@ -294,25 +395,9 @@ def evolution(run_dir: str | os.PathLike, data: str | os.PathLike | None = None,
         raise AtlasError(f"--per-layer must be at least 1 (got {per_layer})")
     if cell < 16:
         raise AtlasError(f"--cell must be at least 16 pixels (got {cell})")
-    if isinstance(channels, str):
-        try:
-            channels = [int(c) for c in channels.split(",") if c.strip()]
-        except ValueError:
-            raise AtlasError(f"--channels must be channel numbers like 0,5,9 (got '{channels}')") from None
-    run, snaps = find_snapshots(run_dir)
-    if epochs is not None and epochs != "":
-        want = parse_epochs(epochs)
-        missing = [e for e in want if e not in {s[0] for s in snaps}]
-        if missing:
-            raise AtlasError(f"training run '{run}' has no snapshot of epoch {', '.join(map(str, missing))} "
-                             f"(it has {', '.join(str(s[0]) for s in snaps)})")
-        snaps = [s for s in snaps if s[0] in want]
-    _, meta = read_weights(snaps[-1][2])
-    name = meta.get("model")
-    if not name:
-        raise AtlasError(f"weights '{snaps[-1][2]}' do not say which model they are for (no meta.model): "
-                         "evolution needs the snapshots written by `atlas train`")
-    pre = meta.get("preprocessing")
+    channels = _parse_channels(channels)
+    run, snaps = _chosen_snapshots(run_dir, epochs)
+    name, pre = _model_of(snaps[-1][2])
     data = data if data is not None else _run_data(run)
     if data is None:
         raise AtlasError(f"training run '{run}' has no config.json naming its data: pass --data")
@@ -322,79 +407,17 @@ def evolution(run_dir: str | os.PathLike, data: str | os.PathLike | None = None,
     nworkers = workers if workers is not None else default_workers(dev)
     out = Path(out) if out is not None else run / "evolution.png"
     table_path = out.with_suffix(".parquet")
-
-    # one pass over the images per snapshot: every channel's strongest activation
-    bests = []
-    lmap = None
-    with Progress(len(ids) * len(snaps), "evolution", "images", enabled=progress) as bar:
-        images = None
-        for epoch, label, path in snaps:
-            net = load_model(name, weights=path).to(dev)
-            spre = net.atlas_meta.get("preprocessing") or pre
-            if images is None:
-                images = _Images(source, ids, spre, batch_size, nworkers, progress)
-            lmap = LayerMap(net, images.pre.crop)
-            chosen_layers = [la.name for la in lmap.resolve(layers, kinds=("conv",))]
-            bad = [la for la in chosen_layers if lmap.by_name[la].kind != "conv"]
-            if bad:
-                raise AtlasError(f"evolution shows conv layers; '{bad[0]}' is not one")
-            bests.append(strongest(lmap, images, chosen_layers, dev, bar))
-            del net
+    bests, images, lmap, chosen_layers = _search_snapshots(name, pre, snaps, source, ids, layers, dev, batch_size,
+                                                           nworkers, progress)
     shown = _choose(bests[-1], lmap, chosen_layers, channels, per_layer, select)
-    shown_set = set(shown)
-
-    # the table: every channel, every snapshot
-    cols: dict[str, list] = {k: [] for k in ("epoch", "snapshot", "layer", "channel", "image_id", "image_path",
-                                              "value", "y", "x", "shown")}
-    for (epoch, label, path), best in zip(snaps, bests):
-        for la in chosen_layers:
-            b = best[la]
-            for c in range(len(b["value"])):
-                img = int(b["image"][c])
-                cols["epoch"].append(epoch)
-                cols["snapshot"].append(path.name)
-                cols["layer"].append(la)
-                cols["channel"].append(c)
-                cols["image_id"].append(ids[img])
-                cols["image_path"].append(source.records[ids[img]].path)
-                cols["value"].append(float(b["value"][c]))
-                cols["y"].append(int(b["y"][c]))
-                cols["x"].append(int(b["x"][c]))
-                cols["shown"].append((la, c) in shown_set)
-    table = pa.table({
-        "epoch": pa.array(cols["epoch"], pa.int32()), "snapshot": pa.array(cols["snapshot"], pa.string()),
-        "layer": pa.array(cols["layer"], pa.string()), "channel": pa.array(cols["channel"], pa.int32()),
-        "image_id": pa.array(cols["image_id"], pa.int64()), "image_path": pa.array(cols["image_path"], pa.string()),
-        "value": pa.array(cols["value"], pa.float32()), "y": pa.array(cols["y"], pa.int32()),
-        "x": pa.array(cols["x"], pa.int32()), "shown": pa.array(cols["shown"], pa.bool_()),
-    })
-    atomic_write_parquet(table_path, table)
-
-    # the projections: one row per shown channel, one column per snapshot
-    grid = [[{} for _ in snaps] for _ in shown]
-    for s, ((epoch, label, path), best) in enumerate(zip(snaps, bests)):
-        live = [(r, la, c) for r, (la, c) in enumerate(shown) if float(best[la]["value"][c]) > 0]
-        for r, (la, c) in enumerate(shown):
-            v = float(best[la]["value"][c])
-            grid[r][s] = {"image": None, "text": "dead" if v <= 0 else f"{v:.3g}"}
-        if not live:
-            continue
-        positions = sorted({int(bests[s][la]["image"][c]) for _, la, c in live})
-        where = {p: i for i, p in enumerate(positions)}
-        x = images.get(positions).to(dev)
-        lmap = LayerMap(load_model(name, weights=path).to(dev), images.pre.crop)
-        reqs = [{"image": where[int(best[la]["image"][c])], "layer": la, "channel": c,
-                 "y": int(best[la]["y"][c]), "x": int(best[la]["x"][c])} for _, la, c in live]
-        proj = project_images(lmap, x, reqs)
-        for i, (r, la, c) in enumerate(live):
-            grid[r][s]["image"] = normalise(proj.crop(i))
-    row_labels = [f"{la} ch {c}" for la, c in shown]
-    col_labels = [label for _, label, _ in snaps]
+    _write_table(table_path, snaps, bests, chosen_layers, ids, source, set(shown))
+    columns = [_snapshot_column(name, path, best, shown, images, dev) for (_, _, path), best in zip(snaps, bests)]
+    grid = [[column[r] for column in columns] for r in range(len(shown))]
     title = (f"{name}: strongest activation over {len(ids)} images of {Path(str(data)).name}, "
              f"projected to pixels, at each snapshot")
     footer = ("DeconvNet projection inside the unit's receptive field; each cell scaled by its own max |value|, "
               "grey = 0. Number: the activation.")
-    draw_grid(grid, row_labels, col_labels, cell, title, footer, out)
+    draw_grid(grid, [f"{la} ch {c}" for la, c in shown], [label for _, label, _ in snaps], cell, title, footer, out)
     log(f"evolution of {len(shown)} channels over {len(snaps)} snapshots: {out} (table: {table_path})")
     return out
 

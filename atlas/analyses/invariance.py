@@ -1,11 +1,5 @@
 """Invariance to translation, scale and rotation (Zeiler & Fergus 2014, figure 5).
 
-CLI: atlas invariance ATLAS IMAGES... [--transforms translate,scale,rotate] [--layers conv1,fc7]
-                     [--classes C1,C2,...] [--fill mean|grey] [--device auto|cpu|cuda] [--out DIR]
-     IMAGES are image_ids of the atlas (digits) and/or image files. One call:
-         r = invariance(Atlas(ATLAS), IMAGES, transforms=..., layers=..., labels=..., fill=..., device=..., out=...)
-     then print "\\n".join(r.summary()).
-
 Each image (the cropped model input, S x S px) is transformed by
 
   translate  vertical shift in px, positive = down: -60..60 in steps of 10 at 224 px (the
@@ -40,6 +34,7 @@ columns: quantities, as in the paper), in ATLAS/analyses/invariance/RUN/ or `out
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -57,6 +52,11 @@ UNITS = {"translate": "px", "scale": "factor", "rotate": "degrees"}
 TITLES = {"translate": "Vertical translation", "scale": "Scale", "rotate": "Rotation"}
 XLABELS = {"translate": "vertical shift (px, + = down)", "scale": "scale factor", "rotate": "rotation (degrees)"}
 FILLS = ("mean", "grey")
+
+# the table's columns, in order (common.table_schema)
+COLUMNS = ("run:str image:str image_id:i32 path:str model:str dataset_label:str true_class_index:i32 "
+           "true_class:str class_index:i32 class_name:str class_source:str transform:str amount:f64 unit:str "
+           "fill:str layer:str distance:f64 distance_rel:f64 probability:f64 top_class:i32 top_class_name:str")
 
 
 def default_amounts(transform: str, image_size: int) -> list[float]:
@@ -166,28 +166,129 @@ class InvarianceResult:
             lines.append("  " + "  ".join(c.rjust(w[i]) for i, c in enumerate(r)))
         for key, (_, name, source) in self.charted.items():
             lines.append(f"class charted for {key}: {name} ({SOURCE_WORDS[source]})")
-        lines += [f"note: {n}" for n in self.notes]
-        if self.table:
-            lines.append(f"table: {self.table} (SQL view invariance, run '{self.run}')")
+        lines += common.notes_and_table(self.notes, self.table, "invariance", self.run)
         if self.figures:
             lines.append(f"figures: {self.figures['figure']} (+ {len(self.figures) - 1} panels)")
         return lines
 
 
-def _schema():
-    import pyarrow as pa
-
-    i32, f64, s = pa.int32(), pa.float64(), pa.string()
-    return pa.schema([("run", s), ("image", s), ("image_id", i32), ("path", s), ("model", s),
-                      ("dataset_label", s), ("true_class_index", i32), ("true_class", s), ("class_index", i32),
-                      ("class_name", s), ("class_source", s), ("transform", s), ("amount", f64), ("unit", s),
-                      ("fill", s), ("layer", s), ("distance", f64), ("distance_rel", f64), ("probability", f64),
-                      ("top_class", i32), ("top_class_name", s)])
-
-
 # what a charted class is, in words that claim no more than is known
 SOURCE_WORDS = {"true": "the image's true class", "given": "the class given",
                 "most_probable": "most probable for the untransformed image; the correct class is unknown"}
+
+
+def _check_transforms(transforms: Sequence[str] | str) -> list[str]:
+    transforms = _parse_list(transforms, "transforms")
+    if not transforms:
+        raise AtlasError("no transformations given: choose from translate, scale, rotate")
+    for t in transforms:
+        if t not in TRANSFORMS:
+            raise AtlasError(f"unknown transformation '{t}': choose from {', '.join(TRANSFORMS)}")
+    return transforms
+
+
+def _given_amounts(t: str, given, S: int) -> list[float]:
+    """Amounts given for transformation t, checked: numbers, a positive scale, a translation in view."""
+    try:
+        vals = [float(v) for v in given]
+    except (TypeError, ValueError):
+        raise AtlasError(f"amounts for {t} must be numbers, not {given!r}") from None
+    if not vals:
+        raise AtlasError(f"no amounts given for {t}")
+    if t == "scale" and min(vals) <= 0:
+        raise AtlasError(f"scale factors must be positive, not {min(vals)}")
+    if t == "translate" and max(abs(v) for v in vals) >= S:
+        big = max(abs(v) for v in vals)
+        raise AtlasError(f"a translation of {big:g} px moves the {S} px image out of view")
+    return vals
+
+
+def _amounts(transforms: list[str], amounts: dict[str, Sequence[float]] | None, S: int) -> dict[str, list[float]]:
+    """Per transformation the amounts given, else the paper's range."""
+    out: dict[str, list[float]] = {}
+    for t in transforms:
+        given = (amounts or {}).get(t)
+        out[t] = _given_amounts(t, given, S) if given is not None else default_amounts(t, S)
+    return out
+
+
+def _distance_layers(atlas, layers: Sequence[str] | str | None, notes: list[str]) -> list[str]:
+    """The layers given, else the paper's layer 1 and layer 7 (a note says what stands in for 7)."""
+    names = _parse_list(layers, "layers")
+    if not names:
+        deep, note = common.default_deep_layer(atlas)
+        names = [atlas.lmap.conv_layers[0].name, deep]
+        if note:
+            notes.append(note)
+    return common.check_layers(atlas, names, "the feature distance")
+
+
+def _images(atlas, images, labels: Sequence | None, has_cls: bool) -> list[common.ImageRef]:
+    """The images resolved with their given classes; each image once."""
+    if labels is not None:
+        if not has_cls:
+            common.require_classifier(atlas, "the probability of a given class")
+        labels = _parse_list(labels, "labels") if isinstance(labels, str) else list(labels)
+    refs = common.resolve_images(atlas, images, labels)
+    dup = common.first_repeated(r.key for r in refs)
+    if dup is not None:
+        raise AtlasError(f"image {dup} is given twice")
+    return refs
+
+
+def _transformed(atlas, ref: common.ImageRef, plan: list[tuple[str, float]], fillc) -> torch.Tensor:
+    """The model inputs: the image itself, then one per (transformation, amount) of the plan."""
+    xs = [ref.x] + [atlas.preprocess.to_tensor(transform_image(ref.crop, t, a, fillc)) for t, a in plan]
+    return torch.stack(xs)
+
+
+def _chart(atlas, ref: common.ImageRef, logits: torch.Tensor, cls_names: list[str],
+           charted: dict[str, tuple[int, str, str]], unknown: dict[str, list[str]]) -> tuple[list, list]:
+    """(probability of the image's charted class, most probable class) per input, untransformed first.
+
+    The charted class -- given, else true, else the most probable of the untransformed image (its
+    reason collected in `unknown`) -- is recorded in `charted`."""
+    p = torch.softmax(logits.double(), 1)
+    top = p.argmax(1).tolist()
+    if ref.class_index is not None:
+        ci, source = ref.class_index, ref.class_source
+    else:
+        ci, source = top[0], "most_probable"
+        unknown.setdefault(common.unknown_class_reason(atlas, ref), []).append(ref.name)
+    charted[ref.key] = (ci, cls_names[ci], source)
+    return p[:, ci].tolist(), top
+
+
+def _image_rows(acts: dict[str, torch.Tensor], image: dict[str, Any], layers: list[str],
+                plan: list[tuple[str, float]], fill: str, probs: list | None, top: list | None,
+                cls_names: list[str]) -> list[dict[str, Any]]:
+    """One table row per layer and (transformation, amount): the image's columns, then the distance
+    of the transformed input's features from the original's, and the class columns."""
+    rows = []
+    for la in layers:
+        f = acts[la].double().flatten(1)
+        d = (f[1:] - f[0:1]).norm(dim=1).tolist()
+        norm0 = float(f[0].norm())
+        for k, (t, a) in enumerate(plan):
+            rows.append({
+                **image, "transform": t, "amount": float(a),
+                "unit": UNITS[t], "fill": fill, "layer": la, "distance": d[k],
+                "distance_rel": d[k] / norm0 if norm0 > 0 else None,
+                "probability": None if probs is None else probs[k + 1],
+                "top_class": None if top is None else top[k + 1],
+                "top_class_name": None if top is None else cls_names[top[k + 1]],
+            })
+    return rows
+
+
+def _unknown_notes(unknown: dict[str, list[str]]) -> list[str]:
+    """One note per reason a correct class is unknown, naming the images it applies to."""
+    notes = []
+    for reason, imgs in unknown.items():
+        shown = ", ".join(imgs[:4]) + (f" and {len(imgs) - 4} more" if len(imgs) > 4 else "")
+        notes.append(f"the correct class of {shown} is unknown: {reason}; charting the most probable class "
+                     "of the untransformed image instead")
+    return notes
 
 
 def invariance(atlas, images: Sequence[int | str | Path], *, transforms: Sequence[str] | str = TRANSFORMS,
@@ -204,55 +305,16 @@ def invariance(atlas, images: Sequence[int | str | Path], *, transforms: Sequenc
                 default the image's true class when known, else its most probable class (said so)
     amounts     {transform: amounts} to override the paper's ranges
     """
-    import time
-
     t0 = time.perf_counter()
     atlas = common.open_atlas(atlas)
-    transforms = _parse_list(transforms, "transforms")
-    if not transforms:
-        raise AtlasError("no transformations given: choose from translate, scale, rotate")
-    for t in transforms:
-        if t not in TRANSFORMS:
-            raise AtlasError(f"unknown transformation '{t}': choose from {', '.join(TRANSFORMS)}")
+    transforms = _check_transforms(transforms)
     if fill not in FILLS:
         raise AtlasError(f"unknown fill '{fill}': choose one of {', '.join(FILLS)}")
-    S = atlas.image_size
-    amts: dict[str, list[float]] = {}
-    for t in transforms:
-        given = (amounts or {}).get(t)
-        if given is not None:
-            try:
-                vals = [float(v) for v in given]
-            except (TypeError, ValueError):
-                raise AtlasError(f"amounts for {t} must be numbers, not {given!r}") from None
-            if not vals:
-                raise AtlasError(f"no amounts given for {t}")
-            if t == "scale" and min(vals) <= 0:
-                raise AtlasError(f"scale factors must be positive, not {min(vals)}")
-            if t == "translate" and max(abs(v) for v in vals) >= S:
-                big = max(abs(v) for v in vals)
-                raise AtlasError(f"a translation of {big:g} px moves the {S} px image out of view")
-            amts[t] = vals
-        else:
-            amts[t] = default_amounts(t, S)
+    amts = _amounts(transforms, amounts, atlas.image_size)
     notes: list[str] = []
-    names = _parse_list(layers, "layers")
-    if not names:
-        deep, note = common.default_deep_layer(atlas)
-        names = [atlas.lmap.conv_layers[0].name, deep]
-        if note:
-            notes.append(note)
-    names = common.check_layers(atlas, names, "the feature distance")
+    names = _distance_layers(atlas, layers, notes)
     has_cls, why = common.classifier_status(atlas)
-    if labels is not None:
-        if not has_cls:
-            common.require_classifier(atlas, "the probability of a given class")
-        labels = _parse_list(labels, "labels") if isinstance(labels, str) else list(labels)
-    refs = common.resolve_images(atlas, images, labels)
-    keys = [r.key for r in refs]
-    if len(set(keys)) != len(keys):
-        dup = next(k for k in keys if keys.count(k) > 1)
-        raise AtlasError(f"image {dup} is given twice")
+    refs = _images(atlas, images, labels, has_cls)
     logits_layer = atlas.lmap.layers[-1].name if has_cls else None
     if not has_cls:
         notes.append(f"no class probabilities: the model has no classifier ({why})")
@@ -263,54 +325,28 @@ def invariance(atlas, images: Sequence[int | str | Path], *, transforms: Sequenc
     cls_names = common.class_names(atlas) if has_cls else []
     model_name = atlas.manifest["model"]["name"]
     want = list(dict.fromkeys(names + ([logits_layer] if logits_layer else [])))
+    plan = [(t, a) for t in transforms for a in amts[t]]
     rows: list[dict[str, Any]] = []
     for ref in refs:
-        plan = [(t, a) for t in transforms for a in amts[t]]
-        xs = [ref.x] + [atlas.preprocess.to_tensor(transform_image(ref.crop, t, a, fillc)) for t, a in plan]
-        acts = runner.extract(torch.stack(xs), want, batch_size)
+        acts = runner.extract(_transformed(atlas, ref, plan, fillc), want, batch_size)
         probs = top = None
         if logits_layer:
-            lg = acts[logits_layer].double()
-            p = torch.softmax(lg, 1)
-            top = p.argmax(1).tolist()
-            if ref.class_index is not None:
-                ci, source = ref.class_index, ref.class_source
-            else:
-                ci, source = top[0], "most_probable"
-                unknown.setdefault(common.unknown_class_reason(atlas, ref), []).append(ref.name)
-            charted[ref.key] = (ci, cls_names[ci], source)
-            probs = p[:, ci].tolist()
+            probs, top = _chart(atlas, ref, acts[logits_layer], cls_names, charted, unknown)
         ci, cname, source = charted.get(ref.key, (None, None, None))
-        for la in names:
-            f = acts[la].double().flatten(1)
-            d = (f[1:] - f[0:1]).norm(dim=1).tolist()
-            norm0 = float(f[0].norm())
-            for k, (t, a) in enumerate(plan):
-                rows.append({
-                    "run": "", "image": ref.key, "image_id": ref.image_id, "path": ref.path, "model": model_name,
-                    "dataset_label": ref.label, "true_class_index": ref.true_index if logits_layer else None,
-                    "true_class": cls_names[ref.true_index] if logits_layer and ref.true_index is not None
-                    else None, "class_index": ci, "class_name": cname, "class_source": source,
-                    "transform": t, "amount": float(a),
-                    "unit": UNITS[t], "fill": fill, "layer": la, "distance": d[k],
-                    "distance_rel": d[k] / norm0 if norm0 > 0 else None,
-                    "probability": None if probs is None else probs[k + 1],
-                    "top_class": None if top is None else top[k + 1],
-                    "top_class_name": None if top is None else cls_names[top[k + 1]],
-                })
-    for reason, imgs in unknown.items():
-        shown = ", ".join(imgs[:4]) + (f" and {len(imgs) - 4} more" if len(imgs) > 4 else "")
-        notes.append(f"the correct class of {shown} is unknown: {reason}; charting the most probable class "
-                     "of the untransformed image instead")
+        image = {"run": "", "image": ref.key, "image_id": ref.image_id, "path": ref.path, "model": model_name,
+                 "dataset_label": ref.label, "true_class_index": ref.true_index if logits_layer else None,
+                 "true_class": cls_names[ref.true_index] if logits_layer and ref.true_index is not None
+                 else None, "class_index": ci, "class_name": cname, "class_source": source}
+        rows += _image_rows(acts, image, names, plan, fill, probs, top, cls_names)
+    notes += _unknown_notes(unknown)
+    keys = [r.key for r in refs]
     run = f"n{len(refs)}-" + common.short_hash({"images": keys, "classes": [r.given_index for r in refs],
-                                           "t": transforms, "a": amts, "layers": names, "fill": fill})
+                                                 "t": transforms, "a": amts, "layers": names, "fill": fill})
     for r in rows:
         r["run"] = run
     res = InvarianceResult(run, keys, names, transforms, rows, notes, charted)
-    if store:
-        res.table = common.store_table(atlas, "invariance", run, rows, _schema())
-    if figures:
-        res.figures = render(res, refs, common.figure_dir(atlas, "invariance", run, out))
+    res.table, res.figures = common.keep_run(atlas, "invariance", run, rows, COLUMNS, store=store,
+                                             figures=figures, out=out, draw=lambda folder: render(res, refs, folder))
     res.seconds = time.perf_counter() - t0
     return res
 
