@@ -1,26 +1,56 @@
-"""Where the work runs: the `--device` option and how many decoding workers feed it."""
+"""Where the work runs: the `--device` option and how many decoding workers feed it.
+
+`check_device` reads a device name without importing torch (the CLI checks `--device` with it while it
+parses, and `atlas --help` must stay light); `resolve_device` gives the torch.device, refusing in one
+line a device this machine does not have.
+"""
 from __future__ import annotations
 
 import os
-
-import torch
+import re
+from typing import TYPE_CHECKING
 
 from .errors import AtlasError
 
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
-def resolve_device(device: str | None) -> torch.device:
-    """`auto` (CUDA when there is a GPU, else CPU), `cpu`, `cuda` or `cuda:N`."""
-    if device in (None, "auto"):
+DEVICES = "auto, cpu, cuda or cuda:N"  # what --device takes, as every message says it
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def check_device(device: str | None) -> str:
+    """The device name, checked: `auto` (CUDA when there is a GPU, else CPU), `cpu`, `cuda` or `cuda:N`.
+
+    Anything else (`tpu`, `cuda:x`, `gpu`) is an AtlasError, the same line wherever it was given."""
+    if device is None:
+        return "auto"
+    name = str(device).strip().lower()
+    if not _DEVICE.fullmatch(name):
+        raise AtlasError(f"--device '{device}' is not a device: use {DEVICES} (N: a GPU's number, from 0)")
+    return name
+
+
+def resolve_device(device: str | None) -> "torch.device":
+    """The torch.device for `device` (see check_device); a CUDA device this machine lacks is refused."""
+    import torch
+
+    name = check_device(device)
+    if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise AtlasError(f"device '{device}' was asked for, but no CUDA GPU is available")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise AtlasError(f"unknown device '{device}': use auto, cpu or cuda") from None
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise AtlasError(f"--device '{device}' was asked for, but no CUDA GPU is available (use auto or cpu)")
+        count = torch.cuda.device_count()
+        index = int(name.split(":")[1]) if ":" in name else 0
+        if index >= count:
+            have = "cuda:0" if count == 1 else f"cuda:0 to cuda:{count - 1}"
+            raise AtlasError(f"--device '{device}' was asked for, but this machine has {count} CUDA GPU"
+                             f"{'s' if count != 1 else ''} ({have})")
+    return torch.device(name)
 
 
-def default_workers(dev: torch.device) -> int:
+def default_workers(dev: "torch.device") -> int:
     # under torchrun every local rank starts its own workers: share the cores among them
     n = max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     if dev.type == "cuda":

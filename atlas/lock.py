@@ -76,10 +76,7 @@ def writer_lock(target: str | os.PathLike, what: str, *, enabled: bool = True) -
 
     target = Path(target)
     path = lock_path(target)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise AtlasError(f"cannot create the folder of '{target}': {e.strerror or e}") from None
+    path.parent.mkdir(parents=True, exist_ok=True)  # an OSError says which path refused (the CLI: one line)
     while True:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)

@@ -128,7 +128,7 @@ def test_evolution_grid_and_table(run):
         assert im.size == (g["width"], g["height"])
         assert g["x0"] + 3 * g["pitch_x"] <= im.size[0] and g["y0"] + 4 * g["pitch_y"] <= im.size[1]
     # table format: the aligned table, then the PNG's path
-    out = cli("evolution", run, "--layers", "conv1", "--channels", "0,3", "--epochs", "0,2", "--cell", 24,
+    out = cli("evolution", run, "--layers", "conv1", "--channels", "0,3", "--snapshot-epochs", "0,2", "--cell", 24,
               "--out", png, "--no-progress").stdout.strip().splitlines()
     assert out[0].split() == ["layer", "channel", "epoch", "0", "epoch", "2"] and len(out) == 5
     assert out[-1] == str(png) and read_grid(png)["rows"] == 2
@@ -185,7 +185,7 @@ def test_bad_inputs_one_line_each(run, shapes, tmp_path):
           "--lr", 0.05, "--resume"], ["different options", "lr (run: 0.005, now: 0.05)"]),
         (["train", "--model", "zfnet-maxi", "--data", shapes, "--out", tmp_path / "r4"], ["unknown model 'zfnet-maxi'"]),
         (["train", *FAST, "--data", tmp_path / "nope", "--out", tmp_path / "r5"], ["does not exist"]),
-        (["evolution", run, "--epochs", "1,7"], ["no snapshot of epoch 7"]),
+        (["evolution", run, "--snapshot-epochs", "1,7"], ["no snapshot of epoch 7"]),
         (["compare-filters", run, tmp_path / "nope.pt"], ["nope.pt", "do not exist"]),
     ]
     for args, needles in cases:

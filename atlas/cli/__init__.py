@@ -2,7 +2,9 @@
 
 Each command parses its options and calls one library function; anything a
 command does, Python users can do through the same function. One module per
-kind of command; `base` holds the group and the shared options.
+kind of command; `base` holds the group, the shared options and value types;
+`vocabulary` is the contract they keep (each option name, its one meaning, the
+commands that take it, the old spellings that still work).
 """
 from . import analyses, browse, make, publish, search, training  # noqa: F401  (each registers its commands)
 from .base import main

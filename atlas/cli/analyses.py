@@ -7,17 +7,14 @@ from pathlib import Path
 
 import click
 
-from ..output import FORMATS
-from .base import CONTEXT, atlas_argument, device_option, main, out_option, _open
+from .base import (CONTEXT, CommaList, atlas_argument, batch_size_option, device_option, fill_option,
+                   format_option, layers_option, main, out_option, seed_option, _open)
 
-
-def rows_format_option(f):
-    # Not base.format_option: its default is "table", and here the default is the summary (a few lines),
-    # not every row (an occlusion run has one per square position, 784 at 224 px).
-    return click.option("--format", "fmt", type=click.Choice(FORMATS), default=None,
-                        help="Print the result rows (those of the Parquet table) as an aligned table, CSV or "
-                        "JSON instead of the summary; the summary, with the table's and the PNGs' paths, "
-                        "follows a table and goes to stderr with CSV or JSON (so they stay parseable).")(f)
+# Without --format an analysis prints its summary (a few lines), not every row (an occlusion run has one per
+# square position, 784 at 224 px); with it, the rows of its Parquet table, then the summary.
+rows_format_option = format_option(default=None, help="Print the result's rows (its Parquet table) as an aligned "
+                                   "table, CSV or strict JSON, then the summary with the paths (on stderr with CSV "
+                                   "and JSON, so stdout stays parseable)  [default: the summary alone]")
 
 
 def _plain(v):
@@ -52,21 +49,25 @@ def emit(rows: list[dict], summary: list[str], fmt: str | None) -> None:
 @main.command(context_settings=CONTEXT)
 @atlas_argument
 @click.argument("image")
-@click.option("--size", type=int, help="Occluder side in input pixels (default 50 at 224 px, proportional below).")
-@click.option("--stride", type=int, help="Step between occluder positions (default 8 at 224 px).")
-@click.option("--fill", type=click.Choice(["grey", "mean"]), default="grey", show_default=True)
-@click.option("--class", "--label", "label", metavar="CLASS",
+@click.option("--occluder-size", type=int, metavar="PIXELS", help="The occluding square's side in model-input "
+              "pixels (default: 50 at 224 px, proportional below).")
+@click.option("--stride", type=int, metavar="PIXELS", help="Step between the square's positions (default: 8 at "
+              "224 px, proportional below).")
+@fill_option
+@click.option("--class", "class_name", metavar="CLASS",
               help="The class whose probability is mapped: an output index of the model, or one of its class "
               "names (recorded by `atlas train`). Default: the image's true class when the model's recorded "
               "class names contain its label, else the most probable class (the correct one is unknown).")
-@click.option("--layer", help="The conv layer whose strongest map is followed (default: the top one).")
+@click.option("--layer", metavar="LAYER", help="The conv layer whose strongest map is followed (default: the top "
+              "one).")
 @click.option("--method", type=click.Choice(["incremental", "full"]), default="incremental", show_default=True,
-              help="incremental recomputes only the window the square changes (exact).")
-@click.option("--batch-size", type=int, help="Occluded images per forward pass (default: by memory).")
+              help="incremental recomputes only the window the square changes (exact); full: the whole net.")
+@batch_size_option("Occluded images per forward pass (default: by memory).")
 @device_option
 @out_option
 @rows_format_option
-def occlude(atlas_path, image, size, stride, fill, label, layer, method, batch_size, device, out, fmt):
+def occlude(atlas_path, image, occluder_size, stride, fill, class_name, layer, method, batch_size, device, out,
+            fmt):
     """Occlusion sensitivity (the paper's figure 7) for one image.
 
     IMAGE is an image id of the atlas or any image file. A square slides over
@@ -79,7 +80,7 @@ def occlude(atlas_path, image, size, stride, fill, label, layer, method, batch_s
     """
     from ..analyses.occlusion import occlude as run
 
-    r = run(_open(atlas_path), image, size=size, stride=stride, fill=fill, label=label, layer=layer,
+    r = run(_open(atlas_path), image, size=occluder_size, stride=stride, fill=fill, label=class_name, layer=layer,
             method=method, batch_size=batch_size, device=device, out=out)
     emit(r.rows(), r.summary(), fmt)
 
@@ -87,17 +88,19 @@ def occlude(atlas_path, image, size, stride, fill, label, layer, method, batch_s
 @main.command(context_settings=CONTEXT)
 @atlas_argument
 @click.argument("images", nargs=-1, required=True)
-@click.option("--transforms", default="translate,scale,rotate", show_default=True)
-@click.option("--layers", help="Layers whose feature distance is measured (default: conv1 and fc7).")
-@click.option("--classes", "--labels", "labels", metavar="C1,C2,...",
+@click.option("--transforms", type=CommaList(), default="translate,scale,rotate", show_default=True,
+              metavar="T1,T2,...", help="Any of translate (vertical), scale and rotate, over the paper's ranges.")
+@layers_option("Layers whose feature distance is measured, e.g. conv1,conv5 (default: conv1 and fc7, or the "
+               "layer below the logits).")
+@click.option("--classes", type=CommaList(), metavar="C1,C2,...",
               help="The class charted per image, comma-separated, or one for all: output indices or the "
               "model's class names. Default: each image's true class when the model's recorded class names "
               "contain its label, else its most probable class (the correct one is unknown).")
-@click.option("--fill", type=click.Choice(["mean", "grey"]), default="mean", show_default=True)
+@fill_option
 @device_option
 @out_option
 @rows_format_option
-def invariance(atlas_path, images, transforms, layers, labels, fill, device, out, fmt):
+def invariance(atlas_path, images, transforms, layers, classes, fill, device, out, fmt):
     """Invariance to translation, scale and rotation (the paper's figure 5).
 
     For each image and transformation amount: the Euclidean distance between
@@ -107,20 +110,21 @@ def invariance(atlas_path, images, transforms, layers, labels, fill, device, out
     """
     from ..analyses.invariance import invariance as run
 
-    split = lambda v: [x.strip() for x in v.split(",") if x.strip()] if v else None  # noqa: E731
-    r = run(_open(atlas_path), list(images), transforms=tuple(split(transforms)), layers=split(layers),
-            labels=split(labels), fill=fill, device=device, out=out)
+    r = run(_open(atlas_path), list(images), transforms=tuple(transforms), layers=layers, labels=classes, fill=fill,
+            device=device, out=out)
     emit(r.rows, r.summary(), fmt)
 
 
 @main.command(context_settings=CONTEXT)
 @atlas_argument
-@click.option("--images", "spec", required=True, type=click.Path(path_type=Path),
-              help="JSON spec: images and, per part, the occluder box in each.")
-@click.option("--layers", help="Layers compared (default: the top conv layer and fc7).")
-@click.option("--random", "random_draws", default=10, show_default=True, help="Random-occluder control draws.")
-@click.option("--seed", default=0, show_default=True)
-@click.option("--fill", type=click.Choice(["grey", "mean"]), default="grey", show_default=True)
+@click.option("--images", "spec", required=True, type=click.Path(path_type=Path), metavar="SPEC.json",
+              help="JSON spec: images and, per part, the occluder box in each (the format is above).")
+@layers_option("Layers compared, e.g. conv5,fc7 (default: the top conv layer and fc7, or the layer below the "
+               "logits).")
+@click.option("--random", "random_draws", type=int, default=10, show_default=True, metavar="N",
+              help="Random-occluder control draws (0: no control).")
+@seed_option("the random occluders")
+@fill_option
 @device_option
 @out_option
 @rows_format_option
@@ -130,9 +134,16 @@ def correspondence(atlas_path, spec, layers, random_draws, seed, fill, device, o
     For each part occluded in every image, the sum over image pairs of the
     Hamming distance between the signs of the feature changes; lower means the
     part is handled more consistently. Random occluders give the control.
+
+    \b
+    The spec (--images), one box [x0, y0, x1, y1] per part and image, in
+    model-input pixels ("coordinates": "original" for the original image's):
+      {"images": [12, "dogs/beagle.jpg"],
+       "parts": {"left_eye": [[x0, y0, x1, y1], [...]], "nose": [[...], [...]]}}
+    An image is an image id of the atlas or a path (relative to the spec's folder).
     """
     from ..analyses.correspondence import correspondence as run
 
-    r = run(_open(atlas_path), spec, layers=layers.split(",") if layers else None, random=random_draws,
-            seed=seed, fill=fill, device=device, out=out)
+    r = run(_open(atlas_path), spec, layers=layers, random=random_draws, seed=seed, fill=fill, device=device,
+            out=out)
     emit(r.rows, [r.format_table(), *r.summary()] if fmt is None else r.summary(), fmt)

@@ -1,28 +1,112 @@
-"""The `atlas` group, its error handling, and the options every command shares."""
+"""The `atlas` group, its error handling, and the options and value types every command shares.
+
+The option names and their meanings are the vocabulary (atlas/cli/vocabulary.py, the README's table);
+the shared options are defined here once, so that each means one thing and takes one kind of value
+wherever it appears. Old spellings (vocabulary.DEPRECATIONS) are added to their command by
+AtlasCommand: hidden from --help, working, with one warning line on stderr.
+"""
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from ..errors import AtlasError
 from ..output import FORMATS
+from .vocabulary import Deprecation, deprecations_for
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 TUTORIAL_ORDER = ["demo", "build", "info", "layers", "channels", "top", "show", "filters", "sql", "queries",
                   "similar", "index", "export", "train", "evolution", "compare-filters", "occlude", "invariance",
                   "correspondence", "make-shapes"]
+FILLS = ("grey", "mean")  # the occluder's fill (atlas/analyses/occluder.py); grey first: the default
+
+
+def _say(msg: str) -> None:
+    click.echo(msg, err=True)
+
+
+class AtlasCommand(click.Command):
+    """A command of the vocabulary: its deprecated spellings work, hidden, with one warning on stderr.
+
+    For each vocabulary.Deprecation of the command, an old spelling that is not an option of its own gets a
+    hidden option parsed like the new one; after parsing its value moves to the new option (both given:
+    one line asking for one). A deprecation `when` another option is given (similar's --layer with
+    --channel) moves the old option's value to the new one only then."""
+
+    def __init__(self, name, *args, **kwargs):
+        super().__init__(name, *args, **kwargs)
+        self.deprecations: tuple[Deprecation, ...] = deprecations_for(name or "")
+        for d in self.deprecations:
+            if d.when is not None:
+                continue
+            new = self._option(d.new) if d.new else None
+            if d.new and new is None:
+                raise TypeError(f"atlas {name}: deprecation {d.old[0]} names {d.new}, which it does not have")
+            self.params.append(click.Option([*d.old, d.dest], type=new.type if new else click.STRING,
+                                            multiple=bool(new and new.multiple), default=None, hidden=True,
+                                            expose_value=True))
+
+    def _option(self, spelling: str) -> click.Option | None:
+        return next((p for p in self.params if isinstance(p, click.Option)
+                     and spelling in (*p.opts, *p.secondary_opts)), None)
+
+    def parse_args(self, ctx, args):
+        typed = list(args)
+        rest = super().parse_args(ctx, args)
+        for d in self.deprecations:
+            self._apply(ctx, d, typed)
+        return rest
+
+    def _apply(self, ctx, d: Deprecation, typed: list[str]) -> None:
+        given = lambda name: ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE,  # noqa: E731
+                                                                 ParameterSource.ENVIRONMENT)
+        new = self._option(d.new) if d.new else None
+        if d.when is None:
+            value = ctx.params.pop(d.dest, None)
+            if not given(d.dest):
+                return
+        else:
+            old, cond = self._option(d.old[0]), self._option(d.when)
+            if not given(old.name) or ctx.params.get(cond.name) is None:
+                return
+            value, ctx.params[old.name] = ctx.params[old.name], None
+        spelled = _spelled(typed, d.old)
+        if new is not None and given(new.name):
+            raise AtlasError(f"give {d.new} or {spelled} (its old spelling), not both")
+        _say(d.warning(spelled))
+        if new is not None:
+            ctx.params[new.name] = value
+
+
+def _spelled(args: list[str], spellings: tuple[str, ...]) -> str:
+    """Which of an option's spellings the user typed (for the warning), else its first."""
+    for tok in args:
+        if tok == "--":
+            break
+        for s in spellings:
+            if tok == s or tok.startswith(s + "=") or (not s.startswith("--") and tok.startswith(s)
+                                                       and not tok.startswith("--")):
+                return s
+    return spellings[0]
 
 
 class AtlasGroup(click.Group):
     """Turns expected failures into one line on stderr and a non-zero exit."""
+
+    command_class = AtlasCommand
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except AtlasError as e:
             click.echo(f"Error: {e}", err=True)
+            sys.exit(e.exit_code)
+        except click.BadParameter as e:  # a value click refuses (a choice, a number, a missing option): one line
+            click.echo(f"Error: {e.format_message()}", err=True)
             sys.exit(e.exit_code)
         except OSError as e:  # the file system said no: read-only atlas, full disk, a file where a folder goes
             where = f" '{e.filename}'" if e.filename else ""
@@ -54,14 +138,108 @@ def main():
       atlas similar my-atlas --image-id 42
       atlas export my-atlas site/         a static site to browse and publish
 
-    Every command explains itself: atlas COMMAND --help.
+    Every command explains itself: atlas COMMAND --help. The options mean the same in every command
+    (README.md, "One vocabulary").
     """
 
 
-# -- shared options ------------------------------------------------------------
-def format_option(f):
-    return click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True,
-                        help="Output as an aligned table, CSV or JSON.")(f)
+# -- value types: parsed once here, refused in one line ------------------------------------------------
+def _name(param) -> str:
+    if param is None:
+        return "the value"
+    return param.opts[0] if param.param_type_name == "option" else param.human_readable_name
+
+
+class AtLeastOne(click.ParamType):
+    """A whole number >= 1, refused in one line (AtlasError) rather than click's usage block."""
+
+    name = "integer"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int) and not isinstance(value, bool):
+            n = value
+        else:
+            try:
+                n = int(str(value).strip())
+            except ValueError:
+                n = None
+        if n is None or n < 1:
+            raise AtlasError(f"{_name(param)} must be a whole number of at least 1 (got '{value}')")
+        return n
+
+
+class CommaList(click.ParamType):
+    """A comma list of names (`conv1,conv3`) -> ["conv1", "conv3"]; the library checks the names."""
+
+    name = "list"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        items = [s.strip() for s in str(value).split(",") if s.strip()]
+        if not items:
+            raise AtlasError(f"{_name(param)} is empty: give a comma list like conv1,conv3")
+        return items
+
+
+class NumberList(click.ParamType):
+    """Whole numbers >= 0 and ranges, `0-15,17` -> [0, 1, ..., 15, 17], in the order given, each once."""
+
+    name = "numbers"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        out: list[int] = []
+        for part in (p.strip() for p in str(value).split(",")):
+            if not part:
+                continue
+            m = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", part)
+            if not m or (m.group(2) is not None and int(m.group(2)) < int(m.group(1))):
+                raise AtlasError(f"{_name(param)}: '{part}' is not a whole number >= 0 or a range like 0-15 "
+                                 f"(got '{value}')")
+            lo = int(m.group(1))
+            hi = int(m.group(2)) if m.group(2) is not None else lo
+            out += [n for n in range(lo, hi + 1) if n not in out]
+        if not out:
+            raise AtlasError(f"{_name(param)} is empty: give numbers like 0,5,9 or ranges like 0-15")
+        return out
+
+
+class LayerChannel(click.ParamType):
+    """`LAYER:CHANNEL` (conv5:17) -> ("conv5", 17); the atlas checks that the layer and channel exist."""
+
+    name = "LAYER:CHANNEL"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        layer, _, c = str(value).strip().rpartition(":")
+        if not layer or not re.fullmatch(r"-?\d+", c.strip()):
+            raise AtlasError(f"channel '{value}' is not LAYER:CHANNEL (e.g. conv5:17)")
+        return layer.strip(), int(c)
+
+
+class Device(click.ParamType):
+    """auto, cpu, cuda or cuda:N (atlas.device.check_device: the one message for anything else)."""
+
+    name = "auto|cpu|cuda|cuda:N"
+
+    def convert(self, value, param, ctx):
+        from ..device import check_device  # torch-free
+
+        return check_device(value)
+
+
+# -- shared options: one definition each ------------------------------------------------------------------
+def format_option(f=None, *, default: str | None = "table", help: str | None = None):
+    """--format table|csv|json. Listings default to a table; a command whose usual output is a path or a
+    summary passes default=None and a `help` that says what it prints with and without --format."""
+    def deco(fn):
+        return click.option("--format", "fmt", type=click.Choice(FORMATS), default=default,
+                            show_default=default is not None,
+                            help=help or "Print as an aligned table, CSV or strict JSON.")(fn)
+    return deco(f) if f is not None else deco
 
 
 def atlas_argument(f):
@@ -74,12 +252,10 @@ def _open(path: Path):
     return Atlas(path)
 
 
-def _say(msg: str) -> None:
-    click.echo(msg, err=True)
-
-
 def device_option(f):
-    return click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")(f)
+    return click.option("--device", type=Device(), default="auto", show_default=True, metavar=Device.name,
+                        help="Where the model runs: auto (the GPU when there is one, else the CPU), cpu, cuda "
+                        "or cuda:N.")(f)
 
 
 def contrast_norm_option(f):
@@ -91,10 +267,47 @@ def contrast_norm_option(f):
 
 def progress_option(f):
     return click.option("--progress/--no-progress", default=None,
-                        help="Progress with images/s and ETA: a bar on a terminal, a line every 5 s otherwise "
-                        "(a log file); on by default.")(f)
+                        help="Progress on stderr with a rate and an ETA: a bar on a terminal, a line every 5 s "
+                        "otherwise (a log file)  [default: on]")(f)
 
 
 def out_option(f):
     return click.option("--out", type=click.Path(path_type=Path),
                         help="Folder for the PNGs (default: inside the atlas, under analyses/).")(f)
+
+
+def layers_option(help_text: str):
+    return click.option("--layers", type=CommaList(), metavar="L1,L2,...", help=help_text)
+
+
+def fill_option(f):
+    return click.option("--fill", type=click.Choice(FILLS), default="grey", show_default=True,
+                        help="The colour of what is blanked out: grey (mid-grey, the paper's) or mean (the "
+                        "dataset's mean colour, an all-zero model input).")(f)
+
+
+def cache_option(f):
+    return click.option("--cache", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
+                        help="Picture cache folder to use instead of the atlas's own (default: the atlas's, or "
+                        "~/.cache/atlas/pictures when the atlas cannot be written).")(f)
+
+
+def seed_option(what: str):
+    return click.option("--seed", type=int, default=0, show_default=True, metavar="N",
+                        help=f"Seed of {what}: the same seed gives the same result.")
+
+
+def batch_size_option(help_text: str, default: int | None = None):
+    return click.option("--batch-size", type=int, default=default, show_default=default is not None,
+                        metavar="N", help=help_text)
+
+
+def workers_option(f):
+    return click.option("--workers", type=int, metavar="N",
+                        help="Image decoding processes (default: by device and cores).")(f)
+
+
+def image_size_option(f):
+    return click.option("--image-size", type=int, metavar="PIXELS",
+                        help="The model's input side, for models that take several (zfnet-mini: 32 to 64; "
+                        "default: the model's own).")(f)

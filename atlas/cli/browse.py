@@ -8,10 +8,11 @@ import click
 
 from ..errors import AtlasError
 from ..output import render, render_dicts
-from .base import CONTEXT, atlas_argument, format_option, main, _open, _say
+from .base import (CONTEXT, AtLeastOne, AtlasCommand, atlas_argument, cache_option, format_option, main, _open,
+                   _say)
 
 
-class NumbersAsArguments(click.Command):
+class NumbersAsArguments(AtlasCommand):
     """A command whose arguments may be negative numbers: `atlas top ATLAS conv1 -1` reaches the channel
     check (one line with the layer's range) instead of click's "No such option '-1'"."""
 
@@ -19,24 +20,6 @@ class NumbersAsArguments(click.Command):
         if any(re.fullmatch(r"-\d+", a) for a in args):
             ctx.ignore_unknown_options = True  # click then passes "-1" on as an argument
         return super().parse_args(ctx, args)
-
-
-class AtLeastOne(click.ParamType):
-    """A whole number >= 1, refused in one line (AtlasError) rather than click's usage block."""
-
-    name = "integer"
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, int) and not isinstance(value, bool):
-            n = value
-        else:
-            try:
-                n = int(str(value).strip())
-            except ValueError:
-                n = None
-        if n is None or n < 1:
-            raise AtlasError(f"{_name(param)} must be a whole number of at least 1 (got '{value}')")
-        return n
 
 
 class ChannelNumber(click.ParamType):
@@ -54,12 +37,6 @@ class ChannelNumber(click.ParamType):
                              "of N channels: see `atlas layers ATLAS`)") from None
 
 
-def _name(param) -> str:
-    if param is None:
-        return "the value"
-    return param.opts[0] if param.param_type_name == "option" else param.human_readable_name
-
-
 DEFAULT_TIMEOUT = 30.0
 
 
@@ -67,10 +44,11 @@ DEFAULT_TIMEOUT = 30.0
 @atlas_argument
 @click.argument("query", required=False)
 @click.option("--file", "sql_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Read the SQL from a file.")
-@click.option("--query", "-q", "canned", help="Run an example query from sql/queries by name (see `atlas queries`).")
+              help="Read the SQL from a file (instead of QUERY).")
+@click.option("--query", "-q", "canned", metavar="NAME",
+              help="Run an example query from sql/queries by name (see `atlas queries`).")
 @click.option("--param", "-p", multiple=True, metavar="NAME=VALUE",
-              help="Set a SQL variable, read in the query with getvariable('NAME').")
+              help="Set a SQL variable, read in the query with getvariable('NAME'); repeat for more.")
 @click.option("--timeout", type=click.FloatRange(min=0), default=DEFAULT_TIMEOUT, show_default=True,
               metavar="SECONDS", help="Interrupt the SQL after this long (0: no limit). The limit is checked "
               "between the vectors (up to 2,048 rows) that DuckDB hands deconv_png, similar_images and "
@@ -130,11 +108,15 @@ def queries(fmt):
 
 @main.command(context_settings=CONTEXT)
 @atlas_argument
-@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True,
-              help="A summary, or the whole manifest as JSON.")
+@format_option(help="Print the summary as an aligned table or CSV (field, value), or the whole manifest as "
+               "strict JSON.")
 @click.option("--json", "as_json", is_flag=True, help="The same as --format json.")
 def info(atlas_path, fmt, as_json):
-    """Summary of an atlas: model, weights, dataset, layers, timings."""
+    """Summary of an atlas: model, weights, dataset, layers, timings.
+
+    A table (or CSV) of the summary's fields; --format json (or --json) prints the
+    whole manifest.json, as strict JSON.
+    """
     from ..output import json_text
 
     a = _open(atlas_path)
@@ -145,19 +127,22 @@ def info(atlas_path, fmt, as_json):
     mdl, ds, t = m["model"], m["dataset"], m["timings"]
     weights = "random init (seed %s)" % mdl.get("seed") if mdl["random_init"] else \
         f"{mdl['weights']} (sha256 {mdl['weights_sha256'][:12]}…)"
-    lines = [
-        f"atlas      {a.path}",
-        f"model      {mdl['name']}, {weights}",
-        f"dataset    {ds['spec']} ({ds['kind']}): {ds['count']} images, {ds['errors']} unreadable"
-        + (f", {len(ds['classes'])} classes" if ds.get("classes") else ", unlabelled"),
-        f"input      {m['preprocessing']['note']}",
-        f"k          {m['k']}",
-        f"layers     {', '.join(a.layer_names)}",
-        f"indexes    {_describe_indexes(m.get('index'))}",
-        f"built      {m['created']} with atlas {m['tool']['version']} in {t['total_s']} s "
-        f"({t['images_per_s']} images/s on {m['options']['device']})",
+    fields = [
+        ("atlas", str(a.path)),
+        ("model", f"{mdl['name']}, {weights}"),
+        ("dataset", f"{ds['spec']} ({ds['kind']}): {ds['count']} images, {ds['errors']} unreadable"
+         + (f", {len(ds['classes'])} classes" if ds.get("classes") else ", unlabelled")),
+        ("input", m["preprocessing"]["note"]),
+        ("k", str(m["k"])),
+        ("layers", ", ".join(a.layer_names)),
+        ("indexes", _describe_indexes(m.get("index"))),
+        ("built", f"{m['created']} with atlas {m['tool']['version']} in {t['total_s']} s "
+         f"({t['images_per_s']} images/s on {m['options']['device']})"),
     ]
-    click.echo("\n".join(lines))
+    if fmt == "csv":
+        click.echo(render(["field", "value"], fields, "csv"))
+    else:
+        click.echo("\n".join(f"{k:<10} {v}" for k, v in fields))
 
 
 def _describe_indexes(ix) -> str:
@@ -182,9 +167,9 @@ def layers(atlas_path, fmt):
 @atlas_argument
 @click.argument("layer")
 @click.option("--sort", default="channel", show_default=True,
-              type=click.Choice(["channel", "mean", "std", "max", "fire_rate"]))
+              type=click.Choice(["channel", "mean", "std", "max", "fire_rate"]), help="The column to order by.")
 @click.option("--desc", is_flag=True, help="Largest first.")
-@click.option("--limit", type=AtLeastOne(), metavar="N", help="Show only the first N (N >= 1).")
+@click.option("--limit", type=AtLeastOne(), metavar="N", help="Show only the first N (N >= 1; default: all).")
 @format_option
 def channels(atlas_path, layer, sort, desc, limit, fmt):
     """A layer's channels with their statistics over the dataset."""
@@ -208,19 +193,21 @@ def top(atlas_path, layer, channel, fmt):
 @atlas_argument
 @click.argument("layer")
 @click.argument("channel", type=ChannelNumber())
-@click.option("--rank", type=int, help="Only this top-k entry's projection (0 = strongest).")
+@click.option("--rank", type=int, metavar="R", help="Only this top-k entry's projection (0 = strongest; default: "
+              "the panel of every entry).")
 @click.option("--mode", type=click.Choice(["unit", "map"]), default="unit", show_default=True,
               help="unit: project the one strongest position; map: the channel's whole map (reads the image).")
 @click.option("--norm", type=click.Choice(["identity", "gradient"]), default="identity", show_default=True,
               help="How local response normalisation is undone: passed through (the paper) or its gradient.")
 @click.option("--switches", type=click.Choice(["auto", "stored", "recompute"]), default="auto", show_default=True,
               help="Max-pool switches from the atlas, or recomputed from the image (needs the dataset).")
-@click.option("--out", type=click.Path(path_type=Path), help="Also write the PNG here (a file, or a folder).")
-@click.option("--cache", type=click.Path(file_okay=False, path_type=Path),
-              help="Picture cache folder instead of the atlas's own (default: the atlas's, or "
-                   "~/.cache/atlas/pictures when the atlas cannot be written).")
-def show(atlas_path, layer, channel, rank, mode, norm, switches, out, cache):
-    """A channel's DeconvNet projections as a PNG (the paper's figure 2); prints its path.
+@click.option("--out", type=click.Path(path_type=Path),
+              help="Also write the PNG here, a file or a folder (default: only the picture cache).")
+@cache_option
+@format_option(default=None, help="Print a row describing the picture, with its path, as an aligned table, "
+               "CSV or strict JSON  [default: the PNG's path alone]")
+def show(atlas_path, layer, channel, rank, mode, norm, switches, out, cache, fmt):
+    """A channel's DeconvNet projections as a PNG (the paper's figure 2); prints its path (or a row, --format).
 
     The panel shows the top-k projections in a grid beside the matching image
     patches (each cell the unit's receptive field; hatched beyond the image
@@ -230,26 +217,38 @@ def show(atlas_path, layer, channel, rank, mode, norm, switches, out, cache):
     \b
       atlas show my-atlas conv5 17                 the panel
       atlas show my-atlas conv5 17 --rank 0 --out best.png
+      atlas show my-atlas conv5 17 --format json   {"layer": ..., "png": ...}
     """
     from ..projections import show as run
 
-    click.echo(str(run(_open(atlas_path), layer, channel, rank, mode=mode, norm=norm, switches=switches, out=out,
-                       log=_say, cache=cache)))
+    png = run(_open(atlas_path), layer, channel, rank, mode=mode, norm=norm, switches=switches, out=out, log=_say,
+              cache=cache)
+    _picture(png, fmt, {"picture": "panel" if rank is None else "projection", "layer": layer, "channel": channel,
+                        "rank": rank, "mode": mode, "norm": norm})
 
 
 @main.command(context_settings=CONTEXT)
 @atlas_argument
 @click.argument("layer", required=False)
-@click.option("--out", type=click.Path(path_type=Path), help="Also write the PNG here (a file, or a folder).")
-@click.option("--cache", type=click.Path(file_okay=False, path_type=Path),
-              help="Picture cache folder instead of the atlas's own (default: the atlas's, or "
-                   "~/.cache/atlas/pictures when the atlas cannot be written).")
-def filters(atlas_path, layer, out, cache):
-    """The first layer's learned filters as a grid PNG (the paper's figure 6 view); prints its path.
+@click.option("--out", type=click.Path(path_type=Path),
+              help="Also write the PNG here, a file or a folder (default: only the picture cache).")
+@cache_option
+@format_option(default=None, help="Print a row describing the picture, with its path, as an aligned table, "
+               "CSV or strict JSON  [default: the PNG's path alone]")
+def filters(atlas_path, layer, out, cache, fmt):
+    """The first layer's learned filters as a grid PNG (the paper's figure 6 view); prints its path (or a row).
 
     \b
       atlas filters my-atlas
     """
     from ..projections import filters as run
 
-    click.echo(str(run(_open(atlas_path), layer, out=out, cache=cache)))
+    a = _open(atlas_path)
+    png = run(a, layer, out=out, cache=cache)
+    convs = [g["layer"] for g in a.manifest.get("geometry", {}).get("layers", []) if g["kind"] == "conv"]
+    _picture(png, fmt, {"picture": "filters", "layer": layer or (convs[:1] or [None])[0]})
+
+
+def _picture(png, fmt, record: dict) -> None:
+    """A picture command's result: its path (no --format), or one row describing it, with the path."""
+    click.echo(str(png) if fmt is None else render_dicts([{**record, "png": str(png)}], fmt))

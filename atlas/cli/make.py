@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from .base import CONTEXT, contrast_norm_option, device_option, main, progress_option, _say
+from .base import (CONTEXT, CommaList, batch_size_option, contrast_norm_option, device_option, image_size_option,
+                   layers_option, main, progress_option, seed_option, workers_option, _say)
 
 
 @main.command(context_settings=CONTEXT)
@@ -26,17 +27,20 @@ def demo(out, quick, progress):
 
 
 @main.command(context_settings=CONTEXT)
-@click.option("--model", "model_name", required=True, help="zfnet, zfnet-mini, alexnet-single, alexnet, vgg16, ...")
+@click.option("--model", "model_name", required=True, metavar="NAME",
+              help="The architecture: zfnet, zfnet-mini, alexnet-single, alexnet, vgg11/13/16/19.")
 @click.option("--weights", type=click.Path(path_type=Path), help="Weights file (state_dict or `atlas train` "
-              "checkpoint). Without it the model is randomly initialised, and the manifest says so.")
-@click.option("--data", required=True, help="Image folder (ImageFolder or flat), CIFAR-10 folder, or `shapes`.")
+              "checkpoint). Without it the model is randomly initialised (--seed), and the manifest says so.")
+@click.option("--data", required=True, metavar="DATA",
+              help="The images: an image folder (ImageFolder or flat), a CIFAR-10 folder, or `shapes`.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="The atlas folder to write.")
-@click.option("--k", default=9, show_default=True, help="Top activations kept per channel.")
-@click.option("--layers", help="Comma-separated layers to record (default: every conv layer, after its ReLU).")
-@click.option("--batch-size", default=64, show_default=True)
+@click.option("--k", type=int, default=9, show_default=True, metavar="N",
+              help="Top activations kept per channel (the top-k of the atlas).")
+@layers_option("Layers to record, e.g. conv1,conv3 (default: every conv layer, after its ReLU).")
+@batch_size_option("Images per forward pass.", default=64)
 @device_option
-@click.option("--workers", type=int, help="Image decoding processes (default: by device and cores).")
-@click.option("--image-size", type=int, help="Input size, for models that take several (zfnet-mini: 32-64).")
+@workers_option
+@image_size_option
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
               help="bf16: autocast, faster on a GPU; near-ties in a ranking may swap (about 2 % of top-9 images "
               "on the demo).")
@@ -47,12 +51,14 @@ def demo(out, quick, progress):
 @click.option("--no-switches", is_flag=True, help="Skip the max-pool switches (no projections from the atlas alone).")
 @click.option("--index/--no-index", default=True, show_default=True,
               help="Build the similarity indexes (`atlas similar`); without, `atlas index` builds them later.")
-@click.option("--index-layers", help="Layers with an image index (default: the deepest recorded conv layer, "
-              "and fc7 when the model has it).")
+@click.option("--index-layers", type=CommaList(), metavar="L1,L2,...",
+              help="Layers with an image index (default: the deepest recorded conv layer, and fc7 when the model "
+              "has it).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted build of the same atlas.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing atlas at --out.")
-@click.option("--seed", default=0, show_default=True, help="Seed of a randomly initialised model.")
-@click.option("--chunk-size", type=int, help="Images per resumable chunk (default: about 1024).")
+@seed_option("a randomly initialised model (without --weights)")
+@click.option("--chunk-size", type=int, metavar="N", help="Images per resumable chunk (default: about 1024, a "
+              "multiple of --batch-size).")
 @contrast_norm_option
 @progress_option
 def build(model_name, weights, data, out, k, layers, batch_size, device, workers, image_size, precision, decode,
@@ -82,11 +88,20 @@ def build(model_name, weights, data, out, k, layers, batch_size, device, workers
 
 @main.command("make-shapes", context_settings=CONTEXT)
 @click.argument("out", type=click.Path(path_type=Path))
-@click.option("--n", "count", default=2000, show_default=True, help="Number of images.")
-@click.option("--size", default=64, show_default=True, help="Image side in pixels.")
-@click.option("--seed", default=0, show_default=True)
-def make_shapes(out, count, size, seed):
-    """Write the synthetic `shapes` dataset as an ImageFolder."""
+@click.option("--n", "count", type=int, default=2000, show_default=True, metavar="N", help="Number of images.")
+@click.option("--side", type=int, default=64, show_default=True, metavar="PIXELS",
+              help="Side of each image in pixels (at least 8).")
+@seed_option("the images")
+@progress_option
+def make_shapes(out, count, side, seed, progress):
+    """Write the synthetic `shapes` dataset as an ImageFolder; prints its folder.
+
+    12 classes (shapes, stripes at four orientations, checkerboards, dots...),
+    from a fixed seed: the same options give the same files.
+
+    \b
+      atlas make-shapes shapes/ --n 8000 --side 64
+    """
     from ..shapes import generate
 
-    click.echo(str(generate(out, n=count, size=size, seed=seed)))
+    click.echo(str(generate(out, n=count, size=side, seed=seed, progress=progress)))

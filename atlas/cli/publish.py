@@ -5,18 +5,18 @@ from pathlib import Path
 
 import click
 
-from .base import CONTEXT, atlas_argument, main, progress_option, _say
+from .base import CONTEXT, NumberList, atlas_argument, cache_option, layers_option, main, progress_option, _say
 
 
 @main.command(context_settings=CONTEXT)
 @atlas_argument
 @click.argument("site_dir", type=click.Path(path_type=Path))
-@click.option("--layers", help="Comma-separated layers to export (default: all recorded).")
-@click.option("--channels", help="Channels per layer, e.g. 0-15,17 (default: all).")
-@click.option("--max-channels", type=int, help="Only the first N channels of each layer.")
-@click.option("--cache", type=click.Path(file_okay=False, path_type=Path),
-              help="Picture cache folder to use instead of the atlas's own (default: the atlas's, or "
-                   "~/.cache/atlas/pictures when the atlas cannot be written).")
+@layers_option("Layers to export, e.g. conv1,conv5 (default: every recorded layer).")
+@click.option("--channels", type=NumberList(), metavar="C1,C2,A-B",
+              help="Channels of each chosen layer, numbers and ranges, e.g. 0-15,17 (default: all).")
+@click.option("--max-channels", type=int, metavar="N", help="Only the first N channels of each layer (default: "
+              "all).")
+@cache_option
 @progress_option
 def export(atlas_path, site_dir, layers, channels, max_channels, cache, progress):
     """Export the atlas as a static site that opens from file:// or any static host.
