@@ -293,7 +293,7 @@ def _unknown_notes(unknown: dict[str, list[str]]) -> list[str]:
 
 def invariance(atlas, images: Sequence[int | str | Path], *, transforms: Sequence[str] | str = TRANSFORMS,
                layers: Sequence[str] | str | None = None, labels: Sequence | None = None,
-               amounts: dict[str, Sequence[float]] | None = None, fill: str = "mean", device: str = "auto",
+               amounts: dict[str, Sequence[float]] | None = None, fill: str = "grey", device: str = "auto",
                batch_size: int | None = None, out: str | Path | None = None, store: bool = True,
                figures: bool = True) -> InvarianceResult:
     """Feature distance and class probability under transformations (figure 5); see the module docstring.
