@@ -7,7 +7,8 @@ processes over N and 4N generated images to show that peak memory does not
 grow with the number of images.
 
     python scripts/bench_build.py                 # zfnet at 224 px (the issue's figure)
-    python scripts/bench_build.py --quick         # zfnet-mini at 64 px, a smoke run
+    python scripts/bench_build.py --quick         # zfnet-mini at 64 px, small runs
+    python scripts/bench_build.py --smoke         # seconds: zfnet-mini, 2 batches of 16, builds of 32 / 128 images
 """
 from __future__ import annotations
 
@@ -119,10 +120,14 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--memory-images", type=int, default=256, help="N for the peak-memory runs (N and 4N)")
     ap.add_argument("--quick", action="store_true", help="zfnet-mini at 64 px, small runs")
+    ap.add_argument("--smoke", action="store_true", help="a few seconds: zfnet-mini at 64 px, tiny runs")
     args = ap.parse_args()
     if args.quick:
         args.model, args.size, args.batch, args.batches, args.rounds, args.memory_images = \
             "zfnet-mini", 64, 64, 4, 2, 256
+    if args.smoke:
+        args.model, args.size, args.batch, args.batches, args.rounds, args.memory_images = \
+            "zfnet-mini", 64, 16, 2, 1, 32
     torch.set_num_threads(os.cpu_count() or 1)
     keep_memory_flat()  # as `atlas build` does: both sides of the ratio run under the same allocator
     print(f"model {args.model} at {args.size} px, batch {args.batch}, device {resolve_device(args.device)}, "

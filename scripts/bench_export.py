@@ -18,6 +18,7 @@ With --max-channels N only N channels per layer are exported and the full-export
 figures are EXTRAPOLATED from the measured per-channel time (labelled as such).
 
     python scripts/bench_export.py [--images 200] [--threads 2] [--max-channels N] [--work DIR] [--json out.json]
+    python scripts/bench_export.py --smoke   # seconds: zfnet-mini at 64 px, 16 images, k = 4, 2 channels a layer
 """
 from __future__ import annotations
 
@@ -71,7 +72,13 @@ def main() -> None:
     ap.add_argument("--work", default=None, help="folder for data, atlas and sites (default: a temp folder)")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--smoke", action="store_true",
+                    help="seconds: zfnet-mini at 64 px over 16 images, k = 4, --max-channels 2")
     args = ap.parse_args()
+    model = "zfnet"
+    if args.smoke:
+        model, args.images, args.k = "zfnet-mini", 16, 4
+        args.max_channels = args.max_channels or 2
 
     import torch
 
@@ -90,7 +97,7 @@ def main() -> None:
         t0 = time.perf_counter()
         if not (atlas_dir / "manifest.json").is_file():
             shutil.rmtree(atlas_dir, ignore_errors=True)
-            build("zfnet", str(data), atlas_dir, k=args.k, batch_size=32, device="cpu", progress=False)
+            build(model, str(data), atlas_dir, k=args.k, batch_size=32, device="cpu", progress=False)
         t_build = time.perf_counter() - t0
         a = Atlas(atlas_dir)
         total_channels = sum(la["channels"] for la in a.manifest["layers"])
@@ -119,7 +126,7 @@ def main() -> None:
         pic_share = cold["picture_seconds"] / cold["seconds"]
         res = {
             "load_average_1min_before_after": [load0, round(os.getloadavg()[0], 2)],
-            "model": "zfnet", "image_size": a.image_size, "images": a.manifest["dataset"]["count"], "k": args.k,
+            "model": model, "image_size": a.image_size, "images": a.manifest["dataset"]["count"], "k": args.k,
             "threads": torch.get_num_threads(), "build_s": round(t_build, 1),
             "channels_in_atlas": total_channels, "channels_exported": n,
             "cold_export_s": cold["seconds"], "cold_per_channel_s": round(per_ch, 4),
@@ -141,7 +148,7 @@ def main() -> None:
                                         f"{args.max_channels}); full figure = measured per-channel time x "
                                         f"{total_channels}")
         print(json.dumps(res, indent=2))
-        print(f"\nzfnet @224, {res['images']} images, k={args.k}, {res['threads']} threads: "
+        print(f"\n{model} @{a.image_size}, {res['images']} images, k={args.k}, {res['threads']} threads: "
               f"cold export of {n} channels {cold['seconds']:.1f} s ({per_ch * 1000:.0f} ms/channel, "
               f"{pic_share:.0%} picture work, of it "
               f"{res['cold_projection_engine_share']:.0%} of the total in the DeconvNet engine); unchanged re-export {again['seconds']:.2f} s "

@@ -18,6 +18,7 @@ enough images that they are a minority, as they are in a real dataset.
 
     python scripts/bench_gpu.py --images 30000         # on a GPU machine
     python scripts/bench_gpu.py --images 128           # CPU smoke run
+    python scripts/bench_gpu.py --smoke                # seconds: zfnet-mini at 64 px over 16 JPEGs, batch 8
 """
 from __future__ import annotations
 
@@ -85,12 +86,18 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--precision", default=None, help="fp32 or bf16 (default: bf16 on CUDA, fp32 on CPU)")
     ap.add_argument("--data", type=Path, help="reuse a folder of JPEGs instead of generating one")
+    ap.add_argument("--smoke", action="store_true", help="seconds: zfnet-mini at 64 px over 16 JPEGs, batch 8")
     args = ap.parse_args()
+    model_name, size = "zfnet", 224
+    if args.smoke:
+        model_name, size, args.images, args.batch = "zfnet-mini", 64, 16, 8
     dev = resolve_device(args.device)
     precision = args.precision or ("bf16" if dev.type == "cuda" else "fp32")
     workers = args.workers if args.workers is not None else default_workers(dev)
     batch = args.batch if dev.type == "cuda" else min(args.batch, 32)
     gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "none (CPU run; GPU figures wait)"
+    if args.smoke:
+        print(f"smoke run: {model_name} at {size} px, {args.images} images")
     print(f"device {dev} [{gpu}], torch {torch.__version__}, {os.cpu_count()} CPU cores, {workers} workers, "
           f"batch {batch}, {precision}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -101,17 +108,17 @@ def main() -> None:
             print(f"generated {args.images} JPEGs (500x375, q90) in {time.perf_counter() - t:.1f} s")
         src = open_dataset(folder)
         n = len(src)
-        pre = Preprocess(preprocessing_for("zfnet"))
+        pre = Preprocess(preprocessing_for(model_name))
         used = choose_decoder("auto", src, dev)
         decoders = ["cpu", "device"] if used == "device" or dev.type == "cpu" else ["cpu"]
         decode = {d: decode_rate(src, pre, dev, d, workers, batch) for d in decoders}
 
-        model = load_model("zfnet").to(dev)
+        model = load_model(model_name).to(dev)
         if dev.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
-        lmap = LayerMap(model, 224)
+        lmap = LayerMap(model, size)
         stack = model.features[: lmap.by_name["conv5"].read_at + 1]
-        xb = torch.randn(batch, 3, 224, 224, device=dev)
+        xb = torch.randn(batch, 3, size, size, device=dev)
         if dev.type == "cuda":
             xb = xb.contiguous(memory_format=torch.channels_last)
         reps = max(2, n // batch)
@@ -127,7 +134,7 @@ def main() -> None:
         forward = reps * batch / (time.perf_counter() - t)
 
         t = time.perf_counter()
-        out = build("zfnet", str(folder), Path(tmp) / "atlas", batch_size=batch, device=str(dev), workers=workers,
+        out = build(model_name, str(folder), Path(tmp) / "atlas", batch_size=batch, device=str(dev), workers=workers,
                     precision=precision, decode=used, progress=False)
         whole_s = time.perf_counter() - t
         whole = n / whole_s

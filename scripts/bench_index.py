@@ -38,6 +38,7 @@ not in the index.
     python scripts/bench_index.py --compare       # + the index types that were not chosen (~15 min)
     python scripts/bench_index.py --quick         # 50k / 10k vectors, a smoke run (seconds)
     python scripts/bench_index.py --build-cost    # part (4) only: what indexing costs the build (a minute)
+    python scripts/bench_index.py --smoke         # seconds: all parts and --compare at 4k x 64 (PQ not polysemous)
 """
 from __future__ import annotations
 
@@ -151,11 +152,17 @@ def main() -> None:
     ap.add_argument("--model", default="zfnet", help="model for part (4)")
     ap.add_argument("--size", type=int, default=224, help="input size for part (4)")
     ap.add_argument("--json", type=Path, help="also write the figures here")
+    ap.add_argument("--smoke", action="store_true", help="seconds: every part, --compare and --build-cost "
+                    "included, at tiny sizes (zfnet-mini at 64 px for part 4)")
     args = ap.parse_args()
     if args.quick:
         args.n, args.exact_n, args.queries, args.atlas_n = 50_000, 10_000, 200, 10_000
+    repeats = 300
+    if args.smoke:
+        args.n, args.dim, args.exact_n, args.queries, args.atlas_n, args.hnsw_n = 4_000, 64, 2_000, 50, 1_000, 2_000
+        args.compare, args.model, args.size, repeats = True, "zfnet-mini", 64, 20
     n, d, nq, k = args.n, args.dim, args.queries, args.k
-    if args.build_cost:
+    if args.build_cost and not args.smoke:
         res = build_cost(args.model, args.size)
         if args.json:
             args.json.write_text(json.dumps(res, indent=2) + "\n")
@@ -252,13 +259,15 @@ def main() -> None:
     bars[f"exact {m // 1000}k p50 < 5 ms"] = min(v[0] for v in lat2.values()) < 5
 
     if args.atlas_n:
-        out["atlas"] = through_atlas(args.atlas_n, d, args.seed, k)
+        out["atlas"] = through_atlas(args.atlas_n, d, args.seed, k, repeats)
         bars[f"atlas {args.atlas_n // 1000}k similar_images p50 < 5 ms"] = out["atlas"]["similar_images_p50_ms"] < 5
 
     print("\nbars: " + ", ".join(f"{b}: {'met' if ok else 'MISSED'}" for b, ok in bars.items()))
     print(f"load average {os.getloadavg()[0]:.1f} at the end (2 cores: above 2 means other processes competed)")
     out["bars"] = bars
     out["loadavg_end"] = os.getloadavg()[0]
+    if args.smoke:  # part (4) too, which a normal run leaves to --build-cost
+        out["build_cost"] = build_cost(args.model, args.size, batch=8, batches=2, rounds=2)
     if args.json:
         args.json.write_text(json.dumps(out, indent=2) + "\n")
 
@@ -408,6 +417,8 @@ def compare(xb, xq, gt, spec, args, k) -> list[dict]:
         faiss.omp_set_num_threads(args.threads)
         index = faiss.index_factory(d, fac, faiss.METRIC_INNER_PRODUCT)
         ivf = faiss.try_extract_index_ivf(index)
+        if args.smoke and hasattr(faiss.downcast_index(index), "do_polysemous_training"):
+            faiss.downcast_index(index).do_polysemous_training = False  # a fixed ~4 s per PQ sub-quantizer
         t0 = time.perf_counter()
         if ivf is not None:
             ivf.cp.seed, ivf.cp.niter, ivf.cp.spherical = args.seed, spec["niter"], True

@@ -7,6 +7,7 @@ process over the same chunk files; the figure is that process's peak RSS.
 
     python scripts/bench_index_memory.py                 # 120k images x 4096 (about 1 GB of vectors)
     python scripts/bench_index_memory.py --images 20000  # quicker, exact index
+    python scripts/bench_index_memory.py --smoke         # seconds: 3000 images x 256 in 3 chunks, IVF index forced
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ def write_chunks(work: Path, n: int, dim: int) -> int:
     return nchunks
 
 
-def child(work: Path, nchunks: int, variant: str) -> None:
+def child(work: Path, nchunks: int, variant: str, exact_max: int | None = None) -> None:
     from atlas.index import build_index, choose_index
     from atlas.indexing import ChunkVectors
 
@@ -46,8 +47,10 @@ def child(work: Path, nchunks: int, variant: str) -> None:
     rows = chunks.rows("images.fc7")
     x = rows if variant == "streamed" else rows[:]  # "whole": what the build did before ChunkRows
     t = time.perf_counter()
-    index = build_index(x, ids, choose_index(*rows.shape))
+    spec = choose_index(*rows.shape) if exact_max is None else choose_index(*rows.shape, exact_max=exact_max)
+    index = build_index(x, ids, spec)
     print(json.dumps({"variant": variant, "seconds": time.perf_counter() - t, "count": index.ntotal,
+                      "factory": spec["factory"],
                       "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
@@ -56,10 +59,16 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=120_000)
     ap.add_argument("--dim", type=int, default=4096)
     ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    ap.add_argument("--exact-max", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--smoke", action="store_true",
+                    help="seconds: 3000 images x 256, the approximate (IVF) index forced as above 100k")
     args = ap.parse_args()
     if args.child:
-        child(Path(args.child[0]), int(args.child[1]), args.child[2])
+        child(Path(args.child[0]), int(args.child[1]), args.child[2], args.exact_max)
         return
+    extra = []
+    if args.smoke:
+        args.images, args.dim, extra = 3000, 256, ["--exact-max", "0"]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         nchunks = write_chunks(work, args.images, args.dim)
@@ -67,11 +76,13 @@ def main() -> None:
         print(f"{args.images} images x {args.dim} float16 in {nchunks} chunk files ({vec_mb:.0f} MB of vectors)")
         res = {}
         for variant in ("whole", "streamed"):
-            out = subprocess.run([sys.executable, __file__, "--child", str(work), str(nchunks), variant],
+            out = subprocess.run([sys.executable, __file__, "--child", str(work), str(nchunks), variant, *extra],
                                  capture_output=True, text=True, check=True).stdout
             res[variant] = json.loads(out.strip().splitlines()[-1])
             r = res[variant]
-            print(f"{variant:<9} peak RSS {r['peak_mb']:7.0f} MB, index build {r['seconds']:.1f} s, {r['count']} vectors")
+            shown = f" ({r['factory']})" if args.smoke else ""
+            print(f"{variant:<9} peak RSS {r['peak_mb']:7.0f} MB, index build {r['seconds']:.1f} s, "
+                  f"{r['count']} vectors{shown}")
     print(f"streamed / whole peak memory: {res['streamed']['peak_mb'] / res['whole']['peak_mb']:.2f}; "
           f"time {res['streamed']['seconds'] / res['whole']['seconds']:.2f}")
 

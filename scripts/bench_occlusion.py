@@ -1,6 +1,7 @@
 """Occlusion sensitivity (figure 7): batched vs one position at a time, measured in one run.
 
     python scripts/bench_occlusion.py [--serial 48] [--image PATH] [--size 50] [--stride 8] [--threads N]
+    python scripts/bench_occlusion.py --smoke   # seconds: stride 56 (4 x 4 = 16 positions), 4 of them one at a time
 
 A ZFNet (random weights) atlas at 224 px is built over two synthetic images in a
 temporary folder; then one image is occluded at stride 8 (ceil(224/8)^2 = 784
@@ -104,7 +105,10 @@ def main() -> int:
     ap.add_argument("--stride", type=int, default=8)
     ap.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
     ap.add_argument("--no-gpu", action="store_true")
+    ap.add_argument("--smoke", action="store_true", help="seconds: stride 56 (16 positions), --serial 4")
     args = ap.parse_args()
+    if args.smoke:
+        args.stride, args.serial = 56, 4
     if args.threads:
         torch.set_num_threads(args.threads)
     from atlas.build import build

@@ -23,6 +23,7 @@ The machine's 1-minute load average is printed before and after: on a shared mac
 compare runs only at similar load.
 
     python scripts/bench_render.py [--images 48] [--threads 2] [--repeat 7] [--json out.json] [--keep]
+    python scripts/bench_render.py --smoke   # seconds: 8 images, k = 4, --repeat 2, one `atlas show` process
 """
 from __future__ import annotations
 
@@ -102,7 +103,11 @@ def main() -> None:
     ap.add_argument("--work", default=None, help="folder for data and atlas (default: a temp folder)")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--smoke", action="store_true", help="seconds: 8 images, k = 4, --repeat 2, one new process")
     args = ap.parse_args()
+    fresh_runs = 3
+    if args.smoke:
+        args.images, args.k, args.repeat, fresh_runs = 8, 4, 2, 1
     torch.set_num_threads(args.threads)
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -149,7 +154,7 @@ def main() -> None:
             PJ.show(a, layer, c)
             hits.append(time.perf_counter() - t0)
         fresh = []
-        for _ in range(3):
+        for _ in range(fresh_runs):
             t0 = time.perf_counter()
             subprocess.run([sys.executable, "-m", "atlas", "show", str(atlas_dir), layer, str(c)], check=True,
                            capture_output=True)

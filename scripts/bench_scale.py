@@ -36,6 +36,7 @@ images) and reused on later runs while the writers that made them are unchanged
     python scripts/bench_scale.py                         # 250k and 1M images, ~6 min
     python scripts/bench_scale.py --atlas /tmp/large      # that atlas (written if missing) as the big one
     python scripts/bench_scale.py --sizes 20000,80000 --repeat 3   # a smoke run
+    python scripts/bench_scale.py --smoke   # seconds: 500 and 1000 images in a temp folder, --repeat 1, 2 channels
 """
 from __future__ import annotations
 
@@ -242,7 +243,7 @@ def disk(path: Path, n: int) -> dict:
 # ---------------------------------------------------------------------------
 # one size
 # ---------------------------------------------------------------------------
-def measure(path: Path, repeat: int, export_runs: int) -> dict:
+def measure(path: Path, repeat: int, export_runs: int, max_channels: int | None = None) -> dict:
     from atlas.projections import cache_root
 
     m = json.loads((path / "manifest.json").read_text())
@@ -283,7 +284,8 @@ def measure(path: Path, repeat: int, export_runs: int) -> dict:
             shutil.rmtree(pictures, ignore_errors=True)
             for key, times in (("cold", cold), ("warm", warm)):
                 site = Path(tmp) / f"{key}-{i}"
-                wall, rss, _ = run_cmd(cli("export", str(path), str(site), "--layers", LAYER, "--no-progress"))
+                limit = ["--max-channels", str(max_channels)] if max_channels else []
+                wall, rss, _ = run_cmd(cli("export", str(path), str(site), "--layers", LAYER, "--no-progress", *limit))
                 times.append(wall)
                 last[key] = {**json.loads((site / ".atlas-export.json").read_text())["last_run"], "maxrss_mb": rss}
                 shutil.rmtree(site)
@@ -396,11 +398,22 @@ def main() -> None:
     ap.add_argument("--export-runs", type=int, default=2)
     ap.add_argument("--json", type=Path, help="also write every figure here")
     ap.add_argument("--probe", choices=sorted(PROBES), help=argparse.SUPPRESS)
+    ap.add_argument("--smoke", action="store_true", help="seconds: 500 and 1000 images in a temp folder, --repeat 1, "
+                    "one export of 2 channels")
     args = ap.parse_args()
     if args.probe:
         print(json.dumps(PROBES[args.probe](str(args.atlas), args.repeat)))
         return
+    if not args.smoke:
+        run(args)
+        return
+    args.sizes, args.repeat, args.export_runs, args.max_channels = "500,1000", 1, 1, 2
+    with tempfile.TemporaryDirectory(prefix="bench-scale-smoke-") as tmp:
+        args.dir = Path(tmp)
+        run(args)
 
+
+def run(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     sizes = [int(s) for s in args.sizes.split(",")]
     paths = [(args.dir / f"images-{n}", n, False) for n in sizes]
@@ -412,7 +425,7 @@ def main() -> None:
     for path, n, explicit in paths:
         path, w = ensure_atlas(path, n, explicit)
         writes.append(w)
-        results.append(measure(path, args.repeat, args.export_runs))
+        results.append(measure(path, args.repeat, args.export_runs, getattr(args, "max_channels", None)))
     for w in writes:
         if w["written"]:
             print(f"wrote a synthetic atlas of {w['images']:,} images in {w['write_s']:.0f} s (load {w['load']})")

@@ -3,6 +3,7 @@
     python scripts/bench_train.py                       # zfnet at 224 px; CPU: batch 16, 6 steps, 3 rounds
     python scripts/bench_train.py --device cuda         # GPU: batch 128, 40 steps, bf16 + channels-last
     python scripts/bench_train.py --model zfnet-mini --image-size 64 --batch-size 64 --steps 20
+    python scripts/bench_train.py --smoke               # seconds: zfnet-mini at 32 px, batch 8, 2 steps, 1 round
 
 What is measured, side by side in one process, on the same images:
   train    atlas.train.train() on a synthetic ImageFolder of steps x batch images (256 px JPEG-free
@@ -109,7 +110,10 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--rounds", type=int, default=3, help="ceiling / train / ceiling rounds (best-of and median)")
+    ap.add_argument("--smoke", action="store_true", help="seconds: zfnet-mini at 32 px, batch 8, 2 steps, 1 round")
     args = ap.parse_args()
+    if args.smoke:
+        args.model, args.image_size, args.batch_size, args.steps, args.rounds = "zfnet-mini", 32, 8, 2, 1
 
     dev = resolve_device(args.device)
     gpu = dev.type == "cuda"

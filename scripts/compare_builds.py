@@ -19,6 +19,7 @@ maximum.
     python scripts/compare_builds.py --vary decode --model zfnet --data jpegs/ --device cuda
     python scripts/compare_builds.py --vary batch-size --model zfnet-mini --data atlas-demo/data/shapes-8000 \
         --weights atlas-demo/run/final.pt
+    python scripts/compare_builds.py --smoke   # seconds: each --vary, zfnet-mini at 32 px over 192 shapes (JPEG)
 
 On a CPU, bf16 autocast is emulated (same rounding, no speed-up): the agreement figures hold,
 the timings do not. The decoders only differ where images are resized (the demo's 64 px shapes
@@ -64,27 +65,60 @@ FROM kept JOIN same USING (layer) JOIN maxima USING (layer) ORDER BY layer
 """
 
 
+def smoke_data(folder: Path, n: int = 192) -> Path:
+    """A tiny ImageFolder: `n` generated 64 px shapes, saved as JPEGs (so that --vary decode has JPEGs to decode)."""
+    from PIL import Image
+
+    from atlas.shapes import generate
+
+    pngs = generate(folder / "png", n=n, size=64, seed=0)
+    out = folder / "jpeg"
+    for p in sorted(pngs.rglob("*.png")):
+        d = out / p.parent.name
+        d.mkdir(parents=True, exist_ok=True)
+        with Image.open(p) as im:
+            im.convert("RGB").save(d / (p.stem + ".jpg"), quality=90)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--data", required=True)
+    ap.add_argument("--model", help="required, but for --smoke")
+    ap.add_argument("--data", help="required, but for --smoke")
     ap.add_argument("--weights")
     ap.add_argument("--k", type=int, default=9)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--vary", choices=list(VARIANTS), default="precision")
+    ap.add_argument("--image-size", type=int, help="input size (default: the model's)")
+    ap.add_argument("--vary", choices=list(VARIANTS), help="default precision (--smoke: each in turn)")
     ap.add_argument("--other-batch-size", type=int, help="--vary batch-size: the other build's (default 3/4)")
+    ap.add_argument("--smoke", action="store_true", help="seconds: zfnet-mini at 32 px over 192 generated shapes "
+                    "(JPEGs), k = 4, batch 32, every --vary in turn unless one is given")
     args = ap.parse_args()
+    if not args.smoke:
+        missing = [f"--{a}" for a in ("model", "data") if getattr(args, a) is None]
+        if missing:
+            ap.error(f"the following arguments are required: {', '.join(missing)}")
+        compare(args, args.vary or "precision")
+        return
+    with tempfile.TemporaryDirectory(prefix="compare-builds-smoke-") as tmp:
+        args.model, args.image_size, args.k, args.batch_size = "zfnet-mini", 32, 4, 32
+        args.data = str(smoke_data(Path(tmp)))
+        for vary in [args.vary] if args.vary else list(VARIANTS):
+            compare(args, vary)
+
+
+def compare(args: argparse.Namespace, vary: str) -> None:
     import duckdb
 
     with tempfile.TemporaryDirectory() as tmp:
         out, seconds = {}, {}
-        runs = variants(args.vary, args.batch_size, args.other_batch_size)
+        runs = variants(vary, args.batch_size, args.other_batch_size)
         (ref, _), (other, _) = runs
         for name, option in runs:
             t = time.perf_counter()
             kw = dict(weights=args.weights, k=args.k, device=args.device, batch_size=args.batch_size, index=False,
-                      progress=False)
+                      progress=False, image_size=args.image_size)
             out[name] = build(args.model, args.data, Path(tmp) / name.replace(" ", "-"), **{**kw, **option})
             seconds[name] = time.perf_counter() - t
         rows = duckdb.sql(AGREEMENT.format(a=out[ref], b=out[other])).fetchall()

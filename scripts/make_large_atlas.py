@@ -19,6 +19,7 @@ row groups are what `atlas build` writes; only the numbers are made up:
 
     python scripts/make_large_atlas.py --out /tmp/large-atlas              # 1M images, ~2 min
     python scripts/make_large_atlas.py --out /tmp/small --images 20000    # quick
+    python scripts/make_large_atlas.py --smoke      # seconds: 3000 images into a temp folder (or --out), then removed
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ import datetime as dt
 import io
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -44,6 +46,7 @@ from atlas.fsutil import atomic_write_bytes, atomic_write_json, publish_dir  # n
 from atlas.layers import LayerMap  # noqa: E402
 from atlas.mining import Moments, TopK  # noqa: E402
 from atlas.models import load_model, preprocessing_for  # noqa: E402
+from atlas.models.registry import model_record  # noqa: E402
 
 IMAGES_PER_BLOCK = 16384  # activation rows are generated (and top-k merged) this many images at a time
 SWITCH_BATCH = 64         # images per switches row group: the build's default batch size
@@ -118,13 +121,30 @@ def synthetic_switches(path: Path, rng, lmap: LayerMap, top_rows, layer: str) ->
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--out", type=Path, help="the atlas to write (required, but for --smoke)")
     ap.add_argument("--images", type=int, default=1_000_000)
     ap.add_argument("--layer", default="conv5", help="the layer whose activations table is written")
     ap.add_argument("--classes", type=int, default=1000)
     ap.add_argument("--k", type=int, default=9)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--smoke", action="store_true",
+                    help="seconds: 3000 images, into a temp folder that is removed after (unless --out is given)")
     args = ap.parse_args()
+    if args.out is None and not args.smoke:
+        ap.error("the following arguments are required: --out")
+    if not args.smoke:
+        write(args)
+        return
+    args.images = 3000
+    if args.out is not None:
+        write(args)
+        return
+    with tempfile.TemporaryDirectory(prefix="make-large-atlas-") as tmp:
+        args.out = Path(tmp) / "atlas"
+        write(args)
+
+
+def write(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     rng = np.random.default_rng(args.seed)
     n, k = args.images, args.k
@@ -161,7 +181,7 @@ def main() -> None:
         "format_version": FORMAT_VERSION,
         "tool": {"name": "atlas", "version": __version__, "torch": torch.__version__},
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "model": {"name": "zfnet", "weights": None, "weights_sha256": None, "random_init": True, "seed": 0,
+        "model": {**model_record(model), "weights": None, "weights_sha256": None, "random_init": True, "seed": 0,
                   "num_classes": lmap.classes(), "classes": None},
         "dataset": {"spec": "synthetic", "kind": "synthetic", "count": n, "root": "/nonexistent/synthetic",
                     "ok": n, "errors": 0, "classes": [f"class_{c:04d}" for c in range(args.classes)]},
