@@ -12,7 +12,7 @@ python -m venv --system-site-packages "$tmp/venv"
 cd "$tmp"  # away from the source tree: only the wheel can answer
 venv/bin/python -c 'import atlas, sys; sys.exit(0 if "/venv/" in atlas.__file__ else "atlas imported from " + atlas.__file__)'
 venv/bin/atlas queries | grep -q class_selectivity
-venv/bin/atlas make-shapes imgs --n 24 --size 32 >/dev/null
+venv/bin/atlas make-shapes imgs --n 24 --side 32 >/dev/null
 venv/bin/atlas build --model zfnet-mini --data imgs --out tiny --image-size 32 --k 2 --no-index --no-progress >/dev/null
 venv/bin/atlas sql tiny "SELECT count(*) AS n FROM images" --format csv | grep -qx 24
 venv/bin/atlas sql tiny --query layer_summary --format csv | grep -q '^conv5,'

@@ -147,7 +147,8 @@ class BuildJob:
         rows = top_rows(self.lmap, self.chosen, tops)
         t_sw = time.perf_counter()
         if self.opts.switches:
-            _write_switches(self.staging / "switches.parquet", self.lmap, rows, self.inputs, self.opts.batch_size)
+            _write_switches(self.staging / "switches.parquet", self.lmap, rows, self.inputs, self.opts.batch_size,
+                            self.opts.precision)
         t_sw = time.perf_counter() - t_sw
         t_wr = time.perf_counter()
         self.write(errors, moms, rows)
@@ -192,13 +193,15 @@ class BuildJob:
 
     def prepare(self, resume: bool) -> None:
         """The staging folder, prepared by one process (the others learn its verdict)."""
-        # What a resumed build must agree on: everything that changes what is computed (not the device
-        # or the number of decoding workers).
-        config = {"format_version": FORMAT_VERSION, "model": self.model_name,
+        # What a resumed build must agree on: what changes what the chunks hold. Not the device, the
+        # decoding workers or the switches (made after mining); image_size and contrast_norm count by
+        # their effect (the preprocessing, the model's options), not by how they were asked for.
+        config = {**{k: v for k, v in self.options.items()
+                     if k not in ("device", "workers", "switches", "image_size", "contrast_norm")},
+                  "format_version": FORMAT_VERSION, "model": self.model_name,
                   "model_kwargs": self.net.atlas_meta["kwargs"], "weights_sha256": self.net.atlas_meta["weights_sha256"],
                   "dataset": str(self.source.root.resolve()), "images": self.n, "preprocessing": self.pre,
-                  "index": self.plan.config() if self.plan else None,
-                  **{k: v for k, v in self.options.items() if k not in ("device", "workers")}}
+                  "index": self.plan.config() if self.plan else None}
         error = None
         if self.ranks.leader:
             try:
@@ -403,6 +406,9 @@ def _prepare_staging(staging: Path, out: Path, config: dict, resume: bool) -> No
         remove_temp_files(staging)  # what the interrupted run was writing; under the lock, nobody else is
         # a build started before --decode existed decoded with PIL
         old = {"decode": "cpu", **json.loads(cfg_file.read_text())} if cfg_file.is_file() else None
+        if old is not None and old.get("format_version") != config["format_version"]:
+            raise AtlasError(f"cannot resume '{staging}': it was started by an older atlas (format "
+                             f"{old.get('format_version')}); delete that folder to start over")
         if old is not None and old != config:
             diff = sorted(key for key in config if old.get(key) != config[key])
             raise AtlasError(f"cannot resume '{staging}': it was started with other options ({', '.join(diff)})")
@@ -453,7 +459,8 @@ def _savez(path: Path, arrays: dict) -> None:
         np.savez(f, **arrays)
 
 
-def _write_switches(path: Path, lmap: LayerMap, top_rows, inputs: InputBatches, batch_size) -> None:
+def _write_switches(path: Path, lmap: LayerMap, top_rows, inputs: InputBatches, batch_size,
+                    precision: str = "fp32") -> None:
     """Second pass over the final top-k images only: their pool switches inside the units' fields.
 
     Decoded by the same input pipeline as the mining pass (workers, device decoder), batch by batch in
@@ -471,7 +478,8 @@ def _write_switches(path: Path, lmap: LayerMap, top_rows, inputs: InputBatches, 
         assert ids.tolist() == chunk, "switches batches out of step with write_switches"
         if inputs.dev.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode():
+        # the precision of the mining pass: the switches are those of the activations the ranking saw
+        with torch.inference_mode(), torch.autocast(inputs.dev.type, torch.bfloat16, enabled=precision == "bf16"):
             _, sw = lmap.extract(x, [deepest], pool_indices=True, batch_size=batch_size)
         return {(i, pool): window_codes(sw[pool][j, :, reg.y0:reg.y0 + reg.h, reg.x0:reg.x0 + reg.w],
                                         lmap.pool_by_name[pool].geometry, origin=(reg.y0, reg.x0))

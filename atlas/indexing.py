@@ -75,8 +75,9 @@ def images_table(a: AtlasReader):
 
     state = _STATE.setdefault(a, {})
     if "images" not in state:
-        state["images"] = pq.read_table(a.path / "images.parquet",
-                                        columns=["image_id", "path", "label", "status"]).sort_by("image_id")
+        with a.reading("images.parquet"):
+            state["images"] = pq.read_table(a.path / "images.parquet",
+                                            columns=["image_id", "path", "label", "status"]).sort_by("image_id")
     return state["images"]
 
 
@@ -218,28 +219,34 @@ class ChunkRows:
 
 # -- vectors out of an atlas -----------------------------------------------------------------------------
 
-def _table_vectors(a: AtlasReader, layer: str, image_ids: np.ndarray) -> np.ndarray:
-    """(len(image_ids), C) float32: these images' rows of the layer's activations table, in image_ids order."""
+def _batches_of(f: Path):
+    """An activations file's record batches of (image_id, channel, value), about 1M rows each."""
     import pyarrow.parquet as pq
 
+    pf = pq.ParquetFile(f, pre_buffer=False)  # pre-buffering keeps every row group read until close
+    yield from pf.iter_batches(batch_size=1 << 20, columns=["image_id", "channel", "value"])
+
+
+def _table_vectors(a: AtlasReader, layer: str, image_ids: np.ndarray) -> np.ndarray:
+    """(len(image_ids), C) float32: these images' rows of the layer's activations table, in image_ids order."""
     count, C = int(a.manifest["dataset"]["count"]), layer_channels(a, layer)
     pos = np.full(count, -1, np.int64)
     pos[image_ids] = np.arange(len(image_ids))
     x = np.zeros((len(image_ids), C), np.float32)
     seen = np.zeros(len(image_ids), np.int64)
     for f in sorted((a.path / "activations" / f"layer={layer}").glob("*.parquet")):
-        pf = pq.ParquetFile(f, pre_buffer=False)  # pre-buffering keeps every row group read until close
-        for batch in pf.iter_batches(batch_size=1 << 20, columns=["image_id", "channel", "value"]):
-            ids, ch, v = (batch.column(i).to_numpy(zero_copy_only=False) for i in range(3))
-            if not len(ids):
-                continue
-            if ids.min() < 0 or ids.max() >= count or ch.min() < 0 or ch.max() >= C:
-                raise AtlasError(f"activations table {f} holds image ids or channels outside the atlas "
-                                 f"(0..{count - 1}, 0..{C - 1})")
-            p = pos[ids]
-            sel = p >= 0
-            x[p[sel], ch[sel]] = v[sel]
-            seen += np.bincount(p[sel], minlength=len(image_ids))
+        with a.reading(str(f.relative_to(a.path))):
+            for batch in _batches_of(f):
+                ids, ch, v = (batch.column(i).to_numpy(zero_copy_only=False) for i in range(3))
+                if not len(ids):
+                    continue
+                if ids.min() < 0 or ids.max() >= count or ch.min() < 0 or ch.max() >= C:
+                    raise AtlasError(f"activations table {f} holds image ids or channels outside the atlas "
+                                     f"(0..{count - 1}, 0..{C - 1})")
+                p = pos[ids]
+                sel = p >= 0
+                x[p[sel], ch[sel]] = v[sel]
+                seen += np.bincount(p[sel], minlength=len(image_ids))
     if len(seen) and (seen != C).any():
         bad = int(image_ids[np.flatnonzero(seen != C)[0]])
         raise AtlasError(f"the activations table of {layer} in atlas '{a.path}' lacks channels of image {bad}; "
@@ -283,6 +290,7 @@ def _forward_vectors(a: AtlasReader, src, names: list[str], image_ids: np.ndarra
     kinds = {n: runner.lmap.by_name[n].kind for n in names}
     options = a.manifest["options"]
     batch_size, chunk_size = int(options["batch_size"]), int(options["chunk_size"])
+    bf16 = options.get("precision") == "bf16"
     inputs = InputBatches(src, a.preprocess, runner.device, options.get("decode", "cpu"),
                           workers if workers is not None else default_workers(runner.device))
     status = images_table(a).column("status").to_numpy(zero_copy_only=False)
@@ -303,7 +311,8 @@ def _forward_vectors(a: AtlasReader, src, names: list[str], image_ids: np.ndarra
             zero = torch.from_numpy(np.isin(ids, list(unread)))
             if zero.any():
                 x = torch.where(zero.to(x.device).view(-1, 1, 1, 1), 0.0, x)
-            feats = runner.lmap.extract(runner.prepare(x), names, batch_size=batch_size)
+            with torch.autocast(runner.device.type, torch.bfloat16, enabled=bf16):  # as the build computed
+                feats = runner.lmap.extract(runner.prepare(x), names, batch_size=batch_size)
             for n in names:
                 mine = np.isin(ids, keep[n])
                 if not mine.any():
@@ -329,7 +338,9 @@ def build_indexes(atlas, layers: str | list[str] | None = None, *, device: str =
     path = atlas.path if isinstance(atlas, AtlasReader) else Path(atlas)
     with writer_lock(path, "an index build", enabled=not locked):
         if not locked:
-            remove_temp_files(path / INDEX_DIR)  # what a killed `atlas index` was writing
+            # what a killed `atlas index` was writing: its index files, and the manifest it rewrites last
+            remove_temp_files(path / INDEX_DIR)
+            remove_temp_files(path, names={"manifest.json"}, recursive=False)
         return _build_indexes(atlas, layers, device=device, workers=workers, progress=progress,
                               exact_max=exact_max, chunks=chunks, log=log)
 
@@ -367,7 +378,7 @@ def _layers_to_index(a: AtlasReader, requested) -> list[str]:
     if fcs and not a.has_classifier:
         w = a.manifest["model"].get("weights")
         raise AtlasError(f"indexing {', '.join(fcs)} needs the model's classifier, and its weights file '{w}' is "
-                         f"gone; index conv layers only (--layers {a.layer_names[-1]})")
+                         f"gone or changed since the build; index conv layers only (--layers {a.layer_names[-1]})")
     return names
 
 

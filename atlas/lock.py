@@ -32,7 +32,8 @@ from .errors import AtlasError
 
 def lock_path(target: str | os.PathLike) -> Path:
     """The lock file of `target`: hidden, beside it (the target itself may not exist yet)."""
-    target = Path(target).absolute()
+    # the real path: a symlink and its target are one thing to write, so one lock
+    target = Path(os.path.realpath(target))
     name = target.name[:-len(".partial")] if target.name.endswith(".partial") else target.name
     return target.with_name(f".{name}.lock")
 
@@ -76,7 +77,7 @@ def writer_lock(target: str | os.PathLike, what: str, *, enabled: bool = True) -
 
     target = Path(target)
     path = lock_path(target)
-    path.parent.mkdir(parents=True, exist_ok=True)  # an OSError says which path refused (the CLI: one line)
+    made = _make_folders(path.parent)  # an OSError says which path refused (the CLI: one line)
     while True:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -117,6 +118,20 @@ def writer_lock(target: str | os.PathLike, what: str, *, enabled: bool = True) -
         with contextlib.suppress(OSError):
             path.unlink()  # before the unlock, so a waiter's samestat check sees it gone
         os.close(fd)
+        for folder in made:  # a refused or failed command leaves no folder of ours behind
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only if empty: a finished build's atlas lives there
+
+
+def _make_folders(folder: Path) -> list[Path]:
+    """mkdir -p, returning the folders it made, deepest first."""
+    made = []
+    p = folder
+    while not p.exists() and p != p.parent:
+        made.append(p)
+        p = p.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    return made
 
 
 def holds_writer_lock(what: str, target: str = "out"):

@@ -120,7 +120,7 @@ def _embed(a: AtlasReader, image, layer: str) -> np.ndarray:
     kind = _kind(a, layer)
     if kind == "fc" and not a.has_classifier:
         raise AtlasError(f"a query at {layer} needs the model's classifier, and its weights file "
-                         f"'{a.manifest['model'].get('weights')}' is gone; query a conv layer (--layer)")
+                         f"'{a.manifest['model'].get('weights')}' is gone or changed since the build; query a conv layer (--layer)")
     with torch.inference_mode():
         act = a.lmap.extract(x[None], [layer])[layer]
     return layer_vectors(kind, act).float().numpy()

@@ -19,6 +19,7 @@ SQL of `atlas sql` read-only and confined to the folder is `atlas.sql_guard`.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -232,6 +233,20 @@ class AtlasReader:
             twins[confined] = twin
         return twins[confined]
 
+    @contextlib.contextmanager
+    def reading(self, file: str):
+        """Read the atlas's `file` (relative to the atlas) directly (pyarrow, not SQL): a missing or
+        unreadable file is the one line `_damaged` says, not a traceback."""
+        try:
+            yield
+        except AtlasError:
+            raise
+        except FileNotFoundError:
+            raise self._damaged(file, "is missing") from None
+        except Exception as e:  # pyarrow raises several types for a file that is not Parquet
+            raise self._damaged(file, f"cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:160]})") \
+                from None
+
     def _damaged(self, file: str, what: str) -> AtlasError:
         return AtlasError(f"atlas '{self.path}' is damaged: {file} {what}; rebuild it with "
                           f"`atlas build ... --out {self.path} --overwrite`")
@@ -251,7 +266,7 @@ class AtlasReader:
             root = self.path.resolve()
             for m in re.finditer(r"""["']([^"']+\.parquet)["']""", str(e)):
                 file = root / m[1]  # a relative path is the atlas's (file_search_path); an absolute one stays
-                if file.is_relative_to(root) and file.is_file():
+                if file.is_relative_to(root) and file.is_file() and not _readable_parquet(file):
                     return self._damaged(str(file.relative_to(root)), f"cannot be read ({first_line(e)})")
         if type(e) is duckdb.Error and self._confined:
             return self._damaged("one of its Parquet files", f"cannot be read ({first_line(e)})")
@@ -290,29 +305,45 @@ class AtlasReader:
 
         m = self.manifest["model"]
         weights = m.get("weights")
-        use_file = bool(weights) and Path(weights).is_file()
+        use_file = self.has_classifier and not m.get("random_init")
         kwargs = m.get("kwargs")
         if kwargs is None:  # format 1 did not record the constructor options
             kwargs = {"num_classes": m.get("num_classes")}
-            if not use_file and feature_options(m["name"]):
+            # a build without weights could only use the defaults; one from a checkpoint may not have
+            if weights and not use_file and feature_options(m["name"]):
                 raise AtlasError(f"atlas '{self.path}' (format 1) does not record how its {m['name']} was built "
-                                 f"(contrast normalisation, width), and its weights file '{weights}' is gone: "
-                                 "rebuild the atlas with `atlas build`")
+                                 f"(contrast normalisation, width), and its weights file '{weights}' is gone or "
+                                 "changed: rebuild the atlas with `atlas build`")
         model = load_model(m["name"], weights if use_file else None, seed=m.get("seed", 0), **kwargs)
-        state = torch.load(self.path / "model" / "features.pt", map_location="cpu", weights_only=True)
         try:
+            state = torch.load(self.path / "model" / "features.pt", map_location="cpu", weights_only=True)
             model.features.load_state_dict(state)
-        except RuntimeError:
-            raise AtlasError(f"atlas '{self.path}': model/features.pt does not fit the {m['name']} its manifest "
-                             "describes (a damaged or edited atlas): rebuild it with `atlas build`") from None
+        except FileNotFoundError:
+            raise self._damaged("model/features.pt", "is missing") from None
+        except Exception:  # a truncated or foreign file: torch raises many types
+            raise self._damaged("model/features.pt", f"does not hold the weights of the {m['name']} its manifest "
+                                "describes") from None
         model.atlas_meta["classifier_from"] = weights if use_file else ("random init" if m.get("random_init")
                                                                         else "unavailable")
         return model.eval()
 
     @property
     def has_classifier(self) -> bool:
+        """Whether the model's classifier is the one the atlas was built with: its random init, or its
+        weights file, still there and still the same bytes (a file retrained in place would pair the
+        atlas's conv weights with a classifier they never had)."""
         m = self.manifest["model"]
-        return bool(m.get("random_init")) or (bool(m.get("weights")) and Path(m["weights"]).is_file())
+        if m.get("random_init"):
+            return True
+        return bool(m.get("weights")) and self._weights_unchanged(m["weights"], m.get("weights_sha256"))
+
+    def _weights_unchanged(self, path: str, sha256: str | None) -> bool:
+        from .models.registry import file_sha256
+
+        memo = self.__dict__.setdefault("_weights_ok", {})
+        if path not in memo:
+            memo[path] = Path(path).is_file() and (sha256 is None or file_sha256(path) == sha256)
+        return memo[path]
 
     @cached_property
     def lmap(self):
@@ -439,3 +470,14 @@ def _ident(name: str) -> str:
 def _quote(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
+
+def _readable_parquet(path: Path) -> bool:
+    """Whether a Parquet file's footer reads: an error that names a healthy file of the atlas (a query that
+    globs files of different schemas together, say) is the query's, not damage to mend by a rebuild."""
+    import pyarrow.parquet as pq
+
+    try:
+        pq.read_metadata(path)
+        return True
+    except Exception:  # pyarrow raises several types for a file that is not Parquet
+        return False

@@ -214,3 +214,34 @@ def test_a_dataset_with_no_readable_image_leaves_nothing(tmp_path):
     err = one_line_error(*BUILD, "--data", data, "--out", tmp_path / "a")
     assert "could be read" in err and "bad0.png" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+
+
+def test_a_refused_command_leaves_no_folder_behind(tmp_path, tiny_folder):
+    deep = tmp_path / "q" / "w" / "atlas"
+    one_line_error(*[a if a != "zfnet-mini" else "nope" for a in BUILD], "--data", tiny_folder, "--out", deep)
+    one_line_error(*BUILD, "--data", tmp_path / "no-data", "--out", deep)
+    one_line_error("train", "--model", "zfnet-mini", "--data", tiny_folder, "--out", tmp_path / "r" / "d",
+                   "--lr", "-1")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_symlink_and_its_target_share_one_lock(tmp_path):
+    real = tmp_path / "real" / "atlas"
+    real.parent.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(real.parent)
+    with writer_lock(real, "a build"):
+        with pytest.raises(atlas.AtlasError, match="is running"):
+            with writer_lock(link / "atlas", "an index build"):
+                pass
+
+
+def test_atlas_index_removes_a_manifest_write_a_kill_left(tmp_path, tiny_atlas):
+    import shutil
+
+    a = tmp_path / "a"
+    shutil.copytree(tiny_atlas, a)
+    (a / ".manifest.json.abc12345.tmp").write_text("{")
+    code, text = run("index", a, "--layers", "conv5", "--no-progress")
+    assert code == 0, text
+    assert temp_files(a) == []

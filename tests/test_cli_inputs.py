@@ -134,3 +134,25 @@ def test_similar_ranks_count_from_zero_like_top(tiny_atlas):
     assert [r[0] for r in a.sql("SELECT rank FROM similar_images(5, 2) ORDER BY rank").fetchall()] == [0, 1]
     assert [r[0] for r in a.sql("SELECT rank FROM similar_channels('conv5', 1, 2) ORDER BY rank").fetchall()] == \
         [0, 1]
+
+
+def test_a_query_mistake_over_healthy_files_is_not_called_damage(tiny_atlas):
+    res = CliRunner().invoke(main, ["sql", str(tiny_atlas),
+                                    f"SELECT * FROM read_parquet('{tiny_atlas}/*.parquet')"])
+    assert res.exit_code != 0 and "damaged" not in res.output and "--overwrite" not in res.output, res.output
+
+
+def test_truncated_files_read_directly_are_one_line(tmp_path, tiny_atlas):
+    import shutil
+
+    for rel, args in (("images.parquet", ["similar", "{a}", "--image-id", "1"]),
+                      ("model/features.pt", ["show", "{a}", "conv2", "0"])):
+        a = tmp_path / rel.replace("/", "-")
+        shutil.copytree(tiny_atlas, a)
+        shutil.rmtree(a / "cache", ignore_errors=True)
+        data = (a / rel).read_bytes()
+        (a / rel).write_bytes(data[:len(data) // 2])
+        res = CliRunner().invoke(main, [x.format(a=a) for x in args])
+        text = res.output.strip()
+        assert res.exit_code != 0 and "Traceback" not in text and len(text.splitlines()) == 1, text
+        assert "damaged" in text and rel in text, text

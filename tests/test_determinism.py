@@ -164,3 +164,15 @@ def test_short_batches_are_padded_to_the_full_batch_size(copies_folder):
         assert out[n].shape[0] == 2 and torch.equal(out[n], full[n][2:])
     for p in sw:
         assert torch.equal(sw[p], sw_full[p][2:])
+
+
+def test_atlas_index_afterwards_equals_the_builds_index_in_bf16(tmp_path, folder_with_a_broken_file):
+    opts = dict(k=3, batch_size=4, chunk_size=8, progress=False, precision="bf16")
+    built = build("zfnet-mini", str(folder_with_a_broken_file), tmp_path / "a", activations=False, **opts)
+    later = tmp_path / "later"
+    shutil.copytree(built, later)
+    for f in (later / "index").iterdir():
+        f.unlink()
+    indexing.build_indexes(later, progress=False)
+    assert {f.name: f.read_bytes() for f in (later / "index").iterdir()} == \
+        {f.name: f.read_bytes() for f in (built / "index").iterdir()}

@@ -135,3 +135,30 @@ def test_format_1_atlases_are_read_and_say_what_they_cannot_rebuild(tmp_path, ti
     weights.unlink()
     assert "format 1" in one_line_error("show", out, "conv1", 0)
     shutil.rmtree(out)
+
+
+def test_a_weights_file_changed_since_the_build_is_not_the_atlas_classifier(tmp_path, tiny_folder):
+    weights = tmp_path / "w.pt"
+    checkpoint(weights, "zfnet-mini")
+    out = build("zfnet-mini", str(tiny_folder), tmp_path / "a", weights=str(weights), **OPTS)
+    assert atlas.open(out).has_classifier
+    checkpoint(weights, "zfnet-mini", width=32, dropout=0.1)  # retrained in place: other bytes, same path
+    torch.save({"model_state": atlas.load_model("zfnet-mini", seed=5).state_dict(), "meta": {"model": "zfnet-mini"}},
+               weights)
+    a = atlas.open(out)
+    assert not a.has_classifier and a.model.atlas_meta["classifier_from"] == "unavailable"
+    err = one_line_error("index", out, "--layers", "fc7", "--no-progress")
+    assert "changed" in err
+
+
+def test_a_format_1_atlas_built_without_weights_reopens(tmp_path, tiny_folder):
+    out = build("zfnet-mini", str(tiny_folder), tmp_path / "a", **OPTS)
+    want = atlas.open(out).model
+    old = json.loads((out / "manifest.json").read_text())
+    old["format_version"] = 1
+    for key in ("kwargs", "source"):
+        old["model"].pop(key)
+    (out / "manifest.json").write_text(json.dumps(old))
+    got = atlas.open(out).model  # the defaults were all such a build could use
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(features_out(got, x), features_out(want, x))

@@ -235,7 +235,7 @@ def classifier_status(atlas) -> tuple[bool, str]:
         return False, f"model '{atlas.manifest['model']['name']}' has no fc layers"
     if not atlas.has_classifier:
         w = atlas.manifest["model"].get("weights")
-        return False, (f"its weights file '{w}' is gone" if w else "the atlas records no classifier weights")
+        return False, (f"its weights file '{w}' is gone or changed since the build" if w else "the atlas records no classifier weights")
     return True, ""
 
 
