@@ -76,8 +76,9 @@ def device_decoder_works(dev: torch.device) -> bool:
 
 def chunk_batches(n: int, chunk_size: int, batch_size: int, chunks=None) -> list[tuple[int, list[int]]]:
     """(chunk, image ids) of the build's batches over `n` images, for `chunks` (default all): each chunk's
-    images in order, `batch_size` at a time, the last of a chunk short. Whatever reads an atlas's images
-    again to store numbers (`atlas index`) reads them in these batches, so it computes what the build did."""
+    images in order, `batch_size` at a time, the last of a chunk short (LayerMap.extract pads it). `atlas index`
+    reads an atlas's images again in these batches (a pass over a sample only, in their subsets, padded to
+    the same shape), so it computes what the build did."""
     nchunks = (n + chunk_size - 1) // chunk_size
     out = []
     for c in (range(nchunks) if chunks is None else chunks):
