@@ -168,32 +168,42 @@ class AtLeastOne(click.ParamType):
         return n
 
 
-class CommaList(click.ParamType):
+class _Parts(click.ParamType):
+    """A comma list, parsed part by part (`parse`); a list given from Python passes as it is."""
+
+    example = ""
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        out = self.parse([s.strip() for s in str(value).split(",") if s.strip()], value, param)
+        if not out:
+            raise AtlasError(f"{_name(param)} is empty: give {self.example}")
+        return out
+
+    def parse(self, parts: list[str], value, param) -> list:
+        raise NotImplementedError
+
+
+class CommaList(_Parts):
     """A comma list of names (`conv1,conv3`) -> ["conv1", "conv3"]; the library checks the names."""
 
     name = "list"
+    example = "a comma list like conv1,conv3"
 
-    def convert(self, value, param, ctx):
-        if isinstance(value, (list, tuple)):
-            return list(value)
-        items = [s.strip() for s in str(value).split(",") if s.strip()]
-        if not items:
-            raise AtlasError(f"{_name(param)} is empty: give a comma list like conv1,conv3")
-        return items
+    def parse(self, parts, value, param):
+        return parts
 
 
-class NumberList(click.ParamType):
+class NumberList(_Parts):
     """Whole numbers >= 0 and ranges, `0-15,17` -> [0, 1, ..., 15, 17], in the order given, each once."""
 
     name = "numbers"
+    example = "numbers like 0,5,9 or ranges like 0-15"
 
-    def convert(self, value, param, ctx):
-        if isinstance(value, (list, tuple)):
-            return list(value)
+    def parse(self, parts, value, param):
         out: list[int] = []
-        for part in (p.strip() for p in str(value).split(",")):
-            if not part:
-                continue
+        for part in parts:
             m = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", part)
             if not m or (m.group(2) is not None and int(m.group(2)) < int(m.group(1))):
                 raise AtlasError(f"{_name(param)}: '{part}' is not a whole number >= 0 or a range like 0-15 "
@@ -201,8 +211,6 @@ class NumberList(click.ParamType):
             lo = int(m.group(1))
             hi = int(m.group(2)) if m.group(2) is not None else lo
             out += [n for n in range(lo, hi + 1) if n not in out]
-        if not out:
-            raise AtlasError(f"{_name(param)} is empty: give numbers like 0,5,9 or ranges like 0-15")
         return out
 
 
