@@ -15,6 +15,7 @@ from click.testing import CliRunner
 import atlas
 from atlas.build import build
 from atlas.cli import main
+from cli_helpers import one_line_error
 from atlas.lock import lock_path, writer_lock
 
 OPTS = dict(k=2, batch_size=4, chunk_size=4, image_size=32, index=False, progress=False)
@@ -27,12 +28,6 @@ def run(*args):
     return res.exit_code, res.output
 
 
-def one_line_error(*args):
-    code, text = run(*args)
-    text = text.strip()
-    assert code != 0, text
-    assert "Traceback" not in text and len(text.splitlines()) == 1 and text.startswith("Error: "), text
-    return text
 
 
 def temp_files(root: Path) -> list[Path]:

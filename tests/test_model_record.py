@@ -11,6 +11,7 @@ from torch import nn
 import atlas
 from atlas.build import build
 from atlas.cli import main
+from cli_helpers import one_line_error
 
 OPTS = dict(k=2, batch_size=8, image_size=32, index=False, progress=False)
 
@@ -20,12 +21,6 @@ def cli(*args):
     return res.exit_code, res.output
 
 
-def one_line_error(*args):
-    code, text = cli(*args)
-    text = text.strip()
-    assert code != 0, text
-    assert "Traceback" not in text and len(text.splitlines()) == 1 and text.startswith("Error: "), text
-    return text
 
 
 def checkpoint(path, name, **kwargs):

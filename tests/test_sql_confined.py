@@ -3,45 +3,18 @@
 Each refusal is checked on a copy of the tiny atlas, with the file system looked at afterwards: a statement
 that got through would show as a file written, a file read back, or an atlas that no longer answers.
 """
-import json
 import shutil
 import time
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
 import atlas
-from atlas.cli import main
+from cli_helpers import ok, one_line_error, strict_json  # noqa: F401
 from atlas.errors import AtlasError
 from atlas.store import canned_queries
 
 
-def run(*args):
-    res = CliRunner().invoke(main, [str(a) for a in args])
-    return res, res.output.strip()
-
-
-def ok(*args) -> str:
-    res, text = run(*args)
-    assert res.exit_code == 0 and res.exception is None, text
-    return res.stdout
-
-
-def one_line_error(*args) -> str:
-    res, text = run(*args)
-    assert res.exit_code != 0, text
-    # CliRunner swallows an unexpected exception's traceback: an exception other than the exit is a bug too
-    assert res.exception is None or isinstance(res.exception, SystemExit), repr(res.exception)
-    assert "Traceback" not in text and len(text.splitlines()) == 1 and text.startswith("Error: "), text
-    return text
-
-
-def strict_json(text: str):
-    def refuse(name):
-        raise ValueError(f"not strict JSON: {name}")
-
-    return json.loads(text, parse_constant=refuse)
 
 
 @pytest.fixture
