@@ -21,23 +21,15 @@ stays zero and scores 0 against everything.
     index, meta = load_index(ATLAS / "index/conv5.faiss")  # AtlasError if missing: run `atlas index ATLAS`
     scores, ids = search(index, queries, k=10)     # (q, k) float32, (q, k) int64
 
-Index choice (`choose_index`), measured by scripts/bench_index.py on a busy
-2-core CPU (1M x 256 synthetic channel maxima, 1000 held-out queries):
-
-* up to `EXACT_MAX` (100k) vectors: exact, `IndexIDMap(IndexFlatIP)`; one
-  query over 50k x 256 takes ~2-3 ms (p50).
-* above: `IndexIVFScalarQuantizer` with fp16 codes ("IVF{nlist},SQfp16"),
-  nlist ~ sqrt(n) rounded to a power of two (1024 for 1M), nprobe =
-  max(32, nlist/32), spherical k-means on 64 vectors per list. At 1M x 256:
-  built in 15-25 s, 497 MiB on disk and in memory (2 bytes a dimension,
-  half of Flat), recall@10 0.983 against exact search, one query p50 1.9 ms
-  (exact: ~100 ms). The alternatives, same data (`--compare`):
-  IVF-Flat: the same recall at twice the bytes and a slower scan;
-  IVF-SQ8: 253 MiB but recall@10 tops out at 0.967 (0.959 at nprobe 32),
-  too near the 0.95 bar; IVF-PQ32/PQ64: recall@10 0.46/0.65 whatever
-  nprobe; HNSW32: recall 0.962 at efSearch 64 (0.983 at 128) and 0.4 (0.75)
-  ms a query, but adding 1M vectors took 4.4-6.5 min on 2 cores (bar: 3
-  min), 1.2 GiB, and a multithreaded HNSW build is not reproducible.
+Index choice (`choose_index`): up to `EXACT_MAX` (100k) vectors an exact
+`IndexIDMap(IndexFlatIP)`; above, `IndexIVFScalarQuantizer` with fp16 codes
+("IVF{nlist},SQfp16", nlist ~ sqrt(n) rounded to a power of two, nprobe =
+max(32, nlist/32), spherical k-means on 64 vectors per list). Why that one:
+it meets the recall bar (0.95 at k = 10) at half Flat's bytes, where SQ8
+comes too near the bar, PQ far below it, and HNSW builds too slowly on 2
+cores and not reproducibly when multithreaded. The figures behind this
+(recall, latency, size, build time of each alternative) are
+scripts/bench_index.py's, in the README.
 
 Everything is deterministic: the training sample is drawn from a seeded
 generator, the k-means uses the same seed (`ClusteringParameters.seed`), and

@@ -1,9 +1,5 @@
-"""Projections rendered on demand and cached inside the atlas (the lazy path).
-
-    show(atlas, "conv5", 17)           -> the figure 2 panel: top-k projections beside their image patches
-    show(atlas, "conv5", 17, rank=0)   -> one projection
-    filters(atlas)                     -> the first layer's filters as a grid (figure 6 view)
-    SELECT deconv_png(layer, channel, rank) FROM top_activations WHERE ...   (on every atlas SQL connection)
+"""Projections rendered on demand and cached (the lazy path): `show` (the figure 2 panel, or one
+projection), `filters` (the first layer's filters as a grid), and `deconv_png()` in SQL.
 
 Every picture of `atlas show`, of deconv_png() and of `atlas export` comes from
 the one `Renderer` here, so whichever asks first renders and the others read

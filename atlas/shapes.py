@@ -28,17 +28,7 @@ the order or parallelism. The folder appears atomically (written beside it as
 `out.partial-<pid>`, then renamed) with a `shapes.json` recording n/size/seed/classes;
 calling again with the same parameters returns the existing folder untouched.
 
-Speed: 10,000 images at 64 px take 7.0-7.8 s of CPU (about 0.7 ms an image: render
-~0.38 ms, PNG encode ~0.14 ms, file create + write the rest); `generate` spreads that
-over one forked process per CPU (the files do not change), so on the 2-core
-development VM it should take ~4 s of wall time with both cores free (CPU / 2; the
-cores were never free while this was measured). Measured there with
-``python -c "import time, resource, atlas.shapes as s; t=time.perf_counter();
-s.generate('/tmp/s10k', n=10000); print(time.perf_counter()-t,
-time.process_time() + resource.getrusage(resource.RUSAGE_CHILDREN).ru_utime)"``
-on a fresh folder, 3 runs: 8.9-14.6 s wall (7.4-7.8 s CPU) while other jobs held the
-machine at a load average of ~6; `workers=1` gave 7.3-14.4 s wall, 7.0-7.5 s CPU.
-The PNGs are ~7.4 KB each (88 MB on disk for 10,000).
+`generate` spreads the drawing over one forked process per CPU; the files do not depend on how many.
 """
 from __future__ import annotations
 

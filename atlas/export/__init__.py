@@ -1,14 +1,6 @@
 """Export an atlas as a static website: plain files that open from file:// or any static host.
 
-CLI: atlas export ATLAS SITE_DIR [--layers conv1,conv3] [--channels 0-15,17] [--max-channels N]
-                                 [--cache DIR] [--progress/--no-progress]
-     One library call: export(atlas_path, site_dir, layers=..., channels=..., max_channels=...,
-     cache=..., progress=..., log=...) -> Path (prints the site's index.html path).
-     --layers        comma-separated layers (default: every recorded conv layer)
-     --channels      channel numbers / ranges, applied to each chosen layer (default: all)
-     --max-channels  only the first N of those channels per layer (a quick look at a big model)
-     --cache         the picture cache to use instead of the atlas's (see atlas.picture_cache.PictureCache)
-     --progress      progress bar (default: on a terminal; log lines otherwise)
+The options are `atlas export --help`'s; the library call is `export(atlas_path, site_dir, ...)`.
 
 Site layout (every address relative and stable, so a link to a unit survives a re-export):
 
