@@ -221,7 +221,7 @@ class BuildJob:
         """Every chunk not done yet (this rank's share of them); returns the record of runs (rank 0)."""
         n, size, work = self.n, self.chunk_size, self.work
         done = [c for c in range(self.nchunks) if (work / f"chunk-{c:05d}.npz").is_file()]
-        todo = [c for c in range(self.nchunks) if c not in set(done) and self.ranks.owns(c)]
+        todo = [c for c in sorted(set(range(self.nchunks)) - set(done)) if self.ranks.owns(c)]
         if done:
             self.log(f"resuming: {len(done)} of {self.nchunks} chunks already done")
         images_in = lambda chunks: sum(min(size, n - c * size) for c in chunks)  # noqa: E731

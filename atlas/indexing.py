@@ -296,34 +296,40 @@ def _forward_vectors(a: AtlasReader, src, names: list[str], image_ids: np.ndarra
     inputs = InputBatches(src, a.preprocess, runner.device, options.get("decode", "cpu"),
                           workers if workers is not None else default_workers(runner.device))
     status = images_table(a).column("status").to_numpy(zero_copy_only=False)
-    unread = set(np.flatnonzero(status != "ok").tolist())  # zeros in the build's batches
-    wanted = set(int(i) for i in image_ids)
+    # per image id, looked up per batch in O(batch) (np.isin against a million ids would sort them each time)
+    unread = status != "ok"  # zeros in the build's batches
+    wanted = np.zeros(len(status), bool)
+    wanted[image_ids] = True
+    kept = {}
+    for n in names:
+        kept[n] = np.zeros(len(status), bool)
+        kept[n][keep[n]] = True
     batches = []
     for _, ids in chunk_batches(len(status), chunk_size, batch_size):
-        if wanted.intersection(ids):
-            batches.append([i for i in ids if i in wanted or i in unread])
+        if wanted[ids].any():
+            batches.append([i for i in ids if wanted[i] or unread[i]])
     out: dict[str, np.ndarray] = {}
     with Progress(len(image_ids), "index", "images", enabled=progress) as bar, torch.inference_mode():
         for x, ids, errs in inputs(batches):
-            bad = [(int(i), e) for i, e in zip(ids, errs) if e and int(i) not in unread]
+            bad = [(int(i), e) for i, e in zip(ids, errs) if e and not unread[int(i)]]
             if bad:
                 raise AtlasError(f"image {bad[0][0]} ('{src.records[bad[0][0]].path}') cannot be read now "
                                  f"({bad[0][1]}), though it could when the atlas was built")
             ids = ids.numpy()
-            zero = torch.from_numpy(np.isin(ids, list(unread)))
+            zero = torch.from_numpy(unread[ids])
             if zero.any():
                 x = torch.where(zero.to(x.device).view(-1, 1, 1, 1), 0.0, x)
             with torch.autocast(runner.device.type, torch.bfloat16, enabled=bf16):  # as the build computed
                 feats = runner.lmap.extract(runner.prepare(x), names, batch_size=batch_size)
             for n in names:
-                mine = np.isin(ids, keep[n])
+                mine = kept[n][ids]
                 if not mine.any():
                     continue
                 v = layer_vectors(kinds[n], feats[n][torch.from_numpy(mine)]).cpu().numpy()
                 if n not in out:
                     out[n] = np.zeros((len(keep[n]), v.shape[1]), v.dtype)
                 out[n][np.searchsorted(keep[n], ids[mine])] = v
-            bar.update(int(np.isin(ids, image_ids).sum()))
+            bar.update(int(wanted[ids].sum()))
     return out
 
 

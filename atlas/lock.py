@@ -73,11 +73,27 @@ def writer_lock(target: str | os.PathLike, what: str, *, enabled: bool = True) -
     if not enabled:
         yield None
         return
-    import fcntl
-
     target = Path(target)
     path = lock_path(target)
     made = _make_folders(path.parent)  # an OSError says which path refused (the CLI: one line)
+    try:
+        fd = _take(path, target, what)
+        try:
+            yield path
+        finally:
+            with contextlib.suppress(OSError):
+                path.unlink()  # before the unlock, so a waiter's samestat check sees it gone
+            os.close(fd)
+    finally:
+        for folder in made:  # a refused or failed command leaves no folder of ours behind
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only if empty: a finished build's atlas lives there
+
+
+def _take(path: Path, target: Path, what: str) -> int:
+    """The locked, recorded file descriptor of the lock file `path`, or AtlasError naming the holder."""
+    import fcntl
+
     while True:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -112,15 +128,7 @@ def writer_lock(target: str | os.PathLike, what: str, *, enabled: bool = True) -
     except BaseException:
         os.close(fd)
         raise
-    try:
-        yield path
-    finally:
-        with contextlib.suppress(OSError):
-            path.unlink()  # before the unlock, so a waiter's samestat check sees it gone
-        os.close(fd)
-        for folder in made:  # a refused or failed command leaves no folder of ours behind
-            with contextlib.suppress(OSError):
-                folder.rmdir()  # only if empty: a finished build's atlas lives there
+    return fd
 
 
 def _make_folders(folder: Path) -> list[Path]:

@@ -305,7 +305,7 @@ class AtlasReader:
 
         m = self.manifest["model"]
         weights = m.get("weights")
-        use_file = self.has_classifier and not m.get("random_init")
+        use_file = bool(weights) and Path(weights).is_file()
         kwargs = m.get("kwargs")
         if kwargs is None:  # format 1 did not record the constructor options
             kwargs = {"num_classes": m.get("num_classes")}
@@ -315,6 +315,14 @@ class AtlasReader:
                                  f"(contrast normalisation, width), and its weights file '{weights}' is gone or "
                                  "changed: rebuild the atlas with `atlas build`")
         model = load_model(m["name"], weights if use_file else None, seed=m.get("seed", 0), **kwargs)
+        if use_file and m.get("weights_sha256") and model.atlas_meta["weights_sha256"] != m["weights_sha256"]:
+            # retrained in place since the build: its classifier would meet conv weights it never had
+            use_file = False
+            if m.get("kwargs") is None and feature_options(m["name"]):
+                raise AtlasError(f"atlas '{self.path}' (format 1) does not record how its {m['name']} was built, "
+                                 f"and its weights file '{weights}' has changed since: rebuild the atlas with "
+                                 "`atlas build`")
+            model = load_model(m["name"], None, seed=m.get("seed", 0), **kwargs)
         try:
             state = torch.load(self.path / "model" / "features.pt", map_location="cpu", weights_only=True)
             model.features.load_state_dict(state)
@@ -330,20 +338,14 @@ class AtlasReader:
     @property
     def has_classifier(self) -> bool:
         """Whether the model's classifier is the one the atlas was built with: its random init, or its
-        weights file, still there and still the same bytes (a file retrained in place would pair the
-        atlas's conv weights with a classifier they never had)."""
+        weights file, still there and still the same bytes (`model` checks the hash as it loads it: a
+        file retrained in place would pair the atlas's conv weights with a classifier they never had)."""
         m = self.manifest["model"]
         if m.get("random_init"):
             return True
-        return bool(m.get("weights")) and self._weights_unchanged(m["weights"], m.get("weights_sha256"))
-
-    def _weights_unchanged(self, path: str, sha256: str | None) -> bool:
-        from .models.registry import file_sha256
-
-        memo = self.__dict__.setdefault("_weights_ok", {})
-        if path not in memo:
-            memo[path] = Path(path).is_file() and (sha256 is None or file_sha256(path) == sha256)
-        return memo[path]
+        if not (m.get("weights") and Path(m["weights"]).is_file()):
+            return False  # no need to load the model to know
+        return self.model.atlas_meta["classifier_from"] == m["weights"]
 
     @cached_property
     def lmap(self):
