@@ -163,6 +163,8 @@ def test_a_resumed_build_reports_the_throughput_of_the_work_each_run_did(tmp_pat
     build("zfnet-mini", str(tiny_folder), out, resume=True, **OPTS)
     t = atlas.open(out).manifest["timings"]
     assert t["images_per_s"] is None  # no run of this build both mined and was recorded: no figure, not 0
+    code, text = run("info", out)
+    assert code == 0 and "None" not in text and "no images mined" in text, text
     # an interrupted run, then a resumed one that mines the rest: the figure is over the work done
     out2 = tmp_path / "b"
     monkeypatch.setattr(b, "_flush_chunk", flaky)

@@ -136,8 +136,9 @@ def info(atlas_path, fmt, as_json):
         ("k", str(m["k"])),
         ("layers", ", ".join(a.layer_names)),
         ("indexes", _describe_indexes(m.get("index"))),
-        ("built", f"{m['created']} with atlas {m['tool']['version']} in {t['total_s']} s "
-         f"({t['images_per_s']} images/s on {m['options']['device']})"),
+        ("built", f"{m['created']} with atlas {m['tool']['version']} in {t['total_s']} s ("
+         + (f"{t['images_per_s']} images/s" if t.get("images_per_s") else "no images mined in a recorded run")
+         + (f" over {len(t['runs'])} runs" if t.get("resumed") else "") + f" on {m['options']['device']})"),
     ]
     if fmt == "csv":
         click.echo(render(["field", "value"], fields, "csv"))
