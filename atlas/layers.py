@@ -52,12 +52,25 @@ class Layer:
     width: int = 1
     geometry: Geometry | None = None
     pools_below: list[str] = field(default_factory=list)
+    # a graph layer's field per axis, ((jump, lo, hi) along y, along x): unit i reads input pixels
+    # i * jump + lo .. i * jump + hi (atlas/graph_layers.py); None with jump 0: the whole image
+    rf: tuple | None = None
+
+    def field_box(self, y: int, x: int, image_size: int) -> tuple[int, int, int, int]:
+        """Receptive-field box (x0, y0, x1, y1) of unit (y, x), unclipped (exclusive ends)."""
+        g = self.geometry
+        if self.rf is not None:
+            (jy, ly, hy), (jx, lx, hx) = self.rf
+            return (x * jx + lx, y * jy + ly, x * jx + hx + 1, y * jy + hy + 1)
+        if g.jump == 0:  # a graph layer that sees the whole image
+            return (0, 0, image_size, image_size)
+        y0, x0 = g.offset + y * g.jump, g.offset + x * g.jump
+        return (x0, y0, x0 + g.rf_size, y0 + g.rf_size)
 
     def box(self, y: int, x: int, image_size: int) -> tuple[int, int, int, int]:
         """Receptive-field box (x0, y0, x1, y1) of unit (y, x), clipped to the image."""
-        g = self.geometry
-        y0, x0 = g.offset + y * g.jump, g.offset + x * g.jump
-        return (max(x0, 0), max(y0, 0), min(x0 + g.rf_size, image_size), min(y0 + g.rf_size, image_size))
+        x0, y0, x1, y1 = self.field_box(y, x, image_size)
+        return (max(x0, 0), max(y0, 0), min(x1, image_size), min(y1, image_size))
 
     def to_row(self) -> dict:
         g = self.geometry
@@ -95,8 +108,65 @@ def _out_size(size: int, k: int, s: int, p: int, d: int = 1, ceil: bool = False)
     return out
 
 
+_SEQUENTIAL = (nn.Conv2d, nn.ReLU, nn.MaxPool2d, nn.LocalResponseNorm, nn.CrossMapLRN2d, nn.Identity, nn.Dropout)
+
+
+def walks_as_sequential(model: nn.Module) -> bool:
+    """Whether the model is a 2012-2014 net: `features` a Sequential of exactly these module types (no
+    subclasses), plain convolutions, and no convolution outside it. Those keep the walk of this module
+    and its names (conv1..conv5, fc6..fc8); every other model is read as a graph."""
+    feats = getattr(model, "features", None)
+    if not isinstance(feats, nn.Sequential) or not len(feats):
+        return False
+    for m in feats:
+        if type(m) not in _SEQUENTIAL:
+            return False
+        if type(m) is nn.Conv2d and (m.groups != 1 or tuple(m.dilation) != (1, 1) or isinstance(m.padding, str)
+                                      or m.padding_mode != "zeros"):
+            return False
+    inside = {id(m) for m in feats.modules()}
+    if any(isinstance(m, nn.Conv2d) and id(m) not in inside for m in model.modules()):
+        return False
+    return _runs_features_as_a_chain(model, len(feats))
+
+
+def _runs_features_as_a_chain(model: nn.Module, n: int) -> bool:
+    """Whether model.forward runs features.0 .. features.{n-1} on its raw input, each on the previous
+    one's output and on nothing else (no functional ReLU between, no input transform before): what
+    the walk assumes. Read from the traced graph; a model that cannot be traced is not walked."""
+    from .graph import trace
+
+    try:
+        graph = trace(model)
+    except AtlasError:
+        return False
+    calls = [nd for nd in graph.nodes if nd.op != "get_attr"]
+    if len(calls) < n + 1 or calls[0].op != "placeholder":
+        return False
+    prev = calls[0]
+    for i, nd in enumerate(calls[1:n + 1]):
+        if nd.op != "call_module" or nd.target != f"features.{i}" or list(nd.all_input_nodes) != [prev]:
+            return False
+        if len(prev.users) != 1 and i > 0:
+            return False
+        prev = nd
+    return True
+
+
 class LayerMap:
-    """Names and geometry of a model's layers for a given square input size."""
+    """Names and geometry of a model's layers for a given square input size.
+
+    `LayerMap(model, size)` is this walk for the 2012-2014 nets and a `GraphLayerMap`
+    (atlas/graph_layers.py) for every other model: the same interface."""
+
+    is_graph = False
+
+    def __new__(cls, model: nn.Module, image_size: int):
+        if cls is LayerMap and not walks_as_sequential(model):
+            from .graph_layers import GraphLayerMap
+
+            return super().__new__(GraphLayerMap)
+        return super().__new__(cls)
 
     def __init__(self, model: nn.Module, image_size: int):
         if not isinstance(getattr(model, "features", None), nn.Sequential):

@@ -53,10 +53,11 @@ reproduce `features`' output module by module on a probe input, and
 """
 
 from .engine import project, project_images
+from .graph_engine import METHODS, check_graph
 from .forward import record, switches_from_images
 from .reference import gradient_reference, relative_error
 from .requests import MODES, NORMS, ForwardRecord, Projections, Request, as_request
 from .support import NORM_TYPES, check_model
 
-__all__ = ["MODES", "NORMS", "NORM_TYPES", "ForwardRecord", "Projections", "Request", "as_request", "check_model",
+__all__ = ["METHODS", "MODES", "NORMS", "check_graph", "NORM_TYPES", "ForwardRecord", "Projections", "Request", "as_request", "check_model",
            "gradient_reference", "project", "project_images", "record", "relative_error", "switches_from_images"]

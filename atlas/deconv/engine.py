@@ -11,6 +11,7 @@ from torch import nn
 from ..errors import AtlasError
 from ..layers import Layer, LayerMap
 from .forward import record
+from .graph_engine import METHODS, project_graph
 from .requests import MODES, NORMS, Projections, Request, as_request
 from .support import _NORM, check_model
 
@@ -82,10 +83,11 @@ class _Group:
     """The chain for one batch of requests on one layer."""
 
     def __init__(self, lmap: LayerMap, layer: Layer, reqs: list[Request], switches, activations,
-                 norm_inputs, mode: str, norm: str, device, dtype):
+                 norm_inputs, mode: str, norm: str, device, dtype, method: str = "deconvnet", relu_inputs=None):
         self.lmap, self.layer, self.reqs = lmap, layer, reqs
         self.switches, self.activations, self.norm_inputs = switches, activations, norm_inputs
         self.mode, self.norm, self.device, self.dtype = mode, norm, device, dtype
+        self.method, self.relu_inputs = method, relu_inputs
 
     def run(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[float], list[float | None]]:
         lmap, layer, reqs, dev = self.lmap, self.layer, self.reqs, self.device
@@ -130,6 +132,11 @@ class _Group:
             m = feats[i]
             if isinstance(m, nn.ReLU):
                 sig = sig.clamp_(min=0)  # every signal here is a fresh tensor of the engine's own
+                if self.method == "guided":  # and the forward on/off pattern, inside the window
+                    on = self._gather_map(self.relu_inputs[i], img, lo_y, lo_x, h) > 0
+                    if single:  # the signal still holds only the request's own channel
+                        on = on[torch.arange(B, device=on.device), chan.to(on.device)].unsqueeze(1)
+                    sig = sig * on.to(sig.dtype)
             elif isinstance(m, nn.Conv2d):
                 g = lmap.geoms[i]
                 w = m.weight.detach().to(self.dtype)
@@ -219,7 +226,8 @@ def _chunks(lmap: LayerMap, layer: Layer, mode: str, n: int, budget: int = 32 <<
 def project(lmap: LayerMap, requests: Sequence[Request | tuple | dict], switches: dict[str, torch.Tensor] | None,
             *, activations: dict[str, torch.Tensor] | None = None,
             norm_inputs: dict[int, torch.Tensor] | None = None,
-            mode: str = "unit", norm: str = "identity", batch_size: int | None = None) -> Projections:
+            mode: str = "unit", norm: str = "identity", batch_size: int | None = None,
+            method: str = "deconvnet", relu_inputs: dict | None = None) -> Projections:
     """Project each request down to pixels; see the module docstring.
 
     switches     {pool: (N, C, H_out, W_out)} indexed by Request.image
@@ -228,16 +236,60 @@ def project(lmap: LayerMap, requests: Sequence[Request | tuple | dict], switches
     norm_inputs  {features index: (N, C, H, W)}: the norm layers' forward inputs,
                  needed for norm="gradient" (record(..., norm_inputs=True))
     batch_size   requests per chained batch (default: by memory)
+    method       "deconvnet" (the paper's) or "guided" (guided backpropagation: needs
+                 relu_inputs, the ReLUs' forward inputs: use project_images)
     """
     if mode not in MODES:
         raise AtlasError(f"unknown projection mode '{mode}': choose one of {', '.join(MODES)}")
     if norm not in NORMS:
         raise AtlasError(f"unknown norm handling '{norm}': choose one of {', '.join(NORMS)}")
-    check_model(lmap)
+    if method not in METHODS:
+        raise AtlasError(f"unknown projection method '{method}': choose one of {', '.join(METHODS)}")
+    if method == "guided" and relu_inputs is None:
+        raise AtlasError("guided backpropagation needs the images' forward pass: use project_images")
     reqs = [as_request(r) for r in requests]
+    groups = _check_requests(lmap, reqs, switches)
+    if lmap.is_graph:
+        if norm == "gradient":
+            raise AtlasError("norm='gradient' is for the Sequential nets' LRN layers; graph models project "
+                             "with norm='identity'")
+        return project_graph(lmap, reqs, switches, activations=activations, mode=mode, method=method,
+                             masks=relu_inputs, batch_size=batch_size)
+    check_model(lmap)
     p = next(lmap.model.parameters())
     device, dtype = p.device, p.dtype
     s = lmap.image_size
+    if norm == "gradient" and any(isinstance(m, _NORM) for m in lmap.model.features) and norm_inputs is None:
+        raise AtlasError("norm='gradient' needs the norm layers' forward inputs: use project_images, or "
+                         "record(..., norm_inputs=True)")
+    windows: list[torch.Tensor | None] = [None] * len(reqs)
+    origins: list[tuple[int, int] | None] = [None] * len(reqs)
+    meta: list[dict | None] = [None] * len(reqs)
+    sw = {k: v.to(device) for k, v in (switches or {}).items()}
+    with torch.no_grad():
+        for name, idxs in groups.items():
+            layer = lmap.by_name[name]
+            bs = batch_size or _chunks(lmap, layer, mode, len(idxs))
+            for start in range(0, len(idxs), bs):
+                part = idxs[start:start + bs]
+                grp = _Group(lmap, layer, [reqs[j] for j in part], sw, activations, norm_inputs,
+                             mode, norm, device, dtype, method, relu_inputs)
+                sig, lo_y, lo_x, values, map_max = grp.run()
+                for b, j in enumerate(part):
+                    r = reqs[j]
+                    windows[j] = sig[b]
+                    origins[j] = (int(lo_y[b]), int(lo_x[b]))
+                    g = layer.geometry
+                    uy, ux = g.offset + r.y * g.jump, g.offset + r.x * g.jump
+                    box = layer.box(r.y, r.x, s) if mode == "unit" else (0, 0, s, s)
+                    meta[j] = {"mode": mode, "norm": norm, "method": method, "layer": name, "channel": r.channel,
+                               "y": r.y, "x": r.x, "image": r.image, "value": values[b], "map_max": map_max[b],
+                               "box": box, "rf_box": (ux, uy, ux + g.rf_size, uy + g.rf_size)}
+    return Projections(mode, norm, s, meta, windows, origins)
+
+
+def _check_requests(lmap: LayerMap, reqs: list[Request], switches) -> dict[str, list[int]]:
+    """The requests grouped by layer, each checked (one line for a bad one)."""
     n_images = None
     for t in (switches or {}).values():
         n_images = t.shape[0]
@@ -255,37 +307,12 @@ def project(lmap: LayerMap, requests: Sequence[Request | tuple | dict], switches
         if layer.pools_below and n_images is not None and not 0 <= r.image < n_images:
             raise AtlasError(f"request {j}: image index {r.image} outside the {n_images} switch records")
         groups.setdefault(r.layer, []).append(j)
-    if norm == "gradient" and any(isinstance(m, _NORM) for m in lmap.model.features) and norm_inputs is None:
-        raise AtlasError("norm='gradient' needs the norm layers' forward inputs: use project_images, or "
-                         "record(..., norm_inputs=True)")
-    windows: list[torch.Tensor | None] = [None] * len(reqs)
-    origins: list[tuple[int, int] | None] = [None] * len(reqs)
-    meta: list[dict | None] = [None] * len(reqs)
-    sw = {k: v.to(device) for k, v in (switches or {}).items()}
-    with torch.no_grad():
-        for name, idxs in groups.items():
-            layer = lmap.by_name[name]
-            bs = batch_size or _chunks(lmap, layer, mode, len(idxs))
-            for start in range(0, len(idxs), bs):
-                part = idxs[start:start + bs]
-                grp = _Group(lmap, layer, [reqs[j] for j in part], sw, activations, norm_inputs,
-                             mode, norm, device, dtype)
-                sig, lo_y, lo_x, values, map_max = grp.run()
-                for b, j in enumerate(part):
-                    r = reqs[j]
-                    windows[j] = sig[b]
-                    origins[j] = (int(lo_y[b]), int(lo_x[b]))
-                    g = layer.geometry
-                    uy, ux = g.offset + r.y * g.jump, g.offset + r.x * g.jump
-                    box = layer.box(r.y, r.x, s) if mode == "unit" else (0, 0, s, s)
-                    meta[j] = {"mode": mode, "norm": norm, "layer": name, "channel": r.channel, "y": r.y,
-                               "x": r.x, "image": r.image, "value": values[b], "map_max": map_max[b],
-                               "box": box, "rf_box": (ux, uy, ux + g.rf_size, uy + g.rf_size)}
-    return Projections(mode, norm, s, meta, windows, origins)
+    return groups
 
 
 def project_images(lmap: LayerMap, x: torch.Tensor, requests: Sequence[Request | tuple | dict], *,
-                   mode: str = "unit", norm: str = "identity", batch_size: int | None = None) -> Projections:
+                   mode: str = "unit", norm: str = "identity", batch_size: int | None = None,
+                   method: str = "deconvnet") -> Projections:
     """The recompute path: one forward pass over images x (N, 3, S, S), then `project`.
 
     Request.image indexes x; a request's value, when not given, is read from the forward pass.
@@ -296,6 +323,8 @@ def project_images(lmap: LayerMap, x: torch.Tensor, requests: Sequence[Request |
     for r in reqs:
         if r.layer not in lmap.by_name:
             lmap.resolve([r.layer])  # the error names the valid layers
-    rec = record(lmap, x, sorted({r.layer for r in reqs}), norm_inputs=(norm == "gradient"))
+    rec = record(lmap, x, sorted({r.layer for r in reqs}), norm_inputs=(norm == "gradient"),
+                 relu_inputs=(method == "guided"))
     return project(lmap, reqs, rec.switches, activations=rec.activations, norm_inputs=rec.norm_inputs,
-                   mode=mode, norm=norm, batch_size=batch_size)
+                   mode=mode, norm=norm, batch_size=batch_size, method=method,
+                   relu_inputs=rec.relu_inputs if method == "guided" else None)

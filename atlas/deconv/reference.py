@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers import LayerMap
+from .graph_engine import graph_reference
 from .requests import Request, as_request
 from .support import _NORM
 
@@ -21,6 +22,18 @@ class _DeconvReLU(torch.autograd.Function):
         return g.clamp(min=0)
 
 
+class _GuidedReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.clamp(min=0)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g.clamp(min=0) * (x > 0).to(g.dtype)
+
+
 class _IdentityBackward(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, m):
@@ -32,15 +45,19 @@ class _IdentityBackward(torch.autograd.Function):
 
 
 def gradient_reference(lmap: LayerMap, x: torch.Tensor, request: Request | tuple | dict,
-                       mode: str = "unit", norm: str = "identity") -> torch.Tensor:
+                       mode: str = "unit", norm: str = "identity", method: str = "deconvnet") -> torch.Tensor:
     """SLOW REFERENCE (one autograd pass per request; for tests): (3, S, S).
 
     The vector-Jacobian product of the kept activation(s) of `request` with
-    respect to image x[request.image], where every ReLU's backward is ReLU(g)
+    respect to image x[request.image], where every ReLU's backward is ReLU(g) (guided:
+    ReLU(g) where the forward input was positive, else 0)
     and, for norm="identity", every norm layer's backward is the identity. In
     unit mode that is value * d a / d x; in map mode the channel map is the vector.
     """
     r = as_request(request)
+    if lmap.is_graph:
+        return graph_reference(lmap, x, r, mode=mode, method=method)
+    relu = _GuidedReLU if method == "guided" else _DeconvReLU
     layer = lmap.by_name[r.layer]
     model = lmap.model.eval()
     p = next(model.parameters())
@@ -50,7 +67,7 @@ def gradient_reference(lmap: LayerMap, x: torch.Tensor, request: Request | tuple
         for i in range(layer.read_at + 1):
             m = model.features[i]
             if isinstance(m, nn.ReLU):
-                h = _DeconvReLU.apply(h)
+                h = relu.apply(h)
             elif isinstance(m, nn.Conv2d):
                 h = F.conv2d(h, m.weight, None if m.bias is None else m.bias, m.stride, m.padding)
             elif isinstance(m, nn.MaxPool2d):

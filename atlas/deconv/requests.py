@@ -84,3 +84,4 @@ class ForwardRecord:
     switches: dict[str, torch.Tensor]          # pool name -> (N, C, H_out, W_out) int64
     activations: dict[str, torch.Tensor]       # layer name -> (N, C, H, W), read after its ReLU
     norm_inputs: dict[int, torch.Tensor]       # features index of a norm layer -> its input
+    relu_inputs: dict | None = None            # ReLU (features index, or graph node) -> its input (guided)

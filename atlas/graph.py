@@ -1,0 +1,502 @@
+"""Any traceable CNN as a graph: every operation seen, however it is written.
+
+`trace(model)` captures the model's forward with torch.fx and reads each node as an `Op` of a known
+kind, so a ReLU is a ReLU whether it is an `nn.ReLU` module (reused or in place), `F.relu`,
+`torch.relu`, `x.relu()` or `relu_`. Only torch.nn's own modules stay leaves; everything else
+(torchvision.ops' Conv2dNormActivation, SqueezeExcitation, StochasticDepth, timm's BatchNormAct2d,
+Conv2dSame, a user's blocks) is traced into, so nothing hides an operation.
+
+The graph is run by our own interpreter (`Graph.run`) rather than the generated code, for three
+reasons: in-place operations are run out of place (a captured value is never overwritten by a later
+`relu_`), a run stops at the deepest node asked for, and max-pools can hand back their switches.
+
+Kinds (what the DeconvNet engine and the receptive-field geometry need to know of a node):
+    conv, linear, bn, relu, relu6, leaky, maxpool, avgpool, adaptive_avgpool, mean, lrn, add, cat,
+    reshape, pad, scale, index, permute, pass        -- known, each with its rule going down
+    opaque                                          -- anything else (GELU, SiLU, LayerNorm, a
+                                                       multiplicative gate): no DeconvNet rule
+"""
+from __future__ import annotations
+
+import copy
+import math
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import AtlasError
+
+RELU_KINDS = ("relu", "relu6", "leaky")
+# Kinds whose output unit (i) reads input rows [i*stride - pad, i*stride - pad + dilation*(kernel-1)].
+SPATIAL_KINDS = ("conv", "maxpool", "avgpool")
+POINTWISE_KINDS = ("bn", "relu", "relu6", "leaky", "lrn", "scale", "pass")
+
+
+@dataclass
+class Op:
+    """One node of the graph as the atlas reads it."""
+
+    node: fx.Node
+    kind: str
+    where: str                       # the module path (or the node's name) users know it by
+    inputs: list[fx.Node]            # the nodes whose tensors carry the signal through this op
+    params: dict[str, Any] = field(default_factory=dict)
+    module: nn.Module | None = None  # the leaf module, for call_module nodes
+    what: str = ""                   # the operation, in words, for messages
+
+
+def _pairs(v, n=2) -> tuple[int, ...]:
+    if isinstance(v, (tuple, list)):
+        return tuple(int(a) for a in v) if len(v) == n else tuple(int(v[0]) for _ in range(n))
+    return tuple(int(v) for _ in range(n))
+
+
+def _arg(node: fx.Node, i: int, name: str, default=None):
+    if len(node.args) > i:
+        return node.args[i]
+    return node.kwargs.get(name, default)
+
+
+_RELU_FUNCS = {F.relu, torch.relu, torch.relu_, getattr(F, "relu_", None)}
+_RELU6_FUNCS = {F.relu6}
+_HARDTANH_FUNCS = {F.hardtanh, getattr(F, "hardtanh_", None)}
+_LEAKY_FUNCS = {F.leaky_relu, getattr(F, "leaky_relu_", None)}
+_CONV_FUNCS = {F.conv2d, torch.conv2d}
+_MAXPOOL_FUNCS = {F.max_pool2d, torch.max_pool2d}
+_AVGPOOL_FUNCS = {F.avg_pool2d, torch._C._nn.avg_pool2d}
+_ADAPTIVE_FUNCS = {F.adaptive_avg_pool2d, torch._C._nn.adaptive_avg_pool2d, torch.adaptive_avg_pool1d}
+_ADD_FUNCS = {operator.add, operator.iadd, torch.add}
+_MUL_FUNCS = {operator.mul, operator.imul, torch.mul, operator.truediv, operator.itruediv, torch.div}
+_CAT_FUNCS = {torch.cat, torch.concat}
+_RESHAPE_FUNCS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze}
+_RESHAPE_METHODS = {"flatten", "view", "reshape", "squeeze", "unsqueeze", "view_as", "reshape_as"}
+_PASS_METHODS = {"contiguous", "clone", "detach"}
+_INPLACE_FUNCS = {operator.iadd: operator.add, operator.imul: operator.mul, operator.itruediv: operator.truediv,
+                  torch.relu_: torch.relu}
+for _f in ("relu_", "hardtanh_", "leaky_relu_", "elu_", "rrelu_", "threshold_"):
+    if hasattr(F, _f):
+        _INPLACE_FUNCS[getattr(F, _f)] = getattr(F, _f[:-1])
+_RELU_FUNCS.discard(None)
+_HARDTANH_FUNCS.discard(None)
+_LEAKY_FUNCS.discard(None)
+
+try:  # torchvision.ops.stochastic_depth is an fx leaf function: identity in eval mode
+    from torchvision.ops import stochastic_depth as _stochastic_depth
+except Exception:  # noqa: BLE001 - torchvision is a dependency, but its ops may fail to load
+    _stochastic_depth = None
+
+
+class _Tracer(fx.Tracer):
+    """torch.nn's own modules are leaves (their forward is known); every other module is traced into.
+    Each module call is recorded with the node that is its output: the layer names users know."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple[str, fx.Node]] = []
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return (type(m).__module__.startswith("torch.nn") and not isinstance(m, nn.Sequential)
+                and type(m) is not nn.ModuleList)
+
+    def call_module(self, m, forward, args, kwargs):
+        out = super().call_module(m, forward, args, kwargs)
+        if isinstance(out, fx.Proxy):
+            self.calls.append((self.path_of_module(m), out.node))
+        return out
+
+
+def _where_traced(exc: BaseException) -> str:
+    """The last frame of the user's code in a tracing error's traceback."""
+    import traceback
+
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if "/torch/" not in f.filename and "/atlas/graph.py" not in f.filename]
+    if frames:
+        f = frames[-1]
+        return f" at {f.filename}:{f.lineno} ({(f.line or '').strip()[:80]})"
+    return ""
+
+
+@dataclass
+class Graph:
+    """A traced model: its nodes in order, each read as an Op, and the module calls by name."""
+
+    model: nn.Module
+    gm: fx.GraphModule
+    nodes: list[fx.Node]
+    ops: dict[fx.Node, Op]
+    calls: list[tuple[str, fx.Node]]         # (module path, its output node), in call order
+    position: dict[fx.Node, int]
+    shapes: dict[fx.Node, tuple[int, ...]] = field(default_factory=dict)
+    _runners: dict[fx.Node, Callable] = field(default_factory=dict, repr=False)
+
+    # -- running ---------------------------------------------------------------
+    def run(self, x: torch.Tensor, want: set[fx.Node], switches: set[fx.Node] = frozenset(),
+            replace: dict[str, Callable] | None = None, keep: Callable | None = None) -> tuple[dict, dict]:
+        """Run the graph on x as far as the last node of `want`; returns ({node: value} for `want`,
+        {pool node: flat argmax indices} for the max-pools in `switches` that ran).
+
+        `replace[kind](op, x)`, when given, computes the ops of that kind instead (the autograd
+        references give ReLUs their DeconvNet backward so); `keep(op, inputs)` sees each op's inputs
+        before it runs (guided backprop records its masks so)."""
+        last = max((self.position[n] for n in set(want) | set(switches)), default=-1)
+        env: dict[fx.Node, Any] = {}
+        remaining = {n: len(n.users) for n in self.nodes}
+        out: dict[fx.Node, Any] = {}
+        sw: dict[fx.Node, torch.Tensor] = {}
+        first = True
+        for node in self.nodes[:last + 1]:
+            if node.op == "placeholder":  # the image; any further input takes its default
+                val, first = (x if first else (node.args[0] if node.args else None)), False
+            elif node.op == "output":
+                break
+            else:
+                op = self.ops.get(node)
+                args = fx.node.map_arg(node.args, lambda n: env[n])
+                kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
+                if keep is not None and op is not None:
+                    keep(op, args)
+                if replace is not None and op is not None and op.kind in replace:
+                    val = replace[op.kind](op, args[0])
+                elif node in switches:
+                    val, idx = self._maxpool(op, args[0], indices=True)
+                    sw[node] = idx
+                else:
+                    val = self._call(node, args, kwargs)
+            env[node] = val
+            if node in want:
+                out[node] = val
+                if len(out) == len(want) and not (set(switches) - set(sw)):
+                    break
+            for a in node.all_input_nodes:  # free what no later node needs
+                remaining[a] -= 1
+                if remaining[a] == 0 and a not in want:
+                    env.pop(a, None)
+        return out, sw
+
+    def _maxpool(self, op: Op, x: torch.Tensor, indices: bool):
+        p = op.params
+        return F.max_pool2d(x, p["kernel"], p["stride"], p["padding"], p["dilation"], ceil_mode=p["ceil_mode"],
+                            return_indices=indices)
+
+    def _call(self, node: fx.Node, args, kwargs):
+        fn = self._runners.get(node)
+        if fn is None:
+            fn = self._runners[node] = _runner(self.gm, node)
+        return fn(args, kwargs)
+
+
+def _runner(gm: fx.GraphModule, node: fx.Node) -> Callable:
+    """How to run one node out of place."""
+    if node.op == "call_module":
+        m = gm.get_submodule(node.target)
+        if getattr(m, "inplace", False):
+            m = copy.copy(m)  # a shallow copy shares the weights; only the flag differs
+            m.inplace = False
+        return lambda a, k: m(*a, **k)
+    if node.op == "get_attr":
+        obj = gm
+        for part in str(node.target).split("."):
+            obj = getattr(obj, part)
+        return lambda a, k: obj
+    if node.op == "call_method":
+        name = str(node.target)
+        if name.endswith("_") and not name.endswith("__") and name[:-1] and name not in ("requires_grad_",):
+            plain = name[:-1]
+            return lambda a, k: getattr(a[0], plain)(*a[1:], **k)
+        return lambda a, k: getattr(a[0], name)(*a[1:], **k)
+    fn = _INPLACE_FUNCS.get(node.target, node.target)
+    if "inplace" in node.kwargs:
+        return lambda a, k: fn(*a, **{**k, "inplace": False})
+    return lambda a, k: fn(*a, **k)
+
+
+def trace(model: nn.Module) -> Graph:
+    """The model's graph (in eval mode); a model that cannot be traced is refused in one line."""
+    was_training = model.training
+    model.eval()
+    tracer = _Tracer()
+    try:
+        g = tracer.trace(model)
+    except Exception as e:  # noqa: BLE001 - fx raises many types; the user needs the line, not the stack
+        raise AtlasError(f"cannot trace model {type(model).__name__} with torch.fx{_where_traced(e)}: "
+                         f"{str(e).splitlines()[0][:160]}") from None
+    finally:
+        model.train(was_training)
+    gm = fx.GraphModule(tracer.root, g)
+    nodes = list(g.nodes)
+    calls = unique_calls(tracer.calls)
+    innermost: dict[fx.Node, str] = {}
+    for name, node in calls:  # a call is recorded as it returns: a leaf before the blocks around it
+        innermost.setdefault(node, name)
+    graph = Graph(model, gm, nodes, {}, calls, {n: i for i, n in enumerate(nodes)})
+    for n in nodes:
+        graph.ops[n] = _read_op(gm, n, innermost.get(n, n.name))
+    return graph
+
+
+def unique_calls(calls: list[tuple[str, fx.Node]]) -> list[tuple[str, fx.Node]]:
+    """Module calls with unique names: a module called again (one `self.relu` reused in a block) is
+    `path_1`, `path_2`, ... for its later calls, as torchvision's feature extraction names them."""
+    seen: dict[str, int] = {}
+    out = []
+    for name, node in calls:
+        k = seen.get(name, 0)
+        seen[name] = k + 1
+        out.append((name if k == 0 else f"{name}_{k}", node))
+    return out
+
+
+def _tensor_args(node: fx.Node) -> list[fx.Node]:
+    return [a for a in node.all_input_nodes if a.op != "get_attr"]
+
+
+def _read_op(gm: fx.GraphModule, n: fx.Node, where: str) -> Op:
+    """The kind of one node, with the parameters its rule needs."""
+    ins = _tensor_args(n)
+    if n.op in ("placeholder", "output", "get_attr"):
+        return Op(n, n.op, where, ins)
+    if n.op == "call_module":
+        m = gm.get_submodule(n.target)
+        return _read_module(n, m, where, ins)
+    if n.op == "call_method":
+        return _read_method(n, where, ins)
+    return _read_function(gm, n, where, ins)
+
+
+def _read_module(n: fx.Node, m: nn.Module, where: str, ins) -> Op:
+    t = type(m)
+    what = t.__name__
+    if t is nn.Conv2d:
+        if m.padding_mode != "zeros":
+            return Op(n, "opaque", where, ins, module=m, what=f"Conv2d with padding_mode='{m.padding_mode}'")
+        pad = m.padding if not isinstance(m.padding, str) else _same_padding(m)
+        return Op(n, "conv", where, ins, {"weight": m.weight, "bias": m.bias, "kernel": _pairs(m.kernel_size),
+                                           "stride": _pairs(m.stride),
+                                           "padding": _pairs(pad), "dilation": _pairs(m.dilation),
+                                           "groups": m.groups}, m, what)
+    if t is nn.Linear:
+        return Op(n, "linear", where, ins, {"weight": m.weight}, m, what)
+    if t in (nn.BatchNorm2d, nn.BatchNorm1d):
+        return Op(n, "bn", where, ins, {"module": m}, m, what)
+    if t is nn.ReLU:
+        return Op(n, "relu", where, ins, {}, m, what)
+    if t is nn.ReLU6:
+        return Op(n, "relu6", where, ins, {"max": 6.0}, m, what)
+    if t is nn.Hardtanh and m.min_val == 0.0:
+        return Op(n, "relu6", where, ins, {"max": float(m.max_val)}, m, what)
+    if t is nn.LeakyReLU:
+        return Op(n, "leaky", where, ins, {"slope": float(m.negative_slope)}, m, what)
+    if t is nn.MaxPool2d:
+        if m.return_indices:
+            return Op(n, "opaque", where, ins, module=m, what="MaxPool2d returning indices")
+        return Op(n, "maxpool", where, ins, _pool_params(m.kernel_size, m.stride, m.padding, m.dilation,
+                                                           m.ceil_mode), m, what)
+    if t is nn.AvgPool2d:
+        return Op(n, "avgpool", where, ins, {**_pool_params(m.kernel_size, m.stride, m.padding, 1, m.ceil_mode),
+                                              "count_include_pad": m.count_include_pad,
+                                              "divisor_override": m.divisor_override}, m, what)
+    if t is nn.AdaptiveAvgPool2d:
+        return Op(n, "adaptive_avgpool", where, ins, {"output_size": m.output_size}, m, what)
+    if t in (nn.LocalResponseNorm, nn.CrossMapLRN2d):
+        return Op(n, "lrn", where, ins, {"module": m}, m, what)
+    if t in (nn.Identity, nn.Dropout, nn.Dropout2d, nn.Dropout1d, nn.AlphaDropout):
+        return Op(n, "pass", where, ins, {}, m, what)
+    if t is nn.Flatten:
+        return Op(n, "reshape", where, ins, {}, m, what)
+    return Op(n, "opaque", where, ins, module=m, what=what)
+
+
+def _same_padding(m: nn.Conv2d) -> tuple[int, int]:
+    if m.padding == "valid":
+        return (0, 0)
+    k, d = _pairs(m.kernel_size), _pairs(m.dilation)
+    total = [dd * (kk - 1) for kk, dd in zip(k, d)]
+    if any(t % 2 for t in total):  # PyTorch pads 'same' asymmetrically then: not a plain padding
+        raise AtlasError(f"Conv2d padding='same' with an even kernel is not supported ({m})")
+    return tuple(t // 2 for t in total)
+
+
+def _pool_params(k, s, p, d, ceil) -> dict[str, Any]:
+    k = _pairs(k)
+    s = _pairs(s) if s is not None and s != [] else k
+    return {"kernel": k, "stride": s, "padding": _pairs(p), "dilation": _pairs(d), "ceil_mode": bool(ceil)}
+
+
+def _is_number(a) -> bool:
+    return isinstance(a, (int, float)) and not isinstance(a, bool)
+
+
+def _read_method(n: fx.Node, where: str, ins) -> Op:
+    name = str(n.target).rstrip("_") if str(n.target) not in ("__getitem__",) else str(n.target)
+    what = f"Tensor.{n.target}"
+    if name == "relu":
+        return Op(n, "relu", where, ins, what=what)
+    if name in ("clamp", "clip"):
+        lo, hi = _arg(n, 1, "min"), _arg(n, 2, "max")
+        if lo == 0 and (hi is None or _is_number(hi)):
+            return Op(n, "relu6" if hi is not None else "relu", where, ins,
+                      {"max": float(hi)} if hi is not None else {}, what=what)
+    if name in _RESHAPE_METHODS:
+        return Op(n, "reshape", where, ins[:1], what=what)
+    if name in _PASS_METHODS or (name == "to" and not any(isinstance(a, torch.dtype) for a in n.args)):
+        return Op(n, "pass", where, ins[:1], what=what)
+    if name == "mean":
+        dims = _arg(n, 1, "dim")
+        if _spatial_dims(dims):
+            return Op(n, "mean", where, ins[:1], {"dims": dims, "keepdim": bool(_arg(n, 2, "keepdim", False))},
+                      what=what)
+    if name in ("permute", "transpose"):
+        return Op(n, "permute", where, ins[:1], what=what)
+    if name == "add" and len(ins) <= 2 and _arg(n, 2, "alpha", 1) == 1:
+        return Op(n, "add" if len(ins) == 2 else "pass", where, ins, what=what)
+    if name in ("mul", "div") and len(ins) == 1:
+        return Op(n, "scale", where, ins, what=what)
+    if name in ("size", "dim", "numel"):
+        return Op(n, "meta", where, [], what=what)
+    return Op(n, "opaque", where, ins, what=what)
+
+
+def _spatial_dims(dims) -> bool:
+    if dims is None:
+        return False
+    dims = dims if isinstance(dims, (tuple, list)) else (dims,)
+    return set(int(d) % 4 if d < 0 else int(d) for d in dims) <= {2, 3} and len(dims) >= 1
+
+
+def _read_function(gm, n: fx.Node, where: str, ins) -> Op:
+    f = n.target
+    what = getattr(f, "__name__", str(f))
+    if f in _RELU_FUNCS:
+        return Op(n, "relu", where, ins, what=what)
+    if f in _RELU6_FUNCS:
+        return Op(n, "relu6", where, ins, {"max": 6.0}, what=what)
+    if f in _HARDTANH_FUNCS and float(_arg(n, 1, "min_val", -1.0)) == 0.0:
+        return Op(n, "relu6", where, ins, {"max": float(_arg(n, 2, "max_val", 1.0))}, what=what)
+    if f in (torch.clamp, torch.clip) and _arg(n, 1, "min") == 0 and _is_number(_arg(n, 2, "max", 0)):
+        hi = _arg(n, 2, "max")
+        return Op(n, "relu6" if hi is not None else "relu", where, ins,
+                  {"max": float(hi)} if hi is not None else {}, what=what)
+    if f in _LEAKY_FUNCS:
+        return Op(n, "leaky", where, ins, {"slope": float(_arg(n, 1, "negative_slope", 0.01))}, what=what)
+    if f in _CONV_FUNCS:
+        w = _const(gm, _arg(n, 1, "weight"))
+        b = _arg(n, 2, "bias")
+        pad = _arg(n, 4, "padding", 0)
+        if isinstance(pad, str) or w is None:
+            return Op(n, "opaque", where, ins, what=f"{what} with padding='{pad}'" if w is not None else
+                      f"{what} with a computed weight")
+        return Op(n, "conv", where, ins[:1], {"weight": w, "bias": _const(gm, b) if isinstance(b, fx.Node) else b,
+                                              "kernel": tuple(int(k) for k in w.shape[-2:]),
+                                              "stride": _pairs(_arg(n, 3, "stride", 1)), "padding": _pairs(pad),
+                                              "dilation": _pairs(_arg(n, 5, "dilation", 1)),
+                                              "groups": int(_arg(n, 6, "groups", 1))}, what=what)
+    if f in _MAXPOOL_FUNCS:
+        if _arg(n, 6, "return_indices", False):
+            return Op(n, "opaque", where, ins, what="max_pool2d returning indices")
+        k = _arg(n, 1, "kernel_size")
+        return Op(n, "maxpool", where, ins[:1], _pool_params(k, _arg(n, 2, "stride", None), _arg(n, 3, "padding", 0),
+                                                              _arg(n, 4, "dilation", 1), _arg(n, 5, "ceil_mode", False)),
+                  what=what)
+    if f in _AVGPOOL_FUNCS:
+        return Op(n, "avgpool", where, ins[:1],
+                  {**_pool_params(_arg(n, 1, "kernel_size"), _arg(n, 2, "stride", None), _arg(n, 3, "padding", 0),
+                                  1, _arg(n, 4, "ceil_mode", False)),
+                   "count_include_pad": bool(_arg(n, 5, "count_include_pad", True)),
+                   "divisor_override": _arg(n, 6, "divisor_override", None)}, what=what)
+    if f in _ADAPTIVE_FUNCS:
+        return Op(n, "adaptive_avgpool", where, ins[:1], {"output_size": _arg(n, 1, "output_size")}, what=what)
+    if f is torch.mean and _spatial_dims(_arg(n, 1, "dim")):
+        return Op(n, "mean", where, ins[:1], {"dims": _arg(n, 1, "dim"), "keepdim": bool(_arg(n, 2, "keepdim", False))},
+                  what=what)
+    if f is F.batch_norm and not _arg(n, 5, "training", False):
+        return Op(n, "bn", where, ins[:1], {"functional": [_const(gm, _arg(n, i, k)) for i, k in
+                                                            ((1, "running_mean"), (2, "running_var"), (3, "weight"),
+                                                             (4, "bias"))], "eps": float(_arg(n, 7, "eps", 1e-5))},
+                  what=what)
+    if f in _ADD_FUNCS:
+        if len(ins) == 2 and (f is not torch.add or _arg(n, 2, "alpha", 1) == 1):
+            return Op(n, "add", where, ins, what="add")
+        if len(ins) == 1:  # a constant added: a bias, dropped going down like a conv's
+            return Op(n, "pass", where, ins, what="add")
+    if f in (operator.sub, operator.isub, torch.sub) and len(ins) == 1 and n.args and n.args[0] is ins[0]:
+        return Op(n, "pass", where, ins, what="subtract")  # a constant taken away: a bias
+    if f in _MUL_FUNCS and len(ins) == 1 and all(_is_number(a) for a in n.args if not isinstance(a, fx.Node)):
+        if f in (operator.truediv, operator.itruediv, torch.div) and n.args[0] is not ins[0]:
+            return Op(n, "opaque", where, ins, what="a number divided by a tensor")
+        return Op(n, "scale", where, ins, what=what)
+    if f in _CAT_FUNCS:
+        dim = _arg(n, 1, "dim", 0)
+        return Op(n, "cat", where, ins, {"dim": dim}, what=what)
+    if f in _RESHAPE_FUNCS:
+        return Op(n, "reshape", where, ins[:1], what=what)
+    if f in (torch.permute, torch.transpose):
+        return Op(n, "permute", where, ins[:1], what=what)
+    if f is F.pad and _arg(n, 2, "mode", "constant") == "constant":
+        return Op(n, "pad", where, ins[:1], {"pad": tuple(_arg(n, 1, "pad"))}, what=what)
+    if f is F.dropout and not _arg(n, 2, "training", True) or f in (F.dropout2d,) and not _arg(n, 2, "training", True):
+        return Op(n, "pass", where, ins[:1], what=what)
+    if _stochastic_depth is not None and f is _stochastic_depth and not _arg(n, 3, "training", True):
+        return Op(n, "pass", where, ins[:1], what=what)
+    if f is operator.getitem:
+        src = n.args[0]
+        if isinstance(src, fx.Node) and isinstance(n.args[1], (int, slice, tuple, type(None), type(Ellipsis))):
+            return Op(n, "index", where, [src], {"index": n.args[1]}, what="indexing")
+    if f is getattr or f in (torch.Tensor.size,):
+        return Op(n, "meta", where, [], what=what)
+    return Op(n, "opaque", where, ins, what=what)
+
+
+def _const(gm, a):
+    """The tensor behind a get_attr node (a weight the forward uses functionally)."""
+    if isinstance(a, fx.Node) and a.op == "get_attr":
+        obj = gm
+        for part in str(a.target).split("."):
+            obj = getattr(obj, part)
+        return obj
+    if a is None or isinstance(a, torch.Tensor):
+        return a
+    return None
+
+
+def shapes(graph: Graph, image_size: int) -> dict[fx.Node, tuple[int, ...]]:
+    """Every tensor node's shape for one image of `image_size` px (a probe pass on zeros)."""
+    p = next(graph.model.parameters(), None)
+    dev = p.device if p is not None else torch.device("cpu")
+    dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
+    x = torch.zeros((1, 3, image_size, image_size), device=dev, dtype=dtype)
+    want = {n for n in graph.nodes if n.op not in ("output", "placeholder")}
+    out: dict[fx.Node, tuple[int, ...]] = {}
+
+    def grab(node, val):
+        if isinstance(val, torch.Tensor):
+            out[node] = tuple(val.shape)
+
+    try:
+        with torch.no_grad():
+            vals, _ = graph.run(x, want)
+    except AtlasError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a model that cannot take this size says so in one line
+        raise AtlasError(f"model {type(graph.model).__name__} fails on a {image_size} px input "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:140]})") from None
+    for node, val in vals.items():
+        grab(node, val)
+    for n in graph.nodes:
+        if n.op == "placeholder":
+            out[n] = tuple(x.shape)
+            break
+    return out
+
+
+def spatial_out(size: int, k: int, s: int, p: int, d: int, ceil: bool) -> int:
+    span = size + 2 * p - d * (k - 1) - 1
+    out = (math.ceil(span / s) if ceil else span // s) + 1
+    if ceil and (out - 1) * s >= size + p:
+        out -= 1
+    return out

@@ -1,0 +1,334 @@
+"""Layers of a graph model (ResNet, DenseNet, GoogLeNet, timm, a user's module): names, geometry, extraction.
+
+`LayerMap(model, size)` gives a `GraphLayerMap` for every model that is not a plain Sequential of
+Conv2d / ReLU / MaxPool2d (atlas/layers.py keeps that walk and its names, conv1..conv5, for the
+2012-2014 nets). The same interface: `layers`, `resolve`, `extract`, `pools`, `describe`.
+
+Names are module paths, as users know them (`layer3.1`, `features.denseblock3`, `inception4a`); a
+module called more than once gets `_1`, `_2` for its later calls. Every module call whose output is a
+feature map (or, for Linear, a vector) is a candidate layer. A leaf that a ReLU follows (a conv, its
+BatchNorm) is read after that ReLU; a block (a residual block, a dense block, an inception module) is
+read at its output, as it is: after its last ReLU for a ResNet block, the concatenation for a dense
+block or an inception module (there the values are not rectified after the last BatchNorm, so "fire
+rate", the share of images whose maximum is above zero, counts images, not ReLU firings).
+
+Default layers, each stage's output: the end of the stem (the last leaf before the first block), then
+of the blocks, the last one at each spatial resolution -- for a ResNet `maxpool, layer1..layer4`, a
+DenseNet `features.pool0, features.denseblock1..4`, a GoogLeNet `conv1, conv3, inception3b, inception4e,
+inception5b`. A model with no blocks (VGG-BN) gets the last conv of each resolution.
+
+Geometry is exact for graphs: along each axis a unit i of a node reads input pixels
+[i * jump + lo, i * jump + hi]; each op composes (jump, lo, hi), and where branches meet (a residual
+add, a concatenation) the field is their union. A field need not be centred on its unit. A node whose
+field is not of this form (after a global pool, a gate computed from the whole map) sees the whole image.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict
+from functools import cached_property
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .errors import AtlasError
+from .graph import POINTWISE_KINDS, RELU_KINDS, SPATIAL_KINDS, Graph, Op, trace
+from .graph import shapes as probe_shapes
+from .layers import Geometry, Layer, LayerMap, Pool, pad_batch
+
+Axis = tuple[int, int, int]           # (jump, lo, hi) along one axis
+Field = tuple[Axis, Axis] | None      # (y, x); None: the whole image
+
+
+def _compose(f: Field, op: Op) -> Field:
+    """The field of op's output from the field of its (single) input."""
+    if f is None:
+        return None
+    p = op.params
+    out = []
+    for axis, (j, lo, hi) in enumerate(f):
+        k, s, pad, d = p["kernel"][axis], p["stride"][axis], p["padding"][axis], p["dilation"][axis]
+        out.append((j * s, lo - pad * j, hi + (d * (k - 1) - pad) * j))
+    return tuple(out)
+
+
+def _union(fields: list[Field]) -> Field:
+    if any(f is None for f in fields) or not fields:
+        return None
+    ys, xs = [f[0] for f in fields], [f[1] for f in fields]
+    if len({a[0] for a in ys}) != 1 or len({a[0] for a in xs}) != 1:
+        return None  # branches at different strides: no per-unit box of this form
+    return ((ys[0][0], min(a[1] for a in ys), max(a[2] for a in ys)),
+            (xs[0][0], min(a[1] for a in xs), max(a[2] for a in xs)))
+
+
+class GraphLayerMap(LayerMap):
+    """LayerMap for a traced graph (see the module docstring)."""
+
+    is_graph = True
+
+    def __init__(self, model: nn.Module, image_size: int):
+        self.model = model
+        self.image_size = image_size
+        self.graph: Graph = trace(model)
+        self.shapes = probe_shapes(self.graph, image_size)
+        g = self.graph
+        self.geoms: dict[int, Geometry] = {}  # the Sequential walk's per-module geometry: none here
+        self.read_node: dict[str, fx.Node] = {}
+        self.layers: list[Layer] = []
+        self.pools: list[Pool] = []
+        self.pool_node: dict[str, fx.Node] = {}
+        self._fields = self._fields_from(g.nodes[0] if g.nodes else None)
+        names = self._candidates()
+        for name, node, read, kind in names:
+            shape = self.shapes[read]
+            if kind == "conv":
+                f = self._fields.get(read)
+                layer = Layer(name, "conv", g.position[node], g.position[read], int(shape[1]), int(shape[2]),
+                              int(shape[3]), self._geometry(f, int(shape[2])))
+                layer.field = f
+            else:
+                layer = Layer(name, "fc", g.position[node], g.position[read], int(shape[1]))
+            self.layers.append(layer)
+            self.read_node[name] = read
+        self._name_pools()
+        for layer in self.layers:
+            if layer.kind == "conv":
+                below = self._ancestors(self.read_node[layer.name])
+                layer.pools_below = [p.name for p in self.pools if self.pool_node[p.name] in below]
+        self.by_name = {la.name: la for la in self.layers}
+        self.pool_by_name = {p.name: p for p in self.pools}
+        convs = [la for la in self.layers if la.kind == "conv"]
+        last = convs[-1] if convs else None
+        self.feature_size = last.height if last else image_size
+        self.feature_channels = last.channels if last else 3
+
+    # -- candidates --------------------------------------------------------------
+    def _candidates(self) -> list[tuple[str, fx.Node, fx.Node, str]]:
+        g = self.graph
+        out, named = [], set()
+        leaf_paths = {n.target for n in g.nodes if n.op == "call_module"}
+        for name, node in g.calls:
+            shape = self.shapes.get(node)
+            if shape is None:
+                continue
+            op = g.ops[node]
+            if len(shape) == 4:
+                base = name.rsplit("_", 1)[0] if name not in leaf_paths and name.rsplit("_", 1)[0] in leaf_paths \
+                    else name
+                read = self._after_relu(node) if base in leaf_paths else node
+                out.append((name, node, read, "conv"))
+            elif len(shape) == 2 and op.kind == "linear":
+                out.append((name, node, self._after_relu(node), "fc"))
+            named.add(node)
+        for node in g.nodes:  # a ReLU applied in forward itself (DenseNet's last F.relu) has no module name
+            op = g.ops[node]
+            if op.kind in RELU_KINDS and node not in named and len(self.shapes.get(node, ())) == 4 \
+                    and node.name not in {n for n, *_ in out}:
+                out.append((node.name, node, node, "conv"))
+        out.sort(key=lambda t: (g.position[t[2]], g.position[t[1]]))
+        return out
+
+    def _after_relu(self, node: fx.Node) -> fx.Node:
+        """The ReLU that a leaf's output goes through, through BatchNorm / Dropout / Identity, if any."""
+        g, cur = self.graph, node
+        for _ in range(8):
+            users = list(cur.users)
+            if len(users) != 1:
+                return node
+            nxt = users[0]
+            kind = g.ops[nxt].kind
+            if kind in RELU_KINDS:
+                return nxt
+            if kind not in ("bn", "pass", "scale"):
+                return node
+            cur = nxt
+        return node
+
+    def _name_pools(self) -> None:
+        g = self.graph
+        by_node: dict[fx.Node, str] = {}
+        for name, node in g.calls:
+            by_node.setdefault(node, name)
+        for node in g.nodes:
+            op = g.ops[node]
+            if op.kind != "maxpool":
+                continue
+            name = by_node.get(node, node.name)
+            p = op.params
+            if len(set(p["kernel"])) != 1 or len(set(p["stride"])) != 1 or len(set(p["padding"])) != 1 \
+                    or tuple(p["dilation"]) != (1, 1):
+                raise AtlasError(f"max-pool {name}: only square, undilated pools are supported "
+                                 f"(kernel {p['kernel']}, stride {p['stride']}, padding {p['padding']})")
+            src = self.shapes[op.inputs[0]]
+            out = self.shapes[node]
+            if src[2] != src[3] or out[2] != out[3]:
+                raise AtlasError(f"max-pool {name}: only square maps are supported ({src[2]}x{src[3]})")
+            k, s, pad = p["kernel"][0], p["stride"][0], p["padding"][0]
+            f = self._fields.get(node)
+            rf, jump, off = (f[0][2] - f[0][1] + 1, f[0][0], f[0][1]) if f else (self.image_size, 1, 0)
+            geom = Geometry(k, s, pad, int(src[2]), int(out[2]), rf, jump, off)
+            self.pools.append(Pool(name, g.position[node], int(out[1]), geom, p["ceil_mode"]))
+            self.pool_node[name] = node
+
+    # -- geometry ------------------------------------------------------------------
+    def _fields_from(self, start: fx.Node | None) -> dict[fx.Node, Field]:
+        """Each node's field (see the module docstring), in the coordinates of `start`'s output."""
+        g = self.graph
+        out: dict[fx.Node, Field] = {}
+        if start is None:
+            return out
+        ident = ((1, 0, 0), (1, 0, 0))
+        pos0 = g.position[start]
+        for node in g.nodes[pos0:]:
+            if node is start:
+                out[node] = ident
+                continue
+            op = g.ops[node]
+            srcs = [a for a in op.inputs if a in out]
+            if not srcs:
+                continue
+            f = self._field_of(op, node, srcs, out)
+            out[node] = f
+        return out
+
+    def _field_of(self, op: Op, node: fx.Node, srcs: list[fx.Node], fields) -> Field:
+        shape = self.shapes.get(node)
+        if op.kind in SPATIAL_KINDS:
+            return _compose(fields[srcs[0]], op)
+        if op.kind in POINTWISE_KINDS or op.kind in ("add", "cat"):
+            return _union([fields[s] for s in srcs])
+        if op.kind == "adaptive_avgpool" and shape is not None and len(shape) == 4:
+            src = self.shapes[srcs[0]]
+            if src[2:] == shape[2:]:
+                return fields[srcs[0]]
+            if src[2] % shape[2] == 0 and src[3] % shape[3] == 0:
+                kh, kw = src[2] // shape[2], src[3] // shape[3]
+                fake = Op(node, "avgpool", "", srcs, {"kernel": (kh, kw), "stride": (kh, kw), "padding": (0, 0),
+                                                       "dilation": (1, 1)})
+                return _compose(fields[srcs[0]], fake)
+            return None
+        if op.kind == "pad":
+            f = fields[srcs[0]]
+            pad = op.params["pad"]
+            if f is None or len(pad) < 4:
+                return f if len(pad) < 2 or f is None else ((f[0]), (f[1][0], f[1][1] - pad[0] * f[1][0],
+                                                                      f[1][2] - pad[0] * f[1][0]))
+            (jy, ly, hy), (jx, lx, hx) = f
+            return ((jy, ly - pad[2] * jy, hy - pad[2] * jy), (jx, lx - pad[0] * jx, hx - pad[0] * jx))
+        # any other op that keeps the spatial shape of its inputs (an activation, a gate) reads the
+        # union of their fields; a field from the whole map (a gate's pooled input) makes it the image
+        if shape is not None and len(shape) == 4 and all(len(self.shapes.get(s, ())) == 4 for s in srcs):
+            if all(self.shapes[s][2:] == shape[2:] or self.shapes[s][2:] == (1, 1) for s in srcs):
+                return _union([fields[s] if self.shapes[s][2:] == shape[2:] else None for s in srcs])
+        return None
+
+    def _geometry(self, f: Field, out_size: int) -> Geometry:
+        if f is None:
+            return Geometry(self.image_size, 1, 0, self.image_size, out_size, self.image_size, 0, 0)
+        (j, lo, hi) = f[0]
+        return Geometry(hi - lo + 1, j, -lo, self.image_size, out_size, hi - lo + 1, j, lo)
+
+    def _ancestors(self, node: fx.Node) -> set[fx.Node]:
+        seen, stack = set(), [node]
+        while stack:
+            n = stack.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+        return seen
+
+    @cached_property
+    def _pool_fields(self) -> dict[str, dict[fx.Node, Field]]:
+        return {p.name: self._fields_from(self.pool_node[p.name]) for p in self.pools}
+
+    def region_below(self, layer: Layer, pool: str, y: int, x: int) -> tuple[int, int, int, int]:
+        """The box (y0, x0, h, w) of `pool`'s output that unit (y, x) of `layer` reaches, clipped."""
+        f = self._pool_fields[pool].get(self.read_node[layer.name])
+        n = self.pool_by_name[pool].geometry.out_size
+        if f is None:
+            return 0, 0, n, n
+        (jy, ly, hy), (jx, lx, hx) = f
+        y0, y1 = max(y * jy + ly, 0), min(y * jy + hy, n - 1)
+        x0, x1 = max(x * jx + lx, 0), min(x * jx + hx, n - 1)
+        return y0, x0, y1 - y0 + 1, x1 - x0 + 1
+
+    # -- lookup ----------------------------------------------------------------------
+    def default_layers(self) -> list[Layer]:
+        """Each stage's output (see the module docstring)."""
+        model = self.model
+        body_name, body = "", model
+        kids = list(model.named_children())
+        big = [(n, m) for n, m in kids if sum(1 for _ in m.modules()) > 0.5 * sum(1 for _ in model.modules())]
+        if big and list(big[0][1].children()):
+            body_name, body = big[0][0] + ".", big[0][1]
+        stem, blocks = None, []
+        for n, m in body.named_children():
+            name = body_name + n
+            la = self.by_name.get(name)
+            if la is None or la.kind != "conv":
+                continue
+            if list(m.children()):
+                blocks.append(la)
+            elif not blocks:
+                stem = la
+        if not blocks:  # a flat net: the last conv at each resolution
+            blocks = [la for la in self.layers if la.kind == "conv" and isinstance(
+                self._module(la.name), nn.Conv2d)]
+            stem = None
+        chosen = [stem] if stem is not None else []
+        for i, la in enumerate(blocks):
+            nxt = blocks[i + 1] if i + 1 < len(blocks) else None
+            if nxt is None or (nxt.height, nxt.width) != (la.height, la.width):
+                chosen.append(la)
+        return chosen or [la for la in self.layers if la.kind == "conv"][-1:]
+
+    def _module(self, name: str):
+        try:
+            return self.model.get_submodule(name)
+        except AttributeError:
+            return None
+
+    def resolve(self, names, kinds: tuple[str, ...] = ("conv",)) -> list[Layer]:
+        if names is None or names == "" or names == []:
+            return [la for la in self.default_layers() if la.kind in kinds]
+        return super().resolve(names, kinds)
+
+    def describe(self) -> dict:
+        return {
+            "image_size": self.image_size, "graph": True,
+            "layers": [{**layer.to_row(), "pools_below": layer.pools_below} for layer in self.layers],
+            "pools": [{"name": p.name, "index": p.index, "channels": p.channels, "ceil_mode": p.ceil_mode,
+                       **asdict(p.geometry)} for p in self.pools],
+        }
+
+    # -- forward -----------------------------------------------------------------------
+    def extract(self, x: torch.Tensor, names: list[str], pool_indices: bool = False,
+                batch_size: int | None = None):
+        """As LayerMap.extract: {name: activation} (and {pool: indices} with pool_indices)."""
+        n = x.shape[0]
+        if batch_size is not None and n < batch_size:
+            out = self.extract(pad_batch(x, batch_size), names, pool_indices)
+            if pool_indices:
+                return ({k: v[:n] for k, v in out[0].items()}, {k: v[:n] for k, v in out[1].items()})
+            return {k: v[:n] for k, v in out.items()}
+        want: dict[fx.Node, list[str]] = {}
+        for name in names:
+            # a name that is both a layer and a pool (a ResNet's stem `maxpool`) is the layer
+            node = self.read_node.get(name) or self.pool_node.get(name)
+            if node is None:
+                self.resolve([name])  # the error lists the valid layers
+            want.setdefault(node, []).append(name)
+        last = max((self.graph.position[nd] for nd in want), default=-1)
+        pools = {self.pool_node[p.name] for p in self.pools if p.index <= last} if pool_indices else set()
+        vals, sw = self.graph.run(x, set(want), pools)
+        out = {}
+        for node, ns in want.items():
+            for name in ns:
+                if name in self.read_node:
+                    out[name] = vals[node]
+        if pool_indices:
+            node_name = {v: k for k, v in self.pool_node.items()}
+            return out, {node_name[nd]: idx for nd, idx in sw.items()}
+        return out
