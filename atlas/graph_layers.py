@@ -1,6 +1,6 @@
 """Layers of a graph model (ResNet, DenseNet, GoogLeNet, timm, a user's module): names, geometry, extraction.
 
-`LayerMap(model, size)` gives a `GraphLayerMap` for every model that is not a plain Sequential of
+`atlas.layers.LayerMap(model, size)` gives a `GraphLayerMap` for every model that is not a plain Sequential of
 Conv2d / ReLU / MaxPool2d (atlas/layers.py keeps that walk and its names, conv1..conv5, for the
 2012-2014 nets). The same interface: `layers`, `resolve`, `extract`, `pools`, `describe`.
 
@@ -34,7 +34,7 @@ from torch import nn
 from .errors import AtlasError
 from .graph import POINTWISE_KINDS, RELU_KINDS, SPATIAL_KINDS, Graph, Op, trace
 from .graph import shapes as probe_shapes
-from .layers import Geometry, Layer, LayerMap, Pool, pad_batch
+from .layer_base import Geometry, Layer, LayerMapBase, Pool, pad_batch
 
 Axis = tuple[int, int, int]           # (jump, lo, hi) along one axis
 Field = tuple[Axis, Axis] | None      # (y, x); None: the whole image
@@ -62,7 +62,7 @@ def _union(fields: list[Field]) -> Field:
             (xs[0][0], min(a[1] for a in xs), max(a[2] for a in xs)))
 
 
-class GraphLayerMap(LayerMap):
+class GraphLayerMap(LayerMapBase):
     """LayerMap for a traced graph (see the module docstring)."""
 
     is_graph = True
@@ -273,16 +273,26 @@ class GraphLayerMap(LayerMap):
                 blocks.append(la)
             elif not blocks:
                 stem = la
-        if not blocks:  # a flat net: the last conv at each resolution
-            blocks = [la for la in self.layers if la.kind == "conv" and isinstance(
-                self._module(la.name), nn.Conv2d)]
-            stem = None
+        if not blocks:  # a flat net (VGG-BN, a user's few convs): every convolution, as for the 2012 nets
+            return [la for la in self.layers if la.kind == "conv" and self.conv_weight(la) is not None]
         chosen = [stem] if stem is not None else []
         for i, la in enumerate(blocks):
             nxt = blocks[i + 1] if i + 1 < len(blocks) else None
             if nxt is None or (nxt.height, nxt.width) != (la.height, la.width):
                 chosen.append(la)
         return chosen or [la for la in self.layers if la.kind == "conv"][-1:]
+
+    @cached_property
+    def conv_layers(self) -> list[Layer]:
+        """The layers the analyses default to, in order: the first convolution (its filters are the
+        figure 6 view) and each stage's output (`default_layers`); every candidate is in `layers`."""
+        first = next((la for la in self.layers if la.kind == "conv" and self.conv_weight(la) is not None), None)
+        out = ([first] if first is not None else []) + [la for la in self.default_layers() if la is not first]
+        return sorted(out, key=lambda la: (la.read_at, la.index))
+
+    def conv_weight(self, layer: Layer):
+        op = self.graph.ops[self.graph.nodes[layer.index]]
+        return op.params["weight"] if op.kind == "conv" else None
 
     def _module(self, name: str):
         try:

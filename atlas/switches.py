@@ -37,6 +37,12 @@ class SwitchRegion:
 
 def regions_below(lmap: LayerMap, layer: Layer, y: int, x: int) -> list[SwitchRegion]:
     """The box at each pool's output that unit (y, x) of `layer` can reach, deepest pool first."""
+    if lmap.is_graph:
+        out = []
+        for pool in reversed(layer.pools_below):
+            y0, x0, h, w = lmap.region_below(layer, pool, y, x)
+            out.append(SwitchRegion(pool, y0, x0, h, w))
+        return out
     ya, yb, xa, xb = y, y, x, x
     pool_at = {p.index: p.name for p in lmap.pools}
     out = []

@@ -173,7 +173,7 @@ def plan(lmap, boxes: np.ndarray, read_at: int, method: str = "incremental") -> 
     """
     S = lmap.image_size
     full = Plan([], -1, [S], [np.zeros(len(boxes), np.int64)], [np.zeros(len(boxes), np.int64)], [S])
-    if method != "incremental" or len(boxes) == 0:
+    if method != "incremental" or len(boxes) == 0 or lmap.is_graph:  # graphs: full maps (see _rest_of_net)
         return full
     levels, ext, chans = _windowable_levels(lmap, boxes, read_at)
     candidates = [J for J in range(len(levels)) if any(lv.spatial for lv in levels[:J + 1])]
@@ -321,9 +321,13 @@ def _paste_windows(runner: Runner, clean: torch.Tensor, w: torch.Tensor, pl: Pla
 
 
 def _rest_of_net(runner: Runner, w: torch.Tensor, start: int, read_at: int, channel: int,
-                 logits: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+                 logits: bool, layer: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """features[start:] on full maps: (the channel's total activation at module `read_at`, the logits
-    or None)."""
+    or None). A graph model (no windowed prefix) runs whole, through its layer map."""
+    if runner.lmap.is_graph:
+        last = runner.lmap.layers[-1].name
+        out = runner.lmap.extract(w, [layer] + ([last] if logits else []))
+        return out[layer][:, channel].sum((1, 2)).float(), (out[last] if logits else None)
     model = runner.lmap.model
     feats = model.features
     total = None
@@ -366,7 +370,7 @@ def occlusion_forward(runner: Runner, x: torch.Tensor, boxes: np.ndarray, *, lay
             w = _windowed_levels(_occluded_inputs(runner, x, fillv, pl, placed, a, b), pl, placed, a, b)
             if pl.last >= 0:
                 w = _paste_windows(runner, clean, w, pl, placed, a, b)
-            total, out = _rest_of_net(runner, w, pl.last + 1, la.read_at, channel, logits)
+            total, out = _rest_of_net(runner, w, pl.last + 1, la.read_at, channel, logits, layer)
             acts.append(total.cpu())
             if logits:
                 outs.append(out.float().cpu())

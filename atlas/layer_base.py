@@ -1,0 +1,119 @@
+"""What every layer map shares: the records of a layer and a pool, lookups by name, padding a batch.
+
+Two maps implement it: `atlas.layers.LayerMap`, the walk of a 2012-2014 net's `features`, and
+`atlas.graph_layers.GraphLayerMap`, a traced graph (any other model). `LayerMap(model, size)` picks.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import AtlasError
+
+
+@dataclass
+class Geometry:
+    """One spatial op's parameters plus the receptive field of its output units."""
+
+    kernel: int
+    stride: int
+    padding: int
+    in_size: int
+    out_size: int
+    rf_size: int
+    jump: int
+    offset: int
+
+
+@dataclass
+class Layer:
+    name: str
+    kind: str                    # "conv" or "fc"
+    index: int                   # position in model.features (conv) or model.classifier (fc)
+    read_at: int                 # module index whose output is recorded (the ReLU after it, if any)
+    channels: int
+    height: int = 1
+    width: int = 1
+    geometry: Geometry | None = None
+    pools_below: list[str] = field(default_factory=list)
+    # a graph layer's field per axis, ((jump, lo, hi) along y, along x): unit i reads input pixels
+    # i * jump + lo .. i * jump + hi (atlas/graph_layers.py); None with jump 0: the whole image
+    rf: tuple | None = None
+
+    def field_box(self, y: int, x: int, image_size: int) -> tuple[int, int, int, int]:
+        """Receptive-field box (x0, y0, x1, y1) of unit (y, x), unclipped (exclusive ends)."""
+        g = self.geometry
+        if self.rf is not None:
+            (jy, ly, hy), (jx, lx, hx) = self.rf
+            return (x * jx + lx, y * jy + ly, x * jx + hx + 1, y * jy + hy + 1)
+        if g.jump == 0:  # a graph layer that sees the whole image
+            return (0, 0, image_size, image_size)
+        y0, x0 = g.offset + y * g.jump, g.offset + x * g.jump
+        return (x0, y0, x0 + g.rf_size, y0 + g.rf_size)
+
+    def box(self, y: int, x: int, image_size: int) -> tuple[int, int, int, int]:
+        """Receptive-field box (x0, y0, x1, y1) of unit (y, x), clipped to the image."""
+        x0, y0, x1, y1 = self.field_box(y, x, image_size)
+        return (max(x0, 0), max(y0, 0), min(x1, image_size), min(y1, image_size))
+
+    def to_row(self) -> dict:
+        g = self.geometry
+        return {
+            "layer": self.name, "kind": self.kind, "channels": self.channels,
+            "height": self.height, "width": self.width,
+            "kernel": g.kernel if g else None, "stride": g.stride if g else None,
+            "padding": g.padding if g else None, "rf_size": g.rf_size if g else None,
+            "jump": g.jump if g else None, "offset": g.offset if g else None,
+        }
+
+
+@dataclass
+class Pool:
+    name: str
+    index: int
+    channels: int
+    geometry: Geometry
+    ceil_mode: bool
+
+
+class LayerMapBase:
+    """Lookups shared by both maps (`layers`, `by_name` and `image_size` are set by each)."""
+
+    is_graph = False
+
+    @property
+    def conv_layers(self) -> list[Layer]:
+        return [la for la in self.layers if la.kind == "conv"]
+
+    def resolve(self, names: list[str] | str | None, kinds: tuple[str, ...] = ("conv",)) -> list[Layer]:
+        """Layers by name (comma list or list), default all of `kinds`; unknown names are an error."""
+        if names is None or names == "" or names == []:
+            return [la for la in self.layers if la.kind in kinds]
+        if isinstance(names, str):
+            names = [n.strip() for n in names.split(",") if n.strip()]
+        out = []
+        for n in names:
+            if n not in self.by_name:
+                valid = ", ".join(la.name for la in self.layers)
+                raise AtlasError(f"unknown layer '{n}': valid layers are {valid}")
+            out.append(self.by_name[n])
+        return sorted(out, key=self.layers.index)
+
+    def classes(self) -> int | None:
+        fcs = [la for la in self.layers if la.kind == "fc"]
+        return fcs[-1].channels if fcs else None
+
+
+def pad_batch(x: torch.Tensor, size: int) -> torch.Tensor:
+    """x (N, ...) with zero rows appended up to `size`, in x's memory format (channels-last stays so:
+    the layout picks the kernels too)."""
+    n = x.shape[0]
+    if n >= size:
+        return x
+    fmt = torch.contiguous_format
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        fmt = torch.channels_last
+    out = torch.zeros((size, *x.shape[1:]), dtype=x.dtype, device=x.device).contiguous(memory_format=fmt)
+    out[:n] = x
+    return out
