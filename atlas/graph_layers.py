@@ -86,7 +86,7 @@ class GraphLayerMap(LayerMapBase):
                 f = self._fields.get(read)
                 layer = Layer(name, "conv", g.position[node], g.position[read], int(shape[1]), int(shape[2]),
                               int(shape[3]), self._geometry(f, int(shape[2])))
-                layer.field = f
+                layer.rf = f
             else:
                 layer = Layer(name, "fc", g.position[node], g.position[read], int(shape[1]))
             self.layers.append(layer)
