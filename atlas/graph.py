@@ -167,7 +167,12 @@ class Graph:
                     val, idx = self._maxpool(op, args[0], indices=True)
                     sw[node] = idx
                 else:
-                    val = self._call(node, args, kwargs)
+                    # an in-place op may overwrite its input when nothing else will read it (not asked
+                    # for, no later user, not the caller's image): the model's own memory traffic
+                    a0 = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+                    free = (a0 is not None and a0.op != "placeholder" and remaining[a0] == 1 and a0 not in want
+                            and keep is None and not torch.is_grad_enabled())
+                    val = self._call(node, args, kwargs, free)
             env[node] = val
             if node in want:
                 out[node] = val
@@ -184,11 +189,26 @@ class Graph:
         return F.max_pool2d(x, p["kernel"], p["stride"], p["padding"], p["dilation"], ceil_mode=p["ceil_mode"],
                             return_indices=indices)
 
-    def _call(self, node: fx.Node, args, kwargs):
-        fn = self._runners.get(node)
-        if fn is None:
-            fn = self._runners[node] = _runner(self.gm, node)
-        return fn(args, kwargs)
+    def _call(self, node: fx.Node, args, kwargs, in_place: bool = False):
+        fns = self._runners.get(node)
+        if fns is None:
+            fns = self._runners[node] = (_runner(self.gm, node), _as_written(self.gm, node))
+        return (fns[1] if in_place and fns[1] is not None else fns[0])(args, kwargs)
+
+
+def _as_written(gm: fx.GraphModule, node: fx.Node) -> Callable | None:
+    """How the model itself runs an in-place node (None for a node that is not in place)."""
+    if node.op == "call_module":
+        m = gm.get_submodule(node.target)
+        return (lambda a, k: m(*a, **k)) if getattr(m, "inplace", False) else None
+    if node.op == "call_method":
+        name = str(node.target)
+        inplace = name.endswith("_") and not name.endswith("__")
+        return (lambda a, k: getattr(a[0], name)(*a[1:], **k)) if inplace else None
+    if node.op == "call_function" and (node.kwargs.get("inplace") or node.target in _INPLACE_FUNCS):
+        fn = node.target
+        return lambda a, k: fn(*a, **k)
+    return None
 
 
 def _runner(gm: fx.GraphModule, node: fx.Node) -> Callable:

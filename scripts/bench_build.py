@@ -39,7 +39,7 @@ def throughput(model_name: str, size: int, batch: int, batches: int, device: str
     dev = resolve_device(device)
     model = load_model(model_name).to(dev)
     lmap = LayerMap(model, size)
-    chosen = lmap.conv_layers
+    chosen = lmap.resolve(None)  # a default build's layers: every conv (2012-2014 nets), each stage's output
     # what a default build runs: every conv layer, plus the similarity index's vectors (fc7 when the
     # model has a classifier, kept by the miner); the ceiling runs the same layers bare
     plan = plan_for_build(lmap, [la.name for la in chosen], None, True, batches * batch)
@@ -47,8 +47,11 @@ def throughput(model_name: str, size: int, batch: int, batches: int, device: str
     g = torch.Generator().manual_seed(0)
     data = [torch.randn(batch, 3, size, size, generator=g) for _ in range(batches)]
     ids = [torch.arange(i * batch, (i + 1) * batch) for i in range(batches)]
-    stack = model.features if fcs else model.features[: max(la.read_at for la in chosen) + 1]
-    head = model.classifier[: max(la.read_at for la in fcs) + 1] if fcs else None
+    if lmap.is_graph:  # the model's own forward, whole (its head after the last stage is a pool and a Linear)
+        stack, head = model, None
+    else:
+        stack = model.features if fcs else model.features[: max(la.read_at for la in chosen) + 1]
+        head = model.classifier[: max(la.read_at for la in fcs) + 1] if fcs else None
 
     def bare(x):
         with torch.inference_mode():

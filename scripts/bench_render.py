@@ -24,6 +24,8 @@ compare runs only at similar load.
 
     python scripts/bench_render.py [--images 48] [--threads 2] [--repeat 7] [--json out.json] [--keep]
     python scripts/bench_render.py --smoke   # seconds: 8 images, k = 4, --repeat 2, one `atlas show` process
+    python scripts/bench_render.py --model resnet50 --images 24 --repeat 3   # layer4 of a ResNet-50 (the
+                                             # graph engine; its baseline: the same autograd loop on the graph)
 """
 from __future__ import annotations
 
@@ -98,7 +100,9 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=48)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=7)
-    ap.add_argument("--layer", default="conv5")
+    ap.add_argument("--model", default="zfnet", help="zfnet (the default) or any model `atlas build` takes")
+    ap.add_argument("--size", type=int, default=None, help="image size (default: the model's own)")
+    ap.add_argument("--layer", default=None, help="default: conv5, or the last stage of a graph model")
     ap.add_argument("--k", type=int, default=9)
     ap.add_argument("--work", default=None, help="folder for data and atlas (default: a temp folder)")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
@@ -127,18 +131,19 @@ def main() -> None:
             make_images(data, args.images, size=(256, 256))
         t0 = time.perf_counter()
         if not (atlas_dir / "manifest.json").is_file():
-            build("zfnet", str(data), atlas_dir, k=args.k, batch_size=16, device="cpu", progress=False)
+            build(args.model, str(data), atlas_dir, k=args.k, batch_size=16, device="cpu", progress=False,
+                  image_size=args.size)
         t_build = time.perf_counter() - t0
         shutil.rmtree(atlas_dir / "cache", ignore_errors=True)
 
         a = Atlas(atlas_dir)
-        layer = args.layer
+        layer = args.layer or ("conv5" if not a.lmap.is_graph else a.layer_names[-1])
         # the channels with the strongest top-1 (live ones), one per cold run
         chans = [r["channel"] for r in a.rows("SELECT channel FROM top_activations WHERE layer = ? AND rank = 0 "
                                               "ORDER BY value DESC, channel LIMIT ?", [layer, args.repeat + 1])]
         t0 = time.perf_counter()
         lm = a.lmap
-        D.check_model(lm)
+        D.check_graph(lm, layer) if lm.is_graph else D.check_model(lm)
         t_setup = time.perf_counter() - t0
 
         first_s, first_split = _cold_show(a, layer, chans[0])
@@ -176,7 +181,9 @@ def main() -> None:
             P = D.project(lm, reqs, sw)
             engine.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            B = _baseline(lm.model, lm, x, reqs_x)
+            B = _baseline(lm.model, lm, x, reqs_x) if not lm.is_graph else torch.stack([
+                D.gradient_reference(lm, x[q.image:q.image + 1], D.Request(0, q.layer, q.channel, q.y, q.x))
+                for q in reqs_x])  # per image: the whole forward to the layer, then autograd, ReLUs' rule swapped
             base.append(time.perf_counter() - t0)
         err_ref = max(D.relative_error(P.images[i], D.gradient_reference(lm, x, q)) for i, q in enumerate(reqs_x))
         err_base = D.relative_error(P.images, B)
@@ -184,7 +191,7 @@ def main() -> None:
         cs, csplit = cold[best]
         res = {
             "load_average_1min_before_after": [load0, round(os.getloadavg()[0], 2)],
-            "model": "zfnet", "image_size": a.image_size, "images": a.manifest["dataset"]["count"], "k": args.k,
+            "model": args.model, "image_size": a.image_size, "images": a.manifest["dataset"]["count"], "k": args.k,
             "layer": layer, "threads": torch.get_num_threads(), "build_s": round(t_build, 1),
             "setup_model_and_check_s": round(t_setup, 3),
             "first_cold_show_in_process_s": round(first_s, 3),
@@ -214,7 +221,7 @@ def main() -> None:
         ]
         res["checks"] = {name: {"value": v, "bar": bar, "pass": ok} for name, v, bar, _, ok in checks}
         print(json.dumps(res, indent=2))
-        print(f"\nzfnet @{a.image_size}, {layer} top-{args.k}, {res['threads']} threads, "
+        print(f"\n{args.model} @{a.image_size}, {layer} top-{args.k}, {res['threads']} threads, "
               f"load {res['load_average_1min_before_after'][0]} -> {res['load_average_1min_before_after'][1]}")
         print(f"{'figure':<44} {'measured':>10} {'bar':>8}  result")
         for name, v, bar, unit, ok in checks:
