@@ -100,6 +100,23 @@ class LayerMapBase:
             out.append(self.by_name[n])
         return sorted(out, key=self.layers.index)
 
+    def candidates(self, recorded: list[str] = ()) -> list[dict]:
+        """Every layer an atlas of this model can record (`--layers` takes any), with its shape and
+        receptive field: rf_h x rf_w pixels, a unit (y, x) starting at (y * jump + offset_y, x * jump +
+        offset_x) before clipping; `recorded`: whether this atlas holds it."""
+        rows = []
+        for la in self.layers:
+            row = {"layer": la.name, "kind": la.kind, "channels": la.channels, "height": la.height,
+                   "width": la.width, "rf_h": None, "rf_w": None, "jump": None, "offset_y": None, "offset_x": None}
+            if la.kind == "conv":
+                x0, y0, x1, y1 = la.field_box(0, 0, self.image_size)
+                g = la.geometry
+                jump = la.rf[0][0] if la.rf is not None else g.jump
+                row.update({"rf_h": y1 - y0, "rf_w": x1 - x0, "jump": jump or None, "offset_y": y0, "offset_x": x0})
+            row["recorded"] = la.name in recorded
+            rows.append(row)
+        return rows
+
     def classes(self) -> int | None:
         fcs = [la for la in self.layers if la.kind == "fc"]
         return fcs[-1].channels if fcs else None

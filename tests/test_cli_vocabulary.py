@@ -224,7 +224,8 @@ def test_build_flags_reach_build_options(monkeypatch, tmp_path):
     res = run("build", "--model", "zfnet-mini", "--data", "imgs", "--out", tmp_path / "a", "--k", 3,
               "--layers", "conv1, conv2", "--batch-size", 5, "--chunk-size", 10, "--device", "cpu", "--workers", 1,
               "--precision", "bf16", "--decode", "cpu", "--image-size", 48, "--contrast-norm", "--seed", 7,
-              "--no-activations", "--no-switches", "--no-index", "--index-layers", "conv2", "--no-progress")
+              "--no-activations", "--no-switches", "--no-index", "--index-layers", "conv2", "--no-progress",
+              "--mean", "0.5,0.5,0.5", "--std", "0.25, 0.25, 0.25")
     assert res.exit_code == 0, res.output
     kw = seen["kw"]
     fields = [f.name for f in dataclasses.fields(BuildOptions)]
@@ -232,7 +233,7 @@ def test_build_flags_reach_build_options(monkeypatch, tmp_path):
     assert dataclasses.asdict(opts) == dict(
         k=3, layers=["conv1", "conv2"], batch_size=5, chunk_size=10, device="cpu", workers=1, precision="bf16",
         decode="cpu", image_size=48, contrast_norm=True, seed=7, activations=False, switches=False, index=False,
-        index_layers=["conv2"])
+        index_layers=["conv2"], mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25])
     assert kw["progress"] is False and seen["args"][:2] == ("zfnet-mini", "imgs")
 
 
@@ -273,6 +274,7 @@ CASES = [
     (("make-shapes", "--size"), ["--size", "16"], ["--side", "16"], []),
     (("occlude", "--size"), ["--size", "8"], ["--occluder-size", "8"], []),
     (("occlude", "--label"), ["--label", "dog"], ["--class", "dog"], []),
+    (("occlude", "--method"), ["--method", "full"], ["--forward", "full"], []),
     (("invariance", "--labels"), ["--labels", "dog,cat"], ["--classes", "dog,cat"], []),
     (("evolution", "--epochs"), ["--epochs", "1,5"], ["--snapshot-epochs", "1,5"], []),
     (("index", "--batch-size"), ["--batch-size", "3"], [], []),
@@ -426,7 +428,7 @@ def test_info_show_and_filters_print_their_result_as_rows(tiny_atlas, tmp_path):
     path = run("show", a, "conv1", 0).stdout.strip()
     [row] = json.loads(run("show", a, "conv1", 0, "--format", "json").stdout)
     assert row == {"picture": "panel", "layer": "conv1", "channel": 0, "rank": None, "mode": "unit",
-                   "norm": "identity", "png": path}
+                   "norm": "identity", "display": "percentile", "method": "deconvnet", "png": path}
     [row] = json.loads(run("show", a, "conv1", 0, "--rank", 1, "--format", "json").stdout)
     assert row["picture"] == "projection" and row["rank"] == 1 and Path(row["png"]).is_file()
     path = run("filters", a).stdout.strip()

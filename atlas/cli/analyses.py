@@ -60,8 +60,9 @@ def emit(rows: list[dict], summary: list[str], fmt: str | None) -> None:
               "class names contain its label, else the most probable class (the correct one is unknown).")
 @click.option("--layer", metavar="LAYER", help="The conv layer whose strongest map is followed (default: the top "
               "one).")
-@click.option("--method", type=click.Choice(["incremental", "full"]), default="incremental", show_default=True,
-              help="incremental recomputes only the window the square changes (exact); full: the whole net.")
+@click.option("--forward", "method", type=click.Choice(["incremental", "full"]), default="incremental",
+              show_default=True, help="incremental recomputes only the window the square changes (exact); "
+              "full: the whole net.")
 @batch_size_option("Occluded images per forward pass (default: by memory).")
 @device_option
 @out_option

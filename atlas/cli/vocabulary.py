@@ -30,17 +30,21 @@ class Term:
 
 # Commands that print data (rows, a summary, a record): each takes --format table|csv|json.
 PRINTS_DATA = ("sql", "queries", "info", "layers", "channels", "top", "show", "filters", "similar", "index",
-               "evolution", "compare-filters", "occlude", "invariance", "correspondence")
+               "evolution", "compare-filters", "occlude", "invariance", "correspondence", "visualize")
 # Commands that run long (a pass over a dataset, training, a site): each takes --progress/--no-progress.
 # The analyses (occlude, invariance, correspondence) run a few batches of one to a few images: seconds.
-LONG = ("demo", "build", "make-shapes", "index", "export", "train", "evolution")
+LONG = ("demo", "build", "make-shapes", "index", "export", "train", "evolution", "visualize")
+
+# Commands that open an atlas (cli/base.py's atlas_argument): each takes --trust-code.
+OPENS_ATLAS = ("sql", "info", "layers", "channels", "top", "show", "filters", "similar", "index", "export",
+               "occlude", "invariance", "correspondence", "visualize")
 
 VOCABULARY: tuple[Term, ...] = (
     Term("--out", "--out", "PATH",
          "the file or folder the command writes (an atlas, a training run, a PNG, a folder of PNGs: the "
          "command's --help says which, and its default)",
          ("demo", "build", "train", "show", "filters", "evolution", "compare-filters", "occlude", "invariance",
-          "correspondence")),
+          "correspondence", "visualize")),
     Term("--format", "--format", "table|csv|json",
          "how the command prints its data: an aligned table, CSV, or strict JSON (RFC 8259). Listings print a "
          "table by default; without --format, `show` and `filters` print the PNG's path and the analyses their "
@@ -53,7 +57,7 @@ VOCABULARY: tuple[Term, ...] = (
     Term("--device", "--device", "auto|cpu|cuda|cuda:N",
          "where the model runs; auto (the default): the GPU when there is one, else the CPU. Anything else is "
          "refused in one line",
-         ("build", "index", "train", "evolution", "occlude", "invariance", "correspondence")),
+         ("build", "index", "train", "evolution", "occlude", "invariance", "correspondence", "visualize")),
     Term("--k", "--k", "N",
          "only the top-k an atlas keeps: the strongest activations recorded per channel (default 9)",
          ("build",)),
@@ -68,7 +72,7 @@ VOCABULARY: tuple[Term, ...] = (
          ("similar", "occlude")),
     Term("--channels", "--channels", "C1,C2,A-B",
          "channel numbers and ranges, applied to each chosen layer, e.g. 0-15,17",
-         ("export", "evolution")),
+         ("export", "evolution", "visualize")),
     Term("--image-size", "--image-size", "PIXELS",
          "the model's input side, for models that take several (zfnet-mini: 32 to 64)",
          ("build", "train")),
@@ -87,10 +91,22 @@ VOCABULARY: tuple[Term, ...] = (
     Term("--classes", "--classes", "C1,C2,...",
          "the classes charted, one per image or one for all (each as in --class)",
          ("invariance",)),
+    Term("--all", "--all", "",
+         "every one, not a chosen few: layers lists every candidate layer of the model (what build's "
+         "--layers takes); visualize renders every channel of the layer",
+         ("layers", "visualize")),
     Term("--cache", "--cache", "DIR",
          "where pictures go instead of the atlas's own cache (for an atlas that cannot be written; "
          "default: the atlas's, else ~/.cache/atlas/pictures)",
-         ("show", "filters", "export")),
+         ("show", "filters", "export", "visualize")),
+    Term("--display", "--display", "percentile|max",
+         "how a projection's values become grey levels, zero mid-grey: percentile (the default) scales each "
+         "by the 99.5th percentile of |v| inside its receptive field and clips the rest; max by its largest |v|",
+         ("show", "export")),
+    Term("--method", "--method", "deconvnet|guided",
+         "how a projection goes down to pixels: deconvnet, the paper's (from the stored switches), or guided "
+         "backpropagation (each ReLU's forward pattern too; reads the images)",
+         ("show",)),
     Term("--timeout", "--timeout", "SECONDS",
          "sql's time limit (default 30; 0: none)",
          ("sql",)),
@@ -98,14 +114,16 @@ VOCABULARY: tuple[Term, ...] = (
          "the paper's local contrast normalisation on or off (default: the model's own, or the checkpoint's)",
          ("build", "train")),
     Term("--model", "--model", "NAME",
-         "the architecture by name: zfnet, zfnet-mini, alexnet-single, alexnet, vgg11/13/16/19",
+         "the model: zfnet, zfnet-mini, alexnet-single, any torchvision classification model by name, "
+         "timm:NAME, or your own FILE.py:FACTORY / package.module:FACTORY (build); train trains zfnet, "
+         "zfnet-mini, alexnet-single, alexnet and vgg11/13/16/19",
          ("build", "train")),
     Term("--data", "--data", "DATA",
          "the images read: an image folder (a sub-folder per class, or flat), a CIFAR-10 folder, or `shapes`",
          ("build", "train", "evolution")),
     Term("--batch-size", "--batch-size", "N",
          "images per forward pass (in train: per SGD step)",
-         ("build", "train", "evolution", "occlude")),
+         ("build", "train", "evolution", "occlude", "visualize")),
     Term("--workers", "--workers", "N",
          "image-decoding processes (default: by device and cores)",
          ("build", "train", "evolution")),
@@ -114,35 +132,40 @@ VOCABULARY: tuple[Term, ...] = (
          ("build", "train"), same_type=False),
     Term("--seed", "--seed", "N",
          "the seed of everything random the command does: the same seed gives the same result",
-         ("build", "make-shapes", "train", "correspondence")),
+         ("build", "make-shapes", "train", "correspondence", "visualize")),
     Term("--resume", "--resume", "",
          "continue an interrupted run of the same command, with the same options",
          ("build", "train")),
     Term("--overwrite", "--overwrite", "",
          "replace what --out holds (an existing atlas or run)",
          ("build", "train")),
+    Term("--trust-code", "--trust-code", "",
+         "run the model code an atlas was built from (FILE.py:FACTORY, package.module:FACTORY, named in its "
+         "manifest) when the command needs the model; without it such an atlas refuses in one line",
+         OPENS_ATLAS),
 )
 
 # Options only one command takes (a second command that needs one makes it a Term above).
 COMMAND_SPECIFIC: dict[str, tuple[str, ...]] = {
     "demo": ("--quick",),
     "build": ("--weights", "--decode", "--no-activations", "--no-switches", "--index", "--index-layers",
-              "--chunk-size"),
+              "--chunk-size", "--mean", "--std"),
     "make-shapes": ("--n", "--side"),
     "sql": ("--file", "--query", "--param", "--unsafe-full-duckdb"),
     "info": ("--json",),
     "channels": ("--sort", "--desc"),
     "show": ("--rank", "--mode", "--norm", "--switches"),
     "similar": ("--image", "--image-id", "--channel", "--of-layer"),
-    "export": ("--max-channels",),
+    "export": ("--max-channels", "--feature-vis"),
     "train": ("--val", "--epochs", "--lr", "--momentum", "--weight-decay", "--dropout", "--init", "--renorm-radius",
               "--lr-patience", "--lr-factor", "--resize", "--crop", "--flip", "--ten-crop-eval", "--val-fraction",
               "--in-memory", "--memory-limit"),
     "evolution": ("--per-layer", "--select", "--cell", "--max-images"),
     "compare-filters": ("--labels", "--dead-fraction", "--bands", "--fft-size"),
-    "occlude": ("--occluder-size", "--stride", "--method"),
+    "occlude": ("--occluder-size", "--stride", "--forward"),
     "invariance": ("--transforms",),
     "correspondence": ("--images", "--random"),
+    "visualize": ("--steps", "--unit", "--diversity"),
 }
 
 
@@ -179,6 +202,8 @@ DEPRECATIONS: tuple[Deprecation, ...] = (
     Deprecation("make-shapes", ("--size",), "--side", why="--image-size is a model's input side"),
     Deprecation("occlude", ("--size",), "--occluder-size", why="--image-size is a model's input side"),
     Deprecation("occlude", ("--label",), "--class", why="one class, as --layer is one layer"),
+    Deprecation("occlude", ("--method",), "--forward",
+                why="--method is how a projection goes down to pixels (show --method deconvnet|guided)"),
     Deprecation("invariance", ("--labels",), "--classes",
                 why="--labels names the models of compare-filters"),
     Deprecation("evolution", ("--epochs",), "--snapshot-epochs",
