@@ -17,11 +17,15 @@ def load_model(name, weights=None, **kwargs):
     return _load(name, weights, **kwargs)
 
 
-def open(path):  # noqa: A001 - the documented API name
-    """Open an existing atlas folder (see `atlas.facade.Atlas`)."""
+def open(path, *, trust_code=False, model=None):  # noqa: A001 - the documented API name
+    """Open an existing atlas folder (see `atlas.facade.Atlas`).
+
+    An atlas whose model was built from your own code (FILE.py:FACTORY, package.module:FACTORY) rebuilds
+    it only with trust_code=True (it runs the file its manifest names), or from `model`, the nn.Module
+    itself (atlas.models.consent)."""
     from .facade import Atlas
 
-    return Atlas(path)
+    return Atlas(path, trust_code=trust_code, model=model)
 
 
 __all__ = ["AtlasError", "load_model", "open", "__version__", "FORMAT_VERSION"]

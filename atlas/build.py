@@ -41,6 +41,7 @@ from .inputs import DECODERS, InputBatches, choose_decoder, chunk_batches
 from .layers import LayerMap
 from .lock import writer_lock
 from .mining import Moments, TopK, spatial_max
+from .models.preprocessing import three
 from .models.registry import contrast_norm_option, load_model, model_record, preprocessing_for
 from .progress import Progress
 from .indexing import ChunkVectors, MinerPlan, build_indexes, layer_vectors, plan_for_build, vector_arrays
@@ -66,6 +67,8 @@ class BuildOptions:
     precision: str = "fp32"
     decode: str = "auto"
     image_size: int | None = None
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
     contrast_norm: bool | None = None
     seed: int = 0
     activations: bool = True
@@ -82,6 +85,8 @@ class BuildOptions:
             raise AtlasError(f"unknown precision '{self.precision}': use {' or '.join(PRECISIONS)}")
         if self.decode not in DECODERS:
             raise AtlasError(f"unknown decoder '{self.decode}': use {', '.join(DECODERS)}")
+        for name in ("mean", "std"):  # three numbers, kept as a list: the manifest's JSON and the resume check
+            object.__setattr__(self, name, three(getattr(self, name), f"--{name}"))
 
     def record(self, **resolved: Any) -> dict[str, Any]:
         """The options as the manifest and the resume check store them, with `resolved` values (the
@@ -89,12 +94,15 @@ class BuildOptions:
         return {**dataclasses.asdict(self), **resolved}
 
 
-def build(model: str, data: str, out: str | Path, *, weights: str | None = None, resume: bool = False,
-          overwrite: bool = False, progress: bool | None = None, log: Callable[[str], None] | None = None,
-          options: BuildOptions | None = None, **option_values: Any) -> Path:
+def build(model: str | torch.nn.Module, data: str, out: str | Path, *, weights: str | None = None,
+          resume: bool = False, overwrite: bool = False, progress: bool | None = None,
+          log: Callable[[str], None] | None = None, options: BuildOptions | None = None,
+          **option_values: Any) -> Path:
     """Run the build job; returns the path of the published atlas.
 
-    The options are a BuildOptions, or its fields as keywords (`k=4, batch_size=8`)."""
+    The options are a BuildOptions, or its fields as keywords (`k=4, batch_size=8`). `model`: what
+    `--model` takes (atlas.models.registry), or an nn.Module (reopening the atlas then needs it passed
+    again: atlas.open(path, model=net))."""
     opts = options if options is not None else BuildOptions(**option_values)
     out = Path(out)
     check_replaceable(out, overwrite)
@@ -170,14 +178,13 @@ class BuildJob:
         if dev.type == "cuda" and self.ranks.active:
             dev = torch.device("cuda", self.ranks.local_rank)
         self.dev = dev
+        # a name, a spec (timm:NAME, FILE.py:FACTORY, package.module:FACTORY) or an nn.Module from Python
         self.net = load_model(self.model_name, self.weights, seed=opts.seed,
                               **contrast_norm_option(self.model_name, opts.contrast_norm))
+        self.model_name = self.net.atlas_meta["name"]  # a module's: its class's qualified name
         self.source = source = open_dataset(self.data)
         self.decoder = _decoder(opts.decode, source, dev, self.ranks, self.work if resume else None)
-        pre = self.net.atlas_meta.get("preprocessing") or preprocessing_for(self.model_name, opts.image_size)
-        if opts.image_size and opts.image_size != pre["crop"]:
-            pre = preprocessing_for(self.model_name, opts.image_size)
-        self.pre = pre
+        self.pre = pre = preprocessing_for(self.model_name, opts.image_size, opts.mean, opts.std, model=self.net)
         self.lmap = LayerMap(self.net, int(pre["crop"]))
         self.chosen = self.lmap.resolve(opts.layers, kinds=("conv",))
         if any(la.kind != "conv" for la in self.chosen):
@@ -259,10 +266,19 @@ class BuildJob:
         write_tables(self.staging, self.source, errors, self.lmap, self.chosen, moms, rows)
         if self.opts.activations:
             _compact_activations(self.staging, self.work, self.names, self.nchunks)
-        state = {key: v.detach().cpu().contiguous() for key, v in self.net.features.state_dict().items()}
+        # A `features` Sequential of a model rebuilt by name: its weights (features.pt, as atlases always had).
+        # Anything else, the whole state (state.pt): the graph may use any module, and code rebuilt from a
+        # file must not depend on the weights file still being there.
+        features = getattr(self.net, "features", None)
+        if isinstance(features, torch.nn.Sequential) and self.net.atlas_meta.get("source", "atlas") in \
+                ("atlas", "torchvision", "timm"):
+            kept, file = features.state_dict(), "features.pt"
+        else:
+            kept, file = self.net.state_dict(), "state.pt"
+        state = {key: v.detach().cpu().contiguous() for key, v in kept.items()}
         buf = io.BytesIO()  # torch.save names the archive after the file: a temp name would change the bytes
         torch.save(state, buf)
-        atomic_write_bytes(self.staging / "model" / "features.pt", buf.getvalue())
+        atomic_write_bytes(self.staging / "model" / file, buf.getvalue())
 
     def manifest(self, errors: dict[int, str], runs, timings: dict[str, float]) -> dict[str, Any]:
         net, source, weights = self.net, self.source, self.weights

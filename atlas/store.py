@@ -8,7 +8,8 @@
       top_activations.parquet  layer, channel, rank, image_id, value, y, x, x0, y0, x1, y1
       switches.parquet         image_id, pool, y0, x0, h, w, data  (see atlas/switches.py)
       activations/layer=L/*.parquet   image_id, channel, value
-      model/features.pt        the conv weights, so projections need no other file
+      model/features.pt        the conv weights, so projections need no other file (a `features` Sequential's)
+      model/state.pt           instead, for any other model: its whole state_dict
       index/*.faiss (+ .json)  similarity indexes (see atlas/indexing.py)
       cache/                   lazily rendered PNGs (created on demand)
       analyses/NAME/*.parquet  results of `atlas occlude`, `invariance`, ...: each NAME is a SQL view
@@ -40,7 +41,7 @@ SQL_DIR = _PACKAGED_SQL if _PACKAGED_SQL.is_dir() else Path(__file__).resolve().
 # Format versions this tool reads. 1 did not record the model's constructor options (Atlas.model says what
 # that costs); anything else is refused with one line saying to rebuild.
 READABLE_VERSIONS = (1, FORMAT_VERSION)
-FUNCTION_CALL = re.compile(r"\b(deconv_png|similar_images|similar_channels)\s*\(")
+FUNCTION_CALL = re.compile(r"\b(deconv_png|featurevis_png|similar_images|similar_channels)\s*\(")
 ACTIVATION_FILES = "read_parquet('activations/*/*.parquet', hive_partitioning = true)"  # as in views.sql
 REQUIRED_FILES = ("images.parquet", "layers.parquet", "channels.parquet", "top_activations.parquet")
 PARQUET_PATH = re.compile(r"(read_parquet\(\s*)'([^']*)'")  # a view's file, relative to the atlas
@@ -71,8 +72,17 @@ class AtlasReader:
     it without a circle of imports. `atlas.open(path)` returns an `atlas.facade.Atlas`, this plus the
     pictures, the similarity queries and the SQL functions that run them."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, *, trust_code: bool = False, model=None):
         self.path = Path(path)
+        # consent to rebuild a model from its code, or the model itself (atlas.models.consent says why)
+        self._given_model = model
+        if trust_code or model is not None:
+            from .models import consent
+
+            if trust_code:
+                consent.grant(self.path)
+            if model is not None:
+                consent.give(self.path, model)
         self._lock = threading.RLock()
         self._registered: set[str] = set()  # modules whose SQL functions are on the connection
         mf = self.path / "manifest.json"
@@ -298,23 +308,39 @@ class AtlasReader:
 
     @cached_property
     def model(self):
-        """The model with the atlas's own copy of the conv weights (classifier from the weights file if any)."""
+        """The model with the atlas's own copy of the conv weights (classifier from the weights file if any),
+        or of its whole state (model/state.pt). A model rebuilt from the user's code needs consent
+        (atlas.models.consent): `--trust-code`, atlas.open(path, trust_code=True), or the model passed."""
         import torch
 
+        from .models import consent
         from .models.registry import load_model, feature_options
 
         m = self.manifest["model"]
+        given = self._given_model if self._given_model is not None else consent.given(self.path)
+        if given is None and (m.get("source") == "object" or (consent.needs_consent(m)
+                                                               and not consent.trusted(self.path))):
+            raise consent.refusal(self.path, m)
+        # code is rebuilt only from the record's own path and hash (registry.rebuild), and always with state.pt
+        if (self.path / "model" / "state.pt").is_file() or m.get("source") in (*consent.CODE_SOURCES, "object"):
+            return self._whole_model(m, given)
         weights = m.get("weights")
         use_file = bool(weights) and Path(weights).is_file()
         kwargs = m.get("kwargs")
         if kwargs is None:  # format 1 did not record the constructor options
             kwargs = {"num_classes": m.get("num_classes")}
             # a build without weights could only use the defaults; one from a checkpoint may not have
-            if weights and not use_file and feature_options(m["name"]):
+            if weights and not use_file and given is None and feature_options(m["name"]):
                 raise AtlasError(f"atlas '{self.path}' (format 1) does not record how its {m['name']} was built "
                                  f"(contrast normalisation, width), and its weights file '{weights}' is gone or "
                                  "changed: rebuild the atlas with `atlas build`")
-        model = load_model(m["name"], weights if use_file else None, seed=m.get("seed", 0), **kwargs)
+        if given is not None:  # the user's own module: a copy, so that loading the atlas's weights leaves it be
+            import copy
+
+            model, use_file = copy.deepcopy(given).eval(), False
+            model.atlas_meta = {**(getattr(given, "atlas_meta", None) or {}), "name": m["name"]}
+        else:
+            model = load_model(m["name"], weights if use_file else None, seed=m.get("seed", 0), **kwargs)
         if use_file and m.get("weights_sha256") and model.atlas_meta["weights_sha256"] != m["weights_sha256"]:
             # retrained in place since the build: its classifier would meet conv weights it never had
             use_file = False
@@ -331,8 +357,37 @@ class AtlasReader:
         except Exception:  # a truncated or foreign file: torch raises many types
             raise self._damaged("model/features.pt", f"does not hold the weights of the {m['name']} its manifest "
                                 "describes") from None
-        model.atlas_meta["classifier_from"] = weights if use_file else ("random init" if m.get("random_init")
-                                                                        else "unavailable")
+        model.atlas_meta["classifier_from"] = weights if use_file else (
+            "the model passed" if given is not None else "random init" if m.get("random_init") else "unavailable")
+        return model.eval()
+
+    def _whole_model(self, m: dict[str, Any], given):
+        """A model whose whole state the atlas keeps: rebuilt from the record (or the module passed), and
+        model/state.pt loaded into it, every key. No weights file is read: the atlas has them all."""
+        import copy
+
+        import torch
+
+        from .models.registry import rebuild
+
+        try:
+            state = torch.load(self.path / "model" / "state.pt", map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise self._damaged("model/state.pt", "is missing") from None
+        except Exception:  # a truncated or foreign file: torch raises many types
+            raise self._damaged("model/state.pt", "cannot be read") from None
+        if given is None:
+            model = rebuild(m, state, seed=m.get("seed", 0), label=str(self.path / "model" / "state.pt"))
+        else:
+            model = copy.deepcopy(given)  # the user's module stays as it was
+            model.atlas_meta = {**(getattr(given, "atlas_meta", None) or {}), "name": m["name"]}
+            try:
+                model.load_state_dict(state, strict=True)
+            except RuntimeError as e:
+                lines = str(e).strip().splitlines()
+                detail = next((ln.strip() for ln in lines[1:] if ln.strip()), lines[0] if lines else "")[:160]
+                raise AtlasError(f"the model passed does not fit atlas '{self.path}': {detail}") from None
+        model.atlas_meta["classifier_from"] = "atlas"
         return model.eval()
 
     @property
@@ -341,7 +396,7 @@ class AtlasReader:
         weights file, still there and still the same bytes (`model` checks the hash as it loads it: a
         file retrained in place would pair the atlas's conv weights with a classifier they never had)."""
         m = self.manifest["model"]
-        if m.get("random_init"):
+        if m.get("random_init") or (self.path / "model" / "state.pt").is_file():  # state.pt: the whole model
             return True
         if not (m.get("weights") and Path(m["weights"]).is_file()):
             return False  # no need to load the model to know

@@ -36,7 +36,7 @@ from ..data import DecodedImages, Preprocess, open_dataset
 from ..errors import AtlasError
 from ..fsutil import atomic_write, atomic_write_parquet
 from ..layers import LayerMap
-from ..models.registry import load_model, read_weights
+from ..models.registry import load_model, read_weights, trainable_names
 from ..progress import Progress
 from . import font, wrap_text
 
@@ -297,6 +297,9 @@ def _model_of(weights: Path) -> tuple[str, Any]:
     name = meta.get("model")
     if not name:
         raise AtlasError(f"weights '{weights}' do not say which model they are for (no meta.model): "
+                         "evolution needs the snapshots written by `atlas train`")
+    if name not in trainable_names():  # a name in a file is never a path to code to run
+        raise AtlasError(f"weights '{weights}' are for model '{name}', which `atlas train` does not train: "
                          "evolution needs the snapshots written by `atlas train`")
     return name, meta.get("preprocessing")
 

@@ -250,7 +250,22 @@ def format_option(f=None, *, default: str | None = "table", help: str | None = N
     return deco(f) if f is not None else deco
 
 
+def _trust_code(ctx, param, value):
+    """--trust-code: consent, for this command only, to run the code an atlas's model was built from."""
+    if value:
+        from ..models.consent import trust_command  # torch-free
+
+        trust_command(True)
+        ctx.call_on_close(lambda: trust_command(False))
+    return value
+
+
 def atlas_argument(f):
+    """The ATLAS argument, and --trust-code with it: every command that opens an atlas may open its model."""
+    f = click.option("--trust-code", is_flag=True, expose_value=False, callback=_trust_code,
+                     help="Run the model code this atlas was built from (FILE.py:FACTORY or package.module:"
+                     "FACTORY, recorded in its manifest) when the command needs the model. Without it such "
+                     "an atlas refuses, saying which file would run.")(f)
     return click.argument("atlas_path", metavar="ATLAS", type=click.Path(path_type=Path))(f)
 
 

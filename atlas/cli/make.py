@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from ..errors import AtlasError
 from .base import (CONTEXT, CommaList, batch_size_option, contrast_norm_option, device_option, image_size_option,
                    layers_option, main, progress_option, seed_option, workers_option, _say)
 
@@ -26,11 +27,34 @@ def demo(out, quick, progress):
     run_demo(out, quick=quick, progress=progress, log=_say)
 
 
+class Floats(click.ParamType):
+    """Three numbers, one per RGB channel, as a comma list: `0.485,0.456,0.406`."""
+
+    name = "R,G,B"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        parts = [p.strip() for p in str(value).split(",") if p.strip()]
+        try:
+            numbers = [float(p) for p in parts]
+        except ValueError:
+            numbers = []
+        if len(numbers) != 3:
+            raise AtlasError(f"{param.opts[0] if param else 'the value'} takes three numbers, one per RGB channel, "
+                             f"like 0.485,0.456,0.406 (got '{value}')")
+        return numbers
+
+
 @main.command(context_settings=CONTEXT)
 @click.option("--model", "model_name", required=True, metavar="NAME",
-              help="The architecture: zfnet, zfnet-mini, alexnet-single, alexnet, vgg11/13/16/19.")
-@click.option("--weights", type=click.Path(path_type=Path), help="Weights file (state_dict or `atlas train` "
-              "checkpoint). Without it the model is randomly initialised (--seed), and the manifest says so.")
+              help="The model: zfnet, zfnet-mini, alexnet-single; any torchvision classification model by its "
+              "name (resnet50, vgg16_bn, googlenet, densenet121, inception_v3, ...); timm:NAME (with timm "
+              "installed); or your own code, FILE.py:FACTORY or package.module:FACTORY (a function returning "
+              "an nn.Module). Nothing is downloaded: weights come from --weights.")
+@click.option("--weights", type=click.Path(path_type=Path), help="Weights file: a state_dict (.pt, .pth, as "
+              "torchvision writes them, or .safetensors), a training script's checkpoint or an `atlas train` one. "
+              "Without it the model is randomly initialised (--seed), and the manifest says so.")
 @click.option("--data", required=True, metavar="DATA",
               help="The images: an image folder (ImageFolder or flat), a CIFAR-10 folder, or `shapes`.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="The atlas folder to write.")
@@ -41,6 +65,10 @@ def demo(out, quick, progress):
 @device_option
 @workers_option
 @image_size_option
+@click.option("--mean", type=Floats(), metavar="R,G,B",
+              help="The mean subtracted from each channel of the [0,1] image (default: the model's own).")
+@click.option("--std", type=Floats(), metavar="R,G,B",
+              help="What each channel is divided by after the mean (default: the model's own).")
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
               help="bf16: autocast, faster on a GPU; near-ties in a ranking may swap (about 2 % of top-9 images "
               "on the demo).")
@@ -61,9 +89,9 @@ def demo(out, quick, progress):
               "multiple of --batch-size).")
 @contrast_norm_option
 @progress_option
-def build(model_name, weights, data, out, k, layers, batch_size, device, workers, image_size, precision, decode,
-          no_activations, no_switches, index, index_layers, resume, overwrite, seed, chunk_size, contrast_norm,
-          progress):
+def build(model_name, weights, data, out, k, layers, batch_size, device, workers, image_size, mean, std, precision,
+          decode, no_activations, no_switches, index, index_layers, resume, overwrite, seed, chunk_size,
+          contrast_norm, progress):
     """Run a model over a whole dataset and write its atlas.
 
     For every channel of the chosen layers: the top-k activations (value,
@@ -78,9 +106,10 @@ def build(model_name, weights, data, out, k, layers, batch_size, device, workers
     from ..build import build as run_build
 
     path = run_build(model_name, data, out, weights=str(weights) if weights else None, k=k, layers=layers,
-                     batch_size=batch_size, device=device, workers=workers, image_size=image_size,
-                     precision=precision, decode=decode, activations=not no_activations, switches=not no_switches,
-                     resume=resume, overwrite=overwrite, seed=seed, chunk_size=chunk_size, progress=progress,
+                     batch_size=batch_size, device=device, workers=workers, image_size=image_size, mean=mean,
+                     std=std, precision=precision, decode=decode, activations=not no_activations,
+                     switches=not no_switches, resume=resume, overwrite=overwrite, seed=seed,
+                     chunk_size=chunk_size, progress=progress,
                      index=index, index_layers=index_layers, contrast_norm=contrast_norm, log=_say)
     if int(os.environ.get("RANK", "0")) == 0:
         click.echo(str(path))

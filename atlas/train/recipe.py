@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from ..errors import AtlasError
-from ..models.registry import model_names, preprocessing_for
+from ..models.registry import preprocessing_for, trainable_names
 
 # The paper's recipe; per-model departures below (each recorded in config.json).
 PAPER_DEFAULTS: dict[str, Any] = {"epochs": 70, "batch_size": 128, "lr": 1e-2, "dropout": 0.5, "init": "paper"}
@@ -70,8 +70,8 @@ def check_options(o: dict[str, Any]) -> None:
     def bad(flag: str, why: str):
         raise AtlasError(f"--{flag.replace('_', '-')} {why}")
 
-    if o["model"] not in model_names():
-        raise AtlasError(f"unknown model '{o['model']}': choose one of {', '.join(model_names())}")
+    if o["model"] not in trainable_names():
+        raise AtlasError(f"unknown model '{o['model']}': choose one of {', '.join(trainable_names())}")
     if o["epochs"] < 1:
         bad("epochs", f"must be at least 1 (got {o['epochs']})")
     if o["batch_size"] < 1:

@@ -18,7 +18,7 @@ from ..device import default_workers, resolve_device
 from ..errors import AtlasError
 from ..fsutil import atomic_write_json, remove_temp_files
 from ..lock import holds_writer_lock
-from ..models.registry import build_model, constructor_options, contrast_norm_option, model_names
+from ..models.registry import build_model, constructor_options, contrast_norm_option, trainable_names
 from ..models.zfnet import paper_init
 from ..progress import Progress
 from .checkpoints import CHECKPOINT_FORMAT, save_weights, torch_save_atomic, write_metrics
@@ -63,8 +63,8 @@ class TrainOptions:
 
     def resolve(self, model: str, dev: torch.device) -> tuple[dict[str, Any], dict[str, Any]]:
         """(the run's options with every default filled in and checked, the preprocessing)."""
-        if model not in model_names():
-            raise AtlasError(f"unknown model '{model}': choose one of {', '.join(model_names())}")
+        if model not in trainable_names():
+            raise AtlasError(f"unknown model '{model}': choose one of {', '.join(trainable_names())}")
         md = {**PAPER_DEFAULTS, **MODEL_DEFAULTS.get(model, {})}
         pick = lambda name: getattr(self, name) if getattr(self, name) is not None else md[name]  # noqa: E731
         pre = run_preprocessing(model, self.image_size, self.resize, self.crop)
