@@ -34,7 +34,7 @@ from .errors import AtlasError
 RELU_KINDS = ("relu", "relu6", "leaky")
 # Kinds whose output unit (i) reads input rows [i*stride - pad, i*stride - pad + dilation*(kernel-1)].
 SPATIAL_KINDS = ("conv", "maxpool", "avgpool")
-POINTWISE_KINDS = ("bn", "relu", "relu6", "leaky", "lrn", "scale", "pass")
+POINTWISE_KINDS = ("bn", "relu", "relu6", "leaky", "lrn", "scale", "pass", "split", "piece")
 
 
 @dataclass
@@ -95,11 +95,14 @@ class _Tracer(fx.Tracer):
     """torch.nn's own modules are leaves (their forward is known); every other module is traced into.
     Each module call is recorded with the node that is its output: the layer names users know."""
 
-    def __init__(self):
-        super().__init__()
+    def __init__(self, notrace: tuple = ((), ())):
+        super().__init__(autowrap_functions=tuple(notrace[1]))
         self.calls: list[tuple[str, fx.Node]] = []
+        self._notrace = tuple(notrace[0])
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if self._notrace and isinstance(m, self._notrace):  # timm's own: shape-dependent inside, opaque here
+            return True
         return (type(m).__module__.startswith("torch.nn") and not isinstance(m, nn.Sequential)
                 and type(m) is not nn.ModuleList)
 
@@ -108,6 +111,20 @@ class _Tracer(fx.Tracer):
         if isinstance(out, fx.Proxy):
             self.calls.append((self.path_of_module(m), out.node))
         return out
+
+
+def _timm_notrace() -> tuple[list, list]:
+    """The modules and functions timm registers as not traceable (timm's own feature extraction keeps
+    them whole), when timm is imported: they stay leaves, read as opaque ops."""
+    import sys
+
+    if "timm" not in sys.modules:
+        return [], []
+    try:
+        from timm.layers import _fx
+        return list(_fx.get_notrace_modules()), list(_fx.get_notrace_functions())
+    except Exception:  # noqa: BLE001 - another timm version: trace everything
+        return [], []
 
 
 def _where_traced(exc: BaseException) -> str:
@@ -133,6 +150,7 @@ class Graph:
     calls: list[tuple[str, fx.Node]]         # (module path, its output node), in call order
     position: dict[fx.Node, int]
     shapes: dict[fx.Node, tuple[int, ...]] = field(default_factory=dict)
+    pieces: dict[fx.Node, list[tuple[int, ...]]] = field(default_factory=dict)  # a split node's outputs' shapes
     _runners: dict[fx.Node, Callable] = field(default_factory=dict, repr=False)
 
     # -- running ---------------------------------------------------------------
@@ -240,12 +258,8 @@ def trace(model: nn.Module) -> Graph:
     """The model's graph (in eval mode); a model that cannot be traced is refused in one line."""
     was_training = model.training
     model.eval()
-    tracer = _Tracer()
     try:
-        g = tracer.trace(model)
-    except Exception as e:  # noqa: BLE001 - fx raises many types; the user needs the line, not the stack
-        raise AtlasError(f"cannot trace model {type(model).__name__} with torch.fx{_where_traced(e)}: "
-                         f"{str(e).splitlines()[0][:160]}") from None
+        tracer, g = _traced(model)
     finally:
         model.train(was_training)
     gm = fx.GraphModule(tracer.root, g)
@@ -258,6 +272,23 @@ def trace(model: nn.Module) -> Graph:
     for n in nodes:
         graph.ops[n] = _read_op(gm, n, innermost.get(n, n.name))
     return graph
+
+
+def _traced(model: nn.Module):
+    """Trace into every module; if that fails and timm is loaded, again with timm's not-traceable modules
+    and functions kept whole (they become opaque ops: the atlas is built, projections through them are
+    refused), as timm's own feature extraction does."""
+    first = None
+    for notrace in (((), ()), _timm_notrace()):
+        if first is not None and not (notrace[0] or notrace[1]):
+            break
+        tracer = _Tracer(notrace)
+        try:
+            return tracer, tracer.trace(model)
+        except Exception as e:  # noqa: BLE001 - fx raises many types; the user needs the line, not the stack
+            first = first or e
+    raise AtlasError(f"cannot trace model {type(model).__name__} with torch.fx{_where_traced(first)}: "
+                     f"{str(first).splitlines()[0][:160]}") from None
 
 
 def unique_calls(calls: list[tuple[str, fx.Node]]) -> list[tuple[str, fx.Node]]:
@@ -379,6 +410,8 @@ def _read_method(n: fx.Node, where: str, ins) -> Op:
         return Op(n, "scale", where, ins, what=what)
     if name in ("size", "dim", "numel"):
         return Op(n, "meta", where, [], what=what)
+    if name in ("split", "chunk") and len(ins) == 1:
+        return Op(n, "split", where, ins, {"dim": _arg(n, 2, "dim", 0)}, what=what)
     return Op(n, "opaque", where, ins, what=what)
 
 
@@ -463,6 +496,12 @@ def _read_function(gm, n: fx.Node, where: str, ins) -> Op:
         return Op(n, "pass", where, ins[:1], what=what)
     if _stochastic_depth is not None and f is _stochastic_depth and not _arg(n, 3, "training", True):
         return Op(n, "pass", where, ins[:1], what=what)
+    if f in (torch.split, torch.chunk) and len(ins) == 1:
+        return Op(n, "split", where, ins, {"dim": _arg(n, 2, "dim", 0)}, what=what)
+    if f is operator.getitem and isinstance(n.args[0], fx.Node) and isinstance(n.args[1], int) and (
+            n.args[0].op == "call_method" and n.args[0].target in ("split", "chunk")
+            or n.args[0].target in (torch.split, torch.chunk)):
+        return Op(n, "piece", where, [n.args[0]], {"index": n.args[1]}, what="a piece of a split")
     if f is operator.getitem:
         src = n.args[0]
         if isinstance(src, fx.Node) and isinstance(n.args[1], (int, slice, tuple, type(None), type(Ellipsis))):
@@ -507,6 +546,8 @@ def shapes(graph: Graph, image_size: int) -> dict[fx.Node, tuple[int, ...]]:
                          f"({type(e).__name__}: {str(e).splitlines()[0][:140]})") from None
     for node, val in vals.items():
         grab(node, val)
+        if isinstance(val, (tuple, list)) and val and all(isinstance(v, torch.Tensor) for v in val):
+            graph.pieces[node] = [tuple(v.shape) for v in val]  # a split's outputs
     for n in graph.nodes:
         if n.op == "placeholder":
             out[n] = tuple(x.shape)

@@ -269,7 +269,9 @@ class GraphLayerMap(LayerMapBase):
             la = self.by_name.get(name)
             if la is None or la.kind != "conv":
                 continue
-            if list(m.children()):
+            # a block holds a convolution; a container without one (timm's BatchNormAct2d) is part of
+            # the stem before the first block, and of no stage after it
+            if any(isinstance(c, nn.Conv2d) for c in m.modules()) and list(m.children()):
                 blocks.append(la)
             elif not blocks:
                 stem = la

@@ -317,3 +317,28 @@ def test_captum_is_silently_wrong_on_functional_relus_and_atlas_is_right():
     assert D.relative_error(theirs.detach(), plain) < 1e-5
     assert all(lm.graph.ops[n].kind != "opaque" for n in lm.graph.nodes)
     assert sum(lm.graph.ops[n].kind in RELU_KINDS for n in lm.graph.nodes) == 3
+
+
+def test_split_and_chunk_go_back_to_their_places():
+    """CSP blocks split a map along its channels and use the pieces apart (one of them not at all)."""
+    class Split(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 3, padding=1)
+            self.b = nn.Conv2d(4, 4, 3, padding=1)
+            self.c = nn.Conv2d(6, 6, 3)
+
+        def forward(self, x):
+            x = F.leaky_relu(self.a(x), 0.1)
+            left, right = x.split(4, dim=1)
+            p, q = torch.chunk(self.b(right), 2, dim=1)
+            return F.relu(self.c(torch.cat([left, q], 1)))  # p unused
+
+    torch.manual_seed(0)
+    lm = LayerMap(Split().eval(), 16)
+    x = torch.randn(2, 3, 16, 16)
+    reqs = _units(lm, x, "c", n=3)
+    for method in D.METHODS:
+        got = D.project_images(lm, x, reqs, method=method)
+        for i, r in enumerate(reqs):
+            assert D.relative_error(got.images[i], D.gradient_reference(lm, x, r, method=method)) < 1e-5

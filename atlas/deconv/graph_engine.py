@@ -43,7 +43,8 @@ from .requests import Projections, Request
 
 # ops with a rule going down (see the module docstring); "placeholder" is the image
 RULES = {"conv", "relu", "relu6", "leaky", "maxpool", "bn", "avgpool", "adaptive_avgpool", "mean", "lrn", "add",
-         "cat", "reshape", "permute", "pad", "index", "linear", "scale", "pass", "placeholder", "meta", "get_attr"}
+         "cat", "reshape", "permute", "pad", "index", "linear", "scale", "pass", "placeholder", "meta", "get_attr",
+         "split", "piece"}
 METHODS = ("deconvnet", "guided")
 # rules whose output is a new tensor of the engine's own
 _FRESH = {"conv", "maxpool", "linear", "mean", "avgpool", "adaptive_avgpool", "pad", "index", "permute", "scale",
@@ -136,6 +137,11 @@ class _Down:
             if op.kind == "placeholder":
                 image = s if image is None else image + s
                 continue
+            if op.kind == "piece":  # a piece of a split goes back to its place among the split's outputs
+                got = sig.setdefault(op.inputs[0], {})
+                i = op.params["index"]
+                got[i] = s if i not in got else got[i] + s
+                continue
             outs = self.down(op, n, s)
             new = op.kind in _FRESH or (op.kind in ("pass", "lrn", "bn") and self.own and len(outs) == 1
                                          and outs[0][1] is s)
@@ -153,7 +159,8 @@ class _Down:
         return image
 
     def down(self, op: Op, n: fx.Node, s: torch.Tensor) -> list[tuple[fx.Node, torch.Tensor]]:
-        k, p, b = op.kind, op.params, s.shape[0]
+        k, p = op.kind, op.params
+        b = s.shape[0] if isinstance(s, torch.Tensor) else next(iter(s.values())).shape[0]
         src = op.inputs[0] if op.inputs else None
         if k == "conv":
             return [(src, _conv_down(s, self.weights[n], p, self.shape(src, b)))]
@@ -203,6 +210,13 @@ class _Down:
             shape = self.shape(src, b)
             return [(src, _vjp(lambda z: getattr(z, "permute" if str(n.target) == "permute" or n.target is
                                                   torch.permute else "transpose")(*n.args[1:]), shape, s))]
+        if k == "split":  # s: {piece index: signal}; the pieces no one sent back are zero
+            shapes = self.g.pieces[n]
+            parts = [s.get(i, None) for i in range(len(shapes))]
+            ref = next(t for t in parts if t is not None)
+            parts = [t if t is not None else ref.new_zeros((ref.shape[0], *sh[1:]))
+                     for t, sh in zip(parts, shapes)]
+            return [(src, torch.cat(parts, dim=op.params["dim"]))]
         if k in ("meta", "get_attr"):
             return []
         raise AtlasError(f"cannot project: {op.what or k} at {op.where} has no DeconvNet rule")
