@@ -22,15 +22,19 @@ class Atlas(AtlasReader):
     def similar_images(self, image_id: int | None = None, image: str | Path | None = None,
                        layer: str | None = None, k: int = 10) -> list[dict[str, Any]]:
         """Images most like image `image_id` of the atlas, or any image file `image`: `similarity.similar_images`."""
+        from .notebook import similar_images_table
         from .similarity import similar_images
 
-        return similar_images(self, image_id=image_id, image=image, layer=layer, k=k)
+        # a Table: the same list of dicts, shown in a notebook with thumbnails of the images
+        return similar_images_table(self, similar_images(self, image_id=image_id, image=image, layer=layer, k=k))
 
     def similar_channels(self, channel, k: int = 10, layer: str | None = None) -> list[dict[str, Any]]:
         """Channels whose responses are most like `channel` ("conv5:17"): `similarity.similar_channels`."""
+        from .notebook import similar_channels_table
         from .similarity import similar_channels
 
-        return similar_channels(self, channel, k=k, layer=layer)
+        # a Table: the same list of dicts, shown in a notebook with each channel's strongest projection
+        return similar_channels_table(self, similar_channels(self, channel, k=k, layer=layer))
 
     # -- pictures (rendered on demand, cached under cache/; see atlas/projections.py) ---------
     def show(self, layer: str, channel: int, rank: int | None = None, **options) -> Path:
@@ -46,12 +50,38 @@ class Atlas(AtlasReader):
 
         return filters(self, layer, out, **options)
 
+    def visualize(self, layer: str, channel: int, **options) -> Path:
+        """The feature visualization of a channel (an image optimized to excite it) as a PNG path, rendered
+        on the first request and cached: `visualizations.visualize_one` (steps=, seed=, unit=, diversity=,
+        device=, cache=, out=); `visualizations.visualize` gives a layer's records with their figures."""
+        from .visualizations import visualize_one
+
+        return visualize_one(self, layer, channel, **options)
+
+    # -- in a notebook (atlas/notebook.py: each shows itself inline, and hands its data to Python) --------
+    def channel(self, layer: str, channel: int, display: str | None = None):
+        """One channel: its statistics, top-k (a Table with thumbnails), figure 2 panel and projections."""
+        from .notebook import Channel
+
+        return Channel(self, layer, channel, display=display)
+
+    def analysis(self, name: str, run: str | None = None):
+        """An analysis's results in this atlas (ATLAS/analyses/NAME/): its figures and its table."""
+        from .notebook import Analysis
+
+        return Analysis(self, name, run)
+
+    def _repr_html_(self) -> str:
+        from .notebook import atlas_html
+
+        return atlas_html(self)
+
     def _register_functions(self, query: str) -> None:
         # Python functions (deconv_png, similar_images, similar_channels) are registered on the first
         # query that calls them: registering one imports numpy (~60 ms), which opening an atlas and plain
         # SQL should not pay. A name that is not followed by "(" (a column alias) registers nothing.
         for name in set(FUNCTION_CALL.findall(query.lower())):
-            module = "projections" if name == "deconv_png" else "similarity"
+            module = {"deconv_png": "projections", "featurevis_png": "visualizations"}.get(name, "similarity")
             if module not in self._registered:
                 importlib.import_module(f".{module}", "atlas").register_sql(self)
                 self._registered.add(module)

@@ -8,10 +8,10 @@ permission, cache/ not a folder) or a write there fails all the same (any
 OSError: disk full, a server that says no), pictures are looked for and drawn
 in the per-user cache of this atlas instead, for the rest of that renderer's life:
 
-    $XDG_CACHE_HOME/atlas/pictures/<identity>/projections-v1/<weights16>/...   (default ~/.cache/atlas/pictures)
+    $XDG_CACHE_HOME/atlas/pictures/<identity>/projections-v2/<weights16>/...   (default ~/.cache/atlas/pictures)
 
 An atlas whose cache can be written never touches the per-user one. `--cache DIR`
-(cache= here) replaces both with DIR/<identity>/projections-v1/<weights16>/.
+(cache= here) replaces both with DIR/<identity>/projections-v2/<weights16>/.
 <identity> is `identity(atlas)`: the start of the sha256 of manifest.json's
 bytes, which hold the build's creation time and the weights' hash, so a rebuilt
 atlas never meets the pictures of the old one (the atlas's own cache needs no
@@ -38,7 +38,9 @@ from pathlib import Path
 from .errors import AtlasError
 from .fsutil import TEMP_NAME, remove_temp_files
 
-VERSION = "projections-v1"
+# v2: projections scaled by a percentile of |v| (or max, asked by name: the folder says which) and the outside
+# of the image marked in light grey; v1's pictures (max only, magenta hatching) are never served again
+VERSION = "projections-v2"
 UNAVAILABLE = "atlas.unavailable"  # PNG text of a picture drawn with an image missing
 USER_CACHE_MB = 1024  # the per-user cache's bound unless ATLAS_PICTURE_CACHE_MB says otherwise
 TEMP_AGE_S = 3600  # a cache temp file this old was left by a writer that died (a picture takes seconds)
@@ -50,7 +52,7 @@ def _weights_key(atlas) -> str:
 
 
 def cache_root(atlas) -> Path:
-    """ATLAS/cache/projections-v1/<weights16>: everything rendered from these weights, in the atlas itself."""
+    """ATLAS/cache/projections-v2/<weights16>: everything rendered from these weights, in the atlas itself."""
     return Path(atlas.path, "cache", VERSION, _weights_key(atlas))
 
 

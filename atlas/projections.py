@@ -6,16 +6,18 @@ the one `Renderer` here, so whichever asks first renders and the others read
 the file. Cache layout (the atlas is immutable once built, so these keys are
 all a picture depends on):
 
-    ATLAS/cache/projections-v1/<weights16>/<mode>-<norm>/<layer>/<channel>-<rank>.png        projection
-                                                                 <channel>-<rank>-patch.png  image patch
-                                                                 <channel>-panel.png         figure 2 panel
-    ATLAS/cache/projections-v1/<weights16>/filters/<layer>.png
+    ATLAS/cache/projections-v2/<weights16>/<mode>-<norm>-<display>/<layer>/<channel>-<rank>.png   projection
+                                                                           <channel>-<rank>-patch.png  patch
+                                                                           <channel>-panel.png  figure 2 panel
+    ATLAS/cache/projections-v2/<weights16>/filters/<layer>.png
 
 weights16 is the start of the weights file's sha256 (random-seed<N> for a
 randomly initialised model), mode is unit|map, norm how local response
 normalisation is undone (identity: the paper; gradient: its true gradient),
-v1 the drawing's version. The display normalisation (atlas.render.NORMALISATION:
-per projection, centred on grey, symmetric scale) is written into each PNG's text.
+display how values become grey levels (atlas.render.DISPLAYS: percentile, the
+default, or max), v2 the drawing's version (v1 drew every projection by max|v|
+and hatched the outside in magenta: its pictures are never served now). The
+display rule is written into each PNG's text as well.
 
 Switches: "stored" decodes switches.parquet (enough for unit mode with
 norm=identity); "recompute" runs the images through the model again (needs the
@@ -58,6 +60,11 @@ from .picture_cache import VERSION, PictureCache, cache_root, incomplete, usable
 MODES = ("unit", "map")
 NORMS = ("identity", "gradient")
 SWITCHES = ("auto", "stored", "recompute")
+# atlas.render.DISPLAYS / DEFAULT_DISPLAY, repeated so that a cache hit needs no numpy
+DISPLAYS = ("percentile", "max")
+# deconv.METHODS: the paper's DeconvNet (from stored switches) or guided backpropagation (from the images)
+METHODS = ("deconvnet", "guided")
+DEFAULT_DISPLAY = "percentile"
 SWITCH_CACHE_BYTES = 1 << 30
 
 
@@ -69,25 +76,27 @@ SWITCH_CACHE_BYTES = 1 << 30
 # ---------------------------------------------------------------------------
 def show(atlas, layer: str, channel: int, rank: int | None = None, *, mode: str = "unit", norm: str = "identity",
          switches: str = "auto", out: str | os.PathLike | None = None,
-         log: Callable[[str], None] | None = None, cache: str | os.PathLike | None = None) -> Path:
+         log: Callable[[str], None] | None = None, cache: str | os.PathLike | None = None,
+         display: str = DEFAULT_DISPLAY, method: str = "deconvnet") -> Path:
     """The figure 2 panel of a channel (rank=None) or one projection (rank=R) as a PNG; returns its path.
 
     Rendered on the first request, read from the cache after that (the atlas's, or the per-user one
     when the atlas cannot be written; `cache`: a folder of your choice instead, see `PictureCache`).
+    `display`: how values become grey levels, percentile (the default) or max (atlas.render.DISPLAYS).
     With `out` the PNG is also copied there (a folder gets <layer>-<channel>[-<rank>].png). A missing
     image file is no error: its patch is a placeholder and `log` gets one line saying so.
 
         >>> a = atlas.open("my-atlas")
-        >>> show(a, "conv5", 17)            # .../cache/projections-v1/<w>/unit-identity/conv5/17-panel.png
+        >>> show(a, "conv5", 17)  # .../cache/projections-v2/<w>/unit-identity-percentile/conv5/17-panel.png
     """
-    _check_options(mode, norm, switches)
+    _check_options(mode, norm, switches, display, method)
     atlas.check_channel(layer, channel)
     k = int(atlas.manifest["k"])
     if rank is not None and not 0 <= rank < k:
         raise AtlasError(f"rank {rank} is out of range for {layer} channel {channel} (0..{k - 1})")
-    r = renderer(atlas, mode, norm, cache)
-    target = r.cache.find(f"{mode}-{norm}/{layer}/" + (f"{channel}-panel.png" if rank is None
-                                                        else f"{channel}-{rank}.png"))
+    r = renderer(atlas, mode, norm, cache, display, method)
+    target = r.cache.find(f"{r.folder}/{layer}/" + (f"{channel}-panel.png" if rank is None
+                                                     else f"{channel}-{rank}.png"))
     if usable(atlas, target):
         return _deliver(target, out, layer, channel, rank)
     rows = atlas.top(layer, channel)
@@ -111,7 +120,7 @@ def filters(atlas, layer: str | None = None, out: str | os.PathLike | None = Non
             cache: str | os.PathLike | None = None) -> Path:
     """The first conv layer's learned filters as a grid (the paper's figure 6 view); returns the PNG path.
 
-        >>> filters(atlas.open("my-atlas"))   # .../cache/projections-v1/<w>/filters/conv1.png
+        >>> filters(atlas.open("my-atlas"))   # .../cache/projections-v2/<w>/filters/conv1.png
     """
     geometry = [la["layer"] for la in atlas.manifest.get("geometry", {}).get("layers", []) if la["kind"] == "conv"]
     r = renderer(atlas, cache=cache)
@@ -127,16 +136,17 @@ def filters(atlas, layer: str | None = None, out: str | os.PathLike | None = Non
     with r.lock:
         path = r.filter_grid(name)
     if path is None:
-        cin = lm.model.features[la.index].weight.shape[1]
+        w = lm.conv_weight(la)
+        cin = w.shape[1] if w is not None else "its"
         raise AtlasError(f"only the first layer's filters are pictures ({convs[0]}): the filters of {name} "
                          f"act on {cin} feature maps, not on pixels")
     return _deliver(path, out, name, None, None, suffix="filters")
 
 
 def project(atlas, layer: str, channel: int, ranks: list[int] | None = None, *, mode: str = "unit",
-            norm: str = "identity", switches: str = "auto"):
+            norm: str = "identity", switches: str = "auto", method: str = "deconvnet"):
     """The projections (a `deconv.Projections`, tensors, not cached) of a channel's top-k entries."""
-    _check_options(mode, norm, switches)
+    _check_options(mode, norm, switches, method=method)
     rows = atlas.top(layer, channel)
     if ranks is not None:
         bad = sorted(set(ranks) - {t["rank"] for t in rows})
@@ -144,7 +154,7 @@ def project(atlas, layer: str, channel: int, ranks: list[int] | None = None, *, 
             raise AtlasError(f"rank {bad[0]} is out of range for {layer} channel {channel} (0..{len(rows) - 1})")
         rows = [t for t in rows if t["rank"] in set(ranks)]
     items = [(channel, t) for t in rows]
-    r = renderer(atlas, mode, norm)
+    r = renderer(atlas, mode, norm, method=method)
     with r.lock:
         P, done, errors = r.project(layer, items, switches)
     if errors:
@@ -156,22 +166,28 @@ _renderers: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
 
 
 def renderer(atlas, mode: str = "unit", norm: str = "identity",
-             cache: str | os.PathLike | None = None) -> "Renderer":
+             cache: str | os.PathLike | None = None, display: str = DEFAULT_DISPLAY,
+             method: str = "deconvnet") -> "Renderer":
     """The renderer of this atlas handle for these settings (kept with the handle, so its slab is reused)."""
     per = _renderers.setdefault(atlas, {})
-    key = (mode, norm, None if cache is None else str(Path(cache).absolute()))
+    key = (mode, norm, display, method, None if cache is None else str(Path(cache).absolute()))
     if key not in per:
-        per[key] = Renderer(atlas, mode, norm, cache)
+        per[key] = Renderer(atlas, mode, norm, cache, display=display, method=method)
     return per[key]
 
 
-def _check_options(mode: str, norm: str, switches: str) -> None:
+def _check_options(mode: str, norm: str, switches: str, display: str = DEFAULT_DISPLAY,
+                   method: str = "deconvnet") -> None:
     for what, v, ok in (("projection mode", mode, MODES), ("norm handling", norm, NORMS),
-                        ("switches", switches, SWITCHES)):
+                        ("switches", switches, SWITCHES), ("display", display, DISPLAYS),
+                        ("projection method", method, METHODS)):
         if v not in ok:
             raise AtlasError(f"unknown {what} '{v}': choose one of {', '.join(ok)}")
     if mode == "map" and switches == "stored":
         raise AtlasError("map mode needs switches over the whole image: use switches='recompute' "
+                         "(--switches recompute), which reads the images")
+    if method == "guided" and switches == "stored":
+        raise AtlasError("guided backpropagation needs each ReLU's forward pattern: use switches='recompute' "
                          "(--switches recompute), which reads the images")
 
 
@@ -190,12 +206,17 @@ def _deliver(path: Path, out, layer: str, channel: int | None, rank: int | None,
 # the renderer and its cache
 # ---------------------------------------------------------------------------
 class Renderer:
-    """Draws and caches the pictures of one atlas handle for one (mode, norm). Not thread-safe: hold `lock`."""
+    """Draws and caches the pictures of one atlas handle for one (mode, norm, display). Not thread-safe:
+    hold `lock`."""
 
     version = VERSION
 
-    def __init__(self, atlas, mode: str = "unit", norm: str = "identity", cache: str | os.PathLike | None = None):
-        self.a, self.mode, self.norm = atlas, mode, norm
+    def __init__(self, atlas, mode: str = "unit", norm: str = "identity", cache: str | os.PathLike | None = None,
+                 *, display: str = DEFAULT_DISPLAY, method: str = "deconvnet"):
+        _check_options(mode, norm, "auto", display, method)
+        self.a, self.mode, self.norm, self.display, self.method = atlas, mode, norm, display, method
+        # the cache key's settings part (guided backpropagation's pictures apart from DeconvNet's)
+        self.folder = f"{mode}-{norm}-{display}" + ("-guided" if method == "guided" else "")
         self.cache = PictureCache(atlas, cache)
         self.lock = threading.RLock()
         self.rendered = 0  # pictures drawn (not found in the cache)
@@ -208,7 +229,7 @@ class Renderer:
         self._free: list[int] = []
         self._have: dict[int, set] = {}  # image id -> the pools whose switches are stored for it
         self.base = cache_root(atlas)  # the atlas's own cache (pictures may be elsewhere: self.cache)
-        self.root = self.base / f"{mode}-{norm}"
+        self.root = self.base / self.folder
 
     # -- what the export and show ask for ------------------------------------------
     def channels(self, layer: str, channels: list[int], tops: dict[int, list[dict[str, Any]]], *,
@@ -220,7 +241,7 @@ class Renderer:
         What could not be made (no switches, an image gone for recompute) is None, the reason in "error".
         """
         out, items, panels = {}, [], set()
-        find, d = self.cache.find, f"{self.mode}-{self.norm}/{layer}"
+        find, d = self.cache.find, f"{self.folder}/{layer}"
         for c in channels:
             rows = tops.get(c, [])
             res = {"panel": find(f"{d}/{c}-panel.png") if rows else None,
@@ -260,8 +281,9 @@ class Renderer:
         la = lm.by_name.get(layer)
         if la is None or la.kind != "conv" or la.pools_below:
             return None
-        w = lm.model.features[la.index].weight
-        if w.shape[1] not in (1, 3) or any(m.kind == "conv" and m.index < la.index for m in lm.conv_layers):
+        w = lm.conv_weight(la)
+        if w is None or w.shape[1] not in (1, 3) or any(m.kind == "conv" and m.index < la.index
+                                                         for m in lm.conv_layers):
             return None
         p = self.cache.put(p, R.filter_grid(w))
         self.rendered += 1
@@ -272,12 +294,12 @@ class Renderer:
     def _source(self, switches: str) -> str:
         if switches != "auto":
             return switches
-        if self.mode == "map":
+        if self.mode == "map" or self.method == "guided":
             return "recompute"  # stored switches hold only the receptive fields of the top-k units
         if self.norm == "gradient":
             from .deconv import NORM_TYPES as _NORM
 
-            if any(isinstance(m, _NORM) for m in self.a.lmap.model.features):
+            if not self.a.lmap.is_graph and any(isinstance(m, _NORM) for m in self.a.lmap.model.features):
                 return "recompute"
         return "stored"
 
@@ -325,7 +347,7 @@ class Renderer:
             sw = {p: self._slab[p] for p in la.pools_below} if la.pools_below else None
             P = D.project(lm, reqs, sw, mode=self.mode, norm=self.norm)
         else:
-            P = D.project_images(lm, x, reqs, mode=self.mode, norm=self.norm)
+            P = D.project_images(lm, x, reqs, mode=self.mode, norm=self.norm, method=self.method)
         self.split["projection_s"] += time.perf_counter() - t
         return P, done, errors
 
@@ -359,7 +381,8 @@ class Renderer:
                 at = res["at"][r["rank"]]
                 proj, patch = res["proj"][at], res["patch"][at]
                 if not proj.is_file():  # a projection needs no image: never incomplete
-                    res["proj"][at] = self.cache.put(proj, R.projection_image(P, i, rank=r["rank"], text=_src(r)))
+                    res["proj"][at] = self.cache.put(proj, R.projection_image(P, i, rank=r["rank"], text=_src(r),
+                                                                              display=self.display))
                     self.rendered += 1
                 if not usable(self.a, patch):
                     up = R.upscale_for(max(box[2] - box[0], box[3] - box[1]))
@@ -372,7 +395,8 @@ class Renderer:
                         for i in idx]
                 sub = D.Projections(P.mode, P.norm, S, meta, [P.windows[i] for i in idx],
                                     [P.origins[i] for i in idx])
-                res["panel"] = self.cache.put(res["panel"], R.panel(sub, patches), unavailable=gone)
+                res["panel"] = self.cache.put(res["panel"], R.panel(sub, patches, display=self.display),
+                                              unavailable=gone)
                 self.rendered += 1
         self.split["drawing_s"] += time.perf_counter() - t
 
@@ -450,7 +474,8 @@ SQL_FUNCTION = "atlas_deconv_png"
 
 
 def register_sql(atlas) -> None:
-    """Add deconv_png(layer, channel, rank [, mode [, norm]]) -> the projection's PNG path to the atlas's SQL.
+    """Add deconv_png(layer, channel, rank [, mode [, norm [, display]]]) -> the projection's PNG path to the
+    atlas's SQL.
 
     The function renders on demand (through the cache) a batch of rows at a time; torch is imported
     on its first call, not here. It works on a second handle of the same atlas, because a function
@@ -459,35 +484,35 @@ def register_sql(atlas) -> None:
     """
     path, state, lock = atlas.path, {}, threading.Lock()
 
-    def batch(layer, channel, rank, mode, norm):
+    def batch(layer, channel, rank, mode, norm, display):
         with lock:  # DuckDB may call from several threads; a renderer is not thread-safe
             if "handle" not in state:
                 from .store import AtlasReader as Atlas
 
                 state["handle"] = Atlas(path)
-            return _sql_batch(state["handle"], layer, channel, rank, mode, norm)
+            return _sql_batch(state["handle"], layer, channel, rank, mode, norm, display)
 
     con = atlas.con
-    con.create_function(SQL_FUNCTION, batch, ["VARCHAR", "INTEGER", "INTEGER", "VARCHAR", "VARCHAR"], "VARCHAR",
-                        type="arrow", side_effects=True)
-    con.execute(f"CREATE OR REPLACE MACRO deconv_png(layer, channel, rank, mode := 'unit', norm := 'identity') "
-                f"AS {SQL_FUNCTION}(layer, channel, rank, mode, norm)")
+    con.create_function(SQL_FUNCTION, batch, ["VARCHAR", "INTEGER", "INTEGER", "VARCHAR", "VARCHAR", "VARCHAR"],
+                        "VARCHAR", type="arrow", side_effects=True)
+    con.execute(f"CREATE OR REPLACE MACRO deconv_png(layer, channel, rank, mode := 'unit', norm := 'identity', "
+                f"display := '{DEFAULT_DISPLAY}') AS {SQL_FUNCTION}(layer, channel, rank, mode, norm, display)")
 
 
-def _sql_batch(h, layer, channel, rank, mode, norm):
+def _sql_batch(h, layer, channel, rank, mode, norm, display):
     import pyarrow as pa
 
     rows = list(zip(layer.to_pylist(), channel.to_pylist(), rank.to_pylist(), mode.to_pylist(),
-                    norm.to_pylist()))
+                    norm.to_pylist(), display.to_pylist()))
     groups: dict[tuple, dict[int, set]] = {}
-    for la, c, r, m, n in rows:
-        if None in (la, c, r, m, n):
+    for la, c, r, m, n, d in rows:
+        if None in (la, c, r, m, n, d):
             continue
-        _check_options(m, n, "auto")
+        _check_options(m, n, "auto", d)
         h.check_channel(la, c)
-        groups.setdefault((la, m, n), {}).setdefault(c, set()).add(r)
+        groups.setdefault((la, m, n, d), {}).setdefault(c, set()).add(r)
     paths: dict[tuple, str] = {}
-    for (la, m, n), chans in groups.items():
+    for (la, m, n, d), chans in groups.items():
         tops = _tops(h, la, sorted(chans))
         for c, ranks in chans.items():
             have = {t["rank"] for t in tops.get(c, [])}
@@ -495,12 +520,12 @@ def _sql_batch(h, layer, channel, rank, mode, norm):
             if bad:
                 raise AtlasError(f"rank {bad[0]} is out of range for {la} channel {c} (0..{len(have) - 1})")
         asked = {c: [t for t in tops[c] if t["rank"] in chans[c]] for c in chans}  # only what the query names
-        res = renderer(h, m, n).channels(la, sorted(chans), asked, panel=False)
+        res = renderer(h, m, n, display=d).channels(la, sorted(chans), asked, panel=False)
         for c, rows_c in asked.items():
             for t, p in zip(rows_c, res[c]["proj"]):
                 if p is None:
                     raise AtlasError(f"cannot project {la} channel {c} rank {t['rank']}: {res[c]['error']}")
-                paths[(la, c, t["rank"], m, n)] = str(p)
+                paths[(la, c, t["rank"], m, n, d)] = str(p)
     return pa.array([paths.get(t) if None not in t else None for t in rows], type=pa.string())
 
 

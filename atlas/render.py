@@ -1,23 +1,39 @@
 """Pictures of projections: display normalisation, the paper's figure 2 panel, filter grids, PNG files.
 
-Display normalisation (`NORMALISATION`, written into every PNG): a projection
-is a signed picture in the model's input space (mean-subtracted pixels), so
-each one is shown centred on grey with a symmetric scale,
+Display normalisation (`DISPLAYS`, the rule written into every PNG's text and
+part of the cache key): a projection is a signed picture in the model's input
+space (mean-subtracted pixels), so each one is shown centred on grey with a
+symmetric scale s of its own,
 
-    shown = v / (2 * max|v|) + 0.5        (then 0..1 -> 0..255)
+    shown = clip(v / (2 * s), -0.5, 0.5) + 0.5        (then 0..1 -> 0..255)
 
-where max|v| is taken over all three colour channels inside the unit's
-receptive-field box (clipped to the image). Zero is mid-grey (128); the
-strongest contribution is black or white; positive and negative contributions
-are both visible. Each projection has its own scale, so brightness says
-nothing about strength across projections (the activation value, in the PNG
-text, does).
+percentile (the default): s is the 99.5th percentile (`PERCENTILE`) of |v| over
+    the three colour channels inside the unit's receptive-field box clipped to
+    the image; the few values beyond +-s are clipped to black or white.
+max (the display before): s = max|v| over the same values, nothing clipped.
+
+Why a percentile: a DeconvNet projection is heavy-tailed, so with s = max|v|
+one strong pixel sets the scale and most of the picture sits within a few grey
+levels of mid-grey (the README measures it on the demo's conv5). The paper's
+figures are contrast-normalised per projection, and attribution tools clip
+outliers before scaling: Captum's visualize_image_attr saturates the largest
+values that carry 2 % of the total |attribution| (outlier_perc=2), Vertex AI's
+image explanations clip at the 99.9th percentile. Clipping 0.5 % of the values
+keeps the sign and the shape and makes the rest visible. When that percentile is 0 (a projection zero on more than 99.5 % of
+its field) s falls back to max|v|, so its few non-zero pixels still show; an
+all-zero projection is plain mid-grey. In both displays zero is mid-grey (128)
+and negative and positive contributions are both visible; each projection has
+its own scale, so brightness says nothing about strength across projections
+(the activation value and s, in the PNG text, do).
 
 A panel (`panel`) is figure 2 of the paper for one channel: the top-k
 projections in a grid (3 x 3 for k = 9) beside the matching image patches.
 Every cell is the unit's receptive-field box, unclipped, so patch and
 projection line up pixel for pixel; the part of the box beyond the image
-border is hatched (`OUTSIDE`) in both. Small fields are enlarged with NEAREST.
+border is marked quietly (`OUTSIDE`: a flat light grey with thin, slightly
+darker diagonal lines), the same in both, so that for a small-input model,
+whose deep fields reach far beyond the image, the picture and not its border
+is what one sees. Small fields are enlarged with NEAREST.
 
 PNG files are written atomically (`write_png`, through atlas.fsutil.atomic_write:
 the cache and the site skip its fsync), so no reader ever sees a truncated PNG.
@@ -37,14 +53,29 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
-NORMALISATION = ("per projection: shown = v / (2 * max|v|) + 0.5, max|v| over the three colour channels "
-                 "inside the unit's receptive-field box clipped to the image; 0 is mid-grey, the largest |v| "
-                 "black or white; negative and positive contributions both visible; one scale per projection")
+PERCENTILE = 99.5  # of |v| in the field: the display scale of `percentile`
+DISPLAYS = {
+    "percentile": (f"per projection: shown = clip(v / (2 * s), -0.5, 0.5) + 0.5, s the {PERCENTILE:g}th percentile "
+                   "of |v| over the three colour channels inside the unit's receptive-field box clipped to the "
+                   "image (s = max|v| where that percentile is 0; all zero: mid-grey); the values beyond s are "
+                   "clipped to black or white; 0 is mid-grey; negative and positive contributions both visible; "
+                   "one scale per projection"),
+    "max": ("per projection: shown = v / (2 * max|v|) + 0.5, max|v| over the three colour channels "
+            "inside the unit's receptive-field box clipped to the image; 0 is mid-grey, the largest |v| "
+            "black or white; negative and positive contributions both visible; one scale per projection"),
+}
+DEFAULT_DISPLAY = "percentile"
+NORMALISATION = DISPLAYS[DEFAULT_DISPLAY]
 FILTER_NORMALISATION = ("per filter: shown = w / (2 * max|w|) + 0.5 over its three colour channels; "
                         "0 is mid-grey; one scale per filter")
-OUTSIDE = "hatched: the receptive field beyond the image border"
+OUTSIDE = "light grey with thin diagonal lines: the receptive field beyond the image border"
 BACKGROUND = (255, 255, 255)
-HATCH = ((58, 58, 58), (196, 72, 196))  # dark grey / magenta stripes: never a projection or photo grey
+# Beyond the image: a flat light grey, no colour, lines one pixel wide. Lighter than any projection grey
+# near zero, so it never reads as "no contribution", and quiet next to a photograph.
+OUTSIDE_TONE = (232, 232, 232)
+OUTSIDE_LINE = (212, 212, 212)
+OUTSIDE_PERIOD = 6
+HATCH = (OUTSIDE_LINE, OUTSIDE_TONE)  # the two colours of the outside, line first
 TEXT_PREFIX = "atlas."
 MIN_CELL = 72  # cells of smaller receptive fields are enlarged (NEAREST) to about this size
 
@@ -78,29 +109,56 @@ def _inside(box: tuple[int, int, int, int], size: int) -> np.ndarray:
     return ys[:, None] & xs[None, :]
 
 
-def normalise(v: Any, region: np.ndarray | None = None) -> np.ndarray:
-    """Signed (3, h, w) -> uint8 (h, w, 3) by `NORMALISATION`; the scale from `region` (bool h x w) if given."""
+def check_display(display: str) -> None:
+    if display not in DISPLAYS:
+        from .errors import AtlasError
+
+        raise AtlasError(f"unknown display '{display}': choose one of {', '.join(DISPLAYS)}")
+
+
+def display_scale(v: Any, region: np.ndarray | None = None, display: str = DEFAULT_DISPLAY) -> float:
+    """The s of `DISPLAYS[display]` for a signed (3, h, w) projection: the |v| shown as black or white
+    (0.0 for an all-zero one). `region` (bool h x w): the pixels it is taken over (default all)."""
+    check_display(display)
+    a = _array(v)
+    if a.ndim == 2:
+        a = a[None]
+    sel = np.abs(a[:, region] if region is not None else a).ravel()
+    if not sel.size:
+        return 0.0
+    m = float(sel.max())
+    if display == "max" or m == 0.0:
+        return m
+    # linear interpolation between order statistics: the same bytes on every machine for the same values
+    s = float(np.percentile(sel, PERCENTILE))
+    return s if s > 0.0 else m
+
+
+def normalise(v: Any, region: np.ndarray | None = None, display: str = DEFAULT_DISPLAY,
+              scale: float | None = None) -> np.ndarray:
+    """Signed (3, h, w) -> uint8 (h, w, 3) by `DISPLAYS[display]`; the scale from `region` (bool h x w) if
+    given, or `scale` itself (as `display_scale` gives it)."""
     a = _array(v)
     if a.ndim == 2:
         a = a[None]
     if a.shape[0] == 1:
         a = np.repeat(a, 3, axis=0)
-    sel = a[:, region] if region is not None else a
-    m = float(np.abs(sel).max()) if sel.size else 0.0
+    m = display_scale(a, region, display) if scale is None else float(scale)
     shown = a / (2.0 * m) + 0.5 if m > 0 else np.full_like(a, 0.5)
     return (np.clip(shown, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8).transpose(1, 2, 0)
 
 
-def _hatch(rgb: np.ndarray, outside: np.ndarray, period: int = 6) -> np.ndarray:
-    """Paint the `outside` pixels of rgb (h, w, 3) with diagonal stripes."""
+def _hatch(rgb: np.ndarray, outside: np.ndarray, period: int = OUTSIDE_PERIOD) -> np.ndarray:
+    """Paint the `outside` pixels of rgb (h, w, 3) quietly: `OUTSIDE_TONE` crossed by thin diagonal
+    `OUTSIDE_LINE`s, one pixel wide every `period` (anchored to the cell, so projection and patch agree)."""
     if not outside.any():
         return rgb
     h, w = outside.shape
     yy, xx = np.mgrid[0:h, 0:w]
-    stripe = ((yy + xx) // max(1, period // 2)) % 2 == 0
+    line = (yy + xx) % max(2, period) == 0
     out = rgb.copy()
-    out[outside & stripe] = HATCH[0]
-    out[outside & ~stripe] = HATCH[1]
+    out[outside & line] = OUTSIDE_LINE
+    out[outside & ~line] = OUTSIDE_TONE
     return out
 
 
@@ -116,16 +174,24 @@ def upscale_for(size: int, minimum: int = MIN_CELL, cap: int = 8) -> int:
 # ---------------------------------------------------------------------------
 # cells
 # ---------------------------------------------------------------------------
+def _outside(rgb: np.ndarray, inside: np.ndarray, upscale: int) -> np.ndarray:
+    """rgb enlarged, then its pixels beyond the image marked (after enlarging: lines stay one pixel)."""
+    big = _enlarge(rgb, upscale)
+    if inside.all():
+        return big
+    return _hatch(big, ~_enlarge(inside, upscale), OUTSIDE_PERIOD)
+
+
 def projection_cell(projection: Any, box: tuple[int, int, int, int], image_size: int,
-                    upscale: int = 1, full: bool = True) -> Image.Image:
-    """One projection shown in `box` (x0, y0, x1, y1, unclipped): normalised over the part inside
-    the image, the part outside hatched. `projection` is the full (3, S, S) map (full=True) or
-    already the (3, h, w) crop of `box` (full=False)."""
+                    upscale: int = 1, full: bool = True, display: str = DEFAULT_DISPLAY,
+                    scale: float | None = None) -> Image.Image:
+    """One projection shown in `box` (x0, y0, x1, y1, unclipped): normalised by `display` over the part
+    inside the image (or with `scale`), the part outside marked (`OUTSIDE`). `projection` is the full
+    (3, S, S) map (full=True) or already the (3, h, w) crop of `box` (full=False)."""
     a = _array(projection)
     crop = _crop_pad(a, box) if full else a
     inside = _inside(box, image_size)
-    rgb = _hatch(normalise(crop, inside), ~inside)
-    return Image.fromarray(_enlarge(rgb, upscale))
+    return Image.fromarray(_outside(normalise(crop, inside, display, scale), inside, upscale))
 
 
 def patch_cell(image: Any, box: tuple[int, int, int, int], image_size: int, upscale: int = 1) -> Image.Image:
@@ -147,7 +213,7 @@ def patch_cell(image: Any, box: tuple[int, int, int, int], image_size: int, upsc
     else:
         raise ValueError(f"patch image of {arr.shape[1]}x{arr.shape[0]} px fits neither the "
                          f"{image_size} px image nor the box {box}")
-    return Image.fromarray(_enlarge(_hatch(crop.astype(np.uint8), ~inside), upscale))
+    return Image.fromarray(_outside(crop.astype(np.uint8), inside, upscale))
 
 
 def _font(size: int = 11):
@@ -222,7 +288,8 @@ def _entries(projections: Any, boxes, image_size) -> tuple[list, list, int, list
 
 def panel(projections: Any, patches: Sequence[Any], *, boxes: Sequence[tuple[int, int, int, int]] | None = None,
           image_size: int | None = None, upscale: int | None = None, cols: int | None = None,
-          caption: str | None = None, gap: int = 2, text: dict[str, Any] | None = None) -> Image.Image:
+          caption: str | None = None, gap: int = 2, text: dict[str, Any] | None = None,
+          display: str = DEFAULT_DISPLAY) -> Image.Image:
     """The paper's figure 2 panel for one channel: projections (left grid) beside image patches (right).
 
     projections  a `deconv.Projections` (boxes and image size from its meta), or a list of full
@@ -232,19 +299,23 @@ def panel(projections: Any, patches: Sequence[Any], *, boxes: Sequence[tuple[int
     upscale      NEAREST enlargement; default brings small fields to about MIN_CELL px
     cols         grid columns (default ceil(sqrt(k)): 3 x 3 for k = 9)
     caption      optional text strip under the panel
+    display      how values become grey levels: a key of `DISPLAYS` (each projection its own scale)
     The returned image's `info` holds the PNG text (see `write_png`).
     """
+    check_display(display)
     arrays, bx, s, meta = _entries(projections, boxes, image_size)
     if len(patches) != len(arrays):
         raise ValueError(f"{len(arrays)} projections but {len(patches)} patches")
     if not arrays:
         im = placeholder(160, 40, "no projections")
-        im.info.update(_text({"normalisation": NORMALISATION}, text))
+        im.info.update(_text({"display": display, "normalisation": DISPLAYS[display]}, text))
         return im
     size = max(max(b[2] - b[0], b[3] - b[1]) for b in bx)
     up = upscale or upscale_for(size)
     cols = cols or math.ceil(math.sqrt(len(arrays)))
-    pcells = [projection_cell(a, b, s, up, full=False) for a, b in zip(arrays, bx)]
+    scales = [display_scale(a, _inside(b, s), display) for a, b in zip(arrays, bx)]
+    pcells = [projection_cell(a, b, s, up, full=False, display=display, scale=sc)
+              for a, b, sc in zip(arrays, bx, scales)]
     icells = [patch_cell(p, b, s, up) for p, b in zip(patches, bx)]
     left, right = _grid(pcells, cols, gap), _grid(icells, cols, gap)
     sep = max(3 * gap, 6)
@@ -253,7 +324,8 @@ def panel(projections: Any, patches: Sequence[Any], *, boxes: Sequence[tuple[int
     im.paste(right, (left.width + sep, 0))
     if caption:
         im = _caption(im, caption)
-    info: dict[str, Any] = {"normalisation": NORMALISATION, "outside": OUTSIDE, "upscale": up,
+    info: dict[str, Any] = {"display": display, "normalisation": DISPLAYS[display], "outside": OUTSIDE,
+                            "scales": [float(f"{sc:.6g}") for sc in scales], "upscale": up,
                             "layout": f"left: projections, right: image patches; {cols} columns, rank order"}
     if meta and meta[0]:
         first = meta[0]
@@ -268,17 +340,21 @@ def panel(projections: Any, patches: Sequence[Any], *, boxes: Sequence[tuple[int
 
 def projection_image(projections: Any, i: int, *, box: tuple[int, int, int, int] | None = None,
                      upscale: int | None = None, rank: int | None = None,
-                     text: dict[str, Any] | None = None) -> Image.Image:
-    """One projection of a `deconv.Projections` as a picture of its receptive-field box (hatched beyond
-    the image), with the PNG text (layer, channel, rank, mode, norm, value, normalisation) in `info`."""
+                     text: dict[str, Any] | None = None, display: str = DEFAULT_DISPLAY) -> Image.Image:
+    """One projection of a `deconv.Projections` as a picture of its receptive-field box (marked beyond
+    the image), with the PNG text (layer, channel, rank, mode, norm, value, display, normalisation,
+    scale: the |v| shown as black or white) in `info`."""
     m = projections.meta[i]
     s = projections.image_size
     b = box or (tuple(m["rf_box"]) if m["mode"] == "unit" else (0, 0, s, s))
     up = upscale or upscale_for(max(b[2] - b[0], b[3] - b[1]))
-    im = projection_cell(projections.crop(i, b), b, s, up, full=False)
+    crop = projections.crop(i, b)
+    sc = display_scale(crop, _inside(b, s), display)
+    im = projection_cell(crop, b, s, up, full=False, display=display, scale=sc)
     info = {k: m[k] for k in ("layer", "channel", "mode", "norm", "y", "x", "value", "image_id") if k in m}
     info.update({"rank": rank if rank is not None else m.get("rank"), "box": list(b), "upscale": up,
-                 "normalisation": NORMALISATION, "outside": OUTSIDE})
+                 "display": display, "normalisation": DISPLAYS[display], "scale": float(f"{sc:.6g}"),
+                 "outside": OUTSIDE})
     im.info.update(_text(info, text))
     return im
 

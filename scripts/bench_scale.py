@@ -277,7 +277,7 @@ def measure(path: Path, repeat: int, export_runs: int, max_channels: int | None 
     r["selectivity"].update(rows=sel["activation_rows"], groups=sel["mean_per_class_rows"], maxrss_mb=sel["maxrss_mb"])
     print(f"mean per class per channel {r['selectivity']['mean_per_class']['best']:.2f} s", file=sys.stderr)
 
-    pictures = cache_root(SimpleAtlas(path, m)) / "unit-identity" / LAYER
+    pictures = cache_root(SimpleAtlas(path, m)) / "unit-identity-percentile" / LAYER  # Renderer.folder of the default
     cold, warm, last = [], [], {}
     with tempfile.TemporaryDirectory(prefix="bench-scale-site-") as tmp:
         for i in range(export_runs):

@@ -16,9 +16,10 @@
 --   SELECT * FROM similar_channels('conv5', 17, 10) JOIN channels USING (layer, channel) ORDER BY rank;
 -- Plain DuckDB has neither: they are Python functions over the FAISS indexes in ATLAS/index/.
 --
--- And one scalar function: deconv_png(layer, channel, rank [, mode [, norm]]) renders the
+-- And one scalar function: deconv_png(layer, channel, rank [, mode [, norm [, display]]]) renders the
 -- DeconvNet projection of a top-k entry on demand and returns its PNG's path (cached inside
--- the atlas; mode 'unit' (default) or 'map', norm 'identity' (default) or 'gradient'), e.g.
+-- the atlas; mode 'unit' (default) or 'map', norm 'identity' (default) or 'gradient', display
+-- 'percentile' (default) or 'max', by name: deconv_png(layer, channel, rank, display := 'max')), e.g.
 --   SELECT rank, deconv_png(layer, channel, rank) FROM top_activations
 --   WHERE layer = 'conv5' AND channel = 17;
 -- It is defined by atlas/projections.py, not here: plain DuckDB has no such function.

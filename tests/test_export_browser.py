@@ -2,7 +2,8 @@
 
 From file://: index -> layer -> channel by clicking, pictures shown (screenshot not blank), no console
 errors, the sort/filter controls work, and a dataset with a file named like an <img onerror=...> tag
-runs no script and opens no dialog.
+runs no script and opens no dialog. A layer page of many channels fetches only the pictures of the
+tiles near the viewport at load, and the others as they come into view (scrolled or sorted there).
 """
 import io
 import re
@@ -19,6 +20,7 @@ import atlas
 from atlas.build import build
 from atlas.export import export
 
+from conftest import make_image_folder
 from test_export import make_hostile_folder, xss_channel
 
 ARGS = ["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
@@ -171,5 +173,74 @@ def test_sort_and_filter_in_the_page(browser_site, browser):
 
     assert page.evaluate("window.__xss") is None
     assert not ev["dialogs"] and not ev["errors"], ev
+    assert not [m for m in ev["console"] if m[0] == "error"], ev["console"]
+    page.close()
+
+
+# ---------------------------------------------------------------------------
+# a layer page of many channels loads its pictures lazily, from file://
+# ---------------------------------------------------------------------------
+WIDE = 160  # conv1 channels of the widened zfnet-mini: a page of 160 tiles, most of them off-screen
+
+
+@pytest.fixture(scope="module")
+def wide_site(tmp_path_factory):
+    import torch
+
+    from atlas.models.registry import load_model
+
+    root = tmp_path_factory.mktemp("wide")
+    data = make_image_folder(root / "data", per_class=2)
+    model = load_model("zfnet-mini", width=WIDE)
+    torch.save({"model_state": model.state_dict(), "meta": {"model": "zfnet-mini", "width": WIDE}}, root / "w.pt")
+    # conv1 only, k = 1: its projections need no unpooling, so 160 channels export in seconds
+    path = build("zfnet-mini", str(data), root / "atlas", weights=str(root / "w.pt"), k=1, batch_size=6,
+                 image_size=32, layers="conv1", index=False, progress=False)
+    return export(path, root / "site", progress=False)
+
+
+def test_many_channels_load_only_the_pictures_near_the_viewport(wide_site, browser):
+    page = browser.new_page()
+    page.set_viewport_size({"width": 1000, "height": 700})
+    ev = watch(page)
+    fetched: list[str] = []
+    page.on("request", lambda r: fetched.append(r.url))
+    page.goto((wide_site / "conv1" / "index.html").as_uri())
+    page.wait_for_load_state("load")
+    page.wait_for_timeout(300)
+
+    def pictures() -> set[str]:
+        return {u.rsplit("/", 1)[-1] for u in fetched if "/conv1/img/" in u}
+
+    margin = int(page.evaluate("document.documentElement.dataset.lazyMargin").rstrip("px"))
+    # where each tile picture is, relative to the viewport (nothing scrolled yet)
+    tops = page.evaluate("""() => Array.from(document.querySelectorAll('#tiles img')).map(i =>
+        [i.getAttribute('data-src') || i.getAttribute('src'), i.getBoundingClientRect().top])""")
+    assert len(tops) == 2 * WIDE
+    near = {src.rsplit("/", 1)[-1] for src, top in tops if top < 700 + margin - 2}
+    far = {src.rsplit("/", 1)[-1] for src, top in tops if top > 700 + margin + 2}
+    at_load = pictures()
+    assert near and near <= at_load, sorted(near - at_load)[:5]   # the first screens' pictures are there
+    assert len(far) > WIDE and not (far & at_load), sorted(far & at_load)[:5]  # off-screen tiles: not fetched
+    assert len(at_load) < WIDE  # fewer than half of the 320 pictures
+
+    # scrolling to the end fetches the last tiles' pictures, and they show
+    page.evaluate("window.scrollTo(0, document.body.scrollHeight)")
+    last = f"{WIDE - 1}-0.png"
+    page.wait_for_function(f"() => {{ const i = document.querySelector('#tiles img[src=\"img/{last}\"]');"
+                           " return i && i.complete && i.naturalWidth > 0; }")
+    assert last in pictures() and f"{WIDE - 1}-0-patch.png" in pictures()
+
+    # sorting brings other tiles to the top: their pictures load there, once
+    page.evaluate("window.scrollTo(0, 0)")
+    page.select_option("#sort", "-max")
+    first = page.evaluate("() => Array.from(document.querySelectorAll('#tiles .tile')).slice(0, 5)"
+                          ".map(t => +t.dataset.channel)")
+    for c in first:
+        page.wait_for_function(f"() => {{ const i = document.querySelector('#tiles .tile[data-channel=\"{c}\"] img');"
+                               " return i.complete && i.naturalWidth > 0 && !i.hasAttribute('data-src'); }")
+    names = [u.rsplit("/", 1)[-1] for u in fetched if "/conv1/img/" in u]
+    assert len(names) == len(set(names))  # no picture fetched twice
+    assert not ev["errors"] and not ev["failed"], ev
     assert not [m for m in ev["console"] if m[0] == "error"], ev["console"]
     page.close()

@@ -262,8 +262,8 @@ def test_trim_never_leaves_a_picture_without_its_incomplete_marker(tmp_path):
 # ---------------------------------------------------------------------------
 def test_the_cache_removes_only_abandoned_temp_files_where_it_writes(writable):
     a = atlas.open(writable)
-    d = PJ.cache_root(a) / "unit-identity" / "conv2"
-    other = PJ.cache_root(a) / "unit-identity" / "conv4"
+    d = PJ.cache_root(a) / "unit-identity-percentile" / "conv2"
+    other = PJ.cache_root(a) / "unit-identity-percentile" / "conv4"
     d.mkdir(parents=True)
     other.mkdir(parents=True)
     old, young, elsewhere = d / ".7-panel.png.k3j2h1g0.tmp", d / ".8-panel.png.a1b2c3d4.tmp", other / ".1-0.png.zz.tmp"

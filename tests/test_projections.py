@@ -61,7 +61,7 @@ def test_panel_has_the_expected_size_is_not_blank_and_lines_up(fresh):
     a = atlas.open(fresh)
     c = _busy_channel(a, "conv2")
     p = a.show("conv2", c)
-    assert p.parent == PJ.cache_root(a) / "unit-identity" / "conv2" and p.name == f"{c}-panel.png"
+    assert p.parent == PJ.cache_root(a) / "unit-identity-percentile" / "conv2" and p.name == f"{c}-panel.png"
     k = len(a.top("conv2", c))
     rf = a.lmap.by_name["conv2"].geometry.rf_size
     cell = rf * R.upscale_for(rf)
@@ -170,7 +170,7 @@ def test_a_crash_mid_write_leaves_no_file_and_the_next_call_renders(fresh, monke
     monkeypatch.setattr(Image.Image, "save", half)
     with pytest.raises(KeyboardInterrupt):
         a.show("conv3", 4)
-    folder = PJ.cache_root(a) / "unit-identity" / "conv3"
+    folder = PJ.cache_root(a) / "unit-identity-percentile" / "conv3"
     assert not (folder / "4-panel.png").exists()
     assert not [f for f in folder.glob("*") if f.name.startswith("4-")] and not list(folder.glob(".*"))
     monkeypatch.setattr(Image.Image, "save", real)
@@ -192,7 +192,7 @@ def test_export_and_show_share_the_cache(fresh, tmp_path):
     assert st["last_run"]["pictures_rendered"] == 0
     # ... and the other way round: a channel the export drew is a cache hit for show
     export(fresh, tmp_path / "site", layers="conv2", channels=[6], progress=False)
-    p = PJ.cache_root(a) / "unit-identity" / "conv2" / "6-panel.png"
+    p = PJ.cache_root(a) / "unit-identity-percentile" / "conv2" / "6-panel.png"
     mtime = p.stat().st_mtime_ns
     assert a.show("conv2", 6) == p and p.stat().st_mtime_ns == mtime
 
@@ -221,7 +221,7 @@ def test_stored_and_recomputed_switches_give_the_same_projections(fresh, layer):
 def test_map_mode_recomputes_and_stored_map_is_refused(fresh):
     a = atlas.open(fresh)
     p = a.show("conv3", 2, mode="map")
-    assert p.parent.parent.name == "map-identity"
+    assert p.parent.parent.name == "map-identity-percentile"
     cell = a.image_size * R.upscale_for(a.image_size)  # a map projection's cell is the whole image
     assert Image.open(p).size == (2 * (2 * cell + 2) + 6, 2 * cell + 2)  # k = 4: two 2 x 2 grids
     assert R.read_text(p)["mode"] == "map"
@@ -248,9 +248,9 @@ def test_deconv_png_in_atlas_sql(fresh):
     assert res.exit_code == 0, res.output
     assert all(Path(r["projection"]).is_file() for r in json.loads(res.output))
     got = a.sql("SELECT deconv_png('conv2', 0, 1, 'map'), deconv_png(NULL, 0, 1)").fetchall()[0]
-    assert Path(got[0]).parent.parent.name == "map-identity" and Path(got[0]).is_file() and got[1] is None
+    assert Path(got[0]).parent.parent.name == "map-identity-percentile" and Path(got[0]).is_file() and got[1] is None
     # a query draws what it names, no more: two ranks of two channels are two projections (and patches)
-    folder = PJ.cache_root(a) / "unit-identity" / "conv3"
+    folder = PJ.cache_root(a) / "unit-identity-percentile" / "conv3"
     a.sql("SELECT deconv_png('conv3', 0, 0), deconv_png('conv3', 1, 2)").fetchall()
     assert sorted(f.name for f in folder.glob("*.png") if not f.name.endswith("-patch.png")) == ["0-0.png", "1-2.png"]
 
@@ -343,7 +343,7 @@ def test_a_missing_image_gives_a_placeholder_patch_and_a_warning(small):
     shutil.rmtree(Path(path) / "cache")
     res3 = _cli("show", path, "conv3", c, "--switches", "recompute")
     assert res3.exit_code == 2 and "is unavailable" in res3.output and "needs the image" in res3.output
-    assert not (PJ.cache_root(a) / "unit-identity" / "conv3" / f"{c}-panel.png").exists()
+    assert not (PJ.cache_root(a) / "unit-identity-percentile" / "conv3" / f"{c}-panel.png").exists()
 
 
 def test_export_redraws_incomplete_pictures_once_the_image_is_back(small, tmp_path):
@@ -362,7 +362,7 @@ def test_export_redraws_incomplete_pictures_once_the_image_is_back(small, tmp_pa
     image.write_bytes(saved)
     export(path, tmp_path / "s3", layers="conv2", channels=[c], progress=False)
     assert "Some pictures are incomplete" not in (tmp_path / "s3" / "conv2" / f"{c}.html").read_text()
-    panel = PJ.cache_root(a) / "unit-identity" / "conv2" / f"{c}-panel.png"
+    panel = PJ.cache_root(a) / "unit-identity-percentile" / "conv2" / f"{c}-panel.png"
     assert PJ.incomplete(panel) is None and "unavailable" not in R.read_text(panel)
 
 

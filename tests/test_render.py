@@ -24,24 +24,25 @@ def _is_hatch(px):
 # normalisation
 # ---------------------------------------------------------------------------
 def test_normalisation_is_centred_on_grey_and_symmetric():
+    # the max display (the percentile one, the default, is tested in test_display.py)
     v = np.zeros((3, 2, 3), np.float32)
     v[0, 0, 0], v[1, 0, 1], v[2, 1, 2] = 4.0, -4.0, 1.0
-    out = R.normalise(v)
+    out = R.normalise(v, display="max")
     assert out.shape == (2, 3, 3) and out.dtype == np.uint8
     assert out[0, 0, 0] == 255 and out[0, 1, 1] == 0
     assert out[1, 0, 0] == 128  # zero is mid-grey
     assert out[1, 2, 2] == round((1 / 8 + 0.5) * 255)
-    assert np.all(R.normalise(np.zeros((3, 4, 4))) == 128)  # an all-zero projection is plain grey
+    assert np.all(R.normalise(np.zeros((3, 4, 4)), display="max") == 128)  # an all-zero projection is plain grey
     # the scale comes from the region only (the receptive field inside the image)
     region = np.array([[False, True, False], [False, False, True]])
-    out = R.normalise(v, region)
+    out = R.normalise(v, region, display="max")
     assert out[0, 1, 1] == 0 and out[0, 0, 0] == 255  # 4 / (2 * 4) + .5 = 1 -> clipped at white
     assert out[1, 2, 2] == round((1 / 8 + 0.5) * 255)
 
 
 def test_normalise_accepts_tensors():
     t = torch.tensor([[[1.0, -1.0]]]).repeat(3, 1, 1)
-    assert R.normalise(t)[0, 0].tolist() == [255, 255, 255]
+    assert R.normalise(t, display="max")[0, 0].tolist() == [255, 255, 255]
 
 
 # ---------------------------------------------------------------------------
@@ -183,7 +184,7 @@ def test_projection_png_carries_its_metadata(tmp_path):
     t = R.read_text(p)
     assert t["layer"] == "conv3" and t["channel"] == "1" and t["rank"] == "4"
     assert t["mode"] == "unit" and t["norm"] == "identity" and t["image_id"] == "17"
-    assert t["normalisation"] == R.NORMALISATION and "hatched" in t["outside"]
+    assert t["normalisation"] == R.NORMALISATION and t["outside"] == R.OUTSIDE and t["display"] == "percentile"
     assert float(t["value"]) == pytest.approx(P.meta[0]["value"])
     rf = lm.by_name["conv3"].geometry.rf_size
     with Image.open(p) as back:

@@ -121,14 +121,21 @@ def _label_map_panel(res: OcclusionResult):
                            "(e) most probable class", "label map vs square position")
 
 
+# The panels (a) to (e), in the paper's order: the order figure.png sets them side by side and the order
+# the exported page lists their files in (atlas/export/gather.py repeats it, so that the export does not
+# import torch for it; tests/test_display.py holds the two equal).
+PANELS = ("image", "activation", "projection", "probability", "top_class")
+
+
 def render(res: OcclusionResult, crop, folder: Path) -> dict[str, Path]:
-    """The panels as PNGs (figure.png holds them all, in the paper's order)."""
-    panels: dict[str, Any] = {"image": _image_panel(res, crop), "activation": _activation_panel(res)}
+    """The panels as PNGs (figure.png holds them all, in the paper's order: PANELS)."""
+    made: dict[str, Any] = {"image": _image_panel(res, crop), "activation": _activation_panel(res)}
     if res.projection is not None:
-        panels["projection"] = _projection_panel(res)
+        made["projection"] = _projection_panel(res)
     if res.probability is not None:
-        panels["probability"] = _probability_panel(res)
-        panels["top_class"] = _label_map_panel(res)
+        made["probability"] = _probability_panel(res)
+        made["top_class"] = _label_map_panel(res)
+    panels = {name: made[name] for name in PANELS if name in made}
     folder = Path(folder)
     files = {}
     for name, im in panels.items():

@@ -10,6 +10,7 @@ from ..errors import AtlasError
 from ..output import render, render_dicts
 from .base import (CONTEXT, AtLeastOne, AtlasCommand, atlas_argument, cache_option, format_option, main, _open,
                    _say)
+from .publish import display_option, method_option
 
 
 class NumbersAsArguments(AtlasCommand):
@@ -158,10 +159,21 @@ def _describe_indexes(ix) -> str:
 
 @main.command(context_settings=CONTEXT)
 @atlas_argument
+@click.option("--all", "all_", is_flag=True, help="Every candidate layer of the model (what --layers of `atlas "
+              "build` takes), with its shape and receptive field, and whether this atlas recorded it.")
 @format_option
-def layers(atlas_path, fmt):
-    """The recorded layers with their geometry and how many channels are dead."""
-    click.echo(render_dicts(_open(atlas_path).layers(), fmt))
+def layers(atlas_path, all_, fmt):
+    """The recorded layers with their geometry and how many channels are dead (--all: every candidate).
+
+    \b
+      atlas layers my-atlas
+      atlas layers my-atlas --all      module paths of a ResNet: conv1, layer3.1, layer4, fc, ...
+    """
+    a = _open(atlas_path)
+    if all_:
+        click.echo(render_dicts(a.lmap.candidates(a.layer_names), fmt))
+        return
+    click.echo(render_dicts(a.layers(), fmt))
 
 
 @main.command(context_settings=CONTEXT)
@@ -202,17 +214,19 @@ def top(atlas_path, layer, channel, fmt):
               help="How local response normalisation is undone: passed through (the paper) or its gradient.")
 @click.option("--switches", type=click.Choice(["auto", "stored", "recompute"]), default="auto", show_default=True,
               help="Max-pool switches from the atlas, or recomputed from the image (needs the dataset).")
+@display_option
+@method_option
 @click.option("--out", type=click.Path(path_type=Path),
               help="Also write the PNG here, a file or a folder (default: only the picture cache).")
 @cache_option
 @format_option(default=None, help="Print a row describing the picture, with its path, as an aligned table, "
                "CSV or strict JSON  [default: the PNG's path alone]")
-def show(atlas_path, layer, channel, rank, mode, norm, switches, out, cache, fmt):
+def show(atlas_path, layer, channel, rank, mode, norm, switches, display, method, out, cache, fmt):
     """A channel's DeconvNet projections as a PNG (the paper's figure 2); prints its path (or a row, --format).
 
     The panel shows the top-k projections in a grid beside the matching image
-    patches (each cell the unit's receptive field; hatched beyond the image
-    border). Rendered on the first request and cached inside the atlas (in
+    patches (each cell the unit's receptive field; light grey with thin lines
+    beyond the image border), each projection scaled by --display. Rendered on the first request and cached inside the atlas (in
     ~/.cache/atlas/pictures when the atlas cannot be written, or --cache DIR).
 
     \b
@@ -223,9 +237,9 @@ def show(atlas_path, layer, channel, rank, mode, norm, switches, out, cache, fmt
     from ..projections import show as run
 
     png = run(_open(atlas_path), layer, channel, rank, mode=mode, norm=norm, switches=switches, out=out, log=_say,
-              cache=cache)
+              cache=cache, display=display, method=method)
     _picture(png, fmt, {"picture": "panel" if rank is None else "projection", "layer": layer, "channel": channel,
-                        "rank": rank, "mode": mode, "norm": norm})
+                        "rank": rank, "mode": mode, "norm": norm, "display": display, "method": method})
 
 
 @main.command(context_settings=CONTEXT)

@@ -8,6 +8,26 @@ import click
 from .base import CONTEXT, NumberList, atlas_argument, cache_option, layers_option, main, progress_option, _say
 
 
+def display_option(f):
+    # the choices are atlas.projections.DISPLAYS, spelled out: importing it here would slow `atlas --help`
+    return click.option("--display", type=click.Choice(["percentile", "max"]), default="percentile",
+                        show_default=True,
+                        help="How a projection's values become grey levels (zero is mid-grey in both): "
+                        "percentile scales each by the 99.5th percentile of |v| inside its receptive field, "
+                        "clipping the few larger values; max scales by the largest |v| (the display before "
+                        "percentile, where one strong pixel can leave the rest near grey).")(f)
+
+
+def method_option(f):
+    # atlas.projections.METHODS, spelled out for the same reason
+    return click.option("--method", type=click.Choice(["deconvnet", "guided"]), default="deconvnet",
+                        show_default=True,
+                        help="deconvnet: the paper's projection, from the stored max-pool switches (no image "
+                        "needed); guided: guided backpropagation (DeconvNet's rule and each ReLU's forward "
+                        "on/off pattern), which reads the images: sharper where a net has few max-pools "
+                        "(a ResNet has one, a MobileNet none).")(f)
+
+
 @main.command(context_settings=CONTEXT)
 @atlas_argument
 @click.argument("site_dir", type=click.Path(path_type=Path))
@@ -17,8 +37,14 @@ from .base import CONTEXT, NumberList, atlas_argument, cache_option, layers_opti
 @click.option("--max-channels", type=int, metavar="N", help="Only the first N channels of each layer (default: "
               "all).")
 @cache_option
+@display_option
+@click.option("--feature-vis", "feature_vis", is_flag=True,
+              help="Also render the missing feature visualizations (an image optimized to excite each channel, "
+              "shown beside its figure 2 panel and in its tile; `atlas visualize`), 512 steps, batched. Cost per "
+              "channel: about 1.8 s on a 2-core CPU for the demo's zfnet-mini at 64 px (more for a bigger model or "
+              "input); on a GPU not measured yet. Without it the pages show those already cached and draw none.")
 @progress_option
-def export(atlas_path, site_dir, layers, channels, max_channels, cache, progress):
+def export(atlas_path, site_dir, layers, channels, max_channels, cache, display, feature_vis, progress):
     """Export the atlas as a static site that opens from file:// or any static host.
 
     An index page, a page per layer (channel tiles you can sort and filter)
@@ -32,5 +58,5 @@ def export(atlas_path, site_dir, layers, channels, max_channels, cache, progress
     from ..export import export as run_export
 
     root = run_export(atlas_path, site_dir, layers=layers, channels=channels, max_channels=max_channels,
-                      cache=cache, progress=progress, log=_say)
+                      cache=cache, progress=progress, log=_say, display=display, feature_vis=feature_vis)
     click.echo(str(Path(root) / "index.html"))

@@ -45,7 +45,9 @@ from typing import Any, Callable, Iterable
 
 from ..errors import AtlasError
 from ..progress import Progress
+from . import featurevis as fvx
 from . import gather
+from ..projections import DEFAULT_DISPLAY
 from .images import Pictures
 from .site import STATE, Site, key_of
 
@@ -55,6 +57,12 @@ TEMPLATES = PACKAGE / "templates"
 STATIC = PACKAGE / "static"
 RESERVED = {"static", "img", "analyses", "index"}
 CHUNK = 32  # channels whose pictures are asked for in one call
+# the footer's word on how projections are shown (the rule in full is in each PNG's text)
+DISPLAY_NOTES = {
+    "percentile": "Projections are shown with zero as mid-grey, each scaled by the 99.5th percentile of its "
+                  "absolute values inside the receptive field (the few larger values clipped to black or white).",
+    "max": "Projections are shown with zero as mid-grey, each scaled by its own largest absolute value.",
+}
 
 __all__ = ["export", "parse_channels", "EXPORT_VERSION"]
 
@@ -62,32 +70,40 @@ __all__ = ["export", "parse_channels", "EXPORT_VERSION"]
 def export(atlas_path: str | Path, site_dir: str | Path, *, layers: str | Iterable[str] | None = None,
            channels: str | Iterable[int] | None = None, max_channels: int | None = None,
            cache: str | Path | None = None, progress: bool | None = None,
-           log: Callable[[str], None] | None = None) -> Path:
+           log: Callable[[str], None] | None = None, display: str = DEFAULT_DISPLAY,
+           feature_vis: bool = False) -> Path:
     """Write (or bring up to date) the static site of an atlas, exactly the layers and channels asked
-    for; returns the site folder. `cache`: the picture cache to use instead of the atlas's."""
+    for; returns the site folder. `cache`: the picture cache to use instead of the atlas's; `display`:
+    how projections' values become grey levels (atlas.render.DISPLAYS: percentile or max);
+    `feature_vis`: render the channels' missing feature visualizations (without it the pages show those
+    already cached and draw none: atlas/export/featurevis.py)."""
     from ..lock import writer_lock
     from ..facade import Atlas
+    from ..projections import _check_options
 
     log = log or (lambda s: None)
     t0 = time.perf_counter()
+    _check_options("unit", "identity", "auto", display)
     a = atlas_path if isinstance(atlas_path, Atlas) else Atlas(atlas_path)
     selection = _selection(a, layers, channels, max_channels)
     with writer_lock(Path(site_dir), "an export"):
         site = Site(Path(site_dir))
         try:
-            return _export(a, site, selection, cache, progress, log, t0)
+            return _export(a, site, selection, cache, progress, log, t0, display, feature_vis=feature_vis)
         finally:
             site.close()
 
 
-def _export(a, site: Site, selection: dict[str, list[int]], cache, progress, log, t0: float) -> Path:
+def _export(a, site: Site, selection: dict[str, list[int]], cache, progress, log, t0: float,
+            display: str = DEFAULT_DISPLAY, feature_vis: bool = False) -> Path:
     from ..picture_cache import identity as atlas_identity
 
     site.remove_temps()
     identity = atlas_identity(a)
     state = site.state
     code = _code_hash()
-    fingerprint = key_of(identity, _atlas_files(a), code, selection, EXPORT_VERSION)
+    fingerprint = key_of(identity, _atlas_files(a), code, selection, display, EXPORT_VERSION)
+    base, fingerprint = fingerprint, key_of(fingerprint, fvx.state(a, selection, cache, feature_vis))
     dataset = Path(a.manifest["dataset"]["root"])
     # pictures drawn with an image missing are redrawn once it is back, so while the dataset is there such
     # a site is never "up to date" (the full pass finds every other picture in the cache: seconds, not minutes)
@@ -101,10 +117,13 @@ def _export(a, site: Site, selection: dict[str, list[int]], cache, progress, log
         return site.root
 
     total = sum(len(v) for v in selection.values())
-    pics = Pictures(a, cache=cache)
+    pics = Pictures(a, cache=cache, display=display)
     ex = _Exporter(a, site, pics, selection, code, log)
+    ex.feature_vis = (feature_vis, cache)
     with Progress(total, "export", "channels", enabled=progress) as bar:
         ex.run(bar)
+    if feature_vis:  # what it rendered is cached now: the next export finds the site up to date
+        fingerprint = key_of(base, fvx.state(a, selection, cache, feature_vis))
     removed = site.prune()
     dt = time.perf_counter() - t0
     run = {"seconds": round(dt, 3), "picture_seconds": round(pics.seconds, 3), "pictures_rendered": pics.rendered,
@@ -182,8 +201,10 @@ def _selection(a, layers, channels, max_channels) -> dict[str, list[int]]:
 
 
 def _slug(layer: str) -> str:
-    """The layer's folder name: its own name, which must be a plain file name."""
-    ok = layer and all(ch.isalnum() or ch in "_-" for ch in layer) and layer.lower() not in RESERVED
+    """The layer's folder name: its own name, which must be a plain file name (module paths such as
+    `features.denseblock3` or `layer3.1` are: dots inside, never first, never two in a row)."""
+    ok = (layer and all(ch.isalnum() or ch in "_-." for ch in layer) and layer.lower() not in RESERVED
+          and not layer.startswith(".") and ".." not in layer)
     if not ok:
         raise AtlasError(f"layer name '{layer}' cannot be a folder of the site")
     return layer
@@ -246,18 +267,20 @@ class _Exporter:
         ds = m["dataset"]
         self.dataset_name = Path(str(ds.get("spec") or ds.get("root") or "dataset")).name or str(ds.get("spec"))
         self.errors: list[str] = []
+        self.fv: dict[tuple[str, int], dict[str, Any]] = {}  # (layer, channel) -> its feature visualization
         self.incomplete = 0  # channels whose pictures lack an image: redrawn by a later export if it is back
 
     # -- helpers ------------------------------------------------------------------
     def common(self, root: str, json_href: str) -> dict[str, Any]:
         return {"root": root, "json_href": json_href, "model_name": self.model_name,
-                "weights_note": self.weights_note, "dataset_name": self.dataset_name}
+                "weights_note": self.weights_note, "dataset_name": self.dataset_name,
+                "display_note": DISPLAY_NOTES[self.pics.display]}
 
     def page(self, rel: str, template: str, data: dict[str, Any], root: str) -> None:
         """Write rel (HTML) and its JSON twin from the same data; skipped when data and code are unchanged."""
         json_rel = rel[:-5] + ".json"
         json_href = Path(json_rel).name
-        k = key_of(self.code, template, data)
+        k = key_of(self.code, template, data, self.pics.display)
         self.site.write_json(json_rel, k, lambda: data)
         self.site.write_text(rel, k, lambda: self.env.get_template(template).render(
             **data, **self.common(root, json_href)))
@@ -298,6 +321,7 @@ class _Exporter:
                 want[c] = files
             need = [c for c in part if not all([self.site.fresh(rel, k) for rel, k in want[c]])]
             made = self.pics.channels(layer, need, tops) if need else {}
+            self.fv.update({(layer, c): v for c, v in fvx.link(self, layer, part, slug, by_c).items()})
             for c in part:
                 rows = tops.get(c, [])
                 have = {rel for rel, _ in want[c] if rel in self.site.files}
@@ -334,6 +358,7 @@ class _Exporter:
             p = tiles_pics.get(c, {})
             tiles.append({**s, "href": f"{c}.html" if c in exported else None,
                           "proj": p.get("proj"), "patch": p.get("patch"),
+                          "featurevis": (self.fv.get((layer, c)) or {}).get("src"),
                           "top_label": mix[0]["label"] if mix else None, "labels": labs,
                           "labels_json": json.dumps(labs, ensure_ascii=False)})
         data = {"layer": summary, "tiles": tiles, "labels": sorted(labels), "exported": len(exported)}
@@ -352,7 +377,7 @@ class _Exporter:
         data = {
             "layer": layer, "channel": c,
             "stats": {**stats, "rank_by_max": rank_by_max.get(c), "of": n},
-            "top": top, "panel": panel, "error": error,
+            "top": top, "panel": panel, "error": error, "featurevis": self.fv.get((layer, c)),
             "label_mix": gather.label_mix(top),
             "histogram": hist, "similar": similar,
             "sql": gather.sql_for_channel(layer, c),
@@ -393,6 +418,11 @@ class _Exporter:
                     run = str(sub.parent) if sub.parent != Path(".") else ""
                 runs.setdefault(run, []).append({"name": sub.name, "src": f"{slug}/{i}{p.suffix.lower()}",
                                                  "main": p.stem == "figure" or p in an["linked"]})
+            for pics in runs.values():
+                # a run's figure.png sets its other pictures side by side: shown once, they are linked after it
+                composite = any(q["main"] and q["name"] == "figure.png" for q in pics)
+                for q in pics:
+                    q["part"] = composite and not q["main"]
             runs_list = [{"name": k, "pictures": v} for k, v in runs.items()]
             table = None
             if an["view"]:

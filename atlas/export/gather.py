@@ -13,6 +13,10 @@ from typing import Any
 import numpy as np
 
 HIST_BINS = 24
+# The files of an analysis run whose figure.png sets them side by side, in the figure's order: the
+# page shows the figure once and lists these after it (atlas.analyses.occlusion_figure.PANELS, repeated
+# here so that an export imports no torch for it; tests/test_display.py holds them equal).
+PANEL_ORDER = {"occlusion": ("image", "activation", "projection", "probability", "top_class")}
 SIMILAR = 6
 UNLABELLED = "(unlabelled)"
 
@@ -272,10 +276,13 @@ def analyses(a) -> list[dict[str, Any]]:
     dirs += [root / name for name in sorted(linked) if not (root / name).is_dir()]
     for d in dirs:
         tables = sorted(d.glob("*.parquet")) if d.is_dir() else []
+        order = {stem: i for i, stem in enumerate(PANEL_ORDER.get(d.name, ()))}
         pictures = sorted((p for p in (d.rglob("*") if d.is_dir() else []) if p.is_file()
                            and not p.name.startswith(".")
                            and p.suffix.lower() in (".png", ".jpg", ".jpeg", ".gif", ".webp")),
-                          key=lambda p: (str(p.parent), p.stem != "figure", p.name))  # a run's figure first
+                          # a run's figure first, then its panels in the figure's order, then the rest by name
+                          key=lambda p: (str(p.parent), p.stem != "figure", order.get(p.stem, len(order)),
+                                         p.name))
         pictures = list(linked.get(d.name, {})) + pictures
         if not tables and not pictures:
             continue

@@ -15,17 +15,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..projections import Renderer
+from ..projections import DEFAULT_DISPLAY, Renderer
 
 
 class Pictures:
     """PNG files for one atlas. `seconds` counts the time spent producing pictures (projection work)."""
 
-    def __init__(self, atlas, mode: str = "unit", norm: str = "identity", cache=None):
+    def __init__(self, atlas, mode: str = "unit", norm: str = "identity", cache=None,
+                 display: str = DEFAULT_DISPLAY):
         self.a = atlas
-        self.mode, self.norm = mode, norm
+        self.mode, self.norm, self.display = mode, norm, display
         self.seconds = 0.0
-        self._impl = Renderer(atlas, mode, norm, cache)  # its own counters: they describe this export only
+        # its own counters: they describe this export only
+        self._impl = Renderer(atlas, mode, norm, cache, display=display)
 
     @property
     def rendered(self) -> int:
@@ -36,7 +38,8 @@ class Pictures:
     def key(self) -> str:
         """Identifies what the pictures depend on besides the top-k rows: weights, settings, renderer."""
         m = self.a.manifest
-        return _h(m["model"].get("weights_sha256"), m.get("created"), self.mode, self.norm, self._impl.version)
+        return _h(m["model"].get("weights_sha256"), m.get("created"), self.mode, self.norm, self.display,
+                  self._impl.version)
 
     def channels(self, layer: str, channels: list[int], tops: dict[int, list[dict[str, Any]]]
                  ) -> dict[int, dict[str, Any]]:

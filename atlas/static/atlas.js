@@ -1,8 +1,38 @@
-// Feature Atlas site: sorting and filtering of a layer's tiles, copy buttons for SQL.
-// Plain JS, no dependencies, works from file://. Data is read from data- attributes
-// and written with textContent only: nothing from the dataset is ever parsed as HTML.
+// Feature Atlas site: sorting and filtering of a layer's tiles, their pictures loaded as they come
+// into view, copy buttons for SQL. Plain JS, no dependencies, works from file://. Data is read from
+// data- attributes and written with textContent only: nothing from the dataset is ever parsed as HTML.
 (function () {
   "use strict";
+
+  // How far beyond the viewport a tile's pictures are fetched: about two rows of tiles, so that
+  // scrolling shows pictures, not empty boxes, while a layer of thousands of channels fetches only
+  // the first screens at load. Fixed here rather than left to the browser's loading="lazy", whose
+  // distance varies by browser and connection and which file:// pages do not always honour.
+  var LAZY_MARGIN = "600px";
+
+  function setupLazy() {
+    var imgs = document.querySelectorAll("img[data-src]");
+    if (!imgs.length) return;
+    function load(img) {
+      img.src = img.getAttribute("data-src");
+      img.removeAttribute("data-src");
+    }
+    if (!("IntersectionObserver" in window)) {  // a very old browser: everything, as before
+      Array.prototype.forEach.call(imgs, load);
+      return;
+    }
+    var io = new IntersectionObserver(function (entries) {
+      entries.forEach(function (e) {
+        if (e.isIntersecting) {
+          io.unobserve(e.target);
+          load(e.target);
+        }
+      });
+    }, { rootMargin: LAZY_MARGIN + " 0px" });
+    // Hidden tiles (filtered out) have no box and never intersect: they load when shown.
+    Array.prototype.forEach.call(imgs, function (img) { io.observe(img); });
+    document.documentElement.setAttribute("data-lazy-margin", LAZY_MARGIN);
+  }
 
   function num(el, key) {
     var v = el.dataset[key];
@@ -13,8 +43,13 @@
     var box = document.getElementById("tiles");
     if (!box) return;
     var tiles = Array.prototype.slice.call(box.children);
+    var KEYS = ["channel", "max", "mean", "std", "fire"];
     tiles.forEach(function (t) {
       try { t._labels = JSON.parse(t.dataset.labels || "[]"); } catch (e) { t._labels = []; }
+      // numbers parsed once: a sort of thousands of tiles compares each many times
+      t._num = {};
+      KEYS.forEach(function (k) { t._num[k] = num(t, k); });
+      t._dead = t.dataset.dead === "1";
     });
     var sort = document.getElementById("sort");
     var dead = document.getElementById("dead");
@@ -23,28 +58,36 @@
     var count = document.getElementById("count");
     document.getElementById("controls").addEventListener("submit", function (e) { e.preventDefault(); });
 
+    var order = "channel";  // the order the tiles are in: the page's own, by channel
+
     function apply(initial) {
       var key = sort.value, desc = key.charAt(0) === "-";
       if (desc) key = key.slice(1);
-      var sorted = tiles.slice().sort(function (a, b) {
-        var x = num(a, key), y = num(b, key);
-        if (isNaN(x) && isNaN(y)) return num(a, "channel") - num(b, "channel");
-        if (isNaN(x)) return 1;
-        if (isNaN(y)) return -1;
-        if (x !== y) return desc ? y - x : x - y;
-        return num(a, "channel") - num(b, "channel");
-      });
+      if (sort.value !== order) {
+        var sorted = tiles.slice().sort(function (a, b) {
+          var x = a._num[key], y = b._num[key];
+          if (isNaN(x) && isNaN(y)) return a._num.channel - b._num.channel;
+          if (isNaN(x)) return 1;
+          if (isNaN(y)) return -1;
+          if (x !== y) return desc ? y - x : x - y;
+          return a._num.channel - b._num.channel;
+        });
+        // one DOM move for the whole order (a fragment): thousands of tiles re-lay out once, not per tile
+        var frag = document.createDocumentFragment();
+        sorted.forEach(function (t) { frag.appendChild(t); });
+        box.appendChild(frag);
+        order = sort.value;
+      }
       var f = parseFloat(minfire.value) / 100 || 0, lab = label.value, want = dead.value, shown = 0;
-      sorted.forEach(function (t) {
+      tiles.forEach(function (t) {
         var ok = true;
-        var isDead = t.dataset.dead === "1";
+        var isDead = t._dead;
         if (want === "dead" && !isDead) ok = false;
         if (want === "live" && isDead) ok = false;
-        if (f > 0 && !(num(t, "fire") >= f)) ok = false;
+        if (f > 0 && !(t._num.fire >= f)) ok = false;
         if (lab && t._labels.indexOf(lab) < 0) ok = false;
-        t.classList.toggle("hidden", !ok);
+        if (t.classList.contains("hidden") === ok) t.classList.toggle("hidden", !ok);
         if (ok) shown++;
-        box.appendChild(t);
       });
       count.textContent = shown + " of " + tiles.length + " channels";
       if (initial === true) return;
@@ -102,5 +145,6 @@
   }
 
   setupLayer();
+  setupLazy();  // after the layer's view is restored from the address: only what it shows is fetched
   setupCopy();
 })();
