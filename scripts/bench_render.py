@@ -211,9 +211,10 @@ def main() -> None:
             "max_relative_error_vs_gradient_reference": err_ref,
             "relative_error_vs_baseline": err_base,
         }
-        checks = [
+        checks = [  # the cold-show bar is ZFNet's (a conv5 panel); other models print it without one
             ("cold show: projection work (switches + engine)", res["cold_projection_work_best_s"],
-             BARS["cold_projection_work_s"], "s", res["cold_projection_work_best_s"] < BARS["cold_projection_work_s"]),
+             BARS["cold_projection_work_s"] if args.model == "zfnet" else float("inf"), "s",
+             res["cold_projection_work_best_s"] < BARS["cold_projection_work_s"] or args.model != "zfnet"),
             ("cached show: the Python call", res["cached_call_best_s"], BARS["cached_call_s"], "s",
              res["cached_call_best_s"] < BARS["cached_call_s"]),
             ("engine vs autograd loop, per projection", res["speedup_per_projection_best"], BARS["speedup"], "x",
