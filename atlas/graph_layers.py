@@ -34,7 +34,7 @@ from torch import nn
 from .errors import AtlasError
 from .graph import POINTWISE_KINDS, RELU_KINDS, SPATIAL_KINDS, Graph, Op, trace
 from .graph import shapes as probe_shapes
-from .layer_base import Geometry, Layer, LayerMapBase, Pool, pad_batch
+from .layer_base import Geometry, Layer, LayerMapBase, Pool
 
 Axis = tuple[int, int, int]           # (jump, lo, hi) along one axis
 Field = tuple[Axis, Axis] | None      # (y, x); None: the whole image
@@ -316,15 +316,8 @@ class GraphLayerMap(LayerMapBase):
         }
 
     # -- forward -----------------------------------------------------------------------
-    def extract(self, x: torch.Tensor, names: list[str], pool_indices: bool = False,
-                batch_size: int | None = None):
-        """As LayerMap.extract: {name: activation} (and {pool: indices} with pool_indices)."""
-        n = x.shape[0]
-        if batch_size is not None and n < batch_size:
-            out = self.extract(pad_batch(x, batch_size), names, pool_indices)
-            if pool_indices:
-                return ({k: v[:n] for k, v in out[0].items()}, {k: v[:n] for k, v in out[1].items()})
-            return {k: v[:n] for k, v in out.items()}
+    def _extract(self, x: torch.Tensor, names: list[str], pool_indices: bool = False):
+        """LayerMapBase.extract, on a batch as it is: the graph run as far as the deepest node asked."""
         want: dict[fx.Node, list[str]] = {}
         for name in names:
             # a name that is both a layer and a pool (a ResNet's stem `maxpool`) is the layer

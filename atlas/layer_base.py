@@ -117,6 +117,30 @@ class LayerMapBase:
             rows.append(row)
         return rows
 
+    def extract(self, x: torch.Tensor, names: list[str], pool_indices: bool = False,
+                batch_size: int | None = None):
+        """Run the model as far as the deepest requested layer.
+
+        Returns {name: activation}; with `pool_indices`, also {pool name: argmax
+        indices} (flat over each pooled map, as F.max_pool2d gives them). A pool
+        name in `names` runs the model only as far as that pool (its switches,
+        no activation): what the switches of a deep layer's units need.
+
+        `batch_size`: compute in a batch of exactly this many images, a short
+        batch padded with zeros (results are the real images' only). Every
+        forward pass whose numbers an atlas stores or ranks goes through here
+        with the atlas's batch size: CPU kernels are chosen by batch shape and
+        round differently, so without it an image alone in the last batch
+        comes out ~1e-8 off its identical copies and breaks the tie rule.
+        """
+        n = x.shape[0]
+        if batch_size is not None and n < batch_size:
+            out = self._extract(pad_batch(x, batch_size), names, pool_indices)
+            if pool_indices:
+                return ({k: v[:n] for k, v in out[0].items()}, {k: v[:n] for k, v in out[1].items()})
+            return {k: v[:n] for k, v in out.items()}
+        return self._extract(x, names, pool_indices)
+
     def classes(self) -> int | None:
         fcs = [la for la in self.layers if la.kind == "fc"]
         return fcs[-1].channels if fcs else None

@@ -175,28 +175,8 @@ class LayerMap(LayerMapBase):
         }
 
     # -- forward ------------------------------------------------------------
-    def extract(self, x: torch.Tensor, names: list[str], pool_indices: bool = False,
-                batch_size: int | None = None):
-        """Run the model as far as the deepest requested layer.
-
-        Returns {name: activation}; with `pool_indices`, also {pool name: argmax
-        indices} (flat over each pooled map, as F.max_pool2d gives them). A pool
-        name in `names` runs the model only as far as that pool (its switches,
-        no activation): what the switches of a deep layer's units need.
-
-        `batch_size`: compute in a batch of exactly this many images, a short
-        batch padded with zeros (results are the real images' only). Every
-        forward pass whose numbers an atlas stores or ranks goes through here
-        with the atlas's batch size: CPU kernels are chosen by batch shape and
-        round differently, so without it an image alone in the last batch
-        comes out ~1e-8 off its identical copies and breaks the tie rule.
-        """
-        n = x.shape[0]
-        if batch_size is not None and n < batch_size:
-            out = self.extract(pad_batch(x, batch_size), names, pool_indices)
-            if pool_indices:
-                return ({k: v[:n] for k, v in out[0].items()}, {k: v[:n] for k, v in out[1].items()})
-            return {k: v[:n] for k, v in out.items()}
+    def _extract(self, x: torch.Tensor, names: list[str], pool_indices: bool = False):
+        """LayerMapBase.extract, on a batch as it is: the modules of `features` in turn."""
         layers = [n for n in names if n not in self.pool_by_name]
         wanted = {self.by_name[n].read_at: n for n in layers if self.by_name[n].kind == "conv"}
         fc_wanted = {self.by_name[n].read_at: n for n in layers if self.by_name[n].kind == "fc"}

@@ -459,3 +459,25 @@ class Analysis:
         except AtlasError as e:
             return f'{STYLE}<div class="atlas-nb">{"".join(parts)}<p class="muted">{escape(e)}</p></div>'
         return f'{STYLE}<div class="atlas-nb">{"".join(parts)}{table._repr_html_()}</div>'
+
+
+class ShowsItsFigure:
+    """For an analysis's result (occlude(), invariance(), correspondence()): in a notebook it shows its
+    figure and its summary lines; `figure` is the figure as a Picture (None when none was drawn)."""
+
+    @property
+    def figure(self) -> Picture | None:
+        figs = getattr(self, "figures", None) or {}
+        path = figs.get("figure")
+        return Picture(path, title=f"{type(self).__name__} {getattr(self, 'run', '')}".strip()) if path else None
+
+    def _repr_png_(self) -> bytes | None:
+        fig = self.figure
+        return fig.png() if fig is not None else None
+
+    def _repr_html_(self) -> str:
+        fig = self.figure
+        lines = self.summary() if hasattr(self, "summary") else []
+        text = "".join(f"<div>{escape(line)}</div>" for line in lines)
+        pic = _img(fig.png(), fig._caption()) if fig is not None else ""
+        return f'<div class="atlas-analysis">{pic}{text}</div>'

@@ -53,7 +53,7 @@ def _baseline(model: nn.Module, lmap, x: torch.Tensor, reqs) -> torch.Tensor:
 
     class DReLU(nn.Module):
         def forward(self, t):
-            return _DeconvReLU.apply(t)
+            return _DeconvReLU.apply(t, "relu", 0.0, False)
 
     class PassNorm(nn.Module):  # the paper's handling, so that the results can be compared
         def __init__(self, m):

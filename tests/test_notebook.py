@@ -174,3 +174,17 @@ def test_importing_the_notebook_module_costs_nothing():
             " if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]", out
+
+
+def test_an_analysis_result_shows_its_figure(tiny_atlas, tmp_path):
+    """What occlude() returns displays itself: its figure as PNG bytes that decode, and HTML with the
+    figure as a data: URI and its summary lines escaped."""
+    from atlas.analyses.occlusion import occlude
+
+    a = atlas.open(tiny_atlas)
+    res = occlude(a, 0, size=8, stride=8, out=tmp_path / "occ", store=False)
+    assert Image.open(io.BytesIO(res._repr_png_())).size[0] > 0
+    html = res._repr_html_()
+    _no_outside_references(html)
+    assert len(_decode_all(html)) == 1 and res.summary()[0].split()[0] in html
+    assert res.figure.path == res.figures["figure"]

@@ -56,6 +56,7 @@ import torch
 from .. import plotting
 from ..errors import AtlasError
 from ..runner import Runner
+from ..notebook import ShowsItsFigure
 from . import common
 from .occluder import check_fill, fill_value
 
@@ -215,7 +216,7 @@ def load_spec(atlas, spec_path: str | Path) -> tuple[list[_Entry], list[str], st
 
 
 @dataclass
-class CorrespondenceResult:
+class CorrespondenceResult(ShowsItsFigure):
     run: str
     spec: str
     layers: list[str]

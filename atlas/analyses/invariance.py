@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from ..errors import AtlasError
+from ..notebook import ShowsItsFigure
 from . import common
 from .. import plotting
 from ..runner import Runner
@@ -116,7 +117,7 @@ def _parse_list(v, what: str) -> list[str]:
 
 
 @dataclass
-class InvarianceResult:
+class InvarianceResult(ShowsItsFigure):
     run: str
     images: list[str]
     layers: list[str]

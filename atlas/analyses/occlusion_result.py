@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from ..notebook import ShowsItsFigure
 from . import common
 
 # the table's columns, in order (common.table_schema)
@@ -22,7 +23,7 @@ COLUMNS = ("run:str image:str image_id:i32 path:str model:str layer:str channel:
 
 
 @dataclass
-class OcclusionResult:
+class OcclusionResult(ShowsItsFigure):
     run: str
     image: str
     image_id: int | None

@@ -7,31 +7,36 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers import LayerMap
-from .graph_engine import graph_reference
+from ..graph import Op
 from .requests import Request, as_request
 from .support import _NORM
 
 
 class _DeconvReLU(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return x.clamp(min=0)
+    """Forward: the op itself; backward: the DeconvNet or guided rule (the autograd reference)."""
 
     @staticmethod
-    def backward(ctx, g):
-        return g.clamp(min=0)
-
-
-class _GuidedReLU(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
+    def forward(ctx, x, kind, param, guided):
+        ctx.kind, ctx.param, ctx.guided = kind, param, guided
         ctx.save_for_backward(x)
+        if kind == "leaky":
+            return F.leaky_relu(x, param)
+        if kind == "relu6":
+            return x.clamp(0, param)
         return x.clamp(min=0)
 
     @staticmethod
     def backward(ctx, g):
         (x,) = ctx.saved_tensors
-        return g.clamp(min=0) * (x > 0).to(g.dtype)
+        out = F.leaky_relu(g, ctx.param) if ctx.kind == "leaky" else g.clamp(min=0)
+        if ctx.guided:
+            if ctx.kind == "leaky":
+                out = out * torch.where(x > 0, torch.ones_like(x), torch.full_like(x, ctx.param))
+            elif ctx.kind == "relu6":
+                out = out * ((x > 0) & (x < ctx.param)).to(g.dtype)
+            else:
+                out = out * (x > 0).to(g.dtype)
+        return out, None, None, None
 
 
 class _IdentityBackward(torch.autograd.Function):
@@ -42,6 +47,37 @@ class _IdentityBackward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         return g, None
+
+
+def graph_reference(lmap, x: torch.Tensor, r: Request, mode: str = "unit", method: str = "deconvnet"
+                    ) -> torch.Tensor:
+    """SLOW REFERENCE (autograd, one request; for tests): the input gradient of the kept activation(s)
+    with every ReLU-kind op's backward replaced by its rule, every LRN's by the identity, and
+    everything else autograd's own (max-pools by the image's own switches)."""
+    guided = method == "guided"
+
+    def relu(op: Op, t):
+        param = op.params.get("slope", op.params.get("max", 0.0))
+        return _DeconvReLU.apply(t, op.kind, param, guided)
+
+    def lrn(op: Op, t):
+        return _IdentityBackward.apply(t, op.module)
+
+    # The forward runs over the whole batch x, as the engine's record does: CPU kernels round by batch
+    # shape, and a ReLU input or a pool's winner within rounding of a tie would otherwise differ.
+    p = next(lmap.model.parameters())
+    xi = x.detach().to(device=p.device, dtype=p.dtype).clone().requires_grad_(True)
+    node = lmap.read_node[r.layer]
+    with torch.enable_grad():
+        vals, _ = lmap.graph.run(xi, {node}, replace={"relu": relu, "relu6": relu, "leaky": relu, "lrn": lrn})
+        h = vals[node]
+        seed = torch.zeros_like(h)
+        if mode == "unit":
+            seed[r.image, r.channel, r.y, r.x] = h[r.image, r.channel, r.y, r.x].detach()
+        else:
+            seed[r.image, r.channel] = h[r.image, r.channel].detach()
+        (grad,) = torch.autograd.grad(h, xi, seed)
+    return grad[r.image].detach()
 
 
 def gradient_reference(lmap: LayerMap, x: torch.Tensor, request: Request | tuple | dict,
@@ -57,7 +93,7 @@ def gradient_reference(lmap: LayerMap, x: torch.Tensor, request: Request | tuple
     r = as_request(request)
     if lmap.is_graph:
         return graph_reference(lmap, x, r, mode=mode, method=method)
-    relu = _GuidedReLU if method == "guided" else _DeconvReLU
+    guided = method == "guided"
     layer = lmap.by_name[r.layer]
     model = lmap.model.eval()
     p = next(model.parameters())
@@ -67,7 +103,7 @@ def gradient_reference(lmap: LayerMap, x: torch.Tensor, request: Request | tuple
         for i in range(layer.read_at + 1):
             m = model.features[i]
             if isinstance(m, nn.ReLU):
-                h = relu.apply(h)
+                h = _DeconvReLU.apply(h, "relu", 0.0, guided)
             elif isinstance(m, nn.Conv2d):
                 h = F.conv2d(h, m.weight, None if m.bias is None else m.bias, m.stride, m.padding)
             elif isinstance(m, nn.MaxPool2d):
