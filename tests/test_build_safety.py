@@ -5,9 +5,9 @@ import os
 import signal
 import socket
 import subprocess
+import re
 import sys
 import time
-import re
 from pathlib import Path
 
 import pytest
