@@ -356,7 +356,15 @@ class Renderer:
         from . import render as R
 
         S = self.a.lmap.image_size
-        P, done, errors = self.project(layer, items, switches)
+        try:
+            P, done, errors = self.project(layer, items, switches)
+        except AtlasError as e:
+            if not str(e).startswith("cannot project"):
+                raise
+            # an op without a DeconvNet rule (SiLU, a gate): no projection, but the patches are drawn,
+            # so the pages still show what excited each channel
+            self._patches_only(layer, items, out, str(e))
+            return
         for n, why in errors.items():
             out[items[n][0]]["error"] = why
         t = time.perf_counter()
@@ -399,6 +407,24 @@ class Renderer:
                                               unavailable=gone)
                 self.rendered += 1
         self.split["drawing_s"] += time.perf_counter() - t
+
+    def _patches_only(self, layer: str, items, out, why: str) -> None:
+        from . import render as R
+
+        S = self.a.lmap.image_size
+        la = self.a.lmap.by_name[layer]
+        for c, r in items:
+            res = out[c]
+            res["error"] = why
+            patch = res["patch"][res["at"][r["rank"]]]
+            if usable(self.a, patch):
+                continue
+            crop = self._crop(r["image_id"])
+            box = la.field_box(r["y"], r["x"], S)
+            gone = str(crop) if isinstance(crop, Exception) else None
+            cell = R.patch_cell(None if gone else crop, box, S, R.upscale_for(max(box[2] - box[0], box[3] - box[1])))
+            res["patch"][res["at"][r["rank"]]] = self.cache.put(patch, cell, text=_src(r), unavailable=gone)
+            self.rendered += 1
 
     # -- inputs, each read once per image ---------------------------------------
     def _crop(self, image_id: int):

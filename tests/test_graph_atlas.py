@@ -84,3 +84,20 @@ def test_export_similar_and_the_analyses(graph_atlas, tmp_path):
     ok("correspondence", out, "--images", spec, "--out", tmp_path / "cor")
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["model"]["source"] == "torchvision" and manifest["geometry"].get("graph")
+
+
+def test_a_model_without_deconvnet_rules_still_gets_its_atlas(tmp_path):
+    """MobileNetV3 (hardswish, squeeze-and-excitation gates): the atlas is built and exported with its
+    patches; a projection is refused in one line naming the operation and where it sits."""
+    from cli_helpers import one_line_error
+    from conftest import make_image_folder
+
+    data = make_image_folder(tmp_path / "data", per_class=3)
+    out = tmp_path / "atlas"
+    ok("build", "--model", "mobilenet_v3_small", "--data", data, "--out", out, "--image-size", 32, "--k", 2,
+       "--batch-size", 4, "--no-progress")
+    layer = open_atlas(out).layer_names[-1]
+    assert "Hardswish at features.0.2 has no DeconvNet rule" in one_line_error("show", out, layer, 0)
+    ok("export", out, tmp_path / "site", "--max-channels", 1, "--layers", layer)
+    page = (tmp_path / "site" / layer / "0.html").read_text()
+    assert "no projection" in page and page.count("-patch.png") >= 1
