@@ -49,10 +49,9 @@ def test_stored_projections_equal_the_images_own(graph_atlas):
     stored = project(a, layer, c, switches="stored")
     recomputed = project(a, layer, c, switches="recompute")
     assert torch.allclose(stored.images, recomputed.images, rtol=0, atol=1e-5 * float(stored.images.abs().max()))
-    ref = D.gradient_reference(a.lmap, torch.stack([a.preprocess.to_tensor(a.image(m["image_id"] if "image_id" in m
-                                                                                    else r["image_id"])[1])
-                                                    for m, r in zip(stored.meta, a.top(layer, c))]),
-                               D.Request(0, layer, c, stored.meta[0]["y"], stored.meta[0]["x"]))
+    best = a.top(layer, c)[0]
+    x = a.preprocess.to_tensor(a.image(best["image_id"])[1])[None]
+    ref = D.gradient_reference(a.lmap, x, D.Request(0, layer, c, best["y"], best["x"]))
     assert D.relative_error(stored.images[0], ref) < 1e-4  # the atlas's batch shape vs one image: rounding only
 
 
@@ -72,18 +71,20 @@ def test_export_similar_and_the_analyses(graph_atlas, tmp_path):
     name, out = graph_atlas
     site = ok("export", out, tmp_path / "site", "--max-channels", 2, "--layers", open_atlas(out).layer_names[-1])
     assert site.strip().endswith("index.html")
-    sim = strict_json(ok("similar", out, "--image-id", 0, "-k", 2, "--format", "json"))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["model"]["source"] == "torchvision" and manifest["geometry"].get("graph")
+    sim = strict_json(ok("similar", out, "--image-id", 0, "--limit", 2, "--format", "json"))
     assert sim[0]["image_id"] == 0
     ok("occlude", out, 0, "--out", tmp_path / "occ", "--stride", 8, "--size", 12)
     assert (tmp_path / "occ" / "figure.png").is_file()
+    if name == "densenet121":  # the analyses below run the same graph code as ResNet's: once is enough
+        return
     ok("invariance", out, 0, 1, "--out", tmp_path / "inv")
     assert (tmp_path / "inv" / "figure.png").is_file()
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps({"images": [0, 1, 2], "parts": {"corner": [[0, 0, 8, 8]] * 3,
                                                                "middle": [[12, 12, 20, 20]] * 3}}))
     ok("correspondence", out, "--images", spec, "--out", tmp_path / "cor")
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["model"]["source"] == "torchvision" and manifest["geometry"].get("graph")
 
 
 def test_a_model_without_deconvnet_rules_still_gets_its_atlas(tmp_path):
