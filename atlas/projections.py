@@ -500,8 +500,8 @@ SQL_FUNCTION = "atlas_deconv_png"
 
 
 def register_sql(atlas) -> None:
-    """Add deconv_png(layer, channel, rank [, mode [, norm [, display]]]) -> the projection's PNG path to the
-    atlas's SQL.
+    """Add deconv_png(layer, channel, rank [, mode := ..., norm := ..., display := ..., method := ...]) -> the
+    projection's PNG path to the atlas's SQL (method := 'guided': guided backpropagation, from the images).
 
     The function renders on demand (through the cache) a batch of rows at a time; torch is imported
     on its first call, not here. It works on a second handle of the same atlas, because a function
@@ -510,35 +510,36 @@ def register_sql(atlas) -> None:
     """
     path, state, lock = atlas.path, {}, threading.Lock()
 
-    def batch(layer, channel, rank, mode, norm, display):
+    def batch(layer, channel, rank, mode, norm, display, method):
         with lock:  # DuckDB may call from several threads; a renderer is not thread-safe
             if "handle" not in state:
                 from .store import AtlasReader as Atlas
 
                 state["handle"] = Atlas(path)
-            return _sql_batch(state["handle"], layer, channel, rank, mode, norm, display)
+            return _sql_batch(state["handle"], layer, channel, rank, mode, norm, display, method)
 
     con = atlas.con
-    con.create_function(SQL_FUNCTION, batch, ["VARCHAR", "INTEGER", "INTEGER", "VARCHAR", "VARCHAR", "VARCHAR"],
-                        "VARCHAR", type="arrow", side_effects=True)
+    con.create_function(SQL_FUNCTION, batch, ["VARCHAR", "INTEGER", "INTEGER", "VARCHAR", "VARCHAR", "VARCHAR",
+                                              "VARCHAR"], "VARCHAR", type="arrow", side_effects=True)
     con.execute(f"CREATE OR REPLACE MACRO deconv_png(layer, channel, rank, mode := 'unit', norm := 'identity', "
-                f"display := '{DEFAULT_DISPLAY}') AS {SQL_FUNCTION}(layer, channel, rank, mode, norm, display)")
+                f"display := '{DEFAULT_DISPLAY}', method := 'deconvnet') AS "
+                f"{SQL_FUNCTION}(layer, channel, rank, mode, norm, display, method)")
 
 
-def _sql_batch(h, layer, channel, rank, mode, norm, display):
+def _sql_batch(h, layer, channel, rank, mode, norm, display, method):
     import pyarrow as pa
 
     rows = list(zip(layer.to_pylist(), channel.to_pylist(), rank.to_pylist(), mode.to_pylist(),
-                    norm.to_pylist(), display.to_pylist()))
+                    norm.to_pylist(), display.to_pylist(), method.to_pylist()))
     groups: dict[tuple, dict[int, set]] = {}
-    for la, c, r, m, n, d in rows:
-        if None in (la, c, r, m, n, d):
+    for la, c, r, m, n, d, me in rows:
+        if None in (la, c, r, m, n, d, me):
             continue
-        _check_options(m, n, "auto", d)
+        _check_options(m, n, "auto", d, me)
         h.check_channel(la, c)
-        groups.setdefault((la, m, n, d), {}).setdefault(c, set()).add(r)
+        groups.setdefault((la, m, n, d, me), {}).setdefault(c, set()).add(r)
     paths: dict[tuple, str] = {}
-    for (la, m, n, d), chans in groups.items():
+    for (la, m, n, d, me), chans in groups.items():
         tops = _tops(h, la, sorted(chans))
         for c, ranks in chans.items():
             have = {t["rank"] for t in tops.get(c, [])}
@@ -546,12 +547,12 @@ def _sql_batch(h, layer, channel, rank, mode, norm, display):
             if bad:
                 raise AtlasError(f"rank {bad[0]} is out of range for {la} channel {c} (0..{len(have) - 1})")
         asked = {c: [t for t in tops[c] if t["rank"] in chans[c]] for c in chans}  # only what the query names
-        res = renderer(h, m, n, display=d).channels(la, sorted(chans), asked, panel=False)
+        res = renderer(h, m, n, display=d, method=me).channels(la, sorted(chans), asked, panel=False)
         for c, rows_c in asked.items():
             for t, p in zip(rows_c, res[c]["proj"]):
                 if p is None:
                     raise AtlasError(f"cannot project {la} channel {c} rank {t['rank']}: {res[c]['error']}")
-                paths[(la, c, t["rank"], m, n, d)] = str(p)
+                paths[(la, c, t["rank"], m, n, d, me)] = str(p)
     return pa.array([paths.get(t) if None not in t else None for t in rows], type=pa.string())
 
 

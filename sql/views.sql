@@ -19,7 +19,8 @@
 -- And one scalar function: deconv_png(layer, channel, rank [, mode [, norm [, display]]]) renders the
 -- DeconvNet projection of a top-k entry on demand and returns its PNG's path (cached inside
 -- the atlas; mode 'unit' (default) or 'map', norm 'identity' (default) or 'gradient', display
--- 'percentile' (default) or 'max', by name: deconv_png(layer, channel, rank, display := 'max')), e.g.
+-- 'percentile' (default) or 'max', method 'deconvnet' (default) or 'guided' (guided backpropagation,
+-- from the images), by name: deconv_png(layer, channel, rank, display := 'max')), e.g.
 --   SELECT rank, deconv_png(layer, channel, rank) FROM top_activations
 --   WHERE layer = 'conv5' AND channel = 17;
 -- It is defined by atlas/projections.py, not here: plain DuckDB has no such function.

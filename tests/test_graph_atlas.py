@@ -65,6 +65,8 @@ def test_show_filters_guided_and_sql(graph_atlas):
     assert ok("filters", out).strip().endswith(".png")
     got = a.sql(f"SELECT deconv_png('{layer}', 0, 0) AS png").fetchall()[0][0]
     assert got.endswith("0-0.png")
+    g = a.sql(f"SELECT deconv_png('{layer}', 0, 0, method := 'guided') AS png").fetchall()[0][0]
+    assert g.endswith("0-0.png") and "-guided/" in g and g != got
 
 
 def test_export_similar_and_the_analyses(graph_atlas, tmp_path):
