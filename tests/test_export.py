@@ -171,9 +171,9 @@ def test_template_escaping_unit(tmp_path):
         layer={"layer": "conv1", "channels": 1, "height": 1, "width": 1, "kernel": 1, "stride": 1, "padding": 0,
                "rf_size": 1, "jump": 1, "dead": 0, "mean_fire_rate": 0.5},
         tiles=[{"channel": 0, "mean": 1.0, "max": 2.0, "std": 0.1, "fire_rate": 0.5, "dead": False,
-                "href": "0.html", "proj": None, "patch": None, "top_label": evil, "labels": [evil],
-                "labels_json": json.dumps([evil])}],
-        labels=[evil], exported=1)
+                "href": "0.html", "proj": None, "patch": None, "featurevis": None, "top_label": evil,
+                "labels": [evil], "labels_json": json.dumps([evil])}],
+        labels=[evil], exported=1, display_note=evil)
     assert "<script>window" not in html
     assert "&#34;&gt;&lt;script&gt;window.__xss=3&lt;/script&gt;&amp;" in html
     assert 'data-labels="[&#34;\\&#34;&gt;&lt;script&gt;' in html

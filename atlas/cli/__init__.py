@@ -7,6 +7,7 @@ kind of command; `base` holds the group, the shared options and value types;
 commands that take it, the old spellings that still work).
 """
 from . import analyses, browse, make, publish, search, training  # noqa: F401  (each registers its commands)
+from . import visualize  # noqa: F401,E402  (feature visualization: atlas/cli/visualize.py)
 from .base import main
 
 __all__ = ["main"]

@@ -41,8 +41,9 @@ def method_option(f):
 @click.option("--feature-vis", "feature_vis", is_flag=True,
               help="Also render the missing feature visualizations (an image optimized to excite each channel, "
               "shown beside its figure 2 panel and in its tile; `atlas visualize`), 512 steps, batched. Cost per "
-              "channel: about 1.8 s on a 2-core CPU for the demo's zfnet-mini at 64 px (more for a bigger model or "
-              "input); on a GPU not measured yet. Without it the pages show those already cached and draw none.")
+              "channel: about 1.9 s on a 2-core CPU for the demo's zfnet-mini at 64 px (more for a bigger model or "
+              "input); on a GPU not measured yet (no GPU was lent). Without it the pages show those already cached "
+              "and draw none.")
 @progress_option
 def export(atlas_path, site_dir, layers, channels, max_channels, cache, display, feature_vis, progress):
     """Export the atlas as a static site that opens from file:// or any static host.

@@ -46,6 +46,6 @@ def link(ex, layer: str, channels: list[int], slug: str, stats: dict[int, dict])
             ex.site.link(rel, k, Path(src))
         info = _info(Path(src))
         steps = src.parent.parent.name.split("-")[0].lstrip("s")
-        out[c] = {"src": f"img/{c}-featurevis.png", "map_max": info.get("map_max"), "dataset_max": stats.get(c, {}).get("max"),
-                  "steps": int(steps) if steps.isdigit() else None}
+        out[c] = {"src": f"img/{c}-featurevis.png", "map_max": info.get("map_max"),
+                  "dataset_max": stats.get(c, {}).get("max"), "steps": int(steps) if steps.isdigit() else None}
     return out
