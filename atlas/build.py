@@ -38,7 +38,7 @@ from .fsutil import atomic_write, atomic_write_bytes, atomic_write_json, atomic_
     remove_temp_files
 from .heap import keep_memory_flat
 from .inputs import DECODERS, InputBatches, choose_decoder, chunk_batches
-from .layers import LayerMap
+from .layers import LayerMap, walks_as_sequential
 from .lock import writer_lock
 from .mining import Moments, TopK, spatial_max
 from .models.preprocessing import three
@@ -266,13 +266,12 @@ class BuildJob:
         write_tables(self.staging, self.source, errors, self.lmap, self.chosen, moms, rows)
         if self.opts.activations:
             _compact_activations(self.staging, self.work, self.names, self.nchunks)
-        # A `features` Sequential of a model rebuilt by name: its weights (features.pt, as atlases always had).
-        # Anything else, the whole state (state.pt): the graph may use any module, and code rebuilt from a
-        # file must not depend on the weights file still being there.
-        features = getattr(self.net, "features", None)
-        if isinstance(features, torch.nn.Sequential) and self.net.atlas_meta.get("source", "atlas") in \
-                ("atlas", "torchvision", "timm"):
-            kept, file = features.state_dict(), "features.pt"
+        # A 2012-2014 chain rebuilt by name: its `features`' weights (features.pt, as atlases always had:
+        # every conv is in there). Anything else, the whole state (state.pt): a graph may have convs outside
+        # `features` (SqueezeNet's classifier, a timm stem), and code rebuilt from a file must not depend
+        # on the weights file still being there.
+        if walks_as_sequential(self.net) and self.net.atlas_meta.get("source", "atlas") in ("atlas", "torchvision"):
+            kept, file = self.net.features.state_dict(), "features.pt"
         else:
             kept, file = self.net.state_dict(), "state.pt"
         state = {key: v.detach().cpu().contiguous() for key, v in kept.items()}

@@ -32,6 +32,9 @@ from torch import nn
 from .errors import AtlasError
 
 RELU_KINDS = ("relu", "relu6", "leaky")
+# kinds whose output may share its input's storage (a view, the same tensor): an in-place op after one
+# would overwrite another node's value
+_ALIASES = {"pass", "reshape", "index", "piece", "permute", "split", "meta", "opaque", "get_attr", "placeholder"}
 # Kinds whose output unit (i) reads input rows [i*stride - pad, i*stride - pad + dilation*(kernel-1)].
 SPATIAL_KINDS = ("conv", "maxpool", "avgpool")
 POINTWISE_KINDS = ("bn", "relu", "relu6", "leaky", "lrn", "scale", "pass", "split", "piece")
@@ -151,6 +154,8 @@ class Graph:
     position: dict[fx.Node, int]
     shapes: dict[fx.Node, tuple[int, ...]] = field(default_factory=dict)
     pieces: dict[fx.Node, list[tuple[int, ...]]] = field(default_factory=dict)  # a split node's outputs' shapes
+    signal: set = field(default_factory=set)      # the nodes that carry the image (signal_nodes)
+    consts: dict = field(default_factory=dict)    # the constant tensors a signal op uses (a factor, a part)
     _runners: dict[fx.Node, Callable] = field(default_factory=dict, repr=False)
 
     # -- running ---------------------------------------------------------------
@@ -189,7 +194,8 @@ class Graph:
                     # for, no later user, not the caller's image): the model's own memory traffic
                     a0 = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
                     free = (a0 is not None and a0.op != "placeholder" and remaining[a0] == 1 and a0 not in want
-                            and keep is None and not torch.is_grad_enabled())
+                            and keep is None and not torch.is_grad_enabled()
+                            and self.ops[a0].kind not in _ALIASES)
                     val = self._call(node, args, kwargs, free)
             env[node] = val
             if node in want:
@@ -244,9 +250,11 @@ def _runner(gm: fx.GraphModule, node: fx.Node) -> Callable:
         return lambda a, k: obj
     if node.op == "call_method":
         name = str(node.target)
-        if name.endswith("_") and not name.endswith("__") and name[:-1] and name not in ("requires_grad_",):
+        if name.endswith("_") and not name.endswith("__") and name not in ("requires_grad_",):
             plain = name[:-1]
-            return lambda a, k: getattr(a[0], plain)(*a[1:], **k)
+            if hasattr(torch.Tensor, plain):
+                return lambda a, k: getattr(a[0], plain)(*a[1:], **k)
+            return lambda a, k: getattr(a[0].clone(), name)(*a[1:], **k)  # zero_, fill_: on a copy
         return lambda a, k: getattr(a[0], name)(*a[1:], **k)
     fn = _INPLACE_FUNCS.get(node.target, node.target)
     if "inplace" in node.kwargs:
@@ -269,8 +277,11 @@ def trace(model: nn.Module) -> Graph:
     for name, node in calls:  # a call is recorded as it returns: a leaf before the blocks around it
         innermost.setdefault(node, name)
     graph = Graph(model, gm, nodes, {}, calls, {n: i for i, n in enumerate(nodes)})
+    signal = signal_nodes(nodes)
     for n in nodes:
-        graph.ops[n] = _read_op(gm, n, innermost.get(n, n.name))
+        graph.ops[n] = _read_op(gm, n, innermost.get(n, n.name), signal)
+        graph.ops[n].params.setdefault("constants", _constants(n, signal))
+    graph.signal = signal
     return graph
 
 
@@ -294,24 +305,62 @@ def _traced(model: nn.Module):
 def unique_calls(calls: list[tuple[str, fx.Node]]) -> list[tuple[str, fx.Node]]:
     """Module calls with unique names: a module called again (one `self.relu` reused in a block) is
     `path_1`, `path_2`, ... for its later calls, as torchvision's feature extraction names them."""
+    taken = {name for name, _ in calls}
     seen: dict[str, int] = {}
     out = []
     for name, node in calls:
         k = seen.get(name, 0)
+        unique = name
+        if k:
+            while f"{name}_{k}" in taken:  # a module already named `relu_1` keeps its name
+                k += 1
+            unique = f"{name}_{k}"
+            taken.add(unique)
         seen[name] = k + 1
-        out.append((name if k == 0 else f"{name}_{k}", node))
+        out.append((unique, node))
     return out
 
 
-def _tensor_args(node: fx.Node) -> list[fx.Node]:
-    return [a for a in node.all_input_nodes if a.op != "get_attr"]
+_META_METHODS = {"size", "dim", "numel", "nelement", "stride", "element_size"}
 
 
-def _read_op(gm: fx.GraphModule, n: fx.Node, where: str) -> Op:
+def signal_nodes(nodes: list[fx.Node]) -> set[fx.Node]:
+    """The nodes whose values carry the image: reached from the input through anything but shape queries
+    (x.size(), x.shape, x.dim()). The rest (weights, a bias reshaped in forward, arithmetic on sizes)
+    are constants for a given input size, however they are computed."""
+    out: set[fx.Node] = set()
+    for n in nodes:
+        if n.op == "placeholder":
+            out.add(n)
+        elif n.op in ("call_function", "call_method", "call_module") and any(a in out for a in n.all_input_nodes):
+            meta = (n.op == "call_method" and n.target in _META_METHODS) or (
+                n.op == "call_function" and n.target is getattr and len(n.args) > 1 and n.args[1] in
+                ("shape", "dtype", "device", "ndim"))
+            if not meta:
+                out.add(n)
+    return out
+
+
+def _tensor_args(node: fx.Node, signal: set[fx.Node]) -> list[fx.Node]:
+    """The node's signal-carrying arguments, in order and with multiplicity (`y + y` has two)."""
+    seen: list[fx.Node] = []
+    fx.node.map_arg((node.args, node.kwargs), lambda a: seen.append(a) or a)
+    return [a for a in seen if a in signal]
+
+
+def _constants(node: fx.Node, signal: set[fx.Node]) -> list[fx.Node]:
+    seen: list[fx.Node] = []
+    fx.node.map_arg((node.args, node.kwargs), lambda a: seen.append(a) or a)
+    return [a for a in seen if a not in signal]
+
+
+def _read_op(gm: fx.GraphModule, n: fx.Node, where: str, signal: set[fx.Node]) -> Op:
     """The kind of one node, with the parameters its rule needs."""
-    ins = _tensor_args(n)
+    ins = _tensor_args(n, signal)
     if n.op in ("placeholder", "output", "get_attr"):
         return Op(n, n.op, where, ins)
+    if n not in signal:  # a constant for this input size (a weight's view, arithmetic on sizes)
+        return Op(n, "meta", where, [], what="a constant")
     if n.op == "call_module":
         m = gm.get_submodule(n.target)
         return _read_module(n, m, where, ins)
@@ -325,7 +374,11 @@ def _read_module(n: fx.Node, m: nn.Module, where: str, ins) -> Op:
     what = t.__name__
     if t is nn.Conv2d:
         if m.padding_mode != "zeros":
-            return Op(n, "opaque", where, ins, module=m, what=f"Conv2d with padding_mode='{m.padding_mode}'")
+            pad = m.padding if not isinstance(m.padding, str) else _same_padding(m)
+            return Op(n, "opaque", where, ins, {"kernel": _pairs(m.kernel_size), "stride": _pairs(m.stride),
+                                                 "padding": _pairs(pad), "dilation": _pairs(m.dilation),
+                                                 "spatial": True}, module=m,
+                      what=f"Conv2d with padding_mode='{m.padding_mode}'")
         pad = m.padding if not isinstance(m.padding, str) else _same_padding(m)
         return Op(n, "conv", where, ins, {"weight": m.weight, "bias": m.bias, "kernel": _pairs(m.kernel_size),
                                            "stride": _pairs(m.stride),
@@ -406,8 +459,9 @@ def _read_method(n: fx.Node, where: str, ins) -> Op:
         return Op(n, "permute", where, ins[:1], what=what)
     if name == "add" and len(ins) <= 2 and _arg(n, 2, "alpha", 1) == 1:
         return Op(n, "add" if len(ins) == 2 else "pass", where, ins, what=what)
-    if name in ("mul", "div") and len(ins) == 1:
-        return Op(n, "scale", where, ins, what=what)
+    if name in ("mul", "div") and len(ins) == 1 and n.args[0] is ins[0]:
+        factor = next((a for a in n.args[1:] if isinstance(a, fx.Node)), None)
+        return Op(n, "scale", where, ins, {"factor": factor}, what=what)
     if name in ("size", "dim", "numel"):
         return Op(n, "meta", where, [], what=what)
     if name in ("split", "chunk") and len(ins) == 1:
@@ -441,9 +495,11 @@ def _read_function(gm, n: fx.Node, where: str, ins) -> Op:
         w = _const(gm, _arg(n, 1, "weight"))
         b = _arg(n, 2, "bias")
         pad = _arg(n, 4, "padding", 0)
-        if isinstance(pad, str) or w is None:
-            return Op(n, "opaque", where, ins, what=f"{what} with padding='{pad}'" if w is not None else
-                      f"{what} with a computed weight")
+        if isinstance(pad, str) or w is None:  # still a convolution: its geometry, from the probed weight
+            return Op(n, "opaque", where, ins[:1], {"weight_node": _arg(n, 1, "weight"), "pad_arg": pad,
+                                                    "stride": _pairs(_arg(n, 3, "stride", 1)),
+                                                    "dilation": _pairs(_arg(n, 5, "dilation", 1)), "spatial": True},
+                      what=f"{what} with padding='{pad}'" if w is not None else f"{what} with a computed weight")
         return Op(n, "conv", where, ins[:1], {"weight": w, "bias": _const(gm, b) if isinstance(b, fx.Node) else b,
                                               "kernel": tuple(int(k) for k in w.shape[-2:]),
                                               "stride": _pairs(_arg(n, 3, "stride", 1)), "padding": _pairs(pad),
@@ -479,18 +535,21 @@ def _read_function(gm, n: fx.Node, where: str, ins) -> Op:
             return Op(n, "pass", where, ins, what="add")
     if f in (operator.sub, operator.isub, torch.sub) and len(ins) == 1 and n.args and n.args[0] is ins[0]:
         return Op(n, "pass", where, ins, what="subtract")  # a constant taken away: a bias
-    if f in _MUL_FUNCS and len(ins) == 1 and all(_is_number(a) for a in n.args if not isinstance(a, fx.Node)):
+    if f in _MUL_FUNCS and len(ins) == 1 and all(_is_number(a) or isinstance(a, fx.Node)
+                                                 for a in n.args if a is not ins[0]):
         if f in (operator.truediv, operator.itruediv, torch.div) and n.args[0] is not ins[0]:
             return Op(n, "opaque", where, ins, what="a number divided by a tensor")
-        return Op(n, "scale", where, ins, what=what)
+        factor = next((a for a in n.args if isinstance(a, fx.Node) and a is not ins[0]), None)
+        return Op(n, "scale", where, ins, {"factor": factor}, what=what)
     if f in _CAT_FUNCS:
         dim = _arg(n, 1, "dim", 0)
-        return Op(n, "cat", where, ins, {"dim": dim}, what=what)
+        parts = list(_arg(n, 0, "tensors"))  # every part, constants too: the sizes to split back by
+        return Op(n, "cat", where, ins, {"dim": dim, "parts": parts}, what=what)
     if f in _RESHAPE_FUNCS:
         return Op(n, "reshape", where, ins[:1], what=what)
     if f in (torch.permute, torch.transpose):
         return Op(n, "permute", where, ins[:1], what=what)
-    if f is F.pad and _arg(n, 2, "mode", "constant") == "constant":
+    if f is F.pad and _arg(n, 2, "mode", "constant") == "constant" and not _has_node(_arg(n, 1, "pad")):
         return Op(n, "pad", where, ins[:1], {"pad": tuple(_arg(n, 1, "pad"))}, what=what)
     if f is F.dropout and not _arg(n, 2, "training", True) or f in (F.dropout2d,) and not _arg(n, 2, "training", True):
         return Op(n, "pass", where, ins[:1], what=what)
@@ -504,11 +563,18 @@ def _read_function(gm, n: fx.Node, where: str, ins) -> Op:
         return Op(n, "piece", where, [n.args[0]], {"index": n.args[1]}, what="a piece of a split")
     if f is operator.getitem:
         src = n.args[0]
-        if isinstance(src, fx.Node) and isinstance(n.args[1], (int, slice, tuple, type(None), type(Ellipsis))):
+        if isinstance(src, fx.Node) and isinstance(n.args[1], (int, slice, tuple, type(None), type(Ellipsis))) \
+                and not _has_node(n.args[1]):
             return Op(n, "index", where, [src], {"index": n.args[1]}, what="indexing")
     if f is getattr or f in (torch.Tensor.size,):
         return Op(n, "meta", where, [], what=what)
     return Op(n, "opaque", where, ins, what=what)
+
+
+def _has_node(v) -> bool:
+    found = []
+    fx.node.map_arg(v, lambda a: found.append(a) or a)
+    return bool(found)
 
 
 def _const(gm, a):
@@ -544,8 +610,12 @@ def shapes(graph: Graph, image_size: int) -> dict[fx.Node, tuple[int, ...]]:
     except Exception as e:  # noqa: BLE001 - a model that cannot take this size says so in one line
         raise AtlasError(f"model {type(graph.model).__name__} fails on a {image_size} px input "
                          f"({type(e).__name__}: {str(e).splitlines()[0][:140]})") from None
+    used = {a for op in graph.ops.values() for a in ([op.params.get("factor")] + list(op.params.get("parts", ())))
+            if isinstance(a, fx.Node) and a not in graph.signal}
     for node, val in vals.items():
         grab(node, val)
+        if node in used and isinstance(val, torch.Tensor):
+            graph.consts[node] = val.detach()
         if isinstance(val, (tuple, list)) and val and all(isinstance(v, torch.Tensor) for v in val):
             graph.pieces[node] = [tuple(v.shape) for v in val]  # a split's outputs
     for n in graph.nodes:

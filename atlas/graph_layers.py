@@ -52,6 +52,10 @@ def _compose(f: Field, op: Op) -> Field:
     return tuple(out)
 
 
+def _pair_tuple(v) -> tuple[int, int]:
+    return tuple(int(a) for a in v) if isinstance(v, (tuple, list)) else (int(v), int(v))
+
+
 def _union(fields: list[Field]) -> Field:
     if any(f is None for f in fields) or not fields:
         return None
@@ -196,6 +200,8 @@ class GraphLayerMap(LayerMapBase):
         shape = self.shapes.get(node)
         if op.kind in SPATIAL_KINDS:
             return _compose(fields[srcs[0]], op)
+        if op.params.get("spatial"):  # a convolution without a DeconvNet rule: its geometry all the same
+            return self._opaque_conv_field(op, fields[srcs[0]], srcs[0], node)
         if op.kind in POINTWISE_KINDS or op.kind in ("add", "cat"):
             return _union([fields[s] for s in srcs])
         if op.kind == "adaptive_avgpool" and shape is not None and len(shape) == 4:
@@ -222,6 +228,24 @@ class GraphLayerMap(LayerMapBase):
             if all(self.shapes[s][2:] == shape[2:] or self.shapes[s][2:] == (1, 1) for s in srcs):
                 return _union([fields[s] if self.shapes[s][2:] == shape[2:] else None for s in srcs])
         return None
+
+    def _opaque_conv_field(self, op: Op, f: Field, src: fx.Node, node: fx.Node) -> Field:
+        p = dict(op.params)
+        if "kernel" not in p:
+            w = self.shapes.get(p.get("weight_node"))
+            if w is None:
+                return None
+            p["kernel"] = tuple(int(k) for k in w[-2:])
+        if "padding" not in p:
+            pad = p.get("pad_arg", 0)
+            if pad == "valid":
+                pad = 0
+            if isinstance(pad, str):  # 'same' at stride 1: whatever keeps the size, put where PyTorch puts it
+                total = [d * (k - 1) for k, d in zip(p["kernel"], p["dilation"])]
+                p["padding"] = tuple(t // 2 for t in total)
+            else:
+                p["padding"] = _pair_tuple(pad)
+        return _compose(f, Op(node, "conv", "", [src], p))
 
     def _geometry(self, f: Field, out_size: int) -> Geometry:
         if f is None:

@@ -479,5 +479,5 @@ class ShowsItsFigure:
         fig = self.figure
         lines = self.summary() if hasattr(self, "summary") else []
         text = "".join(f"<div>{escape(line)}</div>" for line in lines)
-        pic = _img(fig.png(), fig._caption()) if fig is not None else ""
+        pic = _img(fig.png(), fig.title or fig.path.name) if fig is not None else ""  # _img escapes
         return f'<div class="atlas-analysis">{pic}{text}</div>'

@@ -98,7 +98,7 @@ def show(atlas, layer: str, channel: int, rank: int | None = None, *, mode: str 
     target = r.cache.find(f"{r.folder}/{layer}/" + (f"{channel}-panel.png" if rank is None
                                                      else f"{channel}-{rank}.png"))
     if usable(atlas, target):
-        return _deliver(target, out, layer, channel, rank)
+        return _deliver(target, out, layer, channel, rank, suffix="guided" if method == "guided" else "")
     rows = atlas.top(layer, channel)
     if rank is not None and rank not in {t["rank"] for t in rows}:
         have = f"0..{len(rows) - 1}" if rows else "none"
@@ -113,7 +113,7 @@ def show(atlas, layer: str, channel: int, rank: int | None = None, *, mode: str 
         raise AtlasError(res["error"] or f"could not render {layer} channel {channel}")
     if res["error"] and log is not None and rank is None:
         log(f"Warning: {res['error']}; its patch in the panel is a placeholder")
-    return _deliver(path, out, layer, channel, rank)
+    return _deliver(path, out, layer, channel, rank, suffix="guided" if method == "guided" else "")
 
 
 def filters(atlas, layer: str | None = None, out: str | os.PathLike | None = None,

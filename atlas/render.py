@@ -329,7 +329,7 @@ def panel(projections: Any, patches: Sequence[Any], *, boxes: Sequence[tuple[int
                             "layout": f"left: projections, right: image patches; {cols} columns, rank order"}
     if meta and meta[0]:
         first = meta[0]
-        info.update({k: first[k] for k in ("layer", "channel", "mode", "norm") if k in first})
+        info.update({k: first[k] for k in ("layer", "channel", "mode", "norm", "method") if k in first})
         # image ids, never the engine's batch positions: those depend on what else was in the batch,
         # and the same picture must carry the same bytes however it was asked for
         info["projections"] = json.dumps([{k: m.get(k) for k in ("rank", "image_id", "value", "y", "x", "box")}
@@ -351,7 +351,7 @@ def projection_image(projections: Any, i: int, *, box: tuple[int, int, int, int]
     crop = projections.crop(i, b)
     sc = display_scale(crop, _inside(b, s), display)
     im = projection_cell(crop, b, s, up, full=False, display=display, scale=sc)
-    info = {k: m[k] for k in ("layer", "channel", "mode", "norm", "y", "x", "value", "image_id") if k in m}
+    info = {k: m[k] for k in ("layer", "channel", "mode", "norm", "method", "y", "x", "value", "image_id") if k in m}
     info.update({"rank": rank if rank is not None else m.get("rank"), "box": list(b), "upscale": up,
                  "display": display, "normalisation": DISPLAYS[display], "scale": float(f"{sc:.6g}"),
                  "outside": OUTSIDE})

@@ -47,8 +47,8 @@ RULES = {"conv", "relu", "relu6", "leaky", "maxpool", "bn", "avgpool", "adaptive
          "split", "piece"}
 METHODS = ("deconvnet", "guided")
 # rules whose output is a new tensor of the engine's own
-_FRESH = {"conv", "maxpool", "linear", "mean", "avgpool", "adaptive_avgpool", "pad", "index", "permute", "scale",
-          "relu", "relu6", "leaky"}
+# (a transpose by autograd -- permute, index, pad, mean -- may return a view of its signal: not here)
+_FRESH = {"conv", "maxpool", "linear", "avgpool", "adaptive_avgpool", "scale", "relu", "relu6", "leaky"}
 
 
 def check_graph(lmap, layer_name: str) -> None:
@@ -114,13 +114,15 @@ class _Down:
         self.lmap, self.g = lmap, lmap.graph
         self.method, self.switches, self.img, self.masks = method, switches or {}, img, masks or {}
         self.pool_name = {v: k for k, v in lmap.pool_node.items()}
-        self.weights, self.folded = _transposed_weights(lmap, dtype)
+        self.weights, self.folded, self.raw = _transposed_weights(lmap, dtype)
+        self.top = None
 
     def shape(self, node: fx.Node, b: int) -> tuple[int, ...]:
         return (b, *self.lmap.shapes[node][1:])
 
     def run(self, top: fx.Node, seed: torch.Tensor) -> torch.Tensor:
         g = self.g
+        self.top = top
         order = sorted(self.lmap._ancestors(top), key=g.position.__getitem__, reverse=True)
         sig: dict[fx.Node, torch.Tensor] = {top: seed}
         # ids of the signals no one else holds: a ReLU may rectify those in place (an add hands one
@@ -139,7 +141,7 @@ class _Down:
                 continue
             if op.kind == "piece":  # a piece of a split goes back to its place among the split's outputs
                 got = sig.setdefault(op.inputs[0], {})
-                i = op.params["index"]
+                i = op.params["index"] % len(self.g.pieces[op.inputs[0]])  # chunk(...)[-1] is the last
                 got[i] = s if i not in got else got[i] + s
                 continue
             outs = self.down(op, n, s)
@@ -150,7 +152,8 @@ class _Down:
                     fresh.discard(id(sig[src]))
                     t, new_t = sig[src] + t, True
                 else:
-                    new_t = new and t is not s or (new and len(outs) == 1)
+                    # what a rule made is its own unless it shares the signal's memory (a view of it)
+                    new_t = new and (t is s or t.untyped_storage().data_ptr() != s.untyped_storage().data_ptr())
                 sig[src] = t
                 if new_t:
                     fresh.add(id(t))
@@ -162,8 +165,9 @@ class _Down:
         k, p = op.kind, op.params
         b = s.shape[0] if isinstance(s, torch.Tensor) else next(iter(s.values())).shape[0]
         src = op.inputs[0] if op.inputs else None
-        if k == "conv":
-            return [(src, _conv_down(s, self.weights[n], p, self.shape(src, b)))]
+        if k == "conv":  # the top conv is read at its own output: the BN after it is not on the way down
+            w = self.raw[n] if n is self.top and n in self.raw else self.weights[n]
+            return [(src, _conv_down(s, w, p, self.shape(src, b)))]
         if k in RELU_KINDS:
             return [(src, self._relu(op, n, s))]
         if k == "maxpool":
@@ -178,15 +182,18 @@ class _Down:
             return [(src, s.reshape(self.shape(src, b)))]
         if k == "add":
             return [(a, _sum_to(s, self.shape(a, b))) for a in op.inputs]
-        if k == "cat":
-            dim = op.params["dim"]
-            sizes = [self.lmap.shapes[a][dim] for a in op.inputs]
-            return list(zip(op.inputs, torch.split(s, sizes, dim=dim)))
+        if k == "cat":  # split back by every part's size; the constants among them get nothing
+            dim, parts = op.params["dim"], op.params["parts"]
+            sizes = [self.lmap.shapes[a][dim] for a in parts]
+            return [(a, t) for a, t in zip(parts, torch.split(s, sizes, dim=dim)) if a in self.g.signal]
         if k == "scale":
+            divide = n.target in (operator.truediv, operator.itruediv, torch.div) or str(n.target) == "div"
+            c = op.params.get("factor")
+            if c is not None:  # a constant tensor (a layer scale, a normalisation inside forward)
+                f = self.g.consts[c].to(s.device, s.dtype)
+                return [(src, _sum_to(s / f if divide else s * f, self.shape(src, b)))]
             f = next((_number(a) for a in n.args if _number(a) is not None), 1.0)
-            if n.target in (operator.truediv, operator.itruediv, torch.div) or str(n.target) == "div":
-                f = 1.0 / f
-            return [(src, s * f)]
+            return [(src, s * (1.0 / f if divide else f))]
         if k == "linear":
             return [(src, s @ p["weight"].to(s.dtype))]
         if k == "mean":
@@ -275,7 +282,7 @@ def _transposed_weights(lmap, dtype: torch.dtype) -> tuple[dict, set]:
     if key in cache:
         return cache[key]
     g = lmap.graph
-    weights, folded = {}, set()
+    weights, folded, raw = {}, set(), {}
     for n in g.nodes:
         op = g.ops[n]
         if op.kind != "conv":
@@ -285,12 +292,13 @@ def _transposed_weights(lmap, dtype: torch.dtype) -> tuple[dict, set]:
         if len(users) == 1 and g.ops[users[0]].kind == "bn" and users[0].all_input_nodes == [n]:
             bn = g.ops[users[0]]
             if not (bn.params.get("module") is not None and bn.params["module"].running_var is None):
+                raw[n] = w.to(dtype).contiguous(memory_format=torch.channels_last)
                 w = w * _bn_scale(bn).view(-1, 1, 1, 1)
                 folded.add(users[0])
         weights[n] = w.to(dtype).contiguous(memory_format=torch.channels_last)
     cache.clear()
-    cache[key] = (weights, folded)
-    return weights, folded
+    cache[key] = (weights, folded, raw)
+    return weights, folded, raw
 
 
 def _conv_down(s: torch.Tensor, w: torch.Tensor, p: dict, in_shape: tuple[int, ...]) -> torch.Tensor:

@@ -123,7 +123,8 @@ def accepts(fn, option: str) -> bool:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):
         return False
-    return option in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    # only a named parameter: a factory taking **kwargs may pass them to a class that has no such option
+    return option in params
 
 
 def call_factory(spec: CodeSpec, kwargs: dict[str, Any]) -> tuple[nn.Module, Any]:
