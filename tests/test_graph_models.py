@@ -342,3 +342,132 @@ def test_split_and_chunk_go_back_to_their_places():
         got = D.project_images(lm, x, reqs, method=method)
         for i, r in enumerate(reqs):
             assert D.relative_error(got.images[i], D.gradient_reference(lm, x, r, method=method)) < 1e-5
+
+
+# -- what an independent review found: each a model that was silently wrong, or crashed ----------------
+
+class _Small(nn.Module):
+    def __init__(self, top_in: int = 4):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+        self.top = nn.Conv2d(top_in, 4, 3, padding=1)
+        self.gamma = nn.Parameter(torch.tensor([1.0, -2.0, 3.0, 0.5]).view(4, 1, 1))
+        self.std = nn.Parameter(torch.tensor([0.2, 0.5, 4.0]).view(3, 1, 1))
+        self.bias = nn.Parameter(torch.randn(4))
+
+
+class LayerScale(_Small):
+    def forward(self, x):
+        return F.relu(self.top(F.relu(self.a(x)) * self.gamma))
+
+
+class NormInside(_Small):
+    def forward(self, x):
+        return F.relu(self.top(F.relu(self.a(x / self.std))))
+
+
+class Double(_Small):
+    def forward(self, x):
+        y = F.relu(self.a(x))
+        return F.relu(self.top(y + y))
+
+
+class CatSame(_Small):
+    def __init__(self):
+        super().__init__(8)
+
+    def forward(self, x):
+        y = F.relu(self.a(x))
+        return F.relu(self.top(torch.cat([y, y], 1)))
+
+
+class LastPiece(_Small):
+    def __init__(self):
+        super().__init__(2)
+
+    def forward(self, x):
+        return F.relu(self.top(F.relu(self.a(x)).chunk(2, 1)[-1]))
+
+
+class BiasView(_Small):
+    def forward(self, x):
+        return F.relu(self.top(F.relu(self.a(x)) + self.bias.view(1, -1, 1, 1)))
+
+
+class TransposedBranch(_Small):
+    def __init__(self):
+        super().__init__()
+        self.b = nn.Conv2d(4, 4, 3, padding=1)
+        self.c = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        h = F.relu(self.a(x))
+        return F.relu(self.top(F.relu(self.b(h)).transpose(2, 3) + self.c(h)))
+
+
+@pytest.mark.parametrize("make", [LayerScale, NormInside, Double, CatSame, LastPiece, BiasView, TransposedBranch])
+def test_constants_repeats_pieces_and_views(make):
+    torch.manual_seed(0)
+    lm = LayerMap(make().eval(), 12)
+    x = torch.randn(2, 3, 12, 12)
+    reqs = _units(lm, x, "top", n=2)
+    for method in D.METHODS:
+        got = D.project_images(lm, x, reqs, method=method)
+        for i, r in enumerate(reqs):
+            assert D.relative_error(got.images[i], D.gradient_reference(lm, x, r, method=method)) < 1e-5
+
+
+def test_a_square_is_refused_and_a_conv_read_before_its_batchnorm_is_exact():
+    class Square(_Small):
+        def forward(self, x):
+            y = F.relu(self.a(x))
+            return F.relu(self.top(y * y))
+
+    with pytest.raises(AtlasError, match="mul at mul has no DeconvNet rule"):
+        lm = LayerMap(Square().eval(), 12)
+        D.project_images(lm, torch.randn(1, 3, 12, 12), [Request(0, "top", 0, 5, 5)])
+    lm = LayerMap(_randomise_bn(torchvision.models.resnet18(weights=None)), 32)
+    x = torch.randn(2, 3, 32, 32)
+    for layer in ("layer1.0.conv2", "layer2.0.downsample.0"):  # read at the conv: its BN is not below
+        reqs = _units(lm, x, layer, n=1)
+        got = D.project_images(lm, x, reqs)
+        for i, r in enumerate(reqs):
+            assert D.relative_error(got.images[i], D.gradient_reference(lm, x, r)) < 1e-5
+
+
+def test_in_place_after_an_alias_leaves_the_read_value_alone():
+    class Aliased(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+            self.ident = nn.Identity()
+            self.act = nn.ReLU(inplace=True)
+            self.top = nn.Conv2d(4, 4, 3)
+
+        def forward(self, x):
+            return self.top(self.act(self.ident(self.block(x))))
+
+    lm = LayerMap(_randomise_bn(Aliased()), 12)
+    x = torch.randn(2, 3, 12, 12)
+    with torch.no_grad():
+        alone = lm.extract(x, ["block"])["block"]
+        both = lm.extract(x, ["block", "top"])["block"]
+    assert torch.equal(alone, both) and float(alone.min()) < 0
+
+
+def test_fields_of_a_convolution_without_a_rule_and_unique_names():
+    class Reflect(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 4, 5, padding=2, padding_mode="reflect")
+            self.relu = nn.ReLU()
+            self.relu_1 = nn.ReLU()
+            self.top = nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, x):
+            return self.relu_1(self.top(self.relu(self.relu(self.a(x)))))
+
+    lm = LayerMap(Reflect().eval(), 12)
+    assert lm.by_name["a"].box(6, 6, 12) == (4, 4, 9, 9)
+    assert lm.by_name["top"].box(6, 6, 12) == (3, 3, 10, 10)
+    assert len({la.name for la in lm.layers}) == len(lm.layers)
