@@ -31,7 +31,6 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .errors import AtlasError
 from .graph import POINTWISE_KINDS, RELU_KINDS, SPATIAL_KINDS, Graph, Op, trace
 from .graph import shapes as probe_shapes
 from .layer_base import Geometry, Layer, LayerMapBase, Pool
@@ -160,14 +159,15 @@ class GraphLayerMap(LayerMapBase):
                 continue
             name = by_node.get(node, node.name)
             p = op.params
-            if len(set(p["kernel"])) != 1 or len(set(p["stride"])) != 1 or len(set(p["padding"])) != 1 \
-                    or tuple(p["dilation"]) != (1, 1):
-                raise AtlasError(f"max-pool {name}: only square, undilated pools are supported "
-                                 f"(kernel {p['kernel']}, stride {p['stride']}, padding {p['padding']})")
             src = self.shapes[op.inputs[0]]
             out = self.shapes[node]
-            if src[2] != src[3] or out[2] != out[3]:
-                raise AtlasError(f"max-pool {name}: only square maps are supported ({src[2]}x{src[3]})")
+            if len(set(p["kernel"])) != 1 or len(set(p["stride"])) != 1 or len(set(p["padding"])) != 1 \
+                    or tuple(p["dilation"]) != (1, 1) or src[2] != src[3] or out[2] != out[3]:
+                # the switch encoding is for square pools on square maps: this one keeps its geometry
+                # (fields), and projections through it are refused in one line
+                op.kind, op.what = "opaque", f"a non-square or dilated max-pool (kernel {p['kernel']})"
+                op.params["spatial"] = True
+                continue
             k, s, pad = p["kernel"][0], p["stride"][0], p["padding"][0]
             f = self._fields.get(node)
             rf, jump, off = (f[0][2] - f[0][1] + 1, f[0][0], f[0][1]) if f else (self.image_size, 1, 0)
