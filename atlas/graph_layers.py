@@ -309,6 +309,24 @@ class GraphLayerMap(LayerMapBase):
         return chosen or [la for la in self.layers if la.kind == "conv"][-1:]
 
     @cached_property
+    def peak_floats(self) -> int:
+        """The most floats of one image alive at once in a whole run (`Graph.run` frees a value after its
+        last user): what sizes a batch. DenseNet keeps every block's features to its concatenation."""
+        g = self.graph
+        remaining = {n: len(n.users) for n in g.nodes}
+        size = {n: int(torch.Size(sh[1:]).numel()) for n, sh in self.shapes.items() if len(sh) > 1
+                and n in g.signal}
+        alive = peak = 0
+        for n in g.nodes:
+            alive += size.get(n, 0)
+            peak = max(peak, alive)
+            for a in n.all_input_nodes:
+                remaining[a] -= 1
+                if remaining[a] == 0:
+                    alive -= size.get(a, 0)
+        return peak
+
+    @cached_property
     def conv_layers(self) -> list[Layer]:
         """The layers the analyses default to, in order: the first convolution (its filters are the
         figure 6 view) and each stage's output (`default_layers`); every candidate is in `layers`."""

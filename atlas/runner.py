@@ -81,9 +81,8 @@ def feature_peak_floats(lmap, start: int = 0) -> int:
     """Largest in+out float count of one image over features[start:]."""
     from torch import nn
 
-    if lmap.is_graph:  # a block keeps its input alive beside its branches: three of the largest maps
-        return 3 * max((int(torch.Size(shape[1:]).numel()) for shape in lmap.shapes.values() if len(shape) > 1),
-                       default=3 * lmap.image_size ** 2)
+    if lmap.is_graph:  # what the graph's run keeps alive at its peak, x1.5 for a kernel's temporaries
+        return int(1.5 * lmap.peak_floats)
     size, ch = lmap.image_size, 3
     sizes = []  # (channels, size) at each module's output
     for i, m in enumerate(lmap.model.features):
