@@ -342,10 +342,11 @@ def label_colours(n: int) -> list[tuple[int, int, int]]:
 
 
 def projection_image(p: torch.Tensor):
-    """A signed projection (3, h, w) as RGB: zero is mid-grey, scaled by its largest |value|
-    (the convention of the atlas's other projection images)."""
+    """A signed projection (3, h, w) as RGB by the atlas's display rule (atlas.render.normalise: zero
+    mid-grey, scaled by the 99.5th percentile of |v|): the occlusion figure's panel (c) reads like the
+    atlas's other projection images."""
     from PIL import Image
 
-    a = p.detach().float().cpu().numpy().transpose(1, 2, 0)
-    m = float(np.abs(a).max()) or 1.0
-    return Image.fromarray((a / m * 127.5 + 127.5).clip(0, 255).astype("uint8"))
+    from .render import normalise
+
+    return Image.fromarray(normalise(p.detach().float().cpu().numpy()))

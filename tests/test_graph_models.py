@@ -308,7 +308,8 @@ def test_captum_is_silently_wrong_on_functional_relus_and_atlas_is_right():
     ours = D.project_images(lm, x, [r]).images[0]
     ref = D.gradient_reference(lm, x, r)
     assert D.relative_error(ours, ref) < 1e-5
-    value = float(lm.extract(x, ["c"])["c"][0, r.channel, r.y, r.x])
+    with torch.no_grad():
+        value = float(lm.extract(x, ["c"])["c"][0, r.channel, r.y, r.x])
     # Captum hooks only nn.ReLU modules: here there are none, so it returns the plain gradient
     theirs = value * captum.NeuronDeconvolution(model, model.c).attribute(x, neuron_selector=(r.channel, r.y, r.x))[0]
     assert D.relative_error(theirs.detach(), ref) > 1e-2
