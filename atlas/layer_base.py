@@ -59,11 +59,14 @@ class Layer:
 
     def to_row(self) -> dict:
         g = self.geometry
+        # a graph layer is no one op: it has a field (rf_size, jump, offset along y; jump 0: the whole
+        # image), no kernel, stride or padding of its own
+        own = g is not None and self.rf is None and g.jump != 0
         return {
             "layer": self.name, "kind": self.kind, "channels": self.channels,
             "height": self.height, "width": self.width,
-            "kernel": g.kernel if g else None, "stride": g.stride if g else None,
-            "padding": g.padding if g else None, "rf_size": g.rf_size if g else None,
+            "kernel": g.kernel if own else None, "stride": g.stride if own else None,
+            "padding": g.padding if own else None, "rf_size": g.rf_size if g else None,
             "jump": g.jump if g else None, "offset": g.offset if g else None,
         }
 
