@@ -370,3 +370,26 @@ def test_supported_small_model_passes_the_check():
     acts = D.record(lm, x).activations
     reqs = _units(lm, acts, ["conv2"], per_image=[(0, 0), (6, 6)])
     assert _check_agreement(lm, x, reqs) <= TOL
+
+
+def test_guided_backprop_on_the_windowed_engine():
+    """Guided backpropagation on a 2012-2014 chain (the windowed engine: the forward ReLU pattern
+    gathered per window) agrees with its autograd reference."""
+    from atlas.models.registry import load_model
+
+    lm = LayerMap(load_model("zfnet-mini", seed=3), 32)
+    assert not lm.is_graph
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        acts = D.record(lm, x).activations
+    for layer in ("conv1", "conv3", "conv5"):
+        a = acts[layer]
+        reqs = [Request(i, layer, c, *divmod(int(a[i, c].argmax()), a.shape[-1])) for i in range(3)
+                for c in (0, 1) if float(a[i, c].max()) > 0]
+        got = D.project_images(lm, x, reqs, method="guided")
+        plain = D.project_images(lm, x, reqs)
+        for i, r in enumerate(reqs):
+            ref = D.gradient_reference(lm, x, r, method="guided")
+            assert D.relative_error(got.images[i], ref) < 1e-5
+        if layer != "conv1":  # below conv1's own (positive) unit there is no ReLU: the two agree there
+            assert any(not torch.equal(got.images[i], plain.images[i]) for i in range(len(reqs)))
