@@ -298,12 +298,29 @@ class BuildJob:
             "switches": {"stored": self.opts.switches, "encoding": "receptive-field boxes, window offsets "
                          "dy*k+dx, nibble-packed when k*k <= 16 (atlas/switches.py)"},
             "activations": self.opts.activations,
+            # the dataset's colour correlation, for feature visualization's decorrelated colour
+            "colour": self._colour(errors),
             "options": {**self.options, "device": str(self.dev), "ranks": self.ranks.world},
             "timings": {**timings, "total_s": round(time.perf_counter() - self.t_start, 3),
                         **_mining_timings(runs)},
         }
         atomic_write_json(self.staging / "manifest.json", manifest)
         return manifest
+
+    def _colour(self, errors: dict[int, str]) -> dict[str, Any]:
+        from .data import Preprocess
+        from .visualizations import estimate_colour
+
+        pre = Preprocess(self.pre)
+
+        def crop(i: int):
+            try:
+                return pre.crop_image(self.source.open_image(i))
+            except Exception:  # noqa: BLE001 - an image unreadable now counts as missing from the sample
+                return None
+
+        ok = [r.image_id for r in self.source.records if r.image_id not in errors]
+        return estimate_colour(ok, crop, int(self.pre["crop"]))
 
     def report(self, errors: dict[int, str], manifest: dict[str, Any]) -> None:
         """The build's last lines: what was written, and which images could not be read."""

@@ -81,7 +81,11 @@ def default_batch_size(device: str | None) -> int:
 # colour statistics
 # ---------------------------------------------------------------------------------------------------
 def colour_stats(atlas, cache: PictureCache, log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """{"matrix": 3x3, "source": ..., "images": n, ...}: the colour correlation the recipe uses."""
+    """{"matrix": 3x3, "source": ..., "images": n, ...}: the colour correlation the recipe uses: the
+    manifest's (`colour`, estimated by the build), else, for an atlas built before the build wrote it,
+    estimated on first use the same way and kept in the cache beside the pictures."""
+    if atlas.manifest.get("colour"):
+        return atlas.manifest["colour"]
     path = cache.find(f"{FOLDER}/colour.json")
     if path.is_file():
         try:
@@ -89,38 +93,52 @@ def colour_stats(atlas, cache: PictureCache, log: Callable[[str], None] | None =
         except (OSError, ValueError):
             pass  # a file from elsewhere, or unreadable: estimate again and replace it
     ids = [r["image_id"] for r in atlas.rows("SELECT image_id FROM images WHERE status = 'ok' ORDER BY image_id")]
-    if len(ids) > COLOUR_SAMPLE:  # evenly spaced: the same sample every time
-        ids = [ids[(i * len(ids)) // COLOUR_SAMPLE] for i in range(COLOUR_SAMPLE)]
+
+    def crop(i):
+        try:
+            return atlas.image(i)[1]
+        except AtlasError:
+            return None
+
+    stats = estimate_colour(ids, crop, atlas.image_size)
+    if stats["source"] != "atlas-images" and log is not None:
+        log("Warning: none of the atlas's images can be read, so colour is decorrelated with Lucid's "
+            "ImageNet matrix (estimated from the atlas's own images once they are back)")
+    if stats["source"] == "atlas-images":
+        _put_json(cache, path, stats)
+    return stats
+
+
+def estimate_colour(ids: list[int], crop: Callable[[int], Any], side: int) -> dict[str, Any]:
+    """The colour statistics of a fixed sample of images: up to COLOUR_SAMPLE of `ids` (readable ones),
+    evenly spaced, each `crop(id)` (the RGB image as the model sees it, or None when unreadable), every
+    n-th pixel so that at most 64 x 64 of each count. What the build writes into the manifest."""
     import numpy as np
     import torch
 
     from .featurevis import IMAGENET_COLOUR, colour_correlation
 
-    side = atlas.image_size
+    ids = sorted(ids)
+    if len(ids) > COLOUR_SAMPLE:  # evenly spaced: the same sample every time
+        ids = [ids[(i * len(ids)) // COLOUR_SAMPLE] for i in range(COLOUR_SAMPLE)]
     stride = max(1, side // 64)  # at most 64 x 64 pixels of an image: plenty for a 3x3 covariance
     parts, missing = [], 0
     for i in ids:
-        try:
-            crop = atlas.image(i)[1]
-        except AtlasError:
+        im = crop(i)
+        if im is None:
             missing += 1
             continue
-        a = np.asarray(crop.convert("RGB"), dtype=np.float32)[::stride, ::stride] / 255.0
+        a = np.asarray(im.convert("RGB"), dtype=np.float32)[::stride, ::stride] / 255.0
         parts.append(torch.from_numpy(a.reshape(-1, 3).copy()))
     if not parts:
-        if log is not None:
-            log("Warning: none of the atlas's images can be read, so colour is decorrelated with Lucid's "
-                "ImageNet matrix (estimated from the atlas's own images once they are back)")
         return {"matrix": [list(r) for r in IMAGENET_COLOUR], "source": "lucid-imagenet", "images": 0,
                 "why": "the atlas's images are unavailable"}
     pixels = torch.cat(parts)
-    stats = {"matrix": colour_correlation(pixels), "source": "atlas-images", "images": len(parts),
-             "unreadable": missing, "pixels": int(pixels.shape[0]),
-             "mean": [round(float(v), 6) for v in pixels.double().mean(0)],
-             "sample": f"up to {COLOUR_SAMPLE} readable images, evenly spaced by image id, cropped as the model "
-                       f"sees them, every {stride}th pixel per axis"}
-    _put_json(cache, path, stats)
-    return stats
+    return {"matrix": colour_correlation(pixels), "source": "atlas-images", "images": len(parts),
+            "unreadable": missing, "pixels": int(pixels.shape[0]),
+            "mean": [round(float(v), 6) for v in pixels.double().mean(0)],
+            "sample": f"up to {COLOUR_SAMPLE} readable images, evenly spaced by image id, cropped as the model "
+                      f"sees them, every {stride}th pixel per axis"}
 
 
 def _put_json(cache: PictureCache, path: Path, obj: dict) -> Path:
