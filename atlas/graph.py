@@ -590,11 +590,12 @@ def _const(gm, a):
 
 
 def shapes(graph: Graph, image_size: int) -> dict[fx.Node, tuple[int, ...]]:
-    """Every tensor node's shape for one image of `image_size` px (a probe pass on zeros)."""
+    """Every tensor node's shape (batch dimension first; use shape[1:]) at `image_size` px: a probe pass on zeros."""
     p = next(graph.model.parameters(), None)
     dev = p.device if p is not None else torch.device("cpu")
     dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
-    x = torch.zeros((1, 3, image_size, image_size), device=dev, dtype=dtype)
+    # two images: a model that squeezes its batch dimension away would mis-shape a probe of one
+    x = torch.zeros((2, 3, image_size, image_size), device=dev, dtype=dtype)
     want = {n for n in graph.nodes if n.op not in ("output", "placeholder")}
     out: dict[fx.Node, tuple[int, ...]] = {}
 

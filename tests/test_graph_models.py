@@ -472,3 +472,17 @@ def test_fields_of_a_convolution_without_a_rule_and_unique_names():
     assert lm.by_name["a"].box(6, 6, 12) == (4, 4, 9, 9)
     assert lm.by_name["top"].box(6, 6, 12) == (3, 3, 10, 10)
     assert len({la.name for la in lm.layers}) == len(lm.layers)
+
+
+def test_a_model_that_squeezes_its_batch_keeps_its_classifier():
+    class Squeezing(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3)
+            self.fc = nn.Linear(8, 5)
+
+        def forward(self, x):
+            return self.fc(F.adaptive_avg_pool2d(F.relu(self.conv(x)), 1).squeeze())
+
+    lm = LayerMap(Squeezing().eval(), 16)
+    assert lm.by_name["fc"].kind == "fc" and lm.classes() == 5
