@@ -38,7 +38,7 @@ from .fsutil import atomic_write, atomic_write_bytes, atomic_write_json, atomic_
     remove_temp_files
 from .heap import keep_memory_flat
 from .inputs import DECODERS, InputBatches, choose_decoder, chunk_batches
-from .layers import LayerMap, walks_as_sequential
+from .layers import LayerMap
 from .lock import writer_lock
 from .mining import Moments, TopK, spatial_max
 from .models.preprocessing import three
@@ -270,7 +270,7 @@ class BuildJob:
         # every conv is in there). Anything else, the whole state (state.pt): a graph may have convs outside
         # `features` (SqueezeNet's classifier, a timm stem), and code rebuilt from a file must not depend
         # on the weights file still being there.
-        if walks_as_sequential(self.net) and self.net.atlas_meta.get("source", "atlas") in ("atlas", "torchvision"):
+        if not self.lmap.is_graph and self.net.atlas_meta.get("source", "atlas") in ("atlas", "torchvision"):
             kept, file = self.net.features.state_dict(), "features.pt"
         else:
             kept, file = self.net.state_dict(), "state.pt"
@@ -308,7 +308,6 @@ class BuildJob:
         return manifest
 
     def _colour(self, errors: dict[int, str]) -> dict[str, Any]:
-        from .data import Preprocess
         from .visualizations import estimate_colour
 
         pre = Preprocess(self.pre)

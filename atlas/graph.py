@@ -19,7 +19,6 @@ Kinds (what the DeconvNet engine and the receptive-field geometry need to know o
 from __future__ import annotations
 
 import copy
-import math
 import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -280,7 +279,6 @@ def trace(model: nn.Module) -> Graph:
     signal = signal_nodes(nodes)
     for n in nodes:
         graph.ops[n] = _read_op(gm, n, innermost.get(n, n.name), signal)
-        graph.ops[n].params.setdefault("constants", _constants(n, signal))
     graph.signal = signal
     return graph
 
@@ -346,12 +344,6 @@ def _tensor_args(node: fx.Node, signal: set[fx.Node]) -> list[fx.Node]:
     seen: list[fx.Node] = []
     fx.node.map_arg((node.args, node.kwargs), lambda a: seen.append(a) or a)
     return [a for a in seen if a in signal]
-
-
-def _constants(node: fx.Node, signal: set[fx.Node]) -> list[fx.Node]:
-    seen: list[fx.Node] = []
-    fx.node.map_arg((node.args, node.kwargs), lambda a: seen.append(a) or a)
-    return [a for a in seen if a not in signal]
 
 
 def _read_op(gm: fx.GraphModule, n: fx.Node, where: str, signal: set[fx.Node]) -> Op:
@@ -623,12 +615,4 @@ def shapes(graph: Graph, image_size: int) -> dict[fx.Node, tuple[int, ...]]:
         if n.op == "placeholder":
             out[n] = tuple(x.shape)
             break
-    return out
-
-
-def spatial_out(size: int, k: int, s: int, p: int, d: int, ceil: bool) -> int:
-    span = size + 2 * p - d * (k - 1) - 1
-    out = (math.ceil(span / s) if ceil else span // s) + 1
-    if ceil and (out - 1) * s >= size + p:
-        out -= 1
     return out

@@ -31,7 +31,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .graph import POINTWISE_KINDS, RELU_KINDS, SPATIAL_KINDS, Graph, Op, trace
+from .graph import POINTWISE_KINDS, RELU_KINDS, SPATIAL_KINDS, Graph, Op, _pairs, trace
 from .graph import shapes as probe_shapes
 from .layer_base import Geometry, Layer, LayerMapBase, Pool
 
@@ -49,10 +49,6 @@ def _compose(f: Field, op: Op) -> Field:
         k, s, pad, d = p["kernel"][axis], p["stride"][axis], p["padding"][axis], p["dilation"][axis]
         out.append((j * s, lo - pad * j, hi + (d * (k - 1) - pad) * j))
     return tuple(out)
-
-
-def _pair_tuple(v) -> tuple[int, int]:
-    return tuple(int(a) for a in v) if isinstance(v, (tuple, list)) else (int(v), int(v))
 
 
 def _union(fields: list[Field]) -> Field:
@@ -102,9 +98,7 @@ class GraphLayerMap(LayerMapBase):
         self.by_name = {la.name: la for la in self.layers}
         self.pool_by_name = {p.name: p for p in self.pools}
         convs = [la for la in self.layers if la.kind == "conv"]
-        last = convs[-1] if convs else None
-        self.feature_size = last.height if last else image_size
-        self.feature_channels = last.channels if last else 3
+        self.feature_channels = convs[-1].channels if convs else 3
 
     # -- candidates --------------------------------------------------------------
     def _candidates(self) -> list[tuple[str, fx.Node, fx.Node, str]]:
@@ -244,7 +238,7 @@ class GraphLayerMap(LayerMapBase):
                 total = [d * (k - 1) for k, d in zip(p["kernel"], p["dilation"])]
                 p["padding"] = tuple(t // 2 for t in total)
             else:
-                p["padding"] = _pair_tuple(pad)
+                p["padding"] = _pairs(pad)
         return _compose(f, Op(node, "conv", "", [src], p))
 
     def _geometry(self, f: Field, out_size: int) -> Geometry:
@@ -253,15 +247,25 @@ class GraphLayerMap(LayerMapBase):
         (j, lo, hi) = f[0]
         return Geometry(hi - lo + 1, j, -lo, self.image_size, out_size, hi - lo + 1, j, lo)
 
-    def _ancestors(self, node: fx.Node) -> set[fx.Node]:
-        seen, stack = set(), [node]
-        while stack:
-            n = stack.pop()
-            if n in seen:
-                continue
-            seen.add(n)
-            stack.extend(n.all_input_nodes)
-        return seen
+    def _ancestors(self, node: fx.Node) -> frozenset[fx.Node]:
+        """The node and everything it is computed from (memoised: the engine asks per batch of requests)."""
+        memo = self.__dict__.setdefault("_ancestor_memo", {})
+        if node not in memo:
+            seen, stack = set(), [node]
+            while stack:
+                n = stack.pop()
+                if n not in seen:
+                    seen.add(n)
+                    stack.extend(n.all_input_nodes)
+            memo[node] = frozenset(seen)
+        return memo[node]
+
+    def down_order(self, node: fx.Node) -> list[fx.Node]:
+        """`_ancestors(node)` from the node down to the image: the way a projection goes (memoised)."""
+        memo = self.__dict__.setdefault("_down_memo", {})
+        if node not in memo:
+            memo[node] = sorted(self._ancestors(node), key=self.graph.position.__getitem__, reverse=True)
+        return memo[node]
 
     @cached_property
     def _pool_fields(self) -> dict[str, dict[fx.Node, Field]]:
@@ -337,12 +341,6 @@ class GraphLayerMap(LayerMapBase):
     def conv_weight(self, layer: Layer):
         op = self.graph.ops[self.graph.nodes[layer.index]]
         return op.params["weight"] if op.kind == "conv" else None
-
-    def _module(self, name: str):
-        try:
-            return self.model.get_submodule(name)
-        except AttributeError:
-            return None
 
     def resolve(self, names, kinds: tuple[str, ...] = ("conv",)) -> list[Layer]:
         if names is None or names == "" or names == []:

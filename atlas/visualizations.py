@@ -220,13 +220,12 @@ def _record(layer, channel, unit, steps, seed, diversity, png, info, dataset_max
 
 def _info(path: Path) -> dict[str, Any]:
     """The figures a cached picture carries in its PNG text."""
-    from PIL import Image
+    from .render import read_text
 
-    with Image.open(path) as im:
-        text = dict(im.text)
+    text = read_text(path)
     out = {}
     for k in ("map_max", "objective", "unit_y", "unit_x"):
-        v = text.get(f"atlas.featurevis.{k}")
+        v = text.get(f"featurevis.{k}")
         if v not in (None, "null"):
             out[k] = json.loads(v)
     return out
@@ -305,12 +304,10 @@ def visualize_one(atlas, layer: str, channel: int, *, out=None, **options) -> Pa
 
 
 def deliver(png: Path, out, layer: str, channel: int) -> Path:
-    from .fsutil import atomic_write_bytes
+    """A copy at `out` (a folder gets <layer>-<channel>-featurevis.png), as `show --out` makes its copies."""
+    from .projections import _deliver
 
-    out = Path(out)
-    if out.is_dir():
-        out = out / f"{layer}-{channel}-featurevis.png"
-    return atomic_write_bytes(out, png.read_bytes())
+    return _deliver(png, out, layer, channel, None, suffix="featurevis")
 
 
 def cached(atlas, layer: str, channels: list[int], cache=None, *, steps: int | None = None,
@@ -361,6 +358,7 @@ def _render(atlas, pc, layer, channels, unit, recipe, colour, paths, device, pro
     from PIL import Image
 
     from . import featurevis as fv
+    from .plotting import beside
     from .progress import Progress
 
     lmap, dev = _model(atlas, device)
@@ -388,7 +386,7 @@ def _render(atlas, pc, layer, channels, unit, recipe, colour, paths, device, pro
         side = arrays[0].shape[0]
         up = max(1, -(-CELL // side)) if side < CELL else 1
         ims = [Image.fromarray(a).resize((side * up, side * up), Image.NEAREST) for a in arrays]
-        im = ims[0] if len(ims) == 1 else _strip(ims)
+        im = ims[0] if len(ims) == 1 else beside(*ims, pad=2)
         best = max(vs, key=lambda v: v.map_max)
         text = {"featurevis.recipe": recipe.key(), "featurevis.layer": layer, "featurevis.channel": c,
                 "featurevis.objective": best.objective, "featurevis.map_max": best.map_max,
@@ -404,19 +402,6 @@ def _render(atlas, pc, layer, channels, unit, recipe, colour, paths, device, pro
                         "unit_y": None if best.unit_yx is None else best.unit_yx[0],
                         "unit_x": None if best.unit_yx is None else best.unit_yx[1]})
     return out
-
-
-def _strip(ims):
-    from PIL import Image
-
-    gap = 2
-    w = sum(i.width for i in ims) + gap * (len(ims) - 1)
-    strip = Image.new("RGB", (w, ims[0].height), (255, 255, 255))
-    x = 0
-    for i in ims:
-        strip.paste(i, (x, 0))
-        x += i.width + gap
-    return strip
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -3,7 +3,6 @@ that any strict reader takes, ranks that count from 0 everywhere)."""
 import json
 import shutil
 
-import pytest
 from click.testing import CliRunner
 
 import atlas
@@ -96,7 +95,6 @@ def test_info_on_a_file_says_it_is_a_file(tiny_atlas, tmp_path):
 
 
 def test_similar_ranks_count_from_zero_like_top(tiny_atlas):
-    pytest.importorskip("faiss")
     top = strict_json(ok("top", tiny_atlas, "conv5", 3, "--format", "json"))
     assert top[0]["rank"] == 0
     rows = strict_json(ok("similar", tiny_atlas, "--image-id", 5, "-k", 3, "--format", "json"))

@@ -352,7 +352,6 @@ def test_an_old_spelling_end_to_end(tmp_path):
 
 
 def test_similar_old_spellings_end_to_end(tiny_atlas):
-    pytest.importorskip("faiss")
     new = run("similar", tiny_atlas, "--channel", "conv5:1", "--of-layer", "conv4", "--limit", 3, "--format", "json")
     old = run("similar", tiny_atlas, "--channel", "conv5:1", "--layer", "conv4", "-k", 3, "--format", "json")
     assert new.exit_code == old.exit_code == 0, (new.output, old.output)

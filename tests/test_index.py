@@ -1,10 +1,9 @@
 """atlas.index: cosine search (exact and IVF), files, channel profiles. Small synthetic data, a few seconds."""
 import json
 
+import faiss
 import numpy as np
 import pytest
-
-faiss = pytest.importorskip("faiss")
 
 from atlas.errors import AtlasError  # noqa: E402
 from atlas.index import (  # noqa: E402

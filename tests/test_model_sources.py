@@ -80,8 +80,6 @@ def user_package(tmp_path, monkeypatch):
 def test_each_spec_form_loads_seeded_in_eval_mode(spec, source, request):
     if spec == "user_package":
         spec = request.getfixturevalue("user_package")
-    if source == "timm":
-        pytest.importorskip("timm")
     a, b, c = load_model(spec, seed=1), load_model(spec, seed=1), load_model(spec, seed=2)
     assert not a.training and source_of(spec) == source
     assert same_weights(a, b) and not same_weights(a, c)  # random init: the seed's, every time
@@ -113,8 +111,6 @@ def test_model_names_lists_ours_torchvisions_and_the_spec_forms():
     ("timm:no_such_timm_net", ["unknown timm model"]),
 ])
 def test_bad_specs_are_one_line(spec, words):
-    if spec.startswith("timm:"):
-        pytest.importorskip("timm")
     with pytest.raises(AtlasError) as e:
         load_model(spec)
     text = one_line(e)
@@ -246,7 +242,7 @@ def test_googlenet_aux_heads_and_transform_input_fold_into_the_preprocessing(tmp
 # ---------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
 def test_a_timm_model_with_local_weights(tmp_path, suffix):
-    timm = pytest.importorskip("timm")
+    import timm  # in the dev extra: a missing one fails, never skips
     from timm.data import resolve_data_config
 
     torch.manual_seed(0)

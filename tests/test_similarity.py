@@ -13,7 +13,6 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-pytest.importorskip("faiss")
 
 import atlas  # noqa: E402
 from atlas import indexing, similarity  # noqa: E402

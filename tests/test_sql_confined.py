@@ -80,7 +80,6 @@ def test_nothing_is_written_and_no_setting_changes(copy, tmp_path):
 
 
 def test_every_view_named_query_parameter_and_function_still_works(copy):
-    pytest.importorskip("faiss")
     counts = strict_json(ok("sql", copy, "SELECT (SELECT count(*) FROM images) AS images, (SELECT count(*) FROM "
                             "layers) AS layers, (SELECT count(*) FROM channels) AS channels, (SELECT count(*) FROM "
                             "top_activations) AS tops, (SELECT count(*) FROM activations) AS acts",

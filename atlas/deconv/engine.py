@@ -279,12 +279,10 @@ def project(lmap: LayerMap, requests: Sequence[Request | tuple | dict], switches
                     r = reqs[j]
                     windows[j] = sig[b]
                     origins[j] = (int(lo_y[b]), int(lo_x[b]))
-                    g = layer.geometry
-                    uy, ux = g.offset + r.y * g.jump, g.offset + r.x * g.jump
                     box = layer.box(r.y, r.x, s) if mode == "unit" else (0, 0, s, s)
                     meta[j] = {"mode": mode, "norm": norm, "method": method, "layer": name, "channel": r.channel,
                                "y": r.y, "x": r.x, "image": r.image, "value": values[b], "map_max": map_max[b],
-                               "box": box, "rf_box": (ux, uy, ux + g.rf_size, uy + g.rf_size)}
+                               "box": box, "rf_box": layer.field_box(r.y, r.x, s)}
     return Projections(mode, norm, s, meta, windows, origins)
 
 

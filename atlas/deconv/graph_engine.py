@@ -123,7 +123,7 @@ class _Down:
     def run(self, top: fx.Node, seed: torch.Tensor) -> torch.Tensor:
         g = self.g
         self.top = top
-        order = sorted(self.lmap._ancestors(top), key=g.position.__getitem__, reverse=True)
+        order = self.lmap.down_order(top)
         sig: dict[fx.Node, torch.Tensor] = {top: seed}
         # ids of the signals no one else holds: a ReLU may rectify those in place (an add hands one
         # tensor to both summands, a split or a reshape gives views: those are never in here)

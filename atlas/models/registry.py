@@ -41,7 +41,6 @@ _OWN = {
 # What `atlas train` trains: ours, and torchvision's plain conv/ReLU/max-pool CNNs.
 _TRAINABLE_TORCHVISION = ("alexnet", "vgg11", "vgg13", "vgg16", "vgg19")
 SPEC_FORMS = ("timm:NAME", "FILE.py:FACTORY", "package.module:FACTORY")
-SOURCES = ("atlas", "torchvision", "timm", "file", "module", "object")
 
 
 def model_names() -> list[str]:
@@ -81,10 +80,6 @@ def _unknown(name: str) -> str:
     hint = f" (did you mean {', '.join(close)}?)" if close else ""
     return (f"unknown model '{name}'{hint}: choose one of {', '.join(_OWN)}, a torchvision classification "
             f"model (resnet50, vgg16_bn, googlenet, densenet121, ...), {', '.join(SPEC_FORMS)}")
-
-
-def _check_name(name: str) -> None:
-    source_of(name)
 
 
 # ---------------------------------------------------------------------------------------------------------
