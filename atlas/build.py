@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import io
 import json
 import shutil
 import time
@@ -34,8 +33,8 @@ from .data import Preprocess, open_dataset
 from .device import default_workers, resolve_device
 from .distributed import ranks_from_env
 from .errors import AtlasError
-from .fsutil import atomic_write, atomic_write_bytes, atomic_write_json, atomic_write_parquet, publish_dir, \
-    remove_temp_files
+from .fsutil import atomic_write, atomic_write_json, atomic_write_parquet, publish_dir, \
+    remove_temp_files, torch_save_atomic
 from .heap import keep_memory_flat
 from .inputs import DECODERS, InputBatches, choose_decoder, chunk_batches
 from .layers import LayerMap
@@ -275,9 +274,7 @@ class BuildJob:
         else:
             kept, file = self.net.state_dict(), "state.pt"
         state = {key: v.detach().cpu().contiguous() for key, v in kept.items()}
-        buf = io.BytesIO()  # torch.save names the archive after the file: a temp name would change the bytes
-        torch.save(state, buf)
-        atomic_write_bytes(self.staging / "model" / file, buf.getvalue())
+        torch_save_atomic(self.staging / "model" / file, state)
 
     def manifest(self, errors: dict[int, str], runs, timings: dict[str, float]) -> dict[str, Any]:
         net, source, weights = self.net, self.source, self.weights

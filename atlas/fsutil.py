@@ -118,3 +118,15 @@ def publish_dir(staging: Path, target: Path, overwrite: bool = False) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(staging, target)
+
+
+def torch_save_atomic(path: str | os.PathLike, obj: Any) -> Path:
+    """torch.save, atomically. Into memory first: torch.save names the archive after the file, so a temp
+    name would change the bytes."""
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return atomic_write_bytes(path, buf.getvalue())

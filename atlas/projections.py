@@ -393,11 +393,7 @@ class Renderer:
                                                                               display=self.display))
                     self.rendered += 1
                 if not usable(self.a, patch):
-                    up = R.upscale_for(max(box[2] - box[0], box[3] - box[1]))
-                    why = None if crop is not None else str(gone)
-                    res["patch"][at] = self.cache.put(patch, R.patch_cell(crop, box, S, up), text=_src(r),
-                                                      unavailable=why)
-                    self.rendered += 1
+                    res["patch"][at] = self._put_patch(patch, crop, box, r, None if crop is not None else str(gone))
             if c in panels and len(idx) == len(res["proj"]):
                 meta = [{**P.meta[i], **{k: items[done[i]][1][k] for k in ("rank", "image_id", "value")}}
                         for i in idx]
@@ -409,22 +405,28 @@ class Renderer:
         self.split["drawing_s"] += time.perf_counter() - t
 
     def _patches_only(self, layer: str, items, out, why: str) -> None:
-        from . import render as R
-
         S = self.a.lmap.image_size
         la = self.a.lmap.by_name[layer]
         for c, r in items:
             res = out[c]
             res["error"] = why
-            patch = res["patch"][res["at"][r["rank"]]]
-            if usable(self.a, patch):
+            at = res["at"][r["rank"]]
+            if usable(self.a, res["patch"][at]):
                 continue
             crop = self._crop(r["image_id"])
-            box = la.field_box(r["y"], r["x"], S)
             gone = str(crop) if isinstance(crop, Exception) else None
-            cell = R.patch_cell(None if gone else crop, box, S, R.upscale_for(max(box[2] - box[0], box[3] - box[1])))
-            res["patch"][res["at"][r["rank"]]] = self.cache.put(patch, cell, text=_src(r), unavailable=gone)
-            self.rendered += 1
+            res["patch"][at] = self._put_patch(res["patch"][at], None if gone else crop,
+                                               la.field_box(r["y"], r["x"], S), r, gone)
+
+    def _put_patch(self, path: Path, crop, box, row: dict, gone: str | None) -> Path:
+        """A top-k entry's image patch (its receptive-field box, unclipped) into the cache; `gone`: why
+        the image is unavailable (the cell is then a placeholder, marked incomplete)."""
+        from . import render as R
+
+        up = R.upscale_for(max(box[2] - box[0], box[3] - box[1]))
+        self.rendered += 1
+        return self.cache.put(path, R.patch_cell(crop, box, self.a.lmap.image_size, up), text=_src(row),
+                              unavailable=gone)
 
     # -- inputs, each read once per image ---------------------------------------
     def _crop(self, image_id: int):

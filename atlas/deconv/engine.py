@@ -253,7 +253,7 @@ def project(lmap: LayerMap, requests: Sequence[Request | tuple | dict], switches
         if norm == "gradient":
             raise AtlasError("norm='gradient' is for the Sequential nets' LRN layers; graph models project "
                              "with norm='identity'")
-        return project_graph(lmap, reqs, switches, activations=activations, mode=mode, method=method,
+        return project_graph(lmap, reqs, groups, switches, activations=activations, mode=mode, method=method,
                              masks=relu_inputs, batch_size=batch_size)
     check_model(lmap)
     p = next(lmap.model.parameters())

@@ -320,26 +320,20 @@ def _chunk(lmap, layer, n: int, budget: int = 64 << 20) -> int:
     return max(1, min(n, 1024, budget // max(per // 3, 1)))
 
 
-def project_graph(lmap, reqs: Sequence[Request], switches: dict[str, torch.Tensor] | None, *,
-                  activations: dict[str, torch.Tensor] | None = None, mode: str = "unit",
-                  method: str = "deconvnet", masks: dict[fx.Node, torch.Tensor] | None = None,
+def project_graph(lmap, reqs: Sequence[Request], groups: dict[str, list[int]],
+                  switches: dict[str, torch.Tensor] | None, *, activations: dict[str, torch.Tensor] | None = None,
+                  mode: str = "unit", method: str = "deconvnet", masks: dict[fx.Node, torch.Tensor] | None = None,
                   batch_size: int | None = None) -> Projections:
-    """The graph engine behind `atlas.deconv.project` (which checks the requests)."""
-    if method not in METHODS:
-        raise AtlasError(f"unknown projection method '{method}': choose one of {', '.join(METHODS)}")
-    if method == "guided" and masks is None:
-        raise AtlasError("guided backpropagation needs the images' forward pass: use project_images")
+    """The graph engine behind `atlas.deconv.project`, which checks the options and the requests and
+    groups them by layer (`groups`: layer -> request indices)."""
     p = next(lmap.model.parameters())
     device, dtype = p.device, p.dtype
     S = lmap.image_size
-    groups: dict[str, list[int]] = {}
-    for j, r in enumerate(reqs):
-        groups.setdefault(r.layer, []).append(j)
     for name in groups:
         check_graph(lmap, name)
     windows: list = [None] * len(reqs)
     meta: list = [None] * len(reqs)
-    sw = {k: v for k, v in (switches or {}).items()}
+    sw = switches
     with torch.no_grad():
         for name, idxs in groups.items():
             layer = lmap.by_name[name]

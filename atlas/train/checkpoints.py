@@ -7,11 +7,10 @@ import io
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from ..errors import AtlasError
-from ..fsutil import atomic_write_bytes
+from ..fsutil import atomic_write_bytes, torch_save_atomic
 
 CHECKPOINT_FORMAT = 1
 METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_top1_error", "val_loss", "val_top1_error",
@@ -21,12 +20,6 @@ METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_top1_error", "val_loss", "
 def save_weights(path: Path, net: nn.Module, meta: dict[str, Any]) -> None:
     state = {k: v.detach().to("cpu").clone() for k, v in net.state_dict().items()}
     torch_save_atomic(path, {"model_state": state, "meta": meta})
-
-
-def torch_save_atomic(path: Path, obj: Any) -> None:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    atomic_write_bytes(path, buf.getvalue())
 
 
 def write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
