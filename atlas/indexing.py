@@ -368,7 +368,8 @@ def _build_indexes(atlas, layers: str | list[str] | None = None, *, device: str 
     t0 = time.perf_counter()
     log = log or (lambda s: None)
     a = reader(atlas)
-    names = _layers_to_index(a, layers)
+    # the build's own vectors (chunks) came from the classifier it ran: nothing to check, no model to load
+    names = _layers_to_index(a, layers, check_classifier=chunks is None)
     ok_ids, sample_ids = _readable_images(a)
     vectors = _Vectors.plan(a, names, chunks)
     vectors.run_forward_pass(ok_ids, sample_ids, device=device, workers=workers, progress=progress, log=log)
@@ -379,11 +380,11 @@ def _build_indexes(atlas, layers: str | list[str] | None = None, *, device: str 
     return record
 
 
-def _layers_to_index(a: AtlasReader, requested) -> list[str]:
+def _layers_to_index(a: AtlasReader, requested, check_classifier: bool = True) -> list[str]:
     """The image-index layers (`index_layers`), refused when an fc layer among them has no classifier to run."""
     names = index_layers(a.manifest["geometry"]["layers"], a.layer_names, requested)
     fcs = [n for n in names if layer_geometry(a, n)["kind"] == "fc"]
-    if fcs and not a.has_classifier:
+    if fcs and check_classifier and not a.has_classifier:
         w = a.manifest["model"].get("weights")
         raise AtlasError(f"indexing {', '.join(fcs)} needs the model's classifier, and its weights file '{w}' is "
                          f"gone or changed since the build; index conv layers only (--layers {a.layer_names[-1]})")
