@@ -297,7 +297,7 @@ class Channel:
         def pic(kind):
             def make(row):
                 pics = self._pictures()
-                at = {t["rank"]: i for i, t in enumerate(pics["rows"])}.get(row["rank"])
+                at = pics["at"].get(row["rank"])  # the renderer's own rank -> index
                 p = pics[kind][at] if at is not None else None
                 return thumbnail(p) if p is not None else None
             return make
@@ -322,7 +322,7 @@ class Channel:
     def patch(self, rank: int = 0) -> Picture:
         """The image patch of a top-k entry (its receptive field in the image the net saw)."""
         pics = self._pictures()
-        at = {t["rank"]: i for i, t in enumerate(pics["rows"])}.get(rank)
+        at = pics["at"].get(rank)
         if at is None:
             raise AtlasError(f"rank {rank} is out of range for {self.layer} channel {self.channel} "
                              f"(0..{len(pics['rows']) - 1})")
