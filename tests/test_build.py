@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 import pyarrow.parquet as pq
+import cli_helpers
 import pytest
 import torch
 from click.testing import CliRunner
@@ -196,11 +197,7 @@ def test_kill_9_then_resume_gives_the_same_atlas(tmp_path, tiny_folder):
 
 
 def one_line_error(args):
-    res = CliRunner().invoke(main, args)
-    assert res.exit_code != 0, res.output
-    text = res.output.strip()
-    assert "Traceback" not in text and len(text.splitlines()) == 1 and text.startswith("Error: "), text
-    return text
+    return cli_helpers.one_line_error(*args)
 
 
 def test_bad_input_gives_one_clear_line(tmp_path, tiny_folder, tiny_atlas):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_helpers import one_line_error
 import torch
 from click.testing import CliRunner
 
@@ -32,14 +33,6 @@ def cli(*args):
 
 def cli_json(*args):
     return json.loads(cli(*args, "--format", "json"))
-
-
-def one_line_error(*args):
-    res = CliRunner().invoke(main, [str(a) for a in args])
-    text = res.output.strip()
-    assert res.exit_code != 0, text
-    assert "Traceback" not in text and len(text.splitlines()) == 1 and text.startswith("Error: "), text
-    return text
 
 
 def matrix(a, layer):
