@@ -34,6 +34,7 @@ import hashlib
 import os
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 from .errors import AtlasError
 from .fsutil import TEMP_NAME, remove_temp_files
@@ -165,11 +166,16 @@ class PictureCache:
 
     def put(self, path: Path, image, text: dict | None = None, unavailable: str | None = None) -> Path:
         """Write `image` as the picture `path` names (a path `find` gave); returns where it went."""
+        return self.put_with(path, lambda dest: _write_png(dest, image, text, unavailable))
+
+    def put_with(self, path: Path, write: Callable[[Path], Any]) -> Path:
+        """`write(dest)` the file `path` names (a path `find` gave) into the first tier that takes it (the
+        atlas's cache, else the per-user one); returns where it went. `put` is this for a PNG."""
         rel = self._rel(path)
         while True:
             dest = self.tier(self.at) / rel
             try:
-                _write_png(dest, image, text, unavailable)
+                write(dest)
                 break
             except OSError as e:
                 self._give_up(dest, e)

@@ -142,18 +142,12 @@ def estimate_colour(ids: list[int], crop: Callable[[int], Any], side: int) -> di
 
 
 def _put_json(cache: PictureCache, path: Path, obj: dict) -> Path:
-    """Write a small JSON file into the picture cache the way `PictureCache.put` writes a PNG: temp
-    file and rename, moving on to the per-user cache where the atlas's cannot be written."""
+    """A small JSON file into the picture cache, written the way its pictures are (temp file and rename,
+    the per-user cache where the atlas's cannot be written)."""
     from .fsutil import atomic_write_bytes
 
     data = (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
-    rel = cache._rel(path)
-    while True:
-        dest = cache.tier(cache.at) / rel
-        try:
-            return atomic_write_bytes(dest, data, fsync=False)
-        except OSError as e:
-            cache._give_up(dest, e)
+    return cache.put_with(path, lambda dest: atomic_write_bytes(dest, data, fsync=False))
 
 
 # ---------------------------------------------------------------------------------------------------
