@@ -246,6 +246,7 @@ class BuildJob:
         tops = {la.name: TopK(la.channels, k) for la in self.chosen}
         moms = {la.name: Moments(la.channels) for la in self.chosen}
         errors: dict[int, str] = {}
+        self.digests: dict[int, str] = {}
         for c in range(self.nchunks):
             with np.load(self.work / f"chunk-{c:05d}.npz") as st:
                 for name in self.names:
@@ -253,6 +254,8 @@ class BuildJob:
                     moms[name].merge(Moments.from_state({f: st[f"{name}.mom.{f}"]
                                                          for f in ("count", "sum", "sumsq", "fires", "max")}))
                 errors.update({int(i): e for i, e in json.loads(str(st["errors"])).items()})
+                if "digests" in st.files:  # a chunk mined by a release before content hashes has none
+                    self.digests.update({int(i): d for i, d in json.loads(str(st["digests"])).items()})
         if len(errors) == self.n:  # nothing to show: no atlas, and no staging folder left behind to resume
             shutil.rmtree(self.staging, ignore_errors=True)
             first = next(iter(sorted(errors.items())))
@@ -262,7 +265,7 @@ class BuildJob:
 
     def write(self, errors: dict[int, str], moms, rows) -> None:
         """The tables, the activations and the conv weights (projections need no other file)."""
-        write_tables(self.staging, self.source, errors, self.lmap, self.chosen, moms, rows)
+        write_tables(self.staging, self.source, errors, self.lmap, self.chosen, moms, rows, self.digests)
         if self.opts.activations:
             _compact_activations(self.staging, self.work, self.names, self.nchunks)
         # A 2012-2014 chain rebuilt by name: its `features`' weights (features.pt, as atlases always had:
@@ -343,6 +346,7 @@ class ChunkMiner:
         self.autocast = precision == "bf16"
         self.keep_activations = activations
         self.errors: dict[int, str] = {}
+        self.digests: dict[int, str] = {}  # images.content_hash
         self.acts: dict[str, list] = {m: [] for m in self.names}
         self.tops = {la.name: TopK(la.channels, k, dev) for la in chosen}
         self.moms = {la.name: Moments(la.channels, dev) for la in chosen}
@@ -353,13 +357,16 @@ class ChunkMiner:
         if self.sample is not None:
             self.kept.update({f"sample.{m}": [] for m in self.names})
 
-    def add(self, x: torch.Tensor, ids: torch.Tensor, errs: list[str] | None = None) -> None:
+    def add(self, x: torch.Tensor, ids: torch.Tensor, errs: list[str] | None = None,
+            digests: list[str] | None = None) -> None:
         """One batch. Nothing here waits for the device (no copies back per batch): the chunk's rows stay
         on it until `host()`, so the loader's next batch is queued while this one computes."""
         errs = errs or [""] * len(ids)
-        for i, e in zip(ids.tolist(), errs):
+        for i, e, d in zip(ids.tolist(), errs, digests or [""] * len(ids)):
             if e:
                 self.errors[i] = e
+            elif d:
+                self.digests[i] = d
         x = x.to(self.dev, non_blocking=True)
         if self.dev.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
@@ -451,13 +458,13 @@ def _mine_chunks(lmap: LayerMap, chosen, inputs: InputBatches, n: int, todo, chu
         return
     owner, batches = [c for c, _ in layout], [ids for _, ids in layout]
     miner = None
-    for bi, (x, ids, errs) in enumerate(inputs(batches)):
+    for bi, (x, ids, errs, digests) in enumerate(inputs(batches)):
         if miner is None or miner.chunk != owner[bi]:
             if miner is not None:
                 _flush_chunk(miner, work)
             miner = ChunkMiner(lmap, chosen, opts.k, inputs.dev, opts.precision, opts.activations,
                                chunk=owner[bi], plan=plan, batch_size=opts.batch_size)
-        miner.add(x, ids, list(errs))
+        miner.add(x, ids, list(errs), list(digests))
         bar.update(len(errs))
     _flush_chunk(miner, work)
 
@@ -475,7 +482,8 @@ def _flush_chunk(miner: ChunkMiner, work: Path) -> None:
         atomic_write_parquet(work / f"act-{c:05d}-{name}.parquet", table, compression="zstd")
     if kept:  # before the chunk file: its presence is what marks the chunk done
         atomic_write(work / f"vec-{c:05d}.npz", lambda tmp: _savez(tmp, vector_arrays(kept)))
-    arrays = {"errors": np.array(json.dumps({str(i): e for i, e in miner.errors.items()}))}
+    arrays = {"errors": np.array(json.dumps({str(i): e for i, e in miner.errors.items()})),
+              "digests": np.array(json.dumps({str(i): d for i, d in miner.digests.items()}))}
     for name, t in miner.tops.items():
         arrays.update({f"{name}.topk.{f}": v for f, v in t.state().items()})
         arrays.update({f"{name}.mom.{f}": v for f, v in miner.moms[name].state().items()})
@@ -502,7 +510,7 @@ def _write_switches(path: Path, lmap: LayerMap, top_rows, inputs: InputBatches, 
     batches = inputs([image_ids[b:b + batch_size] for b in range(0, len(image_ids), batch_size)])
 
     def forward(chunk: list[int]) -> dict[tuple[int, str], np.ndarray]:
-        x, ids, _ = next(batches)
+        x, ids, _, _ = next(batches)
         assert ids.tolist() == chunk, "switches batches out of step with write_switches"
         if inputs.dev.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)

@@ -11,11 +11,14 @@ them and goes on.
 """
 from __future__ import annotations
 
+import functools
+import hashlib
+import io
 import os
-import sys
 import pickle
+import sys
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
 
 import numpy as np
@@ -40,6 +43,22 @@ def atlas_home() -> Path:
     return Path(os.environ.get("ATLAS_HOME", Path.home() / ".cache" / "atlas"))
 
 
+def content_hash(data: bytes) -> str:
+    """What `images.content_hash` holds: BLAKE2b (128 bits) of an image file's bytes (a CIFAR row's pixels).
+    An atlas draws an image only while its bytes still have this hash: a dataset root from a manifest
+    someone else wrote then shows only the images the atlas was built on."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def safe_relative(path: str) -> bool:
+    """Whether a path read from an atlas's images table stays under the dataset root: relative, no '..',
+    no drive or backslash tricks. Links inside the dataset are its own business (clusters keep datasets so)."""
+    if not isinstance(path, str) or not path or "\x00" in path or "\\" in path:
+        return False
+    pure = PurePosixPath(path)
+    return not pure.is_absolute() and ".." not in pure.parts and ":" not in pure.parts[0]
+
+
 def open_rgb(path: Path | BinaryIO) -> Image.Image:
     """An image file (a path, or its bytes as a file object) as RGB, fully decoded (raises OSError/ValueError
     for a corrupt file)."""
@@ -61,11 +80,17 @@ class ImageSource:
 
     def open_image(self, image_id: int) -> Image.Image:
         """The image as RGB; raises OSError/ValueError for a corrupt file."""
+        return self.read(image_id)[0]
+
+    def read(self, image_id: int) -> tuple[Image.Image, str]:
+        """(the image as RGB, the content hash of its bytes): the file is read once for both."""
         rec = self.records[image_id]
         if self.kind == "cifar10":
             batch, row = rec.path.split("#")
-            return Image.fromarray(self._load_batch(batch)[int(row)])
-        return open_rgb(self.root / rec.path)
+            pixels = self._load_batch(batch)[int(row)]
+            return Image.fromarray(pixels), content_hash(pixels.tobytes())
+        data = (self.root / rec.path).read_bytes()
+        return open_rgb(io.BytesIO(data)), content_hash(data)
 
     def _load_batch(self, name: str) -> np.ndarray:
         if name not in self._arrays:
@@ -77,13 +102,43 @@ class ImageSource:
                 "classes": self.classes}
 
 
+class _CifarUnpickler(pickle.Unpickler):
+    """Admits only what the official CIFAR-10 files hold: dicts, lists, strings, bytes, numbers and numpy
+    arrays with their dtypes. A pickle can name any callable to run while loading; a folder of "CIFAR"
+    files from someone else must not run code, so every other global is refused."""
+
+    def find_class(self, module: str, name: str):
+        allowed = _cifar_globals()
+        if (module, name) not in allowed:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which a CIFAR-10 file never holds")
+        return allowed[(module, name)]
+
+
+def _cifar_globals() -> dict[tuple[str, str], Any]:
+    try:  # numpy 2 moved the reconstructors; files name the old module (pickled by numpy 1 or Python 2)
+        from numpy._core.multiarray import _reconstruct, scalar
+    except ImportError:  # pragma: no cover - numpy 1
+        from numpy.core.multiarray import _reconstruct, scalar
+    import codecs
+
+    out = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
+           ("_codecs", "encode"): codecs.encode}  # Python 3's protocol 2 writes bytes as _codecs.encode(str)
+    for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        out[(mod, "_reconstruct")], out[(mod, "scalar")] = _reconstruct, scalar
+    return out
+
+
 def _unpickle_cifar(path: Path, what: str) -> dict:
     """A CIFAR-10 pickle as a dict with str keys: the official files were pickled by Python 2 (bytes
     keys under encoding="bytes"), copies re-saved by Python 3 tools have str keys."""
     try:
         with open(path, "rb") as f:
-            d = pickle.load(f, encoding="bytes")
+            d = _CifarUnpickler(f, encoding="bytes").load()
+        if not isinstance(d, dict):
+            raise ValueError(f"it holds a {type(d).__name__}, not a dict")
         return {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
+    except pickle.UnpicklingError as e:
+        raise AtlasError(f"CIFAR-10 {what} '{path}' is refused: {e}") from None
     except Exception as e:  # a CIFAR file that is not one: say which
         raise AtlasError(f"CIFAR-10 {what} '{path}' is not readable ({type(e).__name__})") from None
 
@@ -95,6 +150,23 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, list[int]]:
         return np.ascontiguousarray(data), [int(v) for v in d["labels"]]
     except (KeyError, ValueError, TypeError) as e:
         raise AtlasError(f"CIFAR-10 batch '{path}' is not readable ({type(e).__name__}: {e})") from None
+
+
+def read_cifar_row(root: Path, path: str) -> tuple[Image.Image, str]:
+    """(RGB image, content hash) of the CIFAR-10 record `path` ("batch#row") under `root`, as an atlas's
+    images table names it: only an official batch name, read with the restricted unpickler."""
+    batch, _, row = path.partition("#")
+    if batch not in CIFAR_BATCHES or not row.isdigit():
+        raise AtlasError(f"'{path}' is not a CIFAR-10 record (BATCH#ROW, BATCH one of {', '.join(CIFAR_BATCHES)})")
+    pixels = _cached_cifar_batch(str(root / batch))
+    if int(row) >= len(pixels):
+        raise AtlasError(f"CIFAR-10 batch '{root / batch}' has no row {row}")
+    return Image.fromarray(pixels[int(row)]), content_hash(pixels[int(row)].tobytes())
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_cifar_batch(path: str) -> np.ndarray:
+    return _read_cifar_batch(Path(path))[0]
 
 
 def _cifar(root: Path, spec: str) -> ImageSource:
@@ -224,11 +296,13 @@ class DecodedImages(torch.utils.data.Dataset):
         return len(self.ids)
 
     def __getitem__(self, i: int):
+        """(input, image id, error or "", content hash or "")."""
         image_id = self.ids[i]
         try:
-            x = self.preprocess(self.source.open_image(image_id))
+            img, digest = self.source.read(image_id)
+            x = self.preprocess(img)
             err = ""
         except Exception as e:  # any decode failure is a property of the file, recorded per image
             x = torch.zeros(3, self.preprocess.crop, self.preprocess.crop)
-            err = f"{type(e).__name__}: {e}"[:300] or "unreadable"
-        return x, image_id, err
+            err, digest = f"{type(e).__name__}: {e}"[:300] or "unreadable", ""
+        return x, image_id, err, digest

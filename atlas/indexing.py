@@ -66,7 +66,8 @@ def layer_channels(a: AtlasReader, layer: str) -> int:
 
 
 def images_table(a: AtlasReader):
-    """images.parquet's image_id, path, label and status (an Arrow table by image_id), read once per handle.
+    """images.parquet's image_id, path, label, status and content_hash where the build recorded it (an Arrow
+    table by image_id), read once per handle.
 
     Read directly, not through SQL: a query's paths are then a `take` (microseconds) instead of a scan of
     the images table; and building needs no SQL connection.
@@ -76,8 +77,9 @@ def images_table(a: AtlasReader):
     state = _STATE.setdefault(a, {})
     if "images" not in state:
         with a.reading("images.parquet"):
-            state["images"] = pq.read_table(a.path / "images.parquet",
-                                            columns=["image_id", "path", "label", "status"]).sort_by("image_id")
+            names = pq.read_schema(a._inside("images.parquet")).names
+            columns = ["image_id", "path", "label", "status"] + [c for c in ("content_hash",) if c in names]
+            state["images"] = pq.read_table(a._inside("images.parquet"), columns=columns).sort_by("image_id")
     return state["images"]
 
 
@@ -295,7 +297,9 @@ def _forward_vectors(a: AtlasReader, src, names: list[str], image_ids: np.ndarra
     bf16 = options.get("precision") == "bf16"
     inputs = InputBatches(src, a.preprocess, runner.device, options.get("decode", "cpu"),
                           workers if workers is not None else default_workers(runner.device))
-    status = images_table(a).column("status").to_numpy(zero_copy_only=False)
+    table = images_table(a)
+    status = table.column("status").to_numpy(zero_copy_only=False)
+    hashes = table.column("content_hash").to_pylist() if "content_hash" in table.column_names else None
     # per image id, looked up per batch in O(batch) (np.isin against a million ids would sort them each time)
     unread = status != "ok"  # zeros in the build's batches
     wanted = np.zeros(len(status), bool)
@@ -310,11 +314,15 @@ def _forward_vectors(a: AtlasReader, src, names: list[str], image_ids: np.ndarra
             batches.append([i for i in ids if wanted[i] or unread[i]])
     out: dict[str, np.ndarray] = {}
     with Progress(len(image_ids), "index", "images", enabled=progress) as bar, torch.inference_mode():
-        for x, ids, errs in inputs(batches):
+        for x, ids, errs, digests in inputs(batches):
             bad = [(int(i), e) for i, e in zip(ids, errs) if e and not unread[int(i)]]
             if bad:
                 raise AtlasError(f"image {bad[0][0]} ('{src.records[bad[0][0]].path}') cannot be read now "
                                  f"({bad[0][1]}), though it could when the atlas was built")
+            changed = [int(i) for i, d in zip(ids, digests) if hashes and hashes[int(i)] and d != hashes[int(i)]]
+            if changed:
+                raise AtlasError(f"image {changed[0]} ('{src.records[changed[0]].path}') has changed since the atlas "
+                                 "was built (its content hash differs): rebuild the atlas")
             ids = ids.numpy()
             zero = torch.from_numpy(unread[ids])
             if zero.any():

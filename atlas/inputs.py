@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .data import DecodedImages, ImageSource, Preprocess, open_rgb
+from .data import DecodedImages, ImageSource, Preprocess, content_hash, open_rgb
 from .errors import AtlasError
 
 DECODERS = ("auto", "cpu", "device")
@@ -101,16 +101,23 @@ class EncodedImages(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         image_id = self.ids[i]
+        if self.source.kind == "cifar10":  # rows of a batch file: no JPEG to hand the device
+            try:
+                img, digest = self.source.read(image_id)
+                return "crop", _rgb_tensor(self.pre.crop_image(img)), image_id, "", digest
+            except Exception as e:  # a property of the file, recorded per image as DecodedImages does
+                return "crop", None, image_id, _error(e), ""
         path = self.source.root / self.source.records[image_id].path
         try:
             data = path.read_bytes()
+            digest = content_hash(data)
             # a JPEG without its end marker is truncated: PIL calls that an error, and nvjpeg might
             # decode what is there, so PIL decides (cpu and device decoders then agree on what is readable)
             if data[:3] == JPEG_MAGIC and data[-2:] == JPEG_END:
-                return "jpeg", torch.frombuffer(bytearray(data), dtype=torch.uint8), image_id, ""
-            return "crop", _rgb_tensor(self.pre.crop_image(open_rgb(path))), image_id, ""
+                return "jpeg", torch.frombuffer(bytearray(data), dtype=torch.uint8), image_id, "", digest
+            return "crop", _rgb_tensor(self.pre.crop_image(open_rgb(io.BytesIO(data)))), image_id, "", digest
         except Exception as e:  # a property of the file, recorded per image as DecodedImages does
-            return "crop", None, image_id, _error(e)
+            return "crop", None, image_id, _error(e), ""
 
 
 def _rgb_tensor(img) -> torch.Tensor:
@@ -203,9 +210,10 @@ class DeviceDecoder:
 
 
 class InputBatches:
-    """Model input for batches of image ids, on the device: (x, ids, errors) per batch, in order.
+    """Model input for batches of image ids, on the device: (x, ids, errors, content hashes) per batch, in
+    order.
 
-    Errors are per image ("" when it decoded); an unreadable image's input is zeros, as the cpu decoder
+    Errors are per image ("" when it decoded), and so are the hashes of the bytes decoded ("" for an error); an unreadable image's input is zeros, as the cpu decoder
     gives it. The build's mining pass and its switches pass both read through this, so the switches
     are recorded on the same pixels the ranking saw.
     """
@@ -226,12 +234,12 @@ class InputBatches:
             loader = torch.utils.data.DataLoader(
                 DecodedImages(self.source, self.pre, all_ids), batch_sampler=batches, num_workers=self.workers,
                 pin_memory=self.dev.type == "cuda")
-            for x, ids, errs in loader:
-                yield x.to(self.dev, non_blocking=True), ids, list(errs)
+            for x, ids, errs, digests in loader:
+                yield x.to(self.dev, non_blocking=True), ids, list(errs), list(digests)
             return
         loader = torch.utils.data.DataLoader(
             EncodedImages(self.source, self.pre, all_ids), batch_sampler=batches, num_workers=self.workers,
             collate_fn=_as_lists)
-        for kinds, payloads, ids, errs in loader:
+        for kinds, payloads, ids, errs, digests in loader:
             x, errs = self._device_decoder(kinds, payloads, errs)
-            yield x, torch.tensor(ids, dtype=torch.int64), errs
+            yield x, torch.tensor(ids, dtype=torch.int64), errs, [d if not e else "" for d, e in zip(digests, errs)]

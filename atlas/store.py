@@ -21,7 +21,9 @@ SQL of `atlas sql` read-only and confined to the folder is `atlas.sql_guard`.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
+import os
 import re
 import shutil
 import tempfile
@@ -33,6 +35,7 @@ from typing import Any, NamedTuple
 
 from .formats import FORMAT_VERSION
 from .errors import AtlasError
+from .manifest import validate
 from .sql_guard import Deadline, check_read_only, first_line, refusal, sql_error
 
 # sql/ at the repository's top level is the source; a wheel carries a copy inside the package (setup.py)
@@ -96,13 +99,16 @@ class AtlasReader:
                 if self.path.name.endswith(".partial") else ""
             raise AtlasError(f"'{path}' is not an atlas: it has no manifest.json{hint}")
         try:
-            self.manifest: dict[str, Any] = json.loads(mf.read_text())
-        except ValueError:
+            manifest = json.loads(mf.read_text(), parse_constant=_no_constant)
+        except (ValueError, UnicodeDecodeError, RecursionError):
             raise AtlasError(f"atlas '{path}' has an unreadable manifest.json") from None
-        version = self.manifest.get("format_version")
-        if version not in READABLE_VERSIONS:
-            raise AtlasError(f"atlas '{path}' has format version {version}; this atlas tool reads versions "
+        version = manifest.get("format_version") if isinstance(manifest, dict) else None
+        if isinstance(manifest, dict) and version not in READABLE_VERSIONS:
+            raise AtlasError(f"atlas '{path}' has format version {version!r}; this atlas tool reads versions "
                              f"{', '.join(map(str, READABLE_VERSIONS))} (rebuild it with `atlas build`)")
+        # an atlas may come from someone else: every field checked before any other work (atlas/manifest.py)
+        self.manifest: dict[str, Any] = validate(manifest, f"atlas '{path}'")
+        self._check_links()
 
     def __repr__(self) -> str:
         m = self.manifest
@@ -156,6 +162,30 @@ class AtlasReader:
             con.execute("SET enable_external_access = false")
             con.execute("SET lock_configuration = true")
         return con
+
+    # -- confinement ------------------------------------------------------------
+    def _inside(self, rel: str) -> Path:
+        """The atlas's file `rel`, refused in one line if a link takes it outside the atlas folder."""
+        file = self.path / rel
+        root, real = self.path.resolve(), file.resolve()
+        if not real.is_relative_to(root):
+            raise AtlasError(f"atlas '{self.path}': {rel} leads outside the atlas folder (to '{real}'); "
+                             "an atlas reads only its own files")
+        return file
+
+    def _check_links(self) -> None:
+        """Every link inside the atlas (its cache aside, whose pictures are only ever written) must stay
+        inside it: the tables, the weights and the indexes are read from here, never from elsewhere."""
+        root = self.path.resolve()
+        for folder, dirs, files in os.walk(root):
+            if Path(folder) == root:
+                dirs[:] = [d for d in dirs if d != "cache"]
+            for name in dirs + files:
+                entry = Path(folder, name)
+                if entry.is_symlink() and not entry.resolve().is_relative_to(root):
+                    raise AtlasError(f"atlas '{self.path}': {entry.relative_to(root)} is a link to "
+                                     f"'{entry.resolve()}', outside the atlas folder; an atlas reads only its own "
+                                     "files")
 
     def has_activations(self, layer: str = "*") -> bool:
         """Whether the activations table holds the layer (any layer by default): not with --no-activations."""
@@ -314,18 +344,23 @@ class AtlasReader:
         import torch
 
         from .models import consent
-        from .models.registry import load_model, feature_options
+        from .models.registry import feature_options, load_model, unvetted
+        from .models.weights import file_sha256
 
         m = self.manifest["model"]
         given = self._given_model if self._given_model is not None else consent.given(self.path)
-        if given is None and (m.get("source") == "object" or (consent.needs_consent(m)
-                                                               and not consent.trusted(self.path))):
-            raise consent.refusal(self.path, m)
+        if given is None:
+            # what rebuilding would run beyond the closed set of builders (registry.unvetted): only with consent
+            code = unvetted(m, f"atlas '{self.path}'")
+            if m.get("source") == "object" or (code is not None and not consent.trusted(self.path)):
+                raise consent.refusal(self.path, m, code)
         # code is rebuilt only from the record's own path and hash (registry.rebuild), and always with state.pt
-        if (self.path / "model" / "state.pt").is_file() or m.get("source") in (*consent.CODE_SOURCES, "object"):
+        if self._inside("model/state.pt").is_file() or m.get("source") in (*consent.CODE_SOURCES, "object"):
             return self._whole_model(m, given)
         weights = m.get("weights")
-        use_file = bool(weights) and Path(weights).is_file()
+        # the file the atlas was built from, for its classifier: read only while it is still those bytes
+        use_file = bool(weights) and Path(weights).is_file() and bool(m.get("weights_sha256")) \
+            and file_sha256(weights) == m["weights_sha256"]
         kwargs = m.get("kwargs")
         if kwargs is None:  # format 1 did not record the constructor options
             kwargs = {"num_classes": m.get("num_classes")}
@@ -341,16 +376,8 @@ class AtlasReader:
             model.atlas_meta = {**(getattr(given, "atlas_meta", None) or {}), "name": m["name"]}
         else:
             model = load_model(m["name"], weights if use_file else None, seed=m.get("seed", 0), **kwargs)
-        if use_file and m.get("weights_sha256") and model.atlas_meta["weights_sha256"] != m["weights_sha256"]:
-            # retrained in place since the build: its classifier would meet conv weights it never had
-            use_file = False
-            if m.get("kwargs") is None and feature_options(m["name"]):
-                raise AtlasError(f"atlas '{self.path}' (format 1) does not record how its {m['name']} was built, "
-                                 f"and its weights file '{weights}' has changed since: rebuild the atlas with "
-                                 "`atlas build`")
-            model = load_model(m["name"], None, seed=m.get("seed", 0), **kwargs)
         try:
-            state = torch.load(self.path / "model" / "features.pt", map_location="cpu", weights_only=True)
+            state = torch.load(self._inside("model/features.pt"), map_location="cpu", weights_only=True)
             model.features.load_state_dict(state)
         except FileNotFoundError:
             raise self._damaged("model/features.pt", "is missing") from None
@@ -371,7 +398,7 @@ class AtlasReader:
         from .models.registry import rebuild
 
         try:
-            state = torch.load(self.path / "model" / "state.pt", map_location="cpu", weights_only=True)
+            state = torch.load(self._inside("model/state.pt"), map_location="cpu", weights_only=True)
         except FileNotFoundError:
             raise self._damaged("model/state.pt", "is missing") from None
         except Exception:  # a truncated or foreign file: torch raises many types
@@ -450,7 +477,7 @@ class AtlasReader:
 
         ds = self.manifest["dataset"]
         try:
-            return open_dataset(ds["root"] if ds["kind"] != "cifar10" else ds["spec"])
+            return open_dataset(ds["root"])
         except AtlasError:
             return None
 
@@ -461,29 +488,41 @@ class AtlasReader:
         return Preprocess(self.manifest["preprocessing"])
 
     def original(self, image_id: int):
-        """The dataset's image as RGB, before preprocessing, or AtlasError if unavailable or unreadable."""
-        rows = self.rows("SELECT path, status FROM images WHERE image_id = ?", [int(image_id)])
+        """The dataset's image as RGB, before preprocessing, or AtlasError if unavailable, unreadable or not
+        the image the atlas was built on (its content hash differs)."""
+        from .data import content_hash, open_rgb, read_cifar_row, safe_relative
+
+        if not isinstance(image_id, int) or not 0 <= image_id < 2 ** 31:
+            raise AtlasError(f"image id {image_id} is not in atlas '{self.path}'")
+        rows = self.rows("SELECT * FROM images WHERE image_id = ?", [int(image_id)])
         if not rows:
             raise AtlasError(f"image id {image_id} is not in atlas '{self.path}'")
-        ds, path = self.manifest["dataset"], rows[0]["path"]
+        ds, path, recorded = self.manifest["dataset"], rows[0]["path"], rows[0].get("content_hash")
         gone = AtlasError(f"image {image_id} ('{path}') is unavailable: the dataset at '{ds['root']}' is gone "
                           "or changed")
-        if ds["kind"] == "cifar10":  # rows of batch files: the source holds them
-            src = self.source
-            if src is None or image_id >= len(src) or src.records[image_id].path != path:
+        if ds["kind"] == "cifar10":  # a row of a batch file under the root
+            if not Path(ds["root"]).is_dir():
                 raise gone
-            opener = lambda: src.open_image(image_id)  # noqa: E731
+            read = lambda: read_cifar_row(Path(ds["root"]), path)  # noqa: E731
         else:  # a file under the root: opened directly, no scan of a dataset that may hold millions
-            from .data import open_rgb
-
+            if not safe_relative(path):  # the images table may come from someone else: stay under the root
+                raise AtlasError(f"image {image_id}: its path '{path}' in atlas '{self.path}' leaves the dataset "
+                                 "folder (absolute, or through '..'); an atlas draws only its dataset's images")
             file = Path(ds["root"]) / path
             if not file.is_file():
                 raise gone
-            opener = lambda: open_rgb(file)  # noqa: E731
+
+            def read():
+                data = file.read_bytes()
+                return open_rgb(io.BytesIO(data)), content_hash(data)
         try:
-            return opener()
+            img, digest = read()
         except Exception as e:
             raise AtlasError(f"image {image_id} ('{path}') cannot be read: {e}") from None
+        if recorded and digest != recorded:
+            raise AtlasError(f"image {image_id} ('{path}') has changed since the atlas was built (its content "
+                             "hash differs): the atlas shows only the images it was built on")
+        return img
 
     def image(self, image_id: int):
         """(model input tensor (3, S, S), the cropped RGB PIL image), or AtlasError if unavailable."""
@@ -516,6 +555,10 @@ class AtlasReader:
     def _register_functions(self, query: str) -> None:
         """Put the Python functions a query calls on the connection: none here (pure reading); the
         facade (atlas.facade.Atlas) registers deconv_png, similar_images and similar_channels."""
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")  # NaN and Infinity: Python's json reads them, no other reader does
 
 
 def _ident(name: str) -> str:

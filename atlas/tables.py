@@ -88,7 +88,9 @@ def write_switches(path: Path, lmap: LayerMap, regions: dict[int, dict[str, Any]
     atomic_write(path, write)
 
 
-def write_tables(staging: Path, source, errors: dict[int, str], lmap, chosen, moms, top_rows) -> None:
+def write_tables(staging: Path, source, errors: dict[int, str], lmap, chosen, moms, top_rows,
+                 digests: dict[int, str] | None = None) -> None:
+    digests = digests or {}
     recs = source.records
     atomic_write_parquet(staging / "images.parquet", pa.table({
         "image_id": pa.array([r.image_id for r in recs], pa.int32()),
@@ -97,6 +99,8 @@ def write_tables(staging: Path, source, errors: dict[int, str], lmap, chosen, mo
         "label_index": pa.array([r.label_index for r in recs], pa.int32()),
         "status": pa.array(["error" if r.image_id in errors else "ok" for r in recs], pa.string()),
         "error": pa.array([errors.get(r.image_id) for r in recs], pa.string()),
+        # the bytes each image had when it was mined: pictures draw it only while it still has them
+        "content_hash": pa.array([digests.get(r.image_id) for r in recs], pa.string()),
     }), row_group_size=IMAGE_ROW_GROUP)
     layer_rows = [la.to_row() for la in chosen]
     atomic_write_parquet(staging / "layers.parquet", pa.Table.from_pylist(layer_rows, schema=pa.schema([

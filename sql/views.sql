@@ -25,10 +25,10 @@
 --   WHERE layer = 'conv5' AND channel = 17;
 -- It is defined by atlas/projections.py, not here: plain DuckDB has no such function.
 
--- One row per image of the dataset; status is 'ok' or 'error' (with the error).
+-- One row per image of the dataset; status is 'ok' or 'error' (with the error); content_hash, where the
+-- build recorded it, is the BLAKE2b-128 of the image file's bytes.
 CREATE OR REPLACE VIEW images AS
-SELECT image_id, path, label, label_index, status, error
-FROM read_parquet('images.parquet');
+SELECT * FROM read_parquet('images.parquet');
 
 -- One row per recorded layer, with its receptive-field geometry: unit (y, x)
 -- sees input rows offset + y*jump .. offset + y*jump + rf_size - 1 (same for x).

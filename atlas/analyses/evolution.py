@@ -114,7 +114,7 @@ class _Images:
         ds = DecodedImages(self.source, self.pre, self.ids)
         loader = torch.utils.data.DataLoader(ds, batch_size=self.batch_size, num_workers=self.workers)
         s = 0
-        for x, _, _ in loader:
+        for x, _, _, _ in loader:
             yield x, torch.arange(s, s + len(x))
             s += len(x)
 

@@ -56,18 +56,15 @@ def trusted(path: str | Path) -> bool:
     return _command_trusts or _key(path) in _trusted
 
 
-def needs_consent(record: dict[str, Any]) -> bool:
-    return record.get("source") in CODE_SOURCES
-
-
-def refusal(atlas_path: str | Path, record: dict[str, Any]) -> AtlasError:
-    """The one line that says what opening the model would run and how to agree to it."""
+def refusal(atlas_path: str | Path, record: dict[str, Any], code: str | None = None) -> AtlasError:
+    """The one line that says what opening the model would run and how to agree to it. `code`: what
+    would run (registry.unvetted); by default the record's file or module."""
     if record.get("source") == "object":
         return AtlasError(f"atlas '{atlas_path}' was built from a model passed from Python "
                           f"({record.get('class') or record.get('name')}): pass it again, "
                           "atlas.open(path, model=<the nn.Module>)")
-    what = (f"the file '{record.get('path')}'" if record.get("source") == "file"
-            else f"the Python module '{record.get('module')}'")
-    return AtlasError(f"atlas '{atlas_path}' rebuilds its model by running {what} ({record.get('factory')}()); "
+    what = code or (f"the file '{record.get('path')}' ({record.get('factory')}())" if record.get("source") == "file"
+                    else f"the Python module '{record.get('module')}' ({record.get('factory')}())")
+    return AtlasError(f"atlas '{atlas_path}' rebuilds its model by running {what}; "
                       f"if you trust that code pass {FLAG} (Python: atlas.open(path, trust_code=True), or "
                       "atlas.open(path, model=<the nn.Module>) to run nothing)")

@@ -39,6 +39,12 @@ def arch(spec: str) -> str:
     return name
 
 
+def is_registered(spec: str) -> bool:
+    """Whether timm's registry builds the architecture `spec` names (a pretrained tag after the dot)."""
+    name = spec[len(PREFIX):].strip()
+    return bool(name) and _timm().is_model(name.split(".", 1)[0])
+
+
 def build(spec: str, **options: Any) -> nn.Module:
     timm = _timm()
     name = arch(spec)

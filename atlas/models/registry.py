@@ -373,13 +373,77 @@ def model_record(model: nn.Module) -> dict[str, Any]:
     return out
 
 
+# What an atlas may rebuild without the user's consent: each builder of the closed set and the keyword options
+# it may be given, with their types and ranges. Nothing path-like (timm's checkpoint_path, cache_dir,
+# pretrained_cfg_overlay) and nothing that downloads (pretrained): anything outside needs --trust-code.
+def _allowed_options() -> dict[str, dict[str, Any]]:
+    from ..manifest import Bool, Float, Int, List, Str
+
+    fraction, classes = Float(0.0, 1.0), Int(1, 10 ** 6)
+    return {
+        "atlas": {"num_classes": classes, "contrast_norm": Bool(), "dropout": fraction, "width": Int(1, 1024)},
+        "torchvision": {
+            "num_classes": classes, "dropout": fraction, "transform_input": Bool(), "aux_logits": Bool(),
+            "init_weights": Bool(), "zero_init_residual": Bool(), "groups": Int(1, 256),
+            "width_per_group": Int(1, 1024), "replace_stride_with_dilation": List(Bool(), 3, 3, nullable=True),
+            "drop_rate": fraction, "memory_efficient": Bool(), "stochastic_depth_prob": fraction,
+            "width_mult": Float(0.05, 8.0), "bn_size": Int(1, 64), "growth_rate": Int(1, 1024),
+            "num_init_features": Int(1, 4096), "attention_dropout": fraction},
+        "timm": {"num_classes": classes, "in_chans": Int(1, 4), "drop_rate": fraction, "drop_path_rate": fraction,
+                 "global_pool": Str(choices=("avg", "max", "avgmax", "catavgmax", "token", ""))},
+    }
+
+
+def record_source(record: dict[str, Any], where: str = "the atlas") -> str:
+    """The source a manifest's model record rebuilds from, checked against its name: a name that is not
+    its source's (an own model named 'os:system', a torchvision name that torchvision does not build) is
+    refused in one line, so that a record never reaches a builder it does not name."""
+    name, source = record.get("name"), record.get("source")
+    if source is None:  # format 1 recorded no source: only our names and torchvision's existed then
+        source = "atlas" if name in _OWN else "torchvision"
+    if source in ("file", "module", "object"):
+        return source
+    belongs = {"atlas": lambda: name in _OWN, "torchvision": lambda: from_torchvision.is_name(name),
+               "timm": lambda: from_timm.is_spec(name) and from_timm.is_registered(name)}[source]
+    if not isinstance(name, str) or not belongs():
+        raise AtlasError(f"{where}: manifest.json field model.name {name!r} is not a model of source "
+                         f"'{source}' (our own: {', '.join(_OWN)}; torchvision's classification models by name; "
+                         "timm:NAME from timm's registry)")
+    return source
+
+
+def unvetted(record: dict[str, Any], where: str = "the atlas") -> str | None:
+    """What rebuilding the record would run beyond the closed set (for the consent line), or None when it
+    is a builder of ours, torchvision's or timm's with options from its allow-list. Raises for a record
+    that names no model of its source."""
+    source = record_source(record, where)
+    if source == "file":
+        return f"the file '{record.get('path')}' ({record.get('factory')}())"
+    if source == "module":
+        return f"the Python module '{record.get('module')}' ({record.get('factory')}())"
+    if source == "object":
+        return None  # nothing to run: the module must be passed again (consent.refusal says so)
+    allowed = _allowed_options()[source]
+    if source == "atlas":  # our classes' own signatures bound what they take
+        allowed = {k: v for k, v in allowed.items() if k in inspect.signature(_OWN[record["name"]][0]).parameters}
+    for key, value in (record.get("kwargs") or {}).items():
+        rule = allowed.get(key)
+        if rule is None:
+            return f"{record['name']} with the option {key}={value!r}, which atlas does not vet for {source} models"
+        try:
+            rule.check(value, f"model.kwargs.{key}")
+        except AtlasError as e:
+            raise AtlasError(f"{where}: manifest.json {e}") from None
+    return None
+
+
 def rebuild(record: dict[str, Any], state: dict[str, torch.Tensor] | None = None, seed: int = 0,
             label: str = "the atlas's model/state.pt") -> nn.Module:
     """The model a manifest's record describes, built as it was built, with `state` (every key: the
     atlas's own copy of the whole model), else randomly initialised from `seed`. For code the caller has
     the user's consent (atlas.models.consent); the code must still be the file that was recorded, or the
     model might differ from the atlas's in ways no weight shows."""
-    source = record.get("source") or ("atlas" if record["name"] in _OWN else "torchvision")
+    source = record_source(record, label)
     kwargs = dict(record.get("kwargs") or {})
     if source == "object":
         raise AtlasError(f"a model passed from Python ({record.get('class')}) cannot be rebuilt: pass it again, "
@@ -392,7 +456,7 @@ def rebuild(record: dict[str, Any], state: dict[str, torch.Tensor] | None = None
         name = f"{record['module']}:{record['factory']}"
     if source in ("file", "module"):
         _check_unchanged(record)
-    model = _load(name, source_of(name), state, {}, None, label, None, seed, kwargs)
+    model = _load(name, source, state, {}, None, label, None, seed, kwargs)
     # what the atlas was built from, not the copy it was rebuilt from
     model.atlas_meta.update({k: record.get(k) for k in ("weights", "weights_sha256", "random_init")})
     return model
