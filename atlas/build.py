@@ -32,6 +32,7 @@ from .formats import FORMAT_VERSION, __version__
 from .data import Preprocess, open_dataset
 from .device import default_workers, resolve_device
 from .distributed import ranks_from_env
+from . import bounds
 from .errors import AtlasError
 from .fsutil import atomic_write, atomic_write_json, atomic_write_parquet, publish_dir, \
     remove_temp_files, torch_save_atomic
@@ -76,10 +77,8 @@ class BuildOptions:
     index_layers: str | list[str] | None = None
 
     def __post_init__(self):
-        for name, least in (("k", 1), ("batch_size", 1), ("chunk_size", 1), ("workers", 0), ("image_size", 1)):
-            value = getattr(self, name)
-            if value is not None and value < least:
-                raise AtlasError(f"--{name.replace('_', '-')} must be at least {least} (got {value})")
+        for name in ("k", "batch_size", "chunk_size", "workers", "image_size", "seed"):
+            bounds.check(name, getattr(self, name))
         if self.precision not in PRECISIONS:
             raise AtlasError(f"unknown precision '{self.precision}': use {' or '.join(PRECISIONS)}")
         if self.decode not in DECODERS:

@@ -9,7 +9,7 @@ import csv
 import io
 import json
 import math
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 FORMATS = ("table", "csv", "json")
 
@@ -75,17 +75,20 @@ def _records(columns: Sequence[str], rows: list[list[Any]]) -> list[dict[str, An
     return [{c: v for c, v in zip(columns, r)} for r in rows]
 
 
-def render(columns: Sequence[str], rows: Iterable[Sequence[Any]], fmt: str = "table") -> str:
-    rows = [list(r) for r in rows]
+def render(columns: Sequence[str], rows: Iterable[Sequence[Any]], fmt: str = "table",
+           tick: Callable[[], None] | None = None) -> str:
+    """The rows as an aligned table, CSV or JSON. `tick`: called every few thousand rows (a deadline's
+    check: `atlas sql --timeout` covers printing too)."""
+    rows = [list(r) for r in _ticking(rows, tick)]
     if fmt == "json":
         return json_text(_records(columns, rows))
     if fmt == "csv":
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
         w.writerow(columns)
-        w.writerows([[_cell(v) for v in r] for r in rows])
+        w.writerows([[_cell(v) for v in r] for r in _ticking(rows, tick)])
         return buf.getvalue().rstrip("\n")
-    cells = [[_cell(v) for v in r] for r in rows]
+    cells = [[_cell(v) for v in r] for r in _ticking(rows, tick)]
     widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
     numeric = [all(isinstance(r[i], (int, float)) or r[i] is None for r in rows) and rows != [] for i in
                range(len(columns))]
@@ -101,9 +104,16 @@ def render_dicts(rows: list[dict[str, Any]], fmt: str = "table", columns: Sequen
     return render(columns, [[r.get(c) for c in columns] for r in rows], fmt)
 
 
-def render_results(results: Sequence[tuple[Sequence[str], Sequence[Sequence[Any]]]], fmt: str = "table") -> str:
-    """Several (columns, rows) results, in order: one JSON document (a list of each result's list of rows;
+def render_results(results: Sequence[Sequence], fmt: str = "table", tick: Callable[[], None] | None = None) -> str:
+    """Several (columns, rows, ...) results, in order: one JSON document (a list of each result's list of rows;
     one result alone is just its list, as `render` gives it), or tables / CSV blocks with a blank line between."""
     if fmt == "json" and len(results) != 1:
-        return json_text([_records(cols, [list(r) for r in rows]) for cols, rows in results])
-    return "\n\n".join(render(cols, rows, fmt) for cols, rows in results)
+        return json_text([_records(r[0], [list(row) for row in _ticking(r[1], tick)]) for r in results])
+    return "\n\n".join(render(r[0], r[1], fmt, tick) for r in results)
+
+
+def _ticking(rows: Iterable, tick: Callable[[], None] | None, every: int = 4096):
+    for n, row in enumerate(rows):
+        if tick is not None and n % every == 0:
+            tick()
+        yield row

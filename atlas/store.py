@@ -51,10 +51,15 @@ PARQUET_PATH = re.compile(r"(read_parquet\(\s*)'([^']*)'")  # a view's file, rel
 
 
 class Result(NamedTuple):
-    """One statement's result: column names and rows."""
+    """One statement's result: column names and rows (the first `max_rows` when `truncated`)."""
 
     columns: list[str]
     rows: list[tuple]
+    truncated: bool = False
+
+
+FETCH_ROWS = 2048  # rows fetched at a time, the deadline checked between them
+SQL_MEMORY_LIMIT = "2GB"  # what a confined statement may hold in DuckDB's own memory
 
 
 def canned_queries() -> dict[str, tuple[str, str]]:
@@ -160,6 +165,7 @@ class AtlasReader:
             con.execute("SET temp_directory = ?", [scratch])
             con.execute("SET allowed_directories = ?", [[f"{root}/"]])
             con.execute("SET enable_external_access = false")
+            con.execute("SET memory_limit = ?", [SQL_MEMORY_LIMIT])  # past it DuckDB spills, then says no
             con.execute("SET lock_configuration = true")
         return con
 
@@ -219,7 +225,7 @@ class AtlasReader:
             raise self._query_error(e) from None
 
     def query(self, sql: str, params: dict[str, Any] | None = None, *, confined: bool = True,
-              timeout: float | None = None) -> list[Result]:
+              timeout: float | None = None, max_rows: int | None = None) -> list[Result]:
         """Run a SQL script now: one Result (columns, rows) per statement that returns rows, in order.
 
         confined (what `atlas sql` runs): only read-only statements (SELECT, WITH, VALUES, DESCRIBE, SHOW,
@@ -228,12 +234,14 @@ class AtlasReader:
         confined=False: DuckDB in full (the connection of Atlas.sql). timeout: seconds the whole script may
         run (None: no limit); past it DuckDB is interrupted, which takes effect between the vectors (up to
         2,048 rows) it hands a Python function (deconv_png, similar_images, similar_channels): a vector
-        being rendered or searched finishes first.
+        being rendered or searched finishes first. Rows are fetched FETCH_ROWS at a time under the same
+        limit. max_rows: keep at most that many rows of each result (Result.truncated says so); None or 0,
+        all of them.
         """
         import duckdb
 
         if confined != self._confined:
-            return self._twin(confined).query(sql, params, confined=confined, timeout=timeout)
+            return self._twin(confined).query(sql, params, confined=confined, timeout=timeout, max_rows=max_rows)
         try:
             statements = duckdb.extract_statements(sql)
         except duckdb.Error as e:
@@ -255,7 +263,7 @@ class AtlasReader:
                         cur = self.con.execute(st)
                         if list(st.expected_result_type) == [duckdb.ExpectedResultType.NOTHING]:
                             continue  # SET VARIABLE, CREATE VIEW...: DuckDB answers 'Success', no rows
-                        results.append(Result([d[0] for d in cur.description], cur.fetchall()))
+                        results.append(_fetch(cur, deadline, max_rows))
                     except duckdb.InterruptException:
                         deadline.check()
                         raise AtlasError("query interrupted") from None
@@ -555,6 +563,20 @@ class AtlasReader:
     def _register_functions(self, query: str) -> None:
         """Put the Python functions a query calls on the connection: none here (pure reading); the
         facade (atlas.facade.Atlas) registers deconv_png, similar_images and similar_channels."""
+
+
+def _fetch(cur, deadline: Deadline, max_rows: int | None) -> Result:
+    """A statement's rows, FETCH_ROWS at a time with the deadline checked between them: a statement
+    that makes twenty million rows stops at its limit, not after holding them all."""
+    columns, rows = [d[0] for d in cur.description], []
+    while True:
+        deadline.check()
+        batch = cur.fetchmany(FETCH_ROWS)
+        rows.extend(batch)
+        if max_rows and len(rows) > max_rows:
+            return Result(columns, rows[:max_rows], True)
+        if len(batch) < FETCH_ROWS:
+            return Result(columns, rows)
 
 
 def _no_constant(name: str):

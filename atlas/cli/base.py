@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
+from .. import bounds
 from ..errors import AtlasError
 from ..output import FORMATS
 from .vocabulary import Deprecation, deprecations_for
@@ -59,6 +60,10 @@ class AtlasCommand(click.Command):
         rest = super().parse_args(ctx, args)
         for d in self.deprecations:
             self._apply(ctx, d, typed)
+        # every number the user typed, in its range before any work (atlas/bounds.py says why)
+        for p in self.params:
+            if p.name in bounds.BOUNDS and isinstance(ctx.params.get(p.name), int):
+                bounds.check(p.name, ctx.params.get(p.name), p.opts[0] if isinstance(p, click.Option) else p.name.upper())
         return rest
 
     def _apply(self, ctx, d: Deprecation, typed: list[str]) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 
 import click
@@ -39,6 +40,7 @@ class ChannelNumber(click.ParamType):
 
 
 DEFAULT_TIMEOUT = 30.0
+DEFAULT_MAX_ROWS = 1000
 
 
 @main.command(context_settings=CONTEXT)
@@ -54,12 +56,15 @@ DEFAULT_TIMEOUT = 30.0
               metavar="SECONDS", help="Interrupt the SQL after this long (0: no limit). The limit is checked "
               "between the vectors (up to 2,048 rows) that DuckDB hands deconv_png, similar_images and "
               "similar_channels, which run Python: a vector being rendered or searched finishes first.")
+@click.option("--max-rows", type=int, default=DEFAULT_MAX_ROWS, show_default=True, metavar="N",
+              help="Print at most N rows of each result, and say so on stderr when there were more (0: every "
+              "row, within --timeout).")
 @click.option("--unsafe-full-duckdb", "unsafe", is_flag=True,
               help="Run the SQL with DuckDB's full access: any statement (COPY ... TO, ATTACH, CREATE, SET, "
               "INSTALL/LOAD), any file you can read or write, extensions and the network. Without it the SQL "
               "reads the atlas folder only and writes nothing.")
 @format_option
-def sql(atlas_path, query, sql_file, canned, param, timeout, unsafe, fmt):
+def sql(atlas_path, query, sql_file, canned, param, timeout, max_rows, unsafe, fmt):
     """Query an atlas with SQL (DuckDB), read-only.
 
     The SQL reads the atlas and nothing else: read-only statements only (SELECT,
@@ -93,9 +98,21 @@ def sql(atlas_path, query, sql_file, canned, param, timeout, unsafe, fmt):
             raise AtlasError(f"--param '{p}' is not NAME=VALUE")
         name, value = p.split("=", 1)
         params[name] = value
-    results = _open(atlas_path).query(query, params, confined=not unsafe, timeout=timeout or None)
+    started = time.monotonic()
+
+    def tick():  # the limit covers the whole statement: running, fetching and printing
+        if timeout and time.monotonic() - started > timeout:
+            raise AtlasError(f"query interrupted after {timeout:g} s (--timeout) while printing its rows")
+
+    results = _open(atlas_path).query(query, params, confined=not unsafe, timeout=timeout or None,
+                                      max_rows=max_rows or None)
     if results:
-        click.echo(render_results(results, fmt))
+        click.echo(render_results(results, fmt, tick))
+    for n, r in enumerate(results, 1):
+        if r.truncated:
+            which = f"result {n}" if len(results) > 1 else "the result"
+            click.echo(f"atlas sql: {which} has more rows than the {max_rows} printed (--max-rows N for more, "
+                       "0 for all)", err=True)
 
 
 @main.command(context_settings=CONTEXT)

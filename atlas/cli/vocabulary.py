@@ -151,7 +151,7 @@ COMMAND_SPECIFIC: dict[str, tuple[str, ...]] = {
     "build": ("--weights", "--decode", "--no-activations", "--no-switches", "--index", "--index-layers",
               "--chunk-size", "--mean", "--std"),
     "make-shapes": ("--n", "--side"),
-    "sql": ("--file", "--query", "--param", "--unsafe-full-duckdb"),
+    "sql": ("--file", "--query", "--param", "--max-rows", "--unsafe-full-duckdb"),
     "info": ("--json",),
     "channels": ("--sort", "--desc"),
     "show": ("--rank", "--mode", "--norm", "--switches"),

@@ -6,6 +6,8 @@ attributes on a user's module); --image-size, --mean and --std change it here, t
 """
 from __future__ import annotations
 
+import math
+
 from typing import Any, Sequence
 
 from ..errors import AtlasError
@@ -42,8 +44,8 @@ def three(values: Sequence[float] | None, flag: str) -> list[float] | None:
         out = [float(v) for v in values]
     except (TypeError, ValueError):
         out = []
-    if len(out) != 3:
-        raise AtlasError(f"{flag} takes three numbers, one per RGB channel (got {values!r})")
+    if len(out) != 3 or not all(math.isfinite(v) for v in out):
+        raise AtlasError(f"{flag} takes three finite numbers, one per RGB channel (got {values!r})")
     if flag == "--std" and min(out) <= 0:
         raise AtlasError(f"--std must be above zero for every channel (got {_numbers(out)})")
     return out
