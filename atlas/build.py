@@ -103,10 +103,10 @@ def build(model: str | torch.nn.Module, data: str, out: str | Path, *, weights: 
     again: atlas.open(path, model=net))."""
     opts = options if options is not None else BuildOptions(**option_values)
     out = Path(out)
-    check_replaceable(out, overwrite)
     ranks = ranks_from_env(opts.device)
     # One writer at a time (atlas/lock.py): rank 0 holds the lock for a torchrun job
     with writer_lock(out, "a build", enabled=ranks.leader):
+        check_replaceable(out, overwrite)  # under the lock: it may have just finished an interrupted replacement
         return BuildJob(model, data, out, weights, opts, ranks, log or (lambda s: None)).run(resume, overwrite,
                                                                                            progress)
 

@@ -108,16 +108,55 @@ def atomic_write_parquet(path: str | os.PathLike, table, **kwargs) -> Path:
 
 
 def publish_dir(staging: Path, target: Path, overwrite: bool = False) -> None:
-    """Rename a finished staging folder to `target`; an existing target is replaced only if asked."""
+    """Rename a finished staging folder to `target`; an existing target is replaced only if asked.
+
+    Replacing takes two renames (target aside to `.NAME.old-PID`, staging in); a process killed between
+    them leaves no target. `recover_replace` (run by the next command that takes the target's lock)
+    finishes or undoes that."""
     if target.exists():
         if not overwrite:
             raise FileExistsError(target)
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        old = target.with_name(f"{OLD_PREFIX.format(name=target.name)}{os.getpid()}")
         os.replace(target, old)
         os.replace(staging, target)
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(staging, target)
+
+
+OLD_PREFIX = ".{name}.old-"  # + the pid of the process that moved the replaced folder aside
+
+
+def set_aside(target: Path) -> list[Path]:
+    """The folders a replacement of `target` moved aside and did not remove (newest last)."""
+    prefix = OLD_PREFIX.format(name=target.name)
+    try:
+        found = [p for p in target.parent.iterdir() if p.name.startswith(prefix) and p.name[len(prefix):].isdigit()]
+    except OSError:
+        return []
+    return sorted(found, key=lambda p: p.stat().st_mtime)
+
+
+def recover_replace(target: Path, staging: Path | None = None, finished: str = "manifest.json") -> str | None:
+    """Finish or undo a replacement of `target` that a killed process left half done (publish_dir); the
+    caller holds the target's lock. With the target there, the replaced copies set aside are removed;
+    without it, the finished staging folder (it holds `finished`) goes in, else the newest copy set aside
+    comes back. Returns what was done, for one line of the caller's, or None."""
+    aside = set_aside(target)
+    if not aside:
+        return None
+    if target.exists() or target.is_symlink():
+        done = f"removed {len(aside)} replaced cop{'y' if len(aside) == 1 else 'ies'} of '{target}' that an " \
+               "interrupted replacement left"
+    elif staging is not None and (staging / finished).is_file():
+        os.replace(staging, target)
+        done = f"finished the interrupted replacement of '{target}' (the new version is in place)"
+    else:
+        os.replace(aside.pop(), target)
+        done = f"undid the interrupted replacement of '{target}' (the previous version is back)"
+    for old in aside:
+        shutil.rmtree(old, ignore_errors=True)
+    return done
 
 
 def torch_save_atomic(path: str | os.PathLike, obj: Any) -> Path:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import AtlasError
+from .fsutil import recover_replace
 
 
 def lock_path(target: str | os.PathLike) -> Path:
@@ -79,6 +80,10 @@ def writer_lock(target: str | os.PathLike, what: str, *, enabled: bool = True) -
     try:
         fd = _take(path, target, what)
         try:
+            # a replacement of the target killed between its two renames is finished or undone first
+            done = recover_replace(target, target.with_name(target.name + ".partial"))
+            if done:
+                sys.stderr.write(f"{done}\n")
             yield path
         finally:
             with contextlib.suppress(OSError):

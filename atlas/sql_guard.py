@@ -74,10 +74,12 @@ class Deadline:
     def __init__(self, con, seconds: float | None):
         self.con, self.seconds, self.fired = con, seconds, False
         self._done = threading.Event()
+        self._thread: threading.Thread | None = None
 
     def __enter__(self):
         if self.seconds:
-            threading.Thread(target=self._watch, daemon=True, name="atlas-sql-timeout").start()
+            self._thread = threading.Thread(target=self._watch, daemon=True, name="atlas-sql-timeout")
+            self._thread.start()
         return self
 
     def _watch(self):
@@ -95,6 +97,11 @@ class Deadline:
 
     def __exit__(self, *exc):
         self._done.set()
+        # Joined, never left behind: a daemon thread still waking when the interpreter shuts down (a
+        # statement that failed, then the CLI's exit) is unwound by force and aborted the process (rc 134,
+        # "FATAL: exception not rethrown") about one exit in ten.
+        if self._thread is not None:
+            self._thread.join()
         return False
 
 

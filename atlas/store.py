@@ -98,6 +98,12 @@ class AtlasReader:
             raise AtlasError(f"'{path}' is a file, not an atlas folder (an atlas is the folder `atlas build --out` "
                              "makes)")
         if not self.path.is_dir():
+            from .fsutil import set_aside
+
+            if set_aside(self.path):  # between the two renames of an --overwrite build, or killed there
+                raise AtlasError(f"atlas '{path}' is being replaced, or its replacement was interrupted (the "
+                                 f"previous version is in '{set_aside(self.path)[-1]}'); the next build, index or "
+                                 "export of it finishes or undoes that")
             raise AtlasError(f"atlas '{path}' does not exist")
         if not mf.is_file():
             hint = " (an unfinished build: continue it with `atlas build ... --resume`)" \
