@@ -218,7 +218,7 @@ MODEL = Obj({
     "kwargs?": Obj({}, nullable=True, values=OPTION_VALUE),
     "weights?": Str(nullable=True), "weights_sha256?": Str(HEX64, what="a sha256 digest (64 lower-case hex "
                                                                        "digits)", nullable=True),
-    "random_init?": Bool(nullable=True), "seed?": Int(0, SEED_MAX, nullable=True),
+    "random_init?": Bool(nullable=True), "seed?": Int(0, SEED_MAX),
     "num_classes?": Int(1, 10 ** 7, nullable=True), "classes?": List(Str(longest=500), 0, 10 ** 6, nullable=True),
     "weights_entry?": Str(nullable=True, longest=200), "architecture?": Str(nullable=True, longest=300),
     "timm_version?": Str(nullable=True, longest=100),
@@ -232,10 +232,12 @@ DATASET = Obj({"kind": Str(choices=("imagefolder", "flat", "cifar10")), "root": 
                "classes?": List(Str(longest=500), 0, 10 ** 6, nullable=True),
                "ok?": Int(0, 10 ** 10, nullable=True), "errors?": Int(0, 10 ** 10, nullable=True)})
 INDEX_FILE = Str(re.compile(r"index/[A-Za-z0-9_.\-]+\.faiss"), what="a file under index/ ending in .faiss")
-INDEX_ENTRY = Obj({"file": INDEX_FILE, "sha256": HEX, "layer?": LAYER_NAME, "dim?": Int(0, BIG),
-                   "count?": Int(0, 10 ** 10), "spec?": Obj({})})
-INDEX = Obj({"images?": Obj({}, values=INDEX_ENTRY), "channels?": Obj({"file": INDEX_FILE, "sha256": HEX,
-                                                                       "layers?": Obj({}, values=Int(0, BIG))},
+SPEC = Obj({"factory": Str(longest=200)})
+INDEX_ENTRY = Obj({"file": INDEX_FILE, "sha256": HEX, "layer?": LAYER_NAME, "dim": Int(0, BIG),
+                   "count": Int(0, 10 ** 10), "spec": SPEC, "source?": Str(longest=40)})
+INDEX = Obj({"images?": Obj({}, values=INDEX_ENTRY), "channels?": Obj({"file": INDEX_FILE, "sha256": HEX, "spec": SPEC,
+                                                                       "count": Int(0, 10 ** 10), "dim": Int(0, BIG),
+                                                                       "layers": Obj({}, values=Int(0, BIG))},
                                                                       nullable=True),
              "layers?": List(LAYER_NAME, 0, 10_000)}, nullable=True)
 OPTIONS = Obj({"batch_size?": Int(1, 1 << 16, nullable=True), "chunk_size?": Int(1, 1 << 24, nullable=True),
@@ -253,8 +255,8 @@ SCHEMA = Obj({
     "preprocessing": PREPROCESSING,
     "k": Int(1, 1 << 16),
     "layers": List(LAYER, 0, 100_000),
-    "geometry?": Obj({"image_size?": Int(1, SIDE_MAX), "graph?": Bool(), "layers?": List(LAYER, 0, 100_000),
-                      "pools?": List(POOL, 0, 100_000)}),
+    "geometry": Obj({"image_size?": Int(1, SIDE_MAX), "graph?": Bool(), "layers": List(LAYER, 0, 100_000),
+                     "pools": List(POOL, 0, 100_000)}),
     "switches?": Obj({"stored?": Bool()}, nullable=True),
     "activations?": Bool(nullable=True),
     "options?": OPTIONS,
@@ -284,9 +286,17 @@ def _agree(m: dict[str, Any]) -> None:
     names = [la["layer"] for la in m["layers"]]
     if len(set(names)) != len(names):
         raise _bad("layers", "names a layer twice")
-    geometry = m.get("geometry") or {}
-    pools = {p["name"] for p in geometry.get("pools", [])}
+    pools = {p["name"] for p in m["geometry"]["pools"]}
+    model_layers = {g["layer"] for g in m["geometry"]["layers"]}
     for i, la in enumerate(m["layers"]):
+        if la["layer"] not in model_layers:
+            raise _bad(f"layers[{i}].layer", f"names a layer '{la['layer']}' that geometry.layers does not hold")
         for name in la.get("pools_below") or []:
-            if geometry and name not in pools:
+            if name not in pools:
                 raise _bad(f"layers[{i}].pools_below", f"names a pool '{name}' that geometry.pools does not hold")
+    index = m.get("index") or {}
+    for kind, names in (("images", (index.get("images") or {}).keys()),
+                        ("channels.layers", ((index.get("channels") or {}).get("layers") or {}).keys())):
+        for name in names:
+            if name not in model_layers:
+                raise _bad(f"index.{kind}", f"names a layer '{name}' that geometry.layers does not hold")

@@ -50,6 +50,8 @@ def _load(a: AtlasReader, info: dict[str, Any], what: str, dim: int):
 
 def _image_index(a: AtlasReader, layer: str | None):
     rec = _record(a)
+    if not rec.get("images"):
+        raise AtlasError(f"atlas '{a.path}' has no image similarity index; {rebuild_hint(a)} to build one")
     if layer is None:
         convs = [n for n in rec["images"] if _kind(a, n) == "conv"]
         layer = convs[-1] if convs else next(iter(rec["images"]))

@@ -485,6 +485,15 @@ class AtlasReader:
 
     # -- images -------------------------------------------------------------
     @cached_property
+    def hashes_images(self) -> bool:
+        """Whether the build recorded each image's content hash (older atlases did not: their pictures
+        draw whatever is at the dataset's paths now)."""
+        import pyarrow.parquet as pq
+
+        with self.reading("images.parquet"):
+            return "content_hash" in pq.read_schema(self._inside("images.parquet")).names
+
+    @cached_property
     def source(self):
         """The dataset, if it is still where the build found it (else None)."""
         from .data import open_dataset

@@ -191,10 +191,10 @@ def test_the_build_names_its_unreadable_images(tmp_path, tiny_folder):
     assert "red/broken.png" in res.stderr and "status = 'error'" in res.stderr
 
 
-@pytest.mark.parametrize("option,value,words", [("--workers", "-1", "--workers must be at least 0"),
-                                                ("--chunk-size", "0", "--chunk-size must be at least 1"),
+@pytest.mark.parametrize("option,value,words", [("--workers", "-1", "--workers must be from 0"),
+                                                ("--chunk-size", "0", "--chunk-size must be from 1"),
                                                 ("--image-size", "1000", "32 to 64"),
-                                                ("--batch-size", "0", "--batch-size must be at least 1")])
+                                                ("--batch-size", "0", "--batch-size must be from 1")])
 def test_bad_build_options_are_refused_before_any_work(tmp_path, tiny_folder, option, value, words):
     args = [a for a in BUILD]
     if option in args:

@@ -142,21 +142,27 @@ def info(atlas_path, fmt, as_json):
     if as_json or fmt == "json":
         click.echo(json_text(m))
         return
-    mdl, ds, t = m["model"], m["dataset"], m["timings"]
-    weights = "random init (seed %s)" % mdl.get("seed") if mdl["random_init"] else \
-        f"{mdl['weights']} (sha256 {mdl['weights_sha256'][:12]}…)"
+    # a manifest's optional fields may be absent (an older atlas, one edited by hand): each read with a default
+    mdl, ds, t = m["model"], m["dataset"], m.get("timings") or {}
+    weights = ("random init (seed %s)" % mdl.get("seed")) if mdl.get("random_init") else \
+        f"{mdl.get('weights')} (sha256 {str(mdl.get('weights_sha256'))[:12]}…)"
+    tool, options = m.get("tool") or {}, m.get("options") or {}
+    rate = f"{t['images_per_s']} images/s" if t.get("images_per_s") else "no images mined in a recorded run"
     fields = [
         ("atlas", str(a.path)),
         ("model", f"{mdl['name']}, {weights}"),
-        ("dataset", f"{ds['spec']} ({ds['kind']}): {ds['count']} images, {ds['errors']} unreadable"
-         + (f", {len(ds['classes'])} classes" if ds.get("classes") else ", unlabelled")),
-        ("input", m["preprocessing"]["note"]),
+        ("dataset", f"{ds.get('spec') or ds['root']} ({ds['kind']}): {ds['count']} images, {ds.get('errors', 0)} "
+         "unreadable" + (f", {len(ds['classes'])} classes" if ds.get("classes") else ", unlabelled")),
+        ("images", "each checked against the content hash it had at build time before it is drawn"
+         if a.hashes_images else "not hashed (built before content hashes): pictures draw whatever is at the "
+         "dataset's paths now"),
+        ("input", m["preprocessing"].get("note") or ""),
         ("k", str(m["k"])),
         ("layers", ", ".join(a.layer_names)),
         ("indexes", _describe_indexes(m.get("index"))),
-        ("built", f"{m['created']} with atlas {m['tool']['version']} in {t['total_s']} s ("
-         + (f"{t['images_per_s']} images/s" if t.get("images_per_s") else "no images mined in a recorded run")
-         + (f" over {len(t['runs'])} runs" if t.get("resumed") else "") + f" on {m['options']['device']})"),
+        ("built", f"{m.get('created')} with atlas {tool.get('version')} in {t.get('total_s')} s (" + rate
+         + (f" over {len(t['runs'])} runs" if t.get("resumed") and isinstance(t.get("runs"), list) else "")
+         + f" on {options.get('device')})"),
     ]
     if fmt == "csv":
         click.echo(render(["field", "value"], fields, "csv"))
