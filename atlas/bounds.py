@@ -36,8 +36,6 @@ BOUNDS: dict[str, tuple[int, object]] = {
     "size": (8, 1024),
     "limit": (1, 1_000_000),
     "epochs": (1, 100_000),
-    "channel": (0, 1 << 20),
-    "rank": (0, 1023),
     "steps": (1, 100_000),
     "count": (1, 10_000_000),
     "images": (1, 10_000_000),

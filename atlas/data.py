@@ -59,6 +59,25 @@ def safe_relative(path: str) -> bool:
     return not pure.is_absolute() and ".." not in pure.parts and ":" not in pure.parts[0]
 
 
+class FileBytes(io.BytesIO):
+    """A file's bytes, read once (to hash and decode them), that PIL names in its errors by the file's
+    path, as it would the file: a BytesIO's repr holds its address, which differs run to run, and the
+    error is recorded in the atlas (images.error), whose bytes are the same on every run."""
+
+    def __init__(self, data: bytes, path: Path):
+        super().__init__(data)
+        self.path = str(path)
+
+    def __repr__(self) -> str:
+        return repr(self.path)
+
+
+def read_file(path: Path) -> tuple[Image.Image, str]:
+    """(the image file at `path` as RGB, the content hash of its bytes), reading it once."""
+    data = path.read_bytes()
+    return open_rgb(FileBytes(data, path)), content_hash(data)
+
+
 def open_rgb(path: Path | BinaryIO) -> Image.Image:
     """An image file (a path, or its bytes as a file object) as RGB, fully decoded (raises OSError/ValueError
     for a corrupt file)."""
@@ -89,8 +108,7 @@ class ImageSource:
             batch, row = rec.path.split("#")
             pixels = self._load_batch(batch)[int(row)]
             return Image.fromarray(pixels), content_hash(pixels.tobytes())
-        data = (self.root / rec.path).read_bytes()
-        return open_rgb(io.BytesIO(data)), content_hash(data)
+        return read_file(self.root / rec.path)
 
     def _load_batch(self, name: str) -> np.ndarray:
         if name not in self._arrays:
@@ -102,6 +120,10 @@ class ImageSource:
                 "classes": self.classes}
 
 
+class _Refused(pickle.UnpicklingError):
+    """A pickle that names code to run: refused, and said so (a file that is no pickle is only unreadable)."""
+
+
 class _CifarUnpickler(pickle.Unpickler):
     """Admits only what the official CIFAR-10 files hold: dicts, lists, strings, bytes, numbers and numpy
     arrays with their dtypes. A pickle can name any callable to run while loading; a folder of "CIFAR"
@@ -110,7 +132,7 @@ class _CifarUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         allowed = _cifar_globals()
         if (module, name) not in allowed:
-            raise pickle.UnpicklingError(f"it names {module}.{name}, which a CIFAR-10 file never holds")
+            raise _Refused(f"it names {module}.{name}, which a CIFAR-10 file never holds")
         return allowed[(module, name)]
 
 
@@ -137,7 +159,7 @@ def _unpickle_cifar(path: Path, what: str) -> dict:
         if not isinstance(d, dict):
             raise ValueError(f"it holds a {type(d).__name__}, not a dict")
         return {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
-    except pickle.UnpicklingError as e:
+    except _Refused as e:
         raise AtlasError(f"CIFAR-10 {what} '{path}' is refused: {e}") from None
     except Exception as e:  # a CIFAR file that is not one: say which
         raise AtlasError(f"CIFAR-10 {what} '{path}' is not readable ({type(e).__name__})") from None

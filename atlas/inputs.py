@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .data import DecodedImages, ImageSource, Preprocess, content_hash, open_rgb
+from .data import DecodedImages, FileBytes, ImageSource, Preprocess, content_hash, open_rgb
 from .errors import AtlasError
 
 DECODERS = ("auto", "cpu", "device")
@@ -115,7 +115,7 @@ class EncodedImages(torch.utils.data.Dataset):
             # decode what is there, so PIL decides (cpu and device decoders then agree on what is readable)
             if data[:3] == JPEG_MAGIC and data[-2:] == JPEG_END:
                 return "jpeg", torch.frombuffer(bytearray(data), dtype=torch.uint8), image_id, "", digest
-            return "crop", _rgb_tensor(self.pre.crop_image(open_rgb(io.BytesIO(data)))), image_id, "", digest
+            return "crop", _rgb_tensor(self.pre.crop_image(open_rgb(FileBytes(data, path)))), image_id, "", digest
         except Exception as e:  # a property of the file, recorded per image as DecodedImages does
             return "crop", None, image_id, _error(e), ""
 

@@ -21,7 +21,6 @@ SQL of `atlas sql` read-only and confined to the folder is `atlas.sql_guard`.
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import re
@@ -110,7 +109,7 @@ class AtlasReader:
                 if self.path.name.endswith(".partial") else ""
             raise AtlasError(f"'{path}' is not an atlas: it has no manifest.json{hint}")
         try:
-            manifest = json.loads(mf.read_text(), parse_constant=_no_constant)
+            manifest = json.loads(mf.read_text())
         except (ValueError, UnicodeDecodeError, RecursionError):
             raise AtlasError(f"atlas '{path}' has an unreadable manifest.json") from None
         version = manifest.get("format_version") if isinstance(manifest, dict) else None
@@ -513,7 +512,7 @@ class AtlasReader:
     def original(self, image_id: int):
         """The dataset's image as RGB, before preprocessing, or AtlasError if unavailable, unreadable or not
         the image the atlas was built on (its content hash differs)."""
-        from .data import content_hash, open_rgb, read_cifar_row, safe_relative
+        from .data import read_cifar_row, read_file, safe_relative
 
         if not isinstance(image_id, int) or not 0 <= image_id < 2 ** 31:
             raise AtlasError(f"image id {image_id} is not in atlas '{self.path}'")
@@ -534,10 +533,7 @@ class AtlasReader:
             file = Path(ds["root"]) / path
             if not file.is_file():
                 raise gone
-
-            def read():
-                data = file.read_bytes()
-                return open_rgb(io.BytesIO(data)), content_hash(data)
+            read = lambda: read_file(file)  # noqa: E731
         try:
             img, digest = read()
         except Exception as e:
@@ -592,10 +588,6 @@ def _fetch(cur, deadline: Deadline, max_rows: int | None) -> Result:
             return Result(columns, rows[:max_rows], True)
         if len(batch) < FETCH_ROWS:
             return Result(columns, rows)
-
-
-def _no_constant(name: str):
-    raise ValueError(f"{name} is not JSON")  # NaN and Infinity: Python's json reads them, no other reader does
 
 
 def _ident(name: str) -> str:

@@ -54,12 +54,12 @@ def test_device_decoder_gives_the_cpu_decoders_pictures(jpeg_folder, monkeypatch
     ref = DecodedImages(src, pre, range(len(src)))
     batches = [list(range(b, min(len(src), b + 5))) for b in range(0, len(src), 5)]
     got = {}
-    for x, ids, errs in InputBatches(src, pre, torch.device("cpu"), "device", workers=0)(batches):
+    for x, ids, errs, _ in InputBatches(src, pre, torch.device("cpu"), "device", workers=0)(batches):
         for xi, i, e in zip(x, ids.tolist(), errs):
             got[i] = (xi, e)
     # images of one size are resized in slices under a memory cap: any slicing, the same pixels
     monkeypatch.setattr(atlas.inputs, "RESIZE_BYTES", 1)
-    one_by_one = torch.cat([x for x, _, _ in InputBatches(src, pre, torch.device("cpu"), "device", 0)(batches)])
+    one_by_one = torch.cat([x for x, _, _, _ in InputBatches(src, pre, torch.device("cpu"), "device", 0)(batches)])
     assert torch.equal(one_by_one, torch.stack([got[i][0] for i in range(len(src))]))
     assert sorted(got) == list(range(len(src)))
     names = {r.image_id: r.path for r in src.records}

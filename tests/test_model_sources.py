@@ -325,8 +325,9 @@ def fake_atlas(path: Path, net: torch.nn.Module) -> Path:
     manifest = {"format_version": atlas.FORMAT_VERSION,
                 "model": {**model_record(net), "weights": None, "weights_sha256": net.atlas_meta["weights_sha256"],
                           "random_init": net.atlas_meta["random_init"], "seed": 0},
-                "dataset": {"count": 0}, "k": 1, "layers": [], "preprocessing": preprocessing_for(
-                    net.atlas_meta["name"], model=net)}
+                "dataset": {"kind": "flat", "root": str(path.resolve()), "count": 0}, "k": 1, "layers": [],
+                "geometry": {"layers": [], "pools": []},
+                "preprocessing": preprocessing_for(net.atlas_meta["name"], model=net)}
     (path / "manifest.json").write_text(json.dumps(manifest))
     torch.save(net.state_dict(), path / "model" / "state.pt")
     return path
