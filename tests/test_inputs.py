@@ -66,7 +66,7 @@ def test_device_decoder_gives_the_cpu_decoders_pictures(jpeg_folder, monkeypatch
     broken = {i for i, n in names.items() if n.endswith(("garbage.jpg", "empty.png", "truncated.jpg"))}
     assert len(broken) == 3
     for i in range(len(src)):
-        want, _, want_err = ref[i]
+        want, _, want_err, _ = ref[i]
         x, err = got[i]
         assert bool(err) == bool(want_err) == (i in broken), names[i]
         # one grey level at most: back in 0-255 units through the normalisation
