@@ -30,9 +30,9 @@ def pair_figure(cmp, match: dict[str, Any], path: Path, display: str) -> Path:
 
     a_name, b_name = cmp.names
     left = _panel(cmp.atlas("a"), match["layer_a"], match["channel_a"], display,
-                  f"A {a_name}: {match['layer_a']} channel {match['channel_a']}")
+                  f"{a_name} (A): {match['layer_a']} channel {match['channel_a']}")
     right = _panel(cmp.atlas("b"), match["layer_b"], match["channel_b"], display,
-                   f"B {b_name}: {match['layer_b']} channel {match['channel_b']}")
+                   f"{b_name} (B): {match['layer_b']} channel {match['channel_b']}")
     corr = "none" if match["corr"] is None else f"{match['corr']:.3f}"
     im = titled(beside(left, right, pad=18), f"{match['kind']} match, correlation {corr} over "
                 f"{cmp.record['images']['shared']} shared images")

@@ -156,6 +156,8 @@ class Comparison:
         return Table(rows, title=f"{kind} matches" + (f" of {layer}" if layer else ""))
 
     def _layer_pair(self, layer: str, side: str = "a") -> tuple[str, str]:
+        if side not in ("a", "b"):
+            raise AtlasError(f"side must be a or b (got '{side}')")
         pairs = [(p["layer_a"], p["layer_b"]) for p in self.record["layer_pairs"]]
         key = 0 if side == "a" else 1
         for p in pairs:
@@ -169,8 +171,6 @@ class Comparison:
                     ) -> dict[str, Any]:
         """The match row of unit (layer, channel) of A (side='b': of B): its counterpart and the correlation
         (channel NULL: none)."""
-        if side not in ("a", "b"):
-            raise AtlasError(f"side must be a or b (got '{side}')")
         if kind not in KINDS:
             raise AtlasError(f"unknown kind of match '{kind}': use {' or '.join(KINDS)}")
         la, lb = self._layer_pair(layer, side)
@@ -208,13 +208,14 @@ class Comparison:
         return Picture(path, f"{a_name} {m['layer_a']}:{m['channel_a']} and {b_name} {m['layer_b']}:"
                              f"{m['channel_b']} ({kind}, r = {_r(m['corr'])})")
 
-    def quality(self, layer: str | None = None):
-        """The chart of one-to-one correlations, best first: every layer pair's (quality.png), or one's."""
+    def quality(self, layer: str | None = None, side: str = "a"):
+        """The chart of one-to-one correlations, best first: every layer pair's (quality.png), or the pair of
+        `layer` (of A, or of B with side='b')."""
         from ..notebook import Picture
 
         if layer is None:
             return Picture(self.path / "quality.png", "match quality of every layer pair")
-        la, lb = self._layer_pair(layer)
+        la, lb = self._layer_pair(layer, side)
         path = self.path / "pictures" / _safe(f"quality-{la}-{lb}.png")
         if not path.is_file():
             rows = self.rows("SELECT * FROM layer_pairs WHERE layer_a = ? AND layer_b = ?", [la, lb])

@@ -1,4 +1,4 @@
--- best_pairs: the best-matched one-to-one pairs, with each unit's statistics in its own atlas. SET VARIABLE layer = 'conv3' for one layer of A.
+-- best_pairs: the best-matched one-to-one pairs with both units' statistics (SET VARIABLE layer = 'conv3'; default: all layers).
 SELECT m.layer_a, m.channel_a, m.layer_b, m.channel_b, round(m.corr, 4) AS corr,
        round(ca.max, 3) AS max_a, round(cb.max, 3) AS max_b,
        round(ca.fire_rate, 3) AS fire_rate_a, round(cb.fire_rate, 3) AS fire_rate_b

@@ -1,4 +1,4 @@
--- match_quality: per layer pair, how well the units matched: live units, one-to-one matches, mean and median correlation, and how many pairs pass 0.9, 0.7 and 0.5. SET VARIABLE layer = 'conv3' for one layer of A.
+-- match_quality: per layer pair, live units, matches, mean and median correlation, pairs over 0.9, 0.7, 0.5 (SET VARIABLE layer = 'conv3'; default: all).
 SELECT p.layer_a, p.layer_b, p.images, p.live_a, p.live_b, p.matched,
        round(p.mean_one_to_one, 4) AS mean_corr, round(p.median_one_to_one, 4) AS median_corr,
        count(*) FILTER (WHERE m.corr >= 0.9) AS over_0_9,

@@ -1,4 +1,4 @@
--- unmatched_units: units with no one-to-one counterpart: dead over the shared images, or left over (the layers' live units differ in number)
+-- unmatched_units: units with no one-to-one counterpart, and why: dead over the shared images, or left over.
 WITH unmatched AS (
     SELECT 'a' AS atlas, layer_a AS layer, channel_a AS channel, layer_b AS other_layer
     FROM matches WHERE kind = 'one-to-one' AND side = 'a' AND channel_b IS NULL
