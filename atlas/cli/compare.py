@@ -64,8 +64,8 @@ def compare(a, b, out, layers, pairs, overwrite, progress, fmt):
 @click.argument("channel", type=ChannelNumber(), required=False)
 @click.option("--kind", type=click.Choice(["one-to-one", "best"]), default="one-to-one", show_default=True,
               help="one-to-one: the optimal assignment; best: each unit's most correlated counterpart.")
-@click.option("--side", type=click.Choice(["a", "b"]), default="a", show_default=True,
-              help="Whose unit LAYER and CHANNEL name: A's or B's.")
+@click.option("--atlas", "side", type=click.Choice(["a", "b"]), default="a", show_default=True,
+              help="Whose unit LAYER and CHANNEL name: atlas A's (a) or B's (b).")
 @display_option
 @click.option("--out", type=click.Path(path_type=Path),
               help="Also write the PNG here, a file or a folder (default: only DIR/pictures, or DIR/quality.png).")
@@ -78,7 +78,7 @@ def matches(comparison, layer, channel, kind, side, display, out, fmt):
       atlas matches cmp conv3            conv3's matches; its match-quality chart's path
       atlas matches cmp conv3 5          conv3 channel 5 of A and its counterpart in B: the row,
                                          then a PNG of both figure-2 panels side by side
-      atlas matches cmp conv3 5 --side b --kind best
+      atlas matches cmp conv3 5 --atlas b --kind best
     Rows print as a table (or --format csv|json); the PNG's path after them
     (on stderr with CSV and JSON).
     """

@@ -164,7 +164,7 @@ COMMAND_SPECIFIC: dict[str, tuple[str, ...]] = {
     "evolution": ("--per-layer", "--select", "--cell", "--max-images"),
     "compare-filters": ("--labels", "--dead-fraction", "--bands", "--fft-size"),
     "compare": ("--pairs",),
-    "matches": ("--kind", "--side"),
+    "matches": ("--kind", "--atlas"),
     "occlude": ("--occluder-size", "--stride", "--forward"),
     "invariance": ("--transforms",),
     "correspondence": ("--images", "--random"),
