@@ -22,6 +22,7 @@ from atlas.compare import Comparison, compare
 from atlas.compare.stats import CoMoments, best, one_to_one
 from atlas.errors import AtlasError
 from cli_helpers import ok, one_line_error, run
+from permute import conv_and_linear_names, permuted
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -100,26 +101,6 @@ def test_ties_go_to_the_smaller_channel():
 # ---------------------------------------------------------------------------------------------------------
 # ground truth: a model and its permuted twin
 # ---------------------------------------------------------------------------------------------------------
-def permuted(state: dict, convs: list[str], linear: str, seed: int = 3) -> tuple[dict, dict[int, np.ndarray]]:
-    """The state of the same function with every conv layer's channels permuted: {conv index: perm}, where
-    channel j of the permuted model is channel perm[j] of the original."""
-    g = torch.Generator().manual_seed(seed)
-    out = {k: v.clone() for k, v in state.items()}
-    perms, prev = {}, None
-    for n, name in enumerate(convs):
-        w = state[f"{name}.weight"]
-        p = torch.randperm(w.shape[0], generator=g)
-        w = w[p]
-        if prev is not None:
-            w = w[:, prev]
-        out[f"{name}.weight"], out[f"{name}.bias"] = w.contiguous(), state[f"{name}.bias"][p].contiguous()
-        perms[n], prev = p.numpy(), p
-    w = state[f"{linear}.weight"]
-    c = len(prev)
-    out[f"{linear}.weight"] = w.reshape(w.shape[0], c, -1)[:, prev, :].reshape(w.shape[0], -1).contiguous()
-    return out, perms
-
-
 @pytest.fixture(scope="module")
 def twins(tmp_path_factory, tiny_folder):
     from atlas.models import load_model
@@ -127,8 +108,7 @@ def twins(tmp_path_factory, tiny_folder):
     root = tmp_path_factory.mktemp("twins")
     net = load_model("zfnet-mini", None, seed=5)
     assert not any(isinstance(m, torch.nn.LocalResponseNorm) for m in net.modules())  # LRN mixes channels
-    convs = [f"features.{i}" for i, m in enumerate(net.features) if isinstance(m, torch.nn.Conv2d)]
-    linear = next(f"classifier.{i}" for i, m in enumerate(net.classifier) if isinstance(m, torch.nn.Linear))
+    convs, linear = conv_and_linear_names(net)
     state = net.state_dict()
     twin_state, perms = permuted(state, convs, linear)
     torch.save(state, root / "a.pt")

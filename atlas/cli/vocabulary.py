@@ -161,7 +161,7 @@ COMMAND_SPECIFIC: dict[str, tuple[str, ...]] = {
     "train": ("--val", "--epochs", "--lr", "--momentum", "--weight-decay", "--dropout", "--init", "--renorm-radius",
               "--lr-patience", "--lr-factor", "--resize", "--crop", "--flip", "--ten-crop-eval", "--val-fraction",
               "--in-memory", "--memory-limit"),
-    "evolution": ("--per-layer", "--select", "--cell", "--max-images"),
+    "evolution": ("--per-layer", "--select", "--cell", "--max-images", "--follow"),
     "compare-filters": ("--labels", "--dead-fraction", "--bands", "--fft-size"),
     "compare": ("--pairs",),
     "matches": ("--kind", "--atlas"),
