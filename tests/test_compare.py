@@ -246,3 +246,22 @@ def test_a_comparison_shows_itself(comparison):
     assert pic.array().shape[2] == 3 and "correlation" not in pic.title
     assert comparison.quality("conv2").array().ndim == 3
     assert comparison.counterpart("conv3", 1, "best", side="b")["layer_a"] == "conv1"
+
+
+def test_the_site_links_each_unit_to_its_counterpart(twins, comparison, tmp_path):
+    from atlas.export import export
+
+    root, a, b, perms = twins
+    site = export(a, tmp_path / "site", layers="conv2", channels="0-3", compare=comparison.path)
+    page = (site / "compare.html").read_text()
+    twin = int(np.argsort(perms[1])[2])
+    assert 'href="conv2/2.html"' in page and f"conv2/{twin}<" in page  # exported unit linked, counterpart named
+    assert (site / "img" / "compare-quality.png").is_file() and 'href="compare.html"' in (site / "index.html").read_text()
+    channel = (site / "conv2" / "2.html").read_text()
+    assert f"conv2/{twin} (one-to-one" in channel and "../compare.html#conv2-2" in channel
+    data = json.loads((site / "compare.json").read_text())
+    assert [p["layer"] for p in data["pairs"]] == ["conv1", "conv2"]  # as compared: --pairs, then --layers
+    with pytest.raises(AtlasError, match="not this atlas"):
+        other = tmp_path / "other"
+        shutil.copytree(a, other)
+        export(other, tmp_path / "site2", compare=comparison.path)
