@@ -115,10 +115,11 @@ def _rows(a: AtlasReader, files: list[Path], layer: str, channels: int, wanted: 
         rel = str(f.relative_to(a.path)) if f.is_relative_to(a.path) else f.name
         with a.reading(rel):
             pf = pq.ParquetFile(f)
-            batches = pf.iter_batches(batch_size=max(channels, (1 << 20) // channels * channels),
-                                      columns=["image_id", "channel", "value"])
-            for batch in batches:
-                t = pa.Table.from_batches(left + [batch]) if left else pa.Table.from_batches([batch])
+            # a row group at a time: iterating the file's batches pre-buffers every row group it will read,
+            # which made memory grow with the number of images
+            for group in range(pf.num_row_groups):
+                batch = pf.read_row_group(group, columns=["image_id", "channel", "value"])
+                t = pa.concat_tables([pa.Table.from_batches(left, schema=batch.schema), batch]) if left else batch
                 whole = t.num_rows // channels * channels
                 left = t.slice(whole).to_batches()
                 if whole == 0:
