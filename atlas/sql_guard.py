@@ -105,6 +105,25 @@ class Deadline:
         return False
 
 
+SQL_MEMORY_LIMIT = "2GB"  # what a confined statement may hold in DuckDB's own memory; past it DuckDB spills
+
+
+def confine(con, owner, folders: list[Path]) -> None:
+    """Hold a DuckDB connection to reading `folders` and nothing else, with scratch files in a folder of
+    their own (removed with `owner`) and SQL_MEMORY_LIMIT; then lock its settings, so no statement undoes it."""
+    import shutil
+    import tempfile
+    import weakref
+
+    scratch = tempfile.mkdtemp(prefix="atlas-sql-")  # not the working directory's .tmp
+    weakref.finalize(owner, shutil.rmtree, scratch, ignore_errors=True)
+    con.execute("SET temp_directory = ?", [scratch])
+    con.execute("SET allowed_directories = ?", [[f"{Path(f).resolve()}/" for f in folders]])
+    con.execute("SET enable_external_access = false")
+    con.execute("SET memory_limit = ?", [SQL_MEMORY_LIMIT])
+    con.execute("SET lock_configuration = true")
+
+
 def refusal(root: Path, e: Exception) -> AtlasError:
     """A confined connection's PermissionException as one line: which file it would have read, and why not."""
     m = re.search(r'Cannot access (?:file|directory) "([^"]*)"', str(e))

@@ -24,10 +24,7 @@ import contextlib
 import json
 import os
 import re
-import shutil
-import tempfile
 import threading
-import weakref
 from functools import cached_property
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -35,7 +32,7 @@ from typing import Any, NamedTuple
 from .formats import FORMAT_VERSION
 from .errors import AtlasError
 from .manifest import validate
-from .sql_guard import Deadline, check_read_only, first_line, refusal, sql_error
+from .sql_guard import Deadline, check_read_only, confine, first_line, refusal, sql_error
 
 # sql/ at the repository's top level is the source; a wheel carries a copy inside the package (setup.py)
 _PACKAGED_SQL = Path(__file__).resolve().parent / "sql"
@@ -58,13 +55,12 @@ class Result(NamedTuple):
 
 
 FETCH_ROWS = 2048  # rows fetched at a time, the deadline checked between them
-SQL_MEMORY_LIMIT = "2GB"  # what a confined statement may hold in DuckDB's own memory
 
 
-def canned_queries() -> dict[str, tuple[str, str]]:
-    """name -> (description, sql) for the example queries in sql/queries."""
+def canned_queries(folder: str = "queries") -> dict[str, tuple[str, str]]:
+    """name -> (description, sql) for the example queries in sql/queries (sql/compare: a comparison's)."""
     out = {}
-    for f in sorted((SQL_DIR / "queries").glob("*.sql")):
+    for f in sorted((SQL_DIR / folder).glob("*.sql")):
         text = f.read_text()
         first = text.splitlines()[0] if text else ""
         desc = first.split(":", 1)[1].strip() if first.startswith("--") and ":" in first else ""
@@ -144,6 +140,24 @@ class AtlasReader:
                              if self._confined else {})
         if not self._confined:
             con.execute("SET file_search_path = ?", [str(root)])
+        for statement in self.view_statements():
+            try:
+                con.execute(statement)
+            except duckdb.Error as e:  # a view reads its file's schema now: a damaged file shows here
+                file = PARQUET_PATH.search(statement)[2]
+                raise self._damaged(file[len(f"{root}/"):] if file.startswith(f"{root}/") else file,
+                                    f"cannot be read ({first_line(e)})") from None
+        if self._confined:
+            confine(con, self, [root])
+        return con
+
+    def view_statements(self) -> list[str]:
+        """The statements that create the atlas's views (sql/views.sql, then one per analysis), each file
+        by its absolute path: a confined connection refuses relative ones, whatever file_search_path says.
+        A comparison (atlas.compare) creates them in a schema of their own."""
+        import duckdb
+
+        root = self.path.resolve()
         views = (SQL_DIR / "views.sql").read_text()
         if not self.has_activations():
             # built with --no-activations: DuckDB refuses a view over a glob that matches nothing,
@@ -156,23 +170,7 @@ class AtlasReader:
             if list(d.glob("*.parquet")) and d.name.replace("_", "").isalnum():
                 statements.append(f"CREATE OR REPLACE VIEW {d.name} AS SELECT * FROM "
                                   f"read_parquet('analyses/{d.name}/*.parquet', union_by_name = true)")
-        for statement in statements:
-            # Absolute paths: a confined connection refuses relative ones, whatever file_search_path says.
-            try:
-                con.execute(PARQUET_PATH.sub(lambda m: m[1] + _quote(f"{root}/{m[2]}"), statement))
-            except duckdb.Error as e:  # a view reads its file's schema now: a damaged file shows here
-                raise self._damaged(PARQUET_PATH.search(statement)[2], f"cannot be read ({first_line(e)})") \
-                    from None
-        if self._confined:
-            # DuckDB's scratch files go to a folder of their own, not the working directory's .tmp
-            scratch = tempfile.mkdtemp(prefix="atlas-sql-")
-            weakref.finalize(self, shutil.rmtree, scratch, ignore_errors=True)
-            con.execute("SET temp_directory = ?", [scratch])
-            con.execute("SET allowed_directories = ?", [[f"{root}/"]])
-            con.execute("SET enable_external_access = false")
-            con.execute("SET memory_limit = ?", [SQL_MEMORY_LIMIT])  # past it DuckDB spills, then says no
-            con.execute("SET lock_configuration = true")
-        return con
+        return [PARQUET_PATH.sub(lambda m: m[1] + _quote(f"{root}/{m[2]}"), st) for st in statements]
 
     # -- confinement ------------------------------------------------------------
     def _inside(self, rel: str) -> Path:

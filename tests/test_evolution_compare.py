@@ -136,3 +136,38 @@ def test_compare_filters_planted(tmp_path, run):
         compare_filters(a, a, out=tmp_path / "x.png", bands="0.3,0.1")
     with pytest.raises(AtlasError, match="do not exist"):
         compare_filters(tmp_path / "nope.pt", a, out=tmp_path / "x.png")
+
+
+def test_evolution_follows_matched_units_to_their_permuted_twins(run, tmp_path):
+    """Snapshot 1 is snapshot 0 with every conv layer's channels permuted (the same function): followed by
+    their matches, the units shown at snapshot 1 are their twins at snapshot 0, and every step says how well
+    it matched."""
+    import shutil
+
+    from permute import conv_and_linear_names, permuted
+
+    twin_run = tmp_path / "run"
+    shutil.copytree(run, twin_run)
+    saved = torch.load(twin_run / "snapshots" / "epoch-000.pt", weights_only=True)
+    convs, linear = conv_and_linear_names(atlas.load_model("zfnet-mini", weights=run / "final.pt"))
+    state, perms = permuted(saved["model_state"], convs, linear)
+    torch.save({"model_state": state, "meta": {**saved["meta"], "epochs": 1, "epoch": 1}},
+               twin_run / "snapshots" / "epoch-001.pt")
+    said = []
+    png = evolution(twin_run, layers="conv1,conv3", per_layer=3, epochs="0,1", cell=32, progress=False,
+                    follow="matched", log=said.append)
+    matches = pq.read_table(png.with_suffix(".matches.parquet")).to_pylist()
+    for n, layer in ((0, "conv1"), (2, "conv3")):
+        live = [m for m in matches if m["layer"] == layer and m["channel_b"] is not None]
+        assert live and all(perms[n][m["channel_b"]] == m["channel_a"] and m["corr"] > 0.9999 for m in live)
+    from atlas.analyses.evolution import evolution_table
+
+    rows = evolution_table(png)
+    assert len(rows) == 6
+    for r in rows:
+        n = 0 if r["layer"] == "conv1" else 2
+        assert r["channel 0"] == perms[n][r["channel 1"]] and r["channel"] == r["channel 1"]
+        assert r["epoch 0"] == pytest.approx(r["epoch 1"], rel=1e-4)  # the same unit: the same maximum
+    assert any("epoch 0 -> 1" in s and "conv1 1.000" in s for s in said)
+    with pytest.raises(AtlasError, match="--follow"):
+        evolution(twin_run, follow="numbers", progress=False)

@@ -125,11 +125,12 @@ class _Images:
 
 
 def strongest(lmap: LayerMap, images: _Images, layers: list[str], dev: torch.device,
-              bar: Progress | None = None) -> dict[str, dict[str, torch.Tensor]]:
+              bar: Progress | None = None, keep: dict[str, list] | None = None) -> dict[str, dict[str, torch.Tensor]]:
     """For each layer: per channel the largest activation over all images and positions.
 
     Returns {layer: {"value", "image" (position in images.ids), "y", "x"}} (CPU tensors, one per
-    channel). Ties go to the first image, then the first position (row-major)."""
+    channel). Ties go to the first image, then the first position (row-major). `keep`: each batch's
+    per-image maxima (images x channels, numpy) are appended to keep[layer], for matching snapshots."""
     best: dict[str, dict[str, torch.Tensor]] = {}
     with torch.no_grad():
         for x, pos in images.batches():
@@ -139,6 +140,8 @@ def strongest(lmap: LayerMap, images: _Images, layers: list[str], dev: torch.dev
                 b, c, h, w = a.shape
                 flat = a.reshape(b, c, h * w)
                 v, where = flat.max(dim=2)            # first position on ties
+                if keep is not None:
+                    keep.setdefault(name, []).append(v.cpu().numpy())
                 bv, bi = v.max(dim=0)                  # first image on ties
                 loc = where.gather(0, bi[None]).squeeze(0)
                 cur = best.get(name)
@@ -305,12 +308,15 @@ def _model_of(weights: Path) -> tuple[str, Any]:
 
 
 def _search_snapshots(name: str, pre, snaps, source, ids: list[int], layers, dev: torch.device, batch_size: int,
-                      workers: int, progress: bool | None):
+                      workers: int, progress: bool | None, follow: bool = False):
     """One pass over the images per snapshot: every channel's strongest activation.
 
     Returns (per snapshot the `strongest` result, the images, the last snapshot's LayerMap, the
-    chosen conv layers)."""
-    bests = []
+    chosen conv layers, and with `follow` the matches of each step between snapshots: atlas.compare.
+    snapshots; only two snapshots' per-image maxima are held at a time)."""
+    from ..compare.snapshots import match_snapshots
+
+    bests, steps, previous = [], [], None
     lmap = chosen_layers = None
     with Progress(len(ids) * len(snaps), "evolution", "images", enabled=progress) as bar:
         images = None
@@ -324,17 +330,25 @@ def _search_snapshots(name: str, pre, snaps, source, ids: list[int], layers, dev
             bad = [la for la in chosen_layers if lmap.by_name[la].kind != "conv"]
             if bad:
                 raise AtlasError(f"evolution shows conv layers; '{bad[0]}' is not one")
-            bests.append(strongest(lmap, images, chosen_layers, dev, bar))
+            kept: dict[str, list] | None = {} if follow else None
+            bests.append(strongest(lmap, images, chosen_layers, dev, bar, kept))
+            if kept is not None:
+                current = {la: np.concatenate(v) for la, v in kept.items()}
+                if previous is not None:
+                    steps.append(match_snapshots(previous, current))
+                previous = current
             del net
-    return bests, images, lmap, chosen_layers
+    return bests, images, lmap, chosen_layers, steps
 
 
 def _write_table(path: Path, snaps, bests, layers: list[str], ids: list[int], source,
-                 shown: set[tuple[str, int]]) -> None:
-    """The table: every channel's strongest activation at every snapshot."""
+                 shown: list[list[tuple[str, int | None]]]) -> None:
+    """The table: every channel's strongest activation at every snapshot; `shown`: per snapshot, the unit of
+    each row of the grid (row: its row, null for channels not shown)."""
     cols: dict[str, list] = {k: [] for k in ("epoch", "snapshot", "layer", "channel", "image_id", "image_path",
-                                              "value", "y", "x", "shown")}
-    for (epoch, _, snap), best in zip(snaps, bests):
+                                              "value", "y", "x", "shown", "row")}
+    for (epoch, _, snap), best, units in zip(snaps, bests, shown):
+        rows = {u: r for r, u in enumerate(units) if u[1] is not None}
         for la in layers:
             b = best[la]
             for c in range(len(b["value"])):
@@ -348,25 +362,31 @@ def _write_table(path: Path, snaps, bests, layers: list[str], ids: list[int], so
                 cols["value"].append(float(b["value"][c]))
                 cols["y"].append(int(b["y"][c]))
                 cols["x"].append(int(b["x"][c]))
-                cols["shown"].append((la, c) in shown)
+                cols["shown"].append((la, c) in rows)
+                cols["row"].append(rows.get((la, c)))
     types = {"epoch": pa.int32(), "snapshot": pa.string(), "layer": pa.string(), "channel": pa.int32(),
              "image_id": pa.int64(), "image_path": pa.string(), "value": pa.float32(), "y": pa.int32(),
-             "x": pa.int32(), "shown": pa.bool_()}
+             "x": pa.int32(), "shown": pa.bool_(), "row": pa.int32()}
     atomic_write_parquet(path, pa.table({k: pa.array(v, types[k]) for k, v in cols.items()}))
 
 
-def _snapshot_column(name: str, weights: Path, best, shown: list[tuple[str, int]], images: _Images,
-                     dev: torch.device) -> list[dict[str, Any]]:
-    """One snapshot's cells of the grid, a row per shown channel: its activation's projection, or
-    "dead" when its maximum is <= 0."""
+def _snapshot_column(name: str, weights: Path, best, shown: list[tuple[str, int | None]], images: _Images,
+                     dev: torch.device, numbered: bool = False) -> list[dict[str, Any]]:
+    """One snapshot's cells of the grid, a row per shown channel: its activation's projection, "dead"
+    when its maximum is <= 0, or "no match" for a followed unit a step left without one (channel None).
+    `numbered`: the cell says its channel too (followed units change numbers)."""
     from ..deconv import project_images
     from ..render import normalise
 
     cells = []
     for la, c in shown:
+        if c is None:
+            cells.append({"image": None, "text": "no match"})
+            continue
         v = float(best[la]["value"][c])
-        cells.append({"image": None, "text": "dead" if v <= 0 else f"{v:.3g}"})
-    live = [(r, la, c) for r, (la, c) in enumerate(shown) if float(best[la]["value"][c]) > 0]
+        text = "dead" if v <= 0 else f"{v:.3g}"
+        cells.append({"image": None, "text": f"c{c} {text}" if numbered else text})
+    live = [(r, la, c) for r, (la, c) in enumerate(shown) if c is not None and float(best[la]["value"][c]) > 0]
     if not live:
         return cells
     positions = sorted({int(best[la]["image"][c]) for _, la, c in live})
@@ -387,8 +407,13 @@ def evolution(run_dir: str | os.PathLike, data: str | os.PathLike | None = None,
               select: str = "strongest", epochs: str | Iterable[int] | None = None,
               out: str | os.PathLike | None = None, cell: int = 64, max_images: int | None = None,
               batch_size: int = 64, device: str = "auto", workers: int | None = None,
-              progress: bool | None = None, log: Callable[[str], None] | None = None) -> Path:
-    """Figure 4 for a training run: returns the PNG's path (the table is written beside it)."""
+              progress: bool | None = None, log: Callable[[str], None] | None = None,
+              follow: str = "channel") -> Path:
+    """Figure 4 for a training run: returns the PNG's path (the table is written beside it).
+
+    follow: "channel" shows channel i at every snapshot; "matched" follows each unit shown at the last
+    snapshot back through the one-to-one matches of consecutive snapshots (atlas.compare.snapshots), writes
+    every step's matches beside the PNG (.matches.parquet) and says how well each step matched."""
     from ..device import default_workers, resolve_device
 
     log = log or (lambda s: None)
@@ -398,6 +423,8 @@ def evolution(run_dir: str | os.PathLike, data: str | os.PathLike | None = None,
         raise AtlasError(f"--per-layer must be at least 1 (got {per_layer})")
     if cell < 16:
         raise AtlasError(f"--cell must be at least 16 pixels (got {cell})")
+    if follow not in ("channel", "matched"):
+        raise AtlasError(f"--follow must be channel or matched (got '{follow}')")
     channels = _parse_channels(channels)
     run, snaps = _chosen_snapshots(run_dir, epochs)
     name, pre = _model_of(snaps[-1][2])
@@ -410,35 +437,67 @@ def evolution(run_dir: str | os.PathLike, data: str | os.PathLike | None = None,
     nworkers = workers if workers is not None else default_workers(dev)
     out = Path(out) if out is not None else run / "evolution.png"
     table_path = out.with_suffix(".parquet")
-    bests, images, lmap, chosen_layers = _search_snapshots(name, pre, snaps, source, ids, layers, dev, batch_size,
-                                                           nworkers, progress)
+    bests, images, lmap, chosen_layers, steps = _search_snapshots(name, pre, snaps, source, ids, layers, dev,
+                                                                  batch_size, nworkers, progress,
+                                                                  follow == "matched")
     shown = _choose(bests[-1], lmap, chosen_layers, channels, per_layer, select)
-    _write_table(table_path, snaps, bests, chosen_layers, ids, source, set(shown))
-    columns = [_snapshot_column(name, path, best, shown, images, dev) for (_, _, path), best in zip(snaps, bests)]
+    per_snapshot = [shown] * len(snaps)
+    footer = ("DeconvNet projection inside the unit's receptive field; each cell scaled by its own max |value|, "
+              "grey = 0. Number: the activation.")
+    if follow == "matched":
+        from ..compare.snapshots import follow_back, steps_table
+
+        per_snapshot = follow_back(shown, steps)
+        atomic_write_parquet(out.with_suffix(".matches.parquet"), steps_table([s[0] for s in snaps], steps))
+        said = []
+        for (ea, _, _), (eb, _, _), step in zip(snaps, snaps[1:], steps):
+            q = ", ".join(f"{la} {_mean(step.quality(la))}" for la in chosen_layers)
+            said.append(f"epoch {ea}->{eb}: {q}")
+            log(f"matched units, epoch {ea} -> {eb}: mean one-to-one correlation {q}")
+        footer = (f"Units followed back from the last snapshot by one-to-one matches of consecutive snapshots "
+                  f"(cN: the unit's channel then). Mean matched correlation per step: {'; '.join(said)}. " + footer)
+    _write_table(table_path, snaps, bests, chosen_layers, ids, source, per_snapshot)
+    columns = [_snapshot_column(name, path, best, units, images, dev, follow == "matched")
+               for (_, _, path), best, units in zip(snaps, bests, per_snapshot)]
     grid = [[column[r] for column in columns] for r in range(len(shown))]
     title = (f"{name}: strongest activation over {len(ids)} images of {Path(str(data)).name}, "
              f"projected to pixels, at each snapshot")
-    footer = ("DeconvNet projection inside the unit's receptive field; each cell scaled by its own max |value|, "
-              "grey = 0. Number: the activation.")
     draw_grid(grid, [f"{la} ch {c}" for la, c in shown], [label for _, label, _ in snaps], cell, title, footer, out)
     log(f"evolution of {len(shown)} channels over {len(snaps)} snapshots: {out} (table: {table_path})")
     return out
 
 
+def _mean(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
 def evolution_table(png: str | os.PathLike) -> list[dict[str, Any]]:
     """The shown channels' strongest activation at each snapshot, read from the table beside `png`:
-    one dict per channel (layer, channel, then one "epoch N" key per snapshot, in epoch order)."""
+    one dict per row of the grid (layer, channel at the last snapshot, then one "epoch N" key per snapshot,
+    in epoch order; for units followed by their matches, whose channel changes, "channel N" keys too)."""
     import pyarrow.parquet as pq
 
     path = Path(png).with_suffix(".parquet")
     if not path.is_file():
         raise AtlasError(f"'{png}' has no evolution table beside it ({path.name})")
-    t = pq.read_table(path, columns=["epoch", "layer", "channel", "value", "shown"]).to_pydict()
+    names = pq.read_schema(path).names
+    t = pq.read_table(path, columns=["epoch", "layer", "channel", "value", "shown"]
+                      + (["row"] if "row" in names else [])).to_pydict()
     epochs = sorted(set(t["epoch"]))
-    rows: dict[tuple[str, int], dict[str, Any]] = {}
-    for e, la, c, v, s in zip(t["epoch"], t["layer"], t["channel"], t["value"], t["shown"]):
+    last = epochs[-1] if epochs else None
+    rows: dict[Any, dict[str, Any]] = {}
+    for n, (e, la, c, v, s) in enumerate(zip(t["epoch"], t["layer"], t["channel"], t["value"], t["shown"])):
         if s:
-            rows.setdefault((la, c), {"layer": la, "channel": c})[f"epoch {e}"] = v
+            key = t["row"][n] if "row" in t else (la, c)  # tables from before the row column: by channel
+            r = rows.setdefault(key, {"layer": la, "channels": {}})
+            r[f"epoch {e}"], r["channels"][e] = v, c
+    moved = any(len(set(r["channels"].values())) > 1 for r in rows.values())
+    out = []
     order = {la: i for i, la in enumerate(dict.fromkeys(t["layer"]))}
-    return [{"layer": r["layer"], "channel": r["channel"], **{f"epoch {e}": r.get(f"epoch {e}") for e in epochs}}
-            for _, r in sorted(rows.items(), key=lambda kv: (order[kv[0][0]], kv[0][1]))]
+    for key, r in sorted(rows.items(), key=lambda kv: kv[0] if "row" in t else (order[kv[0][0]], kv[0][1])):
+        row = {"layer": r["layer"], "channel": r["channels"].get(last)}
+        row.update({f"epoch {e}": r.get(f"epoch {e}") for e in epochs})
+        if moved:
+            row.update({f"channel {e}": r["channels"].get(e) for e in epochs})
+        out.append(row)
+    return out

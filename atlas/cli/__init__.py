@@ -8,6 +8,7 @@ commands that take it, the old spellings that still work).
 """
 from . import analyses, browse, make, publish, search, training  # noqa: F401  (each registers its commands)
 from . import visualize  # noqa: F401,E402  (feature visualization: atlas/cli/visualize.py)
+from . import compare  # noqa: F401,E402  (comparing two atlases: atlas/cli/compare.py)
 from .base import main
 
 __all__ = ["main"]

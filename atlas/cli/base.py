@@ -21,7 +21,7 @@ from .vocabulary import Deprecation, deprecations_for
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 TUTORIAL_ORDER = ["demo", "build", "info", "layers", "channels", "top", "show", "filters", "sql", "queries",
-                  "similar", "index", "export", "train", "evolution", "compare-filters", "occlude", "invariance",
+                  "similar", "index", "export", "train", "evolution", "compare-filters", "compare", "matches", "occlude", "invariance",
                   "correspondence", "make-shapes"]
 FILLS = ("grey", "mean")  # the occluder's fill (atlas/analyses/occluder.py); grey first: the default
 

@@ -74,19 +74,25 @@ def sql(atlas_path, query, sql_file, canned, param, timeout, max_rows, unsafe, f
     show each result in order: tables and CSV one after another with a blank
     line between, JSON as one list holding each statement's list of rows.
 
+    ATLAS may also be a comparison folder (`atlas compare --out DIR`): views matches,
+    layer_pairs and correlations, and each atlas's views in schemas a and b
+    (a.channels, b.top_activations, ...); its named queries are sql/compare's.
+
     \b
     Views: images, layers, channels, top_activations, activations (and analyses, once run).
       atlas sql my-atlas "SELECT * FROM channels ORDER BY max DESC LIMIT 5"
       atlas sql my-atlas -q class_selectivity -p label=circle
     """
+    from ..compare import Comparison, is_comparison
     from ..output import render_results
     from ..store import canned_queries
 
     sources = [s for s in (query, sql_file, canned) if s]
     if len(sources) != 1:
         raise AtlasError("give exactly one of QUERY, --file or --query")
+    comparing = is_comparison(atlas_path)  # a folder `atlas compare` made: its views, and both atlases'
     if canned:
-        known = canned_queries()
+        known = canned_queries("compare" if comparing else "queries")
         if canned not in known:
             raise AtlasError(f"unknown query '{canned}': known queries are {', '.join(known)}")
         query = known[canned][1]
@@ -104,8 +110,8 @@ def sql(atlas_path, query, sql_file, canned, param, timeout, max_rows, unsafe, f
         if timeout and time.monotonic() - started > timeout:
             raise AtlasError(f"query interrupted after {timeout:g} s (--timeout) while printing its rows")
 
-    results = _open(atlas_path).query(query, params, confined=not unsafe, timeout=timeout or None,
-                                      max_rows=max_rows or None)
+    target = Comparison(atlas_path) if comparing else _open(atlas_path)
+    results = target.query(query, params, confined=not unsafe, timeout=timeout or None, max_rows=max_rows or None)
     if results:
         click.echo(render_results(results, fmt, tick))
     for n, r in enumerate(results, 1):
@@ -118,10 +124,13 @@ def sql(atlas_path, query, sql_file, canned, param, timeout, max_rows, unsafe, f
 @main.command(context_settings=CONTEXT)
 @format_option
 def queries(fmt):
-    """List the example queries that `atlas sql --query NAME` runs."""
+    """List the example queries that `atlas sql --query NAME` runs: an atlas's, and a comparison's
+    (`atlas sql DIR --query NAME` on a folder `atlas compare` made)."""
     from ..store import canned_queries
 
-    click.echo(render(["name", "description"], [(n, d) for n, (d, _) in canned_queries().items()], fmt))
+    rows = [(n, "atlas", d) for n, (d, _) in canned_queries().items()]
+    rows += [(n, "comparison", d) for n, (d, _) in canned_queries("compare").items()]
+    click.echo(render(["name", "for", "description"], rows, fmt))
 
 
 @main.command(context_settings=CONTEXT)

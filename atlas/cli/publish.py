@@ -44,8 +44,11 @@ def method_option(f):
               "channel: about 1.9 s on a 2-core CPU for the demo's zfnet-mini at 64 px (more for a bigger model or "
               "input); on a GPU not measured yet (no GPU was lent). Without it the pages show those already cached "
               "and draw none.")
+@click.option("--compare", "compare_dir", type=click.Path(path_type=Path), metavar="DIR",
+              help="A comparison of this atlas with another (`atlas compare ... --out DIR`): the site gets a page "
+              "with each unit beside its counterpart, and each channel page links to it (default: none).")
 @progress_option
-def export(atlas_path, site_dir, layers, channels, max_channels, cache, display, feature_vis, progress):
+def export(atlas_path, site_dir, layers, channels, max_channels, cache, display, feature_vis, compare_dir, progress):
     """Export the atlas as a static site that opens from file:// or any static host.
 
     An index page, a page per layer (channel tiles you can sort and filter)
@@ -59,5 +62,6 @@ def export(atlas_path, site_dir, layers, channels, max_channels, cache, display,
     from ..export import export as run_export
 
     root = run_export(atlas_path, site_dir, layers=layers, channels=channels, max_channels=max_channels,
-                      cache=cache, progress=progress, log=_say, display=display, feature_vis=feature_vis)
+                      cache=cache, progress=progress, log=_say, display=display, feature_vis=feature_vis,
+                      compare=compare_dir)
     click.echo(str(Path(root) / "index.html"))

@@ -122,13 +122,18 @@ def _table_then_path(rows, fmt, png) -> None:
 @click.option("--cell", type=int, default=64, show_default=True, metavar="PIXELS", help="Cell side in pixels.")
 @click.option("--max-images", type=AtLeastOne(), metavar="N", help="Search only the first N images (default: "
               "all).")
+@click.option("--follow", type=click.Choice(["channel", "matched"]), default="channel", show_default=True,
+              help="channel: a row is one channel number at every snapshot; matched: a row follows the unit shown "
+              "at the last snapshot back through the one-to-one matches of consecutive snapshots (the correlation "
+              "of their per-image maxima, as `atlas compare`), says how well each step matched, and writes the "
+              "matches beside the PNG (.matches.parquet).")
 @batch_size_option("Images per forward pass.", default=64)
 @device_option
 @workers_option
 @progress_option
 @format_option
 def evolution(run_dir, data, layers, channels, per_layer, select, snapshot_epochs, out, cell, max_images,
-              batch_size, device, workers, progress, fmt):
+              follow, batch_size, device, workers, progress, fmt):
     """Feature evolution during training (the paper's figure 4).
 
     For each chosen channel, its strongest activation over the dataset at
@@ -141,12 +146,13 @@ def evolution(run_dir, data, layers, channels, per_layer, select, snapshot_epoch
       atlas train --model zfnet --data train/ --out run --snapshot-epochs 1,2,5,10,20,30,40,64
       atlas evolution run --layers conv1,conv2,conv5 --per-layer 6
       atlas evolution run --data val/ --layers conv3 --channels 0,7,12 --snapshot-epochs 1,5,64
+      atlas evolution run --layers conv1,conv3 --follow matched
     """
     from ..analyses.evolution import evolution as run, evolution_table
 
     png = run(run_dir, data, layers=layers, channels=channels, per_layer=per_layer, select=select,
               epochs=snapshot_epochs, out=out, cell=cell, max_images=max_images, batch_size=batch_size,
-              device=device, workers=workers, progress=progress, log=_say)
+              device=device, workers=workers, progress=progress, log=_say, follow=follow)
     _table_then_path(evolution_table(png), fmt, png)
 
 

@@ -30,10 +30,11 @@ class Term:
 
 # Commands that print data (rows, a summary, a record): each takes --format table|csv|json.
 PRINTS_DATA = ("sql", "queries", "info", "layers", "channels", "top", "show", "filters", "similar", "index",
-               "evolution", "compare-filters", "occlude", "invariance", "correspondence", "visualize")
+               "evolution", "compare-filters", "compare", "matches", "occlude", "invariance", "correspondence",
+               "visualize")
 # Commands that run long (a pass over a dataset, training, a site): each takes --progress/--no-progress.
 # The analyses (occlude, invariance, correspondence) run a few batches of one to a few images: seconds.
-LONG = ("demo", "build", "make-shapes", "index", "export", "train", "evolution", "visualize")
+LONG = ("demo", "build", "make-shapes", "index", "export", "train", "evolution", "compare", "visualize")
 
 # Commands that open an atlas (cli/base.py's atlas_argument): each takes --trust-code.
 OPENS_ATLAS = ("sql", "info", "layers", "channels", "top", "show", "filters", "similar", "index", "export",
@@ -43,8 +44,8 @@ VOCABULARY: tuple[Term, ...] = (
     Term("--out", "--out", "PATH",
          "the file or folder the command writes (an atlas, a training run, a PNG, a folder of PNGs: the "
          "command's --help says which, and its default)",
-         ("demo", "build", "train", "show", "filters", "evolution", "compare-filters", "occlude", "invariance",
-          "correspondence", "visualize")),
+         ("demo", "build", "train", "show", "filters", "evolution", "compare-filters", "compare", "matches",
+          "occlude", "invariance", "correspondence", "visualize")),
     Term("--format", "--format", "table|csv|json",
          "how the command prints its data: an aligned table, CSV, or strict JSON (RFC 8259). Listings print a "
          "table by default; without --format, `show` and `filters` print the PNG's path and the analyses their "
@@ -66,7 +67,7 @@ VOCABULARY: tuple[Term, ...] = (
          ("channels", "similar")),
     Term("--layers", "--layers", "L1,L2,...",
          "the layers the command works on, always a comma list (default: the command's own, in its --help)",
-         ("build", "index", "export", "evolution", "invariance", "correspondence")),
+         ("build", "index", "export", "evolution", "compare", "invariance", "correspondence")),
     Term("--layer", "--layer", "LAYER",
          "the one layer the command works on",
          ("similar", "occlude")),
@@ -102,7 +103,7 @@ VOCABULARY: tuple[Term, ...] = (
     Term("--display", "--display", "percentile|max",
          "how a projection's values become grey levels, zero mid-grey: percentile (the default) scales each "
          "by the 99.5th percentile of |v| inside its receptive field and clips the rest; max by its largest |v|",
-         ("show", "export")),
+         ("show", "export", "matches")),
     Term("--method", "--method", "deconvnet|guided",
          "how a projection goes down to pixels: deconvnet, the paper's (from the stored switches), or guided "
          "backpropagation (each ReLU's forward pattern too; reads the images)",
@@ -137,8 +138,8 @@ VOCABULARY: tuple[Term, ...] = (
          "continue an interrupted run of the same command, with the same options",
          ("build", "train")),
     Term("--overwrite", "--overwrite", "",
-         "replace what --out holds (an existing atlas or run)",
-         ("build", "train")),
+         "replace what --out holds (an existing atlas, run or comparison)",
+         ("build", "train", "compare")),
     Term("--trust-code", "--trust-code", "",
          "run the model code an atlas was built from (FILE.py:FACTORY, package.module:FACTORY, named in its "
          "manifest) when the command needs the model; without it such an atlas refuses in one line",
@@ -156,12 +157,14 @@ COMMAND_SPECIFIC: dict[str, tuple[str, ...]] = {
     "channels": ("--sort", "--desc"),
     "show": ("--rank", "--mode", "--norm", "--switches"),
     "similar": ("--image", "--image-id", "--channel", "--of-layer"),
-    "export": ("--max-channels", "--feature-vis"),
+    "export": ("--max-channels", "--feature-vis", "--compare"),
     "train": ("--val", "--epochs", "--lr", "--momentum", "--weight-decay", "--dropout", "--init", "--renorm-radius",
               "--lr-patience", "--lr-factor", "--resize", "--crop", "--flip", "--ten-crop-eval", "--val-fraction",
               "--in-memory", "--memory-limit"),
-    "evolution": ("--per-layer", "--select", "--cell", "--max-images"),
+    "evolution": ("--per-layer", "--select", "--cell", "--max-images", "--follow"),
     "compare-filters": ("--labels", "--dead-fraction", "--bands", "--fft-size"),
+    "compare": ("--pairs",),
+    "matches": ("--kind", "--atlas"),
     "occlude": ("--occluder-size", "--stride", "--forward"),
     "invariance": ("--transforms",),
     "correspondence": ("--images", "--random"),

@@ -14,6 +14,8 @@ Site layout (every address relative and stable, so a link to a unit survives a r
     conv3/img/17-panel.png        the figure-2 panel (top-k projections beside their patches)
     conv3/img/17-0.png, 17-0-patch.png   rank 0's projection and image patch (and so on per rank)
     analyses/NAME.html  .json     a page per analysis found under ATLAS/analyses/NAME/
+    compare.html  .json           with --compare DIR: each unit beside its counterpart in the other atlas
+                                  (atlas/export/comparison.py); channel pages link to their row there
     .atlas-export.json            the site's own record: the key of every file's inputs
     .atlas-export.journal         while an export runs: the files it is writing (gone when it finishes)
 
@@ -71,12 +73,13 @@ def export(atlas_path: str | Path, site_dir: str | Path, *, layers: str | Iterab
            channels: str | Iterable[int] | None = None, max_channels: int | None = None,
            cache: str | Path | None = None, progress: bool | None = None,
            log: Callable[[str], None] | None = None, display: str = DEFAULT_DISPLAY,
-           feature_vis: bool = False) -> Path:
+           feature_vis: bool = False, compare: str | Path | None = None) -> Path:
     """Write (or bring up to date) the static site of an atlas, exactly the layers and channels asked
     for; returns the site folder. `cache`: the picture cache to use instead of the atlas's; `display`:
     how projections' values become grey levels (atlas.render.DISPLAYS: percentile or max);
     `feature_vis`: render the channels' missing feature visualizations (without it the pages show those
-    already cached and draw none: atlas/export/featurevis.py)."""
+    already cached and draw none: atlas/export/featurevis.py); `compare`: a comparison folder (`atlas compare`)
+    of this atlas with another, for the comparison section (atlas/export/comparison.py)."""
     from ..lock import writer_lock
     from ..facade import Atlas
     from ..projections import _check_options
@@ -86,16 +89,22 @@ def export(atlas_path: str | Path, site_dir: str | Path, *, layers: str | Iterab
     _check_options("unit", "identity", "auto", display)
     a = atlas_path if isinstance(atlas_path, Atlas) else Atlas(atlas_path)
     selection = _selection(a, layers, channels, max_channels)
+    comparison = None
+    if compare is not None:
+        from .comparison import SiteComparison
+
+        comparison = SiteComparison(a, compare)
     with writer_lock(Path(site_dir), "an export"):
         site = Site(Path(site_dir))
         try:
-            return _export(a, site, selection, cache, progress, log, t0, display, feature_vis=feature_vis)
+            return _export(a, site, selection, cache, progress, log, t0, display, feature_vis=feature_vis,
+                           comparison=comparison)
         finally:
             site.close()
 
 
 def _export(a, site: Site, selection: dict[str, list[int]], cache, progress, log, t0: float,
-            display: str = DEFAULT_DISPLAY, feature_vis: bool = False) -> Path:
+            display: str = DEFAULT_DISPLAY, feature_vis: bool = False, comparison=None) -> Path:
     from ..picture_cache import identity as atlas_identity
 
     site.remove_temps()
@@ -103,6 +112,8 @@ def _export(a, site: Site, selection: dict[str, list[int]], cache, progress, log
     state = site.state
     code = _code_hash()
     fingerprint = key_of(identity, _atlas_files(a), code, selection, display, EXPORT_VERSION)
+    if comparison is not None:  # only then: a site exported without one keeps its fingerprint
+        fingerprint = key_of(fingerprint, comparison.key())
     base, fingerprint = fingerprint, key_of(fingerprint, fvx.state(a, selection, cache, feature_vis))
     dataset = Path(a.manifest["dataset"]["root"])
     # pictures drawn with an image missing are redrawn once it is back, so while the dataset is there such
@@ -119,6 +130,7 @@ def _export(a, site: Site, selection: dict[str, list[int]], cache, progress, log
     total = sum(len(v) for v in selection.values())
     pics = Pictures(a, cache=cache, display=display)
     ex = _Exporter(a, site, pics, selection, code, log)
+    ex.comparison = comparison
     ex.feature_vis = (feature_vis, cache)
     with Progress(total, "export", "channels", enabled=progress) as bar:
         ex.run(bar)
@@ -269,6 +281,7 @@ class _Exporter:
         self.errors: list[str] = []
         self.fv: dict[tuple[str, int], dict[str, Any]] = {}  # (layer, channel) -> its feature visualization
         self.incomplete = 0  # channels whose pictures lack an image: redrawn by a later export if it is back
+        self.comparison = None  # a SiteComparison (export(compare=...)): the comparison section
 
     # -- helpers ------------------------------------------------------------------
     def common(self, root: str, json_href: str) -> dict[str, Any]:
@@ -292,8 +305,9 @@ class _Exporter:
             self.layer(layer, chans, summaries[layer], bar)
         filters = self.filters()
         analyses = self.analyses()
+        compared = self.compared()
         self.static()
-        self.index(summaries, filters, analyses)
+        self.index(summaries, filters, analyses, compared)
 
     def layer(self, layer: str, chans: list[int], summary: dict[str, Any], bar: Progress) -> None:
         a = self.a
@@ -383,6 +397,8 @@ class _Exporter:
             "sql": gather.sql_for_channel(layer, c),
             "prev": prev, "next": nxt, "up": "index.html",
         }
+        if self.comparison is not None:  # the key only then: pages of sites without one stay as they were
+            data["counterpart"] = self.comparison.counterpart(layer, c)
         self.page(f"{_slug(layer)}/{c}.html", "channel.html", data, "../")
 
     def filters(self) -> dict[str, Any] | None:
@@ -437,13 +453,26 @@ class _Exporter:
                         "href": f"analyses/{slug}.html"})
         return out
 
+    def compared(self) -> dict[str, Any] | None:
+        """The comparison page, when the export has one: its chart linked into img/, then the page."""
+        if self.comparison is None:
+            return None
+        from .comparison import PAGE
+
+        data = self.comparison.page(self.sel)
+        chart = self.comparison.cmp.path / "quality.png"
+        st = chart.stat()
+        self.site.link(data["quality"], key_of(str(chart), st.st_size, st.st_mtime_ns), chart)
+        self.page(PAGE, "compare.html", data, "")
+        return {"href": PAGE, "other": data["other"], "pairs": len(data["pairs"])}
+
     def static(self) -> None:
         for f in sorted(STATIC.iterdir()):
             if f.is_file():
                 text = f.read_text(encoding="utf-8")
                 self.site.write_text(f"static/{f.name}", key_of(text), lambda t=text: t)
 
-    def index(self, summaries, filters, analyses) -> None:
+    def index(self, summaries, filters, analyses, compared=None) -> None:
         m = self.a.manifest
         mdl, ds, t = m["model"], m["dataset"], m.get("timings", {})
         layers = []
@@ -471,4 +500,6 @@ class _Exporter:
             "filters": filters,
             "analyses": analyses,
         }
+        if compared is not None:
+            data["compared"] = compared
         self.page("index.html", "index.html", data, "")
