@@ -394,3 +394,15 @@ def test_content_hashes_are_recorded_as_blake2b_of_the_file(base, tiny_folder):
     rows = atlas.open(base).rows("SELECT path, content_hash FROM images ORDER BY image_id LIMIT 3")
     for r in rows:  # computed here by hand from the file's bytes, not by the code under test
         assert r["content_hash"] == hashlib.blake2b((tiny_folder / r["path"]).read_bytes(), digest_size=16).hexdigest()
+
+
+def test_a_received_comparison_is_checked_as_an_atlas_is(base, sandbox):
+    from atlas.compare import compare
+
+    cmp = compare(base, base, sandbox / "cmp", layers="conv1", progress=False)
+    record = json.loads((cmp.path / "comparison.json").read_text())
+    for bad in ({**record, "a": None}, {**record, "layer_pairs": [{"layer_a": "../x", "layer_b": "conv1"}]},
+                {**record, "images": {"shared": "many", "paired_by": "path"}}, []):
+        (cmp.path / "comparison.json").write_text(json.dumps(bad))
+        err = one_line_error("sql", cmp.path, "SELECT count(*) FROM matches")
+        assert "comparison.json" in err, err

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import AtlasError
+from ..manifest import LAYER_NAME, Int, List, Obj, Str
 from ..fsutil import atomic_write
 from ..sql_guard import confine
 from ..store import AtlasReader, Result, _quote
@@ -39,9 +40,21 @@ def _record(path: Path) -> dict[str, Any]:
         raise AtlasError(f"'{path}' is not a comparison: it has no comparison.json (make one with "
                          f"`atlas compare A B --out {path}`)")
     try:
-        return json.loads(f.read_text())
-    except ValueError:
+        record = json.loads(f.read_text())
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise AtlasError(f"comparison '{path}' has an unreadable comparison.json") from None
+    # a comparison may come from someone else, as an atlas may: every field used, checked first
+    try:
+        RECORD.check(record, "")
+    except AtlasError as e:
+        raise AtlasError(f"comparison '{path}': comparison.json {e}") from None
+    return record
+
+
+SIDE = Obj({"path": Str(what="an atlas folder path")})
+RECORD = Obj({"a": SIDE, "b": SIDE,
+              "images": Obj({"shared": Int(0, 10 ** 10), "paired_by": Str(choices=("content_hash", "path"))}),
+              "layer_pairs": List(Obj({"layer_a": LAYER_NAME, "layer_b": LAYER_NAME}), 0, 100_000)})
 
 
 class _ComparisonSQL(AtlasReader):
