@@ -364,6 +364,7 @@ class ChunkMiner:
         if self.dev.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
+            self.lmap.check_trace(x)  # the first batch: the trace computes what the model computes
             with torch.autocast(self.dev.type, torch.bfloat16, enabled=self.autocast):
                 feats = self.lmap.extract(x, self.names + self.fc_names, batch_size=self.batch_size)
             ids = ids.to(self.dev, non_blocking=True)

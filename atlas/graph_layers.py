@@ -31,7 +31,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .graph import POINTWISE_KINDS, RELU_KINDS, SPATIAL_KINDS, Graph, Op, _pairs, trace
+from .graph import POINTWISE_KINDS, RELU_KINDS, SPATIAL_KINDS, Graph, Op, _pairs, check_against_eager, trace
 from .graph import shapes as probe_shapes
 from .layer_base import Geometry, Layer, LayerMapBase, Pool
 
@@ -356,6 +356,13 @@ class GraphLayerMap(LayerMapBase):
         }
 
     # -- forward -----------------------------------------------------------------------
+    def check_trace(self, x: torch.Tensor) -> None:
+        """Once per map: the graph computes what the model computes on (two of) these images
+        (graph.check_against_eager), else one line naming where they part."""
+        if not self.__dict__.get("_trace_checked"):
+            check_against_eager(self.graph, x[:2])
+            self._trace_checked = True
+
     def _extract(self, x: torch.Tensor, names: list[str], pool_indices: bool = False):
         """LayerMapBase.extract, on a batch as it is: the graph run as far as the deepest node asked."""
         want: dict[fx.Node, list[str]] = {}

@@ -120,6 +120,9 @@ class LayerMapBase:
             rows.append(row)
         return rows
 
+    def check_trace(self, x: torch.Tensor) -> None:
+        """Whether the map computes what the model computes (a graph checks its trace; see GraphLayerMap)."""
+
     def extract(self, x: torch.Tensor, names: list[str], pool_indices: bool = False,
                 batch_size: int | None = None):
         """Run the model as far as the deepest requested layer.
