@@ -250,11 +250,8 @@ def project(lmap: LayerMap, requests: Sequence[Request | tuple | dict], switches
     reqs = [as_request(r) for r in requests]
     groups = _check_requests(lmap, reqs, switches)
     if lmap.is_graph:
-        if norm == "gradient":
-            raise AtlasError("norm='gradient' is for the Sequential nets' LRN layers; graph models project "
-                             "with norm='identity'")
         return project_graph(lmap, reqs, groups, switches, activations=activations, mode=mode, method=method,
-                             masks=relu_inputs, batch_size=batch_size)
+                             masks=relu_inputs, norm=norm, norm_inputs=norm_inputs, batch_size=batch_size)
     check_model(lmap)
     p = next(lmap.model.parameters())
     device, dtype = p.device, p.dtype

@@ -24,7 +24,7 @@ def record(lmap: LayerMap, x: torch.Tensor, layers: Iterable[str] | None = None,
             raise AtlasError(f"layer '{la.name}' is not a conv layer: projections start at conv layers")
     names = [la.name for la in resolved]
     if lmap.is_graph:
-        return record_graph(lmap, x, names, guided=relu_inputs)
+        return record_graph(lmap, x, names, guided=relu_inputs, norm_inputs=norm_inputs)
     check_model(lmap)
     want = {lmap.by_name[n].read_at: n for n in names}
     pool_at = {p.index: p.name for p in lmap.pools}
