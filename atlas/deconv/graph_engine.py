@@ -128,14 +128,11 @@ def _take(t: torch.Tensor, oy: torch.Tensor, ox: torch.Tensor, h: int, w: int) -
 
 def _gather(full: torch.Tensor, img: torch.Tensor, oy, ox, h: int, w: int, chan=None) -> torch.Tensor:
     """A forward record (N, C, H, W) at each request's window (inside the map): (B, C or 1, h, w); with
-    `chan`, only each request's own channel."""
-    dev = full.device
-    B = img.shape[0]
-    rows = (oy.to(dev).view(B, 1) + torch.arange(h, device=dev)).view(B, 1, h, 1)
-    cols = (ox.to(dev).view(B, 1) + torch.arange(w, device=dev)).view(B, 1, 1, w)
-    chans = chan.to(dev).view(B, 1, 1, 1) if chan is not None else torch.arange(full.shape[1], device=dev).view(
-        1, -1, 1, 1)
-    return full[img.to(dev).view(B, 1, 1, 1), chans, rows, cols]
+    `chan`, only each request's own channel. Slices, one copy."""
+    if chan is None:
+        return torch.stack([full[i, :, y:y + h, x:x + w] for i, y, x in zip(img.tolist(), oy.tolist(), ox.tolist())])
+    return torch.stack([full[i, c:c + 1, y:y + h, x:x + w]
+                        for i, c, y, x in zip(img.tolist(), chan.tolist(), oy.tolist(), ox.tolist())])
 
 
 def _conv_t(x: torch.Tensor, w: torch.Tensor, stride: tuple[int, int], dilation: tuple[int, int], groups: int
@@ -148,8 +145,9 @@ def _conv_t(x: torch.Tensor, w: torch.Tensor, stride: tuple[int, int], dilation:
     c_out, kh, kw = w.shape[1], w.shape[2], w.shape[3]
     s = stride[0]
     if (s == 1 or stride[1] != s or c_out > 16 or groups != 1 or dilation != (1, 1) or kh != kw
-            or x.device.type != "cpu"):
-        return F.conv_transpose2d(x, w, None, stride, 0, 0, groups, dilation)
+            or x.device.type != "cpu"):  # both channels-last: the transposed convolution's fast layout
+        return F.conv_transpose2d(x.contiguous(memory_format=torch.channels_last), w, None, stride, 0, 0, groups,
+                                  dilation)
     kk = -(-kh // s)
     wp = w.new_zeros((w.shape[0], c_out, kk * s, kk * s))
     wp[:, :, :kh, :kh] = w
@@ -265,6 +263,7 @@ class _Down:
         order = self.lmap.down_order(top)
         self.win = self.windows(order, top, box)
         self.sig: dict[fx.Node, Any] = {top: (seed, True)}
+        self.shared: set[int] = {id(seed)}  # tensors not to be changed in place (held twice, or the caller's)
         image = None
         for n in order:
             got = self.sig.pop(n, None)
@@ -386,6 +385,8 @@ class _Down:
         if k == "pass":
             return [(src, s, oy, ox, single)]
         if k == "add":
+            if len(op.inputs) > 1:
+                self.shared.add(id(s))
             return [(a, s, oy, ox, single) for a in op.inputs]
         if k == "cat":
             if single:
@@ -480,7 +481,10 @@ class _Down:
 
     def _relu(self, op: Op, n: fx.Node, s: torch.Tensor, single: bool, win) -> torch.Tensor:
         k = op.kind
-        out = F.leaky_relu(s, op.params["slope"]) if k == "leaky" else s.clamp(min=0)
+        if k == "leaky":
+            out = F.leaky_relu(s, op.params["slope"])
+        else:  # a signal no other node holds (an add hands one tensor to each summand) is rectified in place
+            out = s.clamp(min=0) if id(s) in self.shared else s.clamp_(min=0)
         if self.method == "guided":
             oy, ox, h, w = win
             x = _gather(self.masks[n], self.img, oy, ox, h, w, self.chan if single else None).to(s.device, s.dtype)
@@ -504,13 +508,19 @@ class _Down:
         oy, ox, h, w = win
         idx = _gather(sw, self.img, oy, ox, h, w).to(s.device)
         ny, nx, hn, wn = self.win[op.inputs[0]]
-        W = self.lmap.shapes[op.inputs[0]][3]
+        H, W = self.lmap.shapes[op.inputs[0]][2:]
         B, C = s.shape[0], s.shape[1]
-        iy = torch.div(idx, W, rounding_mode="floor")
-        ly = (iy - ny.to(s.device).view(B, 1, 1, 1)).clamp_(0, hn - 1)
-        lx = (idx - iy * W - nx.to(s.device).view(B, 1, 1, 1)).clamp_(0, wn - 1)
+        # flat index over the input map -> (row, column) -> index inside the input's window, in floating
+        # point (vectorised and faster than integer division on CPU; exact while H * W < 2**24)
+        ft = torch.float32 if H * W < (1 << 24) else torch.float64
+        q = idx.to(ft)
+        iy = torch.floor((q + 0.5) * (1.0 / W))
+        ix = q - iy * W
+        ly = (iy - ny.to(s.device, ft).view(B, 1, 1, 1)).clamp_(0, hn - 1)
+        lx = (ix - nx.to(s.device, ft).view(B, 1, 1, 1)).clamp_(0, wn - 1)
+        local = ly.mul_(wn).add_(lx).to(torch.int64).view(B, C, h * w)
         out = s.new_zeros((B, C, hn * wn))
-        out.scatter_add_(2, (ly * wn + lx).view(B, C, h * w), s.reshape(B, C, h * w))
+        out.scatter_add_(2, local, s.reshape(B, C, h * w))
         return out.view(B, C, hn, wn)
 
 
