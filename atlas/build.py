@@ -269,7 +269,7 @@ class BuildJob:
         # every conv is in there). Anything else, the whole state (state.pt): a graph may have convs outside
         # `features` (SqueezeNet's classifier, a timm stem), and code rebuilt from a file must not depend
         # on the weights file still being there.
-        if not self.lmap.is_graph and self.net.atlas_meta.get("source", "atlas") in ("atlas", "torchvision"):
+        if self.lmap.chain and self.net.atlas_meta.get("source", "atlas") in ("atlas", "torchvision"):
             kept, file = self.net.features.state_dict(), "features.pt"
         else:
             kept, file = self.net.state_dict(), "state.pt"

@@ -1,7 +1,6 @@
 """What every layer map shares: the records of a layer and a pool, lookups by name, padding a batch.
 
-Two maps implement it: `atlas.layers.LayerMap`, the walk of a 2012-2014 net's `features`, and
-`atlas.graph_layers.GraphLayerMap`, a traced graph (any other model). `LayerMap(model, size)` picks.
+`atlas.graph_layers.GraphLayerMap` (`atlas.layers.LayerMap`) implements it for every model.
 """
 from __future__ import annotations
 
@@ -82,8 +81,6 @@ class Pool:
 
 class LayerMapBase:
     """Lookups shared by both maps (`layers`, `by_name` and `image_size` are set by each)."""
-
-    is_graph = False
 
     @property
     def conv_layers(self) -> list[Layer]:

@@ -69,6 +69,10 @@ def _first_unprojectable(lmap, node: fx.Node):
         if op.kind not in RULES:
             found = (op, op.what or op.kind)
             break
+        m = op.module
+        if m is not None and (m._forward_hooks or m._forward_pre_hooks or "forward" in vars(m)):
+            found = (op, f"{op.what or op.kind} with forward hooks or a replaced forward")  # the rule cannot see them
+            break
         if op.kind == "bn":
             m = op.params.get("module")
             if m is not None and (m.running_var is None or m.training):
