@@ -572,11 +572,10 @@ def _transposed_weights(lmap, dtype: torch.dtype) -> tuple[dict, set]:
 
 
 def _chunk(lmap, layer, n: int, budget: int = 64 << 20) -> int:
-    """Requests per batch so that the signals alive at once stay near `budget` floats."""
-    node = lmap.read_node[layer.name]
-    per = sum(int(torch.Size(lmap.shapes[a][1:]).numel()) for a in lmap._ancestors(node) if a in lmap.shapes)
-    # not every level is alive at once: a third of the sum is a generous bound for chains and blocks
-    return max(1, min(n, 1024, budget // max(per // 3, 1)))
+    """Requests per batch so that the signals alive at once stay near `budget` floats: going down keeps
+    alive what the forward keeps (a block's input until its last user is done), on windows no larger
+    than the maps; twice the forward's peak bounds it with a rule's temporaries."""
+    return max(1, min(n, 1024, budget // max(2 * lmap.peak_floats, 1)))
 
 
 def project_graph(lmap, reqs: Sequence[Request], groups: dict[str, list[int]],
