@@ -7,7 +7,9 @@ graph engine (`GraphLayerMap` forced onto the same model), one thread, interleav
 Prints per layer both times for the 9, the ratio of projections per second (graph / chain) and their
 largest difference relative to the largest value.
 
-    python scripts/bench_engines.py [--repeat 15] [--threads 1] [--size 224]
+It measures the chain engine, deleted since: run it on the last commit that has both engines,
+
+    git worktree add /tmp/pre 7cfe679 && cd /tmp/pre && python scripts/bench_engines.py [--repeat 15] [--threads 1]
 """
 from __future__ import annotations
 
@@ -29,6 +31,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from atlas import deconv as D
+    if not hasattr(D, "check_model"):
+        sys.exit("bench_engines.py: this tree has one engine; run it on 7cfe679 (see its docstring)")
     from atlas.graph_layers import GraphLayerMap
     from atlas.layers import LayerMap
     from atlas.models import load_model

@@ -14,9 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from atlas import deconv as D
+from atlas.deconv.reference import _IdentityBackward  # forward as it is, backward the identity
 from atlas.layers import LayerMap
 from atlas.models import load_model
-from atlas.switches import decode, window_codes, pack, SwitchRegion
+from atlas.switches import SwitchRegion, decode, pack, window_codes
 
 TOL = 1e-5
 FAMILIES = [("zfnet", 96), ("alexnet", 64), ("vgg11", 32), ("resnet50", 64), ("vgg11_bn", 32),
@@ -43,16 +44,6 @@ class _Rule(torch.autograd.Function):
         return out, None, None
 
 
-class _Through(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, fn):
-        return fn(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        return g, None
-
-
 @contextlib.contextmanager
 def _swapped(guided: bool):
     """Every ReLU form the eager model may use, and LRN, with the reference's backward."""
@@ -66,7 +57,7 @@ def _swapped(guided: bool):
         return _Rule.apply(x, float(max_val), guided)
 
     F.relu, torch.relu, F.hardtanh, torch.Tensor.relu = relu, relu, hardtanh, relu
-    F.local_response_norm = lambda x, *a, **k: _Through.apply(x, lambda t: lrn(t, *a, **k))
+    F.local_response_norm = lambda x, *a, **k: _IdentityBackward.apply(x, lambda t: lrn(t, *a, **k))
     try:
         yield
     finally:
