@@ -271,7 +271,7 @@ class BuildJob:
         # every conv is in there). Anything else, the whole state (state.pt): a graph may have convs outside
         # `features` (SqueezeNet's classifier, a timm stem), and code rebuilt from a file must not depend
         # on the weights file still being there.
-        if not self.lmap.is_graph and self.net.atlas_meta.get("source", "atlas") in ("atlas", "torchvision"):
+        if self.lmap.chain and self.net.atlas_meta.get("source", "atlas") in ("atlas", "torchvision"):
             kept, file = self.net.features.state_dict(), "features.pt"
         else:
             kept, file = self.net.state_dict(), "state.pt"
@@ -370,6 +370,7 @@ class ChunkMiner:
         if self.dev.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
+            self.lmap.check_trace(x)  # the first batch: the trace computes what the model computes
             with torch.autocast(self.dev.type, torch.bfloat16, enabled=self.autocast):
                 feats = self.lmap.extract(x, self.names + self.fc_names, batch_size=self.batch_size)
             ids = ids.to(self.dev, non_blocking=True)

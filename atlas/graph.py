@@ -79,7 +79,7 @@ _RESHAPE_FUNCS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze}
 _RESHAPE_METHODS = {"flatten", "view", "reshape", "squeeze", "unsqueeze", "view_as", "reshape_as"}
 _PASS_METHODS = {"contiguous", "clone", "detach"}
 _INPLACE_FUNCS = {operator.iadd: operator.add, operator.imul: operator.mul, operator.itruediv: operator.truediv,
-                  torch.relu_: torch.relu}
+                  operator.isub: operator.sub, torch.relu_: torch.relu}
 for _f in ("relu_", "hardtanh_", "leaky_relu_", "elu_", "rrelu_", "threshold_"):
     if hasattr(F, _f):
         _INPLACE_FUNCS[getattr(F, _f)] = getattr(F, _f[:-1])
@@ -93,6 +93,26 @@ except Exception:  # noqa: BLE001 - torchvision is a dependency, but its ops may
     _stochastic_depth = None
 
 
+class _Proxy(fx.Proxy):
+    """fx's Proxy has no `__iadd__`: Python then runs `w += z` as `w = w + z`, and a tensor that `w` shares
+    with another name (`w = y; w += z`, then y read) would keep its old value. These record the write."""
+
+    def _write(self, fn, other):
+        return self.tracer.create_proxy("call_function", fn, (self, other), {})
+
+    def __iadd__(self, other):
+        return self._write(operator.iadd, other)
+
+    def __isub__(self, other):
+        return self._write(operator.isub, other)
+
+    def __imul__(self, other):
+        return self._write(operator.imul, other)
+
+    def __itruediv__(self, other):
+        return self._write(operator.itruediv, other)
+
+
 class _Tracer(fx.Tracer):
     """torch.nn's own modules are leaves (their forward is known); every other module is traced into.
     Each module call is recorded with the node that is its output: the layer names users know."""
@@ -101,6 +121,9 @@ class _Tracer(fx.Tracer):
         super().__init__(autowrap_functions=tuple(notrace[1]))
         self.calls: list[tuple[str, fx.Node]] = []
         self._notrace = tuple(notrace[0])
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _Proxy(node, self)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if self._notrace and isinstance(m, self._notrace):  # timm's own: shape-dependent inside, opaque here
@@ -156,6 +179,7 @@ class Graph:
     signal: set = field(default_factory=set)      # the nodes that carry the image (signal_nodes)
     consts: dict = field(default_factory=dict)    # the constant tensors a signal op uses (a factor, a part)
     _runners: dict[fx.Node, Callable] = field(default_factory=dict, repr=False)
+    call_paths: list[str] = field(default_factory=list)  # each call's module path, as `calls` (not unique)
 
     # -- running ---------------------------------------------------------------
     def run(self, x: torch.Tensor, want: set[fx.Node], switches: set[fx.Node] = frozenset(),
@@ -275,12 +299,94 @@ def trace(model: nn.Module) -> Graph:
     innermost: dict[fx.Node, str] = {}
     for name, node in calls:  # a call is recorded as it returns: a leaf before the blocks around it
         innermost.setdefault(node, name)
+    _honour_in_place(gm, model)
+    nodes = list(g.nodes)
     graph = Graph(model, gm, nodes, {}, calls, {n: i for i, n in enumerate(nodes)})
+    graph.call_paths = [path for path, _ in tracer.calls]
     signal = signal_nodes(nodes)
     for n in nodes:
-        graph.ops[n] = _read_op(gm, n, innermost.get(n, n.name), signal)
+        graph.ops[n] = _read_op(gm, n, innermost.get(n) or _where(n), signal)
     graph.signal = signal
     return graph
+
+
+def _where(n: fx.Node) -> str:
+    """Where a functional op sits, as users know it: the module whose forward runs it (fx records the
+    module stack), else the model's own forward."""
+    stack = n.meta.get("nn_module_stack")
+    if stack:
+        path, cls = next(reversed(stack.values()))
+        return f"{path} ({getattr(cls, '__name__', cls)})"
+    return f"the model's forward ({n.name})"
+
+
+# ops whose result may share its input's memory: a write into one is a write into the other
+_VIEW_METHODS = {"flatten", "view", "reshape", "squeeze", "unsqueeze", "view_as", "reshape_as", "permute",
+                 "transpose", "expand", "expand_as", "narrow", "select", "unfold", "t", "detach", "contiguous",
+                 "split", "chunk", "unbind", "as_strided", "to", "__getitem__"}
+_VIEW_FUNCS = {operator.getitem, torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.permute,
+               torch.transpose, torch.narrow, torch.select, torch.split, torch.chunk, torch.unbind, torch.t}
+_VIEW_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, nn.Flatten)
+
+
+def _is_view(gm: fx.GraphModule, n: fx.Node) -> bool:
+    if n.op == "call_method":
+        return str(n.target) in _VIEW_METHODS
+    if n.op == "call_function":
+        return n.target in _VIEW_FUNCS
+    if n.op == "call_module":
+        return isinstance(gm.get_submodule(n.target), _VIEW_MODULES)
+    return False
+
+
+def _honour_in_place(gm: fx.GraphModule, model: nn.Module) -> None:
+    """Make every later reader of a tensor written in place read the written value.
+
+    torch.fx records `z.relu_()`, `x += y`, `copy_` or an in-place module as a node, but the nodes after
+    it still read `z` itself, i.e. the value from before the write (the interpreter runs in-place ops out
+    of place). Here each later reader of the written tensor is pointed at the write's node instead. A
+    write into memory that a view shares with another node read afterwards cannot be expressed so: it is
+    refused in one line naming the module and the op. (Item assignment, `x[:, :3] = y`, fails in fx's
+    tracing itself, refused with its file and line by `_traced`.)"""
+    g = gm.graph
+    nodes = list(g.nodes)
+    pos = {n: i for i, n in enumerate(nodes)}
+    latest: dict[fx.Node, fx.Node] = {}   # a tensor -> the node that holds its value now
+    base: dict[fx.Node, fx.Node] = {}     # a view (or an in-place result) -> the tensor whose memory it is
+    signal = signal_nodes(nodes)
+    for n in nodes:
+        for a in list(n.all_input_nodes):
+            if a in latest:
+                n.replace_input_with(a, latest[a])
+        a0 = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
+        # `h += 1` on a size is a Python int: rebound, not written (only tensors carrying the image are)
+        writes = a0 is not None and _writes_in_place(gm, n) and (
+            a0 in signal or n.target not in _INPLACE_FUNCS)
+        if a0 is not None and (_is_view(gm, n) or writes):
+            base[n] = base.get(a0, a0)
+        if not writes:
+            continue
+        root = base.get(a0, a0)
+        shared = [m for m, b in base.items() if b is root and m is not n and m is not a0] + [root]
+        later = [m for m in shared if m is not a0 and any(pos[u] > pos[n] for u in m.users)]
+        if later and (_is_view(gm, a0) or any(_is_view(gm, m) for m in later)):
+            what = str(n.target) if n.op != "call_module" else type(gm.get_submodule(n.target)).__name__
+            where = _where(n) if n.op != "call_module" else str(n.target)
+            raise AtlasError(f"cannot trace model {type(model).__name__}: the in-place {what} at {where} writes "
+                             f"into memory that {later[0].name} shares and is read afterwards (a view and its "
+                             "tensor): write into a copy instead (x = x.clone()) or use the out-of-place op")
+        for k, v in list(latest.items()):
+            if v is a0:
+                latest[k] = n
+        latest[a0] = n
+    gm.recompile()
+
+
+def _writes_in_place(gm: fx.GraphModule, n: fx.Node) -> bool:
+    if n.op == "call_method":
+        name = str(n.target)
+        return name.endswith("_") and not name.endswith("__") and name != "requires_grad_"
+    return _as_written(gm, n) is not None
 
 
 def _traced(model: nn.Module):
@@ -616,3 +722,56 @@ def shapes(graph: Graph, image_size: int) -> dict[fx.Node, tuple[int, ...]]:
             out[n] = tuple(x.shape)
             break
     return out
+
+
+def check_against_eager(graph: Graph, x: torch.Tensor, rtol: float = 1e-4) -> None:
+    """Refuse (one line naming the first place they part) a graph whose run does not compute what the
+    model's own forward computes on images x: its logits and every module output a forward hook sees
+    (cloned in the hook: a later in-place op must not change what was seen). Functional values (a
+    `torch.relu(self.conv5(z))`) have no hook of their own; the modules after them and the logits catch
+    them."""
+    model = graph.model
+    seen: dict[str, list] = {}
+    hooks = []
+    for path, m in model.named_modules():
+        if path:
+            hooks.append(m.register_forward_hook(
+                lambda mod, inp, out, p=path: seen.setdefault(p, []).append(
+                    out.detach().clone() if isinstance(out, torch.Tensor) else None)))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits = model(x.clone())
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    out_node = next(n for n in graph.nodes if n.op == "output")
+    pairs: list[tuple[fx.Node, Any, str]] = []
+    count: dict[str, int] = {}
+    for path, (name, node) in zip(graph.call_paths, graph.calls):
+        k = count[path] = count.get(path, 0) + 1
+        got = seen.get(path, [])
+        if len(got) < k:
+            raise AtlasError(f"the traced graph of {type(model).__name__} does not compute what the model "
+                             f"computes: it calls {path} {k} times, the model {len(got)}")
+        pairs.append((node, got[k - 1], name))
+    if isinstance(out_node.args[0], fx.Node) and isinstance(logits, torch.Tensor):
+        pairs.append((out_node.args[0], logits, "the model's output"))
+    with torch.no_grad():
+        vals, _ = graph.run(x, {n for n, _, _ in pairs})
+    for node, eager, name in sorted(pairs, key=lambda t: graph.position[t[0]]):
+        ours = vals.get(node)
+        if not isinstance(eager, torch.Tensor) or not isinstance(ours, torch.Tensor):
+            continue
+        scale = float(eager.float().abs().max()) if eager.numel() else 0.0
+        if ours.shape != eager.shape:
+            diff = float("inf")
+        else:
+            diff = float((ours.float() - eager.float()).abs().max()) if eager.numel() else 0.0
+        if diff > rtol * scale + 1e-6:
+            op = graph.ops[node]
+            raise AtlasError(f"the traced graph of {type(model).__name__} does not compute what the model "
+                             f"computes: they part at {name} ({op.what or op.kind}; largest difference "
+                             f"{diff:.3g}, values up to {scale:.3g}): the atlas would show another model")

@@ -31,7 +31,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .graph import POINTWISE_KINDS, RELU_KINDS, SPATIAL_KINDS, Graph, Op, _pairs, trace
+from .graph import POINTWISE_KINDS, RELU_KINDS, SPATIAL_KINDS, Graph, Op, _pairs, check_against_eager, trace
 from .graph import shapes as probe_shapes
 from .layer_base import Geometry, Layer, LayerMapBase, Pool
 
@@ -64,15 +64,14 @@ def _union(fields: list[Field]) -> Field:
 class GraphLayerMap(LayerMapBase):
     """LayerMap for a traced graph (see the module docstring)."""
 
-    is_graph = True
-
     def __init__(self, model: nn.Module, image_size: int):
+        self.aliases: dict[str, str] = {}
         self.model = model
         self.image_size = image_size
         self.graph: Graph = trace(model)
         self.shapes = probe_shapes(self.graph, image_size)
         g = self.graph
-        self.geoms: dict[int, Geometry] = {}  # the Sequential walk's per-module geometry: none here
+        self.geoms: dict[int, Geometry] = {}  # a chain net's features index -> that conv's or pool's geometry
         self.read_node: dict[str, fx.Node] = {}
         self.layers: list[Layer] = []
         self.pools: list[Pool] = []
@@ -95,10 +94,58 @@ class GraphLayerMap(LayerMapBase):
             if layer.kind == "conv":
                 below = self._ancestors(self.read_node[layer.name])
                 layer.pools_below = [p.name for p in self.pools if self.pool_node[p.name] in below]
+        # the 2012-2014 nets keep the names their atlases were built with (conv1.., fc6.., pool1..)
+        self.chain = _runs_as_a_chain(model, g)
+        self.chain_read_at: dict[str, int] = {}  # chain layer -> the features index read (occlusion's walk)
+        if self.chain:
+            self._chain_names()
         self.by_name = {la.name: la for la in self.layers}
         self.pool_by_name = {p.name: p for p in self.pools}
         convs = [la for la in self.layers if la.kind == "conv"]
         self.feature_channels = convs[-1].channels if convs else 3
+
+    def _chain_names(self) -> None:
+        """A chain net's layers as its atlases name them: the i-th Conv2d of `features` is `conv{i}` (read
+        after its ReLU, its own kernel, stride and padding beside its field), the classifier's Linear
+        layers continue the count (`fc6`..), a max-pool is named after the conv before it (`pool1`); only
+        these are layers. Each layer's module path stays an alias (`resolve("features.0")` is conv1)."""
+        g, feats = self.graph, self.model.features
+        by_path = {la.name: la for la in self.layers}
+        pool_by_path = {p.name: p for p in self.pools}
+        renamed: dict[str, str] = {}
+        layers, nconv = [], 0
+        for i, m in enumerate(feats):
+            path = f"features.{i}"
+            op = next((o for o in g.ops.values() if o.node.op == "call_module" and o.node.target == path), None)
+            if op is not None and isinstance(m, (nn.Conv2d, nn.MaxPool2d)):
+                k, st, pad = op.params["kernel"][0], op.params["stride"][0], op.params["padding"][0]
+                ins, out = self.shapes[op.inputs[0]], self.shapes[op.node]
+                f = self._fields.get(op.node)
+                (j, lo, hi) = f[0]
+                self.geoms[i] = Geometry(k, st, pad, int(ins[2]), int(out[2]), hi - lo + 1, j, lo)
+            if isinstance(m, nn.Conv2d) and path in by_path:
+                nconv += 1
+                la = by_path[path]
+                renamed[path] = la.name = f"conv{nconv}"
+                la.geometry, la.rf = self.geoms[i], None  # a square field, centred as the walk had it
+                nxt = feats[i + 1] if i + 1 < len(feats) else None
+                self.chain_read_at[la.name] = i + 1 if isinstance(nxt, nn.ReLU) else i
+                layers.append(la)
+            elif isinstance(m, nn.MaxPool2d) and path in pool_by_path:
+                renamed[path] = pool_by_path[path].name = f"pool{nconv}"
+        nfc = nconv
+        for i, m in enumerate(getattr(self.model, "classifier", None) or []):
+            path = f"classifier.{i}"
+            if isinstance(m, nn.Linear) and path in by_path:
+                nfc += 1
+                renamed[path] = by_path[path].name = f"fc{nfc}"
+                layers.append(by_path[path])
+        self.layers = layers
+        self.aliases = {old: new for old, new in renamed.items()}
+        self.read_node = {renamed.get(k, k): v for k, v in self.read_node.items() if renamed.get(k, k) != k}
+        self.pool_node = {renamed.get(k, k): v for k, v in self.pool_node.items()}
+        for la in layers:
+            la.pools_below = [renamed.get(p, p) for p in la.pools_below]
 
     # -- candidates --------------------------------------------------------------
     def _candidates(self) -> list[tuple[str, fx.Node, fx.Node, str]]:
@@ -345,7 +392,9 @@ class GraphLayerMap(LayerMapBase):
     def resolve(self, names, kinds: tuple[str, ...] = ("conv",)) -> list[Layer]:
         if names is None or names == "" or names == []:
             return [la for la in self.default_layers() if la.kind in kinds]
-        return super().resolve(names, kinds)
+        if isinstance(names, str):
+            names = [n.strip() for n in names.split(",") if n.strip()]
+        return super().resolve([self.aliases.get(n, n) for n in names], kinds)
 
     def describe(self) -> dict:
         return {
@@ -356,6 +405,13 @@ class GraphLayerMap(LayerMapBase):
         }
 
     # -- forward -----------------------------------------------------------------------
+    def check_trace(self, x: torch.Tensor) -> None:
+        """Once per map: the graph computes what the model computes on (two of) these images
+        (graph.check_against_eager), else one line naming where they part."""
+        if not self.__dict__.get("_trace_checked"):
+            check_against_eager(self.graph, x[:2])
+            self._trace_checked = True
+
     def _extract(self, x: torch.Tensor, names: list[str], pool_indices: bool = False):
         """LayerMapBase.extract, on a batch as it is: the graph run as far as the deepest node asked."""
         want: dict[fx.Node, list[str]] = {}
@@ -377,3 +433,37 @@ class GraphLayerMap(LayerMapBase):
             node_name = {v: k for k, v in self.pool_node.items()}
             return out, {node_name[nd]: idx for nd, idx in sw.items()}
         return out
+
+
+_CHAIN_MODULES = (nn.Conv2d, nn.ReLU, nn.MaxPool2d, nn.LocalResponseNorm, nn.CrossMapLRN2d, nn.Identity, nn.Dropout)
+
+
+def _runs_as_a_chain(model: nn.Module, graph: Graph) -> bool:
+    """Whether the model is a 2012-2014 net: `features` a Sequential of exactly these module types (no
+    subclasses), plain convolutions, no convolution outside it, and model.forward runs features.0 ..
+    features.{n-1} on its raw input, each on the previous one's output. Those keep their names."""
+    feats = getattr(model, "features", None)
+    if not isinstance(feats, nn.Sequential) or not len(feats):
+        return False
+    for m in feats:
+        if type(m) not in _CHAIN_MODULES:
+            return False
+        if type(m) is nn.Conv2d and (m.groups != 1 or tuple(m.dilation) != (1, 1) or isinstance(m.padding, str)
+                                      or m.padding_mode != "zeros" or len(set(_pairs(m.kernel_size))) != 1
+                                      or len(set(_pairs(m.stride))) != 1 or len(set(_pairs(m.padding))) != 1):
+            return False
+    inside = {id(m) for m in feats.modules()}
+    if any(isinstance(m, nn.Conv2d) and id(m) not in inside for m in model.modules()):
+        return False
+    calls = [nd for nd in graph.nodes if nd.op != "get_attr"]
+    n = len(feats)
+    if len(calls) < n + 1 or calls[0].op != "placeholder":
+        return False
+    prev = calls[0]
+    for i, nd in enumerate(calls[1:n + 1]):
+        if nd.op != "call_module" or nd.target != f"features.{i}" or list(nd.all_input_nodes) != [prev]:
+            return False
+        if len(prev.users) != 1 and i > 0:
+            return False
+        prev = nd
+    return True

@@ -1,7 +1,6 @@
 """What every layer map shares: the records of a layer and a pool, lookups by name, padding a batch.
 
-Two maps implement it: `atlas.layers.LayerMap`, the walk of a 2012-2014 net's `features`, and
-`atlas.graph_layers.GraphLayerMap`, a traced graph (any other model). `LayerMap(model, size)` picks.
+`atlas.graph_layers.GraphLayerMap` (`atlas.layers.LayerMap`) implements it for every model.
 """
 from __future__ import annotations
 
@@ -83,8 +82,6 @@ class Pool:
 class LayerMapBase:
     """Lookups shared by both maps (`layers`, `by_name` and `image_size` are set by each)."""
 
-    is_graph = False
-
     @property
     def conv_layers(self) -> list[Layer]:
         return [la for la in self.layers if la.kind == "conv"]
@@ -119,6 +116,9 @@ class LayerMapBase:
             row["recorded"] = la.name in recorded
             rows.append(row)
         return rows
+
+    def check_trace(self, x: torch.Tensor) -> None:
+        """Whether the map computes what the model computes (a graph checks its trace; see GraphLayerMap)."""
 
     def extract(self, x: torch.Tensor, names: list[str], pool_indices: bool = False,
                 batch_size: int | None = None):

@@ -296,11 +296,8 @@ class Renderer:
             return switches
         if self.mode == "map" or self.method == "guided":
             return "recompute"  # stored switches hold only the receptive fields of the top-k units
-        if self.norm == "gradient":
-            from .deconv import NORM_TYPES as _NORM
-
-            if not self.a.lmap.is_graph and any(isinstance(m, _NORM) for m in self.a.lmap.model.features):
-                return "recompute"
+        if self.norm == "gradient" and any(op.kind == "lrn" for op in self.a.lmap.graph.ops.values()):
+            return "recompute"  # the contrast normalisations' true gradient needs their forward inputs
         return "stored"
 
     def project(self, layer: str, items: list[tuple[int, dict]], switches: str = "auto"):

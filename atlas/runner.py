@@ -78,27 +78,9 @@ class Runner:
 
 
 def feature_peak_floats(lmap, start: int = 0) -> int:
-    """Largest in+out float count of one image over features[start:]."""
-    from torch import nn
-
-    if lmap.is_graph:  # what the graph's run keeps alive at its peak, x1.5 for a kernel's temporaries
-        return int(1.5 * lmap.peak_floats)
-    size, ch = lmap.image_size, 3
-    sizes = []  # (channels, size) at each module's output
-    for i, m in enumerate(lmap.model.features):
-        if i in lmap.geoms:
-            size = lmap.geoms[i].out_size
-        if isinstance(m, nn.Conv2d):
-            ch = m.out_channels
-        sizes.append((ch, size))
-    prev = 3 * lmap.image_size ** 2
-    peak = prev
-    for i, (c, s) in enumerate(sizes):
-        cur = c * s * s
-        if i >= start:
-            peak = max(peak, prev + cur)
-        prev = cur
-    return peak
+    """The most floats of one image alive at once in a run (a run from a later start keeps no more):
+    what the graph's run keeps alive at its peak, x1.5 for a kernel's temporaries."""
+    return int(1.5 * lmap.peak_floats)
 
 
 def classifier_floats(lmap) -> int:

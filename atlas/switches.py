@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .layers import Geometry, Layer, LayerMap, interval_below
+from .layers import Geometry, Layer, LayerMap
 
 
 @dataclass
@@ -37,23 +37,7 @@ class SwitchRegion:
 
 def regions_below(lmap: LayerMap, layer: Layer, y: int, x: int) -> list[SwitchRegion]:
     """The box at each pool's output that unit (y, x) of `layer` can reach, deepest pool first."""
-    if lmap.is_graph:
-        out = []
-        for pool in reversed(layer.pools_below):
-            y0, x0, h, w = lmap.region_below(layer, pool, y, x)
-            out.append(SwitchRegion(pool, y0, x0, h, w))
-        return out
-    ya, yb, xa, xb = y, y, x, x
-    pool_at = {p.index: p.name for p in lmap.pools}
-    out = []
-    for i in range(layer.index, -1, -1):
-        if i in pool_at:
-            out.append(SwitchRegion(pool_at[i], ya, xa, yb - ya + 1, xb - xa + 1))
-        if i in lmap.geoms:
-            g = lmap.geoms[i]
-            ya, yb = interval_below(g, ya, yb)
-            xa, xb = interval_below(g, xa, xb)
-    return out
+    return [SwitchRegion(pool, *lmap.region_below(layer, pool, y, x)) for pool in reversed(layer.pools_below)]
 
 
 def window_codes(indices: torch.Tensor, geom: Geometry, origin: tuple[int, int] = (0, 0)) -> np.ndarray:

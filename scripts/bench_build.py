@@ -47,11 +47,7 @@ def throughput(model_name: str, size: int, batch: int, batches: int, device: str
     g = torch.Generator().manual_seed(0)
     data = [torch.randn(batch, 3, size, size, generator=g) for _ in range(batches)]
     ids = [torch.arange(i * batch, (i + 1) * batch) for i in range(batches)]
-    if lmap.is_graph:  # the model's own forward, whole (its head after the last stage is a pool and a Linear)
-        stack, head = model, None
-    else:
-        stack = model.features if fcs else model.features[: max(la.read_at for la in chosen) + 1]
-        head = model.classifier[: max(la.read_at for la in fcs) + 1] if fcs else None
+    stack, head = model, None  # the model's own forward, whole
 
     def bare(x):
         with torch.inference_mode():

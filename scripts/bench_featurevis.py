@@ -147,14 +147,15 @@ json.dump(out, open(job["out"], "w"))
 
 def lucent(a, python: str, layer: str, chans: list[int], steps: int) -> dict:
     lmap = a.lmap
-    if getattr(lmap, "is_graph", False):
+    if not lmap.chain:
         return {"ran": False, "why": "the bench drives Lucent by module names of a `features` Sequential"}
     la = lmap.by_name[layer]
     with tempfile.TemporaryDirectory() as d:
         torch.save(a.model, Path(d) / "model.pt")
         job = {"model": str(Path(d) / "model.pt"), "mean": a.manifest["preprocessing"]["mean"],
                "std": a.manifest["preprocessing"]["std"], "size": a.image_size, "steps": steps,
-               "channels": chans, "lucent_layer": f"features_{la.read_at}", "read_at": la.read_at,
+               "channels": chans, "lucent_layer": f"features_{lmap.chain_read_at[layer]}",
+               "read_at": lmap.chain_read_at[layer],
                "out": str(Path(d) / "out.json")}
         (Path(d) / "job.json").write_text(json.dumps(job))
         (Path(d) / "job.py").write_text(LUCENT_JOB)

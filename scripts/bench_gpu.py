@@ -117,7 +117,7 @@ def main() -> None:
         if dev.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
         lmap = LayerMap(model, size)
-        stack = model.features[: lmap.by_name["conv5"].read_at + 1]
+        stack = model.features[: lmap.chain_read_at["conv5"] + 1]
         xb = torch.randn(batch, 3, size, size, device=dev)
         if dev.type == "cuda":
             xb = xb.contiguous(memory_format=torch.channels_last)

@@ -289,7 +289,7 @@ def build_cost(model_name: str, size: int, batch: int = 32, batches: int = 2, ro
     plan = plan_for_build(lmap, names, None, True, batch * batches)
     data = [torch.randn(batch, 3, size, size) for _ in range(batches)]
     ids = [torch.arange(i * batch, (i + 1) * batch) for i in range(batches)]
-    stack = model.features[: max(la.read_at for la in chosen) + 1]
+    stack = model.features[: max(lmap.chain_read_at[la.name] for la in chosen) + 1]
     dev = torch.device("cpu")
     plain, indexed = ChunkMiner(lmap, chosen, 9, dev), ChunkMiner(lmap, chosen, 9, dev, plan=plan)
 

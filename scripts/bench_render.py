@@ -13,10 +13,11 @@ the dataset, PNGs into ATLAS/cache/).
               built) is reported on its own, the bar applies to the best of later cold calls
   cached      the same call again (a cache hit): the Python call, bar 10 ms; plus the whole
               `atlas show` command in a new process (interpreter start and imports; no bar)
-  speedup     projections per second of the batched engine against a per-image autograd
-              loop with the ReLU backward replaced by ReLU(grad), whole model forward +
-              backward (what Captum's NeuronDeconvolution does), measured interleaved on
-              the same 9 requests, best of --repeat; bar 5x
+  speedup     projections per second of the engine (from the stored switches) against Captum's
+              NeuronDeconvolution run as a user would: the whole model, one call batched over
+              the 9 images, each its own unit; measured interleaved on the same 9 requests,
+              best of --repeat; goals 10x (zfnet conv5, resnet50 layer3), 5x (resnet50 layer4,
+              whose field is the whole image)
 and the agreement of the engine with the slow gradient reference.
 
 The machine's 1-minute load average is printed before and after: on a shared machine
@@ -24,8 +25,7 @@ compare runs only at similar load.
 
     python scripts/bench_render.py [--images 48] [--threads 2] [--repeat 7] [--json out.json] [--keep]
     python scripts/bench_render.py --smoke   # seconds: 8 images, k = 4, --repeat 2, one `atlas show` process
-    python scripts/bench_render.py --model resnet50 --images 24 --repeat 3   # layer4 of a ResNet-50 (the
-                                             # graph engine; its baseline: the same autograd loop on the graph)
+    python scripts/bench_render.py --model resnet50 --images 24 --repeat 3 [--layer layer3]   # ResNet-50
 """
 from __future__ import annotations
 
@@ -43,43 +43,33 @@ from pathlib import Path
 import torch
 from torch import nn
 
-BARS = {"cold_projection_work_s": 0.15, "cached_call_s": 0.010, "speedup": 5.0}
+BARS = {"cold_projection_work_s": 0.15, "cached_call_s": 0.010, "speedup": 10.0}
 
 
-def _baseline(model: nn.Module, lmap, x: torch.Tensor, reqs) -> torch.Tensor:
-    """Per image: full forward with deconv ReLUs, then autograd from the one neuron (Captum-like)."""
-    from atlas.deconv.reference import _DeconvReLU, _IdentityBackward
-    from atlas.deconv.support import _NORM
+def _captum(lmap, layer: str, x: torch.Tensor, reqs) -> torch.Tensor:
+    """Captum's NeuronDeconvolution as a user runs it: the whole model (in-place ReLUs made out of place,
+    which its hooks need), one call batched over the requests' images, each image's own unit at the
+    module whose output the layer is; times the unit's value, as a DeconvNet projection is scaled."""
+    import copy
 
-    class DReLU(nn.Module):
-        def forward(self, t):
-            return _DeconvReLU.apply(t, "relu", 0.0, False)
+    from captum.attr import NeuronDeconvolution
 
-    class PassNorm(nn.Module):  # the paper's handling, so that the results can be compared
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, t):
-            return _IdentityBackward.apply(t, self.m)
-
-    feats = nn.Sequential(*[DReLU() if isinstance(m, nn.ReLU) else PassNorm(m) if isinstance(m, _NORM) else m
-                            for m in model.features])
-    out = []
-    for r in reqs:
-        layer = lmap.by_name[r.layer]
-        xi = x[r.image:r.image + 1].clone().requires_grad_(True)
-        got = {}
-        h = feats[layer.read_at].register_forward_hook(lambda m, i, o: got.__setitem__("a", o))
-        try:
-            y = feats(xi)
-            y = model.classifier(torch.flatten(model.avgpool(y), 1))  # Captum runs the whole model
-            a = got["a"][0, r.channel, r.y, r.x]
-            (g,) = torch.autograd.grad(a, xi)
-        finally:
-            h.remove()
-        out.append(g[0] * a.detach())
-    return torch.stack(out)
+    model = copy.deepcopy(lmap.model).eval()
+    for m in model.modules():
+        if isinstance(m, nn.ReLU):
+            m.inplace = False
+    path = {v: k for k, v in lmap.aliases.items()}.get(layer, layer)
+    if layer in lmap.chain_read_at:  # a chain's conv is read after its ReLU: that module's output
+        path = f"features.{lmap.chain_read_at[layer]}"
+    xb = torch.stack([x[q.image] for q in reqs]).requires_grad_(True)
+    idx = torch.arange(len(reqs))
+    chans = torch.tensor([q.channel for q in reqs])
+    ys, xs = torch.tensor([q.y for q in reqs]), torch.tensor([q.x for q in reqs])
+    nd = NeuronDeconvolution(model, model.get_submodule(path))
+    with torch.no_grad():
+        act = lmap.extract(xb.detach(), [layer])[layer][idx, chans, ys, xs]
+    grad = nd.attribute(xb, neuron_selector=lambda out: out[idx, chans, ys, xs])
+    return grad.detach() * act.view(-1, 1, 1, 1)
 
 
 def _cold_show(a, layer: str, channel: int):
@@ -137,13 +127,13 @@ def main() -> None:
         shutil.rmtree(atlas_dir / "cache", ignore_errors=True)
 
         a = Atlas(atlas_dir)
-        layer = args.layer or ("conv5" if not a.lmap.is_graph else a.layer_names[-1])
+        layer = args.layer or ("conv5" if a.lmap.chain else a.layer_names[-1])
         # the channels with the strongest top-1 (live ones), one per cold run
         chans = [r["channel"] for r in a.rows("SELECT channel FROM top_activations WHERE layer = ? AND rank = 0 "
                                               "ORDER BY value DESC, channel LIMIT ?", [layer, args.repeat + 1])]
         t0 = time.perf_counter()
         lm = a.lmap
-        D.check_graph(lm, layer) if lm.is_graph else D.check_model(lm)
+        D.check_graph(lm, layer)
         t_setup = time.perf_counter() - t0
 
         first_s, first_split = _cold_show(a, layer, chans[0])
@@ -181,14 +171,16 @@ def main() -> None:
             P = D.project(lm, reqs, sw)
             engine.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            B = _baseline(lm.model, lm, x, reqs_x) if not lm.is_graph else torch.stack([
-                D.gradient_reference(lm, x[q.image:q.image + 1], D.Request(0, q.layer, q.channel, q.y, q.x))
-                for q in reqs_x])  # per image: the whole forward to the layer, then autograd, ReLUs' rule swapped
+            B = _captum(lm, layer, x, reqs_x)
             base.append(time.perf_counter() - t0)
         err_ref = max(D.relative_error(P.images[i], D.gradient_reference(lm, x, q)) for i, q in enumerate(reqs_x))
-        err_base = D.relative_error(P.images, B)
+        # Captum differentiates a LocalResponseNorm; the engine's matching rule is norm='gradient'
+        same = D.project_images(lm, x, reqs_x, norm="gradient") if any(
+            op.kind == "lrn" for op in lm.graph.ops.values()) else P
+        err_base = D.relative_error(same.images, B)
 
         cs, csplit = cold[best]
+        goal = 5.0 if args.model == "resnet50" and layer == "layer4" else BARS["speedup"]
         res = {
             "load_average_1min_before_after": [load0, round(os.getloadavg()[0], 2)],
             "model": args.model, "image_size": a.image_size, "images": a.manifest["dataset"]["count"], "k": args.k,
@@ -209,7 +201,7 @@ def main() -> None:
             "projections_per_s_engine_best": round(len(reqs) / min(engine), 1),
             "projections_per_s_baseline_best": round(len(reqs) / min(base), 1),
             "max_relative_error_vs_gradient_reference": err_ref,
-            "relative_error_vs_baseline": err_base,
+            "relative_error_vs_captum": err_base,
         }
         checks = [  # the cold-show bar is ZFNet's (a conv5 panel); other models print it without one
             ("cold show: projection work (switches + engine)", res["cold_projection_work_best_s"],
@@ -217,8 +209,8 @@ def main() -> None:
              res["cold_projection_work_best_s"] < BARS["cold_projection_work_s"] or args.model != "zfnet"),
             ("cached show: the Python call", res["cached_call_best_s"], BARS["cached_call_s"], "s",
              res["cached_call_best_s"] < BARS["cached_call_s"]),
-            ("engine vs autograd loop, per projection", res["speedup_per_projection_best"], BARS["speedup"], "x",
-             res["speedup_per_projection_best"] >= BARS["speedup"]),
+            ("engine vs Captum NeuronDeconvolution (batched), per projection", res["speedup_per_projection_best"],
+             goal, "x", res["speedup_per_projection_best"] >= goal),
         ]
         res["checks"] = {name: {"value": v, "bar": bar, "pass": ok} for name, v, bar, _, ok in checks}
         print(json.dumps(res, indent=2))

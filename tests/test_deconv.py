@@ -339,7 +339,7 @@ def test_models_the_walk_cannot_read_are_projected_as_graphs(model):
             m.running_mean.uniform_(-0.5, 0.5)
             m.running_var.uniform_(0.5, 2.0)
     lm = LayerMap(model.eval(), 32)
-    assert lm.is_graph
+    assert not lm.chain
     x = torch.randn(2, 3, 32, 32)
     last = [la for la in lm.layers if la.kind == "conv"][-1]
     with torch.no_grad():
@@ -357,15 +357,15 @@ def test_models_the_walk_cannot_read_are_projected_as_graphs(model):
 def test_hooked_module_is_refused():
     model = _mini(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.MaxPool2d(2))
     model.features[1].register_forward_hook(lambda m, i, o: o * 2)
-    with pytest.raises(AtlasError, match="hooks"):
-        D.check_model(LayerMap(model, 16))
+    with pytest.raises(AtlasError, match=r"cannot project conv1: ReLU with forward hooks .* at features\.1 has no DeconvNet rule"):
+        D.check_graph(LayerMap(model, 16), "conv1")
 
 
 def test_supported_small_model_passes_the_check():
     model = _mini(nn.Conv2d(3, 8, 3), nn.ReLU(inplace=True), nn.MaxPool2d(2), nn.Dropout(),
                   nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
     lm = LayerMap(model, 16)
-    D.check_model(lm)
+    D.check_graph(lm, "conv2")
     x = torch.randn(1, 3, 16, 16)
     acts = D.record(lm, x).activations
     reqs = _units(lm, acts, ["conv2"], per_image=[(0, 0), (6, 6)])
@@ -378,7 +378,7 @@ def test_guided_backprop_on_the_windowed_engine():
     from atlas.models.registry import load_model
 
     lm = LayerMap(load_model("zfnet-mini", seed=3), 32)
-    assert not lm.is_graph
+    assert lm.chain
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         acts = D.record(lm, x).activations

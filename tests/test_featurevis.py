@@ -253,7 +253,7 @@ def test_a_model_the_deconvnet_refuses_is_visualized_through_the_layer_map():
     from atlas.layers import LayerMap
 
     lmap = LayerMap(TinyResNet().eval(), 32)
-    assert lmap.is_graph
+    assert not lmap.chain
     conv = [la.name for la in lmap.layers if la.kind != "fc"][-1]
     targets = [fv.Target(conv, 0), fv.Target(conv, 3)]
     kw = dict(mean=[0.5] * 3, std=[0.25] * 3, colour=fv.IMAGENET_COLOUR)

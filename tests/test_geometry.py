@@ -50,4 +50,4 @@ def test_torchvision_models_walk():
     for name, size, convs in [("alexnet", 224, 5), ("vgg16", 64, 13)]:
         lm = LayerMap(load_model(name), size)
         assert [la.name for la in lm.conv_layers] == [f"conv{i}" for i in range(1, convs + 1)]
-        assert all(isinstance(lm.model.features[la.read_at], torch.nn.ReLU) for la in lm.conv_layers)
+        assert all(isinstance(lm.model.features[lm.chain_read_at[la.name]], torch.nn.ReLU) for la in lm.conv_layers)

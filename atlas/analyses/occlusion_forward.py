@@ -173,7 +173,7 @@ def plan(lmap, boxes: np.ndarray, read_at: int, method: str = "incremental") -> 
     """
     S = lmap.image_size
     full = Plan([], -1, [S], [np.zeros(len(boxes), np.int64)], [np.zeros(len(boxes), np.int64)], [S])
-    if method != "incremental" or len(boxes) == 0 or lmap.is_graph:  # graphs: full maps (see _rest_of_net)
+    if method != "incremental" or len(boxes) == 0 or not lmap.chain:  # needs a chain's walk (_rest_of_net)
         return full
     levels, ext, chans = _windowable_levels(lmap, boxes, read_at)
     candidates = [J for J in range(len(levels)) if any(lv.spatial for lv in levels[:J + 1])]
@@ -324,7 +324,7 @@ def _rest_of_net(runner: Runner, w: torch.Tensor, start: int, read_at: int, chan
                  logits: bool, layer: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """features[start:] on full maps: (the channel's total activation at module `read_at`, the logits
     or None). A graph model (no windowed prefix) runs whole, through its layer map."""
-    if runner.lmap.is_graph:
+    if not runner.lmap.chain:
         last = runner.lmap.layers[-1].name
         out = runner.lmap.extract(w, [layer] + ([last] if logits else []))
         return out[layer][:, channel].sum((1, 2)).float(), (out[last] if logits else None)
@@ -357,7 +357,8 @@ def occlusion_forward(runner: Runner, x: torch.Tensor, boxes: np.ndarray, *, lay
     t0 = time.perf_counter()
     dev = runner.device
     dtype = next(lmap.model.parameters()).dtype
-    pl = plan(lmap, boxes, la.read_at, method)
+    read_at = lmap.chain_read_at.get(layer, -1)  # a chain's features index; a graph runs whole
+    pl = plan(lmap, boxes, read_at, method)
     x = x.to(dev, dtype)
     fillv = fill.to(dev, dtype).view(1, 3, 1, 1)
     acts, outs = [], []
@@ -370,7 +371,7 @@ def occlusion_forward(runner: Runner, x: torch.Tensor, boxes: np.ndarray, *, lay
             w = _windowed_levels(_occluded_inputs(runner, x, fillv, pl, placed, a, b), pl, placed, a, b)
             if pl.last >= 0:
                 w = _paste_windows(runner, clean, w, pl, placed, a, b)
-            total, out = _rest_of_net(runner, w, pl.last + 1, la.read_at, channel, logits, layer)
+            total, out = _rest_of_net(runner, w, pl.last + 1, read_at, channel, logits, layer)
             acts.append(total.cpu())
             if logits:
                 outs.append(out.float().cpu())

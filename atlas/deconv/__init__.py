@@ -2,18 +2,11 @@
 
 A projection takes one chosen activation -- image n, layer L, channel c,
 position (y, x) -- keeps it, zeroes every other activation of the layer, and
-runs the feature extractor backwards down to pixels. Going down, each module
-of `model.features` is undone by:
-
-    ReLU               rectify: ReLU of the signal (the forward on/off pattern is NOT used)
-    Conv2d             filter with the transposed weights: conv_transpose2d with the conv's
-                       weight, stride and padding (no bias), cropped to the conv's input size
-    MaxPool2d          unpool: each value goes to the position that won its window in the
-                       forward pass (the switches); windows overlap, so values that land on
-                       one position ADD (scatter_add_, never F.max_unpool2d)
-    LocalResponseNorm  identity (the paper: "not inverted"), or with norm="gradient" its
-                       true gradient at the recorded forward input (Captum's choice)
-    Identity, Dropout  identity (eval mode)
+runs the model's graph backwards down to pixels, every op undone by its rule
+(atlas/deconv/graph_engine.py lists them): a ReLU rectifies the signal, a convolution
+filters with its transposed weights (no bias), a max-pool unpools by its switches
+(overlapping windows ADD), a LocalResponseNorm is the identity (the paper: "not
+inverted") or with norm="gradient" its true gradient at the recorded forward input.
 
 Modes: "unit" keeps one position of the channel (the default, the paper's
 figures); "map" keeps the channel's whole map of that image.
@@ -28,9 +21,9 @@ SLOW reference, for tests), and `relative_error` is the agreement measure
 i.e. the error of the projection divided by its own value, relative to the
 largest gradient entry: max|P/value - grad| / max|grad|.
 
-Speed: requests are grouped by layer and each group runs the chain once as a
+Speed: requests are grouped by layer and each group goes down the graph once as a
 batch (one request = one sample; its switches are gathered per request). The
-signal of a unit never leaves its receptive field, so at every level the work
+signal of a unit never leaves its receptive field, so at every node the work
 is done on a window that just holds the field (clipped to the map, common size
 per batch, its own offset per request): for a conv5 unit of ZFNet at 224 px
 the conv1 level is a 67 x 67 window instead of 110 x 110. The results equal
@@ -45,19 +38,16 @@ They come either from the store (`atlas.switches.decode`, valid inside the
 unit's receptive field -- enough for unit mode) or from the images
 (`switches_from_images`, valid everywhere -- needed for map mode).
 
-Models the engine cannot project exactly are refused with an AtlasError
-(`check_model`): every module of `features` must be exactly one of the
-supported types (a subclass may hide a functional ReLU), the modules must
-reproduce `features`' output module by module on a probe input, and
-`model.forward` must run `features` as one block on its raw input.
+A projection through an op without a rule is refused with an AtlasError naming
+the op and the module it sits in (`check_graph`); the trace itself is checked
+against the model's own forward on a build's first batch (atlas.graph).
 """
 
 from .engine import project, project_images
-from .graph_engine import METHODS, check_graph
 from .forward import record, switches_from_images
+from .graph_engine import METHODS, check_graph
 from .reference import gradient_reference, relative_error
 from .requests import MODES, NORMS, ForwardRecord, Projections, Request, as_request
-from .support import NORM_TYPES, check_model
 
-__all__ = ["METHODS", "MODES", "NORMS", "check_graph", "NORM_TYPES", "ForwardRecord", "Projections", "Request", "as_request", "check_model",
+__all__ = ["METHODS", "MODES", "NORMS", "check_graph", "ForwardRecord", "Projections", "Request", "as_request",
            "gradient_reference", "project", "project_images", "record", "relative_error", "switches_from_images"]

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ..layers import LayerMap
 from ..graph import Op
 from .requests import Request, as_request
-from .support import _NORM
 
 
 class _DeconvReLU(torch.autograd.Function):
@@ -49,8 +47,8 @@ class _IdentityBackward(torch.autograd.Function):
         return g, None
 
 
-def graph_reference(lmap, x: torch.Tensor, r: Request, mode: str = "unit", method: str = "deconvnet"
-                    ) -> torch.Tensor:
+def graph_reference(lmap, x: torch.Tensor, r: Request, mode: str = "unit", method: str = "deconvnet",
+                    norm: str = "identity") -> torch.Tensor:
     """SLOW REFERENCE (autograd, one request; for tests): the input gradient of the kept activation(s)
     with every ReLU-kind op's backward replaced by its rule, every LRN's by the identity, and
     everything else autograd's own (max-pools by the image's own switches)."""
@@ -69,7 +67,8 @@ def graph_reference(lmap, x: torch.Tensor, r: Request, mode: str = "unit", metho
     xi = x.detach().to(device=p.device, dtype=p.dtype).clone().requires_grad_(True)
     node = lmap.read_node[r.layer]
     with torch.enable_grad():
-        vals, _ = lmap.graph.run(xi, {node}, replace={"relu": relu, "relu6": relu, "leaky": relu, "lrn": lrn})
+        rules = {"relu": relu, "relu6": relu, "leaky": relu, **({"lrn": lrn} if norm == "identity" else {})}
+        vals, _ = lmap.graph.run(xi, {node}, replace=rules)
         h = vals[node]
         seed = torch.zeros_like(h)
         if mode == "unit":
@@ -84,39 +83,11 @@ def gradient_reference(lmap: LayerMap, x: torch.Tensor, request: Request | tuple
                        mode: str = "unit", norm: str = "identity", method: str = "deconvnet") -> torch.Tensor:
     """SLOW REFERENCE (one autograd pass per request; for tests): (3, S, S).
 
-    The vector-Jacobian product of the kept activation(s) of `request` with
-    respect to image x[request.image], where every ReLU's backward is ReLU(g) (guided:
-    ReLU(g) where the forward input was positive, else 0)
-    and, for norm="identity", every norm layer's backward is the identity. In
-    unit mode that is value * d a / d x; in map mode the channel map is the vector.
-    """
-    r = as_request(request)
-    if lmap.is_graph:
-        return graph_reference(lmap, x, r, mode=mode, method=method)
-    guided = method == "guided"
-    layer = lmap.by_name[r.layer]
-    model = lmap.model.eval()
-    p = next(model.parameters())
-    xi = x[r.image:r.image + 1].detach().to(device=p.device, dtype=p.dtype).clone().requires_grad_(True)
-    with torch.enable_grad():
-        h = xi
-        for i in range(layer.read_at + 1):
-            m = model.features[i]
-            if isinstance(m, nn.ReLU):
-                h = _DeconvReLU.apply(h, "relu", 0.0, guided)
-            elif isinstance(m, nn.Conv2d):
-                h = F.conv2d(h, m.weight, None if m.bias is None else m.bias, m.stride, m.padding)
-            elif isinstance(m, nn.MaxPool2d):
-                h = F.max_pool2d(h, m.kernel_size, m.stride, m.padding, ceil_mode=m.ceil_mode)
-            elif isinstance(m, _NORM):
-                h = m(h) if norm == "gradient" else _IdentityBackward.apply(h, m)
-        seed = torch.zeros_like(h)
-        if mode == "unit":
-            seed[0, r.channel, r.y, r.x] = h[0, r.channel, r.y, r.x].detach()
-        else:
-            seed[0, r.channel] = h[0, r.channel].detach()
-        (g,) = torch.autograd.grad(h, xi, seed)
-    return g[0].detach()
+    The vector-Jacobian product of the kept activation(s) of `request` with respect to image
+    x[request.image], where every ReLU's backward is ReLU(g) (guided: ReLU(g) where the forward input
+    was positive, else 0) and, for norm="identity", every norm layer's backward is the identity. In unit
+    mode that is value * d a / d x; in map mode the channel map is the vector."""
+    return graph_reference(lmap, x, as_request(request), mode=mode, method=method, norm=norm)
 
 
 def relative_error(p: torch.Tensor, ref: torch.Tensor) -> float:
