@@ -17,4 +17,5 @@ venv/bin/atlas build --model zfnet-mini --data imgs --out tiny --image-size 32 -
 venv/bin/atlas sql tiny "SELECT count(*) AS n FROM images" --format csv | grep -qx 24
 venv/bin/atlas sql tiny --query layer_summary --format csv | grep -q '^conv5,'
 venv/bin/atlas sql tiny --query dead_channels --format csv >/dev/null
-echo "wheel smoke test: ok (atlas queries, a view and two named queries from a non-editable install)"
+venv/bin/atlas help promises | grep -q "Threat model"  # the manual ships in the wheel
+echo "wheel smoke test: ok (atlas queries, a view, two named queries and a manual topic from a non-editable install)"

@@ -14,7 +14,7 @@ max (the display before): s = max|v| over the same values, nothing clipped.
 
 Why a percentile: a DeconvNet projection is heavy-tailed, so with s = max|v|
 one strong pixel sets the scale and most of the picture sits within a few grey
-levels of mid-grey (the README measures it on the demo's conv5). The paper's
+levels of mid-grey (`atlas help channel` measures it on the demo's conv5). The paper's
 figures are contrast-normalised per projection, and attribution tools clip
 outliers before scaling: Captum's visualize_image_attr saturates the largest
 values that carry 2 % of the total |attribution| (outlier_perc=2), Vertex AI's

@@ -28,7 +28,7 @@ dataset back estimates it; the key then differs, so nothing drawn with the stand
 Cost: a render is `steps` forward and backward passes of a padded batch (`--batch-size`, default
 BATCH_CPU images on the CPU, BATCH_GPU on a GPU), whatever the number of channels in it: one channel
 alone costs as much as a full batch, so render a layer with --all (or the export) rather than channel
-by channel. The figures for the demo's model are in the README ("Feature visualization").
+by channel. The figures for the demo's model are in `atlas help featurevis`.
 """
 from __future__ import annotations
 

@@ -9,6 +9,7 @@ commands that take it, the old spellings that still work).
 from . import analyses, browse, make, publish, search, training  # noqa: F401  (each registers its commands)
 from . import visualize  # noqa: F401,E402  (feature visualization: atlas/cli/visualize.py)
 from . import compare  # noqa: F401,E402  (comparing two atlases: atlas/cli/compare.py)
+from . import manual  # noqa: F401,E402  (atlas help: the manual in atlas/manual/)
 from .base import main
 
 __all__ = ["main"]

@@ -1,6 +1,6 @@
 """The `atlas` group, its error handling, and the options and value types every command shares.
 
-The option names and their meanings are the vocabulary (atlas/cli/vocabulary.py, the README's table);
+The option names and their meanings are the vocabulary (atlas/cli/vocabulary.py, the table in `atlas help vocabulary`);
 the shared options are defined here once, so that each means one thing and takes one kind of value
 wherever it appears. Old spellings (vocabulary.DEPRECATIONS) are added to their command by
 AtlasCommand: hidden from --help, working, with one warning line on stderr.
@@ -22,7 +22,7 @@ from .vocabulary import Deprecation, deprecations_for
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 TUTORIAL_ORDER = ["demo", "build", "info", "layers", "channels", "top", "show", "filters", "sql", "queries",
                   "similar", "index", "export", "train", "evolution", "compare-filters", "compare", "matches", "occlude", "invariance",
-                  "correspondence", "make-shapes"]
+                  "correspondence", "make-shapes", "help"]
 FILLS = ("grey", "mean")  # the occluder's fill (atlas/analyses/occluder.py); grey first: the default
 
 
@@ -144,7 +144,7 @@ def main():
       atlas export my-atlas site/         a static site to browse and publish
 
     Every command explains itself: atlas COMMAND --help. The options mean the same in every command
-    (README.md, "One vocabulary").
+    (`atlas help vocabulary`).
     """
 
 

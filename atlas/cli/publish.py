@@ -42,8 +42,7 @@ def method_option(f):
               help="Also render the missing feature visualizations (an image optimized to excite each channel, "
               "shown beside its figure 2 panel and in its tile; `atlas visualize`), 512 steps, batched. Cost per "
               "channel: about 1.9 s on a 2-core CPU for the demo's zfnet-mini at 64 px (more for a bigger model or "
-              "input); on a GPU not measured yet (no GPU was lent). Without it the pages show those already cached "
-              "and draw none.")
+              "input). Without it the pages show those already cached and draw none.")
 @click.option("--compare", "compare_dir", type=click.Path(path_type=Path), metavar="DIR",
               help="A comparison of this atlas with another (`atlas compare ... --out DIR`): the site gets a page "
               "with each unit beside its counterpart, and each channel page links to it (default: none).")

@@ -51,8 +51,7 @@ def visualize(atlas_path, layer, channel, all_channels, channels, steps, unit, d
     --batch-size images, however many channels it holds: render a layer with
     --all. With the defaults (512 steps, batches of 8) the demo's zfnet-mini
     at 64 px took 1.9 s a channel batched on a shared 2-core CPU, 13 s for one
-    channel alone (README, "Feature visualization"); on a GPU (batches of 64)
-    a whole layer is a few jobs (not measured yet).
+    channel alone (`atlas help featurevis`); on a GPU a batch holds 64.
 
     \b
       atlas visualize my-atlas conv5 17

@@ -1,6 +1,6 @@
 """The command line's vocabulary: each option name with its one meaning, and the commands that take it.
 
-This is the contract every command keeps (README.md shows it as a table, made by `markdown_table()`:
+This is the contract every command keeps (the manual's vocabulary topic, atlas/manual/vocabulary.md, shows it as a table made by `markdown_table()`:
 python -c "from atlas.cli.vocabulary import markdown_table; print(markdown_table())"), and
 tests/test_cli_vocabulary.py holds the commands to it:
 
@@ -230,7 +230,7 @@ def _cell(text: str) -> str:
 
 
 def markdown_table() -> str:
-    """The vocabulary as README.md shows it (tests/test_cli_vocabulary.py compares the two)."""
+    """The vocabulary as atlas/manual/vocabulary.md shows it (tests/test_cli_vocabulary.py compares the two)."""
     lines = ["| option | takes | one meaning everywhere | commands |", "|---|---|---|---|"]
     for t in VOCABULARY:
         takes = f"`{_cell(t.takes)}`" if t.takes else "flag"
@@ -239,7 +239,7 @@ def markdown_table() -> str:
 
 
 def deprecation_table() -> str:
-    """The old spellings and what replaced them, as README.md lists them."""
+    """The old spellings and what replaced them, as atlas/manual/vocabulary.md lists them."""
     lines = ["| command | old spelling | use | why |", "|---|---|---|---|"]
     for d in DEPRECATIONS:
         old = " / ".join(f"`{o}`" for o in d.old) + (f" with `{d.when}`" if d.when else "")
