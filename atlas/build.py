@@ -47,9 +47,9 @@ from .progress import Progress
 from .indexing import ChunkVectors, MinerPlan, build_indexes, layer_vectors, plan_for_build, vector_arrays
 from .switches import window_codes
 from .tables import switch_regions, top_rows, write_activations, write_switches, write_tables
+from .choices import PRECISIONS  # noqa: F401 - re-exported
 
 UNREADABLE_SHOWN = 5  # the build's last lines name this many unreadable images
-PRECISIONS = ("fp32", "bf16")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -31,8 +31,8 @@ from PIL import Image
 
 from .data import DecodedImages, FileBytes, ImageSource, Preprocess, content_hash, open_rgb
 from .errors import AtlasError
+from .choices import DECODERS  # noqa: F401 - re-exported
 
-DECODERS = ("auto", "cpu", "device")
 
 # torchvision 0.29 deprecates its decoders in favour of TorchCodec but keeps them working; the warning
 # would print once per worker and call site and says nothing a user of atlas can act on.

@@ -16,6 +16,7 @@ import os
 import re
 from typing import Any
 
+from .choices import DECODERS
 from .errors import AtlasError
 
 # A module path (resnet's `layer4.1.conv2`, ours `conv5`, timm's `stages.3`): no empty part, so never `..`
@@ -242,7 +243,7 @@ INDEX = Obj({"images?": Obj({}, values=INDEX_ENTRY), "channels?": Obj({"file": I
              "layers?": List(LAYER_NAME, 0, 10_000)}, nullable=True)
 OPTIONS = Obj({"batch_size?": Int(1, 1 << 16, nullable=True), "chunk_size?": Int(1, 1 << 24, nullable=True),
                "k?": Int(1, 1 << 16, nullable=True), "seed?": Int(0, SEED_MAX, nullable=True),
-               "decode?": Str(choices=("auto", "cpu", "device"), nullable=True),
+               "decode?": Str(choices=DECODERS, nullable=True),
                "precision?": Str(choices=("fp32", "bf16", "fp16"), nullable=True),
                "device?": Str(nullable=True, longest=40), "workers?": Int(0, 4096, nullable=True),
                "image_size?": Int(1, SIDE_MAX, nullable=True), "ranks?": Int(1, 1 << 16, nullable=True)})

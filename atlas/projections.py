@@ -55,16 +55,8 @@ from typing import Any, Callable
 
 from .errors import AtlasError
 from .picture_cache import VERSION, PictureCache, cache_root, incomplete, usable
+from .choices import DEFAULT_DISPLAY, DISPLAYS, METHODS, MODES, NORMS, SWITCHES  # noqa: F401 - re-exported
 
-# deconv.MODES / deconv.NORMS, repeated so that a cache hit needs no torch
-MODES = ("unit", "map")
-NORMS = ("identity", "gradient")
-SWITCHES = ("auto", "stored", "recompute")
-# atlas.render.DISPLAYS / DEFAULT_DISPLAY, repeated so that a cache hit needs no numpy
-DISPLAYS = ("percentile", "max")
-# deconv.METHODS: the paper's DeconvNet (from stored switches) or guided backpropagation (from the images)
-METHODS = ("deconvnet", "guided")
-DEFAULT_DISPLAY = "percentile"
 SWITCH_CACHE_BYTES = 1 << 30
 
 

@@ -64,7 +64,7 @@ DISPLAYS = {
             "inside the unit's receptive-field box clipped to the image; 0 is mid-grey, the largest |v| "
             "black or white; negative and positive contributions both visible; one scale per projection"),
 }
-DEFAULT_DISPLAY = "percentile"
+from .choices import DEFAULT_DISPLAY  # noqa: E402,F401 - re-exported
 NORMALISATION = DISPLAYS[DEFAULT_DISPLAY]
 FILTER_NORMALISATION = ("per filter: shown = w / (2 * max|w|) + 0.5 over its three colour channels; "
                         "0 is mid-grey; one scale per filter")

@@ -35,8 +35,9 @@ from .manifest import validate
 from .sql_guard import Deadline, check_read_only, confine, first_line, refusal, sql_error
 
 # sql/ at the repository's top level is the source; a wheel carries a copy inside the package (setup.py)
-_PACKAGED_SQL = Path(__file__).resolve().parent / "sql"
-SQL_DIR = _PACKAGED_SQL if _PACKAGED_SQL.is_dir() else Path(__file__).resolve().parent.parent / "sql"
+_PACKAGE = next(p for p in Path(__file__).resolve().parents if p.name == "atlas")
+_PACKAGED_SQL = _PACKAGE / "sql"
+SQL_DIR = _PACKAGED_SQL if _PACKAGED_SQL.is_dir() else _PACKAGE.parent / "sql"
 # Format versions this tool reads. 1 did not record the model's constructor options (Atlas.model says what
 # that costs); anything else is refused with one line saying to rebuild.
 READABLE_VERSIONS = (1, FORMAT_VERSION)

@@ -214,7 +214,7 @@ def test_bad_input(tiny_atlas, tmp_path):
         (dict(image=0, fill="pink"), "unknown fill"),
         (dict(image=0, label="zebra"), "class 'zebra'.*not a class"),
         (dict(image=0, label=99), "out of range"),
-        (dict(image=0, method="magic"), "unknown method"),
+        (dict(image=0, method="magic"), "unknown forward"),
     ]
     for kw, pattern in cases:
         image = kw.pop("image")

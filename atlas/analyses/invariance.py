@@ -47,12 +47,12 @@ from ..notebook import ShowsItsFigure
 from . import common
 from .. import plotting
 from ..runner import Runner
+from ..choices import INVARIANCE_FILLS as FILLS
 
 TRANSFORMS = ("translate", "scale", "rotate")
 UNITS = {"translate": "px", "scale": "factor", "rotate": "degrees"}
 TITLES = {"translate": "Vertical translation", "scale": "Scale", "rotate": "Rotation"}
 XLABELS = {"translate": "vertical shift (px, + = down)", "scale": "scale factor", "rotate": "rotation (degrees)"}
-FILLS = ("mean", "grey")
 
 # the table's columns, in order (common.table_schema)
 COLUMNS = ("run:str image:str image_id:i32 path:str model:str dataset_label:str true_class_index:i32 "

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from ..errors import AtlasError
+from ..choices import OCCLUDER_FILLS as FILLS
 
-FILLS = ("grey", "mean")
 PAPER_SIZE, PAPER_STRIDE, PAPER_INPUT = 50, 8, 224
 
 

@@ -31,8 +31,8 @@ from torch import nn
 
 from ..errors import AtlasError
 from ..runner import Runner
+from ..choices import FORWARDS
 
-METHODS = ("incremental", "full")
 
 _POINTWISE = (nn.ReLU, nn.LocalResponseNorm, nn.CrossMapLRN2d, nn.Identity, nn.Dropout, nn.Dropout2d,
               nn.BatchNorm2d)
@@ -40,8 +40,8 @@ _POINTWISE = (nn.ReLU, nn.LocalResponseNorm, nn.CrossMapLRN2d, nn.Identity, nn.D
 
 def check_method(method: str) -> None:
     """Refuse an unknown method, naming the known ones."""
-    if method not in METHODS:
-        raise AtlasError(f"unknown method '{method}': choose one of {', '.join(METHODS)}")
+    if method not in FORWARDS:
+        raise AtlasError(f"unknown forward '{method}': choose one of {', '.join(FORWARDS)}")
 
 
 # ---------------------------------------------------------------------------

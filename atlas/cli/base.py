@@ -17,13 +17,13 @@ from click.core import ParameterSource
 from .. import bounds
 from ..errors import AtlasError
 from ..output import FORMATS
-from .vocabulary import Deprecation, deprecations_for
+from .vocabulary import VOCABULARY, Deprecation, deprecations_for
+from ..choices import OCCLUDER_FILLS as FILLS
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 TUTORIAL_ORDER = ["demo", "build", "info", "layers", "channels", "top", "show", "filters", "sql", "queries",
                   "similar", "index", "export", "train", "evolution", "compare-filters", "compare", "matches", "occlude", "invariance",
                   "correspondence", "make-shapes", "help"]
-FILLS = ("grey", "mean")  # the occluder's fill (atlas/analyses/occluder.py); grey first: the default
 
 
 def _say(msg: str) -> None:
@@ -293,10 +293,14 @@ def contrast_norm_option(f):
                         "a checkpoint's choice). Only for models that have it.")(f)
 
 
+def term_help(option: str) -> str:
+    """An option's help as the vocabulary says its one meaning: written once, there."""
+    meaning = next(t.meaning for t in VOCABULARY if t.option == option)
+    return meaning[0].upper() + meaning[1:] + "."
+
+
 def progress_option(f):
-    return click.option("--progress/--no-progress", default=None,
-                        help="Progress on stderr with a rate and an ETA: a bar on a terminal, a line every 5 s "
-                        "otherwise (a log file)  [default: on]")(f)
+    return click.option("--progress/--no-progress", default=None, help=term_help("--progress"))(f)
 
 
 def out_option(f):

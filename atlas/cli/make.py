@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from ..choices import DECODERS
+
 from ..errors import AtlasError
 from .base import (CONTEXT, CommaList, batch_size_option, contrast_norm_option, device_option, image_size_option,
                    layers_option, main, progress_option, seed_option, workers_option, _say)
@@ -72,7 +74,7 @@ class Floats(click.ParamType):
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
               help="bf16: autocast, faster on a GPU; near-ties in a ranking may swap (about 2 % of top-9 images "
               "on the demo).")
-@click.option("--decode", type=click.Choice(["auto", "cpu", "device"]), default="auto", show_default=True,
+@click.option("--decode", type=click.Choice(DECODERS), default="auto", show_default=True,
               help="Where JPEGs are decoded: cpu (PIL in --workers processes) or device (torchvision on "
               "--device: nvjpeg on a GPU). auto: device on a GPU, else cpu; a resumed build keeps its own.")
 @click.option("--no-activations", is_flag=True, help="Skip the per-image activations table (huge datasets).")

@@ -5,27 +5,19 @@ from pathlib import Path
 
 import click
 
-from .base import CONTEXT, NumberList, atlas_argument, cache_option, layers_option, main, progress_option, _say
+from ..choices import DEFAULT_DISPLAY, DISPLAYS, METHODS
+from .base import (CONTEXT, NumberList, atlas_argument, cache_option, layers_option, main, progress_option,
+                   term_help, _say)
 
 
 def display_option(f):
-    # the choices are atlas.projections.DISPLAYS, spelled out: importing it here would slow `atlas --help`
-    return click.option("--display", type=click.Choice(["percentile", "max"]), default="percentile",
-                        show_default=True,
-                        help="How a projection's values become grey levels (zero is mid-grey in both): "
-                        "percentile scales each by the 99.5th percentile of |v| inside its receptive field, "
-                        "clipping the few larger values; max scales by the largest |v| (the display before "
-                        "percentile, where one strong pixel can leave the rest near grey).")(f)
+    return click.option("--display", type=click.Choice(DISPLAYS), default=DEFAULT_DISPLAY, show_default=True,
+                        help=term_help("--display"))(f)
 
 
 def method_option(f):
-    # atlas.projections.METHODS, spelled out for the same reason
-    return click.option("--method", type=click.Choice(["deconvnet", "guided"]), default="deconvnet",
-                        show_default=True,
-                        help="deconvnet: the paper's projection, from the stored max-pool switches (no image "
-                        "needed); guided: guided backpropagation (DeconvNet's rule and each ReLU's forward "
-                        "on/off pattern), which reads the images: sharper where a net has few max-pools "
-                        "(a ResNet has one, a MobileNet none).")(f)
+    return click.option("--method", type=click.Choice(METHODS), default=METHODS[0], show_default=True,
+                        help=term_help("--method"))(f)
 
 
 @main.command(context_settings=CONTEXT)

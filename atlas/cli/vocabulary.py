@@ -102,11 +102,13 @@ VOCABULARY: tuple[Term, ...] = (
          ("show", "filters", "export", "visualize")),
     Term("--display", "--display", "percentile|max",
          "how a projection's values become grey levels, zero mid-grey: percentile (the default) scales each "
-         "by the 99.5th percentile of |v| inside its receptive field and clips the rest; max by its largest |v|",
+         "by the 99.5th percentile of |v| inside its receptive field and clips the few larger values; max by "
+         "its largest |v| (where one strong pixel can leave the rest near grey)",
          ("show", "export", "matches")),
     Term("--method", "--method", "deconvnet|guided",
-         "how a projection goes down to pixels: deconvnet, the paper's (from the stored switches), or guided "
-         "backpropagation (each ReLU's forward pattern too; reads the images)",
+         "how a projection goes down to pixels: deconvnet, the paper's (from the stored switches, no image "
+         "needed), or guided backpropagation (each ReLU's forward on/off pattern too; reads the images; "
+         "sharper where a net has few max-pools)",
          ("show",)),
     Term("--timeout", "--timeout", "SECONDS",
          "sql's time limit (default 30; 0: none)",

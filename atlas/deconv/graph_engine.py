@@ -40,12 +40,12 @@ import torch.nn.functional as F
 from ..errors import AtlasError
 from ..graph import RELU_KINDS, Op
 from .requests import Projections, Request
+from ..choices import METHODS  # noqa: F401 - re-exported
 
 # ops with a rule going down (see the module docstring); "placeholder" is the image
 RULES = {"conv", "relu", "relu6", "leaky", "maxpool", "bn", "avgpool", "adaptive_avgpool", "mean", "lrn", "add",
          "cat", "reshape", "permute", "pad", "index", "linear", "scale", "pass", "placeholder", "meta", "get_attr",
          "split", "piece"}
-METHODS = ("deconvnet", "guided")
 
 
 def check_graph(lmap, layer_name: str) -> None:

@@ -6,9 +6,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from ..choices import MODES, NORMS  # noqa: F401 - re-exported
 
-MODES = ("unit", "map")
-NORMS = ("identity", "gradient")
 
 
 @dataclass(frozen=True)

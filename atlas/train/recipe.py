@@ -7,6 +7,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
+from ..choices import PRECISIONS
 from ..errors import AtlasError
 from ..models.registry import preprocessing_for, trainable_names
 
@@ -94,7 +95,7 @@ def check_options(o: dict[str, Any]) -> None:
         bad("lr_patience", f"must be >= 0 (got {o['lr_patience']})")
     if not 0 < o["val_fraction"] < 1:
         bad("val_fraction", f"must be in (0, 1) (got {o['val_fraction']})")
-    if o["precision"] not in ("fp32", "bf16"):
+    if o["precision"] not in PRECISIONS:
         bad("precision", f"must be auto, fp32 or bf16 (got '{o['precision']}')")
     if o["crop"] < 8 or o["resize"] < o["crop"]:
         raise AtlasError(f"--crop {o['crop']} must be at least 8 and at most --resize {o['resize']}")
