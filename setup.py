@@ -1,7 +1,7 @@
 """The wheel carries the SQL views and example queries inside the package (atlas/sql/).
 
 Their source stays at the repository's top level, `sql/`, where users read and edit them; an editable
-install reads them there (atlas/store.py looks for the packaged copy first).
+install reads them there (atlas/store/__init__.py looks for the packaged copy first).
 """
 import shutil
 from pathlib import Path

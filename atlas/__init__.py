@@ -5,7 +5,7 @@
     a = atlas.open("my-atlas")
     a.sql("SELECT * FROM channels ORDER BY fire_rate LIMIT 5")
 """
-from .formats import FORMAT_VERSION, __version__  # noqa: E402
+from .store.formats import FORMAT_VERSION, __version__  # noqa: E402
 
 from .errors import AtlasError  # noqa: E402
 

@@ -20,7 +20,7 @@ QUICK = {"images": 400, "epochs": 1, "snapshots": "1"}
 def run_demo(out: str | Path = "atlas-demo", quick: bool = False, progress: bool | None = None,
              log: Callable[[str], None] = print) -> Path:
     from .build import build
-    from .shapes import generate
+    from .data.shapes import generate
     from .train import train
 
     t0 = time.perf_counter()

@@ -172,7 +172,7 @@ class Picture:
     """A PNG of the atlas (a figure 2 panel, a projection, a patch, a filter grid, an analysis figure).
 
     `path` is the file; `image()` a PIL image, `array()` a uint8 (h, w, 3) numpy array, `text` its
-    PNG text (`atlas.render.read_text`: layer, channel, the display rule, ...). In a notebook it
+    PNG text (`atlas.pictures.drawing.read_text`: layer, channel, the display rule, ...). In a notebook it
     shows itself (`_repr_png_`, or `_repr_html_` with its caption)."""
 
     def __init__(self, path: str | Path, title: str | None = None):
@@ -207,7 +207,7 @@ class Picture:
 
     @property
     def text(self) -> dict[str, str]:
-        from .render import read_text
+        from .pictures.drawing import read_text
 
         return read_text(self.path)
 
@@ -232,7 +232,7 @@ class Projection(Picture):
     def values(self):
         """The projection as float32 numpy (3, h, w) over its receptive-field box (unclipped, zero
         beyond the image), in the model's input units: what the picture shows before display scaling."""
-        from .projections import project
+        from .pictures.projections import project
 
         P = project(self.atlas, self.layer, self.channel, [self.rank])
         m = P.meta[0]
@@ -250,7 +250,7 @@ class Channel:
     panel, a Picture), `projection(rank)`, `patch(rank)`, `similar(k)` (a Table)."""
 
     def __init__(self, atlas, layer: str, channel: int, *, display: str | None = None):
-        from .projections import DEFAULT_DISPLAY, _check_options
+        from .pictures.projections import DEFAULT_DISPLAY, _check_options
 
         atlas.check_channel(layer, channel)
         self.atlas, self.layer, self.channel = atlas, layer, int(channel)
@@ -279,7 +279,7 @@ class Channel:
     def _pictures(self) -> dict[str, Any]:
         """{"proj": [Path|None], "patch": [...], "panel": Path|None, "error": str|None} (drawn once, cached)."""
         if self._pics is None:
-            from .projections import renderer
+            from .pictures.projections import renderer
 
             rows = self.atlas.top(self.layer, self.channel)
             r = renderer(self.atlas, display=self.display)
@@ -308,13 +308,13 @@ class Channel:
     @property
     def panel(self) -> Picture:
         """The figure 2 panel: the top-k projections beside their image patches."""
-        from .projections import show
+        from .pictures.projections import show
 
         return Picture(show(self.atlas, self.layer, self.channel, display=self.display),
                        f"{self.layer} channel {self.channel}: figure 2 panel ({self.display} display)")
 
     def projection(self, rank: int = 0) -> Projection:
-        from .projections import show
+        from .pictures.projections import show
 
         p = show(self.atlas, self.layer, self.channel, rank, display=self.display)
         return Projection(self.atlas, self.layer, self.channel, rank, p, self.display)
@@ -366,7 +366,7 @@ def similar_images_table(atlas, rows: list[dict[str, Any]]) -> Table:
 
 def similar_channels_table(atlas, rows: list[dict[str, Any]], display: str | None = None) -> Table:
     """`similar_channels` rows as a Table whose thumbnails are each channel's strongest projection."""
-    from .projections import DEFAULT_DISPLAY, show
+    from .pictures.projections import DEFAULT_DISPLAY, show
 
     def make(row):
         return thumbnail(show(atlas, row["layer"], row["channel"], 0, display=display or DEFAULT_DISPLAY))
@@ -390,7 +390,7 @@ def atlas_html(atlas) -> str:
               ("unreadable", ds.get("errors")), ("classes", len(classes) if classes else "unlabelled"),
               ("k", m.get("k")), ("input", m.get("preprocessing", {}).get("note"))])
     cols = ["layer", "channels", "height", "width", "rf_size", "jump", "dead", "mean_fire_rate"]
-    layers = Table(atlas.layers(), cols, title="layers")._repr_html_()
+    layers = Table(atlas.net(), cols, title="layers")._repr_html_()
     names = analysis_names(atlas)
     an = (f'<p>analyses: {", ".join(escape(n) for n in names)} <span class="muted">(a.analysis(NAME))</span></p>'
           if names else "")

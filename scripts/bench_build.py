@@ -28,10 +28,10 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from atlas.build import ChunkMiner  # noqa: E402
-from atlas.indexing import plan_for_build  # noqa: E402
-from atlas.device import resolve_device  # noqa: E402
-from atlas.heap import keep_memory_flat  # noqa: E402
-from atlas.layers import LayerMap  # noqa: E402
+from atlas.search.indexing import plan_for_build  # noqa: E402
+from atlas.util.device import resolve_device  # noqa: E402
+from atlas.util.heap import keep_memory_flat  # noqa: E402
+from atlas.net import LayerMap  # noqa: E402
 from atlas.models import load_model, preprocessing_for  # noqa: E402
 
 

@@ -33,8 +33,8 @@ def main() -> None:
     from atlas import deconv as D
     if not hasattr(D, "check_model"):
         sys.exit("bench_engines.py: this tree has one engine; run it on 7cfe679 (see its docstring)")
-    from atlas.graph_layers import GraphLayerMap
-    from atlas.layers import LayerMap
+    from atlas.net.layer_map import GraphLayerMap
+    from atlas.net import LayerMap
     from atlas.models import load_model
 
     torch.manual_seed(0)

@@ -37,8 +37,8 @@ from pathlib import Path
 import torch
 
 import atlas
-from atlas import featurevis as fv
-from atlas import visualizations as V
+from atlas.pictures import featurevis as fv
+from atlas.pictures import visualizations as V
 
 ROOT = Path(__file__).resolve().parent.parent
 

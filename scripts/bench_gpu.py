@@ -2,7 +2,7 @@
 
 In one run, over a folder of generated JPEGs of ImageNet-like size (about
 500x375, quality 90), for `zfnet` at 224 px:
-  1. decode alone     -- the build's input pipeline (atlas.inputs) to model input on the device,
+  1. decode alone     -- the build's input pipeline (atlas.data.inputs) to model input on the device,
                          no model: both decoders (cpu: PIL in worker processes; device: nvjpeg on
                          the GPU, workers only read bytes)
   2. forward alone    -- the conv stack on in-memory batches on the device
@@ -37,10 +37,10 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from atlas.build import build  # noqa: E402
-from atlas.device import default_workers, resolve_device  # noqa: E402
+from atlas.util.device import default_workers, resolve_device  # noqa: E402
 from atlas.data import Preprocess, open_dataset  # noqa: E402
-from atlas.inputs import InputBatches, choose_decoder  # noqa: E402
-from atlas.layers import LayerMap  # noqa: E402
+from atlas.data.inputs import InputBatches, choose_decoder  # noqa: E402
+from atlas.net import LayerMap  # noqa: E402
 from atlas.models import load_model, preprocessing_for  # noqa: E402
 
 

@@ -1,4 +1,4 @@
-"""Benchmark: atlas.index similarity search at realistic sizes, on this machine's CPU.
+"""Benchmark: atlas.search.faiss_index similarity search at realistic sizes, on this machine's CPU.
 
 (1) N (1M) vectors x DIM (256): the index `choose_index` picks for that size
     (IVF-SQfp16), against exact search in the same run: recall@10 on held-out
@@ -8,11 +8,11 @@
 (2) 50k vectors (ImageNet validation size), the exact index: single-query
     latency p50/p95, build time.
 (3) the same 50k vectors as an atlas's conv5 activations table (a minimal
-    atlas folder written here): `atlas.indexing.build_indexes` (table read,
+    atlas folder written here): `atlas.search.indexing.build_indexes` (table read,
     image index, channel profiles, files, manifest) and a query through the
     atlas (`similar_images(image_id=...)`: reconstruct + search + paths from
     SQL; `similar_channels`; the SQL macro), side by side with the bare
-    `atlas.index.search` of part (2): what the plumbing adds.
+    `atlas.search.faiss_index.search` of part (2): what the plumbing adds.
 (4) --build-cost, on its own: what indexing adds to the build's mining (fc7 vectors kept
     per chunk as float16): ChunkMiner with the default index plan against
     ChunkMiner without one and the bare conv forward, interleaved batch by
@@ -56,7 +56,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from atlas.index import EXACT_MAX, build_index, choose_index, load_index, normalize, save_index, search  # noqa: E402
+from atlas.search.faiss_index import EXACT_MAX, build_index, choose_index, load_index, normalize, save_index, search  # noqa: E402
 
 
 def synthetic(n: int, dim: int, seed: int = 0, latent: int = 32, supers: int = 100, subs: int = 10,
@@ -86,7 +86,7 @@ def rss() -> int:
 
 def rss_of_load(path: Path) -> int:
     """What load_index adds to a fresh process's RSS: the index's memory as a query-time user sees it."""
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); import faiss, numpy; import atlas.index as ai; "
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import faiss, numpy; import atlas.search.faiss_index as ai; "
             "f = lambda: int(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmRSS:'))); "
             "r = f(); ix, _ = ai.load_index(sys.argv[2]); print((f() - r) * 1024)")
     root = str(Path(__file__).resolve().parent.parent)
@@ -113,7 +113,7 @@ def recall_at(got: np.ndarray, want: np.ndarray, k: int = 10) -> float:
 
 
 def latency(index, queries: np.ndarray, k: int, threads: int, spec: dict | None = None, limit: int | None = None):
-    """Single-query latency through atlas.index.search (normalising included) on `threads`: p50, p95 in ms."""
+    """Single-query latency through atlas.search.faiss_index.search (normalising included) on `threads`: p50, p95 in ms."""
     qs = queries[:limit] if limit else queries
     for q in qs[:5]:
         search(index, q, k, spec, threads)  # warm up
@@ -277,9 +277,9 @@ def build_cost(model_name: str, size: int, batch: int = 32, batches: int = 2, ro
     import torch
 
     from atlas.build import ChunkMiner
-    from atlas.layers import LayerMap
+    from atlas.net import LayerMap
     from atlas.models import load_model
-    from atlas.indexing import plan_for_build
+    from atlas.search.indexing import plan_for_build
 
     torch.manual_seed(0)
     model = load_model(model_name)
@@ -363,8 +363,8 @@ def minimal_atlas(root: Path, x: np.ndarray, layer: str = "conv5") -> Path:
 def through_atlas(n: int, dim: int, seed: int, k: int, repeats: int = 300) -> dict:
     """Part (3): build_indexes on a minimal atlas, and queries through it next to the bare search."""
     import atlas
-    from atlas.indexing import build_indexes
-    from atlas.similarity import _image_index
+    from atlas.search.indexing import build_indexes
+    from atlas.search.similarity import _image_index
 
     x = synthetic(n, dim, seed + 1)
     with tempfile.TemporaryDirectory() as tmp:

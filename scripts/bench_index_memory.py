@@ -39,8 +39,8 @@ def write_chunks(work: Path, n: int, dim: int) -> int:
 
 
 def child(work: Path, nchunks: int, variant: str, exact_max: int | None = None) -> None:
-    from atlas.index import build_index, choose_index
-    from atlas.indexing import ChunkVectors
+    from atlas.search.faiss_index import build_index, choose_index
+    from atlas.search.indexing import ChunkVectors
 
     chunks = ChunkVectors(work, nchunks)
     ids = chunks.ids("images.fc7")

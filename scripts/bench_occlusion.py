@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from atlas.analyses import common  # noqa: E402
-from atlas.runner import Runner  # noqa: E402
+from atlas.net.runner import Runner  # noqa: E402
 from atlas.analyses.occluder import fill_value, positions  # noqa: E402
 from atlas.analyses.occlusion import occlude  # noqa: E402
 from atlas.analyses.occlusion_forward import occlusion_forward  # noqa: E402

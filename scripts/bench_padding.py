@@ -19,12 +19,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import atlas.layers  # noqa: E402
+import atlas.net  # noqa: E402
 from atlas.build import build  # noqa: E402
 
 
 def padded_images(n: int, chunk_size: int, batch_size: int) -> int:
-    from atlas.inputs import chunk_batches
+    from atlas.data.inputs import chunk_batches
 
     return sum(batch_size - len(ids) for _, ids in chunk_batches(n, chunk_size, batch_size))
 
@@ -42,7 +42,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.smoke:
         args.rounds, args.chunk_sizes = 1, "64,50"
-    real = atlas.layers.LayerMap.extract
+    real = atlas.net.LayerMap.extract
 
     def unpadded(self, x, names, pool_indices=False, batch_size=None):
         return real(self, x, names, pool_indices)
@@ -51,7 +51,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data = args.data
         if args.smoke:
-            from atlas.shapes import generate
+            from atlas.data.shapes import generate
 
             data = str(generate(Path(tmp) / "shapes", n=200, size=64, seed=0))
         for chunk in [int(c) for c in args.chunk_sizes.split(",")]:
@@ -59,13 +59,13 @@ def main() -> None:
             n = None
             for r in range(args.rounds):
                 for mode in ("padded", "unpadded") if r % 2 == 0 else ("unpadded", "padded"):
-                    atlas.layers.LayerMap.extract = real if mode == "padded" else unpadded
+                    atlas.net.LayerMap.extract = real if mode == "padded" else unpadded
                     t = time.perf_counter()
                     out = build(args.model, data, Path(tmp) / f"{mode}-{chunk}-{r}", weights=args.weights,
                                 batch_size=args.batch_size, chunk_size=chunk, index=False, progress=False,
                                 workers=0)
                     times[mode].append(time.perf_counter() - t)
-                    atlas.layers.LayerMap.extract = real
+                    atlas.net.LayerMap.extract = real
                     import json
 
                     n = json.loads((out / "manifest.json").read_text())["dataset"]["count"]

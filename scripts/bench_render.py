@@ -1,4 +1,4 @@
-"""Benchmark the lazy projection path (atlas/projections.py) and the DeconvNet engine (atlas/deconv.py).
+"""Benchmark the lazy projection path (atlas/pictures/projections.py) and the DeconvNet engine (atlas/deconv.py).
 
 Scenario (the issue's): a random-weight ZFNet atlas at 224 px, k = 9, built over N generated
 256 x 256 images in a temp folder; then `show(atlas, "conv5", c)`, the figure 2 panel of a
@@ -74,7 +74,7 @@ def _captum(lmap, layer: str, x: torch.Tensor, reqs) -> torch.Tensor:
 
 def _cold_show(a, layer: str, channel: int):
     """show() with the channel's pictures removed and a new renderer; (seconds, its time split)."""
-    from atlas import projections as PJ
+    from atlas.pictures import projections as PJ
 
     PJ._renderers.pop(a, None)  # nothing decoded or read yet, as in a new `atlas show` process
     r = PJ.renderer(a)
@@ -108,7 +108,7 @@ def main() -> None:
     from bench_export import make_images
 
     from atlas import deconv as D
-    from atlas import projections as PJ
+    from atlas.pictures import projections as PJ
     from atlas.build import build
     from atlas.facade import Atlas
 

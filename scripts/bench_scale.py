@@ -108,7 +108,7 @@ def probe_top(path: str, repeat: int) -> dict:
 
 def probe_show(path: str, repeat: int) -> dict:
     import atlas
-    from atlas.projections import incomplete, renderer
+    from atlas.pictures.projections import incomplete, renderer
 
     a = atlas.open(path)
     d = renderer(a).root / LAYER
@@ -151,7 +151,7 @@ def probe_selectivity(path: str, repeat: int) -> dict:
 
 def probe_writer(path: str, repeat: int) -> dict:
     """What an atlas written by make_large_atlas.py depends on: the build's table writers and the script."""
-    import atlas.tables as T
+    import atlas.store.tables as T
 
     h = hashlib.sha256()
     for part in (T.write_tables, T.write_activations, T.top_rows, T.IMAGE_ROW_GROUP, T.ACT_ROW_GROUP,
@@ -221,7 +221,7 @@ def ensure_atlas(path: Path, n: int | None, explicit: bool = False) -> tuple[Pat
     wall = time.perf_counter() - t
     m = json.loads(mf.read_text())
     m["synthetic"]["writer"] = want
-    from atlas.fsutil import atomic_write_json
+    from atlas.util.files import atomic_write_json
 
     atomic_write_json(mf, m)
     return path, {"written": True, "write_s": wall, "images": n, "load": load()}
@@ -244,7 +244,7 @@ def disk(path: Path, n: int) -> dict:
 # one size
 # ---------------------------------------------------------------------------
 def measure(path: Path, repeat: int, export_runs: int, max_channels: int | None = None) -> dict:
-    from atlas.projections import cache_root
+    from atlas.pictures.projections import cache_root
 
     m = json.loads((path / "manifest.json").read_text())
     n = m["dataset"]["count"]

@@ -43,7 +43,7 @@ from atlas.models.zfnet import paper_init  # noqa: E402
 from atlas.train import MODEL_DEFAULTS, PAPER_DEFAULTS, decode_squares, read_metrics, train  # noqa: E402
 from atlas.train.recipe import epoch_augmentation, run_preprocessing  # noqa: E402
 from atlas.train.trainer import flush_denormal  # noqa: E402
-from atlas.device import resolve_device  # noqa: E402
+from atlas.util.device import resolve_device  # noqa: E402
 from atlas.data import open_dataset  # noqa: E402
 
 

@@ -69,7 +69,7 @@ def smoke_data(folder: Path, n: int = 192) -> Path:
     """A tiny ImageFolder: `n` generated 64 px shapes, saved as JPEGs (so that --vary decode has JPEGs to decode)."""
     from PIL import Image
 
-    from atlas.shapes import generate
+    from atlas.data.shapes import generate
 
     pngs = generate(folder / "png", n=n, size=64, seed=0)
     out = folder / "jpeg"

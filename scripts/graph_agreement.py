@@ -16,7 +16,7 @@ import torch
 import torchvision
 
 from atlas import deconv as D
-from atlas.layers import LayerMap
+from atlas.net import LayerMap
 
 FAMILIES = [("resnet18", 48), ("densenet121", 48), ("googlenet", 64), ("mobilenet_v2", 48), ("vgg11_bn", 48),
             ("squeezenet1_1", 48), ("inception_v3", 80)]

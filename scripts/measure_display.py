@@ -3,7 +3,7 @@ within 8 grey levels of mid-grey (every colour channel within 128 +- 8), over a 
 
 For every channel of LAYER and every rank of its top-k, the projection is computed (the stored switches,
 as `atlas show` does), cropped to the unit's receptive-field box, and shown by each display rule of
-atlas.render.DISPLAYS (max: v / (2 max|v|); percentile: v / (2 s), s the 99.5th percentile of |v|,
+atlas.pictures.drawing.DISPLAYS (max: v / (2 max|v|); percentile: v / (2 s), s the 99.5th percentile of |v|,
 clipped); with --percentiles, other percentiles too, to show why 99.5 was chosen. Only the part of
 the box inside the image counts (the rest is the quiet outside tone). Reported per rule: the share of
 those pixels near grey (all projections pooled), its median over projections, and the share of values
@@ -28,16 +28,16 @@ NEAR = 8  # grey levels
 
 
 def shown(crop: np.ndarray, inside: np.ndarray, s: float) -> np.ndarray:
-    """uint8 (h, w, 3) of a signed (3, h, w) crop at scale s, as atlas.render.normalise draws it."""
-    from atlas import render as R
+    """uint8 (h, w, 3) of a signed (3, h, w) crop at scale s, as atlas.pictures.drawing.normalise draws it."""
+    from atlas.pictures import drawing as R
 
     return R.normalise(crop, inside, scale=s)
 
 
 def measure(path: str, layer: str, percentiles: list[float], chunk: int = 32) -> dict:
     import atlas
-    from atlas import render as R
-    from atlas.projections import Renderer
+    from atlas.pictures import drawing as R
+    from atlas.pictures.projections import Renderer
 
     a = atlas.open(path)
     a.check_layer(layer)

@@ -16,7 +16,7 @@ import atlas
 from atlas.build import build
 from atlas.cli import main
 from atlas.data import DecodedImages, Preprocess, open_dataset
-from atlas.switches import SwitchRegion, decode
+from atlas.deconv.switches import SwitchRegion, decode
 
 from conftest import make_image_folder
 
@@ -80,7 +80,7 @@ def test_switches_reproduce_the_forward_pooling(tiny_atlas):
         box = (slice(None), slice(reg.y0, reg.y0 + reg.h), slice(reg.x0, reg.x0 + reg.w))
         assert torch.equal(dec[box], sw[r["pool"]][0][box])
     # Every top-k unit's receptive field lies inside its image's stored box.
-    from atlas.switches import regions_below
+    from atlas.deconv.switches import regions_below
 
     boxes = {(r["image_id"], r["pool"]): r for r in rows}
     for t in a.rows("SELECT * FROM top_activations WHERE layer <> 'conv1'"):

@@ -17,7 +17,7 @@ import atlas
 from atlas.build import build
 from atlas.cli import main
 from cli_helpers import one_line_error
-from atlas.lock import lock_path, writer_lock
+from atlas.util.lock import lock_path, writer_lock
 
 OPTS = dict(k=2, batch_size=4, chunk_size=4, image_size=32, index=False, progress=False)
 BUILD = ["build", "--model", "zfnet-mini", "--image-size", "32", "--k", "2", "--batch-size", "4",

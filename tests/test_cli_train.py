@@ -15,7 +15,7 @@ from PIL import Image
 from atlas.analyses.evolution import read_grid
 from atlas.cli import main
 from atlas.models.registry import build_model, read_weights
-from atlas.shapes import generate
+from atlas.data.shapes import generate
 
 from conftest import make_image_folder
 

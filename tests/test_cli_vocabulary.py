@@ -14,7 +14,7 @@ from atlas.cli import main
 from atlas.cli.vocabulary import (COMMAND_SPECIFIC, DEPRECATIONS, LONG, PRINTS_DATA, VOCABULARY, Deprecation,
                                   deprecation_table, markdown_table, term)
 from atlas.errors import AtlasError
-from atlas.output import FORMATS
+from atlas.util.output import FORMATS
 
 # the manual's vocabulary topic (`atlas help vocabulary`) holds the tables; README.md points to it
 README = Path(__file__).resolve().parent.parent / "atlas" / "manual" / "vocabulary.md"
@@ -367,7 +367,7 @@ def test_similar_old_spellings_end_to_end(tiny_atlas):
 # ---------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("bad", ["tpu", "cuda:x", "gpu", "cuda:"])
 def test_a_bad_device_is_one_line_before_any_work(bad, tmp_path):
-    from atlas.device import check_device
+    from atlas.util.device import check_device
 
     for args in (["build", "--model", "zfnet-mini", "--data", tmp_path / "none", "--out", tmp_path / "a"],
                  ["occlude", tmp_path / "none", "1"], ["index", tmp_path / "none"]):
@@ -385,7 +385,7 @@ def test_a_bad_device_is_one_line_before_any_work(bad, tmp_path):
 def test_resolve_device_refuses_what_the_machine_lacks():
     import torch
 
-    from atlas.device import resolve_device
+    from atlas.util.device import resolve_device
 
     assert resolve_device("cpu") == torch.device("cpu")
     with pytest.raises(AtlasError, match="is not a device"):

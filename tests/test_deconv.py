@@ -7,9 +7,9 @@ from torch import nn
 from atlas import deconv as D
 from atlas.deconv import Request
 from atlas.errors import AtlasError
-from atlas.layers import LayerMap
+from atlas.net import LayerMap
 from atlas.models import load_model
-from atlas.switches import decode, encode, regions_below
+from atlas.deconv.switches import decode, encode, regions_below
 
 TOL = 1e-5  # relative max error, see atlas.deconv.relative_error
 

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 import atlas
-from atlas import indexing
+from atlas.search import indexing
 from atlas.build import build
 
 pytestmark = pytest.mark.determinism
@@ -73,7 +73,7 @@ def test_identical_images_get_identical_values_and_tie_by_image_id(tmp_path, cop
     # the fc7 vectors kept for the index: the same for the three copies
     index = a.manifest["index"]["images"]
     assert "fc7" in index
-    from atlas.index import load_index, reconstruct
+    from atlas.search.faiss_index import load_index, reconstruct
 
     fc7, _ = load_index(out / index["fc7"]["file"])
     v = reconstruct(fc7, [0, 5, 8])
@@ -149,7 +149,7 @@ def test_short_batches_are_padded_to_the_full_batch_size(copies_folder):
     """The mechanism itself: a short batch runs at the full size, so its images get the numbers they get
     in a full batch."""
     model = atlas.load_model("zfnet-mini", seed=1)
-    from atlas.layers import LayerMap
+    from atlas.net import LayerMap
 
     lmap = LayerMap(model, 64)
     x = torch.randn(4, 3, 64, 64)

@@ -11,8 +11,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 import atlas
-from atlas import projections as PJ
-from atlas import render as R
+from atlas.pictures import projections as PJ
+from atlas.pictures import drawing as R
 from atlas.cli import main
 from atlas.errors import AtlasError
 

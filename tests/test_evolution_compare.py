@@ -13,7 +13,7 @@ from atlas.analyses.compare_filters import compare_filters, dead_filters, filter
 from atlas.analyses.evolution import evolution, read_grid
 from atlas.data import Preprocess, open_dataset
 from atlas.errors import AtlasError
-from atlas.layers import LayerMap
+from atlas.net import LayerMap
 from atlas.train import train
 
 from conftest import make_image_folder

@@ -1,4 +1,4 @@
-"""Feature visualization (atlas/featurevis.py, atlas/visualizations.py, `atlas visualize`): the objective
+"""Feature visualization (atlas/pictures/featurevis.py, atlas/pictures/visualizations.py, `atlas visualize`): the objective
 rises, the same request gives the same bytes alone or batched, the cache serves a second request (a
 read-only atlas included), and the SQL, Python and command-line doors all lead to the same picture.
 
@@ -13,8 +13,8 @@ from click.testing import CliRunner
 from torch import nn
 
 import atlas
-from atlas import featurevis as fv
-from atlas import visualizations as V
+from atlas.pictures import featurevis as fv
+from atlas.pictures import visualizations as V
 from atlas.cli import main
 
 STEPS = 6
@@ -250,7 +250,7 @@ class TinyResNet(nn.Module):
 
 
 def test_a_model_the_deconvnet_refuses_is_visualized_through_the_layer_map():
-    from atlas.layers import LayerMap
+    from atlas.net import LayerMap
 
     lmap = LayerMap(TinyResNet().eval(), 32)
     assert not lmap.chain

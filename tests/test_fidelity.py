@@ -15,9 +15,9 @@ from torch import nn
 
 from atlas import deconv as D
 from atlas.deconv.reference import _IdentityBackward  # forward as it is, backward the identity
-from atlas.layers import LayerMap
+from atlas.net import LayerMap
 from atlas.models import load_model
-from atlas.switches import SwitchRegion, decode, pack, window_codes
+from atlas.deconv.switches import SwitchRegion, decode, pack, window_codes
 
 TOL = 1e-5
 FAMILIES = [("zfnet", 96), ("alexnet", 64), ("vgg11", 32), ("resnet50", 64), ("vgg11_bn", 32),
@@ -92,7 +92,7 @@ def _module_of(lm, layer: str) -> nn.Module:
 def _stored_switches(lm, x: torch.Tensor, reqs) -> dict:
     """Switches as an atlas stores them: a batched forward (padded to a batch of 4, as a build's), each
     image's region per pool encoded in window codes, decoded back."""
-    from atlas.tables import switch_regions
+    from atlas.store.tables import switch_regions
 
     rows = [{"layer": r.layer, "image_id": r.image, "y": r.y, "x": r.x} for r in reqs]
     regions = switch_regions(lm, rows)

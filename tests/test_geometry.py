@@ -1,6 +1,6 @@
 import torch
 
-from atlas.layers import LayerMap
+from atlas.net import LayerMap
 from atlas.models import ZFNet, ZFNetMini, load_model
 
 

@@ -43,7 +43,7 @@ def test_stored_projections_equal_the_images_own(graph_atlas):
     _, out = graph_atlas
     a = open_atlas(out)
     layer = a.layer_names[-1]
-    from atlas.projections import project
+    from atlas.pictures.projections import project
 
     c = next(r["channel"] for r in a.rows(f"SELECT channel FROM channels WHERE layer = '{layer}' AND max > 0"))
     stored = project(a, layer, c, switches="stored")

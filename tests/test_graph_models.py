@@ -14,8 +14,8 @@ from torch import nn
 from atlas import deconv as D
 from atlas.deconv import Request
 from atlas.errors import AtlasError
-from atlas.graph import RELU_KINDS
-from atlas.layers import LayerMap
+from atlas.net.graph import RELU_KINDS
+from atlas.net import LayerMap
 
 
 def _randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -206,7 +206,7 @@ def test_a_model_that_cannot_be_traced_says_where():
 
 
 def _stored_equals_recomputed(lm, x, layer):
-    from atlas.switches import SwitchRegion, decode, encode, regions_below
+    from atlas.deconv.switches import SwitchRegion, decode, encode, regions_below
 
     rec = D.record(lm, x, [layer])
     la = lm.by_name[layer]

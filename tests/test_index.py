@@ -1,4 +1,4 @@
-"""atlas.index: cosine search (exact and IVF), files, channel profiles. Small synthetic data, a few seconds."""
+"""atlas.search.faiss_index: cosine search (exact and IVF), files, channel profiles. Small synthetic data, a few seconds."""
 import json
 
 import faiss
@@ -6,10 +6,7 @@ import numpy as np
 import pytest
 
 from atlas.errors import AtlasError  # noqa: E402
-from atlas.index import (  # noqa: E402
-    EXACT_MAX, build_index, channel_keys, channel_profiles, choose_index, load_index, normalize, profile_rows,
-    reconstruct, save_index, search, sidecar_path, split_channel_keys,
-)
+from atlas.search.faiss_index import EXACT_MAX, build_index, channel_keys, channel_profiles, choose_index, load_index, normalize, profile_rows, reconstruct, save_index, search, sidecar_path, split_channel_keys
 
 
 def clustered(n, d=32, clusters=20, seed=0, separation=2.0):
@@ -230,7 +227,7 @@ def test_approximate_index_recall():
 
 
 def test_batched_add_changes_nothing(data, monkeypatch):
-    import atlas.index as ai
+    import atlas.search.faiss_index as ai
 
     x, ids = data
     spec = choose_index(len(x), x.shape[1], exact_max=0)

@@ -12,9 +12,9 @@ from atlas.build import build
 from atlas.cli import main
 from atlas.data import DecodedImages, Preprocess, open_dataset
 from atlas.errors import AtlasError
-from atlas.inputs import InputBatches, choose_decoder
+from atlas.data.inputs import InputBatches, choose_decoder
 from atlas.models import preprocessing_for
-from atlas.switches import SwitchRegion, decode
+from atlas.deconv.switches import SwitchRegion, decode
 
 from test_datasets import write_cifar
 
@@ -47,7 +47,7 @@ def jpeg_folder(tmp_path_factory):
 
 
 def test_device_decoder_gives_the_cpu_decoders_pictures(jpeg_folder, monkeypatch):
-    import atlas.inputs
+    import atlas.data.inputs
 
     src = open_dataset(jpeg_folder)
     pre = Preprocess(PRE)
@@ -58,7 +58,7 @@ def test_device_decoder_gives_the_cpu_decoders_pictures(jpeg_folder, monkeypatch
         for xi, i, e in zip(x, ids.tolist(), errs):
             got[i] = (xi, e)
     # images of one size are resized in slices under a memory cap: any slicing, the same pixels
-    monkeypatch.setattr(atlas.inputs, "RESIZE_BYTES", 1)
+    monkeypatch.setattr(atlas.data.inputs, "RESIZE_BYTES", 1)
     one_by_one = torch.cat([x for x, _, _, _ in InputBatches(src, pre, torch.device("cpu"), "device", 0)(batches)])
     assert torch.equal(one_by_one, torch.stack([got[i][0] for i in range(len(src))]))
     assert sorted(got) == list(range(len(src)))

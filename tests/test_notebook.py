@@ -88,7 +88,7 @@ def test_projection_and_patch(tiny_atlas):
     rf = next(la["rf_size"] for la in a.layers() if la["layer"] == "conv2")
     assert v.shape == (3, rf, rf) and v.dtype == np.float32 and np.abs(v).max() > 0
     # the picture is the values by the display rule, enlarged: the pixel of the largest |v| is black or white
-    from atlas import render as R
+    from atlas.pictures import drawing as R
 
     up = int(pr.text["upscale"])
     y, x = np.unravel_index(np.abs(v).max(axis=0).argmax(), v.shape[1:])

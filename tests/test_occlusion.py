@@ -11,12 +11,12 @@ import torch
 from PIL import Image
 from torch import nn
 
-from atlas.runner import Runner
+from atlas.net.runner import Runner
 from atlas.analyses.occluder import default_geometry, positions
 from atlas.analyses.occlusion import occlude
 from atlas.analyses.occlusion_forward import occlusion_forward
 from atlas.errors import AtlasError
-from atlas.layers import LayerMap
+from atlas.net import LayerMap
 from atlas.models.zfnet import AlexNetSingle, ZFNetMini
 from atlas.facade import Atlas
 

@@ -13,12 +13,12 @@ import pytest
 from click.testing import CliRunner
 
 import atlas
-from atlas import picture_cache
-from atlas import projections as PJ
+from atlas.pictures import cache as picture_cache
+from atlas.pictures import projections as PJ
 from atlas.build import build
 from atlas.cli import main
 from atlas.export import export
-from atlas.lock import lock_path, writer_lock
+from atlas.util.lock import lock_path, writer_lock
 
 from test_export import crawl
 

@@ -12,8 +12,8 @@ from PIL import Image
 
 import atlas
 from atlas import deconv as D
-from atlas import projections as PJ
-from atlas import render as R
+from atlas.pictures import projections as PJ
+from atlas.pictures import drawing as R
 from atlas.build import build
 from atlas.cli import main
 from atlas.errors import AtlasError

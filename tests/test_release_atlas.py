@@ -14,7 +14,7 @@ import torch
 
 from atlas import open as open_atlas
 from atlas.models import load_model
-from atlas.projections import project
+from atlas.pictures.projections import project
 
 DATA = Path(__file__).parent / "data"
 

@@ -7,8 +7,8 @@ import torch
 from PIL import Image
 
 from atlas import deconv as D
-from atlas import render as R
-from atlas.layers import LayerMap
+from atlas.pictures import drawing as R
+from atlas.net import LayerMap
 from atlas.models import load_model
 
 

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from atlas import shapes
+from atlas.data import shapes
 from atlas.errors import AtlasError
-from atlas.shapes import CLASSES, generate, render
+from atlas.data.shapes import CLASSES, generate, render
 
 
 def _files(root):

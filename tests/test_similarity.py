@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 
 import atlas  # noqa: E402
-from atlas import indexing, similarity  # noqa: E402
+from atlas.search import indexing, similarity  # noqa: E402
 from atlas.build import build  # noqa: E402
 from atlas.cli import main  # noqa: E402
 from atlas.data import DecodedImages, Preprocess, open_dataset  # noqa: E402

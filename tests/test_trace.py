@@ -11,8 +11,8 @@ from torch import nn
 
 from atlas import deconv as D
 from atlas.errors import AtlasError
-from atlas.graph import check_against_eager, trace
-from atlas.layers import LayerMap
+from atlas.net.graph import check_against_eager, trace
+from atlas.net import LayerMap
 
 
 def _run_graph(model: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ same thing the same way.
   `keep_run` does both as a run was asked to, and `notes_and_table` closes a summary
   with the notes and where the table went.
 
-The model itself runs through `atlas.runner.Runner`; the drawing is `atlas.plotting`.
+The model itself runs through `atlas.net.runner.Runner`; the drawing is `atlas.pictures.charts`.
 """
 from __future__ import annotations
 
@@ -296,7 +296,7 @@ def store_table(atlas, name: str, run: str, rows: list[dict[str, Any]], columns:
     `table_schema`); NAME becomes a SQL view."""
     import pyarrow as pa
 
-    from ..fsutil import atomic_write_parquet
+    from ..util.files import atomic_write_parquet
 
     table = pa.Table.from_pylist(rows, schema=table_schema(columns))
     path = analysis_dir(atlas, name) / f"{run}.parquet"
@@ -335,7 +335,7 @@ def notes_and_table(notes: Sequence[str], table: Path | None, view: str, run: st
 
 
 def save_png(path: Path, im) -> Path:
-    from ..fsutil import atomic_write_bytes
+    from ..util.files import atomic_write_bytes
 
     buf = io.BytesIO()
     im.save(buf, "PNG")

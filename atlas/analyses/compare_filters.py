@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from ..errors import AtlasError
-from ..fsutil import atomic_write
+from ..util.files import atomic_write
 from ..models.registry import build_model, model_names, read_weights
 from . import font, signed_to_uint8, wrap_text
 

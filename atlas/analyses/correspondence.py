@@ -53,9 +53,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .. import plotting
+from ..pictures import charts as plotting
 from ..errors import AtlasError
-from ..runner import Runner
+from ..net.runner import Runner
 from ..notebook import ShowsItsFigure
 from . import common
 from .occluder import check_fill, fill_value

@@ -11,7 +11,7 @@ x, shown). For the shown channels the activation is projected to pixels with the
 (atlas.deconv.project_images, unit mode, contrast normalisation as identity) and the projection
 inside the unit's receptive field is drawn: one row per channel, one column per snapshot.
 
-Display: atlas.render's normalisation -- each cell is scaled by its own max |value| around
+Display: atlas.pictures.drawing's normalisation -- each cell is scaled by its own max |value| around
 mid-grey (grey = 0, v / (2 max|v|) + 0.5), then resized to the cell; a channel whose maximum is
 <= 0 (dead at that snapshot) is drawn as a flat grey cell marked "dead". The geometry of the grid
 is stored in the PNG's text chunk "atlas-grid" (JSON), so that a reader (`read_grid`) finds each
@@ -34,10 +34,10 @@ import torch
 
 from ..data import DecodedImages, Preprocess, open_dataset
 from ..errors import AtlasError
-from ..fsutil import atomic_write, atomic_write_parquet
-from ..layers import LayerMap
+from ..util.files import atomic_write, atomic_write_parquet
+from ..net import LayerMap
 from ..models.registry import load_model, read_weights, trainable_names
-from ..progress import Progress
+from ..util.progress import Progress
 from . import font, wrap_text
 
 MEMORY_LIMIT = 2 << 30
@@ -230,7 +230,7 @@ def draw_grid(cells: list[list[dict[str, Any]]], row_labels: list[str], col_labe
         d.text((6, g["height"] - g["footer_h"] + 4 + 14 * i), line, fill=(90, 90, 90), font=fs)
     info = PngInfo()
     info.add_text("atlas-grid", json.dumps({**g, "row_labels": row_labels, "col_labels": col_labels}))
-    from ..render import NORMALISATION
+    from ..pictures.drawing import NORMALISATION
 
     info.add_text("atlas.normalisation", NORMALISATION)
     return atomic_write(path, lambda tmp: img.save(tmp, format="PNG", pnginfo=info))
@@ -376,7 +376,7 @@ def _snapshot_column(name: str, weights: Path, best, shown: list[tuple[str, int 
     when its maximum is <= 0, or "no match" for a followed unit a step left without one (channel None).
     `numbered`: the cell says its channel too (followed units change numbers)."""
     from ..deconv import project_images
-    from ..render import normalise
+    from ..pictures.drawing import normalise
 
     cells = []
     for la, c in shown:
@@ -414,7 +414,7 @@ def evolution(run_dir: str | os.PathLike, data: str | os.PathLike | None = None,
     follow: "channel" shows channel i at every snapshot; "matched" follows each unit shown at the last
     snapshot back through the one-to-one matches of consecutive snapshots (atlas.compare.snapshots), writes
     every step's matches beside the PNG (.matches.parquet) and says how well each step matched."""
-    from ..device import default_workers, resolve_device
+    from ..util.device import default_workers, resolve_device
 
     log = log or (lambda s: None)
     if select not in ("strongest", "first"):

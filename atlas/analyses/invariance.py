@@ -45,8 +45,8 @@ import torch
 from ..errors import AtlasError
 from ..notebook import ShowsItsFigure
 from . import common
-from .. import plotting
-from ..runner import Runner
+from ..pictures import charts as plotting
+from ..net.runner import Runner
 from ..choices import INVARIANCE_FILLS as FILLS
 
 TRANSFORMS = ("translate", "scale", "rotate")

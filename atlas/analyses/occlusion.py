@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from ..errors import AtlasError
-from ..runner import Runner
+from ..net.runner import Runner
 from . import common
 from .occluder import check_fill, default_geometry, fill_rgb, fill_value, positions
 from .occlusion_figure import render

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import plotting
+from ..pictures import charts as plotting
 from . import common
 from .occlusion_result import OcclusionResult
 

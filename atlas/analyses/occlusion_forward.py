@@ -5,7 +5,7 @@ this is where its time goes; the analysis itself (atlas.analyses.occlusion) only
 activation of one map and the logits per position.
 
 Batches: the occluded images run in large batches -- all positions at once when the memory budget
-allows (on a GPU half of its free memory, on the CPU `atlas.runner.CPU_BUDGET_BYTES`, at most a
+allows (on a GPU half of its free memory, on the CPU `atlas.net.runner.CPU_BUDGET_BYTES`, at most a
 quarter of the memory available), else chunks of that size -- on the GPU when there is one.
 
 Windows (method "incremental", the default): a square changes only a window of the first layers'
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import AtlasError
-from ..runner import Runner
+from ..net.runner import Runner
 from ..choices import FORWARDS
 
 

@@ -35,7 +35,7 @@ def emit(rows: list[dict], summary: list[str], fmt: str | None) -> None:
     if fmt is None:
         click.echo("\n".join(summary))
         return
-    from ..output import render_dicts
+    from ..util.output import render_dicts
 
     rows = [{k: _plain(v) for k, v in r.items()} for r in rows]
     if fmt == "json":

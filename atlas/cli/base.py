@@ -14,9 +14,9 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from .. import bounds
+from ..util import bounds
 from ..errors import AtlasError
-from ..output import FORMATS
+from ..util.output import FORMATS
 from .vocabulary import VOCABULARY, Deprecation, deprecations_for
 from ..choices import OCCLUDER_FILLS as FILLS
 
@@ -60,7 +60,7 @@ class AtlasCommand(click.Command):
         rest = super().parse_args(ctx, args)
         for d in self.deprecations:
             self._apply(ctx, d, typed)
-        # every number the user typed, in its range before any work (atlas/bounds.py says why)
+        # every number the user typed, in its range before any work (atlas/util/bounds.py says why)
         for p in self.params:
             if p.name in bounds.BOUNDS and isinstance(ctx.params.get(p.name), int):
                 bounds.check(p.name, ctx.params.get(p.name), p.opts[0] if isinstance(p, click.Option) else p.name.upper())
@@ -234,12 +234,12 @@ class LayerChannel(click.ParamType):
 
 
 class Device(click.ParamType):
-    """auto, cpu, cuda or cuda:N (atlas.device.check_device: the one message for anything else)."""
+    """auto, cpu, cuda or cuda:N (atlas.util.device.check_device: the one message for anything else)."""
 
     name = "auto|cpu|cuda|cuda:N"
 
     def convert(self, value, param, ctx):
-        from ..device import check_device  # torch-free
+        from ..util.device import check_device  # torch-free
 
         return check_device(value)
 

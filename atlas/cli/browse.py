@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from ..errors import AtlasError
-from ..output import render, render_dicts
+from ..util.output import render, render_dicts
 from .base import (CONTEXT, AtLeastOne, AtlasCommand, atlas_argument, cache_option, format_option, main, _open,
                    _say)
 from .publish import display_option, method_option
@@ -84,7 +84,7 @@ def sql(atlas_path, query, sql_file, canned, param, timeout, max_rows, unsafe, f
       atlas sql my-atlas -q class_selectivity -p label=circle
     """
     from ..compare import Comparison, is_comparison
-    from ..output import render_results
+    from ..util.output import render_results
     from ..store import canned_queries
 
     sources = [s for s in (query, sql_file, canned) if s]
@@ -144,7 +144,7 @@ def info(atlas_path, fmt, as_json):
     A table (or CSV) of the summary's fields; --format json (or --json) prints the
     whole manifest.json, as strict JSON.
     """
-    from ..output import json_text
+    from ..util.output import json_text
 
     a = _open(atlas_path)
     m = a.manifest
@@ -266,7 +266,7 @@ def show(atlas_path, layer, channel, rank, mode, norm, switches, display, method
       atlas show my-atlas conv5 17 --rank 0 --out best.png
       atlas show my-atlas conv5 17 --format json   {"layer": ..., "png": ...}
     """
-    from ..projections import show as run
+    from ..pictures.projections import show as run
 
     png = run(_open(atlas_path), layer, channel, rank, mode=mode, norm=norm, switches=switches, out=out, log=_say,
               cache=cache, display=display, method=method)
@@ -288,7 +288,7 @@ def filters(atlas_path, layer, out, cache, fmt):
     \b
       atlas filters my-atlas
     """
-    from ..projections import filters as run
+    from ..pictures.projections import filters as run
 
     a = _open(atlas_path)
     png = run(a, layer, out=out, cache=cache)

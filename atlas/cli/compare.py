@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ..output import render_dicts
+from ..util.output import render_dicts
 from .base import CONTEXT, CommaList, format_option, layers_option, main, progress_option, _say
 from .browse import ChannelNumber
 from .publish import display_option

@@ -133,6 +133,6 @@ def make_shapes(out, count, side, seed, progress):
     \b
       atlas make-shapes shapes/ --n 8000 --side 64
     """
-    from ..shapes import generate
+    from ..data.shapes import generate
 
     click.echo(str(generate(out, n=count, size=side, seed=seed, progress=progress)))

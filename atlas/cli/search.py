@@ -6,7 +6,7 @@ from pathlib import Path
 import click
 
 from ..errors import AtlasError
-from ..output import render_dicts
+from ..util.output import render_dicts
 from .base import (CONTEXT, AtLeastOne, LayerChannel, atlas_argument, device_option, format_option, layers_option,
                    main, progress_option, _open, _say)
 
@@ -33,7 +33,7 @@ def index_cmd(atlas_path, layers, device, progress, fmt):
     \b
       atlas index my-atlas --layers conv3,conv5,fc7
     """
-    from ..indexing import build_indexes, index_summary
+    from ..search.indexing import build_indexes, index_summary
 
     record = build_indexes(atlas_path, layers, device=device, progress=progress, log=_say)
     click.echo(render_dicts(index_summary(record), fmt))

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from ..output import render_dicts
+from ..util.output import render_dicts
 from .base import (CONTEXT, AtLeastOne, CommaList, NumberList, batch_size_option, contrast_norm_option,
                    device_option, format_option, image_size_option, layers_option, main, progress_option,
                    seed_option, workers_option, _say)

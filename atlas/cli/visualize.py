@@ -6,7 +6,7 @@ from pathlib import Path
 import click
 
 from ..errors import AtlasError
-from ..output import render_dicts
+from ..util.output import render_dicts
 from .base import (CONTEXT, AtLeastOne, NumberList, atlas_argument, batch_size_option, cache_option, device_option,
                    format_option, main, progress_option, seed_option, _open, _say)
 from .browse import ChannelNumber, NumbersAsArguments
@@ -58,7 +58,7 @@ def visualize(atlas_path, layer, channel, all_channels, channels, steps, unit, d
       atlas visualize my-atlas conv5 --all --format json
       atlas visualize my-atlas conv3 5 --unit centre --out unit.png
     """
-    from ..visualizations import deliver, visualize as run
+    from ..pictures.visualizations import deliver, visualize as run
 
     chosen = [x for x in (channel is not None, all_channels, channels is not None) if x]
     if len(chosen) != 1:

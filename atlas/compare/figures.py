@@ -1,20 +1,20 @@
 """A matched pair's figure-2 panels side by side: each unit's top-k projections beside their image patches,
-drawn by its own atlas (atlas.projections.show), under a title naming both units and their correlation."""
+drawn by its own atlas (atlas.pictures.projections.show), under a title naming both units and their correlation."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
 from ..errors import AtlasError
-from ..fsutil import atomic_write
+from ..util.files import atomic_write
 
 
 def _panel(atlas, layer: str, channel, display: str, label: str):
     """The unit's panel as a PIL image under its label, or a grey note when it has none."""
     from PIL import Image
 
-    from ..plotting import titled
-    from ..projections import show
+    from ..pictures.charts import titled
+    from ..pictures.projections import show
 
     if channel is None:
         return titled(Image.new("RGB", (160, 60), (236, 236, 236)), label, "no counterpart")
@@ -26,7 +26,7 @@ def _panel(atlas, layer: str, channel, display: str, label: str):
 
 
 def pair_figure(cmp, match: dict[str, Any], path: Path, display: str) -> Path:
-    from ..plotting import beside, margin, titled
+    from ..pictures.charts import beside, margin, titled
 
     a_name, b_name = cmp.names
     left = _panel(cmp.atlas("a"), match["layer_a"], match["channel_a"], display,

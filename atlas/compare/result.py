@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import AtlasError
-from ..manifest import LAYER_NAME, Int, List, Obj, Str
-from ..fsutil import atomic_write
-from ..sql_guard import confine
+from ..store.manifest import LAYER_NAME, Int, List, Obj, Str
+from ..util.files import atomic_write
+from ..store.sql_guard import confine
 from ..store import AtlasReader, Result, _quote
 
 TABLES = ("matches", "layer_pairs", "correlations")
@@ -200,7 +200,7 @@ class Comparison:
              display: str | None = None):
         """A unit's figure-2 panel beside its counterpart's (a Picture)."""
         from ..notebook import Picture
-        from ..projections import DEFAULT_DISPLAY
+        from ..pictures.projections import DEFAULT_DISPLAY
 
         display = display or DEFAULT_DISPLAY
         m = self.counterpart(layer, channel, kind, side)
@@ -255,7 +255,7 @@ def quality_chart(summaries: Sequence[dict], values: dict[tuple[str, str], list[
                   title: str) -> Path:
     """One curve per layer pair: its one-to-one correlations, best first, over the share of matched units;
     the legend says the mean."""
-    from ..plotting import label_colours, line_plot, margin
+    from ..pictures.charts import label_colours, line_plot, margin
 
     series = []
     for s, colour in zip(summaries, label_colours(len(summaries))):

@@ -26,8 +26,8 @@ import numpy as np
 import pyarrow as pa
 
 from ..errors import AtlasError
-from ..fsutil import atomic_write_json, atomic_write_parquet, publish_dir
-from ..progress import Progress
+from ..util.files import atomic_write_json, atomic_write_parquet, publish_dir
+from ..util.progress import Progress
 from ..store import AtlasReader
 from .pairing import Pairs, activation_files, paired_blocks, shared_images
 from .stats import CoMoments, match

@@ -34,13 +34,13 @@ filter).
 
 Switches: {pool name: LongTensor (N, C, H_out, W_out)} in F.max_pool2d's
 layout (flat index into the pool's input map), N indexing `Request.image`.
-They come either from the store (`atlas.switches.decode`, valid inside the
+They come either from the store (`atlas.deconv.switches.decode`, valid inside the
 unit's receptive field -- enough for unit mode) or from the images
 (`switches_from_images`, valid everywhere -- needed for map mode).
 
 A projection through an op without a rule is refused with an AtlasError naming
 the op and the module it sits in (`check_graph`); the trace itself is checked
-against the model's own forward on a build's first batch (atlas.graph).
+against the model's own forward on a build's first batch (atlas.net.graph).
 """
 
 from .engine import project, project_images

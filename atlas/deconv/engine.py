@@ -6,7 +6,7 @@ from typing import Sequence
 import torch
 
 from ..errors import AtlasError
-from ..layers import LayerMap
+from ..net import LayerMap
 from .forward import record
 from .graph_engine import METHODS, project_graph
 from .requests import MODES, NORMS, Projections, Request, as_request

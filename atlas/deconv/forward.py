@@ -6,7 +6,7 @@ from typing import Iterable
 import torch
 
 from ..errors import AtlasError
-from ..layers import LayerMap
+from ..net import LayerMap
 from .graph_engine import record_graph
 from .requests import ForwardRecord
 

@@ -1,4 +1,4 @@
-"""DeconvNet (and guided backpropagation) on a graph: the engine for every model atlas/graph_layers.py
+"""DeconvNet (and guided backpropagation) on a graph: the engine for every model atlas/net/layer_map.py
 reads. Algorithm only: tensors in, tensors out.
 
 Going down from the kept activation, the nodes between the layer and the image are visited in reverse
@@ -38,7 +38,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from ..errors import AtlasError
-from ..graph import RELU_KINDS, Op
+from ..net.graph import RELU_KINDS, Op
 from .requests import Projections, Request
 from ..choices import METHODS  # noqa: F401 - re-exported
 

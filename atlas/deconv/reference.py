@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..layers import LayerMap
-from ..graph import Op
+from ..net import LayerMap
+from ..net.graph import Op
 from .requests import Request, as_request
 
 

@@ -24,7 +24,7 @@ Pictures come from the lazy renderer's cache (inside the atlas, or the
 per-user one when the atlas is read-only) and are hardlinked into the site
 (copied across file systems), never re-encoded.
 
-One writer at a time: an export holds the site's writer lock (atlas/lock.py,
+One writer at a time: an export holds the site's writer lock (atlas/util/lock.py,
 `.SITE.lock` beside the folder) from before it reads the site's record until it
 has saved it; a second export of the same site is refused in one line naming
 the holder, and touches nothing.
@@ -46,10 +46,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from ..errors import AtlasError
-from ..progress import Progress
+from ..util.progress import Progress
 from . import featurevis as fvx
 from . import gather
-from ..projections import DEFAULT_DISPLAY
+from ..pictures.projections import DEFAULT_DISPLAY
 from .images import Pictures
 from .site import STATE, Site, key_of
 
@@ -76,13 +76,13 @@ def export(atlas_path: str | Path, site_dir: str | Path, *, layers: str | Iterab
            feature_vis: bool = False, compare: str | Path | None = None) -> Path:
     """Write (or bring up to date) the static site of an atlas, exactly the layers and channels asked
     for; returns the site folder. `cache`: the picture cache to use instead of the atlas's; `display`:
-    how projections' values become grey levels (atlas.render.DISPLAYS: percentile or max);
+    how projections' values become grey levels (atlas.pictures.drawing.DISPLAYS: percentile or max);
     `feature_vis`: render the channels' missing feature visualizations (without it the pages show those
     already cached and draw none: atlas/export/featurevis.py); `compare`: a comparison folder (`atlas compare`)
     of this atlas with another, for the comparison section (atlas/export/comparison.py)."""
-    from ..lock import writer_lock
+    from ..util.lock import writer_lock
     from ..facade import Atlas
-    from ..projections import _check_options
+    from ..pictures.projections import _check_options
 
     log = log or (lambda s: None)
     t0 = time.perf_counter()
@@ -105,7 +105,7 @@ def export(atlas_path: str | Path, site_dir: str | Path, *, layers: str | Iterab
 
 def _export(a, site: Site, selection: dict[str, list[int]], cache, progress, log, t0: float,
             display: str = DEFAULT_DISPLAY, feature_vis: bool = False, comparison=None) -> Path:
-    from ..picture_cache import identity as atlas_identity
+    from ..pictures.cache import identity as atlas_identity
 
     site.remove_temps()
     identity = atlas_identity(a)
@@ -250,7 +250,7 @@ def _atlas_files(a) -> list:
 
 
 def _save_run(site: Site, state: dict, run: dict) -> None:
-    from ..fsutil import atomic_write_json
+    from ..util.files import atomic_write_json
 
     state = dict(state)
     state["last_run"] = run

@@ -1,4 +1,4 @@
-"""The feature visualizations on the exported pages (atlas/visualizations.py makes them).
+"""The feature visualizations on the exported pages (atlas/pictures/visualizations.py makes them).
 
 Without `--feature-vis` the export shows the default-recipe pictures already in the cache (drawn by
 `atlas visualize`, featurevis_png() or an earlier `export --feature-vis`) and draws none; with it, it
@@ -15,7 +15,7 @@ from .site import key_of
 
 def state(a, selection: dict[str, list[int]], cache, render: bool) -> list:
     """What the pages' feature visualizations depend on: the flag and the cached pictures (a stat each)."""
-    from ..visualizations import cached
+    from ..pictures.visualizations import cached
 
     out: list = []
     missing = False
@@ -32,7 +32,7 @@ def state(a, selection: dict[str, list[int]], cache, render: bool) -> list:
 def link(ex, layer: str, channels: list[int], slug: str, stats: dict[int, dict]) -> dict[int, dict[str, Any]]:
     """Put the channels' pictures into the site (rendering the missing ones first when asked); returns
     {channel: {"src": path relative to the layer's pages, and the figures of `atlas visualize`}}."""
-    from ..visualizations import _info, cached, visualize
+    from ..pictures.visualizations import _info, cached, visualize
 
     render, cache = getattr(ex, "feature_vis", (False, None))
     if render:

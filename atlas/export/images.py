@@ -3,7 +3,7 @@
 `Pictures(atlas)` hands out paths of PNG files; the site writer hardlinks (or
 copies) them into the site, never re-encodes them.
 
-The pictures are the lazy renderer's cache (`atlas.projections`, the same
+The pictures are the lazy renderer's cache (`atlas.pictures.projections`, the same
 cache `atlas show` and deconv_png() fill: the atlas's own, or the per-user one
 when the atlas cannot be written, or a --cache DIR), so an export after `atlas
 show` reuses those PNGs, and a show after an export finds them rendered.
@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..projections import DEFAULT_DISPLAY, Renderer
+from ..pictures.projections import DEFAULT_DISPLAY, Renderer
 
 
 class Pictures:

@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import AtlasError
-from .. import fsutil
-from ..fsutil import atomic_write_json
+from ..util import files as fsutil
+from ..util.files import atomic_write_json
 
 STATE = ".atlas-export.json"
 JOURNAL = ".atlas-export.journal"
@@ -172,7 +172,7 @@ def _read_journal(path: Path) -> set[str]:
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """atlas.fsutil.atomic_write without fsync: a site can be exported again; what matters is that a
+    """atlas.util.files.atomic_write without fsync: a site can be exported again; what matters is that a
     reader never sees a half-written file."""
     fsutil.atomic_write(path, write, fsync=False)
 

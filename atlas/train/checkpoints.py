@@ -10,7 +10,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import AtlasError
-from ..fsutil import atomic_write_bytes, torch_save_atomic
+from ..util.files import atomic_write_bytes, torch_save_atomic
 
 CHECKPOINT_FORMAT = 1
 METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_top1_error", "val_loss", "val_top1_error",

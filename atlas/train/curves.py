@@ -4,8 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..fsutil import atomic_write
-from ..plotting import font, line_panel
+from ..util.files import atomic_write
+from ..pictures.charts import font, line_panel
 
 
 def plot_curves(history: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:

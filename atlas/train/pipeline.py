@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ..data import ImageSource, Preprocess
-from ..progress import Progress
+from ..util.progress import Progress
 
 MEMORY_LIMIT = 2 << 30  # decoded training squares kept in memory up to this (else streamed)
 

@@ -14,13 +14,13 @@ from typing import Any, Callable, Iterable
 import torch
 
 from ..data import open_dataset
-from ..device import default_workers, resolve_device
+from ..util.device import default_workers, resolve_device
 from ..errors import AtlasError
-from ..fsutil import atomic_write_json, remove_temp_files, torch_save_atomic
-from ..lock import holds_writer_lock
+from ..util.files import atomic_write_json, remove_temp_files, torch_save_atomic
+from ..util.lock import holds_writer_lock
 from ..models.registry import build_model, constructor_options, contrast_norm_option, trainable_names
 from ..models.zfnet import paper_init
-from ..progress import Progress
+from ..util.progress import Progress
 from .checkpoints import CHECKPOINT_FORMAT, save_weights, write_metrics
 from .curves import plot_curves
 from .pipeline import MEMORY_LIMIT, Batches, crop_flip

@@ -36,8 +36,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import AtlasError
-from .fsutil import TEMP_NAME, remove_temp_files
+from ..errors import AtlasError
+from ..util.files import TEMP_NAME, remove_temp_files
 
 # v2: projections scaled by a percentile of |v| (or max, asked by name: the folder says which) and the outside
 # of the image marked in light grey; v1's pictures (max only, magenta hatching) are never served again
@@ -280,12 +280,12 @@ def trim(root: Path, bound: int, keep: set[Path] = frozenset()) -> int:
 
 
 def _write_png(path: Path, image, text: dict | None = None, unavailable: str | None = None) -> None:
-    """atlas.render's PNG (its text chunks included), renamed into place atomically, without fsync (a cache
+    """atlas.pictures.drawing's PNG (its text chunks included), renamed into place atomically, without fsync (a cache
     can be remade). `unavailable`: why an image is missing from the picture; its marker is written before
     the PNG and removed after a whole one, so that a crash in between can only cause a redraw, never an
     incomplete picture served as whole."""
-    from .fsutil import atomic_write_bytes
-    from .render import write_png
+    from ..util.files import atomic_write_bytes
+    from .drawing import write_png
 
     if unavailable:
         text = {**(text or {}), UNAVAILABLE: unavailable}

@@ -1,6 +1,6 @@
 """What every layer map shares: the records of a layer and a pool, lookups by name, padding a batch.
 
-`atlas.graph_layers.GraphLayerMap` (`atlas.layers.LayerMap`) implements it for every model.
+`atlas.net.layer_map.GraphLayerMap` (`atlas.net.LayerMap`) implements it for every model.
 """
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import AtlasError
+from ..errors import AtlasError
 
 
 @dataclass
@@ -37,7 +37,7 @@ class Layer:
     geometry: Geometry | None = None
     pools_below: list[str] = field(default_factory=list)
     # a graph layer's field per axis, ((jump, lo, hi) along y, along x): unit i reads input pixels
-    # i * jump + lo .. i * jump + hi (atlas/graph_layers.py); None with jump 0: the whole image
+    # i * jump + lo .. i * jump + hi (atlas/net/layer_map.py); None with jump 0: the whole image
     rf: tuple | None = None
 
     def field_box(self, y: int, x: int, image_size: int) -> tuple[int, int, int, int]:

@@ -2,8 +2,8 @@
 `visualize` (the Python call and `atlas visualize`), `featurevis_png()` in SQL, and what the export
 asks for (`cached`).
 
-The algorithm is `atlas.featurevis`; this is the plumbing. Pictures go through the atlas's one
-picture cache (`atlas.picture_cache.PictureCache`: the atlas's own cache/, the per-user cache for a
+The algorithm is `atlas.pictures.featurevis`; this is the plumbing. Pictures go through the atlas's one
+picture cache (`atlas.pictures.cache.PictureCache`: the atlas's own cache/, the per-user cache for a
 read-only atlas, or --cache DIR; temp file and rename; the same bytes wherever they land):
 
     <cache root>/featurevis-v1/colour.json                                the colour statistics (below)
@@ -39,8 +39,8 @@ import weakref
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import AtlasError
-from .picture_cache import PictureCache, usable
+from ..errors import AtlasError
+from .cache import PictureCache, usable
 
 FOLDER = "featurevis-v1"  # = featurevis.VERSION, repeated so that a cache hit imports no torch
 DEFAULT_STEPS = 512
@@ -67,7 +67,7 @@ def picture_cache(atlas, cache=None) -> PictureCache:
 
 def default_batch_size(device: str | None) -> int:
     """BATCH_GPU on a GPU, BATCH_CPU on the CPU (device as --device takes it)."""
-    from .device import check_device
+    from ..util.device import check_device
 
     name = check_device(device)
     if name == "auto":
@@ -144,7 +144,7 @@ def estimate_colour(ids: list[int], crop: Callable[[int], Any], side: int) -> di
 def _put_json(cache: PictureCache, path: Path, obj: dict) -> Path:
     """A small JSON file into the picture cache, written the way its pictures are (temp file and rename,
     the per-user cache where the atlas's cannot be written)."""
-    from .fsutil import atomic_write_bytes
+    from ..util.files import atomic_write_bytes
 
     data = (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
     return cache.put_with(path, lambda dest: atomic_write_bytes(dest, data, fsync=False))
@@ -214,7 +214,7 @@ def _record(layer, channel, unit, steps, seed, diversity, png, info, dataset_max
 
 def _info(path: Path) -> dict[str, Any]:
     """The figures a cached picture carries in its PNG text."""
-    from .render import read_text
+    from .drawing import read_text
 
     text = read_text(path)
     out = {}
@@ -335,8 +335,8 @@ def _model(atlas, device):
     stays on the CPU, where the projections use it)."""
     import copy
 
-    from .device import resolve_device
-    from .layers import LayerMap
+    from ..util.device import resolve_device
+    from ..net import LayerMap
 
     dev = resolve_device(device)
     st = _handle_state(atlas)
@@ -352,8 +352,8 @@ def _render(atlas, pc, layer, channels, unit, recipe, colour, paths, device, pro
     from PIL import Image
 
     from . import featurevis as fv
-    from .plotting import beside
-    from .progress import Progress
+    from .charts import beside
+    from ..util.progress import Progress
 
     lmap, dev = _model(atlas, device)
     if layer not in lmap.by_name:
@@ -410,7 +410,7 @@ def register_sql(atlas) -> None:
     def batch(layer, channel, steps, seed):
         with lock:
             if "handle" not in state:
-                from .store import AtlasReader
+                from ..store import AtlasReader
 
                 state["handle"] = AtlasReader(path)
             return _sql_batch(state["handle"], layer, channel, steps, seed)

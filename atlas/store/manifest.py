@@ -16,8 +16,8 @@ import os
 import re
 from typing import Any
 
-from .choices import DECODERS
-from .errors import AtlasError
+from ..choices import DECODERS
+from ..errors import AtlasError
 
 # A module path (resnet's `layer4.1.conv2`, ours `conv5`, timm's `stages.3`): no empty part, so never `..`
 NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_\-]*(?:\.[A-Za-z0-9_\-]+)*")

@@ -1,7 +1,7 @@
 """Similarity queries over an atlas's indexes: from Python (`Atlas.similar_images`, `.similar_channels`),
 the CLI (`atlas similar`) and SQL (the table macros similar_images and similar_channels).
 
-The indexes are built by `atlas.indexing`, which sits below this module so that a build loads none of
+The indexes are built by `atlas.search.indexing`, which sits below this module so that a build loads none of
 the querying. Indexes load on the first query that needs one and stay loaded with their handle
 (`AtlasReader`). Ranks count from 0, as top_activations' do. An image query keeps the image itself
 (rank 0, score 1: a check that the index is sound); a channel query leaves the channel itself out. A
@@ -16,11 +16,11 @@ from typing import Any
 
 import numpy as np
 
-from .errors import AtlasError
-from .index import channel_keys, load_index, reconstruct, search, split_channel_keys
+from ..errors import AtlasError
+from .faiss_index import channel_keys, load_index, reconstruct, search, split_channel_keys
 from .indexing import (_STATE, images_table, layer_channels, layer_geometry, layer_vectors, reader,
                        rebuild_hint)
-from .store import AtlasReader
+from ..store import AtlasReader
 
 
 # -- loading ---------------------------------------------------------------------------------------------
@@ -116,7 +116,7 @@ def _embed(a: AtlasReader, image, layer: str) -> np.ndarray:
     """The query vector of any image file at `layer`: the atlas's preprocessing, then its model."""
     import torch
 
-    from .data import read_image_file
+    from ..data import read_image_file
 
     x = a.preprocess.to_tensor(a.preprocess.crop_image(read_image_file(image)))  # AtlasError: missing, unreadable
     kind = _kind(a, layer)
@@ -184,7 +184,7 @@ def similar_channels(atlas, channel, k: int = 10, layer: str | None = None) -> l
     Channels of every recorded conv layer, or of `layer` only; the channel
     itself is left out. The score is the Pearson correlation of the two
     channels' per-image maxima over the profile sample (see
-    atlas.index.channel_profiles). Rows: rank (from 0), layer, channel, score.
+    atlas.search.faiss_index.channel_profiles). Rows: rank (from 0), layer, channel, score.
     """
     a = reader(atlas)
     return [{"rank": r, "layer": la, "channel": c, "score": s}

@@ -48,8 +48,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import AtlasError
-from .fsutil import atomic_write, atomic_write_json
+from ..errors import AtlasError
+from ..util.files import atomic_write, atomic_write_json
 
 EXACT_MAX = 100_000          # above this many vectors, choose_index picks the approximate index
 INDEX_FORMAT = 1             # bumped when the sidecar's meaning changes

@@ -28,7 +28,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import AtlasError
+from ..errors import AtlasError
 
 RELU_KINDS = ("relu", "relu6", "leaky")
 # kinds whose output may share its input's storage (a view, the same tensor): an in-place op after one
@@ -157,7 +157,7 @@ def _where_traced(exc: BaseException) -> str:
     import traceback
 
     frames = [f for f in traceback.extract_tb(exc.__traceback__)
-              if "/torch/" not in f.filename and "/atlas/graph.py" not in f.filename]
+              if "/torch/" not in f.filename and "/atlas/net/graph.py" not in f.filename]
     if frames:
         f = frames[-1]
         return f" at {f.filename}:{f.lineno} ({(f.line or '').strip()[:80]})"

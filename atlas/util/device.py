@@ -10,7 +10,7 @@ import os
 import re
 from typing import TYPE_CHECKING
 
-from .errors import AtlasError
+from ..errors import AtlasError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch

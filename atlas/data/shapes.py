@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .errors import AtlasError
+from ..errors import AtlasError
 
 CLASSES: tuple[str, ...] = (
     "circle", "square", "triangle", "star", "cross", "ring",
@@ -428,7 +428,7 @@ def generate(out_dir: str | os.PathLike, n: int = 2000, size: int = 64, seed: in
     try:
         for name in CLASSES:
             (tmp / name).mkdir(parents=True)
-        from .progress import Progress
+        from ..util.progress import Progress
 
         with Progress(n, "shapes", unit="images", enabled=progress) as bar:
             _write_all(tmp, n, size, seed, _workers(n, workers), bar.update)

@@ -12,10 +12,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .fsutil import atomic_write, atomic_write_parquet
-from .layers import LayerMap
-from .mining import NO_IMAGE, TopK
-from .switches import pack, regions_below, union
+from ..util.files import atomic_write, atomic_write_parquet
+from ..net import LayerMap
+from ..build.mining import NO_IMAGE, TopK
+from ..deconv.switches import pack, regions_below, union
 
 # Row groups (scripts/bench_scale.py measures both on a 1M-image atlas):
 # images.parquet: a channel's top-k joins its k images, and DuckDB pushes their ids into the scan, skipping

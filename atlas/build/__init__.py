@@ -7,9 +7,9 @@ How it survives interruption: images are processed in fixed chunks. Each finishe
 partial top-k, moments and activation rows in `ATLAS.partial/work/`, written atomically. `--resume`
 skips finished chunks; the final merge runs over chunk files in chunk order, so a resumed build gives
 the same bytes as an uninterrupted one. Only a complete atlas is renamed to ATLAS, and one build (or
-index build) of an atlas runs at a time (`atlas.lock`).
+index build) of an atlas runs at a time (`atlas.util.lock`).
 
-Similarity indexes (`atlas.indexing`) are built in the staging folder before it is published: conv
+Similarity indexes (`atlas.search.indexing`) are built in the staging folder before it is published: conv
 layers from the activations table, fc layers (fc7) from the vectors each chunk keeps in
 `work/vec-CCCCC.npz` (float16: the classifier is cheap next to the convs, and no second pass is needed).
 """
@@ -28,26 +28,25 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from .formats import FORMAT_VERSION, __version__
-from .data import Preprocess, open_dataset
-from .device import default_workers, resolve_device
-from .distributed import ranks_from_env
-from . import bounds
-from .errors import AtlasError
-from .fsutil import atomic_write, atomic_write_json, atomic_write_parquet, publish_dir, \
-    remove_temp_files, torch_save_atomic
-from .heap import keep_memory_flat
-from .inputs import DECODERS, InputBatches, choose_decoder, chunk_batches
-from .layers import LayerMap
-from .lock import writer_lock
+from ..store.formats import FORMAT_VERSION, __version__
+from ..data import Preprocess, open_dataset
+from ..util.device import default_workers, resolve_device
+from ..util.distributed import ranks_from_env
+from ..util import bounds
+from ..errors import AtlasError
+from ..util.files import atomic_write, atomic_write_json, atomic_write_parquet, publish_dir, remove_temp_files, torch_save_atomic
+from ..util.heap import keep_memory_flat
+from ..data.inputs import DECODERS, InputBatches, choose_decoder, chunk_batches
+from ..net import LayerMap
+from ..util.lock import writer_lock
 from .mining import Moments, TopK, spatial_max
-from .models.preprocessing import three
-from .models.registry import contrast_norm_option, load_model, model_record, preprocessing_for
-from .progress import Progress
-from .indexing import ChunkVectors, MinerPlan, build_indexes, layer_vectors, plan_for_build, vector_arrays
-from .switches import window_codes
-from .tables import switch_regions, top_rows, write_activations, write_switches, write_tables
-from .choices import PRECISIONS  # noqa: F401 - re-exported
+from ..models.preprocessing import three
+from ..models.registry import contrast_norm_option, load_model, model_record, preprocessing_for
+from ..util.progress import Progress
+from ..search.indexing import ChunkVectors, MinerPlan, build_indexes, layer_vectors, plan_for_build, vector_arrays
+from ..deconv.switches import window_codes
+from ..store.tables import switch_regions, top_rows, write_activations, write_switches, write_tables
+from ..choices import PRECISIONS  # noqa: F401 - re-exported
 
 UNREADABLE_SHOWN = 5  # the build's last lines name this many unreadable images
 
@@ -104,7 +103,7 @@ def build(model: str | torch.nn.Module, data: str, out: str | Path, *, weights: 
     opts = options if options is not None else BuildOptions(**option_values)
     out = Path(out)
     ranks = ranks_from_env(opts.device)
-    # One writer at a time (atlas/lock.py): rank 0 holds the lock for a torchrun job
+    # One writer at a time (atlas/util/lock.py): rank 0 holds the lock for a torchrun job
     with writer_lock(out, "a build", enabled=ranks.leader):
         check_replaceable(out, overwrite)  # under the lock: it may have just finished an interrupted replacement
         return BuildJob(model, data, out, weights, opts, ranks, log or (lambda s: None)).run(resume, overwrite,
@@ -142,7 +141,7 @@ class BuildJob:
         self.work = self.staging / "work"
 
     def run(self, resume: bool, overwrite: bool, progress: bool | None) -> Path:
-        keep_memory_flat()  # memory must not grow with the number of images (atlas/heap.py says why)
+        keep_memory_flat()  # memory must not grow with the number of images (atlas/util/heap.py says why)
         self.resolve(resume)
         self.prepare(resume)
         runs = self.mine(progress)
@@ -295,7 +294,7 @@ class BuildJob:
             "layers": [{**la.to_row(), "pools_below": la.pools_below} for la in self.chosen],
             "geometry": self.lmap.describe(),
             "switches": {"stored": self.opts.switches, "encoding": "receptive-field boxes, window offsets "
-                         "dy*k+dx, nibble-packed when k*k <= 16 (atlas/switches.py)"},
+                         "dy*k+dx, nibble-packed when k*k <= 16 (atlas/deconv/switches.py)"},
             "activations": self.opts.activations,
             # the dataset's colour correlation, for feature visualization's decorrelated colour
             "colour": self._colour(errors),
@@ -307,7 +306,7 @@ class BuildJob:
         return manifest
 
     def _colour(self, errors: dict[int, str]) -> dict[str, Any]:
-        from .visualizations import estimate_colour
+        from ..pictures.visualizations import estimate_colour
 
         pre = Preprocess(self.pre)
 
@@ -407,7 +406,7 @@ class ChunkMiner:
 
 
 def _decoder(decode: str, source, dev: torch.device, ranks, resumed: Path | None) -> str:
-    """The decoder of this build (atlas.inputs): one for every rank, and with --decode auto a resumed
+    """The decoder of this build (atlas.data.inputs): one for every rank, and with --decode auto a resumed
     build's own (`resumed`: its work folder)."""
     started = None
     if decode == "auto" and resumed is not None and (resumed / "config.json").is_file():

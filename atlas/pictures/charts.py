@@ -342,11 +342,11 @@ def label_colours(n: int) -> list[tuple[int, int, int]]:
 
 
 def projection_image(p: torch.Tensor):
-    """A signed projection (3, h, w) as RGB by the atlas's display rule (atlas.render.normalise: zero
+    """A signed projection (3, h, w) as RGB by the atlas's display rule (atlas.pictures.drawing.normalise: zero
     mid-grey, scaled by the 99.5th percentile of |v|): the occlusion figure's panel (c) reads like the
     atlas's other projection images."""
     from PIL import Image
 
-    from .render import normalise
+    from .drawing import normalise
 
     return Image.fromarray(normalise(p.detach().float().cpu().numpy()))

@@ -14,7 +14,7 @@ all a picture depends on):
 weights16 is the start of the weights file's sha256 (random-seed<N> for a
 randomly initialised model), mode is unit|map, norm how local response
 normalisation is undone (identity: the paper; gradient: its true gradient),
-display how values become grey levels (atlas.render.DISPLAYS: percentile, the
+display how values become grey levels (atlas.pictures.drawing.DISPLAYS: percentile, the
 default, or max), v2 the drawing's version (v1 drew every projection by max|v|
 and hatched the outside in magenta: its pictures are never served now). The
 display rule is written into each PNG's text as well.
@@ -36,7 +36,7 @@ since the image may be back; with the whole dataset gone it is served as it is,
 and the caller is told the picture is incomplete.
 
 Where pictures live (the atlas's own cache, or a per-user one when the atlas cannot be written) and
-how they are written: `atlas.picture_cache`.
+how they are written: `atlas.pictures.cache`.
 
 Speed: a channel's top-k is one batched engine call; switches are decoded once
 per image into a slab kept between calls; images are read once. Nothing here
@@ -53,9 +53,9 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import AtlasError
-from .picture_cache import VERSION, PictureCache, cache_root, incomplete, usable
-from .choices import DEFAULT_DISPLAY, DISPLAYS, METHODS, MODES, NORMS, SWITCHES  # noqa: F401 - re-exported
+from ..errors import AtlasError
+from .cache import VERSION, PictureCache, cache_root, incomplete, usable
+from ..choices import DEFAULT_DISPLAY, DISPLAYS, METHODS, MODES, NORMS, SWITCHES  # noqa: F401 - re-exported
 
 SWITCH_CACHE_BYTES = 1 << 30
 
@@ -74,7 +74,7 @@ def show(atlas, layer: str, channel: int, rank: int | None = None, *, mode: str 
 
     Rendered on the first request, read from the cache after that (the atlas's, or the per-user one
     when the atlas cannot be written; `cache`: a folder of your choice instead, see `PictureCache`).
-    `display`: how values become grey levels, percentile (the default) or max (atlas.render.DISPLAYS).
+    `display`: how values become grey levels, percentile (the default) or max (atlas.pictures.drawing.DISPLAYS).
     With `out` the PNG is also copied there (a folder gets <layer>-<channel>[-<rank>].png). A missing
     image file is no error: its patch is a placeholder and `log` gets one line saying so.
 
@@ -186,7 +186,7 @@ def _check_options(mode: str, norm: str, switches: str, display: str = DEFAULT_D
 def _deliver(path: Path, out, layer: str, channel: int | None, rank: int | None, suffix: str = "") -> Path:
     if out is None:
         return path
-    from .fsutil import atomic_write_bytes
+    from ..util.files import atomic_write_bytes
 
     out = Path(out)
     if out.is_dir():
@@ -267,7 +267,7 @@ class Renderer:
         p = self.cache.find(f"filters/{layer}.png")
         if p.is_file():
             return p
-        from . import render as R
+        from . import drawing as R
 
         lm = self.a.lmap
         la = lm.by_name.get(layer)
@@ -295,7 +295,7 @@ class Renderer:
     def project(self, layer: str, items: list[tuple[int, dict]], switches: str = "auto"):
         """(deconv.Projections of the items that could be projected, their indices in `items`,
         {index: why not} for the others)."""
-        from . import deconv as D
+        from .. import deconv as D
 
         lm = self.a.lmap
         la = lm.by_name[layer]
@@ -341,8 +341,8 @@ class Renderer:
         return P, done, errors
 
     def _render(self, layer, items, panels, out, switches):
-        from . import deconv as D
-        from . import render as R
+        from .. import deconv as D
+        from . import drawing as R
 
         S = self.a.lmap.image_size
         try:
@@ -410,7 +410,7 @@ class Renderer:
     def _put_patch(self, path: Path, crop, box, row: dict, gone: str | None) -> Path:
         """A top-k entry's image patch (its receptive-field box, unclipped) into the cache; `gone`: why
         the image is unavailable (the cell is then a placeholder, marked incomplete)."""
-        from . import render as R
+        from . import drawing as R
 
         up = R.upscale_for(max(box[2] - box[0], box[3] - box[1]))
         self.rendered += 1
@@ -438,7 +438,7 @@ class Renderer:
         stays in the slab (least recently used slots are reused), so nothing is stacked per call."""
         import torch
 
-        from .switches import SwitchRegion, decode
+        from ..deconv.switches import SwitchRegion, decode
 
         if not Path(self.a.path, "switches.parquet").is_file():
             raise AtlasError(f"atlas '{self.a.path}' has no switches (built with --no-switches): project "
@@ -504,7 +504,7 @@ def register_sql(atlas) -> None:
     def batch(layer, channel, rank, mode, norm, display, method):
         with lock:  # DuckDB may call from several threads; a renderer is not thread-safe
             if "handle" not in state:
-                from .store import AtlasReader as Atlas
+                from ..store import AtlasReader as Atlas
 
                 state["handle"] = Atlas(path)
             return _sql_batch(state["handle"], layer, channel, rank, mode, norm, display, method)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .layers import Geometry, Layer, LayerMap
+from ..net import Geometry, Layer, LayerMap
 
 
 @dataclass

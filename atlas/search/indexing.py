@@ -5,8 +5,8 @@
     ATLAS/index/channels.faiss     (+ .json)  one vector per channel of every recorded conv layer: its profile
     manifest.json "index"                     what was built: layers, where the vectors came from, specs, dims
 
-The algorithms (index choice, cosine search, channel profiles) are in `atlas.index`; this module is the
-plumbing around them. It sits below the queries (`atlas.similarity`), so that the build imports it
+The algorithms (index choice, cosine search, channel profiles) are in `atlas.search.faiss_index`; this module is the
+plumbing around them. It sits below the queries (`atlas.search.similarity`), so that the build imports it
 without them; the queries take from it the few readers both sides share and the per-handle state,
 which lives here because a build replaces the indexes a handle may have loaded.
 
@@ -31,11 +31,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .errors import AtlasError
-from .fsutil import atomic_write_json, remove_temp_files
-from .index import (EXACT_MAX, INDEX_FORMAT, build_index, channel_keys, channel_profiles, choose_index,
-                    profile_rows, save_index)
-from .store import AtlasReader
+from ..errors import AtlasError
+from ..util.files import atomic_write_json, remove_temp_files
+from .faiss_index import EXACT_MAX, INDEX_FORMAT, build_index, channel_keys, channel_profiles, choose_index, profile_rows, save_index
+from ..store import AtlasReader
 
 INDEX_DIR = "index"
 CHANNELS_FILE = "channels.faiss"
@@ -43,7 +42,7 @@ PROFILE_SAMPLE = 4096   # images a channel profile is read on (correlation stand
 PROFILE_SEED = 0
 FC_DTYPE = "float16"    # fc vectors are kept at half the bytes, whichever of the build or `atlas index` computes them
 
-# Per handle: its images table, and the indexes its queries loaded (atlas.similarity), which a build drops.
+# Per handle: its images table, and the indexes its queries loaded (atlas.search.similarity), which a build drops.
 _STATE: "weakref.WeakKeyDictionary[AtlasReader, dict]" = weakref.WeakKeyDictionary()
 
 
@@ -137,7 +136,7 @@ def layer_vectors(kind: str, act):
     """A batch's per-image vectors of one layer's output: a conv map's spatial maxima, an fc layer as FC_DTYPE."""
     import torch
 
-    from .mining import spatial_max
+    from ..build.mining import spatial_max
 
     return spatial_max(act.float())[0] if kind == "conv" else act.to(getattr(torch, FC_DTYPE))
 
@@ -284,10 +283,10 @@ def _forward_vectors(a: AtlasReader, src, names: list[str], image_ids: np.ndarra
     """
     import torch
 
-    from .runner import Runner
-    from .device import default_workers, resolve_device
-    from .inputs import InputBatches, chunk_batches
-    from .progress import Progress
+    from ..net.runner import Runner
+    from ..util.device import default_workers, resolve_device
+    from ..data.inputs import InputBatches, chunk_batches
+    from ..util.progress import Progress
 
     # The build's memory layout (channels-last on a GPU only) and its decoder, as well as its batches.
     runner = Runner(a, device, channels_last=resolve_device(device).type == "cuda")
@@ -347,9 +346,9 @@ def build_indexes(atlas, layers: str | list[str] | None = None, *, device: str =
                   workers: int | None = None, progress: bool | None = None, exact_max: int = EXACT_MAX,
                   chunks: ChunkVectors | None = None, locked: bool = False,
                   log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Build the atlas's similarity indexes under its writer lock (atlas/lock.py; `locked`: the caller,
+    """Build the atlas's similarity indexes under its writer lock (atlas/util/lock.py; `locked`: the caller,
     the build, holds it already): see _build_indexes."""
-    from .lock import writer_lock
+    from ..util.lock import writer_lock
 
     path = atlas.path if isinstance(atlas, AtlasReader) else Path(atlas)
     with writer_lock(path, "an index build", enabled=not locked):
@@ -369,7 +368,7 @@ def _build_indexes(atlas, layers: str | list[str] | None = None, *, device: str 
     `layers`: the image-index layers (default: the deepest recorded conv layer
     and fc7 when the model has it); the channels index always covers every
     recorded conv layer. `exact_max`: above this many vectors the index is
-    approximate (`atlas.index.choose_index`). `chunks`: the build's own
+    approximate (`atlas.search.faiss_index.choose_index`). `chunks`: the build's own
     vectors (see ChunkVectors). Each file is written atomically, the
     manifest last; index files of layers no longer indexed are removed.
     """

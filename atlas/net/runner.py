@@ -8,7 +8,7 @@ import os
 
 import torch
 
-from .errors import AtlasError
+from ..errors import AtlasError
 
 # CPU memory a run may use for one batch of activations (at most a quarter of the memory available;
 # GPU: a share of what is free).
@@ -25,8 +25,8 @@ class Runner:
     """
 
     def __init__(self, atlas, device: str = "auto", channels_last: bool = True):
-        from .device import resolve_device
-        from .layers import LayerMap
+        from ..util.device import resolve_device
+        from . import LayerMap
 
         self.device = resolve_device(device)
         model = copy.deepcopy(atlas.model).eval()

@@ -6,17 +6,17 @@
       layers.parquet           layer, kind, channels, height, width, kernel, stride, padding, rf_size, jump, offset
       channels.parquet         layer, channel, mean, std, max, fire_rate
       top_activations.parquet  layer, channel, rank, image_id, value, y, x, x0, y0, x1, y1
-      switches.parquet         image_id, pool, y0, x0, h, w, data  (see atlas/switches.py)
+      switches.parquet         image_id, pool, y0, x0, h, w, data  (see atlas/deconv/switches.py)
       activations/layer=L/*.parquet   image_id, channel, value
       model/features.pt        the conv weights, so projections need no other file (a `features` Sequential's)
       model/state.pt           instead, for any other model: its whole state_dict
-      index/*.faiss (+ .json)  similarity indexes (see atlas/indexing.py)
+      index/*.faiss (+ .json)  similarity indexes (see atlas/search/indexing.py)
       cache/                   lazily rendered PNGs (created on demand)
       analyses/NAME/*.parquet  results of `atlas occlude`, `invariance`, ...: each NAME is a SQL view
 
 `atlas.build` writes one; `AtlasReader` reads one and only reads, so that everything above it
 (projections, similarity, the export, the analyses) can use it without an import circle. What keeps the
-SQL of `atlas sql` read-only and confined to the folder is `atlas.sql_guard`.
+SQL of `atlas sql` read-only and confined to the folder is `atlas.store.sql_guard`.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from .formats import FORMAT_VERSION
-from .errors import AtlasError
+from ..errors import AtlasError
 from .manifest import validate
 from .sql_guard import Deadline, check_read_only, confine, first_line, refusal, sql_error
 
@@ -81,7 +81,7 @@ class AtlasReader:
         # consent to rebuild a model from its code, or the model itself (atlas.models.consent says why)
         self._given_model = model
         if trust_code or model is not None:
-            from .models import consent
+            from ..models import consent
 
             if trust_code:
                 consent.grant(self.path)
@@ -94,7 +94,7 @@ class AtlasReader:
             raise AtlasError(f"'{path}' is a file, not an atlas folder (an atlas is the folder `atlas build --out` "
                              "makes)")
         if not self.path.is_dir():
-            from .fsutil import set_aside
+            from ..util.files import set_aside
 
             if set_aside(self.path):  # between the two renames of an --overwrite build, or killed there
                 raise AtlasError(f"atlas '{path}' is being replaced, or its replacement was interrupted (the "
@@ -113,7 +113,7 @@ class AtlasReader:
         if isinstance(manifest, dict) and version not in READABLE_VERSIONS:
             raise AtlasError(f"atlas '{path}' has format version {version!r}; this atlas tool reads versions "
                              f"{', '.join(map(str, READABLE_VERSIONS))} (rebuild it with `atlas build`)")
-        # an atlas may come from someone else: every field checked before any other work (atlas/manifest.py)
+        # an atlas may come from someone else: every field checked before any other work (atlas/store/manifest.py)
         self.manifest: dict[str, Any] = validate(manifest, f"atlas '{path}'")
         self._check_links()
 
@@ -125,7 +125,7 @@ class AtlasReader:
     # Two kinds of connection. `con` (Atlas.sql, .fetch, .rows, the tool's own queries) is DuckDB in full, in
     # the user's own process: relative paths resolve inside the atlas. `query(confined=True)`, what `atlas sql`
     # runs, goes to a twin Atlas whose connection reads the atlas folder and nothing else, and only read-only
-    # statements reach it (atlas.sql_guard): DuckDB's settings alone let COPY and ATTACH write inside an
+    # statements reach it (atlas.store.sql_guard): DuckDB's settings alone let COPY and ATTACH write inside an
     # allowed folder, and a statement list alone would let read_csv('/etc/shadow') through.
     _confined = False
 
@@ -355,9 +355,9 @@ class AtlasReader:
         (atlas.models.consent): `--trust-code`, atlas.open(path, trust_code=True), or the model passed."""
         import torch
 
-        from .models import consent
-        from .models.registry import feature_options, load_model, unvetted
-        from .models.weights import file_sha256
+        from ..models import consent
+        from ..models.registry import feature_options, load_model, unvetted
+        from ..models.weights import file_sha256
 
         m = self.manifest["model"]
         given = self._given_model if self._given_model is not None else consent.given(self.path)
@@ -407,7 +407,7 @@ class AtlasReader:
 
         import torch
 
-        from .models.registry import rebuild
+        from ..models.registry import rebuild
 
         try:
             state = torch.load(self._inside("model/state.pt"), map_location="cpu", weights_only=True)
@@ -443,7 +443,7 @@ class AtlasReader:
 
     @cached_property
     def lmap(self):
-        from .layers import LayerMap
+        from ..net import LayerMap
 
         return LayerMap(self.model, self.image_size)
 
@@ -494,7 +494,7 @@ class AtlasReader:
     @cached_property
     def source(self):
         """The dataset, if it is still where the build found it (else None)."""
-        from .data import open_dataset
+        from ..data import open_dataset
 
         ds = self.manifest["dataset"]
         try:
@@ -504,14 +504,14 @@ class AtlasReader:
 
     @cached_property
     def preprocess(self):
-        from .data import Preprocess
+        from ..data import Preprocess
 
         return Preprocess(self.manifest["preprocessing"])
 
     def original(self, image_id: int):
         """The dataset's image as RGB, before preprocessing, or AtlasError if unavailable, unreadable or not
         the image the atlas was built on (its content hash differs)."""
-        from .data import read_cifar_row, read_file, safe_relative
+        from ..data import read_cifar_row, read_file, safe_relative
 
         if not isinstance(image_id, int) or not 0 <= image_id < 2 ** 31:
             raise AtlasError(f"image id {image_id} is not in atlas '{self.path}'")
@@ -553,7 +553,7 @@ class AtlasReader:
 
         Exact inside the unit's receptive field, which is all a unit projection reads.
         """
-        from .switches import SwitchRegion, decode
+        from ..deconv.switches import SwitchRegion, decode
 
         if not (self.path / "switches.parquet").is_file():
             raise AtlasError(f"atlas '{self.path}' has no switches (built with --no-switches)")

@@ -27,8 +27,8 @@ import sys
 from pathlib import Path
 from typing import Iterator
 
-from .errors import AtlasError
-from .fsutil import recover_replace
+from ..errors import AtlasError
+from .files import recover_replace
 
 
 def lock_path(target: str | os.PathLike) -> Path:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 
-from .errors import AtlasError
+from ..errors import AtlasError
 
 SEED_MAX = 2 ** 32 - 1  # numpy's and the samplers' seeds
 IMAGE_ID_MAX = 2 ** 31 - 1  # images.image_id is an int32

@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .data import DecodedImages, FileBytes, ImageSource, Preprocess, content_hash, open_rgb
-from .errors import AtlasError
-from .choices import DECODERS  # noqa: F401 - re-exported
+from . import DecodedImages, FileBytes, ImageSource, Preprocess, content_hash, open_rgb
+from ..errors import AtlasError
+from ..choices import DECODERS  # noqa: F401 - re-exported
 
 
 # torchvision 0.29 deprecates its decoders in favour of TorchCodec but keeps them working; the warning

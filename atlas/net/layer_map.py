@@ -1,7 +1,7 @@
 """Layers of a graph model (ResNet, DenseNet, GoogLeNet, timm, a user's module): names, geometry, extraction.
 
-`atlas.layers.LayerMap(model, size)` gives a `GraphLayerMap` for every model that is not a plain Sequential of
-Conv2d / ReLU / MaxPool2d (atlas/layers.py keeps that walk and its names, conv1..conv5, for the
+`atlas.net.LayerMap(model, size)` gives a `GraphLayerMap` for every model that is not a plain Sequential of
+Conv2d / ReLU / MaxPool2d (atlas/net/__init__.py keeps that walk and its names, conv1..conv5, for the
 2012-2014 nets). The same interface: `layers`, `resolve`, `extract`, `pools`, `describe`.
 
 Names are module paths, as users know them (`layer3.1`, `features.denseblock3`, `inception4a`); a

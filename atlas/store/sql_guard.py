@@ -13,7 +13,7 @@ import re
 import threading
 from pathlib import Path
 
-from .errors import AtlasError
+from ..errors import AtlasError
 
 # Statements `atlas sql` runs unless --unsafe-full-duckdb (see check_read_only). DESCRIBE, SHOW, SUMMARIZE,
 # VALUES, FROM-first and PIVOT ... IN (...) parse as SELECT.

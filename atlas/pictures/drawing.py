@@ -35,7 +35,7 @@ darker diagonal lines), the same in both, so that for a small-input model,
 whose deep fields reach far beyond the image, the picture and not its border
 is what one sees. Small fields are enlarged with NEAREST.
 
-PNG files are written atomically (`write_png`, through atlas.fsutil.atomic_write:
+PNG files are written atomically (`write_png`, through atlas.util.files.atomic_write:
 the cache and the site skip its fsync), so no reader ever sees a truncated PNG.
 
 This module needs numpy and Pillow only; tensors are accepted (converted with
@@ -64,7 +64,7 @@ DISPLAYS = {
             "inside the unit's receptive-field box clipped to the image; 0 is mid-grey, the largest |v| "
             "black or white; negative and positive contributions both visible; one scale per projection"),
 }
-from .choices import DEFAULT_DISPLAY  # noqa: E402,F401 - re-exported
+from ..choices import DEFAULT_DISPLAY  # noqa: E402,F401 - re-exported
 NORMALISATION = DISPLAYS[DEFAULT_DISPLAY]
 FILTER_NORMALISATION = ("per filter: shown = w / (2 * max|w|) + 0.5 over its three colour channels; "
                         "0 is mid-grey; one scale per filter")
@@ -111,7 +111,7 @@ def _inside(box: tuple[int, int, int, int], size: int) -> np.ndarray:
 
 def check_display(display: str) -> None:
     if display not in DISPLAYS:
-        from .errors import AtlasError
+        from ..errors import AtlasError
 
         raise AtlasError(f"unknown display '{display}': choose one of {', '.join(DISPLAYS)}")
 
@@ -408,8 +408,8 @@ def png_info(image: Image.Image, text: dict[str, Any] | None = None) -> PngInfo:
 def write_png(path: str | os.PathLike, image: Image.Image, text: dict[str, Any] | None = None, *,
               fsync: bool = True) -> Path:
     """Write `image` as a PNG with its `atlas.*` info and `text` as PNG text chunks, atomically
-    (atlas.fsutil.atomic_write: readers see the old file or the whole new one; fsync as there)."""
-    from .fsutil import atomic_write
+    (atlas.util.files.atomic_write: readers see the old file or the whole new one; fsync as there)."""
+    from ..util.files import atomic_write
 
     def save(tmp: Path) -> None:
         with open(tmp, "wb") as f:

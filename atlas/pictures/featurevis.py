@@ -2,7 +2,7 @@
 "Feature Visualization", Distill 2017), the recipe of their article and of Lucid, in PyTorch.
 
 This module is the algorithm alone (no file, no cache, no atlas): `optimize` takes a model's LayerMap,
-the targets and a `Recipe`, and returns the images and their figures. `atlas.visualizations` is the
+the targets and a `Recipe`, and returns the images and their figures. `atlas.pictures.visualizations` is the
 plumbing around it (the cache, the colour statistics of an atlas, the SQL function).
 
 The recipe, and why each part:
@@ -47,7 +47,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from .errors import AtlasError
+from ..errors import AtlasError
 
 VERSION = "featurevis-v1"  # the recipe's version: bumping it keys a new cache
 # Lucid's colour correlation of ImageNet (its square root, SVD form): used only when an atlas's own
@@ -401,7 +401,7 @@ def optimize(lmap, targets: list[Target], recipe: Recipe, *, mean, std, colour, 
              step_callback: Callable[[int], None] | None = None) -> list[Visualization]:
     """Optimize `recipe.diversity` images for each target, in padded batches of `recipe.slots` images.
 
-    lmap: the model's `atlas.layers.LayerMap` (the activation is read through `LayerMap.extract`, the
+    lmap: the model's `atlas.net.LayerMap` (the activation is read through `LayerMap.extract`, the
     build's own call, so any model the atlas builds for works); mean, std: the model's preprocessing
     (3 values each); colour: the 3x3 colour correlation (`colour_correlation`); scales: per (layer,
     channel) the size of its activations (its dataset maximum), which sets the diversity term's weight

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import AtlasError
+from ..errors import AtlasError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 CIFAR_BATCHES = ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch"]
