@@ -390,7 +390,7 @@ def atlas_html(atlas) -> str:
               ("unreadable", ds.get("errors")), ("classes", len(classes) if classes else "unlabelled"),
               ("k", m.get("k")), ("input", m.get("preprocessing", {}).get("note"))])
     cols = ["layer", "channels", "height", "width", "rf_size", "jump", "dead", "mean_fire_rate"]
-    layers = Table(atlas.net(), cols, title="layers")._repr_html_()
+    layers = Table(atlas.layers(), cols, title="layers")._repr_html_()
     names = analysis_names(atlas)
     an = (f'<p>analyses: {", ".join(escape(n) for n in names)} <span class="muted">(a.analysis(NAME))</span></p>'
           if names else "")
