@@ -18,3 +18,6 @@ DECODERS = ("auto", "cpu", "device")
 FORWARDS = ("incremental", "full")
 OCCLUDER_FILLS = ("grey", "mean")          # grey first: the default
 INVARIANCE_FILLS = ("mean", "grey")        # what fills the border a transformation leaves; mean first
+
+# the occlusion figure's panels, in the paper's order: the figure, the site and the notebook list them so
+OCCLUSION_PANELS = ("image", "activation", "projection", "probability", "top_class")

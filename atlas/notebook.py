@@ -430,9 +430,9 @@ class Analysis:
     def figures(self, run: str | None = None) -> list[Picture]:
         """The run's pictures (default: this Analysis's run, else every run's), each run's figure first
         and its panels in the figure's order (as the exported page orders them)."""
-        from .export.gather import PANEL_ORDER
+        from .choices import OCCLUSION_PANELS
 
-        order = {s: i for i, s in enumerate(PANEL_ORDER.get(self.name, ()))}
+        order = {s: i for i, s in enumerate(OCCLUSION_PANELS if self.name == "occlusion" else ())}
         out = []
         for r in [run or self.run] if (run or self.run) else self.runs:
             files = sorted((p for p in (self.dir / r).glob("*.png")),

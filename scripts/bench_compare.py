@@ -1,7 +1,7 @@
 """How long `atlas compare` takes, and how much memory, on generated per-image statistics.
 
 Two synthetic atlases over the same N images, one layer of C channels each, hold only what a comparison
-reads (the images table, the activations table written by the build's own writer, atlas.store.tables.
+reads (the images table, the activations table written by the build's own writer, atlas.build.tables.
 write_activations, and the small tables SQL needs). B's units are A's, permuted, mixed with noise, so the
 matching has something to find. The comparison runs in a fresh process, timed end to end (reading both
 tables, the float64 correlations, the assignment, writing the folder), and reports that process's peak
@@ -36,7 +36,7 @@ BLOCK = 4096  # images generated at a time
 
 def write_atlas(root: Path, n: int, channels: int, values) -> None:
     """A minimal atlas: what `atlas compare` and its SQL read."""
-    from atlas.store.tables import write_activations  # imports torch: not in the measuring process
+    from atlas.build.tables import write_activations  # imports torch: not in the measuring process
 
     root.mkdir(parents=True)
     atomic_write_parquet(root / "images.parquet", pa.table({

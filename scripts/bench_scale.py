@@ -151,7 +151,7 @@ def probe_selectivity(path: str, repeat: int) -> dict:
 
 def probe_writer(path: str, repeat: int) -> dict:
     """What an atlas written by make_large_atlas.py depends on: the build's table writers and the script."""
-    import atlas.store.tables as T
+    import atlas.build.tables as T
 
     h = hashlib.sha256()
     for part in (T.write_tables, T.write_activations, T.top_rows, T.IMAGE_ROW_GROUP, T.ACT_ROW_GROUP,

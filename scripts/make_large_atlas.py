@@ -3,7 +3,7 @@
 1M images, zfnet's 1376 conv channels at 224 px, k = 9, the activations table for one
 layer (conv5, 256 channels): for measuring the query side (scripts/bench_scale.py).
 
-The tables are written by the build's own writers (atlas.store.tables: `write_tables`,
+The tables are written by the build's own writers (atlas.build.tables: `write_tables`,
 `write_activations`, `top_rows`, `write_switches`), so file names, schemas, sort order and
 row groups are what `atlas build` writes; only the numbers are made up:
   activations  look like post-ReLU spatial maxima: a third zero, the rest gamma-distributed,
@@ -40,11 +40,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from atlas import FORMAT_VERSION, __version__  # noqa: E402
-from atlas.store.tables import switch_regions, top_rows, write_activations, write_switches, write_tables  # noqa: E402
+from atlas.build.tables import switch_regions, top_rows, write_activations, write_switches, write_tables  # noqa: E402
 from atlas.data import Record  # noqa: E402
 from atlas.util.files import atomic_write_bytes, atomic_write_json, publish_dir  # noqa: E402
 from atlas.net import LayerMap  # noqa: E402
-from atlas.build.mining import Moments, TopK  # noqa: E402
+from atlas.mining import Moments, TopK  # noqa: E402
 from atlas.models import load_model, preprocessing_for  # noqa: E402
 from atlas.models.registry import model_record  # noqa: E402
 

@@ -25,25 +25,6 @@ def test_every_command_has_help_with_an_explanation(name):
     assert len(body.split("\n", 2)[-1].strip()) > 20, f"{name} has no explanation"
 
 
-def _lazy_imports():
-    for path in sorted(CLI_DIR.glob("*.py")):
-        tree = ast.parse(path.read_text())
-        for fn in (n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)):
-            for node in ast.walk(fn):
-                if isinstance(node, ast.ImportFrom):
-                    yield path.stem, node
-
-
-@pytest.mark.parametrize("module,node", list(_lazy_imports()),
-                         ids=lambda v: v if isinstance(v, str) else f"line{v.lineno}")
-def test_the_library_calls_of_the_commands_resolve(module, node):
-    # the package of every atlas/cli/*.py module is atlas.cli: relative names resolve from there
-    base = importlib.import_module("." * node.level + (node.module or ""), package="atlas.cli")
-    for alias in node.names:
-        assert hasattr(base, alias.name) or importlib.util.find_spec(f"{base.__name__}.{alias.name}"), \
-            f"atlas/cli/{module}.py line {node.lineno}: {base.__name__} has no {alias.name}"
-
-
 def test_commands_are_listed_in_the_order_of_a_first_session():
     res = CliRunner().invoke(main, ["--help"])
     listed = [line.split()[0] for line in res.output.split("Commands:")[1].splitlines() if line.strip()]

@@ -1,10 +1,14 @@
 """`atlas demo --quick` end to end through the CLI, then the atlas it made is queried with `atlas sql`."""
 import json
 
+import pytest
+
 from click.testing import CliRunner
 
 import atlas
 from atlas.cli import main
+
+pytestmark = pytest.mark.slow  # a real browser / the whole demo: pytest -m 'not slow' skips them
 
 
 def test_demo_quick_end_to_end_then_sql(tmp_path):

@@ -23,6 +23,8 @@ from atlas.export import export
 from conftest import make_image_folder
 from test_export import make_hostile_folder, xss_channel
 
+pytestmark = pytest.mark.slow  # a real browser / the whole demo: pytest -m 'not slow' skips them
+
 ARGS = ["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage", "--no-default-browser-check"]
 

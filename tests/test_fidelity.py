@@ -92,7 +92,7 @@ def _module_of(lm, layer: str) -> nn.Module:
 def _stored_switches(lm, x: torch.Tensor, reqs) -> dict:
     """Switches as an atlas stores them: a batched forward (padded to a batch of 4, as a build's), each
     image's region per pool encoded in window codes, decoded back."""
-    from atlas.store.tables import switch_regions
+    from atlas.build.tables import switch_regions
 
     rows = [{"layer": r.layer, "image_id": r.image, "y": r.y, "x": r.x} for r in reqs]
     regions = switch_regions(lm, rows)

@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from atlas.build.mining import Moments, TopK, spatial_max
+from atlas.mining import Moments, TopK, spatial_max
 
 
 def brute_topk(values, ids, k):

@@ -94,3 +94,45 @@ def test_the_cli_and_its_help_load_no_heavy_library():
             "print(sorted(m for m in ('torch', 'numpy', 'duckdb', 'pyarrow', 'faiss', 'PIL') if m in sys.modules))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]", out
+
+
+# The packages, lowest first: each may import only those before it (and itself). A reader finds a concept in
+# one folder and the flow of the data in this order; an import that reaches up fails here.
+LAYERS = [
+    ("errors", "choices", "manual"),    # words every layer uses
+    ("util",),                          # files, lock, progress, output, device, distributed, heap, bounds, schema
+    ("data", "models"),                 # datasets and decoding; architectures and their weights
+    ("net",),                           # the trace and the one layer map
+    ("deconv", "mining"),               # the projection engine and its switches; streaming top-k and moments
+    ("store",),                         # an atlas on disk, read: manifest, SQL, model, images
+    ("pictures",),                      # projections, their cache, drawing, charts, feature visualization
+    ("search",),                        # FAISS indexes and similarity queries
+    ("build",),                         # the build job and its tables
+    ("train",),                         # the paper's recipe
+    ("notebook", "facade"),             # what shows itself; atlas.open's Atlas
+    ("compare",),                       # two atlases, unit by unit
+    ("export",),                        # the static site
+    ("analyses", "demo"),               # the paper's experiments; the demo
+    ("cli", "__main__"),                # the command line
+    ("atlas",),                         # the package's front door
+]
+
+
+def package_of(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "atlas"
+
+
+def test_packages_import_only_the_layers_below_them():
+    rank = {p: i for i, layer in enumerate(LAYERS) for p in layer}
+    graph = module_graph()
+    assert {package_of(m) for m in graph} <= set(rank), {package_of(m) for m in graph} - set(rank)
+    up = sorted(f"{m} -> {d}" for m, deps in graph.items() for d in deps
+                if rank[package_of(d)] > rank[package_of(m)])
+    assert up == [], "imports that reach up a layer:\n" + "\n".join(up)
+
+
+def test_the_layer_check_sees_an_import_that_reaches_up():
+    rank = {p: i for i, layer in enumerate(LAYERS) for p in layer}
+    assert rank[package_of("atlas.store")] > rank[package_of("atlas.net.graph")]
+    assert rank[package_of("atlas.cli.base")] > rank[package_of("atlas.build")]

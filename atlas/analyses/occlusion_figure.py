@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from ..choices import OCCLUSION_PANELS
 from ..pictures import charts as plotting
 from . import common
 from .occlusion_result import OcclusionResult
@@ -124,7 +125,7 @@ def _label_map_panel(res: OcclusionResult):
 # The panels (a) to (e), in the paper's order: the order figure.png sets them side by side and the order
 # the exported page lists their files in (atlas/export/gather.py repeats it, so that the export does not
 # import torch for it; tests/test_display.py holds the two equal).
-PANELS = ("image", "activation", "projection", "probability", "top_class")
+PANELS = OCCLUSION_PANELS
 
 
 def render(res: OcclusionResult, crop, folder: Path) -> dict[str, Path]:

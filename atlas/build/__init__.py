@@ -39,13 +39,13 @@ from ..util.heap import keep_memory_flat
 from ..data.inputs import DECODERS, InputBatches, choose_decoder, chunk_batches
 from ..net import LayerMap
 from ..util.lock import writer_lock
-from .mining import Moments, TopK, spatial_max
+from ..mining import Moments, TopK, spatial_max
 from ..models.preprocessing import three
 from ..models.registry import contrast_norm_option, load_model, model_record, preprocessing_for
 from ..util.progress import Progress
 from ..search.indexing import ChunkVectors, MinerPlan, build_indexes, layer_vectors, plan_for_build, vector_arrays
 from ..deconv.switches import window_codes
-from ..store.tables import switch_regions, top_rows, write_activations, write_switches, write_tables
+from .tables import switch_regions, top_rows, write_activations, write_switches, write_tables
 from ..choices import PRECISIONS  # noqa: F401 - re-exported
 
 UNREADABLE_SHOWN = 5  # the build's last lines name this many unreadable images

@@ -6,7 +6,7 @@ dataset root and the same path inside it). Only images both builds read pair; an
 twice in an atlas (the same bytes under two names) pairs once, its smallest image id.
 
 The statistics are the activations table (`activations/layer=L/*.parquet`: image_id, channel, value,
-written image by image, channels in order, ascending image ids: atlas.store.tables.write_activations), read a
+written image by image, channels in order, ascending image ids: atlas.build.tables.write_activations), read a
 row group at a time. When the pairs do not come in the same order in both atlases (content pairing
 across differently ordered datasets), B's rows are first put in A's order by DuckDB into a temporary
 Parquet file, spilling to disk rather than holding them.

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import AtlasError
-from ..store.manifest import LAYER_NAME, Int, List, Obj, Str
+from ..store.manifest import LAYER_NAME
+from ..util.schema import Int, List, Obj, Str
 from ..util.files import atomic_write
 from ..store.sql_guard import confine
 from ..store import AtlasReader, Result, _quote

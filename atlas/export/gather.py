@@ -12,11 +12,12 @@ from typing import Any
 
 import numpy as np
 
+from ..choices import OCCLUSION_PANELS
+
 HIST_BINS = 24
 # The files of an analysis run whose figure.png sets them side by side, in the figure's order: the
-# page shows the figure once and lists these after it (atlas.analyses.occlusion_figure.PANELS, repeated
-# here so that an export imports no torch for it; tests/test_display.py holds them equal).
-PANEL_ORDER = {"occlusion": ("image", "activation", "projection", "probability", "top_class")}
+# page shows the figure once and lists these after it
+PANEL_ORDER = {"occlusion": OCCLUSION_PANELS}
 SIMILAR = 6
 UNLABELLED = "(unlabelled)"
 

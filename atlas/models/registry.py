@@ -377,7 +377,7 @@ def model_record(model: nn.Module) -> dict[str, Any]:
 # it may be given, with their types and ranges. Nothing path-like (timm's checkpoint_path, cache_dir,
 # pretrained_cfg_overlay) and nothing that downloads (pretrained): anything outside needs --trust-code.
 def _allowed_options() -> dict[str, dict[str, Any]]:
-    from ..store.manifest import Bool, Float, Int, List, Str
+    from ..util.schema import Bool, Float, Int, List, Str
 
     fraction, classes = Float(0.0, 1.0), Int(1, 10 ** 6)
     return {

@@ -136,7 +136,7 @@ def layer_vectors(kind: str, act):
     """A batch's per-image vectors of one layer's output: a conv map's spatial maxima, an fc layer as FC_DTYPE."""
     import torch
 
-    from ..build.mining import spatial_max
+    from ..mining import spatial_max
 
     return spatial_max(act.float())[0] if kind == "conv" else act.to(getattr(torch, FC_DTYPE))
 

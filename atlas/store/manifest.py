@@ -11,187 +11,18 @@ Torch-free and small: `atlas sql` and `atlas info` import it.
 """
 from __future__ import annotations
 
-import math
 import os
 import re
 from typing import Any
 
 from ..choices import DECODERS
 from ..errors import AtlasError
+from ..util.schema import BIG, NAME, Bool, Float, Int, Invalid, List, Obj, OneOf, Str, bad, show
 
-# A module path (resnet's `layer4.1.conv2`, ours `conv5`, timm's `stages.3`): no empty part, so never `..`
-NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_\-]*(?:\.[A-Za-z0-9_\-]+)*")
 HEX64 = re.compile(r"[0-9a-f]{64}")
-SAFE_TEXT = 4096        # the longest string a field may hold (a note, a path)
-BIG = 10 ** 9           # sizes, counts, offsets: anything larger is no atlas this tool wrote
 SEED_MAX = 2 ** 32 - 1  # numpy's and the samplers' seeds
 SIDE_MAX = 8192         # an image side the tool draws, crops or resizes to
 CHANNELS_MAX = 1 << 20
-
-
-class Field:
-    """One value's rule. `check(value, where)` returns the value or raises with `where` named."""
-
-    nullable = False
-
-    def __init__(self, nullable: bool = False):
-        self.nullable = nullable
-
-    def check(self, value: Any, where: str) -> Any:
-        if value is None:
-            if self.nullable:
-                return None
-            raise _bad(where, f"must be {self.describe()}, not null")
-        return self._check(value, where)
-
-    def _check(self, value, where):  # pragma: no cover - every rule overrides it
-        raise NotImplementedError
-
-    def describe(self) -> str:
-        return "a value"
-
-
-class Int(Field):
-    def __init__(self, lo: int = -BIG, hi: int = BIG, nullable: bool = False):
-        super().__init__(nullable)
-        self.lo, self.hi = lo, hi
-
-    def _check(self, value, where):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise _bad(where, f"must be {self.describe()}, not {_show(value)}")
-        if not self.lo <= value <= self.hi:
-            raise _bad(where, f"must be {self.describe()}, not {value}")
-        return value
-
-    def describe(self):
-        return f"a whole number from {self.lo} to {self.hi}"
-
-
-class Float(Field):
-    def __init__(self, lo: float = -1e9, hi: float = 1e9, positive: bool = False, nullable: bool = False):
-        super().__init__(nullable)
-        self.lo, self.hi, self.positive = lo, hi, positive
-
-    def _check(self, value, where):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise _bad(where, f"must be {self.describe()}, not {_show(value)}")
-        if not self.lo <= value <= self.hi or (self.positive and value <= 0):
-            raise _bad(where, f"must be {self.describe()}, not {value}")
-        return value
-
-    def describe(self):
-        return f"a {'positive ' if self.positive else ''}finite number from {self.lo:g} to {self.hi:g}"
-
-
-class Bool(Field):
-    def _check(self, value, where):
-        if not isinstance(value, bool):
-            raise _bad(where, f"must be true or false, not {_show(value)}")
-        return value
-
-    def describe(self):
-        return "true or false"
-
-
-class Str(Field):
-    def __init__(self, pattern: re.Pattern | None = None, choices: tuple[str, ...] | None = None,
-                 what: str = "text", nullable: bool = False, longest: int = SAFE_TEXT):
-        super().__init__(nullable)
-        self.pattern, self.choices, self.what, self.longest = pattern, choices, what, longest
-
-    def _check(self, value, where):
-        if not isinstance(value, str) or len(value) > self.longest or "\x00" in value:
-            raise _bad(where, f"must be {self.describe()}, not {_show(value)}")
-        if self.choices is not None and value not in self.choices:
-            raise _bad(where, f"must be one of {', '.join(self.choices)}, not {_show(value)}")
-        if self.pattern is not None and not self.pattern.fullmatch(value):
-            raise _bad(where, f"must be {self.describe()}, not {_show(value)}")
-        return value
-
-    def describe(self):
-        return f"one of {', '.join(self.choices)}" if self.choices else self.what
-
-
-class List(Field):
-    def __init__(self, item: Field, least: int = 0, most: int = 100_000, nullable: bool = False):
-        super().__init__(nullable)
-        self.item, self.least, self.most = item, least, most
-
-    def _check(self, value, where):
-        if not isinstance(value, list) or not self.least <= len(value) <= self.most:
-            raise _bad(where, f"must be {self.describe()}, not {_show(value)}")
-        return [self.item.check(v, f"{where}[{i}]") for i, v in enumerate(value)]
-
-    def describe(self):
-        size = f"exactly {self.least}" if self.least == self.most else f"{self.least} to {self.most}"
-        return f"a list of {size} items, each {self.item.describe()}"
-
-
-class Obj(Field):
-    """An object with known fields: name -> rule (a name ending in '?' is optional). Other keys pass."""
-
-    def __init__(self, fields: dict[str, Field], nullable: bool = False, values: Field | None = None):
-        super().__init__(nullable)
-        self.fields = {k.rstrip("?"): (rule, k.endswith("?")) for k, rule in fields.items()}
-        self.values = values  # a rule for every value of a free-form object (kwargs)
-
-    def _check(self, value, where):
-        if not isinstance(value, dict):
-            raise _bad(where, f"must be {self.describe()}, not {_show(value)}")
-        for key, (rule, optional) in self.fields.items():
-            if key in value:
-                rule.check(value[key], _join(where, key))
-            elif not optional:
-                raise _bad(_join(where, key), "is missing")
-        if self.values is not None:
-            for key, v in value.items():
-                if key not in self.fields:
-                    if not isinstance(key, str) or not NAME.fullmatch(key):
-                        raise _bad(where, f"has a key {_show(key)} that is not a name")
-                    self.values.check(v, _join(where, key))
-        return value
-
-    def describe(self):
-        return "an object"
-
-
-class OneOf(Field):
-    """The first of several rules that accepts the value (JSON scalars of a builder's options)."""
-
-    def __init__(self, *rules: Field, nullable: bool = False):
-        super().__init__(nullable)
-        self.rules = rules
-
-    def _check(self, value, where):
-        for rule in self.rules:
-            try:
-                return rule.check(value, where)
-            except AtlasError:
-                continue
-        raise _bad(where, f"must be {self.describe()}, not {_show(value)}")
-
-    def describe(self):
-        return " or ".join(r.describe() for r in self.rules)
-
-
-def _join(where: str, key: str) -> str:
-    return f"{where}.{key}" if where else key
-
-
-def _show(value: Any) -> str:
-    text = repr(value) if not isinstance(value, (dict, list)) else type(value).__name__.replace("dict", "an object") \
-        .replace("list", "a list")
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-class _Invalid(AtlasError):
-    def __init__(self, where: str, what: str):
-        super().__init__(f"field {where} {what}")
-        self.where, self.what = where, what
-
-
-def _bad(where: str, what: str) -> _Invalid:
-    return _Invalid(where or "(the whole manifest)", what)
 
 
 LAYER_NAME = Str(NAME, what="a layer name (letters, digits, _ and -, parts joined by single dots)", longest=200)
@@ -275,7 +106,7 @@ def validate(manifest: Any, where: str) -> dict[str, Any]:
     try:
         SCHEMA.check(manifest, "")
         _agree(manifest)
-    except _Invalid as e:
+    except Invalid as e:
         raise AtlasError(f"{where}: manifest.json {e}") from None
     return manifest
 
@@ -283,21 +114,21 @@ def validate(manifest: Any, where: str) -> dict[str, Any]:
 def _agree(m: dict[str, Any]) -> None:
     """What no one field shows: layer and pool names that are unique, and pools_below naming pools."""
     if not os.path.isabs(m["dataset"]["root"]):  # the build records it resolved; anything else is a spec
-        raise _bad("dataset.root", f"must be an absolute folder path, not {_show(m['dataset']['root'])}")
+        raise bad("dataset.root", f"must be an absolute folder path, not {show(m['dataset']['root'])}")
     names = [la["layer"] for la in m["layers"]]
     if len(set(names)) != len(names):
-        raise _bad("layers", "names a layer twice")
+        raise bad("layers", "names a layer twice")
     pools = {p["name"] for p in m["geometry"]["pools"]}
     model_layers = {g["layer"] for g in m["geometry"]["layers"]}
     for i, la in enumerate(m["layers"]):
         if la["layer"] not in model_layers:
-            raise _bad(f"layers[{i}].layer", f"names a layer '{la['layer']}' that geometry.layers does not hold")
+            raise bad(f"layers[{i}].layer", f"names a layer '{la['layer']}' that geometry.layers does not hold")
         for name in la.get("pools_below") or []:
             if name not in pools:
-                raise _bad(f"layers[{i}].pools_below", f"names a pool '{name}' that geometry.pools does not hold")
+                raise bad(f"layers[{i}].pools_below", f"names a pool '{name}' that geometry.pools does not hold")
     index = m.get("index") or {}
     for kind, names in (("images", (index.get("images") or {}).keys()),
                         ("channels.layers", ((index.get("channels") or {}).get("layers") or {}).keys())):
         for name in names:
             if name not in model_layers:
-                raise _bad(f"index.{kind}", f"names a layer '{name}' that geometry.layers does not hold")
+                raise bad(f"index.{kind}", f"names a layer '{name}' that geometry.layers does not hold")

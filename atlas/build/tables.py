@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 
 from ..util.files import atomic_write, atomic_write_parquet
 from ..net import LayerMap
-from ..build.mining import NO_IMAGE, TopK
+from ..mining import NO_IMAGE, TopK
 from ..deconv.switches import pack, regions_below, union
 
 # Row groups (scripts/bench_scale.py measures both on a 1M-image atlas):
