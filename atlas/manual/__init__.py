@@ -22,6 +22,7 @@ TOPICS: dict[str, str] = {
     "training": "Training with the paper's recipe, feature evolution, filter comparison",
     "analyses": "The paper's analyses: occlusion, invariance, correspondence",
     "compare": "Comparing two atlases: the same units across seeds, checkpoints and models",
+    "python": "The Python API: atlas.open, atlas.load_model, atlas.build.build, BuildOptions, the Atlas methods",
     "vocabulary": "One vocabulary: the options every command shares, and their one meaning",
     "format": "The atlas on disk: its files, tables and caches",
     "promises": "Promises: reliability, the threat model (an atlas is data), determinism",
