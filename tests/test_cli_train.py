@@ -67,7 +67,7 @@ def test_train_writes_the_run(run, shapes):
     assert (o["lr"], o["dropout"], o["init"], o["batch_size"], o["epochs"]) == (5e-3, 0.0, "default", 16, 2)
     assert o["snapshot_epochs"] == [0, 1, 2]
     assert cfg["defaults"]["paper"] == {"epochs": 70, "batch_size": 128, "lr": 1e-2, "dropout": 0.5,
-                                        "init": "paper"}
+                                        "init": "paper", "renorm_radius": 0.1}
     with open(run / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [r["epoch"] for r in rows] == ["1", "2"]

@@ -49,3 +49,13 @@ def test_demo_quick_end_to_end_then_sql(tmp_path):
     # the same data through the documented Python API
     n_images = a.sql("SELECT count(*) FROM images WHERE status = 'ok'").fetchall()[0][0]
     assert n_images == 400
+
+
+def test_the_demo_trains_a_modern_net_end_to_end(tmp_path):
+    out = tmp_path / "r18"
+    res = CliRunner().invoke(main, ["demo", "--model", "resnet18", "--quick", "--out", str(out), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    a = atlas.open(out / "atlas")
+    assert a.manifest["model"]["name"] == "resnet18" and not a.manifest["model"]["random_init"]
+    assert a.layer_names[-1] == "layer4" and f"atlas show {out / 'atlas'} " in res.output
+    assert len(a.top("layer4", 0)) == 9

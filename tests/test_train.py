@@ -306,3 +306,22 @@ def test_zfnet_mini_learns_shapes(tmp_path):
     # the end (a 120-image validation set at a constant lr moves by several points between epochs;
     # on the development machine the run ends at 84 %)
     assert max(acc) > 3 * chance and acc[-1] > 2 * chance, acc
+
+
+def test_a_batchnorm_net_trains_with_the_recipes_batchnorm_departures(tmp_path, tiny_folder):
+    """resnet18 trains (any torchvision classifier does): its own init, no filter renormalisation, no dropout
+    to set; the weights reopen as the model and build an atlas."""
+    run = tmp_path / "r18"
+    final = atlas.train.train("resnet18", str(tiny_folder), run, epochs=1, image_size=32, batch_size=12,
+                              progress=False)
+    config = json.loads((run / "config.json").read_text())["options"]
+    assert config["renorm_radius"] == 0.0 and config["init"] == "default" and config["dropout"] is None
+    assert config["lr"] == 5e-2 and config["batch_size"] == 12  # the BatchNorm default, and the option given
+    state, meta = read_weights(final)
+    assert meta["model"] == "resnet18" and meta["num_classes"] == 3
+    net = atlas.load_model("resnet18", weights=final)
+    assert net.fc.out_features == 3 and not net.training
+    with pytest.raises(AtlasError, match="resnet18' has no dropout"):
+        atlas.train.train("resnet18", str(tiny_folder), tmp_path / "x", epochs=1, dropout=0.3, progress=False)
+    # the paper's own nets keep the paper's recipe
+    assert atlas.train.TrainOptions().resolve("alexnet", torch.device("cpu"))[0]["renorm_radius"] == 0.1

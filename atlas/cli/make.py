@@ -16,17 +16,24 @@ from .base import (CONTEXT, CommaList, batch_size_option, contrast_norm_option, 
 @main.command(context_settings=CONTEXT)
 @click.option("--out", type=click.Path(path_type=Path), default=Path("atlas-demo"), show_default=True,
               help="Folder for the demo's data, training run and atlas.")
+@click.option("--model", "model_name", default="zfnet-mini", show_default=True, metavar="NAME",
+              help="The model to train: zfnet-mini, or a modern net such as resnet18 (any torchvision "
+              "classification model), trained at 64 px on the same images.")
 @click.option("--quick", is_flag=True, help="A small, fast version (under 30 s) for tests and a first look.")
 @progress_option
-def demo(out, quick, progress):
-    """Make the `shapes` dataset, train zfnet-mini on it, and build its atlas.
+def demo(out, model_name, quick, progress):
+    """Make the `shapes` dataset, train a model on it, and build its atlas.
 
     Everything is generated locally from a fixed seed; nothing is downloaded.
     At the end it prints where the atlas is and what to try next.
+
+    \b
+      atlas demo                      # zfnet-mini, the paper's net made small
+      atlas demo --model resnet18     # a trained ResNet seen end to end
     """
     from ..demo import run_demo
 
-    run_demo(out, quick=quick, progress=progress, log=_say)
+    run_demo(out, quick=quick, progress=progress, log=_say, model=model_name)
 
 
 class Floats(click.ParamType):

@@ -21,18 +21,21 @@ MEMORY_LIMIT_MB = 2048  # atlas/train/pipeline.py MEMORY_LIMIT, in MB
 @click.option("--val", metavar="DATA", help="Validation images with the same classes (default: a seeded, "
               "per-class --val-fraction of --data is held out).")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="The run folder to write (RUN_DIR).")
-@click.option("--epochs", type=int, metavar="N", help="Epochs to train  [default: 70, the paper's; zfnet-mini: 10]")
-@batch_size_option("Images per SGD step  [default: 128; zfnet-mini: 32]")
-@click.option("--lr", type=float, metavar="RATE", help="Initial learning rate  [default: 1e-2; zfnet-mini: 5e-3]")
+@click.option("--epochs", type=int, metavar="N", help="Epochs to train  [default: 70, the paper's; a BatchNorm net: 10; zfnet-mini: 10]")
+@batch_size_option("Images per SGD step  [default: 128; a BatchNorm net: 64; zfnet-mini: 32]")
+@click.option("--lr", type=float, metavar="RATE", help="Initial learning rate  [default: 1e-2; a BatchNorm net: "
+              "5e-2; zfnet-mini: 5e-3]")
 @click.option("--momentum", default=0.9, show_default=True, type=float, help="SGD momentum.")
 @click.option("--weight-decay", default=5e-4, show_default=True, type=float,
               help="Not stated in the paper; AlexNet's value.")
-@click.option("--dropout", type=float, help="Dropout in fc6/fc7  [default: 0.5; zfnet-mini: 0]")
+@click.option("--dropout", type=float, help="Dropout before the classifier, for models that have it  [default: "
+              "0.5; zfnet-mini: 0]")
 @click.option("--init", type=click.Choice(["paper", "default"]),
               help="paper: weights N(0, 1e-2), biases 0; default: the model's own  [default: paper; "
-              "zfnet-mini: default]")
-@click.option("--renorm-radius", default=0.1, show_default=True, type=float,
-              help="After every step a conv filter whose RMS exceeds this is rescaled to it (0: off).")
+              "a BatchNorm net and zfnet-mini: default]")
+@click.option("--renorm-radius", type=float,
+              help="After every step a conv filter whose RMS exceeds this is rescaled to it (0: off)  [default: "
+              "0.1; a BatchNorm net: 0]")
 @click.option("--lr-patience", default=3, show_default=True, type=int,
               help="Epochs without a lower validation top-1 error before the lr is lowered.")
 @click.option("--lr-factor", default=0.1, show_default=True, type=float, help="What lowering multiplies the lr by.")
@@ -71,8 +74,11 @@ def train(model_name, data, val, out, epochs, batch_size, lr, momentum, weight_d
     128, lr 1e-2 lowered 10x when the validation top-1 error stops
     falling, dropout 0.5 in fc6/fc7, weights N(0, 1e-2) and biases 0, every
     conv filter renormalised to RMS <= 0.1 after each step, random 224 crops
-    of the 256 centre crop with horizontal flips. zfnet-mini (small images,
-    few epochs) departs where it must; RUN_DIR/config.json records every value.
+    of the 256 centre crop with horizontal flips. Any torchvision classifier
+    trains too; a net with BatchNorm (resnet18, vgg16_bn, mobilenet_v2...)
+    departs where BatchNorm does the job: its own init, no renormalisation, lr
+    5e-2, batch 64, 10 epochs. zfnet-mini (small images, few epochs) departs
+    where it must; RUN_DIR/config.json records every value.
 
     \b
     RUN_DIR: config.json, metrics.csv (per epoch: lr, loss, top-1/top-5 error,

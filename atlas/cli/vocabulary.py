@@ -118,9 +118,9 @@ VOCABULARY: tuple[Term, ...] = (
          ("build", "train")),
     Term("--model", "--model", "NAME",
          "the model: zfnet, zfnet-mini, alexnet-single, any torchvision classification model by name, "
-         "timm:NAME, or your own FILE.py:FACTORY / package.module:FACTORY (build); train trains zfnet, "
-         "zfnet-mini, alexnet-single, alexnet and vgg11/13/16/19",
-         ("build", "train")),
+         "timm:NAME, or your own FILE.py:FACTORY / package.module:FACTORY (build); train and the demo train "
+         "ours and any torchvision classification model",
+         ("demo", "build", "train")),
     Term("--data", "--data", "DATA",
          "the images read: an image folder (a sub-folder per class, or flat), a CIFAR-10 folder, or `shapes`",
          ("build", "train", "evolution")),

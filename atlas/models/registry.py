@@ -38,8 +38,6 @@ _OWN = {
     "alexnet-single": (AlexNetSingle, make(256, 224, IMAGENET_MEAN, (1.0, 1.0, 1.0),
                                            "short side 256, centre crop 224, scale to [0,1], subtract the mean")),
 }
-# What `atlas train` trains: ours, and torchvision's plain conv/ReLU/max-pool CNNs.
-_TRAINABLE_TORCHVISION = ("alexnet", "vgg11", "vgg13", "vgg16", "vgg19")
 SPEC_FORMS = ("timm:NAME", "FILE.py:FACTORY", "package.module:FACTORY")
 
 
@@ -49,8 +47,32 @@ def model_names() -> list[str]:
 
 
 def trainable_names() -> list[str]:
-    """What `atlas train` takes (and what an `atlas train` checkpoint names)."""
-    return list(_OWN) + list(_TRAINABLE_TORCHVISION)
+    """What `atlas train` takes (and what an `atlas train` checkpoint names): ours and every torchvision
+    classification model."""
+    return list(_OWN) + list(from_torchvision.names())
+
+
+def family(name: str) -> dict[str, bool]:
+    """What the recipe must know of a model it trains: whether it normalises its activations with
+    BatchNorm (the paper's filter renormalisation and N(0, 1e-2) init are for nets without it) and whether
+    its constructor takes `dropout`. Read from the model built on the meta device: nothing is computed."""
+    def built(**options):
+        try:
+            with torch.device("meta"):
+                return build_model(name, num_classes=10, **options)
+        except AtlasError:
+            raise
+        except Exception:  # builders that compute while building: a real one
+            return _seeded(0, lambda: build_model(name, num_classes=10, **options))
+
+    net = built()
+    try:
+        built(dropout=0.5)
+        takes = True
+    except AtlasError:  # the builder says it takes no such option
+        takes = False
+    return {"batchnorm": any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules()),
+            "dropout": takes}
 
 
 def source_of(name: Any) -> str:

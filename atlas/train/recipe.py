@@ -12,7 +12,14 @@ from ..errors import AtlasError
 from ..models.registry import preprocessing_for, trainable_names
 
 # The paper's recipe; per-model departures below (each recorded in config.json).
-PAPER_DEFAULTS: dict[str, Any] = {"epochs": 70, "batch_size": 128, "lr": 1e-2, "dropout": 0.5, "init": "paper"}
+PAPER_DEFAULTS: dict[str, Any] = {"epochs": 70, "batch_size": 128, "lr": 1e-2, "dropout": 0.5, "init": "paper",
+                                  "renorm_radius": 0.1}
+# A net with BatchNorm (a ResNet, a MobileNet, vgg16_bn...) departs from the paper where BatchNorm does its
+# job: the renormalisation of conv filters to RMS 0.1 would fight BatchNorm's own scale (it is off), and
+# N(0, 1e-2) would start the convs in front of BatchNorm at an arbitrary scale (the builder's own init
+# instead, He for torchvision's). The learning rate is a BatchNorm net's usual one.
+BATCHNORM_DEFAULTS: dict[str, Any] = {"epochs": 10, "batch_size": 64, "lr": 5e-2, "init": "default",
+                                      "renorm_radius": 0.0}
 MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
     # A 5-conv net for 32-64 px images, trained for a few epochs (the demo: 3 epochs of 3,600
     # shapes images). N(0, 1e-2) does not get it going (its own He init does); lr >= 0.02 kills its
@@ -83,7 +90,7 @@ def check_options(o: dict[str, Any]) -> None:
         bad("momentum", f"must be in [0, 1) (got {o['momentum']})")
     if o["weight_decay"] < 0:
         bad("weight_decay", f"must be >= 0 (got {o['weight_decay']})")
-    if not 0 <= o["dropout"] < 1:
+    if o["dropout"] is not None and not 0 <= o["dropout"] < 1:
         bad("dropout", f"must be in [0, 1) (got {o['dropout']})")
     if o["init"] not in ("paper", "default"):
         bad("init", f"must be paper or default (got '{o['init']}')")

@@ -18,13 +18,13 @@ from ..util.device import default_workers, resolve_device
 from ..errors import AtlasError
 from ..util.files import atomic_write_json, remove_temp_files, torch_save_atomic
 from ..util.lock import holds_writer_lock
-from ..models.registry import build_model, constructor_options, contrast_norm_option, trainable_names
+from ..models.registry import build_model, constructor_options, contrast_norm_option, family, trainable_names
 from ..models.zfnet import paper_init
 from ..util.progress import Progress
 from .checkpoints import CHECKPOINT_FORMAT, save_weights, write_metrics
 from .curves import plot_curves
 from .pipeline import MEMORY_LIMIT, Batches, crop_flip
-from .recipe import (MODEL_DEFAULTS, PAPER_DEFAULTS, check_options, differences, epoch_augmentation, holdout_split,
+from .recipe import (BATCHNORM_DEFAULTS, MODEL_DEFAULTS, PAPER_DEFAULTS, check_options, differences, epoch_augmentation, holdout_split,
                      mix, parse_epochs, run_preprocessing)
 from .trainer import Trainer, flush_denormal
 
@@ -43,7 +43,7 @@ class TrainOptions:
     weight_decay: float = 5e-4
     dropout: float | None = None
     init: str | None = None
-    renorm_radius: float = 0.1
+    renorm_radius: float | None = None
     lr_patience: int = 3
     lr_factor: float = 0.1
     resize: int | None = None
@@ -65,14 +65,18 @@ class TrainOptions:
         """(the run's options with every default filled in and checked, the preprocessing)."""
         if model not in trainable_names():
             raise AtlasError(f"unknown model '{model}': choose one of {', '.join(trainable_names())}")
-        md = {**PAPER_DEFAULTS, **MODEL_DEFAULTS.get(model, {})}
+        fam = family(model)
+        md = {**PAPER_DEFAULTS, **(BATCHNORM_DEFAULTS if fam["batchnorm"] else {}), **MODEL_DEFAULTS.get(model, {})}
         pick = lambda name: getattr(self, name) if getattr(self, name) is not None else md[name]  # noqa: E731
+        if self.dropout is not None and not fam["dropout"]:
+            raise AtlasError(f"--dropout: model '{model}' has no dropout option to set")
         pre = run_preprocessing(model, self.image_size, self.resize, self.crop)
         norm = contrast_norm_option(model, self.contrast_norm)
         opts: dict[str, Any] = {
             "model": model, "epochs": int(pick("epochs")), "batch_size": int(pick("batch_size")),
             "lr": float(pick("lr")), "momentum": float(self.momentum), "weight_decay": float(self.weight_decay),
-            "dropout": float(pick("dropout")), "init": pick("init"), "renorm_radius": float(self.renorm_radius or 0.0),
+            "dropout": float(pick("dropout")) if fam["dropout"] else None, "init": pick("init"),
+            "renorm_radius": float(pick("renorm_radius")),
             "lr_patience": int(self.lr_patience), "lr_factor": float(self.lr_factor),
             "resize": pre["resize"], "crop": pre["crop"], "flip": bool(self.flip),
             "ten_crop_eval": bool(self.ten_crop_eval), "val_fraction": float(self.val_fraction),
@@ -218,7 +222,8 @@ class TrainRun:
         opts, dev = self.opts, self.dev
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(opts["seed"])
-            net = build_model(self.model, num_classes=len(self.classes), dropout=opts["dropout"],
+            dropout = {} if opts["dropout"] is None else {"dropout": opts["dropout"]}
+            net = build_model(self.model, num_classes=len(self.classes), **dropout,
                               **contrast_norm_option(self.model, self.options.contrast_norm))
             if opts["init"] == "paper":
                 paper_init(net)
