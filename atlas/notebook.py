@@ -64,7 +64,26 @@ def _cell(v: Any) -> str:
 
 
 def png_data_uri(png: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+    """A data: URI for PNG or WebP bytes (by their signature)."""
+    mime = "image/webp" if png[:4] == b"RIFF" and png[8:12] == b"WEBP" else "image/png"
+    return f"data:{mime};base64," + base64.b64encode(png).decode("ascii")
+
+
+WEB_QUALITY = 82  # WebP's lossy quality for pictures inside a notebook's HTML: labels and patches stay sharp
+
+
+def web(png: bytes | None) -> bytes | None:
+    """PNG bytes as lossy WebP for a notebook's HTML: a channel's panel and its 18 thumbnails as PNG weighed
+    about 280 KB of base64 in every saved notebook; as WebP about a fifth of that. The files on disk (the
+    cache, `Picture.path`, `_repr_png_`) stay PNG."""
+    if png is None:
+        return None
+    from PIL import Image
+
+    with Image.open(io.BytesIO(png)) as im:
+        buf = io.BytesIO()
+        im.convert("RGB").save(buf, format="WEBP", quality=WEB_QUALITY, method=6)
+    return buf.getvalue()
 
 
 def _png_bytes(image) -> bytes:
@@ -87,14 +106,17 @@ def thumbnail(source: str | Path | Any, size: int = THUMB) -> bytes:
     if scale != 1:
         w, h = (max(1, round(im.width * scale)), max(1, round(im.height * scale)))
         im = im.resize((w, h), Image.NEAREST if scale > 1 else Image.LANCZOS)
-    return _png_bytes(im)
+    return web(_png_bytes(im))
 
 
-def _img(png: bytes | None, alt: str, width: int | None = None) -> str:
+def _img(png: bytes | None, alt: str, width: int | None = None, natural: bool = False) -> str:
+    """An <img> of PNG or WebP bytes. `natural`: at its own size, never shrunk to the cell's width (a
+    figure's labels blur when it is)."""
     if png is None:
         return f'<span class="muted">{escape(alt)}: unavailable</span>'
     w = f' width="{int(width)}"' if width else ""
-    return f'<img src="{png_data_uri(png)}" alt="{escape(alt)}"{w}>'
+    style = ' style="max-width:none"' if natural else ""
+    return f'<img src="{png_data_uri(png)}" alt="{escape(alt)}"{w}{style}>'
 
 
 def _kv(pairs: Iterable[tuple[str, Any]]) -> str:
@@ -218,7 +240,7 @@ class Picture:
         return escape(self.title or self.path.name)
 
     def _repr_html_(self) -> str:
-        return (f'{STYLE}<figure class="atlas-nb" style="margin:0">{_img(self.png(), self.title or self.path.name)}'
+        return (f'{STYLE}<figure class="atlas-nb" style="margin:0">{_img(web(self.png()), self.title or self.path.name, natural=True)}'
                 f'<figcaption class="muted">{self._caption()}</figcaption></figure>')
 
 
@@ -343,7 +365,7 @@ class Channel:
                   ("fire rate", s.get("fire_rate"))])
         try:
             panel = self.panel
-            pic = _img(panel.png(), panel.title or "panel")
+            pic = _img(web(panel.png()), panel.title or "panel", natural=True)
         except AtlasError as e:
             pic = f'<p class="muted">no panel: {escape(e)}</p>'
         err = self._pictures().get("error") if self._pics is not None else None
@@ -453,7 +475,7 @@ class Analysis:
         for r in [self.run] if self.run else self.runs:
             figs = self.figures(r)
             if figs:  # the run's figure (it holds its panels: each shown once)
-                parts.append(f"<h3>{escape(self.name)} · run {escape(r)}</h3>{_img(figs[0].png(), figs[0].title)}")
+                parts.append(f"<h3>{escape(self.name)} · run {escape(r)}</h3>{_img(web(figs[0].png()), figs[0].title, natural=True)}")
         try:
             table = self.table
         except AtlasError as e:
@@ -479,5 +501,5 @@ class ShowsItsFigure:
         fig = self.figure
         lines = self.summary() if hasattr(self, "summary") else []
         text = "".join(f"<div>{escape(line)}</div>" for line in lines)
-        pic = _img(fig.png(), fig.title or fig.path.name) if fig is not None else ""  # _img escapes
+        pic = _img(web(fig.png()), fig.title or fig.path.name, natural=True) if fig is not None else ""
         return f'<div class="atlas-analysis">{pic}{text}</div>'

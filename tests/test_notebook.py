@@ -17,7 +17,7 @@ from atlas import notebook as NB
 from atlas.errors import AtlasError
 
 HOSTILE = '<img src=x onerror=alert(1)> & "quotes" \'too\''
-DATA_URI = re.compile(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
+DATA_URI = re.compile(r'src="data:image/(?:png|webp);base64,([A-Za-z0-9+/=]+)"')
 
 
 def _decode_all(html: str) -> list[Image.Image]:
@@ -32,7 +32,7 @@ def _decode_all(html: str) -> list[Image.Image]:
 def _no_outside_references(html: str) -> None:
     """Self-contained: every picture inline, nothing fetched from a file or the network."""
     srcs = re.findall(r'src="([^"]*)"', html)
-    assert srcs and all(s.startswith("data:image/png;base64,") for s in srcs)
+    assert srcs and all(s.startswith(("data:image/png;base64,", "data:image/webp;base64,")) for s in srcs)
     assert "<script" not in html.lower()
 
 
@@ -188,3 +188,13 @@ def test_an_analysis_result_shows_its_figure(tiny_atlas, tmp_path):
     _no_outside_references(html)
     assert len(_decode_all(html)) == 1 and res.summary()[0].split()[0] in html
     assert res.figure.path == res.figures["figure"]
+
+
+def test_a_channel_display_is_light(tiny_atlas):
+    """A saved notebook carries its pictures: a channel's display stays in the tens of KB (WebP inside the
+    HTML), its panel shown at its own size so the labels read, while the files on disk stay PNG."""
+    ch = atlas.open(tiny_atlas).channel("conv5", 2)
+    html = ch._repr_html_()
+    assert len(html) <= 60_000, len(html)
+    assert 'style="max-width:none"' in html
+    assert ch.panel.png()[:8] == b"\x89PNG\r\n\x1a\n"
