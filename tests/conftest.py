@@ -36,3 +36,32 @@ def tiny_atlas(tmp_path_factory, tiny_folder) -> Path:
 
     out = tmp_path_factory.mktemp("atlases") / "tiny"
     return build("zfnet-mini", str(tiny_folder), out, k=4, batch_size=8, image_size=32, progress=False)
+
+
+@pytest.fixture
+def interrupt_build():
+    """`interrupt_build(model, data, out, after=N, **options)`: atlas.build.build stopped by Ctrl-C
+    (KeyboardInterrupt) right after its Nth chunk reaches the disk (0: before the first), as a user's
+    interrupt would stop it; returns `out`, whose `.partial` folder a resume continues. Builds after it run
+    normally. Every resume and build-safety test starts here, so a change to how the build stores its
+    chunks is mended in one place."""
+    import atlas.build as b
+
+    def interrupted(*args, after: int = 1, **options):
+        real, done = b._flush_chunk, []
+
+        def flush(*a, **kw):
+            if after == 0:
+                raise KeyboardInterrupt
+            real(*a, **kw)
+            done.append(1)
+            if len(done) == after:
+                raise KeyboardInterrupt
+
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(b, "_flush_chunk", flush)
+            with pytest.raises(KeyboardInterrupt):
+                b.build(*args, **options)
+        return Path(args[2])
+
+    return interrupted

@@ -134,25 +134,12 @@ def test_same_inputs_same_atlas(tmp_path, tiny_folder, tiny_atlas):
 
 
 @pytest.mark.determinism
-def test_interrupted_build_resumes_to_the_same_atlas(tmp_path, tiny_folder, monkeypatch):
+def test_interrupted_build_resumes_to_the_same_atlas(tmp_path, tiny_folder, interrupt_build):
     ref = build("zfnet-mini", str(tiny_folder), tmp_path / "ref", k=4, batch_size=4, chunk_size=8,
                 image_size=32, progress=False)
-    import atlas.build as b
-
-    real, calls = b._flush_chunk, []
-
-    def flaky(*args, **kw):
-        real(*args, **kw)
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt  # Ctrl-C after two finished chunks
-
-    monkeypatch.setattr(b, "_flush_chunk", flaky)
-    out = tmp_path / "a"
-    with pytest.raises(KeyboardInterrupt):
-        build("zfnet-mini", str(tiny_folder), out, k=4, batch_size=4, chunk_size=8, image_size=32, progress=False)
+    out = interrupt_build("zfnet-mini", str(tiny_folder), tmp_path / "a", after=2, k=4, batch_size=4,
+                          chunk_size=8, image_size=32, progress=False)
     assert not out.exists() and (tmp_path / "a.partial").is_dir()
-    monkeypatch.setattr(b, "_flush_chunk", real)
     from atlas.errors import AtlasError
 
     with pytest.raises(AtlasError, match="--resume"):

@@ -144,16 +144,9 @@ def test_training_and_indexing_hold_the_lock_too(tmp_path, tiny_folder, tiny_atl
     assert temp_files(a) == []
 
 
-def test_a_resumed_build_reports_the_throughput_of_the_work_each_run_did(tmp_path, tiny_folder, monkeypatch):
+def test_a_resumed_build_reports_the_throughput_of_the_work_each_run_did(tmp_path, tiny_folder, monkeypatch,
+                                                                          interrupt_build):
     import atlas.build as b
-
-    real, calls = b._flush_chunk, []
-
-    def flaky(*args, **kw):
-        real(*args, **kw)
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
 
     out = tmp_path / "a"
     # a first run that stops after mining (every chunk done) and before the merge: the second run mines nothing
@@ -167,11 +160,7 @@ def test_a_resumed_build_reports_the_throughput_of_the_work_each_run_did(tmp_pat
     code, text = run("info", out)
     assert code == 0 and "None" not in text and "no images mined" in text, text
     # an interrupted run, then a resumed one that mines the rest: the figure is over the work done
-    out2 = tmp_path / "b"
-    monkeypatch.setattr(b, "_flush_chunk", flaky)
-    with pytest.raises(KeyboardInterrupt):
-        build("zfnet-mini", str(tiny_folder), out2, **OPTS)
-    monkeypatch.undo()
+    out2 = interrupt_build("zfnet-mini", str(tiny_folder), tmp_path / "b", after=3, **OPTS)
     build("zfnet-mini", str(tiny_folder), out2, resume=True, **OPTS)
     t = atlas.open(out2).manifest["timings"]
     assert t["images_per_s"] > 0

@@ -123,22 +123,10 @@ def test_atlas_index_afterwards_equals_the_builds_index(tmp_path, folder_with_a_
 
 
 def test_a_resumed_build_equals_an_uninterrupted_one_with_short_batches(tmp_path, folder_with_a_broken_file,
-                                                                        monkeypatch):
-    import atlas.build as b
-
+                                                                        interrupt_build):
     opts = dict(k=3, batch_size=4, chunk_size=8, progress=False)
     ref = build("zfnet-mini", str(folder_with_a_broken_file), tmp_path / "ref", **opts)
-    real = b._flush_chunk
-
-    def once(*args, **kw):
-        real(*args, **kw)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(b, "_flush_chunk", once)
-    out = tmp_path / "a"
-    with pytest.raises(KeyboardInterrupt):
-        build("zfnet-mini", str(folder_with_a_broken_file), out, **opts)
-    monkeypatch.setattr(b, "_flush_chunk", real)
+    out = interrupt_build("zfnet-mini", str(folder_with_a_broken_file), tmp_path / "a", after=1, **opts)
     build("zfnet-mini", str(folder_with_a_broken_file), out, resume=True, **opts)
     assert _tables(ref) == _tables(out)
     manifest = json.loads((out / "manifest.json").read_text())

@@ -143,42 +143,18 @@ def test_decode_option_errors_are_one_line(tmp_path):
     assert r.output.strip().count("\n") == 0 and "--decode device reads image files" in r.output
 
 
-def test_a_resumed_build_keeps_its_decoder(jpeg_folder, tmp_path, monkeypatch):
-    import atlas.build as b
-
-    real = b._flush_chunk
-
-    def interrupted(*args, **kw):
-        real(*args, **kw)
-        raise KeyboardInterrupt  # Ctrl-C after the first chunk
-
-    monkeypatch.setattr(b, "_flush_chunk", interrupted)
-    out = tmp_path / "a"
+def test_a_resumed_build_keeps_its_decoder(jpeg_folder, tmp_path, interrupt_build):
     opts = dict(k=3, batch_size=4, chunk_size=8, image_size=32, index=False, progress=False)
-    with pytest.raises(KeyboardInterrupt):
-        build("zfnet-mini", str(jpeg_folder), out, decode="device", **opts)
-    monkeypatch.setattr(b, "_flush_chunk", real)
+    out = interrupt_build("zfnet-mini", str(jpeg_folder), tmp_path / "a", after=1, decode="device", **opts)
     with pytest.raises(AtlasError, match=r"other options \(decode\)"):
         build("zfnet-mini", str(jpeg_folder), out, decode="cpu", resume=True, **opts)
     build("zfnet-mini", str(jpeg_folder), out, resume=True, **opts)  # --decode auto: the build's own
     assert atlas.open(out).manifest["options"]["decode"] == "device"
 
 
-def test_a_build_started_before_decoders_existed_resumes(tiny_folder, tmp_path, monkeypatch):
-    import atlas.build as b
-
-    real = b._flush_chunk
-
-    def interrupted(*args, **kw):
-        real(*args, **kw)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(b, "_flush_chunk", interrupted)
-    out = tmp_path / "a"
+def test_a_build_started_before_decoders_existed_resumes(tiny_folder, tmp_path, interrupt_build):
     opts = dict(k=3, batch_size=4, chunk_size=8, image_size=32, index=False, progress=False)
-    with pytest.raises(KeyboardInterrupt):
-        build("zfnet-mini", str(tiny_folder), out, **opts)
-    monkeypatch.setattr(b, "_flush_chunk", real)
+    out = interrupt_build("zfnet-mini", str(tiny_folder), tmp_path / "a", after=1, **opts)
     cfg = tmp_path / "a.partial" / "work" / "config.json"
     old = json.loads(cfg.read_text())
     del old["decode"]  # what an older version wrote

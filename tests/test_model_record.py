@@ -84,17 +84,8 @@ def test_contrast_norm_is_a_build_option(tmp_path, tiny_folder):
     assert atlas.open(forced).manifest["model"]["kwargs"]["contrast_norm"] is False
 
 
-def test_resume_refuses_another_contrast_norm(tmp_path, tiny_folder, monkeypatch):
-    import atlas.build as b
-
-    def stop(*args, **kw):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(b, "_flush_chunk", stop)
-    out = tmp_path / "a"
-    with pytest.raises(KeyboardInterrupt):
-        build("zfnet-mini", str(tiny_folder), out, chunk_size=8, **OPTS)
-    monkeypatch.undo()
+def test_resume_refuses_another_contrast_norm(tmp_path, tiny_folder, interrupt_build):
+    out = interrupt_build("zfnet-mini", str(tiny_folder), tmp_path / "a", after=0, chunk_size=8, **OPTS)
     with pytest.raises(atlas.AtlasError, match="model_kwargs"):
         build("zfnet-mini", str(tiny_folder), out, chunk_size=8, resume=True, contrast_norm=True, **OPTS)
 

@@ -156,7 +156,7 @@ def test_the_planted_duplicate_channel_is_found_first(dup_atlas):
 
 
 @pytest.mark.determinism
-def test_same_inputs_same_index_files(tmp_path, tiny_folder, tiny_atlas, no_index_atlas, monkeypatch):
+def test_same_inputs_same_index_files(tmp_path, tiny_folder, tiny_atlas, no_index_atlas, interrupt_build):
     ref = index_bytes(tiny_atlas)
     assert set(ref) == {"channels.faiss", "channels.faiss.json", "images-conv5.faiss", "images-conv5.faiss.json",
                         "images-fc7.faiss", "images-fc7.faiss.json"}
@@ -171,21 +171,7 @@ def test_same_inputs_same_index_files(tmp_path, tiny_folder, tiny_atlas, no_inde
     cli("index", later, "--no-progress")
     assert index_bytes(later) == ref
     # interrupted after two chunks, then resumed
-    import atlas.build as b
-
-    real, calls = b._flush_chunk, []
-
-    def flaky(*args, **kw):
-        real(*args, **kw)
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(b, "_flush_chunk", flaky)
-    out = tmp_path / "resumed"
-    with pytest.raises(KeyboardInterrupt):
-        build("zfnet-mini", str(tiny_folder), out, chunk_size=8, **OPTS)
-    monkeypatch.setattr(b, "_flush_chunk", real)
+    out = interrupt_build("zfnet-mini", str(tiny_folder), tmp_path / "resumed", after=2, chunk_size=8, **OPTS)
     build("zfnet-mini", str(tiny_folder), out, chunk_size=8, resume=True, **OPTS)
     assert index_bytes(out) == ref
 
