@@ -406,3 +406,84 @@ def test_a_received_comparison_is_checked_as_an_atlas_is(base, sandbox):
         (cmp.path / "comparison.json").write_text(json.dumps(bad))
         err = one_line_error("sql", cmp.path, "SELECT count(*) FROM matches")
         assert "comparison.json" in err, err
+
+
+# ---------------------------------------------------------------------------------------------------------
+# what an independent review found, each reproduced before it was mended
+# ---------------------------------------------------------------------------------------------------------
+def test_a_weights_files_model_name_never_runs_code(sandbox):
+    import torch
+
+    canary = sandbox / "PWNED"
+    (sandbox / "FILE.py").write_text(f"import pathlib\npathlib.Path({str(canary)!r}).touch()\n"
+                                     "def FACTORY(**kw):\n    raise SystemExit\n")
+    torch.save({"model_state": {"features.0.weight": torch.randn(8, 3, 5, 5)}, "meta": {"model": "FILE.py:FACTORY"}},
+               sandbox / "w.pt")
+    res, text = run("compare-filters", sandbox / "w.pt", sandbox / "w.pt", "--out", sandbox / "o.png")
+    assert not canary.exists() and res.exception is None or isinstance(res.exception, SystemExit), text
+
+
+def test_export_publishes_no_run_folder_the_manifest_names(base, sandbox):
+    victim = sandbox / "victimrun"
+    victim.mkdir()
+    (victim / "config.json").write_text("{}")
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(victim / "evolution.png")
+    a = received(base, sandbox, lambda m: {**m, "model": {**m["model"], "weights": str(victim / "final.pt")}})
+    res, text = run("export", a, sandbox / "site", "--no-progress", "--max-channels", 1)
+    assert res.exit_code == 0, text
+    assert not list((sandbox / "site").rglob("evolution*")) and not any(
+        p.stat().st_ino == (victim / "evolution.png").stat().st_ino for p in (sandbox / "site").rglob("*.png"))
+
+
+def test_a_row_without_its_content_hash_is_not_read(base, sandbox):
+    a = received(base, sandbox)
+    image_id = top_image(a)
+    t = pq.read_table(a / "images.parquet")
+    hashes = t.column("content_hash").to_pylist()
+    hashes[image_id] = None
+    pq.write_table(t.set_column(t.column_names.index("content_hash"), "content_hash", pa.array(hashes, pa.string())),
+                   a / "images.parquet")
+    with pytest.raises(AtlasError, match="no content hash"):
+        atlas.open(a).original(image_id)
+
+
+def test_a_link_in_the_cache_never_takes_pictures_outside(base, sandbox):
+    a = received(base, sandbox)
+    outside = sandbox / "outside"
+    outside.mkdir()
+    (a / "cache").symlink_to(outside)
+    assert "outside the atlas folder" in one_line_error("show", a, LAYER, 1)
+    (a / "cache").unlink()
+    (a / "cache" / "projections-v2").parent.mkdir()
+    (a / "cache" / "projections-v2").symlink_to(outside)
+    assert "outside the atlas folder" in one_line_error("show", a, LAYER, 1)
+    assert list(outside.rglob("*")) == []
+
+
+def test_a_link_out_of_a_comparison_is_refused(base, sandbox):
+    from atlas.compare import compare
+
+    cmp = compare(base, base, sandbox / "cmp", layers="conv1", progress=False).path
+    elsewhere = sandbox / "elsewhere"
+    elsewhere.mkdir()
+    (cmp / "pictures").symlink_to(elsewhere)
+    assert "outside the comparison folder" in one_line_error("sql", cmp, "SELECT 1")
+
+
+def test_an_index_sidecar_with_bad_search_parameters_is_one_line(base, sandbox):
+    a = received(base, sandbox)
+    side = next((a / "index").glob("images-*.faiss.json"))
+    meta = json.loads(side.read_text())
+    meta["spec"] = {**meta["spec"], "nprobe": "x"}
+    side.write_text(json.dumps(meta))
+    layer = meta.get("layer") or side.name[len("images-"):-len(".faiss.json")]
+    assert "nprobe" in one_line_error("similar", a, "--image-id", 0, "--layer", layer)
+
+
+def test_an_image_of_another_format_under_an_image_name_is_not_decoded(sandbox):
+    from atlas.data import open_rgb
+
+    eps = sandbox / "x.jpg"
+    eps.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n")
+    with pytest.raises(Exception):  # PIL's "cannot identify": Ghostscript is never asked
+        open_rgb(eps)

@@ -34,7 +34,7 @@ import torch
 
 from ..errors import AtlasError
 from ..util.files import atomic_write
-from ..models.registry import build_model, model_names, read_weights
+from ..models.registry import build_model, read_weights, trainable_names
 from . import font, signed_to_uint8, wrap_text
 
 BAND_NAMES = ("low", "mid", "high")
@@ -101,7 +101,7 @@ def first_conv(src: str | os.PathLike) -> dict[str, Any]:
         raise AtlasError(f"weights '{path}' hold no conv filters (no 4-D weight)")
     model = meta.get("model")
     stride = None
-    if model in model_names():
+    if model in trainable_names():  # a name in a file is never a path to code to run (ours, torchvision's)
         try:
             with torch.device("meta"):
                 net = build_model(model, num_classes=int(meta.get("num_classes") or 10))

@@ -160,7 +160,7 @@ def info(atlas_path, fmt, as_json):
     fields = [
         ("atlas", str(a.path)),
         ("model", f"{mdl['name']}, {weights}"),
-        ("dataset", f"{ds.get('spec') or ds['root']} ({ds['kind']}): {ds['count']} images, {ds.get('errors', 0)} "
+        ("dataset", f"{ds['root']} ({ds['kind']}): {ds['count']} images, {ds.get('errors', 0)} "
          "unreadable" + (f", {len(ds['classes'])} classes" if ds.get("classes") else ", unlabelled")),
         ("images", "each checked against the content hash it had at build time before it is drawn"
          if a.hashes_images else "not hashed (built before content hashes): pictures draw whatever is at the "

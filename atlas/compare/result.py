@@ -20,6 +20,7 @@ from typing import Any, Sequence
 
 from ..errors import AtlasError
 from ..store.manifest import LAYER_NAME
+from ..util.files import link_outside
 from ..util.schema import Int, List, Obj, Str
 from ..util.files import atomic_write
 from ..store.sql_guard import confine
@@ -44,7 +45,11 @@ def _record(path: Path) -> dict[str, Any]:
         record = json.loads(f.read_text())
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise AtlasError(f"comparison '{path}' has an unreadable comparison.json") from None
-    # a comparison may come from someone else, as an atlas may: every field used, checked first
+    # a comparison may come from someone else, as an atlas may: no link out of it, every field used checked
+    found = link_outside(path)
+    if found is not None:
+        raise AtlasError(f"comparison '{path}': {found[0].relative_to(path.resolve())} is a link to '{found[1]}', "
+                         "outside the comparison folder; a comparison reads and writes only its own files")
     try:
         RECORD.check(record, "")
     except AtlasError as e:

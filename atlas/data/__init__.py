@@ -78,10 +78,15 @@ def read_file(path: Path) -> tuple[Image.Image, str]:
     return open_rgb(FileBytes(data, path)), content_hash(data)
 
 
+# The formats PIL may read (IMAGE_EXTENSIONS' own): a file from someone else named .jpg but holding EPS would
+# otherwise reach Ghostscript, which runs PostScript
+FORMATS = ("JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF", "PPM", "MPO")
+
+
 def open_rgb(path: Path | BinaryIO) -> Image.Image:
     """An image file (a path, or its bytes as a file object) as RGB, fully decoded (raises OSError/ValueError
-    for a corrupt file)."""
-    with Image.open(path) as im:
+    for a corrupt file, or one of another format than FORMATS)."""
+    with Image.open(path, formats=FORMATS) as im:
         im.load()
         return im.convert("RGB")
 

@@ -239,12 +239,17 @@ def sql_for_channel(layer: str, channel: int, bins: int = HIST_BINS, similar: in
 
 def linked_run(a) -> Path | None:
     """The training run an atlas links: the folder of its weights when `atlas train` wrote them
-    (`atlas build --weights RUN_DIR/final.pt`), else None."""
-    w = a.manifest.get("model", {}).get("weights")
-    if not w:
+    (`atlas build --weights RUN_DIR/final.pt`) and the file there is still the one the atlas was built from
+    (its sha256), else None: a manifest from someone else could name any folder, and its pictures would be
+    published with the site."""
+    m = a.manifest.get("model", {})
+    w, sha = m.get("weights"), m.get("weights_sha256")
+    if not w or not sha or not Path(w).is_file():
         return None
+    from ..models.weights import file_sha256
+
     run = Path(w).parent
-    return run if (run / "config.json").is_file() else None
+    return run if (run / "config.json").is_file() and file_sha256(w) == sha else None
 
 
 def linked_pictures(a) -> dict[str, dict[Path, str]]:

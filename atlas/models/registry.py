@@ -399,9 +399,9 @@ def model_record(model: nn.Module) -> dict[str, Any]:
 # it may be given, with their types and ranges. Nothing path-like (timm's checkpoint_path, cache_dir,
 # pretrained_cfg_overlay) and nothing that downloads (pretrained): anything outside needs --trust-code.
 def _allowed_options() -> dict[str, dict[str, Any]]:
-    from ..util.schema import Bool, Float, Int, List, Str
+    from ..util.schema import CLASSES_MAX, Bool, Float, Int, List, Str
 
-    fraction, classes = Float(0.0, 1.0), Int(1, 10 ** 6)
+    fraction, classes = Float(0.0, 1.0), Int(1, CLASSES_MAX)
     return {
         "atlas": {"num_classes": classes, "contrast_norm": Bool(), "dropout": fraction, "width": Int(1, 1024)},
         "torchvision": {

@@ -141,8 +141,19 @@ class PictureCache:
         """Whether writes go to the per-user cache (the one with a size bound)."""
         return self.chosen is None and self.at == 1
 
+    def _own(self, p: Path) -> Path:
+        """`p` in the atlas's own cache, refused if a link there leads outside the atlas: an atlas from
+        someone else could hold cache/ -> /anywhere, and pictures would be written and served there."""
+        root, q = Path(self.a.path).resolve(), p
+        while not os.path.lexists(q) and q != q.parent:  # the nearest entry there is (a dangling link too)
+            q = q.parent
+        if not q.resolve().is_relative_to(root):
+            raise AtlasError(f"atlas '{self.a.path}': its picture cache leads outside the atlas folder (to "
+                             f"'{q.resolve()}'); an atlas writes only into itself and its caches")
+        return p
+
     def find(self, rel: str) -> Path:
-        p = self.tier(0) / rel
+        p = self._own(self.tier(0) / rel) if self.chosen is None else self.tier(0) / rel
         if usable(self.a, p):
             return p
         if not self._probed:
@@ -174,6 +185,8 @@ class PictureCache:
         rel = self._rel(path)
         while True:
             dest = self.tier(self.at) / rel
+            if self.at == 0 and self.chosen is None:
+                self._own(dest)
             try:
                 write(dest)
                 break

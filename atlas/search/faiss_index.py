@@ -166,6 +166,11 @@ def _apply_params(index, spec: dict | None) -> None:
     if not spec:
         return
     faiss = _faiss()
+    for key in ("nprobe", "efSearch"):  # the sidecar may come from someone else: whole numbers in range
+        value = spec.get(key)
+        if key in spec and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1 << 20):
+            raise AtlasError(f"similarity index spec has {key} = {value!r}, not a whole number from 1 to "
+                             f"{1 << 20}; {BUILD_HINT} again")
     if "nprobe" in spec:
         ivf = faiss.try_extract_index_ivf(index)
         if ivf is not None:

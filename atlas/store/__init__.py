@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import threading
 from functools import cached_property
@@ -56,6 +55,7 @@ class Result(NamedTuple):
 
 
 FETCH_ROWS = 2048  # rows fetched at a time, the deadline checked between them
+HASH = re.compile(r"[0-9a-f]{32}")  # images.content_hash: BLAKE2b-128 in hex (atlas/data)
 
 
 def canned_queries(folder: str = "queries") -> dict[str, tuple[str, str]]:
@@ -186,16 +186,14 @@ class AtlasReader:
     def _check_links(self) -> None:
         """Every link inside the atlas (its cache aside, whose pictures are only ever written) must stay
         inside it: the tables, the weights and the indexes are read from here, never from elsewhere."""
-        root = self.path.resolve()
-        for folder, dirs, files in os.walk(root):
-            if Path(folder) == root:
-                dirs[:] = [d for d in dirs if d != "cache"]
-            for name in dirs + files:
-                entry = Path(folder, name)
-                if entry.is_symlink() and not entry.resolve().is_relative_to(root):
-                    raise AtlasError(f"atlas '{self.path}': {entry.relative_to(root)} is a link to "
-                                     f"'{entry.resolve()}', outside the atlas folder; an atlas reads only its own "
-                                     "files")
+        from ..util.files import link_outside
+
+        # cache/ may be large; pictures are read and written there only through PictureCache, which checks
+        found = link_outside(self.path, skip=("cache",))
+        if found is not None:
+            link, target = found
+            raise AtlasError(f"atlas '{self.path}': {link.relative_to(self.path.resolve())} is a link to '{target}', "
+                             "outside the atlas folder; an atlas reads only its own files")
 
     def has_activations(self, layer: str = "*") -> bool:
         """Whether the activations table holds the layer (any layer by default): not with --no-activations."""
@@ -519,6 +517,11 @@ class AtlasReader:
         if not rows:
             raise AtlasError(f"image id {image_id} is not in atlas '{self.path}'")
         ds, path, recorded = self.manifest["dataset"], rows[0]["path"], rows[0].get("content_hash")
+        if self.hashes_images and not (isinstance(recorded, str) and HASH.fullmatch(recorded)):
+            # the column is there, this row's hash is not: the build could not read the image, or the table
+            # was edited; either way there is nothing to check the file against
+            raise AtlasError(f"image {image_id} ('{path}') has no content hash in atlas '{self.path}' (unreadable "
+                             "when the atlas was built, or the table was edited): it is not read")
         gone = AtlasError(f"image {image_id} ('{path}') is unavailable: the dataset at '{ds['root']}' is gone "
                           "or changed")
         if ds["kind"] == "cifar10":  # a row of a batch file under the root

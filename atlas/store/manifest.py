@@ -17,7 +17,7 @@ from typing import Any
 
 from ..choices import DECODERS
 from ..errors import AtlasError
-from ..util.schema import BIG, NAME, Bool, Float, Int, Invalid, List, Obj, OneOf, Str, bad, show
+from ..util.schema import BIG, CLASSES_MAX, NAME, Bool, Float, Int, Invalid, List, Obj, OneOf, Str, bad, show
 
 HEX64 = re.compile(r"[0-9a-f]{64}")
 SEED_MAX = 2 ** 32 - 1  # numpy's and the samplers' seeds
@@ -51,7 +51,7 @@ MODEL = Obj({
     "weights?": Str(nullable=True), "weights_sha256?": Str(HEX64, what="a sha256 digest (64 lower-case hex "
                                                                        "digits)", nullable=True),
     "random_init?": Bool(nullable=True), "seed?": Int(0, SEED_MAX),
-    "num_classes?": Int(1, 10 ** 7, nullable=True), "classes?": List(Str(longest=500), 0, 10 ** 6, nullable=True),
+    "num_classes?": Int(1, CLASSES_MAX, nullable=True), "classes?": List(Str(longest=500), 0, 10 ** 6, nullable=True),
     "weights_entry?": Str(nullable=True, longest=200), "architecture?": Str(nullable=True, longest=300),
     "timm_version?": Str(nullable=True, longest=100),
     # code: where it is and the hash it had (registry.rebuild runs it only with consent, and only unchanged)

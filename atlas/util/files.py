@@ -131,10 +131,11 @@ def set_aside(target: Path) -> list[Path]:
     """The folders a replacement of `target` moved aside and did not remove (newest last)."""
     prefix = OLD_PREFIX.format(name=target.name)
     try:
-        found = [p for p in target.parent.iterdir() if p.name.startswith(prefix) and p.name[len(prefix):].isdigit()]
+        found = [p for p in target.parent.iterdir() if p.name.startswith(prefix) and p.name[len(prefix):].isdigit()
+                 and p.is_dir() and not p.is_symlink()]  # a link placed there is never moved into the target's place
     except OSError:
         return []
-    return sorted(found, key=lambda p: p.stat().st_mtime)
+    return sorted(found, key=lambda p: p.lstat().st_mtime)
 
 
 def recover_replace(target: Path, staging: Path | None = None, finished: str = "manifest.json") -> str | None:
@@ -169,3 +170,19 @@ def torch_save_atomic(path: str | os.PathLike, obj: Any) -> Path:
     buf = io.BytesIO()
     torch.save(obj, buf)
     return atomic_write_bytes(path, buf.getvalue())
+
+
+def link_outside(root: Path, skip: tuple[str, ...] = ()) -> tuple[Path, Path] | None:
+    """The first link under `root` (its top-level folders `skip` aside) that leads outside it, as (the link,
+    where it leads), or None. Folders from someone else (an atlas, a comparison) may hold such links; what
+    is read from them must stay inside them."""
+    root = Path(root).resolve()
+    for folder, dirs, files in os.walk(root):
+        if Path(folder) == root:
+            dirs[:] = [d for d in dirs if d not in skip]
+        for name in dirs + files:
+            entry = Path(folder, name)
+            if entry.is_symlink() and not entry.resolve().is_relative_to(root):
+                return entry, entry.resolve()
+    return None
+

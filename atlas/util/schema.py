@@ -15,6 +15,7 @@ from ..errors import AtlasError
 
 BIG = 10 ** 9  # sizes, counts, offsets: anything larger is no value this tool wrote
 SAFE_TEXT = 4096  # the longest string a field may hold (a note, a path)
+CLASSES_MAX = 30_000  # ImageNet-21k has 21,843; a classifier far wider is a memory bomb, not a model
 NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_\-]*(?:\.[A-Za-z0-9_\-]+)*")  # a module path; never an empty part
 
 
