@@ -45,6 +45,7 @@ from .models.preprocessing import three
 from .models.registry import contrast_norm_option, load_model, model_record, preprocessing_for
 from .progress import Progress
 from .indexing import ChunkVectors, MinerPlan, build_indexes, layer_vectors, plan_for_build, vector_arrays
+from .capture import CapturedSwitches, SwitchCapture, capture_file, one_pass_wins
 from .switches import window_codes
 from .tables import switch_regions, top_rows, write_activations, write_switches, write_tables
 
@@ -152,7 +153,10 @@ class BuildJob:
         tops, moms, errors = self.merge()
         rows = top_rows(self.lmap, self.chosen, tops)
         t_sw = time.perf_counter()
-        if self.opts.switches:
+        if self.opts.switches and self.capture is not None and CapturedSwitches.complete(self.work, self.nchunks):
+            _write_captured_switches(self.staging / "switches.parquet", self.lmap, rows, self.work,
+                                     self.chunk_size, self.opts.batch_size)
+        elif self.opts.switches:
             _write_switches(self.staging / "switches.parquet", self.lmap, rows, self.inputs, self.opts.batch_size,
                             self.opts.precision)
         t_sw = time.perf_counter() - t_sw
@@ -229,15 +233,38 @@ class BuildJob:
         todo = [c for c in sorted(set(range(self.nchunks)) - set(done)) if self.ranks.owns(c)]
         if done:
             self.log(f"resuming: {len(done)} of {self.nchunks} chunks already done")
+        self.capture = self._capture(done)
         images_in = lambda chunks: sum(min(size, n - c * size) for c in chunks)  # noqa: E731
         n_done = n - images_in(todo) if self.ranks.active else images_in(done)
         t = time.perf_counter()
         with Progress(n, "build", "images", enabled=progress if self.ranks.leader else False,
                       initial=n_done) as bar:
-            _mine_chunks(self.lmap, self.chosen, self.inputs, n, todo, size, self.opts, work, bar, self.plan)
+            _mine_chunks(self.lmap, self.chosen, self.inputs, n, todo, size, self.opts, work, bar, self.plan,
+                         self.capture)
         self.ranks.barrier()  # every chunk is on disk
         t = time.perf_counter() - t  # after the barrier: the job's mining, every rank's chunks
         return _record_run(work, n - images_in(done), t) if self.ranks.leader else []
+
+    def _capture(self, done: list[int]) -> SwitchCapture | None:
+        """The one-pass switch capture (atlas/capture.py), when its rule picks it and every finished chunk
+        was captured too; None: the switches take a second pass after the merge."""
+        if not (self.opts.switches and one_pass_wins(self.chosen, self.opts.k, self.n)):
+            return None
+        if not all(capture_file(self.work, c).is_file() for c in done):
+            return None
+        cap = SwitchCapture(self.lmap, self.chosen, self.opts.k, self.work, self.chunk_size,
+                            owned_done=[c for c in done if self.ranks.owns(c)], dev=self.inputs.dev)
+        for c in done:
+            with np.load(self.work / f"chunk-{c:05d}.npz") as st:
+                cap.seed({name: TopK.from_state({f: st[f"{name}.topk.{f}"] for f in ("values", "ids", "pos")})
+                          for name in self.names})
+        return cap
+
+    def _switch_passes(self) -> int | None:
+        """1: captured while mining (atlas/capture.py); 2: a second pass after the merge."""
+        if not self.opts.switches:
+            return None
+        return 1 if self.capture is not None and CapturedSwitches.complete(self.work, self.nchunks) else 2
 
     def merge(self) -> tuple[dict[str, TopK], dict[str, Moments], dict[int, str]]:
         """The chunks' partial states, merged in chunk order (see the module docstring)."""
@@ -294,7 +321,7 @@ class BuildJob:
             "k": self.opts.k,
             "layers": [{**la.to_row(), "pools_below": la.pools_below} for la in self.chosen],
             "geometry": self.lmap.describe(),
-            "switches": {"stored": self.opts.switches, "encoding": "receptive-field boxes, window offsets "
+            "switches": {"stored": self.opts.switches, "passes": self._switch_passes(), "encoding": "receptive-field boxes, window offsets "
                          "dy*k+dx, nibble-packed when k*k <= 16 (atlas/switches.py)"},
             "activations": self.opts.activations,
             # the dataset's colour correlation, for feature visualization's decorrelated colour
@@ -339,7 +366,10 @@ class ChunkMiner:
 
     def __init__(self, lmap: LayerMap, chosen, k: int, dev: torch.device, precision: str = "fp32",
                  activations: bool = True, chunk: int = 0, plan: MinerPlan | None = None,
-                 batch_size: int | None = None):
+                 batch_size: int | None = None, capture: SwitchCapture | None = None):
+        self.capture = capture
+        if capture is not None:
+            capture.start(chunk)
         self.lmap, self.names, self.dev, self.chunk = lmap, [la.name for la in chosen], dev, chunk
         self.batch_size = batch_size  # every batch computed at this size (LayerMap.extract says why)
         self.autocast = precision == "bf16"
@@ -372,7 +402,11 @@ class ChunkMiner:
         with torch.inference_mode():
             self.lmap.check_trace(x)  # the first batch: the trace computes what the model computes
             with torch.autocast(self.dev.type, torch.bfloat16, enabled=self.autocast):
-                feats = self.lmap.extract(x, self.names + self.fc_names, batch_size=self.batch_size)
+                feats = self.lmap.extract(x, self.names + self.fc_names, batch_size=self.batch_size,
+                                          pool_indices=self.capture is not None)
+            if self.capture is not None:
+                feats, pool_idx = feats
+                maxima = {}
             ids = ids.to(self.dev, non_blocking=True)
             ok = None if not any(errs) else torch.tensor([not e for e in errs], device=self.dev)
             vid = ids if ok is None else ids[ok]
@@ -380,6 +414,8 @@ class ChunkMiner:
                 v, p = spatial_max(feats[name].float())
                 if ok is not None:
                     v, p = v[ok], p[ok]
+                if self.capture is not None:
+                    maxima[name] = (v, p)
                 self.tops[name].update(v, vid, p)
                 self.moms[name].update(v)
                 if self.keep_activations:
@@ -392,6 +428,8 @@ class ChunkMiner:
             for name in self.fc_names:
                 f = feats[name] if ok is None else feats[name][ok]
                 self.kept[f"images.{name}"].append((vid, layer_vectors("fc", f)))
+            if self.capture is not None:
+                self.capture.add(maxima, vid, pool_idx, None if ok is None else torch.nonzero(ok).view(-1))
 
     def host(self) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, list]]:
         """The chunk's activation rows {layer: (ids, values (images, channels))} and kept vectors, on the
@@ -452,7 +490,8 @@ def _prepare_staging(staging: Path, out: Path, config: dict, resume: bool) -> No
 
 
 def _mine_chunks(lmap: LayerMap, chosen, inputs: InputBatches, n: int, todo, chunk_size, opts: BuildOptions,
-                 work: Path, bar: Progress, plan: MinerPlan | None = None) -> None:
+                 work: Path, bar: Progress, plan: MinerPlan | None = None,
+                 capture: SwitchCapture | None = None) -> None:
     layout = chunk_batches(n, chunk_size, opts.batch_size, todo)
     if not layout:
         return
@@ -463,7 +502,7 @@ def _mine_chunks(lmap: LayerMap, chosen, inputs: InputBatches, n: int, todo, chu
             if miner is not None:
                 _flush_chunk(miner, work)
             miner = ChunkMiner(lmap, chosen, opts.k, inputs.dev, opts.precision, opts.activations,
-                               chunk=owner[bi], plan=plan, batch_size=opts.batch_size)
+                               chunk=owner[bi], plan=plan, batch_size=opts.batch_size, capture=capture)
         miner.add(x, ids, list(errs), list(digests))
         bar.update(len(errs))
     _flush_chunk(miner, work)
@@ -482,6 +521,8 @@ def _flush_chunk(miner: ChunkMiner, work: Path) -> None:
         atomic_write_parquet(work / f"act-{c:05d}-{name}.parquet", table, compression="zstd")
     if kept:  # before the chunk file: its presence is what marks the chunk done
         atomic_write(work / f"vec-{c:05d}.npz", lambda tmp: _savez(tmp, vector_arrays(kept)))
+    if miner.capture is not None:  # before the chunk file, as the vectors
+        miner.capture.finish()
     arrays = {"errors": np.array(json.dumps({str(i): e for i, e in miner.errors.items()})),
               "digests": np.array(json.dumps({str(i): d for i, d in miner.digests.items()}))}
     for name, t in miner.tops.items():
@@ -522,6 +563,18 @@ def _write_switches(path: Path, lmap: LayerMap, top_rows, inputs: InputBatches, 
                 for j, i in enumerate(chunk) for pool, reg in regions[i].items()}
 
     write_switches(path, lmap, regions, forward, batch_size)
+
+
+def _write_captured_switches(path: Path, lmap: LayerMap, top_rows, work: Path, chunk_size: int,
+                             batch_size: int) -> None:
+    """switches.parquet from the mining pass's captures (atlas/capture.py), cropped to the final boxes."""
+    regions = switch_regions(lmap, top_rows)
+    captured = CapturedSwitches(lmap, work, chunk_size)
+    try:
+        write_switches(path, lmap, regions, lambda chunk: {(i, pool): captured(i, reg) for i in chunk
+                                                           for pool, reg in regions[i].items()}, batch_size)
+    finally:
+        captured.close()
 
 
 def _record_run(work: Path, mined: int, seconds: float) -> list[dict[str, Any]]:

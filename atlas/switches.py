@@ -62,6 +62,16 @@ def pack(codes: np.ndarray, kernel: int) -> bytes:
     return codes.tobytes()
 
 
+def unpack(data: bytes, n: int, kernel: int) -> np.ndarray:
+    """The first `n` codes of `pack`'s bytes (uint8, flat, C order)."""
+    raw = np.frombuffer(data, dtype=np.uint8)
+    if kernel * kernel <= 16:
+        codes = np.empty(raw.size * 2, dtype=np.uint8)
+        codes[0::2], codes[1::2] = raw & 0x0F, raw >> 4
+        return codes[:n]
+    return raw[:n]
+
+
 def encode(indices: torch.Tensor, geom: Geometry, region: SwitchRegion) -> bytes:
     """Pack one image's pool indices (C, H_out, W_out; flat over the input map) inside `region`."""
     crop = indices[:, region.y0:region.y0 + region.h, region.x0:region.x0 + region.w]
@@ -82,14 +92,7 @@ def decode(data: bytes, channels: int, geom: Geometry, region: SwitchRegion) -> 
     projected signal there is zero, so where it lands does not matter.
     """
     k, s, p, w_in = geom.kernel, geom.stride, geom.padding, geom.in_size
-    n = channels * region.h * region.w
-    raw = np.frombuffer(data, dtype=np.uint8)
-    if k * k <= 16:
-        codes = np.empty(raw.size * 2, dtype=np.uint8)
-        codes[0::2], codes[1::2] = raw & 0x0F, raw >> 4
-        codes = codes[:n]
-    else:
-        codes = raw[:n]
+    codes = unpack(data, channels * region.h * region.w, k)
     codes = torch.from_numpy(codes.astype(np.int64)).view(channels, region.h, region.w)
     out_size = geom.out_size
     oy = torch.arange(out_size).view(-1, 1) * s - p

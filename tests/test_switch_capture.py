@@ -1,0 +1,90 @@
+"""One-pass switches (atlas/capture.py): captured while mining and cropped after the merge, they are the
+switches the two-pass path records by decoding and forwarding the final top-k's images again."""
+from __future__ import annotations
+
+import json
+import zipfile
+
+import pyarrow.parquet as pq
+import pytest
+
+import atlas.build as b
+import atlas.capture as cap
+from atlas.build import build
+from conftest import make_image_folder
+
+
+def _switch_rows(out):
+    return pq.read_table(out / "switches.parquet").to_pylist()
+
+
+def _two_pass(monkeypatch):
+    monkeypatch.setattr(b, "one_pass_wins", lambda *a, **kw: False)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("capture") / "data", per_class=10, size=(44, 36))
+
+
+@pytest.mark.parametrize("model,size", [("zfnet-mini", 32), ("resnet18", 32)])
+def test_one_pass_switches_equal_the_two_pass_ones(tmp_path, folder, monkeypatch, model, size):
+    # chunks of 8 over 30 images: later chunks beat fewer running k-th entries, and earlier captures are pruned
+    opts = dict(k=3, batch_size=4, chunk_size=8, image_size=size, progress=False, index=False)
+    one = build(model, str(folder), tmp_path / "one", **opts)
+    assert json.loads((one / "manifest.json").read_text())["switches"]["passes"] == 1
+    _two_pass(monkeypatch)
+    two = build(model, str(folder), tmp_path / "two", **opts)
+    assert json.loads((two / "manifest.json").read_text())["switches"]["passes"] == 2
+    rows = _switch_rows(one)
+    assert rows and rows == _switch_rows(two)
+    assert pq.read_table(one / "top_activations.parquet").equals(pq.read_table(two / "top_activations.parquet"))
+
+
+def test_captures_are_pruned_to_the_running_top_k(tmp_path, folder, monkeypatch):
+    """The work files hold the images still in the running top-k (and at most as many again): those
+    fallen out are deleted as chunks finish, and every final top-k image is still there."""
+    seen = {}
+    real = b.BuildJob.merge
+
+    def look(self):
+        files = sorted(self.work.glob("sw-*.zip"))
+        seen["held"] = {int(i) for f in files for i in json.loads(zipfile.ZipFile(f).read(cap.BOXES))}
+        seen["alive"] = self.capture.alive()
+        return real(self)
+
+    monkeypatch.setattr(b.BuildJob, "merge", look)
+    out = build("zfnet-mini", str(folder), tmp_path / "a", k=1, batch_size=2, chunk_size=2, image_size=32,
+                layers="conv2", progress=False, index=False)
+    finals = {r["image_id"] for r in pq.read_table(out / "switches.parquet").to_pylist()}
+    assert finals <= seen["alive"] and finals <= seen["held"]
+    assert len(seen["held"]) < 30 and len(seen["held"] - seen["alive"]) <= len(seen["alive"]) + 2
+
+
+def test_a_resumed_one_pass_build_equals_an_uninterrupted_one(tmp_path, folder, monkeypatch):
+    opts = dict(k=3, batch_size=4, chunk_size=8, image_size=32, progress=False, index=False)
+    ref = build("zfnet-mini", str(folder), tmp_path / "ref", **opts)
+    real = b._flush_chunk
+
+    def once(*args, **kw):
+        real(*args, **kw)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(b, "_flush_chunk", once)
+    out = tmp_path / "a"
+    with pytest.raises(KeyboardInterrupt):
+        build("zfnet-mini", str(folder), out, **opts)
+    monkeypatch.setattr(b, "_flush_chunk", real)
+    build("zfnet-mini", str(folder), out, resume=True, **opts)
+    assert json.loads((out / "manifest.json").read_text())["switches"]["passes"] == 1
+    assert _switch_rows(out) == _switch_rows(ref)
+
+
+def test_the_rule_keeps_two_passes_where_the_top_k_is_a_small_share():
+    class L:
+        def __init__(self, channels, pools):
+            self.channels, self.pools_below = channels, pools
+
+    assert cap.one_pass_wins([L(96, ["pool1"])], 9, 4096)
+    assert not cap.one_pass_wins([L(96, ["pool1"])], 9, 100_000)
+    assert not cap.one_pass_wins([L(96, [])], 9, 10)  # no pool below: nothing to capture
