@@ -30,7 +30,7 @@ import torch
 
 from .formats import FORMAT_VERSION, __version__
 from .data import Preprocess, open_dataset
-from .device import default_workers, resolve_device
+from .device import bf16_hint, default_workers, recorded_memory_format, resolve_device
 from .distributed import ranks_from_env
 from . import bounds
 from .errors import AtlasError
@@ -158,7 +158,7 @@ class BuildJob:
                                      self.chunk_size, self.opts.batch_size)
         elif self.opts.switches:
             _write_switches(self.staging / "switches.parquet", self.lmap, rows, self.inputs, self.opts.batch_size,
-                            self.opts.precision)
+                            self.opts.precision, self.channels_last)
         t_sw = time.perf_counter() - t_sw
         t_wr = time.perf_counter()
         self.write(errors, moms, rows)
@@ -197,7 +197,9 @@ class BuildJob:
             if opts.index else None
         self.chunk_size = opts.chunk_size or opts.batch_size * max(1, 1024 // opts.batch_size)
         self.nchunks = (n + self.chunk_size - 1) // self.chunk_size
+        self.memory_format = _memory_format(self.work if resume else None, dev)
         self.options = opts.record(layers=self.names, chunk_size=self.chunk_size, decode=self.decoder,
+                                   memory_format=self.memory_format,
                                    index_layers=self.plan.layers if self.plan else None)
 
     def prepare(self, resume: bool) -> None:
@@ -221,8 +223,12 @@ class BuildJob:
         if error:
             raise AtlasError(error)
         self.net = self.net.to(self.dev)
-        if self.dev.type == "cuda":
+        self.channels_last = self.memory_format == "channels_last"
+        if self.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
+        hint = bf16_hint(self.dev, self.opts.precision) if self.ranks.leader else None
+        if hint:
+            self.log(hint)
         workers = self.opts.workers if self.opts.workers is not None else default_workers(self.dev)
         self.inputs = InputBatches(self.source, Preprocess(self.pre), self.dev, self.decoder, workers)
 
@@ -240,7 +246,7 @@ class BuildJob:
         with Progress(n, "build", "images", enabled=progress if self.ranks.leader else False,
                       initial=n_done) as bar:
             _mine_chunks(self.lmap, self.chosen, self.inputs, n, todo, size, self.opts, work, bar, self.plan,
-                         self.capture)
+                         self.capture, self.channels_last)
         self.ranks.barrier()  # every chunk is on disk
         t = time.perf_counter() - t  # after the barrier: the job's mining, every rank's chunks
         return _record_run(work, n - images_in(done), t) if self.ranks.leader else []
@@ -366,8 +372,11 @@ class ChunkMiner:
 
     def __init__(self, lmap: LayerMap, chosen, k: int, dev: torch.device, precision: str = "fp32",
                  activations: bool = True, chunk: int = 0, plan: MinerPlan | None = None,
-                 batch_size: int | None = None, capture: SwitchCapture | None = None):
+                 batch_size: int | None = None, capture: SwitchCapture | None = None,
+                 channels_last: bool | None = None):
         self.capture = capture
+        # the atlas's layout (device.recorded_memory_format); None: a GPU's, as before it was recorded
+        self.channels_last = dev.type == "cuda" if channels_last is None else channels_last
         if capture is not None:
             capture.start(chunk)
         self.lmap, self.names, self.dev, self.chunk = lmap, [la.name for la in chosen], dev, chunk
@@ -397,7 +406,7 @@ class ChunkMiner:
             elif d:
                 self.digests[i] = d
         x = x.to(self.dev, non_blocking=True)
-        if self.dev.type == "cuda":
+        if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
             self.lmap.check_trace(x)  # the first batch: the trace computes what the model computes
@@ -469,6 +478,16 @@ def _decoder(decode: str, source, dev: torch.device, ranks, resumed: Path | None
     return lead  # a rank that could decode on its device follows rank 0 to the CPU
 
 
+def _memory_format(resumed: Path | None, dev: torch.device) -> str:
+    """channels-last (device.MEMORY_FORMATS says why), or a resumed build's own layout."""
+    if resumed is not None and (resumed / "config.json").is_file():
+        try:  # a work folder's config has no device: this build's, for one started before layouts were recorded
+            return recorded_memory_format({"device": str(dev), **json.loads((resumed / "config.json").read_text())})
+        except (OSError, ValueError):
+            pass  # _prepare_staging says what is wrong with it
+    return "channels_last"
+
+
 def _prepare_staging(staging: Path, out: Path, config: dict, resume: bool) -> None:
     work = staging / "work"
     if staging.exists():
@@ -478,7 +497,9 @@ def _prepare_staging(staging: Path, out: Path, config: dict, resume: bool) -> No
                              "(or delete that folder to start over)")
         remove_temp_files(staging)  # what the interrupted run was writing; under the lock, nobody else is
         # a build started before --decode existed decoded with PIL
-        old = {"decode": "cpu", **json.loads(cfg_file.read_text())} if cfg_file.is_file() else None
+        # and in the layout BuildJob.resolve gave it (_memory_format)
+        old = {"decode": "cpu", "memory_format": config["memory_format"], **json.loads(cfg_file.read_text())} \
+            if cfg_file.is_file() else None
         if old is not None and old.get("format_version") != config["format_version"]:
             raise AtlasError(f"cannot resume '{staging}': it was started by an older atlas (format "
                              f"{old.get('format_version')}); delete that folder to start over")
@@ -491,7 +512,7 @@ def _prepare_staging(staging: Path, out: Path, config: dict, resume: bool) -> No
 
 def _mine_chunks(lmap: LayerMap, chosen, inputs: InputBatches, n: int, todo, chunk_size, opts: BuildOptions,
                  work: Path, bar: Progress, plan: MinerPlan | None = None,
-                 capture: SwitchCapture | None = None) -> None:
+                 capture: SwitchCapture | None = None, channels_last: bool | None = None) -> None:
     layout = chunk_batches(n, chunk_size, opts.batch_size, todo)
     if not layout:
         return
@@ -502,7 +523,8 @@ def _mine_chunks(lmap: LayerMap, chosen, inputs: InputBatches, n: int, todo, chu
             if miner is not None:
                 _flush_chunk(miner, work)
             miner = ChunkMiner(lmap, chosen, opts.k, inputs.dev, opts.precision, opts.activations,
-                               chunk=owner[bi], plan=plan, batch_size=opts.batch_size, capture=capture)
+                               chunk=owner[bi], plan=plan, batch_size=opts.batch_size, capture=capture,
+                               channels_last=channels_last)
         miner.add(x, ids, list(errs), list(digests))
         bar.update(len(errs))
     _flush_chunk(miner, work)
@@ -537,7 +559,7 @@ def _savez(path: Path, arrays: dict) -> None:
 
 
 def _write_switches(path: Path, lmap: LayerMap, top_rows, inputs: InputBatches, batch_size,
-                    precision: str = "fp32") -> None:
+                    precision: str = "fp32", channels_last: bool = False) -> None:
     """Second pass over the final top-k images only: their pool switches inside the units' fields.
 
     Decoded by the same input pipeline as the mining pass (workers, device decoder), batch by batch in
@@ -553,7 +575,7 @@ def _write_switches(path: Path, lmap: LayerMap, top_rows, inputs: InputBatches, 
     def forward(chunk: list[int]) -> dict[tuple[int, str], np.ndarray]:
         x, ids, _, _ = next(batches)
         assert ids.tolist() == chunk, "switches batches out of step with write_switches"
-        if inputs.dev.type == "cuda":
+        if channels_last:  # the mining pass's layout: its kernels, its numbers
             x = x.contiguous(memory_format=torch.channels_last)
         # the precision of the mining pass: the switches are those of the activations the ranking saw
         with torch.inference_mode(), torch.autocast(inputs.dev.type, torch.bfloat16, enabled=precision == "bf16"):

@@ -58,3 +58,43 @@ def default_workers(dev: "torch.device") -> int:
         # its workers only read files, but idle ones cost nothing)
         return min(16, max(1, n - 1))
     return 0 if n <= 2 else min(4, n // 2)  # on few cores, decoding steals from the forward pass
+
+
+# The build's memory layout, on every device: channels-last runs zfnet's and ResNet's convolutions
+# faster than the contiguous layout on a CPU with AVX-512 as on a GPU (scripts/BENCHMARKS.md), and
+# oneDNN's bf16 kernels want it. An atlas records its layout; a resumed build and `atlas index`
+# afterwards keep it (one numeric path per atlas: the layout picks the kernels, which round differently).
+MEMORY_FORMATS = ("channels_last", "contiguous")
+
+
+def recorded_memory_format(options: dict) -> str:
+    """The layout an atlas (or an interrupted build) was computed in: its record, else what builds
+    used before it was recorded (channels-last on a GPU only)."""
+    fmt = options.get("memory_format")
+    if fmt in MEMORY_FORMATS:
+        return fmt
+    return "channels_last" if str(options.get("device", "cpu")).startswith("cuda") else "contiguous"
+
+
+def cpu_bf16_kernels() -> str | None:
+    """The CPU's bf16 matrix instructions oneDNN uses ("amx" or "avx512_bf16"), None without them."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return None
+    if "amx_bf16" in flags:
+        return "amx"
+    return "avx512_bf16" if "avx512_bf16" in flags else None
+
+
+def bf16_hint(dev: "torch.device", precision: str) -> str | None:
+    """One line for an fp32 build on a CPU where bf16 runs at least twice as fast: with AMX (2.7x on
+    resnet50, 2.3x on zfnet) or AVX512-BF16 (2.1x on zfnet, scripts/BENCHMARKS.md)."""
+    if precision != "fp32" or dev.type != "cpu":
+        return None
+    isa = cpu_bf16_kernels()
+    if isa is None:
+        return None
+    return (f"this CPU has {'AMX' if isa == 'amx' else 'AVX512-BF16'}: --precision bf16 would run the forward "
+            "pass about twice as fast (top-k nearly the same; scripts/BENCHMARKS.md says how near)")
