@@ -226,9 +226,7 @@ class BuildJob:
         self.channels_last = self.memory_format == "channels_last"
         if self.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
-        hint = bf16_hint(self.dev, self.opts.precision) if self.ranks.leader else None
-        if hint:
-            self.log(hint)
+
         workers = self.opts.workers if self.opts.workers is not None else default_workers(self.dev)
         self.inputs = InputBatches(self.source, Preprocess(self.pre), self.dev, self.decoder, workers)
 
@@ -358,6 +356,9 @@ class BuildJob:
         log, out = self.log, self.out
         log(f"atlas written to {out}: {self.n - len(errors)} images ({len(errors)} unreadable), "
             f"{len(self.names)} layers, k={self.opts.k}, {manifest['timings']['total_s']:.1f} s")
+        hint = bf16_hint(self.dev, self.opts.precision)  # after the work: a failed build says one line
+        if hint:
+            log(hint)
         if not errors:
             return
         for image_id, why in sorted(errors.items())[:UNREADABLE_SHOWN]:

@@ -57,7 +57,11 @@ def default_workers(dev: "torch.device") -> int:
         # a GPU outruns PIL: every core but the main process's decodes (device decoding needs far fewer,
         # its workers only read files, but idle ones cost nothing)
         return min(16, max(1, n - 1))
-    return 0 if n <= 2 else min(4, n // 2)  # on few cores, decoding steals from the forward pass
+    # On a CPU, decoding in the main process makes the forward pass wait for every batch's images. One
+    # worker per four cores (at least one, even on two cores) decodes while the model computes: PIL's
+    # decode and resize of a 500x375 JPEG is about a tenth of zfnet's forward pass on a core, so one
+    # worker keeps up with two cores' forward pass and takes little from it (scripts/BENCHMARKS.md).
+    return max(1, min(8, n // 4))
 
 
 # The build's memory layout, on every device: channels-last runs zfnet's and ResNet's convolutions
