@@ -27,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from PIL import Image
 
 from .formats import FORMAT_VERSION, __version__
 from .data import Preprocess, open_dataset
@@ -198,6 +199,7 @@ class BuildJob:
         self.chunk_size = opts.chunk_size or opts.batch_size * max(1, 1024 // opts.batch_size)
         self.nchunks = (n + self.chunk_size - 1) // self.chunk_size
         self.memory_format = _memory_format(self.work if resume else None, dev)
+        self.colour_sample = colour_sample(n, int(pre["crop"]))
         self.options = opts.record(layers=self.names, chunk_size=self.chunk_size, decode=self.decoder,
                                    memory_format=self.memory_format,
                                    index_layers=self.plan.layers if self.plan else None)
@@ -244,7 +246,7 @@ class BuildJob:
         with Progress(n, "build", "images", enabled=progress if self.ranks.leader else False,
                       initial=n_done) as bar:
             _mine_chunks(self.lmap, self.chosen, self.inputs, n, todo, size, self.opts, work, bar, self.plan,
-                         self.capture, self.channels_last)
+                         self.capture, self.channels_last, ColourSample(self.colour_sample, self.inputs.pre))
         self.ranks.barrier()  # every chunk is on disk
         t = time.perf_counter() - t  # after the barrier: the job's mining, every rank's chunks
         return _record_run(work, n - images_in(done), t) if self.ranks.leader else []
@@ -277,8 +279,13 @@ class BuildJob:
         moms = {la.name: Moments(la.channels) for la in self.chosen}
         errors: dict[int, str] = {}
         self.digests: dict[int, str] = {}
+        self.colour_pixels: dict[int, np.ndarray] | None = {}
         for c in range(self.nchunks):
             with np.load(self.work / f"chunk-{c:05d}.npz") as st:
+                if "colour.ids" in st.files and self.colour_pixels is not None:
+                    self.colour_pixels.update(zip(st["colour.ids"].tolist(), st["colour.pixels"]))
+                else:  # a chunk mined before the colour sample was kept: the sample is read again
+                    self.colour_pixels = None
                 for name in self.names:
                     tops[name].merge(TopK.from_state({f: st[f"{name}.topk.{f}"] for f in ("values", "ids", "pos")}))
                     moms[name].merge(Moments.from_state({f: st[f"{name}.mom.{f}"]
@@ -340,6 +347,10 @@ class BuildJob:
     def _colour(self, errors: dict[int, str]) -> dict[str, Any]:
         from .visualizations import estimate_colour
 
+        if self.colour_pixels is not None:  # kept by the mining pass: no image is read again
+            ok = sorted(i for i in self.colour_pixels if i not in errors)
+            # the kept pixels are already every stride-th one: estimate_colour takes them all (side 64)
+            return estimate_colour(ok, lambda i: Image.fromarray(self.colour_pixels[i]), 64)
         pre = Preprocess(self.pre)
 
         def crop(i: int):
@@ -374,8 +385,9 @@ class ChunkMiner:
     def __init__(self, lmap: LayerMap, chosen, k: int, dev: torch.device, precision: str = "fp32",
                  activations: bool = True, chunk: int = 0, plan: MinerPlan | None = None,
                  batch_size: int | None = None, capture: SwitchCapture | None = None,
-                 channels_last: bool | None = None):
-        self.capture = capture
+                 channels_last: bool | None = None, colour: ColourSample | None = None):
+        self.capture, self.colour = capture, colour
+        self.colour_kept: dict[int, np.ndarray] = {}
         # the atlas's layout (device.recorded_memory_format); None: a GPU's, as before it was recorded
         self.channels_last = dev.type == "cuda" if channels_last is None else channels_last
         if capture is not None:
@@ -406,6 +418,8 @@ class ChunkMiner:
                 self.errors[i] = e
             elif d:
                 self.digests[i] = d
+        if self.colour is not None:
+            self.colour_kept.update(self.colour.keep(x, ids, errs))
         x = x.to(self.dev, non_blocking=True)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -479,6 +493,35 @@ def _decoder(decode: str, source, dev: torch.device, ranks, resumed: Path | None
     return lead  # a rank that could decode on its device follows rank 0 to the CPU
 
 
+def colour_sample(n: int, side: int) -> dict[int, int]:
+    """The images whose pixels give the manifest's colour statistics (visualizations.estimate_colour's
+    sample, evenly spaced over every image: the readable ones are known only after mining), with the
+    stride that keeps at most 64 x 64 pixels of each."""
+    from .visualizations import COLOUR_SAMPLE
+
+    ids = range(n) if n <= COLOUR_SAMPLE else [(i * n) // COLOUR_SAMPLE for i in range(COLOUR_SAMPLE)]
+    return {i: max(1, side // 64) for i in ids}
+
+
+class ColourSample:
+    """Keeps the colour sample's pixels as the mining pass sees them, so that no image is decoded again
+    for the manifest's colour statistics. The model's input is (pixel / 255 - mean) / std of a uint8
+    crop: undone and rounded, it gives those uint8 pixels back exactly."""
+
+    def __init__(self, sample: dict[int, int], pre: Preprocess):
+        self.sample, self.mean, self.std = sample, pre.mean, pre.std
+
+    def keep(self, x: torch.Tensor, ids: torch.Tensor, errs: list[str]) -> dict[int, np.ndarray]:
+        out = {}
+        for j, i in enumerate(ids.tolist()):
+            if i in self.sample and not errs[j]:
+                st = self.sample[i]
+                px = x[j, :, ::st, ::st].detach().float().cpu()
+                px = ((px * self.std + self.mean) * 255.0).round_().clamp_(0, 255)
+                out[i] = px.to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
+        return out
+
+
 def _memory_format(resumed: Path | None, dev: torch.device) -> str:
     """channels-last (device.MEMORY_FORMATS says why), or a resumed build's own layout."""
     if resumed is not None and (resumed / "config.json").is_file():
@@ -513,7 +556,8 @@ def _prepare_staging(staging: Path, out: Path, config: dict, resume: bool) -> No
 
 def _mine_chunks(lmap: LayerMap, chosen, inputs: InputBatches, n: int, todo, chunk_size, opts: BuildOptions,
                  work: Path, bar: Progress, plan: MinerPlan | None = None,
-                 capture: SwitchCapture | None = None, channels_last: bool | None = None) -> None:
+                 capture: SwitchCapture | None = None, channels_last: bool | None = None,
+                 colour: ColourSample | None = None) -> None:
     layout = chunk_batches(n, chunk_size, opts.batch_size, todo)
     if not layout:
         return
@@ -525,7 +569,7 @@ def _mine_chunks(lmap: LayerMap, chosen, inputs: InputBatches, n: int, todo, chu
                 _flush_chunk(miner, work)
             miner = ChunkMiner(lmap, chosen, opts.k, inputs.dev, opts.precision, opts.activations,
                                chunk=owner[bi], plan=plan, batch_size=opts.batch_size, capture=capture,
-                               channels_last=channels_last)
+                               channels_last=channels_last, colour=colour)
         miner.add(x, ids, list(errs), list(digests))
         bar.update(len(errs))
     _flush_chunk(miner, work)
@@ -548,6 +592,11 @@ def _flush_chunk(miner: ChunkMiner, work: Path) -> None:
         miner.capture.finish()
     arrays = {"errors": np.array(json.dumps({str(i): e for i, e in miner.errors.items()})),
               "digests": np.array(json.dumps({str(i): d for i, d in miner.digests.items()}))}
+    if miner.colour is not None:
+        kept = sorted(miner.colour_kept)
+        arrays["colour.ids"] = np.array(kept, np.int64)
+        arrays["colour.pixels"] = np.stack([miner.colour_kept[i] for i in kept]) if kept else \
+            np.zeros((0, 1, 1, 3), np.uint8)
     for name, t in miner.tops.items():
         arrays.update({f"{name}.topk.{f}": v for f, v in t.state().items()})
         arrays.update({f"{name}.mom.{f}": v for f, v in miner.moms[name].state().items()})

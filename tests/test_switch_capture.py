@@ -88,3 +88,18 @@ def test_the_rule_keeps_two_passes_where_the_top_k_is_a_small_share():
     assert cap.one_pass_wins([L(96, ["pool1"])], 9, 4096)
     assert not cap.one_pass_wins([L(96, ["pool1"])], 9, 100_000)
     assert not cap.one_pass_wins([L(96, [])], 9, 10)  # no pool below: nothing to capture
+
+
+def test_the_colour_sample_kept_while_mining_equals_the_images_read_again(tmp_path, folder):
+    """The manifest's colour statistics come from the mining pass's input (no image decoded twice), and
+    are those of the crops read from the files again."""
+    from atlas import open as open_atlas
+    from atlas.data import Preprocess, open_dataset
+    from atlas.visualizations import estimate_colour
+
+    out = build("zfnet-mini", str(folder), tmp_path / "a", k=2, batch_size=8, image_size=64, progress=False,
+                index=False)
+    a = open_atlas(out)
+    pre, src = Preprocess(a.manifest["preprocessing"]), open_dataset(str(folder))
+    again = estimate_colour(list(range(len(src))), lambda i: pre.crop_image(src.open_image(i)), 64)
+    assert a.manifest["colour"] == again and again["images"] == len(src)
