@@ -512,14 +512,13 @@ class ColourSample:
         self.sample, self.mean, self.std = sample, pre.mean, pre.std
 
     def keep(self, x: torch.Tensor, ids: torch.Tensor, errs: list[str]) -> dict[int, np.ndarray]:
-        out = {}
-        for j, i in enumerate(ids.tolist()):
-            if i in self.sample and not errs[j]:
-                st = self.sample[i]
-                px = x[j, :, ::st, ::st].detach().float().cpu()
-                px = ((px * self.std + self.mean) * 255.0).round_().clamp_(0, 255)
-                out[i] = px.to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
-        return out
+        rows = [(j, i) for j, i in enumerate(ids.tolist()) if i in self.sample and not errs[j]]
+        if not rows:
+            return {}
+        st = self.sample[rows[0][1]]  # one stride for every image of a build
+        px = x[[j for j, _ in rows], :, ::st, ::st].detach().float().cpu()
+        px = ((px * self.std + self.mean) * 255.0).round_().clamp_(0, 255).to(torch.uint8)
+        return {i: px[n].permute(1, 2, 0).contiguous().numpy() for n, (_, i) in enumerate(rows)}
 
 
 def _memory_format(resumed: Path | None, dev: torch.device) -> str:

@@ -119,12 +119,20 @@ class SwitchCapture:
         if not boxes:
             return
         row_of = {int(i): j for j, i in enumerate(ids.tolist())}
+        images = list(boxes)
+        batch_rows = [row_of[i] if rows is None else int(rows[row_of[i]]) for i in images]
+        for pool in self.pools:
+            has = [n for n, i in enumerate(images) if pool in boxes[i]]
+            if not has:
+                continue
+            # the codes of the whole maps of the batch's captured images at once (torch, every thread), then
+            # cropped: a call per image and pool on int64 numpy arrays cost more than the rest of the capture
+            codes = window_codes(indices[pool][[batch_rows[n] for n in has]], self.lmap.pool_by_name[pool].geometry)
+            kernel = self.lmap.pool_by_name[pool].geometry.kernel
+            for row, n in enumerate(has):
+                y0, x0, y1, x1 = boxes[images[n]][pool]
+                self._zip.writestr(f"{images[n]}/{pool}", pack(codes[row, :, y0:y1, x0:x1], kernel))
         for image, pools in boxes.items():
-            j = row_of[image] if rows is None else int(rows[row_of[image]])
-            for pool, (y0, x0, y1, x1) in pools.items():
-                geom = self.lmap.pool_by_name[pool].geometry
-                codes = window_codes(indices[pool][j, :, y0:y1, x0:x1], geom, origin=(y0, x0))
-                self._zip.writestr(f"{image}/{pool}", pack(codes, geom.kernel))
             self._boxes[str(image)] = {pool: [y0, x0, y1 - y0, x1 - x0] for pool, (y0, x0, y1, x1) in pools.items()}
 
     def finish(self) -> None:

@@ -44,12 +44,14 @@ def window_codes(indices: torch.Tensor, geom: Geometry, origin: tuple[int, int] 
     """Each pooled position's winner as its offset inside the window, dy * k + dx (uint8, C x H x W).
 
     `indices` may be a crop of the pool's output whose top-left corner is `origin`.
+    `indices` may also be a batch of them (N x C x H x W). Computed by torch (all threads) where the
+    indices are, one copy back.
     """
     k, s, p, w_in = geom.kernel, geom.stride, geom.padding, geom.in_size
-    idx = indices.cpu().numpy()
-    oy = ((np.arange(idx.shape[1]) + origin[0]) * s - p).reshape(1, -1, 1)
-    ox = ((np.arange(idx.shape[2]) + origin[1]) * s - p).reshape(1, 1, -1)
-    return ((idx // w_in - oy) * k + (idx % w_in - ox)).astype(np.uint8)
+    h, w = indices.shape[-2:]
+    oy = ((torch.arange(h, device=indices.device) + origin[0]) * s - p).view(-1, 1)
+    ox = ((torch.arange(w, device=indices.device) + origin[1]) * s - p).view(1, -1)
+    return ((indices // w_in - oy) * k + (indices % w_in - ox)).to(torch.uint8).cpu().numpy()
 
 
 def pack(codes: np.ndarray, kernel: int) -> bytes:
