@@ -332,7 +332,9 @@ class BuildJob:
             "k": self.opts.k,
             "layers": [{**la.to_row(), "pools_below": la.pools_below} for la in self.chosen],
             "geometry": self.lmap.describe(),
-            "switches": {"stored": self.opts.switches, "passes": self._switch_passes(), "encoding": "receptive-field boxes, window offsets "
+            "switches": {"stored": self.opts.switches, "passes": self._switch_passes(),
+                         "capture_peak_mb": round(self.capture.peak_bytes / 2**20, 1) if self.capture else None,
+                         "encoding": "receptive-field boxes, window offsets "
                          "dy*k+dx, nibble-packed when k*k <= 16 (atlas/switches.py)"},
             "activations": self.opts.activations,
             # the dataset's colour correlation, for feature visualization's decorrelated colour
@@ -435,7 +437,7 @@ class ChunkMiner:
             ok = None if not any(errs) else torch.tensor([not e for e in errs], device=self.dev)
             vid = ids if ok is None else ids[ok]
             for name in self.names:
-                v, p = spatial_max(feats[name].float())
+                v, p = spatial_max(feats[name])
                 if ok is not None:
                     v, p = v[ok], p[ok]
                 if self.capture is not None:

@@ -63,6 +63,7 @@ class SwitchCapture:
         self.pools = sorted({p for la in chosen for p in la.pools_below},
                             key=lambda p: lmap.pool_by_name[p].index)
         self._zip: zipfile.ZipFile | None = None
+        self.peak_bytes = 0  # the most the capture files of this run held at once (the manifest says it)
         self._boxes: dict[str, dict[str, list[int]]] = {}
 
     def seed(self, tops: dict[str, TopK]) -> None:
@@ -82,6 +83,7 @@ class SwitchCapture:
         self._tmp = Path(tmp)
         self._zip = zipfile.ZipFile(self._tmp, "w", zipfile.ZIP_STORED)
         self._boxes = {}
+        self._chunk_bytes = 0  # the chunk being captured, before its pruning: part of the peak
 
     def add(self, values: dict[str, tuple[torch.Tensor, torch.Tensor]], ids: torch.Tensor,
             indices: dict[str, torch.Tensor], rows: torch.Tensor | None) -> None:
@@ -139,10 +141,13 @@ class SwitchCapture:
         """The chunk's capture file, in place before its npz is; then every own file pruned."""
         self._zip.writestr(BOXES, json.dumps(self._boxes))
         self._zip.close()
+        self._chunk_bytes = self._tmp.stat().st_size
         self._zip = None
         os.replace(self._tmp, capture_file(self.work, self.chunk))
         self.files.append(self.chunk)
         self.prune()
+        held = sum(capture_file(self.work, c).stat().st_size for c in self.files)
+        self.peak_bytes = max(self.peak_bytes, held + self._chunk_bytes)
 
     def alive(self) -> set[int]:
         return {int(i) for t in self.running.values() for i in t.ids.reshape(-1).tolist()}

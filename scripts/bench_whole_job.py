@@ -115,7 +115,8 @@ def main() -> None:
            "bare_images_per_s": round(n / best_bare, 1), "job_images_per_s": round(n / best_job, 1),
            "ratio": round(best_bare / best_job, 3), "job_s": round(best_job, 1),
            "mining_s": t.get("mining_s"), "switches_s": t.get("switches_s"), "write_s": t.get("write_s"),
-           "switch_passes": manifest["switches"].get("passes"), "memory_format": manifest["options"].get("memory_format"),
+           "switch_passes": manifest["switches"].get("passes"),
+           "capture_peak_mb": manifest["switches"].get("capture_peak_mb"), "memory_format": manifest["options"].get("memory_format"),
            "workers": manifest["options"].get("workers"), "loadavg": loads}
     print(json.dumps(fig))
     print(f"| {args.model} | {n} | {args.precision} | {fig['bare_images_per_s']} | {fig['job_images_per_s']} | "
