@@ -61,25 +61,6 @@ def test_captures_are_pruned_to_the_running_top_k(tmp_path, folder, monkeypatch)
     assert len(seen["held"]) < 30 and len(seen["held"] - seen["alive"]) <= len(seen["alive"]) + 2
 
 
-def test_a_resumed_one_pass_build_equals_an_uninterrupted_one(tmp_path, folder, monkeypatch):
-    opts = dict(k=3, batch_size=4, chunk_size=8, image_size=32, progress=False, index=False)
-    ref = build("zfnet-mini", str(folder), tmp_path / "ref", **opts)
-    real = b._flush_chunk
-
-    def once(*args, **kw):
-        real(*args, **kw)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(b, "_flush_chunk", once)
-    out = tmp_path / "a"
-    with pytest.raises(KeyboardInterrupt):
-        build("zfnet-mini", str(folder), out, **opts)
-    monkeypatch.setattr(b, "_flush_chunk", real)
-    build("zfnet-mini", str(folder), out, resume=True, **opts)
-    assert json.loads((out / "manifest.json").read_text())["switches"]["passes"] == 1
-    assert _switch_rows(out) == _switch_rows(ref)
-
-
 def test_the_rule_keeps_two_passes_where_the_top_k_is_a_small_share():
     class L:
         def __init__(self, channels, pools):
