@@ -31,7 +31,7 @@ from PIL import Image
 
 from .formats import FORMAT_VERSION, __version__
 from .data import Preprocess, open_dataset
-from .device import bf16_hint, default_workers, recorded_memory_format, resolve_device
+from .device import bf16_hint, cpu_bf16_kernels, default_workers, recorded_memory_format, resolve_device
 from .distributed import ranks_from_env
 from . import bounds
 from .errors import AtlasError
@@ -50,7 +50,12 @@ from .capture import CapturedSwitches, SwitchCapture, capture_file, one_pass_win
 from .switches import window_codes
 from .tables import switch_regions, top_rows, write_activations, write_switches, write_tables
 
-UNREADABLE_SHOWN = 5  # the build's last lines name this many unreadable images
+UNREADABLE_SHOWN = 5
+# An fp32 build on a CPU with bf16 kernels times one batch in bf16 (twice: the first call picks the
+# kernels) to tell whether bf16 would be twice as fast: only in builds of this many batches or more,
+# where that costs under 1 %.
+PROBE_MIN_BATCHES = 100
+PROBE_BATCH = 2  # the first batches warm the fp32 kernels up  # the build's last lines name this many unreadable images
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -245,6 +250,9 @@ class BuildJob:
         t = time.perf_counter()
         with Progress(n, "build", "images", enabled=progress if self.ranks.leader else False,
                       initial=n_done) as bar:
+            if self.dev.type == "cpu" and self.opts.precision == "fp32" and cpu_bf16_kernels() and \
+                    images_in(todo) >= PROBE_MIN_BATCHES * self.opts.batch_size:
+                self.inputs.probe_bf16 = True  # _mine_chunks measures it on one batch
             _mine_chunks(self.lmap, self.chosen, self.inputs, n, todo, size, self.opts, work, bar, self.plan,
                          self.capture, self.channels_last, ColourSample(self.colour_sample, self.inputs.pre))
         self.ranks.barrier()  # every chunk is on disk
@@ -369,7 +377,8 @@ class BuildJob:
         log, out = self.log, self.out
         log(f"atlas written to {out}: {self.n - len(errors)} images ({len(errors)} unreadable), "
             f"{len(self.names)} layers, k={self.opts.k}, {manifest['timings']['total_s']:.1f} s")
-        hint = bf16_hint(self.dev, self.opts.precision)  # after the work: a failed build says one line
+        # after the work: a failed build says one line
+        hint = bf16_hint(self.dev, self.opts.precision, getattr(self.inputs, "bf16_speedup", None))
         if hint:
             log(hint)
         if not errors:
@@ -571,9 +580,26 @@ def _mine_chunks(lmap: LayerMap, chosen, inputs: InputBatches, n: int, todo, chu
             miner = ChunkMiner(lmap, chosen, opts.k, inputs.dev, opts.precision, opts.activations,
                                chunk=owner[bi], plan=plan, batch_size=opts.batch_size, capture=capture,
                                channels_last=channels_last, colour=colour)
+        t = time.perf_counter()
         miner.add(x, ids, list(errs), list(digests))
+        if bi == PROBE_BATCH and getattr(inputs, "probe_bf16", False):
+            inputs.bf16_speedup = bf16_speedup(lmap, miner.names, x, opts.batch_size, miner.channels_last,
+                                               time.perf_counter() - t)
         bar.update(len(errs))
     _flush_chunk(miner, work)
+
+
+def bf16_speedup(lmap: LayerMap, names: list[str], x: torch.Tensor, batch_size: int, channels_last: bool,
+                 fp32_s: float) -> float:
+    """How much faster the mining forward pass of batch `x` runs in bf16 than it did in fp32 (`fp32_s`:
+    the miner's whole batch, so the figure errs low)."""
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16):
+        lmap.extract(x, names, batch_size=batch_size)
+        t = time.perf_counter()
+        lmap.extract(x, names, batch_size=batch_size)
+        return fp32_s / max(time.perf_counter() - t, 1e-9)
 
 
 def _flush_chunk(miner: ChunkMiner, work: Path) -> None:

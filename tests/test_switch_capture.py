@@ -84,3 +84,33 @@ def test_the_colour_sample_kept_while_mining_equals_the_images_read_again(tmp_pa
     pre, src = Preprocess(a.manifest["preprocessing"]), open_dataset(str(folder))
     again = estimate_colour(list(range(len(src))), lambda i: pre.crop_image(src.open_image(i)), 64)
     assert a.manifest["colour"] == again and again["images"] == len(src)
+
+
+def test_the_bf16_hint_needs_a_measured_twofold_gain(monkeypatch):
+    import torch
+
+    import atlas.device as d
+
+    monkeypatch.setattr(d, "cpu_bf16_kernels", lambda: "avx512_bf16")
+    cpu = torch.device("cpu")
+    assert "2.3x faster" in d.bf16_hint(cpu, "fp32", 2.3)
+    assert d.bf16_hint(cpu, "fp32", 1.6) is None and d.bf16_hint(cpu, "fp32", None) is None
+    assert d.bf16_hint(cpu, "bf16", 3.0) is None
+    monkeypatch.setattr(d, "cpu_bf16_kernels", lambda: None)
+    assert d.bf16_hint(cpu, "fp32", 3.0) is None
+
+
+def test_a_long_fp32_build_measures_bf16_on_one_batch(tmp_path, folder, monkeypatch):
+    import atlas.device as d
+
+    monkeypatch.setattr(b, "PROBE_MIN_BATCHES", 2)
+    monkeypatch.setattr(b, "cpu_bf16_kernels", lambda: "avx512_bf16")
+    monkeypatch.setattr(d, "cpu_bf16_kernels", lambda: "avx512_bf16")
+    measured = []
+    real = b.bf16_speedup
+    monkeypatch.setattr(b, "bf16_speedup", lambda *a: measured.append(real(*a)) or 2.5)
+    lines = []
+    build("zfnet-mini", str(folder), tmp_path / "a", k=2, batch_size=4, image_size=32, progress=False,
+          index=False, log=lines.append)
+    assert len(measured) == 1 and measured[0] > 0  # one batch, timed for real
+    assert any("2.5x faster" in line for line in lines)
