@@ -104,15 +104,16 @@ class SwitchCapture:
                 continue
             big = torch.iinfo(torch.int64).max
             y, x = p // la.width, p % la.width
-            lo_y = torch.where(beats, y, big).min(1).values
-            lo_x = torch.where(beats, x, big).min(1).values
-            hi_y = torch.where(beats, y, -1).max(1).values
-            hi_x = torch.where(beats, x, -1).max(1).values
-            for j in torch.nonzero(hit).view(-1).tolist():
-                image = int(ids[j])
+            # one copy to the host per layer and batch, not one per image (a GPU would wait on each)
+            corners = torch.stack([torch.where(beats, y, big).min(1).values, torch.where(beats, x, big).min(1).values,
+                                   torch.where(beats, y, -1).max(1).values, torch.where(beats, x, -1).max(1).values,
+                                   ids, hit.long()], 1).tolist()
+            for lo_y, lo_x, hi_y, hi_x, image, any_hit in corners:
+                if not any_hit:
+                    continue
                 for pool in la.pools_below:
-                    a = self.lmap.region_below(la, pool, int(lo_y[j]), int(lo_x[j]))
-                    b = self.lmap.region_below(la, pool, int(hi_y[j]), int(hi_x[j]))
+                    a = self.lmap.region_below(la, pool, lo_y, lo_x)
+                    b = self.lmap.region_below(la, pool, hi_y, hi_x)
                     box = [min(a[0], b[0]), min(a[1], b[1]), max(a[0] + a[2], b[0] + b[2]),
                            max(a[1] + a[3], b[1] + b[3])]
                     old = boxes.setdefault(image, {}).get(pool)
