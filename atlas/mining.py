@@ -18,11 +18,19 @@ NO_IMAGE = np.iinfo(np.int64).max  # id of an empty top-k slot: sorts after ever
 
 
 def spatial_max(act: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per image and channel: the spatial maximum and its flat position (y * W + x)."""
+    """Per image and channel: the spatial maximum (float32) and its flat position (y * W + x).
+
+    Reduced in the activation's own dtype and layout (a bf16 maximum is exact in float32, and the first
+    maximum is the same in either): converting a conv1 map to float32, or flattening a channels-last map
+    (a copy), cost more than the reduction."""
     if act.ndim == 2:  # fully connected: one "position"
-        return act, torch.zeros_like(act, dtype=torch.int64)
-    values, pos = act.flatten(2).max(dim=2)
-    return values, pos
+        return act.float(), torch.zeros_like(act, dtype=torch.int64)
+    if act.is_contiguous(memory_format=torch.channels_last) and not act.is_contiguous():
+        # (B, H*W, C) is a view of a channels-last map; torch.max gives the first maximum along H*W
+        values, pos = act.permute(0, 2, 3, 1).flatten(1, 2).max(dim=1)
+    else:
+        values, pos = act.flatten(2).max(dim=2)
+    return values.float(), pos
 
 
 def _order(values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,9 @@ def all_activations(a):
     src = open_dataset(a.manifest["dataset"]["root"])
     ds = DecodedImages(src, Preprocess(a.manifest["preprocessing"]), range(len(src)))
     x = torch.stack([ds[i][0] for i in range(len(src))])
+    if a.manifest["options"].get("memory_format") == "channels_last":  # the atlas's kernels, which round alike
+        x = x.contiguous(memory_format=torch.channels_last)
+        a.model.to(memory_format=torch.channels_last)
     with torch.no_grad():
         return a.lmap.extract(x, a.layer_names)
 

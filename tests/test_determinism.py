@@ -131,6 +131,7 @@ def test_a_resumed_build_equals_an_uninterrupted_one_with_short_batches(tmp_path
     assert _tables(ref) == _tables(out)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["options"]["batch_size"] == 4
+    assert manifest["switches"]["passes"] == 1  # captured while mining, across the interruption (atlas/capture.py)
 
 
 def test_short_batches_are_padded_to_the_full_batch_size(copies_folder):

@@ -62,3 +62,18 @@ def test_spatial_max_picks_first_position_in_row_major_order():
     a[0, 0, 2, 0] = 5
     v, p = spatial_max(a)
     assert v.item() == 5 and p.item() == 1 * 4 + 2
+
+
+def test_spatial_max_is_the_same_in_any_layout_and_dtype():
+    """The first maximum in row-major order, however the map is laid out (channels-last: the build's) and
+    whether it is bf16 or float32: ties everywhere, so the position rule is what is tested."""
+    import torch
+
+    from atlas.mining import spatial_max
+
+    a = torch.randint(0, 4, (8, 16, 13, 11), generator=torch.Generator().manual_seed(0)).float()
+    ref_v, ref_p = a.flatten(2).max(dim=2)
+    for x in (a, a.contiguous(memory_format=torch.channels_last), a.bfloat16(),
+              a.bfloat16().contiguous(memory_format=torch.channels_last)):
+        v, p = spatial_max(x)
+        assert v.dtype == torch.float32 and torch.equal(v, ref_v) and torch.equal(p, ref_p)

@@ -27,10 +27,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from PIL import Image
 
 from ..store.formats import FORMAT_VERSION, __version__
 from ..data import Preprocess, open_dataset
-from ..util.device import default_workers, resolve_device
+from ..util.device import bf16_hint, cpu_bf16_kernels, default_workers, recorded_memory_format, resolve_device
 from ..util.distributed import ranks_from_env
 from ..util import bounds
 from ..errors import AtlasError
@@ -44,11 +45,17 @@ from ..models.preprocessing import three
 from ..models.registry import contrast_norm_option, load_model, model_record, preprocessing_for
 from ..util.progress import Progress
 from ..search.indexing import ChunkVectors, MinerPlan, build_indexes, layer_vectors, plan_for_build, vector_arrays
+from .capture import CapturedSwitches, SwitchCapture, capture_file, one_pass_wins
 from ..deconv.switches import window_codes
 from .tables import switch_regions, top_rows, write_activations, write_switches, write_tables
 from ..choices import PRECISIONS  # noqa: F401 - re-exported
 
 UNREADABLE_SHOWN = 5  # the build's last lines name this many unreadable images
+# An fp32 build on a CPU with bf16 kernels times one batch in bf16 (twice: the first call picks the
+# kernels) to tell whether bf16 would be twice as fast: only in builds of this many batches or more,
+# where that costs under 1 %.
+PROBE_MIN_BATCHES = 100
+PROBE_BATCH = 2  # the first batches warm the fp32 kernels up
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,9 +158,12 @@ class BuildJob:
         tops, moms, errors = self.merge()
         rows = top_rows(self.lmap, self.chosen, tops)
         t_sw = time.perf_counter()
-        if self.opts.switches:
+        if self.opts.switches and self.capture is not None and CapturedSwitches.complete(self.work, self.nchunks):
+            _write_captured_switches(self.staging / "switches.parquet", self.lmap, rows, self.work,
+                                     self.chunk_size, self.opts.batch_size)
+        elif self.opts.switches:
             _write_switches(self.staging / "switches.parquet", self.lmap, rows, self.inputs, self.opts.batch_size,
-                            self.opts.precision)
+                            self.opts.precision, self.channels_last)
         t_sw = time.perf_counter() - t_sw
         t_wr = time.perf_counter()
         self.write(errors, moms, rows)
@@ -192,7 +202,10 @@ class BuildJob:
             if opts.index else None
         self.chunk_size = opts.chunk_size or opts.batch_size * max(1, 1024 // opts.batch_size)
         self.nchunks = (n + self.chunk_size - 1) // self.chunk_size
+        self.memory_format = _memory_format(self.work if resume else None, dev)
+        self.colour_sample = colour_sample(n, int(pre["crop"]))
         self.options = opts.record(layers=self.names, chunk_size=self.chunk_size, decode=self.decoder,
+                                   memory_format=self.memory_format,
                                    index_layers=self.plan.layers if self.plan else None)
 
     def prepare(self, resume: bool) -> None:
@@ -216,8 +229,10 @@ class BuildJob:
         if error:
             raise AtlasError(error)
         self.net = self.net.to(self.dev)
-        if self.dev.type == "cuda":
+        self.channels_last = self.memory_format == "channels_last"
+        if self.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
+
         workers = self.opts.workers if self.opts.workers is not None else default_workers(self.dev)
         self.inputs = InputBatches(self.source, Preprocess(self.pre), self.dev, self.decoder, workers)
 
@@ -228,15 +243,41 @@ class BuildJob:
         todo = [c for c in sorted(set(range(self.nchunks)) - set(done)) if self.ranks.owns(c)]
         if done:
             self.log(f"resuming: {len(done)} of {self.nchunks} chunks already done")
+        self.capture = self._capture(done)
         images_in = lambda chunks: sum(min(size, n - c * size) for c in chunks)  # noqa: E731
         n_done = n - images_in(todo) if self.ranks.active else images_in(done)
         t = time.perf_counter()
         with Progress(n, "build", "images", enabled=progress if self.ranks.leader else False,
                       initial=n_done) as bar:
-            _mine_chunks(self.lmap, self.chosen, self.inputs, n, todo, size, self.opts, work, bar, self.plan)
+            if self.dev.type == "cpu" and self.opts.precision == "fp32" and cpu_bf16_kernels() and \
+                    images_in(todo) >= PROBE_MIN_BATCHES * self.opts.batch_size:
+                self.inputs.probe_bf16 = True  # _mine_chunks measures it on one batch
+            _mine_chunks(self.lmap, self.chosen, self.inputs, n, todo, size, self.opts, work, bar, self.plan,
+                         self.capture, self.channels_last, ColourSample(self.colour_sample, self.inputs.pre))
         self.ranks.barrier()  # every chunk is on disk
         t = time.perf_counter() - t  # after the barrier: the job's mining, every rank's chunks
         return _record_run(work, n - images_in(done), t) if self.ranks.leader else []
+
+    def _capture(self, done: list[int]) -> SwitchCapture | None:
+        """The one-pass switch capture (atlas/capture.py), when its rule picks it and every finished chunk
+        was captured too; None: the switches take a second pass after the merge."""
+        if not (self.opts.switches and one_pass_wins(self.chosen, self.opts.k, self.n)):
+            return None
+        if not all(capture_file(self.work, c).is_file() for c in done):
+            return None
+        cap = SwitchCapture(self.lmap, self.chosen, self.opts.k, self.work, self.chunk_size,
+                            owned_done=[c for c in done if self.ranks.owns(c)], dev=self.inputs.dev)
+        for c in done:
+            with np.load(self.work / f"chunk-{c:05d}.npz") as st:
+                cap.seed({name: TopK.from_state({f: st[f"{name}.topk.{f}"] for f in ("values", "ids", "pos")})
+                          for name in self.names})
+        return cap
+
+    def _switch_passes(self) -> int | None:
+        """1: captured while mining (atlas/capture.py); 2: a second pass after the merge."""
+        if not self.opts.switches:
+            return None
+        return 1 if self.capture is not None and CapturedSwitches.complete(self.work, self.nchunks) else 2
 
     def merge(self) -> tuple[dict[str, TopK], dict[str, Moments], dict[int, str]]:
         """The chunks' partial states, merged in chunk order (see the module docstring)."""
@@ -245,8 +286,13 @@ class BuildJob:
         moms = {la.name: Moments(la.channels) for la in self.chosen}
         errors: dict[int, str] = {}
         self.digests: dict[int, str] = {}
+        self.colour_pixels: dict[int, np.ndarray] | None = {}
         for c in range(self.nchunks):
             with np.load(self.work / f"chunk-{c:05d}.npz") as st:
+                if "colour.ids" in st.files and self.colour_pixels is not None:
+                    self.colour_pixels.update(zip(st["colour.ids"].tolist(), st["colour.pixels"]))
+                else:  # a chunk mined before the colour sample was kept: the sample is read again
+                    self.colour_pixels = None
                 for name in self.names:
                     tops[name].merge(TopK.from_state({f: st[f"{name}.topk.{f}"] for f in ("values", "ids", "pos")}))
                     moms[name].merge(Moments.from_state({f: st[f"{name}.mom.{f}"]
@@ -293,7 +339,9 @@ class BuildJob:
             "k": self.opts.k,
             "layers": [{**la.to_row(), "pools_below": la.pools_below} for la in self.chosen],
             "geometry": self.lmap.describe(),
-            "switches": {"stored": self.opts.switches, "encoding": "receptive-field boxes, window offsets "
+            "switches": {"stored": self.opts.switches, "passes": self._switch_passes(),
+                         "capture_peak_mb": round(self.capture.peak_bytes / 2**20, 1) if self.capture else None,
+                         "encoding": "receptive-field boxes, window offsets "
                          "dy*k+dx, nibble-packed when k*k <= 16 (atlas/deconv/switches.py)"},
             "activations": self.opts.activations,
             # the dataset's colour correlation, for feature visualization's decorrelated colour
@@ -308,6 +356,10 @@ class BuildJob:
     def _colour(self, errors: dict[int, str]) -> dict[str, Any]:
         from ..pictures.visualizations import estimate_colour
 
+        if self.colour_pixels is not None:  # kept by the mining pass: no image is read again
+            ok = sorted(i for i in self.colour_pixels if i not in errors)
+            # the kept pixels are already every stride-th one: estimate_colour takes them all (side 64)
+            return estimate_colour(ok, lambda i: Image.fromarray(self.colour_pixels[i]), 64)
         pre = Preprocess(self.pre)
 
         def crop(i: int):
@@ -324,6 +376,10 @@ class BuildJob:
         log, out = self.log, self.out
         log(f"atlas written to {out}: {self.n - len(errors)} images ({len(errors)} unreadable), "
             f"{len(self.names)} layers, k={self.opts.k}, {manifest['timings']['total_s']:.1f} s")
+        # after the work: a failed build says one line
+        hint = bf16_hint(self.dev, self.opts.precision, getattr(self.inputs, "bf16_speedup", None))
+        if hint:
+            log(hint)
         if not errors:
             return
         for image_id, why in sorted(errors.items())[:UNREADABLE_SHOWN]:
@@ -338,7 +394,14 @@ class ChunkMiner:
 
     def __init__(self, lmap: LayerMap, chosen, k: int, dev: torch.device, precision: str = "fp32",
                  activations: bool = True, chunk: int = 0, plan: MinerPlan | None = None,
-                 batch_size: int | None = None):
+                 batch_size: int | None = None, capture: SwitchCapture | None = None,
+                 channels_last: bool | None = None, colour: ColourSample | None = None):
+        self.capture, self.colour = capture, colour
+        self.colour_kept: dict[int, np.ndarray] = {}
+        # the atlas's layout (device.recorded_memory_format); None: a GPU's, as before it was recorded
+        self.channels_last = dev.type == "cuda" if channels_last is None else channels_last
+        if capture is not None:
+            capture.start(chunk)
         self.lmap, self.names, self.dev, self.chunk = lmap, [la.name for la in chosen], dev, chunk
         self.batch_size = batch_size  # every batch computed at this size (LayerMap.extract says why)
         self.autocast = precision == "bf16"
@@ -365,20 +428,28 @@ class ChunkMiner:
                 self.errors[i] = e
             elif d:
                 self.digests[i] = d
+        if self.colour is not None:
+            self.colour_kept.update(self.colour.keep(x, ids, errs))
         x = x.to(self.dev, non_blocking=True)
-        if self.dev.type == "cuda":
+        if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
             self.lmap.check_trace(x)  # the first batch: the trace computes what the model computes
             with torch.autocast(self.dev.type, torch.bfloat16, enabled=self.autocast):
-                feats = self.lmap.extract(x, self.names + self.fc_names, batch_size=self.batch_size)
+                feats = self.lmap.extract(x, self.names + self.fc_names, batch_size=self.batch_size,
+                                          pool_indices=self.capture is not None)
+            if self.capture is not None:
+                feats, pool_idx = feats
+                maxima = {}
             ids = ids.to(self.dev, non_blocking=True)
             ok = None if not any(errs) else torch.tensor([not e for e in errs], device=self.dev)
             vid = ids if ok is None else ids[ok]
             for name in self.names:
-                v, p = spatial_max(feats[name].float())
+                v, p = spatial_max(feats[name])
                 if ok is not None:
                     v, p = v[ok], p[ok]
+                if self.capture is not None:
+                    maxima[name] = (v, p)
                 self.tops[name].update(v, vid, p)
                 self.moms[name].update(v)
                 if self.keep_activations:
@@ -391,6 +462,8 @@ class ChunkMiner:
             for name in self.fc_names:
                 f = feats[name] if ok is None else feats[name][ok]
                 self.kept[f"images.{name}"].append((vid, layer_vectors("fc", f)))
+            if self.capture is not None:
+                self.capture.add(maxima, vid, pool_idx, None if ok is None else torch.nonzero(ok).view(-1))
 
     def host(self) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, list]]:
         """The chunk's activation rows {layer: (ids, values (images, channels))} and kept vectors, on the
@@ -430,6 +503,44 @@ def _decoder(decode: str, source, dev: torch.device, ranks, resumed: Path | None
     return lead  # a rank that could decode on its device follows rank 0 to the CPU
 
 
+def colour_sample(n: int, side: int) -> dict[int, int]:
+    """The images whose pixels give the manifest's colour statistics (visualizations.estimate_colour's
+    sample, evenly spaced over every image: the readable ones are known only after mining), with the
+    stride that keeps at most 64 x 64 pixels of each."""
+    from ..pictures.visualizations import COLOUR_SAMPLE
+
+    ids = range(n) if n <= COLOUR_SAMPLE else [(i * n) // COLOUR_SAMPLE for i in range(COLOUR_SAMPLE)]
+    return {i: max(1, side // 64) for i in ids}
+
+
+class ColourSample:
+    """Keeps the colour sample's pixels as the mining pass sees them, so that no image is decoded again
+    for the manifest's colour statistics. The model's input is (pixel / 255 - mean) / std of a uint8
+    crop: undone and rounded, it gives those uint8 pixels back exactly."""
+
+    def __init__(self, sample: dict[int, int], pre: Preprocess):
+        self.sample, self.mean, self.std = sample, pre.mean, pre.std
+
+    def keep(self, x: torch.Tensor, ids: torch.Tensor, errs: list[str]) -> dict[int, np.ndarray]:
+        rows = [(j, i) for j, i in enumerate(ids.tolist()) if i in self.sample and not errs[j]]
+        if not rows:
+            return {}
+        st = self.sample[rows[0][1]]  # one stride for every image of a build
+        px = x[[j for j, _ in rows], :, ::st, ::st].detach().float().cpu()
+        px = ((px * self.std + self.mean) * 255.0).round_().clamp_(0, 255).to(torch.uint8)
+        return {i: px[n].permute(1, 2, 0).contiguous().numpy() for n, (_, i) in enumerate(rows)}
+
+
+def _memory_format(resumed: Path | None, dev: torch.device) -> str:
+    """channels-last (device.MEMORY_FORMATS says why), or a resumed build's own layout."""
+    if resumed is not None and (resumed / "config.json").is_file():
+        try:  # a work folder's config has no device: this build's, for one started before layouts were recorded
+            return recorded_memory_format({"device": str(dev), **json.loads((resumed / "config.json").read_text())})
+        except (OSError, ValueError):
+            pass  # _prepare_staging says what is wrong with it
+    return "channels_last"
+
+
 def _prepare_staging(staging: Path, out: Path, config: dict, resume: bool) -> None:
     work = staging / "work"
     if staging.exists():
@@ -439,7 +550,9 @@ def _prepare_staging(staging: Path, out: Path, config: dict, resume: bool) -> No
                              "(or delete that folder to start over)")
         remove_temp_files(staging)  # what the interrupted run was writing; under the lock, nobody else is
         # a build started before --decode existed decoded with PIL
-        old = {"decode": "cpu", **json.loads(cfg_file.read_text())} if cfg_file.is_file() else None
+        # and in the layout BuildJob.resolve gave it (_memory_format)
+        old = {"decode": "cpu", "memory_format": config["memory_format"], **json.loads(cfg_file.read_text())} \
+            if cfg_file.is_file() else None
         if old is not None and old.get("format_version") != config["format_version"]:
             raise AtlasError(f"cannot resume '{staging}': it was started by an older atlas (format "
                              f"{old.get('format_version')}); delete that folder to start over")
@@ -451,7 +564,9 @@ def _prepare_staging(staging: Path, out: Path, config: dict, resume: bool) -> No
 
 
 def _mine_chunks(lmap: LayerMap, chosen, inputs: InputBatches, n: int, todo, chunk_size, opts: BuildOptions,
-                 work: Path, bar: Progress, plan: MinerPlan | None = None) -> None:
+                 work: Path, bar: Progress, plan: MinerPlan | None = None,
+                 capture: SwitchCapture | None = None, channels_last: bool | None = None,
+                 colour: ColourSample | None = None) -> None:
     layout = chunk_batches(n, chunk_size, opts.batch_size, todo)
     if not layout:
         return
@@ -462,10 +577,28 @@ def _mine_chunks(lmap: LayerMap, chosen, inputs: InputBatches, n: int, todo, chu
             if miner is not None:
                 _flush_chunk(miner, work)
             miner = ChunkMiner(lmap, chosen, opts.k, inputs.dev, opts.precision, opts.activations,
-                               chunk=owner[bi], plan=plan, batch_size=opts.batch_size)
+                               chunk=owner[bi], plan=plan, batch_size=opts.batch_size, capture=capture,
+                               channels_last=channels_last, colour=colour)
+        t = time.perf_counter()
         miner.add(x, ids, list(errs), list(digests))
+        if bi == PROBE_BATCH and getattr(inputs, "probe_bf16", False):
+            inputs.bf16_speedup = bf16_speedup(lmap, miner.names, x, opts.batch_size, miner.channels_last,
+                                               time.perf_counter() - t)
         bar.update(len(errs))
     _flush_chunk(miner, work)
+
+
+def bf16_speedup(lmap: LayerMap, names: list[str], x: torch.Tensor, batch_size: int, channels_last: bool,
+                 fp32_s: float) -> float:
+    """How much faster the mining forward pass of batch `x` runs in bf16 than it did in fp32 (`fp32_s`:
+    the miner's whole batch, so the figure errs low)."""
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16):
+        lmap.extract(x, names, batch_size=batch_size)
+        t = time.perf_counter()
+        lmap.extract(x, names, batch_size=batch_size)
+        return fp32_s / max(time.perf_counter() - t, 1e-9)
 
 
 def _flush_chunk(miner: ChunkMiner, work: Path) -> None:
@@ -481,8 +614,15 @@ def _flush_chunk(miner: ChunkMiner, work: Path) -> None:
         atomic_write_parquet(work / f"act-{c:05d}-{name}.parquet", table, compression="zstd")
     if kept:  # before the chunk file: its presence is what marks the chunk done
         atomic_write(work / f"vec-{c:05d}.npz", lambda tmp: _savez(tmp, vector_arrays(kept)))
+    if miner.capture is not None:  # before the chunk file, as the vectors
+        miner.capture.finish()
     arrays = {"errors": np.array(json.dumps({str(i): e for i, e in miner.errors.items()})),
               "digests": np.array(json.dumps({str(i): d for i, d in miner.digests.items()}))}
+    if miner.colour is not None:
+        kept = sorted(miner.colour_kept)
+        arrays["colour.ids"] = np.array(kept, np.int64)
+        arrays["colour.pixels"] = np.stack([miner.colour_kept[i] for i in kept]) if kept else \
+            np.zeros((0, 1, 1, 3), np.uint8)
     for name, t in miner.tops.items():
         arrays.update({f"{name}.topk.{f}": v for f, v in t.state().items()})
         arrays.update({f"{name}.mom.{f}": v for f, v in miner.moms[name].state().items()})
@@ -495,7 +635,7 @@ def _savez(path: Path, arrays: dict) -> None:
 
 
 def _write_switches(path: Path, lmap: LayerMap, top_rows, inputs: InputBatches, batch_size,
-                    precision: str = "fp32") -> None:
+                    precision: str = "fp32", channels_last: bool = False) -> None:
     """Second pass over the final top-k images only: their pool switches inside the units' fields.
 
     Decoded by the same input pipeline as the mining pass (workers, device decoder), batch by batch in
@@ -511,7 +651,7 @@ def _write_switches(path: Path, lmap: LayerMap, top_rows, inputs: InputBatches, 
     def forward(chunk: list[int]) -> dict[tuple[int, str], np.ndarray]:
         x, ids, _, _ = next(batches)
         assert ids.tolist() == chunk, "switches batches out of step with write_switches"
-        if inputs.dev.type == "cuda":
+        if channels_last:  # the mining pass's layout: its kernels, its numbers
             x = x.contiguous(memory_format=torch.channels_last)
         # the precision of the mining pass: the switches are those of the activations the ranking saw
         with torch.inference_mode(), torch.autocast(inputs.dev.type, torch.bfloat16, enabled=precision == "bf16"):
@@ -521,6 +661,18 @@ def _write_switches(path: Path, lmap: LayerMap, top_rows, inputs: InputBatches, 
                 for j, i in enumerate(chunk) for pool, reg in regions[i].items()}
 
     write_switches(path, lmap, regions, forward, batch_size)
+
+
+def _write_captured_switches(path: Path, lmap: LayerMap, top_rows, work: Path, chunk_size: int,
+                             batch_size: int) -> None:
+    """switches.parquet from the mining pass's captures (atlas/capture.py), cropped to the final boxes."""
+    regions = switch_regions(lmap, top_rows)
+    captured = CapturedSwitches(lmap, work, chunk_size)
+    try:
+        write_switches(path, lmap, regions, lambda chunk: {(i, pool): captured(i, reg) for i in chunk
+                                                           for pool, reg in regions[i].items()}, batch_size)
+    finally:
+        captured.close()
 
 
 def _record_run(work: Path, mined: int, seconds: float) -> list[dict[str, Any]]:

@@ -44,12 +44,20 @@ def window_codes(indices: torch.Tensor, geom: Geometry, origin: tuple[int, int] 
     """Each pooled position's winner as its offset inside the window, dy * k + dx (uint8, C x H x W).
 
     `indices` may be a crop of the pool's output whose top-left corner is `origin`.
+    `indices` may also be a batch of them (N x C x H x W). Computed by torch (all threads) where the
+    indices are, one copy back.
     """
     k, s, p, w_in = geom.kernel, geom.stride, geom.padding, geom.in_size
-    idx = indices.cpu().numpy()
-    oy = ((np.arange(idx.shape[1]) + origin[0]) * s - p).reshape(1, -1, 1)
-    ox = ((np.arange(idx.shape[2]) + origin[1]) * s - p).reshape(1, 1, -1)
-    return ((idx // w_in - oy) * k + (idx % w_in - ox)).astype(np.uint8)
+    h, w = indices.shape[-2:]
+    dev = indices.device
+    oy = ((torch.arange(h, device=dev) + origin[0]) * s - p).view(-1, 1)
+    ox = ((torch.arange(w, device=dev) + origin[1]) * s - p).view(1, -1)
+    # The winner (oy + dy, ox + dx) is dy * w_in + dx past the window's start: a table turns that into
+    # dy * k + dx. One subtraction and one gather: int64 division on a CPU cost several times more.
+    lut = torch.zeros((k - 1) * w_in + k, dtype=torch.uint8, device=dev)
+    d = torch.arange(k, device=dev)
+    lut[(d.view(-1, 1) * w_in + d.view(1, -1)).view(-1)] = torch.arange(k * k, device=dev).to(torch.uint8)
+    return lut[indices - (oy * w_in + ox)].cpu().numpy()
 
 
 def pack(codes: np.ndarray, kernel: int) -> bytes:
@@ -60,6 +68,16 @@ def pack(codes: np.ndarray, kernel: int) -> bytes:
             codes = np.append(codes, np.uint8(0))
         codes = codes[0::2] | (codes[1::2] << 4)
     return codes.tobytes()
+
+
+def unpack(data: bytes, n: int, kernel: int) -> np.ndarray:
+    """The first `n` codes of `pack`'s bytes (uint8, flat, C order)."""
+    raw = np.frombuffer(data, dtype=np.uint8)
+    if kernel * kernel <= 16:
+        codes = np.empty(raw.size * 2, dtype=np.uint8)
+        codes[0::2], codes[1::2] = raw & 0x0F, raw >> 4
+        return codes[:n]
+    return raw[:n]
 
 
 def encode(indices: torch.Tensor, geom: Geometry, region: SwitchRegion) -> bytes:
@@ -82,14 +100,7 @@ def decode(data: bytes, channels: int, geom: Geometry, region: SwitchRegion) -> 
     projected signal there is zero, so where it lands does not matter.
     """
     k, s, p, w_in = geom.kernel, geom.stride, geom.padding, geom.in_size
-    n = channels * region.h * region.w
-    raw = np.frombuffer(data, dtype=np.uint8)
-    if k * k <= 16:
-        codes = np.empty(raw.size * 2, dtype=np.uint8)
-        codes[0::2], codes[1::2] = raw & 0x0F, raw >> 4
-        codes = codes[:n]
-    else:
-        codes = raw[:n]
+    codes = unpack(data, channels * region.h * region.w, k)
     codes = torch.from_numpy(codes.astype(np.int64)).view(channels, region.h, region.w)
     out_size = geom.out_size
     oy = torch.arange(out_size).view(-1, 1) * s - p

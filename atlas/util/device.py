@@ -57,4 +57,50 @@ def default_workers(dev: "torch.device") -> int:
         # a GPU outruns PIL: every core but the main process's decodes (device decoding needs far fewer,
         # its workers only read files, but idle ones cost nothing)
         return min(16, max(1, n - 1))
-    return 0 if n <= 2 else min(4, n // 2)  # on few cores, decoding steals from the forward pass
+    # On a CPU, decoding in the main process makes the forward pass wait for every batch's images. One
+    # worker per four cores (at least one, even on two cores) decodes while the model computes: PIL's
+    # decode and resize of a 500x375 JPEG is about a tenth of zfnet's forward pass on a core, so one
+    # worker keeps up with two cores' forward pass and takes little from it (scripts/BENCHMARKS.md).
+    return max(1, min(8, n // 4))
+
+
+# The build's memory layout, on every device: channels-last is what oneDNN's bf16 kernels want, and it
+# ran zfnet's and resnet50's fp32 forward pass 1.4x faster than contiguous on an AMX Xeon (issue 24's
+# figures; within noise of each other on this project's loaded AVX-512 machine). An atlas records its layout; a resumed build and `atlas index`
+# afterwards keep it (one numeric path per atlas: the layout picks the kernels, which round differently).
+MEMORY_FORMATS = ("channels_last", "contiguous")
+
+
+def recorded_memory_format(options: dict) -> str:
+    """The layout an atlas (or an interrupted build) was computed in: its record, else what builds
+    used before it was recorded (channels-last on a GPU only)."""
+    fmt = options.get("memory_format")
+    if fmt in MEMORY_FORMATS:
+        return fmt
+    return "channels_last" if str(options.get("device", "cpu")).startswith("cuda") else "contiguous"
+
+
+def cpu_bf16_kernels() -> str | None:
+    """The CPU's bf16 matrix instructions oneDNN uses ("amx" or "avx512_bf16"), None without them."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return None
+    if "amx_bf16" in flags:
+        return "amx"
+    return "avx512_bf16" if "avx512_bf16" in flags else None
+
+
+def bf16_hint(dev: "torch.device", precision: str, speedup: float | None) -> str | None:
+    """One line for an fp32 build on a CPU with bf16 kernels (AMX or AVX512-BF16) where bf16 ran at least
+    twice as fast: `speedup` is what the build measured on one of its own batches (build.bf16_speedup;
+    None: not measured). The gain depends on the model as much as on the CPU: on this project's
+    AVX512-BF16 machine zfnet's forward pass ran 2.1x faster in bf16 and resnet50's 1.15x."""
+    if precision != "fp32" or dev.type != "cpu" or speedup is None or speedup < 2.0:
+        return None
+    isa = cpu_bf16_kernels()
+    if isa is None:
+        return None
+    return (f"--precision bf16 ran this model's forward pass {speedup:.1f}x faster on this CPU "
+            f"({'AMX' if isa == 'amx' else 'AVX512-BF16'}); its top-k is nearly the same (scripts/BENCHMARKS.md)")

@@ -65,6 +65,22 @@ def _busy(target: Path, path: Path, rec: dict | None, what: str) -> AtlasError:
                       f"holder lost), delete {path}")
 
 
+# The lock descriptors this process holds. A forked child (a DataLoader's decoding worker) closes its
+# copies at once: flock belongs to the open file, and a worker outliving its killed parent for the few
+# seconds it takes to notice would otherwise keep the lock, and refuse the --resume that follows a kill -9.
+_HELD: set[int] = set()
+
+
+def _close_held_in_child() -> None:
+    for fd in list(_HELD):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_close_held_in_child)
+
+
 @contextlib.contextmanager
 def writer_lock(target: str | os.PathLike, what: str, *, enabled: bool = True) -> Iterator[Path | None]:
     """Hold the writer lock of `target` for a `what` ("a build", "an export"...); AtlasError if taken.
@@ -79,6 +95,7 @@ def writer_lock(target: str | os.PathLike, what: str, *, enabled: bool = True) -
     made = _make_folders(path.parent)  # an OSError says which path refused (the CLI: one line)
     try:
         fd = _take(path, target, what)
+        _HELD.add(fd)
         try:
             # a replacement of the target killed between its two renames is finished or undone first
             done = recover_replace(target, target.with_name(target.name + ".partial"))
@@ -88,6 +105,7 @@ def writer_lock(target: str | os.PathLike, what: str, *, enabled: bool = True) -
         finally:
             with contextlib.suppress(OSError):
                 path.unlink()  # before the unlock, so a waiter's samestat check sees it gone
+            _HELD.discard(fd)
             os.close(fd)
     finally:
         for folder in made:  # a refused or failed command leaves no folder of ours behind

@@ -1,0 +1,130 @@
+"""Benchmark: the whole `atlas build` command, from JPEG files to a published atlas, against the bare
+forward pass of the same model over the same images.
+
+Side by side in one run, interleaved (bare, build, bare, build, ...) so that a shared machine's load
+slows both alike; each figure is the best of --repeats. The bare forward pass: the model in eval mode
+under inference mode, in its best memory format (channels-last) and the build's precision (bf16:
+autocast), at the build's batch size, over the images already decoded and preprocessed in memory (the
+first 256 of them, cycled, so that 4,096 images need no 2.4 GB of tensors). The build: `python -m atlas
+build --no-index` in a fresh process (start-up, model load, decoding, mining, switches, tables, publish),
+its manifest's timings kept. The load average is recorded before and after each figure.
+
+    python scripts/bench_whole_job.py --model zfnet --images 384              # ~3 min on 2 cores
+    python scripts/bench_whole_job.py --model zfnet --images 384 --precision bf16
+    python scripts/bench_whole_job.py --model resnet50 --images 384
+    python scripts/bench_whole_job.py --model zfnet --images 4096 --repeats 1
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from atlas.data import Preprocess, open_dataset  # noqa: E402
+from atlas.util.device import cpu_bf16_kernels  # noqa: E402
+from atlas.models import load_model, preprocessing_for  # noqa: E402
+
+IN_MEMORY = 256  # decoded images the bare pass cycles over
+
+
+def make_jpegs(folder: Path, n: int, size=(500, 375), seed: int = 0) -> None:
+    """ImageNet-like JPEGs: smooth colour fields with edges (noise would make huge, slow files)."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        small = rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)
+        img = Image.fromarray(small).resize(size, Image.BILINEAR)
+        img.save(folder / f"img_{i:05d}.jpg", quality=90)
+
+
+def loadavg() -> str:
+    return " ".join(open("/proc/loadavg").read().split()[:3])
+
+
+def bare_pass(model_name: str, folder: Path, n: int, batch: int, precision: str, image_size: int | None):
+    """A callable running the bare forward pass over n images; returns seconds."""
+    net = load_model(model_name).eval().to(memory_format=torch.channels_last)
+    pre = Preprocess(preprocessing_for(model_name, image_size, None, None, model=net))
+    src = open_dataset(str(folder))
+    x = torch.stack([pre(src.open_image(i)) for i in range(min(n, IN_MEMORY))])
+    x = x.contiguous(memory_format=torch.channels_last)
+    batches = [[j % len(x) for j in range(b, min(n, b + batch))] for b in range(0, n, batch)]
+
+    def run() -> float:
+        t = time.perf_counter()
+        with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
+            for ids in batches:
+                net(x[ids].contiguous(memory_format=torch.channels_last))
+        return time.perf_counter() - t
+
+    return run
+
+
+def whole_job(model_name: str, folder: Path, out: Path, batch: int, precision: str, image_size: int | None,
+              extra: list[str]) -> tuple[float, dict]:
+    cmd = [sys.executable, "-m", "atlas", "build", "--model", model_name, "--data", str(folder), "--out",
+           str(out), "--no-index", "--no-progress", "--overwrite", "--batch-size", str(batch),
+           "--precision", precision, *(["--image-size", str(image_size)] if image_size else []), *extra]
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    t = time.perf_counter()
+    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+    seconds = time.perf_counter() - t
+    return seconds, json.loads((out / "manifest.json").read_text())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="zfnet")
+    ap.add_argument("--images", type=int, default=384)
+    ap.add_argument("--batch", type=int, default=64, help="the build's default batch size")
+    ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
+    ap.add_argument("--image-size", type=int, default=None)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--build-args", default="", help="more `atlas build` options, e.g. '--workers 0'")
+    ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    args = ap.parse_args()
+    n = args.images
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / f"jpegs-{n}"
+        make_jpegs(folder, n)
+        bare = bare_pass(args.model, folder, n, args.batch, args.precision, args.image_size)
+        bare()  # warm-up: oneDNN's kernels chosen, pages touched
+        best_bare, best_job, manifest, loads = float("inf"), float("inf"), None, [loadavg()]
+        for _ in range(args.repeats):
+            best_bare = min(best_bare, bare())
+            s, m = whole_job(args.model, folder, Path(tmp) / "atlas", args.batch, args.precision, args.image_size,
+                             args.build_args.split())
+            if s < best_job:
+                best_job, manifest = s, m
+            loads.append(loadavg())
+    t = manifest["timings"]
+    fig = {"model": args.model, "images": n, "precision": args.precision, "batch": args.batch,
+           "bf16_kernels": cpu_bf16_kernels(), "threads": torch.get_num_threads(),
+           "bare_images_per_s": round(n / best_bare, 1), "job_images_per_s": round(n / best_job, 1),
+           "ratio": round(best_bare / best_job, 3), "job_s": round(best_job, 1),
+           "mining_s": t.get("mining_s"), "switches_s": t.get("switches_s"), "write_s": t.get("write_s"),
+           "switch_passes": manifest["switches"].get("passes"),
+           "capture_peak_mb": manifest["switches"].get("capture_peak_mb"), "memory_format": manifest["options"].get("memory_format"),
+           "workers": manifest["options"].get("workers"), "loadavg": loads}
+    print(json.dumps(fig))
+    print(f"| {args.model} | {n} | {args.precision} | {fig['bare_images_per_s']} | {fig['job_images_per_s']} | "
+          f"{fig['ratio']:.2f} | {fig['job_s']} (mining {fig['mining_s']}, switches {fig['switches_s']}) | "
+          f"{loads[0]} -> {loads[-1]} |")
+    if args.json:
+        args.json.write_text(json.dumps(fig, indent=1))
+
+
+if __name__ == "__main__":
+    main()
