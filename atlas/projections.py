@@ -6,18 +6,18 @@ the one `Renderer` here, so whichever asks first renders and the others read
 the file. Cache layout (the atlas is immutable once built, so these keys are
 all a picture depends on):
 
-    ATLAS/cache/projections-v2/<weights16>/<mode>-<norm>-<display>/<layer>/<channel>-<rank>.png   projection
+    ATLAS/cache/projections-v3/<weights16>/<mode>-<norm>-<display>/<layer>/<channel>-<rank>.png   projection
                                                                            <channel>-<rank>-patch.png  patch
                                                                            <channel>-panel.png  figure 2 panel
-    ATLAS/cache/projections-v2/<weights16>/filters/<layer>.png
+    ATLAS/cache/projections-v3/<weights16>/filters/<layer>.png
 
 weights16 is the start of the weights file's sha256 (random-seed<N> for a
 randomly initialised model), mode is unit|map, norm how local response
 normalisation is undone (identity: the paper; gradient: its true gradient),
 display how values become grey levels (atlas.render.DISPLAYS: percentile, the
-default, or max), v2 the drawing's version (v1 drew every projection by max|v|
-and hatched the outside in magenta: its pictures are never served now). The
-display rule is written into each PNG's text as well.
+default, or max), v3 the drawing's version (v1 drew every projection by max|v|
+and hatched the outside in magenta, v2 drew fields far larger than the image as
+mostly border, unlabelled: their pictures are never served now). The display rule is written into each PNG's text as well.
 
 Switches: "stored" decodes switches.parquet (enough for unit mode with
 norm=identity); "recompute" runs the images through the model again (needs the
@@ -77,25 +77,26 @@ SWITCH_CACHE_BYTES = 1 << 30
 def show(atlas, layer: str, channel: int, rank: int | None = None, *, mode: str = "unit", norm: str = "identity",
          switches: str = "auto", out: str | os.PathLike | None = None,
          log: Callable[[str], None] | None = None, cache: str | os.PathLike | None = None,
-         display: str = DEFAULT_DISPLAY, method: str = "deconvnet") -> Path:
+         display: str = DEFAULT_DISPLAY, method: str = "deconvnet", scale: float = 1.0) -> Path:
     """The figure 2 panel of a channel (rank=None) or one projection (rank=R) as a PNG; returns its path.
 
     Rendered on the first request, read from the cache after that (the atlas's, or the per-user one
     when the atlas cannot be written; `cache`: a folder of your choice instead, see `PictureCache`).
     `display`: how values become grey levels, percentile (the default) or max (atlas.render.DISPLAYS).
     With `out` the PNG is also copied there (a folder gets <layer>-<channel>[-<rank>].png). A missing
-    image file is no error: its patch is a placeholder and `log` gets one line saying so.
+    image file is no error: its patch is a placeholder and `log` gets one line saying so. `scale`: the panel's
+    cells and text this many times larger (a separate cache entry), for a slide or a poster.
 
         >>> a = atlas.open("my-atlas")
-        >>> show(a, "conv5", 17)  # .../cache/projections-v2/<w>/unit-identity-percentile/conv5/17-panel.png
+        >>> show(a, "conv5", 17)  # .../cache/projections-v3/<w>/unit-identity-percentile/conv5/17-panel.png
     """
     _check_options(mode, norm, switches, display, method)
     atlas.check_channel(layer, channel)
     k = int(atlas.manifest["k"])
     if rank is not None and not 0 <= rank < k:
         raise AtlasError(f"rank {rank} is out of range for {layer} channel {channel} (0..{k - 1})")
-    r = renderer(atlas, mode, norm, cache, display, method)
-    target = r.cache.find(f"{r.folder}/{layer}/" + (f"{channel}-panel.png" if rank is None
+    r = renderer(atlas, mode, norm, cache, display, method, scale)
+    target = r.cache.find(f"{r.folder}/{layer}/" + (r.panel_file(channel) if rank is None
                                                      else f"{channel}-{rank}.png"))
     if usable(atlas, target):
         return _deliver(target, out, layer, channel, rank, suffix="guided" if method == "guided" else "")
@@ -120,7 +121,7 @@ def filters(atlas, layer: str | None = None, out: str | os.PathLike | None = Non
             cache: str | os.PathLike | None = None) -> Path:
     """The first conv layer's learned filters as a grid (the paper's figure 6 view); returns the PNG path.
 
-        >>> filters(atlas.open("my-atlas"))   # .../cache/projections-v2/<w>/filters/conv1.png
+        >>> filters(atlas.open("my-atlas"))   # .../cache/projections-v3/<w>/filters/conv1.png
     """
     geometry = [la["layer"] for la in atlas.manifest.get("geometry", {}).get("layers", []) if la["kind"] == "conv"]
     r = renderer(atlas, cache=cache)
@@ -167,12 +168,12 @@ _renderers: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
 
 def renderer(atlas, mode: str = "unit", norm: str = "identity",
              cache: str | os.PathLike | None = None, display: str = DEFAULT_DISPLAY,
-             method: str = "deconvnet") -> "Renderer":
+             method: str = "deconvnet", scale: float = 1.0) -> "Renderer":
     """The renderer of this atlas handle for these settings (kept with the handle, so its slab is reused)."""
     per = _renderers.setdefault(atlas, {})
-    key = (mode, norm, display, method, None if cache is None else str(Path(cache).absolute()))
+    key = (mode, norm, display, method, None if cache is None else str(Path(cache).absolute()), float(scale))
     if key not in per:
-        per[key] = Renderer(atlas, mode, norm, cache, display=display, method=method)
+        per[key] = Renderer(atlas, mode, norm, cache, display=display, method=method, scale=scale)
     return per[key]
 
 
@@ -212,9 +213,12 @@ class Renderer:
     version = VERSION
 
     def __init__(self, atlas, mode: str = "unit", norm: str = "identity", cache: str | os.PathLike | None = None,
-                 *, display: str = DEFAULT_DISPLAY, method: str = "deconvnet"):
+                 *, display: str = DEFAULT_DISPLAY, method: str = "deconvnet", scale: float = 1.0):
         _check_options(mode, norm, "auto", display, method)
+        if not 0.25 <= float(scale) <= 8:
+            raise AtlasError(f"scale {scale:g} is out of range (0.25 to 8)")
         self.a, self.mode, self.norm, self.display, self.method = atlas, mode, norm, display, method
+        self.scale = float(scale)
         # the cache key's settings part (guided backpropagation's pictures apart from DeconvNet's)
         self.folder = f"{mode}-{norm}-{display}" + ("-guided" if method == "guided" else "")
         self.cache = PictureCache(atlas, cache)
@@ -231,6 +235,24 @@ class Renderer:
         self.base = cache_root(atlas)  # the atlas's own cache (pictures may be elsewhere: self.cache)
         self.root = self.base / self.folder
 
+    def panel_file(self, channel: int) -> str:
+        return f"{channel}-panel.png" if self.scale == 1 else f"{channel}-panel-x{self.scale:g}.png"
+
+    def _labels(self, layer: str, channel: int, meta: list[dict]) -> dict[str, Any]:
+        """What a panel says in its pixels: its title, the random-weights line, each patch's image name."""
+        from .manifest import random_weights
+
+        m = self.a.manifest["model"]
+        ids = sorted({int(r["image_id"]) for r in meta})
+        paths = {r["image_id"]: r["path"] for r in self.a.rows(
+            f"SELECT image_id, path FROM images WHERE image_id IN ({', '.join(map(str, ids))})")}
+        how = "guided backpropagation" if self.method == "guided" else "DeconvNet"
+        title = (f"{m['name']}  ·  {layer}  ·  channel {channel}  ·  {how}\n"
+                 f"its top {len(meta)} activations, strongest first: projections ({self.mode} mode, {self.display} "
+                 "display) beside their image patches")
+        return {"title": title, "alert": random_weights(m),
+                "names": [str(paths.get(r["image_id"], f"image {r['image_id']}")) for r in meta]}
+
     # -- what the export and show ask for ------------------------------------------
     def channels(self, layer: str, channels: list[int], tops: dict[int, list[dict[str, Any]]], *,
                  panel: bool = True, switches: str = "auto") -> dict[int, dict[str, Any]]:
@@ -244,7 +266,7 @@ class Renderer:
         find, d = self.cache.find, f"{self.folder}/{layer}"
         for c in channels:
             rows = tops.get(c, [])
-            res = {"panel": find(f"{d}/{c}-panel.png") if rows else None,
+            res = {"panel": find(f"{d}/{self.panel_file(c)}") if rows else None,
                    "proj": [find(f"{d}/{c}-{r['rank']}.png") for r in rows],
                    "patch": [find(f"{d}/{c}-{r['rank']}-patch.png") for r in rows], "error": None,
                    "at": {r["rank"]: i for i, r in enumerate(rows)}}  # rank -> index: rows may be a subset
@@ -396,7 +418,8 @@ class Renderer:
                         for i in idx]
                 sub = D.Projections(P.mode, P.norm, S, meta, [P.windows[i] for i in idx],
                                     [P.origins[i] for i in idx])
-                res["panel"] = self.cache.put(res["panel"], R.panel(sub, patches, display=self.display),
+                res["panel"] = self.cache.put(res["panel"], R.panel(sub, patches, display=self.display,
+                                                                    scale=self.scale, **self._labels(layer, c, meta)),
                                               unavailable=gone)
                 self.rendered += 1
         self.split["drawing_s"] += time.perf_counter() - t
@@ -420,7 +443,8 @@ class Renderer:
         the image is unavailable (the cell is then a placeholder, marked incomplete)."""
         from . import render as R
 
-        up = R.upscale_for(max(box[2] - box[0], box[3] - box[1]))
+        S = self.a.lmap.image_size
+        box, up = R.shown_box(box, S), R.cell_factor(R.field_side([box], S))
         self.rendered += 1
         return self.cache.put(path, R.patch_cell(crop, box, self.a.lmap.image_size, up), text=_src(row),
                               unavailable=gone)

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import AtlasError
-from .picture_cache import PictureCache, usable
+from .picture_cache import FEATUREVIS_VERSION, PictureCache, usable
 
 FOLDER = "featurevis-v1"  # = featurevis.VERSION, repeated so that a cache hit imports no torch
 DEFAULT_STEPS = 512
@@ -61,7 +61,7 @@ def picture_cache(atlas, cache=None) -> PictureCache:
     st = _handle_state(atlas)
     key = None if cache is None else str(Path(cache).absolute())
     if key not in st["caches"]:
-        st["caches"][key] = PictureCache(atlas, cache)
+        st["caches"][key] = PictureCache(atlas, cache, FEATUREVIS_VERSION)
     return st["caches"][key]
 
 

@@ -39,6 +39,10 @@ class ChannelNumber(click.ParamType):
                              "of N channels: see `atlas layers ATLAS`)") from None
 
 
+scale_option = click.option(
+    "--scale", type=click.FloatRange(0.25, 8), default=1.0, show_default=True, metavar="FACTOR",
+    help="Draw the picture this many times larger, cells and text alike (2: for a slide at full width).")
+
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_MAX_ROWS = 1000
 
@@ -250,10 +254,11 @@ def top(atlas_path, layer, channel, fmt):
 @method_option
 @click.option("--out", type=click.Path(path_type=Path),
               help="Also write the PNG here, a file or a folder (default: only the picture cache).")
+@scale_option
 @cache_option
 @format_option(default=None, help="Print a row describing the picture, with its path, as an aligned table, "
                "CSV or strict JSON  [default: the PNG's path alone]")
-def show(atlas_path, layer, channel, rank, mode, norm, switches, display, method, out, cache, fmt):
+def show(atlas_path, layer, channel, rank, mode, norm, switches, display, method, out, scale, cache, fmt):
     """A channel's DeconvNet projections as a PNG (the paper's figure 2); prints its path (or a row, --format).
 
     The panel shows the top-k projections in a grid beside the matching image
@@ -269,7 +274,7 @@ def show(atlas_path, layer, channel, rank, mode, norm, switches, display, method
     from ..projections import show as run
 
     png = run(_open(atlas_path), layer, channel, rank, mode=mode, norm=norm, switches=switches, out=out, log=_say,
-              cache=cache, display=display, method=method)
+              cache=cache, display=display, method=method, scale=scale)
     _picture(png, fmt, {"picture": "panel" if rank is None else "projection", "layer": layer, "channel": channel,
                         "rank": rank, "mode": mode, "norm": norm, "display": display, "method": method})
 
