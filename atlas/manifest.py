@@ -307,5 +307,5 @@ def random_weights(model: dict[str, Any]) -> str | None:
     and numbers look plausible and mean nothing about a trained network, so every view says so on top."""
     if not model.get("random_init"):
         return None
-    return (f"RANDOM WEIGHTS: {model.get('name', 'the model')} was randomly initialised (seed {model.get('seed', 0)}; "
-            "no --weights at build), so this atlas shows an untrained network")
+    return (f"RANDOM WEIGHTS (seed {model.get('seed', 0)}, no --weights at build): an untrained "
+            f"{model.get('name', 'model')}")

@@ -118,14 +118,15 @@ def show(atlas, layer: str, channel: int, rank: int | None = None, *, mode: str 
 
 
 def filters(atlas, layer: str | None = None, out: str | os.PathLike | None = None,
-            cache: str | os.PathLike | None = None) -> Path:
-    """The first conv layer's learned filters as a grid (the paper's figure 6 view); returns the PNG path.
+            cache: str | os.PathLike | None = None, scale: float = 1.0) -> Path:
+    """The first conv layer's learned filters as a grid (the paper's figure 6 view), titled; returns the
+    PNG path. `scale`: cells and text this many times larger.
 
         >>> filters(atlas.open("my-atlas"))   # .../cache/projections-v3/<w>/filters/conv1.png
     """
     geometry = [la["layer"] for la in atlas.manifest.get("geometry", {}).get("layers", []) if la["kind"] == "conv"]
-    r = renderer(atlas, cache=cache)
-    hit = r.cache.find(f"filters/{layer or (geometry or ['-'])[0]}.png")
+    r = renderer(atlas, cache=cache, scale=scale)
+    hit = r.cache.find(r.filters_file(layer or (geometry or ['-'])[0]))
     if hit.is_file():  # without loading the model
         return _deliver(hit, out, hit.stem, None, None, suffix="filters")
     lm = atlas.lmap
@@ -292,9 +293,12 @@ class Renderer:
             self.cache.settle({q for o in out.values() for q in [o["panel"], *o["proj"], *o["patch"]]})
         return out
 
+    def filters_file(self, layer: str) -> str:
+        return f"filters/{layer}.png" if self.scale == 1 else f"filters/{layer}-x{self.scale:g}.png"
+
     def filter_grid(self, layer: str) -> Path | None:
         """The layer's filters as a grid, if they are pictures (a first conv layer on RGB or grey)."""
-        p = self.cache.find(f"filters/{layer}.png")
+        p = self.cache.find(self.filters_file(layer))
         if p.is_file():
             return p
         from . import render as R
@@ -307,7 +311,13 @@ class Renderer:
         if w is None or w.shape[1] not in (1, 3) or any(m.kind == "conv" and m.index < la.index
                                                          for m in lm.conv_layers):
             return None
-        p = self.cache.put(p, R.filter_grid(w))
+        from .manifest import random_weights
+
+        m = self.a.manifest["model"]
+        n, cin, kh, kw = w.shape
+        title = (f"{m['name']}  ·  {layer}  ·  its {n} learned filters ({kh}x{kw}, "
+                 f"{'RGB' if cin == 3 else 'grey'})\neach filter scaled on its own: 0 is mid-grey")
+        p = self.cache.put(p, R.filter_grid(w, title=title, alert=random_weights(m), scale=self.scale))
         self.rendered += 1
         self.cache.settle({p})
         return p

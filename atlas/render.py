@@ -88,6 +88,7 @@ MIN_CELL = 72  # cells of smaller receptive fields are enlarged (NEAREST) to abo
 # cells of larger fields are shrunk to this side: nine of them and their patches, labelled, fit a slide's
 # width at a readable size, and a 512-channel layer's panels stay megabytes, not a gigabyte
 MAX_CELL = 160
+FILTER_CELL = 48  # a first-layer filter's cell side, about
 LABEL_SIZE = 12  # px of a cell's label at scale 1; the title is larger
 ALERT = (190, 20, 20)  # the random-weights line: it must not be missed on a slide
 
@@ -494,16 +495,20 @@ def projection_image(projections: Any, i: int, *, box: tuple[int, int, int, int]
 
 
 def filter_grid(conv1_weight: Any, *, cols: int | None = None, upscale: int | None = None, gap: int = 1,
-                caption: str | None = None) -> Image.Image:
+                caption: str | None = None, title: str | None = None, alert: str | None = None,
+                scale: float = 1.0) -> Image.Image:
     """The first layer's filters (C_out, C_in, k, k) as a grid (the paper's figure 6 view), each filter
-    normalised for display by `FILTER_NORMALISATION` (one- or three-channel inputs)."""
+    normalised for display by `FILTER_NORMALISATION` (one- or three-channel inputs); `title` and `alert`
+    above it as on a panel, everything `scale` times larger."""
     w = _array(conv1_weight)
     if w.ndim != 4:
         raise ValueError(f"filter_grid expects a (C_out, C_in, k, k) weight, not shape {w.shape}")
     n, cin, kh, kw = w.shape
     if cin not in (1, 3):
         raise ValueError(f"filter_grid shows RGB or grey filters, not {cin}-channel ones")
-    up = upscale or upscale_for(max(kh, kw), minimum=24, cap=12)
+    # filters are a few pixels: cells of about FILTER_CELL px read on a slide, still crisp (NEAREST)
+    up = max(1, round((upscale or upscale_for(max(kh, kw), minimum=FILTER_CELL, cap=12)) * scale))
+    gap = max(gap, round(gap * scale))
     cols = cols or math.ceil(math.sqrt(n))
     cells = [Image.fromarray(_enlarge(normalise(w[i]), up)) for i in range(n)]
     im = _grid(cells, cols, gap)
@@ -511,8 +516,10 @@ def filter_grid(conv1_weight: Any, *, cols: int | None = None, upscale: int | No
     frame.paste(im, (gap, gap))
     if caption:
         frame = _caption(frame, caption)
+    frame = heading(frame, title, alert, scale)
     frame.info.update(_text({"normalisation": FILTER_NORMALISATION, "filters": n, "kernel": kh,
-                             "layout": f"{cols} columns, filter order", "upscale": up}))
+                             "layout": f"{cols} columns, filter order", "upscale": up,
+                             "title": title, "alert": alert}))
     return frame
 
 

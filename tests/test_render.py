@@ -208,8 +208,12 @@ def test_filter_grid_normalises_each_filter():
 def test_filter_grid_of_zfnet_conv1_and_grey_filters():
     model = load_model("zfnet", seed=0)
     im = R.filter_grid(model.features[0].weight)  # 96 filters 7x7: 10 columns
-    up = R.upscale_for(7, minimum=24, cap=12)
+    up = R.upscale_for(7, minimum=R.FILTER_CELL, cap=12)
     assert im.width == 10 * 7 * up + 9 + 2 and im.height == 10 * 7 * up + 9 + 2
+    titled = R.filter_grid(model.features[0].weight, title="zfnet  ·  conv1", alert="RANDOM WEIGHTS", scale=2)
+    assert titled.width == 10 * 7 * up * 2 + 9 * 2 + 4 and titled.height > titled.width + 40
+    a = _rgb(titled)
+    assert (a[:20].min(axis=-1) < 100).any() and titled.info["atlas.title"] == "zfnet  ·  conv1"
     grey = R.filter_grid(torch.randn(4, 1, 5, 5), cols=2, upscale=1)
     a = _rgb(grey)
     assert np.array_equal(a[..., 0], a[..., 1])

@@ -284,10 +284,11 @@ def show(atlas_path, layer, channel, rank, mode, norm, switches, display, method
 @click.argument("layer", required=False)
 @click.option("--out", type=click.Path(path_type=Path),
               help="Also write the PNG here, a file or a folder (default: only the picture cache).")
+@scale_option
 @cache_option
 @format_option(default=None, help="Print a row describing the picture, with its path, as an aligned table, "
                "CSV or strict JSON  [default: the PNG's path alone]")
-def filters(atlas_path, layer, out, cache, fmt):
+def filters(atlas_path, layer, out, scale, cache, fmt):
     """The first layer's learned filters as a grid PNG (the paper's figure 6 view); prints its path (or a row).
 
     \b
@@ -296,7 +297,7 @@ def filters(atlas_path, layer, out, cache, fmt):
     from ..projections import filters as run
 
     a = _open(atlas_path)
-    png = run(a, layer, out=out, cache=cache)
+    png = run(a, layer, out=out, cache=cache, scale=scale)
     convs = [g["layer"] for g in a.manifest.get("geometry", {}).get("layers", []) if g["kind"] == "conv"]
     _picture(png, fmt, {"picture": "filters", "layer": layer or (convs[:1] or [None])[0]})
 
