@@ -229,6 +229,10 @@ class BuildJob:
         todo = [c for c in sorted(set(range(self.nchunks)) - set(done)) if self.ranks.owns(c)]
         if done:
             self.log(f"resuming: {len(done)} of {self.nchunks} chunks already done")
+        from .manifest import random_weights  # the one loud line, before the wait rather than after it
+
+        if self.ranks.leader and random_weights(self.net.atlas_meta):
+            self.log(f"{random_weights(self.net.atlas_meta)}: pass --weights FILE for a trained one")
         images_in = lambda chunks: sum(min(size, n - c * size) for c in chunks)  # noqa: E731
         n_done = n - images_in(todo) if self.ranks.active else images_in(done)
         t = time.perf_counter()

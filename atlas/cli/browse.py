@@ -150,8 +150,13 @@ def info(atlas_path, fmt, as_json):
     """
     from ..output import json_text
 
+    from ..manifest import random_weights
+
     a = _open(atlas_path)
     m = a.manifest
+    alert = random_weights(m["model"])
+    if alert and (as_json or fmt in ("json", "csv")):  # machine formats stay parseable: the line goes to stderr
+        click.echo(f"atlas info: {alert}", err=True)
     if as_json or fmt == "json":
         click.echo(json_text(m))
         return
@@ -180,7 +185,7 @@ def info(atlas_path, fmt, as_json):
     if fmt == "csv":
         click.echo(render(["field", "value"], fields, "csv"))
     else:
-        click.echo("\n".join(f"{k:<10} {v}" for k, v in fields))
+        click.echo("\n".join(([alert] if alert else []) + [f"{k:<10} {v}" for k, v in fields]))
 
 
 def _describe_indexes(ix) -> str:
