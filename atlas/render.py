@@ -90,6 +90,7 @@ MIN_CELL = 72  # cells of smaller receptive fields are enlarged (NEAREST) to abo
 MAX_CELL = 160
 FILTER_CELL = 48  # a first-layer filter's cell side, about
 LABEL_SIZE = 12  # px of a cell's label at scale 1; the title is larger
+LABEL_CELL = 96  # the narrowest labelled cell, px at scale 1: "rank 0: 0.245" and most of a file name fit
 ALERT = (190, 20, 20)  # the random-weights line: it must not be missed on a slide
 
 
@@ -154,6 +155,11 @@ def _resized(rgb: np.ndarray, factor: float) -> Image.Image:
         return Image.fromarray(_enlarge(rgb, int(factor)))
     im = Image.fromarray(rgb)
     return im.resize((max(1, round(im.width * factor)), max(1, round(im.height * factor))), Image.LANCZOS)
+
+
+def _number(v: float) -> int | float:
+    """A scale factor for the PNG text: a whole one as an integer (readers parse it with int())."""
+    return int(v) if float(v).is_integer() else float(f"{v:.4g}")
 
 
 def check_display(display: str) -> None:
@@ -352,7 +358,8 @@ def _labelled(cells: Sequence[Image.Image], labels: Sequence[str], scale: float)
     from .plotting import font, text_size
 
     f = font(max(8, round(LABEL_SIZE * scale)))
-    cw, ch = max(c.width for c in cells), max(c.height for c in cells)
+    # a small field's cell is narrower than its label: the label sets the slot's width, the cell is centred
+    cw, ch = max([c.width for c in cells] + [round(LABEL_CELL * scale)]), max(c.height for c in cells)
     strip = text_size("Ag", f)[1] + max(4, round(5 * scale))
     out = []
     for c, lab in zip(cells, labels):
@@ -458,7 +465,7 @@ def panel(projections: Any, patches: Sequence[Any], *, boxes: Sequence[tuple[int
         im = _caption(im, caption)
     im = heading(im, title, alert, scale)
     info: dict[str, Any] = {"display": display, "normalisation": DISPLAYS[display], "outside": OUTSIDE,
-                            "scales": [float(f"{sc:.6g}") for sc in scales], "upscale": float(f"{factor:.4g}"),
+                            "scales": [float(f"{sc:.6g}") for sc in scales], "upscale": _number(factor),
                             "boxes_shown": [list(b) for b in bx],
                             "layout": f"left: projections, right: image patches; {cols} columns, rank order",
                             "title": title, "alert": alert, "labels": labels}
@@ -487,7 +494,7 @@ def projection_image(projections: Any, i: int, *, box: tuple[int, int, int, int]
     sc = display_scale(crop, _inside(b, s), display)
     im = projection_cell(crop, b, s, up, full=False, display=display, scale=sc)
     info = {k: m[k] for k in ("layer", "channel", "mode", "norm", "method", "y", "x", "value", "image_id") if k in m}
-    info.update({"rank": rank if rank is not None else m.get("rank"), "box": list(b), "upscale": float(f"{up:.4g}"),
+    info.update({"rank": rank if rank is not None else m.get("rank"), "box": list(b), "upscale": _number(up),
                  "display": display, "normalisation": DISPLAYS[display], "scale": float(f"{sc:.6g}"),
                  "outside": OUTSIDE})
     im.info.update(_text(info, text))
