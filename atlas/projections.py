@@ -77,7 +77,8 @@ SWITCH_CACHE_BYTES = 1 << 30
 def show(atlas, layer: str, channel: int, rank: int | None = None, *, mode: str = "unit", norm: str = "identity",
          switches: str = "auto", out: str | os.PathLike | None = None,
          log: Callable[[str], None] | None = None, cache: str | os.PathLike | None = None,
-         display: str = DEFAULT_DISPLAY, method: str = "deconvnet", scale: float = 1.0) -> Path:
+         display: str = DEFAULT_DISPLAY, method: str = "deconvnet", scale: float = 1.0,
+         progress: bool | None = None) -> Path:
     """The figure 2 panel of a channel (rank=None) or one projection (rank=R) as a PNG; returns its path.
 
     Rendered on the first request, read from the cache after that (the atlas's, or the per-user one
@@ -85,7 +86,9 @@ def show(atlas, layer: str, channel: int, rank: int | None = None, *, mode: str 
     `display`: how values become grey levels, percentile (the default) or max (atlas.render.DISPLAYS).
     With `out` the PNG is also copied there (a folder gets <layer>-<channel>[-<rank>].png). A missing
     image file is no error: its patch is a placeholder and `log` gets one line saying so. `scale`: the panel's
-    cells and text this many times larger (a separate cache entry), for a slide or a poster.
+    cells and text this many times larger (a separate cache entry), for a slide or a poster. A picture
+    not in the cache takes seconds to a minute (a deep net's model and switches load first): unless
+    `progress` is False, `log` is told what is being drawn, then how long it took.
 
         >>> a = atlas.open("my-atlas")
         >>> show(a, "conv5", 17)  # .../cache/projections-v3/<w>/unit-identity-percentile/conv5/17-panel.png
@@ -107,8 +110,14 @@ def show(atlas, layer: str, channel: int, rank: int | None = None, *, mode: str 
     if not rows:
         raise AtlasError(f"{layer} channel {channel} has no top activations to project")
     asked = rows if rank is None else [t for t in rows if t["rank"] == rank]
+    say = log if progress is not False and log is not None else (lambda s: None)
+    say(f"show: drawing {layer} channel {channel} (not in the picture cache): projecting {len(asked)} top "
+        f"activation{'s' if len(asked) != 1 else ''} from {r._source(switches)} switches"
+        + ("; the model loads first" if "lmap" not in vars(atlas) else ""))
+    t0 = time.perf_counter()
     with r.lock:
         res = r.channels(layer, [channel], {channel: asked}, panel=rank is None, switches=switches)[channel]
+    say(f"show: drawn in {time.perf_counter() - t0:.1f} s")
     path = res["panel"] if rank is None else res["proj"][0]
     if path is None:
         raise AtlasError(res["error"] or f"could not render {layer} channel {channel}")

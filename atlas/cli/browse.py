@@ -10,7 +10,7 @@ import click
 from ..errors import AtlasError
 from ..output import render, render_dicts
 from .base import (CONTEXT, AtLeastOne, AtlasCommand, atlas_argument, cache_option, format_option, main, _open,
-                   _say)
+                   _say, progress_option)
 from .publish import display_option, method_option
 
 
@@ -263,7 +263,8 @@ def top(atlas_path, layer, channel, fmt):
 @cache_option
 @format_option(default=None, help="Print a row describing the picture, with its path, as an aligned table, "
                "CSV or strict JSON  [default: the PNG's path alone]")
-def show(atlas_path, layer, channel, rank, mode, norm, switches, display, method, out, scale, cache, fmt):
+@progress_option
+def show(atlas_path, layer, channel, rank, mode, norm, switches, display, method, out, scale, cache, fmt, progress):
     """A channel's DeconvNet projections as a PNG (the paper's figure 2); prints its path (or a row, --format).
 
     The panel shows the top-k projections in a grid beside the matching image
@@ -279,7 +280,7 @@ def show(atlas_path, layer, channel, rank, mode, norm, switches, display, method
     from ..projections import show as run
 
     png = run(_open(atlas_path), layer, channel, rank, mode=mode, norm=norm, switches=switches, out=out, log=_say,
-              cache=cache, display=display, method=method, scale=scale)
+              cache=cache, display=display, method=method, scale=scale, progress=progress)
     _picture(png, fmt, {"picture": "panel" if rank is None else "projection", "layer": layer, "channel": channel,
                         "rank": rank, "mode": mode, "norm": norm, "display": display, "method": method})
 

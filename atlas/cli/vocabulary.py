@@ -32,9 +32,10 @@ class Term:
 PRINTS_DATA = ("sql", "queries", "info", "layers", "channels", "top", "show", "filters", "similar", "index",
                "evolution", "compare-filters", "compare", "matches", "occlude", "invariance", "correspondence",
                "visualize")
-# Commands that run long (a pass over a dataset, training, a site): each takes --progress/--no-progress.
-# The analyses (occlude, invariance, correspondence) run a few batches of one to a few images: seconds.
-LONG = ("demo", "build", "make-shapes", "index", "export", "train", "evolution", "compare", "visualize")
+# Commands that may run long (a pass over a dataset, training, a site, hundreds of occluded copies of an
+# image, a deep net's pictures drawn cold): each takes --progress/--no-progress.
+LONG = ("demo", "build", "make-shapes", "index", "export", "train", "evolution", "compare", "visualize", "occlude",
+        "invariance", "correspondence", "show")
 
 # Commands that open an atlas (cli/base.py's atlas_argument): each takes --trust-code.
 OPENS_ATLAS = ("sql", "info", "layers", "channels", "top", "show", "filters", "similar", "index", "export",
@@ -53,7 +54,8 @@ VOCABULARY: tuple[Term, ...] = (
          PRINTS_DATA),
     Term("--progress", "--progress/--no-progress", "",
          "progress on stderr with a rate and an ETA: a bar on a terminal, a line every 5 s otherwise (a log "
-         "file); on by default",
+         "file); on by default. `show`, one batched step, says instead what it draws when the picture is not "
+         "cached, then how long it took",
          LONG),
     Term("--device", "--device", "auto|cpu|cuda|cuda:N",
          "where the model runs; auto (the default): the GPU when there is one, else the CPU. Anything else is "
@@ -100,6 +102,10 @@ VOCABULARY: tuple[Term, ...] = (
          "where pictures go instead of the atlas's own cache (for an atlas that cannot be written; "
          "default: the atlas's, else ~/.cache/atlas/pictures)",
          ("show", "filters", "export", "visualize")),
+    Term("--scale", "--scale", "FACTOR",
+         "a picture drawn this many times larger, cells and text alike (0.25 to 8; default 1; 2 fills a slide's "
+         "width)",
+         ("show", "filters")),
     Term("--display", "--display", "percentile|max",
          "how a projection's values become grey levels, zero mid-grey: percentile (the default) scales each "
          "by the 99.5th percentile of |v| inside its receptive field and clips the rest; max by its largest |v|",
