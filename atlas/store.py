@@ -452,8 +452,10 @@ class AtlasReader:
 
     def check_layer(self, layer: str) -> None:
         if layer not in self.layer_names:
-            raise AtlasError(f"unknown layer '{layer}' in atlas '{self.path}': recorded layers are "
-                             f"{', '.join(self.layer_names)}")
+            from .layer_base import did_you_mean
+
+            raise AtlasError(f"unknown layer '{layer}' in atlas '{self.path}'{did_you_mean(layer, self.layer_names)}: "
+                             f"recorded layers are {', '.join(self.layer_names)}")
 
     def check_channel(self, layer: str, channel: int) -> None:
         self.check_layer(layer)
