@@ -129,12 +129,18 @@ def sql(atlas_path, query, sql_file, canned, param, timeout, max_rows, unsafe, f
 @format_option
 def queries(fmt):
     """List the example queries that `atlas sql --query NAME` runs: an atlas's, and a comparison's
-    (`atlas sql DIR --query NAME` on a folder `atlas compare` made)."""
-    from ..store import canned_queries
+    (`atlas sql DIR --query NAME` on a folder `atlas compare` made), with the parameters each reads
+    (set with -p NAME=VALUE) and its whole description.
 
-    rows = [(n, "atlas", d) for n, (d, _) in canned_queries().items()]
-    rows += [(n, "comparison", d) for n, (d, _) in canned_queries("compare").items()]
-    click.echo(render(["name", "for", "description"], rows, fmt))
+    \b
+      atlas sql my-atlas -q cofiring -p layer=conv2
+    """
+    from ..store import canned_queries, query_parameters
+
+    rows = [(n, which, ", ".join(query_parameters(q)) or "-", d)
+            for which, folder in (("atlas", "queries"), ("comparison", "compare"))
+            for n, (d, q) in canned_queries(folder).items()]
+    click.echo(render(["name", "for", "parameters", "description"], rows, fmt))
 
 
 @main.command(context_settings=CONTEXT)

@@ -14,8 +14,8 @@ def display_option(f):
                         show_default=True,
                         help="How a projection's values become grey levels (zero is mid-grey in both): "
                         "percentile scales each by the 99.5th percentile of |v| inside its receptive field, "
-                        "clipping the few larger values; max scales by the largest |v| (the display before "
-                        "percentile, where one strong pixel can leave the rest near grey).")(f)
+                        "clipping the few larger values; max scales by the largest |v|, so that nothing is "
+                        "clipped but one strong pixel can leave the rest near grey.")(f)
 
 
 def method_option(f):
