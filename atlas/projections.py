@@ -66,6 +66,7 @@ DISPLAYS = ("percentile", "max")
 METHODS = ("deconvnet", "guided")
 DEFAULT_DISPLAY = "percentile"
 SWITCH_CACHE_BYTES = 1 << 30
+ANNOUNCE_AFTER_S = 2.0  # a picture not drawn by then is announced on the log (a deep net's can take a minute)
 
 
 
@@ -110,14 +111,30 @@ def show(atlas, layer: str, channel: int, rank: int | None = None, *, mode: str 
     if not rows:
         raise AtlasError(f"{layer} channel {channel} has no top activations to project")
     asked = rows if rank is None else [t for t in rows if t["rank"] == rank]
-    say = log if progress is not False and log is not None else (lambda s: None)
-    say(f"show: drawing {layer} channel {channel} (not in the picture cache): projecting {len(asked)} top "
-        f"activation{'s' if len(asked) != 1 else ''} from {r._source(switches)} switches"
-        + ("; the model loads first" if "lmap" not in vars(atlas) else ""))
+    said = threading.Event()
+
+    def announce():  # only a draw that takes a while is announced: a quick one (or a quick refusal) says nothing
+        said.set()
+        log(f"show: drawing {layer} channel {channel} (not in the picture cache): projecting {len(asked)} top "
+            f"activation{'s' if len(asked) != 1 else ''}" + ("; the model loads first" if cold else ""))
+
+    cold = "lmap" not in vars(atlas)
+    timer = threading.Timer(ANNOUNCE_AFTER_S, announce) if progress is not False and log is not None else None
     t0 = time.perf_counter()
-    with r.lock:
-        res = r.channels(layer, [channel], {channel: asked}, panel=rank is None, switches=switches)[channel]
-    say(f"show: drawn in {time.perf_counter() - t0:.1f} s")
+    if timer is not None and ANNOUNCE_AFTER_S <= 0:
+        timer = None
+        announce()
+    elif timer is not None:
+        timer.daemon = True
+        timer.start()
+    try:
+        with r.lock:
+            res = r.channels(layer, [channel], {channel: asked}, panel=rank is None, switches=switches)[channel]
+    finally:
+        if timer is not None:
+            timer.cancel()
+    if said.is_set():
+        log(f"show: drawn in {time.perf_counter() - t0:.1f} s")
     path = res["panel"] if rank is None else res["proj"][0]
     if path is None:
         raise AtlasError(res["error"] or f"could not render {layer} channel {channel}")

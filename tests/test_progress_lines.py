@@ -34,7 +34,10 @@ def test_invariance_and_correspondence_count_their_inputs(tiny_atlas, tiny_folde
     assert re.match(r"correspondence: (\d+)/\1 inputs", _lines(res, "correspondence")[-1])
 
 
-def test_a_cold_show_says_what_it_draws_and_a_warm_one_is_silent(tiny_atlas, tmp_path):
+def test_a_slow_cold_show_says_what_it_draws_and_a_warm_one_is_silent(tiny_atlas, tmp_path, monkeypatch):
+    from atlas import projections
+
+    monkeypatch.setattr(projections, "ANNOUNCE_AFTER_S", 0.0)  # every draw counts as slow
     cache = tmp_path / "pictures"
     res, text = run("show", tiny_atlas, "conv4", "2", "--cache", cache)
     assert res.exit_code == 0, text
