@@ -42,6 +42,7 @@ from typing import Any, Callable
 from .errors import AtlasError
 from .picture_cache import FEATUREVIS_VERSION, PictureCache, usable
 
+SLIDE_SIDE = 320  # px: the least height of a titled copy's picture (--out)
 FOLDER = "featurevis-v1"  # = featurevis.VERSION, repeated so that a cache hit imports no torch
 DEFAULT_STEPS = 512
 BATCH_CPU, BATCH_GPU = 8, 64
@@ -288,20 +289,48 @@ def visualize(atlas, layer: str, channels: int | list[int] | None = None, *, ste
 
 
 def visualize_one(atlas, layer: str, channel: int, *, out=None, **options) -> Path:
-    """The picture of one channel (rendered on the first request); with `out`, also copied there (a
+    """The picture of one channel (rendered on the first request); with `out`, also copied there, titled (a
     folder gets <layer>-<channel>-featurevis.png). `atlas.open(p).visualize("conv5", 17)`."""
     rec = visualize(atlas, layer, int(channel), **options)[0]
     png = Path(rec["png"])
     if out is None:
         return png
-    return deliver(png, out, layer, channel)
+    return deliver(png, out, layer, channel, atlas=atlas, record=rec)
 
 
-def deliver(png: Path, out, layer: str, channel: int) -> Path:
-    """A copy at `out` (a folder gets <layer>-<channel>-featurevis.png), as `show --out` makes its copies."""
+def deliver(png: Path, out, layer: str, channel: int, *, atlas=None, record: dict | None = None) -> Path:
+    """A copy at `out` (a folder gets <layer>-<channel>-featurevis.png), as `show --out` makes its copies;
+    given the atlas and the picture's record, the copy carries a title in its pixels (model, layer,
+    channel, recipe, how far it got against the dataset's maximum) and the random-weights line. The cached
+    picture stays bare: the site and the notebook caption it themselves."""
     from .projections import _deliver
 
-    return _deliver(png, out, layer, channel, None, suffix="featurevis")
+    copy = _deliver(png, out, layer, channel, None, suffix="featurevis")
+    if atlas is None or record is None:
+        return copy
+    from PIL import Image
+
+    from .manifest import random_weights
+    from .plotting import fmt_num
+    from .render import heading, write_png
+
+    m = atlas.manifest["model"]
+    r = record
+    what = "the channel" if r.get("objective") != "unit" else f"the unit at ({r.get('unit_y')}, {r.get('unit_x')})"
+    reach = (f"its map reaches {fmt_num(r['map_max'], 3)}, the dataset's best {fmt_num(r['dataset_max'], 3)}"
+             if r.get("map_max") is not None and r.get("dataset_max") is not None else "")
+    title = (f"{m['name']}  ·  {layer}  ·  channel {channel}  ·  feature visualisation\n"
+             f"the image that excites {what} most: {r.get('steps')} steps, seed {r.get('seed')}"
+             + (f"; {reach}" if reach else ""))
+    with Image.open(copy) as im:
+        im.load()
+        text = {k: v for k, v in im.text.items()}
+        # a 128 px picture under a two-line title is a stamp on a slide: whole enlargements to SLIDE_SIDE px
+        up = max(1, -(-SLIDE_SIDE // max(im.height, 1)))
+        big = im.convert("RGB").resize((im.width * up, im.height * up), Image.NEAREST)
+        labelled = heading(big, title, random_weights(m))
+    labelled.info.update(text)
+    return write_png(copy, labelled, {"title": title})
 
 
 def cached(atlas, layer: str, channels: list[int], cache=None, *, steps: int | None = None,

@@ -174,7 +174,7 @@ COMMAND_SPECIFIC: dict[str, tuple[str, ...]] = {
     "occlude": ("--occluder-size", "--stride", "--forward"),
     "invariance": ("--transforms",),
     "correspondence": ("--images", "--random"),
-    "visualize": ("--steps", "--unit", "--diversity"),
+    "visualize": ("--steps", "--preview", "--unit", "--diversity"),
 }
 
 
