@@ -414,6 +414,19 @@ def heading(im: Image.Image, title: str | None, alert: str | None = None, scale:
     return out
 
 
+def contact_sheet(cells: Sequence[Image.Image], labels: Sequence[str], *, title: str | None = None,
+                  alert: str | None = None, cols: int | None = None, scale: float = 1.0,
+                  gap: int = 6) -> Image.Image:
+    """Pictures in a grid, each over its label, under a title (`atlas similar --out`); the title and labels
+    also go into the PNG text."""
+    if not cells:
+        cells, labels = [placeholder(160, 60, "no results")], [""]
+    im = _grid(_labelled(cells, labels, scale), cols or min(5, len(cells)), round(gap * scale))
+    im = heading(im, title, alert, scale)
+    im.info.update(_text({"title": title, "alert": alert, "labels": list(labels)}))
+    return im
+
+
 def panel(projections: Any, patches: Sequence[Any], *, boxes: Sequence[tuple[int, int, int, int]] | None = None,
           image_size: int | None = None, upscale: int | None = None, cols: int | None = None,
           caption: str | None = None, gap: int = 2, text: dict[str, Any] | None = None,

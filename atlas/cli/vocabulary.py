@@ -46,7 +46,7 @@ VOCABULARY: tuple[Term, ...] = (
          "the file or folder the command writes (an atlas, a training run, a PNG, a folder of PNGs: the "
          "command's --help says which, and its default)",
          ("demo", "build", "train", "show", "filters", "evolution", "compare-filters", "compare", "matches",
-          "occlude", "invariance", "correspondence", "visualize")),
+          "occlude", "invariance", "correspondence", "visualize", "similar")),
     Term("--format", "--format", "table|csv|json",
          "how the command prints its data: an aligned table, CSV, or strict JSON (RFC 8259). Listings print a "
          "table by default; without --format, `show` and `filters` print the PNG's path and the analyses their "
@@ -105,7 +105,7 @@ VOCABULARY: tuple[Term, ...] = (
     Term("--scale", "--scale", "FACTOR",
          "a picture drawn this many times larger, cells and text alike (0.25 to 8; default 1; 2 fills a slide's "
          "width)",
-         ("show", "filters")),
+         ("show", "filters", "similar")),
     Term("--display", "--display", "percentile|max",
          "how a projection's values become grey levels, zero mid-grey: percentile (the default) scales each "
          "by the 99.5th percentile of |v| inside its receptive field and clips the rest; max by its largest |v|",
