@@ -103,7 +103,8 @@ def show(atlas, layer: str, channel: int, rank: int | None = None, *, mode: str 
     target = r.cache.find(f"{r.folder}/{layer}/" + (r.panel_file(channel) if rank is None
                                                      else f"{channel}-{rank}.png"))
     if usable(atlas, target):
-        return _deliver(target, out, layer, channel, rank, suffix="guided" if method == "guided" else "")
+        return _titled(atlas, _deliver(target, out, layer, channel, rank, suffix="guided" if method == "guided"
+                                       else ""), layer, channel, rank, r, out)
     rows = atlas.top(layer, channel)
     if rank is not None and rank not in {t["rank"] for t in rows}:
         have = f"0..{len(rows) - 1}" if rows else "none"
@@ -140,7 +141,27 @@ def show(atlas, layer: str, channel: int, rank: int | None = None, *, mode: str 
         raise AtlasError(res["error"] or f"could not render {layer} channel {channel}")
     if res["error"] and log is not None and rank is None:
         log(f"Warning: {res['error']}; its patch in the panel is a placeholder")
-    return _deliver(path, out, layer, channel, rank, suffix="guided" if method == "guided" else "")
+    return _titled(atlas, _deliver(path, out, layer, channel, rank, suffix="guided" if method == "guided" else ""),
+                   layer, channel, rank, r, out)
+
+
+def _titled(atlas, copy: Path, layer: str, channel: int, rank: int | None, r: "Renderer", out) -> Path:
+    """A single projection copied out (--rank R --out) titled and enlarged for a slide (a panel is titled
+    already); the cached picture stays bare, the site's cell."""
+    if out is None or rank is None:
+        return copy
+    from .manifest import random_weights
+    from .plotting import fmt_num
+    from .render import read_text, titled_copy
+
+    t = read_text(copy)
+    m = atlas.manifest["model"]
+    row = next((x for x in atlas.top(layer, channel) if x["rank"] == rank), {})
+    how = "guided backpropagation" if r.method == "guided" else "DeconvNet"
+    value = f", activation {fmt_num(float(t['value']), 3)}" if t.get("value") else ""
+    title = (f"{m['name']}  ·  {layer}  ·  channel {channel}  ·  rank {rank}  ·  {how}\n"
+             f"image {row.get('path', t.get('image_id'))}{value}")
+    return titled_copy(copy, title, random_weights(m))
 
 
 def filters(atlas, layer: str | None = None, out: str | os.PathLike | None = None,

@@ -414,6 +414,20 @@ def heading(im: Image.Image, title: str | None, alert: str | None = None, scale:
     return out
 
 
+def titled_copy(path: str | os.PathLike, title: str, alert: str | None = None, least: int = 320) -> Path:
+    """Rewrite the PNG at `path` (a copy a user asked for with --out) enlarged, by a whole factor with
+    NEAREST, to at least `least` px high, under `title` and `alert`; its PNG text is kept, the title added.
+    A cached picture stays bare: the site and the notebook caption theirs."""
+    with Image.open(path) as im:
+        im.load()
+        text = dict(im.text)
+        up = max(1, -(-least // max(im.height, 1)))
+        big = im.convert("RGB").resize((im.width * up, im.height * up), Image.NEAREST)
+    out = heading(big, title, alert)
+    out.info.update(text)
+    return write_png(path, out, {"title": title, "alert": alert})
+
+
 def contact_sheet(cells: Sequence[Image.Image], labels: Sequence[str], *, title: str | None = None,
                   alert: str | None = None, cols: int | None = None, scale: float = 1.0,
                   gap: int = 6) -> Image.Image:

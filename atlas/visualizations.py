@@ -308,11 +308,9 @@ def deliver(png: Path, out, layer: str, channel: int, *, atlas=None, record: dic
     copy = _deliver(png, out, layer, channel, None, suffix="featurevis")
     if atlas is None or record is None:
         return copy
-    from PIL import Image
-
     from .manifest import random_weights
     from .plotting import fmt_num
-    from .render import heading, write_png
+    from .render import titled_copy
 
     m = atlas.manifest["model"]
     r = record
@@ -322,15 +320,7 @@ def deliver(png: Path, out, layer: str, channel: int, *, atlas=None, record: dic
     title = (f"{m['name']}  ·  {layer}  ·  channel {channel}  ·  feature visualisation\n"
              f"the image that excites {what} most: {r.get('steps')} steps, seed {r.get('seed')}"
              + (f"; {reach}" if reach else ""))
-    with Image.open(copy) as im:
-        im.load()
-        text = {k: v for k, v in im.text.items()}
-        # a 128 px picture under a two-line title is a stamp on a slide: whole enlargements to SLIDE_SIDE px
-        up = max(1, -(-SLIDE_SIDE // max(im.height, 1)))
-        big = im.convert("RGB").resize((im.width * up, im.height * up), Image.NEAREST)
-        labelled = heading(big, title, random_weights(m))
-    labelled.info.update(text)
-    return write_png(copy, labelled, {"title": title})
+    return titled_copy(copy, title, random_weights(m), SLIDE_SIDE)
 
 
 def cached(atlas, layer: str, channels: list[int], cache=None, *, steps: int | None = None,

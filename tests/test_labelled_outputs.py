@@ -42,3 +42,13 @@ def test_visualize_preview_and_a_titled_copy(tiny_atlas, tmp_path):
     assert _top_rows_have_text(tmp_path / "v.png")
     with Image.open(row["png"]) as bare:  # the cached picture stays bare: the site captions it itself
         assert "atlas.title" not in bare.text
+
+
+def test_one_projection_copied_out_is_titled_and_large(tiny_atlas, tmp_path):
+    out = tmp_path / "one.png"
+    ok("show", tiny_atlas, "conv3", 2, "--rank", 0, "--out", out)
+    with Image.open(out) as im:
+        title = im.text["atlas.title"]
+        assert im.height >= 320 and im.text["atlas.rank"] == "0" and "RANDOM WEIGHTS" in im.text["atlas.alert"]
+    assert "conv3  ·  channel 2  ·  rank 0  ·  DeconvNet" in title and "activation" in title
+    assert _top_rows_have_text(out) and _red_line(out)

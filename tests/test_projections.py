@@ -17,6 +17,7 @@ from atlas import render as R
 from atlas.build import build
 from atlas.cli import main
 from atlas.errors import AtlasError
+from cli_helpers import same_picture
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -276,7 +277,7 @@ def test_show_and_filters_commands(fresh, tmp_path):
     assert res.exit_code == 0 and Path(res.output.strip()).is_file()
     res = _cli("show", fresh, "conv3", 6, "--rank", "1", "--out", tmp_path / "one.png")
     assert res.exit_code == 0 and res.output.strip() == str(tmp_path / "one.png")
-    assert (tmp_path / "one.png").read_bytes() == atlas.open(fresh).show("conv3", 6, rank=1).read_bytes()
+    assert same_picture(tmp_path / "one.png", atlas.open(fresh).show("conv3", 6, rank=1))
     res = _cli("filters", fresh, "--out", tmp_path)
     assert res.exit_code == 0 and res.output.strip() == str(tmp_path / "conv1-filters.png")
     w = atlas.open(fresh).lmap.model.features[0].weight
