@@ -134,6 +134,7 @@ def show(atlas, layer: str, channel: int, rank: int | None = None, *, mode: str 
     finally:
         if timer is not None:
             timer.cancel()
+            timer.join()  # an announcement under way finishes before "drawn in"
     if said.is_set():
         log(f"show: drawn in {time.perf_counter() - t0:.1f} s")
     path = res["panel"] if rank is None else res["proj"][0]
