@@ -229,10 +229,6 @@ class BuildJob:
         todo = [c for c in sorted(set(range(self.nchunks)) - set(done)) if self.ranks.owns(c)]
         if done:
             self.log(f"resuming: {len(done)} of {self.nchunks} chunks already done")
-        from .manifest import random_weights  # the one loud line, before the wait rather than after it
-
-        if self.ranks.leader and random_weights(self.net.atlas_meta):
-            self.log(f"{random_weights(self.net.atlas_meta)}: pass --weights FILE for a trained one")
         images_in = lambda chunks: sum(min(size, n - c * size) for c in chunks)  # noqa: E731
         n_done = n - images_in(todo) if self.ranks.active else images_in(done)
         t = time.perf_counter()
@@ -329,6 +325,10 @@ class BuildJob:
         log, out = self.log, self.out
         log(f"atlas written to {out}: {self.n - len(errors)} images ({len(errors)} unreadable), "
             f"{len(self.names)} layers, k={self.opts.k}, {manifest['timings']['total_s']:.1f} s")
+        from .manifest import random_weights  # the one loud line; at the end, so a refusal stays one line
+
+        if random_weights(manifest["model"]):
+            log(f"{random_weights(manifest['model'])}: pass --weights FILE for a trained one")
         if not errors:
             return
         for image_id, why in sorted(errors.items())[:UNREADABLE_SHOWN]:

@@ -16,13 +16,13 @@ def test_the_line_names_the_seed_and_only_random_weights_have_one():
     assert random_weights({"name": "resnet18", "random_init": False, "weights": "w.pt"}) is None
 
 
-def test_build_says_it_before_mining(tiny_folder, tmp_path):
+def test_build_says_it_with_its_result(tiny_folder, tmp_path):
     lines = []
     build("zfnet-mini", str(tiny_folder), tmp_path / "a", k=2, batch_size=8, image_size=32, progress=False,
           layers="conv1", index=False, log=lines.append)
     loud = [n for n, ln in enumerate(lines) if ln.startswith("RANDOM WEIGHTS")]
     written = [n for n, ln in enumerate(lines) if ln.startswith("atlas written")]
-    assert len(loud) == 1 and loud[0] < written[0] and "--weights" in lines[loud[0]]
+    assert len(loud) == 1 and loud[0] == written[0] + 1 and "--weights" in lines[loud[0]]
 
 
 def test_info_puts_it_first_and_keeps_machine_formats_clean(tiny_atlas):
