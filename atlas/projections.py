@@ -46,6 +46,7 @@ picture and its incomplete-marker).
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 import weakref
@@ -88,8 +89,9 @@ def show(atlas, layer: str, channel: int, rank: int | None = None, *, mode: str 
     With `out` the PNG is also copied there (a folder gets <layer>-<channel>[-<rank>].png). A missing
     image file is no error: its patch is a placeholder and `log` gets one line saying so. `scale`: the panel's
     cells and text this many times larger (a separate cache entry), for a slide or a poster. A picture
-    not in the cache takes seconds to a minute (a deep net's model and switches load first): unless
-    `progress` is False, `log` is told what is being drawn, then how long it took.
+    not in the cache takes seconds to a minute (a deep net's model and switches load first): when one
+    takes over ANNOUNCE_AFTER_S, `log` is told what is being drawn, then how long it took (progress
+    None: on a terminal only; True: always; False: never).
 
         >>> a = atlas.open("my-atlas")
         >>> show(a, "conv5", 17)  # .../cache/projections-v3/<w>/unit-identity-percentile/conv5/17-panel.png
@@ -120,7 +122,10 @@ def show(atlas, layer: str, channel: int, rank: int | None = None, *, mode: str 
             f"activation{'s' if len(asked) != 1 else ''}" + ("; the model loads first" if cold else ""))
 
     cold = "lmap" not in vars(atlas)
-    timer = threading.Timer(ANNOUNCE_AFTER_S, announce) if progress is not False and log is not None else None
+    # by default only where someone watches (a terminal): in a log or a pipe, a draw that fails after the
+    # announcement would leave two lines where a refusal is one
+    wanted = progress if progress is not None else sys.stderr.isatty()
+    timer = threading.Timer(ANNOUNCE_AFTER_S, announce) if wanted and log is not None else None
     t0 = time.perf_counter()
     if timer is not None and ANNOUNCE_AFTER_S <= 0:
         timer = None

@@ -39,11 +39,13 @@ def test_a_slow_cold_show_says_what_it_draws_and_a_warm_one_is_silent(tiny_atlas
 
     monkeypatch.setattr(projections, "ANNOUNCE_AFTER_S", 0.0)  # every draw counts as slow
     cache = tmp_path / "pictures"
-    res, text = run("show", tiny_atlas, "conv4", "2", "--cache", cache)
+    res, text = run("show", tiny_atlas, "conv4", "2", "--cache", cache, "--progress")  # not a terminal here
     assert res.exit_code == 0, text
     said = _lines(res, "show")
     assert said[0].startswith("show: drawing conv4 channel 2") and re.fullmatch(r"show: drawn in [\d.]+ s", said[1])
-    again, _ = run("show", tiny_atlas, "conv4", "2", "--cache", cache)
+    again, _ = run("show", tiny_atlas, "conv4", "2", "--cache", cache, "--progress")
     assert again.exit_code == 0 and not _lines(again, "show")
-    quiet, _ = run("show", tiny_atlas, "conv4", "3", "--cache", cache, "--no-progress")
-    assert quiet.exit_code == 0 and not _lines(quiet, "show")
+    for quiet in ("--no-progress", None):  # asked not to, or by default where no terminal watches
+        res, _ = run(*[a for a in ("show", tiny_atlas, "conv4", "3", "--cache", cache, quiet) if a])
+        assert res.exit_code == 0 and not _lines(res, "show")
+        shutil.rmtree(cache)

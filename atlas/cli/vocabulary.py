@@ -54,8 +54,8 @@ VOCABULARY: tuple[Term, ...] = (
          PRINTS_DATA),
     Term("--progress", "--progress/--no-progress", "",
          "progress on stderr with a rate and an ETA: a bar on a terminal, a line every 5 s otherwise (a log "
-         "file); on by default. `show`, one batched step, says instead what it draws when the picture is not "
-         "cached, then how long it took",
+         "file); on by default. `show`, one batched step, says instead what it draws when a picture not in the "
+         "cache takes over 2 s, then how long it took (by default on a terminal only)",
          LONG),
     Term("--device", "--device", "auto|cpu|cuda|cuda:N",
          "where the model runs; auto (the default): the GPU when there is one, else the CPU. Anything else is "
