@@ -37,7 +37,16 @@ STYLE = ("<style>.atlas-nb table{border-collapse:collapse;font-size:12px}"
          ".atlas-nb th,.atlas-nb td{padding:2px 8px;border-bottom:1px solid #dde2e6;text-align:left;"
          "vertical-align:middle}.atlas-nb th{background:#f4f6f8}.atlas-nb td.n{text-align:right;"
          "font-variant-numeric:tabular-nums}.atlas-nb img{image-rendering:pixelated;vertical-align:middle}"
-         ".atlas-nb .muted{color:#66707a}.atlas-nb h3{margin:4px 0}</style>")
+         ".atlas-nb .muted{color:#66707a}.atlas-nb h3{margin:4px 0}"
+         ".atlas-nb .random-weights{color:#b3261e;font-weight:600;margin:4px 0}</style>")
+
+
+def random_weights_html(atlas) -> str:
+    """The loud line of an atlas of an untrained model, first in its displays ("" for trained weights)."""
+    from .store.manifest import random_weights
+
+    line = random_weights(atlas.manifest["model"])
+    return f'<p class="random-weights">{escape(line)}</p>' if line else ""
 
 
 # ---------------------------------------------------------------------------
@@ -370,7 +379,8 @@ class Channel:
             pic = f'<p class="muted">no panel: {escape(e)}</p>'
         err = self._pictures().get("error") if self._pics is not None else None
         warn = f'<p class="muted">incomplete: {escape(err)}</p>' if err else ""
-        return (f'{STYLE}<div class="atlas-nb">{head}<div style="display:flex;gap:16px;align-items:flex-start">'
+        return (f'{STYLE}<div class="atlas-nb">{random_weights_html(self.atlas)}{head}'
+                '<div style="display:flex;gap:16px;align-items:flex-start">'
                 f"{kv}<div>{pic}</div></div>{warn}{self.top._repr_html_()}</div>")
 
 
@@ -416,7 +426,8 @@ def atlas_html(atlas) -> str:
     names = analysis_names(atlas)
     an = (f'<p>analyses: {", ".join(escape(n) for n in names)} <span class="muted">(a.analysis(NAME))</span></p>'
           if names else "")
-    return (f'{STYLE}<div class="atlas-nb"><h3>Feature atlas of {escape(mdl["name"])}</h3>{kv}{layers}{an}'
+    return (f'{STYLE}<div class="atlas-nb">{random_weights_html(atlas)}<h3>Feature atlas of {escape(mdl["name"])}</h3>'
+            f'{kv}{layers}{an}'
             f'<p class="muted">a.channel(LAYER, C) shows a channel; a.similar_images(image_id=N), '
             f"a.similar_channels('LAYER:C') find what is alike.</p></div>")
 

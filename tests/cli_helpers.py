@@ -31,3 +31,16 @@ def strict_json(text: str):
         raise ValueError(f"not strict JSON: {name}")
 
     return json.loads(text, parse_constant=refuse)
+
+
+def same_picture(copy, cached) -> bool:
+    """Whether `copy` (what --out wrote) is the cached picture: the same bytes, or the picture titled for a
+    slide (a single projection, a feature visualisation), which keeps all of the cached picture's PNG text."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    if Path(copy).read_bytes() == Path(cached).read_bytes():
+        return True
+    with Image.open(copy) as a, Image.open(cached) as b:
+        return "atlas.title" in a.text and all(a.text.get(k) == v for k, v in b.text.items())

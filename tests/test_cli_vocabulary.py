@@ -424,7 +424,8 @@ def test_info_show_and_filters_print_their_result_as_rows(tiny_atlas, tmp_path):
     shutil.copytree(tiny_atlas, a)
     rows = list(csv.DictReader(io.StringIO(run("info", a, "--format", "csv").stdout)))
     assert [r["field"] for r in rows][:2] == ["atlas", "model"] and rows[0]["value"] == str(a)
-    assert run("info", a).stdout.startswith(f"atlas      {a}\n")  # the summary, as before
+    # the summary, as before, under the random-weights line (this test atlas is untrained)
+    assert run("info", a).stdout.split("\n", 1)[1].startswith(f"atlas      {a}\n")
     path = run("show", a, "conv1", 0).stdout.strip()
     [row] = json.loads(run("show", a, "conv1", 0, "--format", "json").stdout)
     assert row == {"picture": "panel", "layer": "conv1", "channel": 0, "rank": None, "mode": "unit",

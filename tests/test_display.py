@@ -98,7 +98,7 @@ def test_display_is_in_the_cache_key_and_the_png_text(tiny_atlas):
     pct = a.show("conv3", 2, rank=0)
     mx = a.show("conv3", 2, rank=0, display="max")
     root = PJ.cache_root(a)
-    assert root.parent.name == "projections-v2"
+    assert root.parent.name == "projections-v3"
     assert pct.parent.parent.name == "unit-identity-percentile" and mx.parent.parent.name == "unit-identity-max"
     tp, tm = R.read_text(pct), R.read_text(mx)
     assert tp["display"] == "percentile" and tp["normalisation"] == R.DISPLAYS["percentile"]
@@ -114,16 +114,19 @@ def test_display_is_in_the_cache_key_and_the_png_text(tiny_atlas):
     assert Path(got[0]) == mx and Path(got[1]) == pct
 
 
-def test_old_v1_pictures_are_never_served(tiny_atlas, tmp_path):
+def test_old_v1_and_v2_pictures_are_never_served(tiny_atlas, tmp_path):
     a = atlas.open(tiny_atlas)
-    old = Path(tiny_atlas) / "cache" / "projections-v1" / PJ.cache_root(a).name / "unit-identity" / "conv2"
-    old.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", (4, 4), (196, 72, 196)).save(old / "3-panel.png")
+    olds = [Path(tiny_atlas) / "cache" / "projections-v1" / PJ.cache_root(a).name / "unit-identity" / "conv2",
+            Path(tiny_atlas) / "cache" / "projections-v2" / PJ.cache_root(a).name / "unit-identity-percentile" / "conv2"]
+    for old in olds:
+        old.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (4, 4), (196, 72, 196)).save(old / "3-panel.png")
     try:
         p = a.show("conv2", 3)
-        assert "projections-v2" in p.parts and p.stat().st_size > 1000
+        assert "projections-v3" in p.parts and p.stat().st_size > 1000
     finally:
-        shutil.rmtree(Path(tiny_atlas) / "cache" / "projections-v1")
+        for old in olds:
+            shutil.rmtree(old.parents[2])
 
 
 def test_cli_display_option(tiny_atlas):

@@ -173,7 +173,7 @@ def test_template_escaping_unit(tmp_path):
         tiles=[{"channel": 0, "mean": 1.0, "max": 2.0, "std": 0.1, "fire_rate": 0.5, "dead": False,
                 "href": "0.html", "proj": None, "patch": None, "featurevis": None, "top_label": evil,
                 "labels": [evil], "labels_json": json.dumps([evil])}],
-        labels=[evil], exported=1, display_note=evil)
+        labels=[evil], exported=1, display_note=evil, random_weights=evil)
     assert "<script>window" not in html
     assert "&#34;&gt;&lt;script&gt;window.__xss=3&lt;/script&gt;&amp;" in html
     assert 'data-labels="[&#34;\\&#34;&gt;&lt;script&gt;' in html

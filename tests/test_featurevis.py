@@ -16,6 +16,7 @@ import atlas
 from atlas.pictures import featurevis as fv
 from atlas.pictures import visualizations as V
 from atlas.cli import main
+from cli_helpers import same_picture
 
 STEPS = 6
 
@@ -186,7 +187,7 @@ def test_sql_and_the_command_line_give_the_same_picture(writable, tmp_path):
     # one channel prints its path; --out copies it
     res = _cli("visualize", writable, "conv4", 1, "--steps", STEPS, "--out", tmp_path / "one.png", "--no-progress")
     assert res.exit_code == 0 and res.stdout.strip() == rows[1][1]
-    assert (tmp_path / "one.png").read_bytes() == Path(rows[1][1]).read_bytes()
+    assert same_picture(tmp_path / "one.png", rows[1][1])
 
 
 def test_a_whole_layer_unit_objectives_and_diversity(writable):

@@ -1,4 +1,5 @@
 """Rendering: display normalisation, the figure 2 panel, filter grids, atomic PNG files."""
+import json
 import os
 
 import numpy as np
@@ -81,16 +82,61 @@ def test_panel_patch_and_projection_line_up_pixel_for_pixel():
 
 
 def test_border_units_are_hatched_beyond_the_image_in_both_cells():
-    size, box = 16, (-3, -2, 4, 5)  # a corner unit: its field starts outside the image
+    size, box = 16, (-2, -1, 5, 6)  # a border unit: its field starts outside the image (less than half)
     proj, img = _dot_case(size, box, (1, 1))
     im = R.panel([proj], [img], boxes=[box], image_size=size, upscale=1, gap=2)
     a = _rgb(im)
     left, right = a[:7, :7], a[:7, 7 + 6:7 + 6 + 7]
     for cell in (left, right):
         hatch = _is_hatch(cell)
-        assert hatch[:2, :].all() and hatch[:, :3].all()   # rows y < 0 and columns x < 0
-        assert not hatch[2:, 3:].any()                     # the image part is not marked
-    assert right[2 + 1, 3 + 1].tolist() == [255, 255, 255] and left[3, 4].tolist() == [255, 255, 255]
+        assert hatch[:1, :].all() and hatch[:, :2].all()   # rows y < 0 and columns x < 0
+        assert not hatch[1:, 2:].any()                     # the image part is not marked
+    assert right[1 + 1, 2 + 1].tolist() == [255, 255, 255] and left[2, 3].tolist() == [255, 255, 255]
+
+
+def test_fields_mostly_beyond_the_image_show_only_their_part_inside():
+    size = 16
+    # a corner unit whose field is mostly outside, and a field larger than the whole image
+    assert R.shown_box((-5, -4, 4, 5), size) == (0, 0, 4, 5)
+    assert R.shown_box((-10, -12, 30, 28), size) == (0, 0, 16, 16)
+    assert R.shown_box((2, 3, 9, 10), size) == (2, 3, 9, 10)
+    proj, img = _dot_case(size, None, (1, 1))
+    im = R.panel([proj], [img], boxes=[(-10, -12, 30, 28)], image_size=size, upscale=2, gap=2)
+    a = _rgb(im)
+    assert a.shape == (32, 32 + 6 + 32, 3)   # the whole image, no border around it
+    assert not _is_hatch(a).any()
+    assert a[2, 32 + 6 + 2].tolist() == [255, 255, 255] and a[2, 2].tolist() == [255, 255, 255]
+
+
+def test_large_fields_are_shrunk_and_the_panel_is_labelled():
+    size, k = 224, 9
+    g = np.random.default_rng(0)
+    projs = [g.normal(size=(3, size, size)).astype(np.float32) for _ in range(k)]
+    imgs = [g.integers(0, 255, (size, size, 3), dtype=np.uint8) for _ in range(k)]
+    meta_boxes = [(-105, -105, 330, 330)] * k   # a ResNet's layer4 field: 435 px, twice the input
+    names = [f"cats/photo_{i:03d}.jpg" for i in range(k)]
+
+    class P:  # the Projections interface a panel reads
+        image_size = size
+        meta = [{"rank": i, "value": 5.0 - i / 3, "image_id": i, "mode": "unit", "rf_box": meta_boxes[i],
+                 "layer": "layer4", "channel": 17} for i in range(k)]
+
+        def crop(self, i, b):
+            return R._crop_pad(projs[i], b)
+
+    im = R.panel(P(), imgs, title="resnet18 · layer4 · channel 17 · DeconvNet", alert="RANDOM WEIGHTS: ...",
+                 names=names)
+    assert im.width <= 1000 and im.height <= 650   # cells shrunk to MAX_CELL, not 435 px of border
+    labels = json.loads(im.info["atlas.labels"])
+    assert labels[0][0].startswith("rank 0: 5") and labels[1][3] == "cats/photo_003.jpg"
+    assert im.info["atlas.title"].startswith("resnet18") and "RANDOM" in im.info["atlas.alert"]
+    a = _rgb(im)
+    dark = (a.min(axis=-1) < 100).any(axis=1)
+    assert dark[:20].any()                       # the title's text in the top rows
+    red = (a[..., 0] > 150) & (a[..., 1] < 60) & (a[..., 2] < 60)
+    assert red[:70].any()                        # the random-weights line, in red, above the grids
+    big = R.panel(P(), imgs, names=names, scale=2)
+    assert abs(big.width - 2 * R.panel(P(), imgs, names=names).width) < 20
 
 
 def test_missing_image_gives_a_placeholder_patch():
@@ -162,8 +208,12 @@ def test_filter_grid_normalises_each_filter():
 def test_filter_grid_of_zfnet_conv1_and_grey_filters():
     model = load_model("zfnet", seed=0)
     im = R.filter_grid(model.features[0].weight)  # 96 filters 7x7: 10 columns
-    up = R.upscale_for(7, minimum=24, cap=12)
+    up = R.upscale_for(7, minimum=R.FILTER_CELL, cap=12)
     assert im.width == 10 * 7 * up + 9 + 2 and im.height == 10 * 7 * up + 9 + 2
+    titled = R.filter_grid(model.features[0].weight, title="zfnet  ·  conv1", alert="RANDOM WEIGHTS", scale=2)
+    assert titled.width == 10 * 7 * up * 2 + 9 * 2 + 4 and titled.height > titled.width + 40
+    a = _rgb(titled)
+    assert (a[:20].min(axis=-1) < 100).any() and titled.info["atlas.title"] == "zfnet  ·  conv1"
     grey = R.filter_grid(torch.randn(4, 1, 5, 5), cols=2, upscale=1)
     a = _rgb(grey)
     assert np.array_equal(a[..., 0], a[..., 1])
@@ -188,7 +238,11 @@ def test_projection_png_carries_its_metadata(tmp_path):
     assert float(t["value"]) == pytest.approx(P.meta[0]["value"])
     rf = lm.by_name["conv3"].geometry.rf_size
     with Image.open(p) as back:
-        assert back.size == (rf * R.upscale_for(rf),) * 2
+        # a unit at the top edge: more than half of its field is beyond the image, so only the part inside
+        x0, y0, x1, y1 = json.loads(t["box"])
+        assert (x0, y0) == (max(x0, 0), 0) and y1 - y0 < rf and R.shown_box(P.meta[0]["rf_box"], 64) == (x0, y0, x1, y1)
+        up = R.upscale_for(rf)   # the field's scale, as in its panel
+        assert back.size == ((x1 - x0) * up, (y1 - y0) * up)
         assert np.array_equal(np.asarray(back.convert("RGB")), _rgb(im))
 
 

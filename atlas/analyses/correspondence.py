@@ -56,6 +56,7 @@ import torch
 from ..pictures import charts as plotting
 from ..errors import AtlasError
 from ..net.runner import Runner
+from ..util.progress import Progress
 from ..notebook import ShowsItsFigure
 from . import common
 from .occluder import check_fill, fill_value
@@ -340,11 +341,13 @@ def _rows(run: str, spec_path, model: str, labels: list[str], names: list[str], 
 
 def correspondence(atlas, spec_path: str | Path, *, layers: Sequence[str] | str | None = None, random: int = 10,
                    seed: int = 0, fill: str = "grey", device: str = "auto", batch_size: int | None = None,
-                   out: str | Path | None = None, store: bool = True, figures: bool = True) -> CorrespondenceResult:
+                   out: str | Path | None = None, store: bool = True, figures: bool = True,
+                   progress: bool | None = None) -> CorrespondenceResult:
     """Part correspondence scores (table 7) for the images and boxes of a spec; see the module docstring.
 
     layers  layer names (list or comma string); default the top conv layer and the layer below the logits
     random  random-position draws of the control (0: no control)
+    progress  the occluded inputs done, with a rate and an ETA, on stderr (None: on)
     """
     t0 = time.perf_counter()
     atlas = common.open_atlas(atlas)
@@ -357,7 +360,8 @@ def correspondence(atlas, spec_path: str | Path, *, layers: Sequence[str] | str 
     n = len(entries)
     jobs, control_labels = _jobs(entries, parts, random, seed, atlas.image_size)
     xs = _occluded_inputs(entries, jobs, fill_value(atlas.preprocess, fill))
-    acts = Runner(atlas, device).extract(xs, names, batch_size)
+    with Progress(len(xs), "correspondence", "inputs", enabled=progress) as shown:
+        acts = Runner(atlas, device).extract(xs, names, batch_size, shown)
     results, dims = _scores(acts, names, jobs, n)
     spec_text = Path(spec_path).read_text()
     run = f"{common.slug(Path(spec_path).stem, 24)}-" + common.short_hash(

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from ..errors import AtlasError
+from ..util.progress import Progress
 from ..notebook import ShowsItsFigure
 from . import common
 from ..pictures import charts as plotting
@@ -296,7 +297,7 @@ def invariance(atlas, images: Sequence[int | str | Path], *, transforms: Sequenc
                layers: Sequence[str] | str | None = None, labels: Sequence | None = None,
                amounts: dict[str, Sequence[float]] | None = None, fill: str = "grey", device: str = "auto",
                batch_size: int | None = None, out: str | Path | None = None, store: bool = True,
-               figures: bool = True) -> InvarianceResult:
+               figures: bool = True, progress: bool | None = None) -> InvarianceResult:
     """Feature distance and class probability under transformations (figure 5); see the module docstring.
 
     images      image_ids and/or image files
@@ -305,6 +306,7 @@ def invariance(atlas, images: Sequence[int | str | Path], *, transforms: Sequenc
     labels      one class of the model (output index or recorded class name) per image, or one for all;
                 default the image's true class when known, else its most probable class (said so)
     amounts     {transform: amounts} to override the paper's ranges
+    progress    the inputs done (each image and its transformed copies), rate and ETA, on stderr (None: on)
     """
     t0 = time.perf_counter()
     atlas = common.open_atlas(atlas)
@@ -328,8 +330,9 @@ def invariance(atlas, images: Sequence[int | str | Path], *, transforms: Sequenc
     want = list(dict.fromkeys(names + ([logits_layer] if logits_layer else [])))
     plan = [(t, a) for t in transforms for a in amts[t]]
     rows: list[dict[str, Any]] = []
+    shown = Progress(len(refs) * (1 + len(plan)), "invariance", "inputs", enabled=progress)
     for ref in refs:
-        acts = runner.extract(_transformed(atlas, ref, plan, fillc), want, batch_size)
+        acts = runner.extract(_transformed(atlas, ref, plan, fillc), want, batch_size, shown)
         probs = top = None
         if logits_layer:
             probs, top = _chart(atlas, ref, acts[logits_layer], cls_names, charted, unknown)
@@ -339,6 +342,7 @@ def invariance(atlas, images: Sequence[int | str | Path], *, transforms: Sequenc
                  "true_class": cls_names[ref.true_index] if logits_layer and ref.true_index is not None
                  else None, "class_index": ci, "class_name": cname, "class_source": source}
         rows += _image_rows(acts, image, names, plan, fill, probs, top, cls_names)
+    shown.close()
     notes += _unknown_notes(unknown)
     keys = [r.key for r in refs]
     run = f"n{len(refs)}-" + common.short_hash({"images": keys, "classes": [r.given_index for r in refs],

@@ -40,6 +40,7 @@ import torch
 
 from ..errors import AtlasError
 from ..net.runner import Runner
+from ..util.progress import Progress
 from . import common
 from .occluder import check_fill, default_geometry, fill_rgb, fill_value, positions
 from .occlusion_figure import render
@@ -153,7 +154,7 @@ def _add_class_maps(res: OcclusionResult, logits: np.ndarray, charted: _Charted,
 def occlude(atlas, image, *, size: int | None = None, stride: int | None = None, fill: str = "grey",
             label: int | str | None = None, layer: str | None = None, batch_size: int | None = None,
             device: str = "auto", out: str | Path | None = None, method: str = "incremental",
-            store: bool = True, figures: bool = True) -> OcclusionResult:
+            store: bool = True, figures: bool = True, progress: bool | None = None) -> OcclusionResult:
     """Occlusion sensitivity maps of one image (figure 7); see the module docstring.
 
     image   an image_id of the atlas (int, or a string of digits) or a path to any image file
@@ -164,6 +165,7 @@ def occlude(atlas, image, *, size: int | None = None, stride: int | None = None,
     layer   the conv layer whose strongest map is followed (default: the top conv layer)
     out     folder for the PNGs (default ATLAS/analyses/occlusion/RUN/); the table is always
             written into the atlas
+    progress  the positions done, with a rate and an ETA, on stderr (None: on; atlas.util.progress.Progress)
     """
     atlas = common.open_atlas(atlas)
     S = atlas.image_size
@@ -184,9 +186,10 @@ def occlude(atlas, image, *, size: int | None = None, stride: int | None = None,
         notes.append(f"no probability or class maps: the model has no classifier ({why}); "
                      "the activation maps are still made")
     n, boxes = positions(S, size, stride)
-    maps = occlusion_forward(runner, ref.x, boxes, layer=layer, channel=base.channel,
-                             fill=fill_value(atlas.preprocess, fill), method=method,
-                             batch_size=batch_size, logits=has_cls)
+    with Progress(len(boxes), "occlude", "positions", enabled=progress) as shown:
+        maps = occlusion_forward(runner, ref.x, boxes, layer=layer, channel=base.channel,
+                                 fill=fill_value(atlas.preprocess, fill), method=method,
+                                 batch_size=batch_size, logits=has_cls, progress=shown)
     projection = _map_projection(atlas, ref, base, layer, notes)
     res = OcclusionResult(
         run="", image=ref.key, image_id=ref.image_id, path=ref.path, model=atlas.manifest["model"]["name"],

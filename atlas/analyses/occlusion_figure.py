@@ -14,6 +14,7 @@ import numpy as np
 
 from ..choices import OCCLUSION_PANELS
 from ..pictures import charts as plotting
+from ..pictures.drawing import normalise
 from . import common
 from .occlusion_result import OcclusionResult
 
@@ -83,7 +84,9 @@ def _projection_panel(res: OcclusionResult):
 
     D = _scale(res)
     W = res.image_size * D
-    pim = plotting.projection_image(res.projection).resize((W, W), Image.NEAREST if D > 1 else Image.BILINEAR)
+    # the atlas's display rule (zero mid-grey, the 99.5th percentile of |v|): panel (c) reads like its other
+    # projection pictures
+    pim = Image.fromarray(normalise(res.projection)).resize((W, W), Image.NEAREST if D > 1 else Image.BILINEAR)
     return plotting.titled(pim, f"(c) projection of {res.layer} map {res.channel}",
                            "DeconvNet, unoccluded image\n(grey = 0, scaled by max |value|)")
 

@@ -32,6 +32,7 @@ from torch import nn
 from ..errors import AtlasError
 from ..net.runner import Runner
 from ..choices import FORWARDS
+from ..util.progress import reported_batch
 
 
 _POINTWISE = (nn.ReLU, nn.LocalResponseNorm, nn.CrossMapLRN2d, nn.Identity, nn.Dropout, nn.Dropout2d,
@@ -346,9 +347,10 @@ def _rest_of_net(runner: Runner, w: torch.Tensor, start: int, read_at: int, chan
 
 def occlusion_forward(runner: Runner, x: torch.Tensor, boxes: np.ndarray, *, layer: str, channel: int,
                       fill: torch.Tensor, method: str = "incremental", batch_size: int | None = None,
-                      logits: bool = True) -> Maps:
+                      logits: bool = True, progress=None) -> Maps:
     """The occluded copies of x (3, S, S), one per box (y0, x0, y1, x1), through the model in batches:
-    the total activation of `channel` of `layer` and (if asked) the logits, per box."""
+    the total activation of `channel` of `layer` and (if asked) the logits, per box. `progress`: an
+    atlas.util.progress.Progress told of each batch's positions."""
     check_method(method)
     lmap = runner.lmap
     la = lmap.by_name[layer]
@@ -364,7 +366,7 @@ def occlusion_forward(runner: Runner, x: torch.Tensor, boxes: np.ndarray, *, lay
     acts, outs = [], []
     with torch.no_grad():
         clean = _unoccluded_prefix(runner, x, pl.last)
-        bs = runner.chunk(len(boxes), _bytes_per_box(runner, pl), batch_size)
+        bs = reported_batch(runner.chunk(len(boxes), _bytes_per_box(runner, pl), batch_size), len(boxes), progress)
         placed = _place(x, boxes, pl, lmap.image_size)
         for a in range(0, len(boxes), bs):
             b = min(a + bs, len(boxes))
@@ -375,6 +377,8 @@ def occlusion_forward(runner: Runner, x: torch.Tensor, boxes: np.ndarray, *, lay
             acts.append(total.cpu())
             if logits:
                 outs.append(out.float().cpu())
+            if progress is not None:
+                progress.update(b - a)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     return Maps(torch.cat(acts).double().numpy(), torch.cat(outs).double().numpy() if logits else None,

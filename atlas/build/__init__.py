@@ -380,6 +380,10 @@ class BuildJob:
         hint = bf16_hint(self.dev, self.opts.precision, getattr(self.inputs, "bf16_speedup", None))
         if hint:
             log(hint)
+        from ..store.manifest import random_weights  # the one loud line; at the end, so a refusal stays one line
+
+        if random_weights(manifest["model"]):
+            log(f"{random_weights(manifest['model'])}: pass --weights FILE for a trained one")
         if not errors:
             return
         for image_id, why in sorted(errors.items())[:UNREADABLE_SHOWN]:

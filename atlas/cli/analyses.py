@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from .base import (CONTEXT, CommaList, atlas_argument, batch_size_option, device_option, fill_option,
-                   format_option, layers_option, main, out_option, seed_option, _open)
+                   format_option, layers_option, main, out_option, progress_option, seed_option, _open)
 
 # Without --format an analysis prints its summary (a few lines), not every row (an occlusion run has one per
 # square position, 784 at 224 px); with it, the rows of its Parquet table, then the summary.
@@ -67,8 +67,9 @@ def emit(rows: list[dict], summary: list[str], fmt: str | None) -> None:
 @device_option
 @out_option
 @rows_format_option
+@progress_option
 def occlude(atlas_path, image, occluder_size, stride, fill, class_name, layer, method, batch_size, device, out,
-            fmt):
+            fmt, progress):
     """Occlusion sensitivity (the paper's figure 7) for one image.
 
     IMAGE is an image id of the atlas or any image file. A square slides over
@@ -82,7 +83,7 @@ def occlude(atlas_path, image, occluder_size, stride, fill, class_name, layer, m
     from ..analyses.occlusion import occlude as run
 
     r = run(_open(atlas_path), image, size=occluder_size, stride=stride, fill=fill, label=class_name, layer=layer,
-            method=method, batch_size=batch_size, device=device, out=out)
+            method=method, batch_size=batch_size, device=device, out=out, progress=progress)
     emit(r.rows(), r.summary(), fmt)
 
 
@@ -101,7 +102,8 @@ def occlude(atlas_path, image, occluder_size, stride, fill, class_name, layer, m
 @device_option
 @out_option
 @rows_format_option
-def invariance(atlas_path, images, transforms, layers, classes, fill, device, out, fmt):
+@progress_option
+def invariance(atlas_path, images, transforms, layers, classes, fill, device, out, fmt, progress):
     """Invariance to translation, scale and rotation (the paper's figure 5).
 
     For each image and transformation amount: the Euclidean distance between
@@ -112,7 +114,7 @@ def invariance(atlas_path, images, transforms, layers, classes, fill, device, ou
     from ..analyses.invariance import invariance as run
 
     r = run(_open(atlas_path), list(images), transforms=tuple(transforms), layers=layers, labels=classes, fill=fill,
-            device=device, out=out)
+            device=device, out=out, progress=progress)
     emit(r.rows, r.summary(), fmt)
 
 
@@ -129,7 +131,8 @@ def invariance(atlas_path, images, transforms, layers, classes, fill, device, ou
 @device_option
 @out_option
 @rows_format_option
-def correspondence(atlas_path, spec, layers, random_draws, seed, fill, device, out, fmt):
+@progress_option
+def correspondence(atlas_path, spec, layers, random_draws, seed, fill, device, out, fmt, progress):
     """Correspondence of object parts across images (figure 8 / table 7).
 
     For each part occluded in every image, the sum over image pairs of the
@@ -146,5 +149,5 @@ def correspondence(atlas_path, spec, layers, random_draws, seed, fill, device, o
     from ..analyses.correspondence import correspondence as run
 
     r = run(_open(atlas_path), spec, layers=layers, random=random_draws, seed=seed, fill=fill, device=device,
-            out=out)
+            out=out, progress=progress)
     emit(r.rows, [r.format_table(), *r.summary()] if fmt is None else r.summary(), fmt)

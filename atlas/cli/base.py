@@ -30,6 +30,10 @@ def _say(msg: str) -> None:
     click.echo(msg, err=True)
 
 
+# flags that consent to something risky: running an atlas's model code, DuckDB's full access, replacing a folder
+CONSENTS = {"--trust-code", "--unsafe-full-duckdb", "--overwrite"}
+
+
 class AtlasCommand(click.Command):
     """A command of the vocabulary: its deprecated spellings work, hidden, with one warning on stderr.
 
@@ -40,6 +44,10 @@ class AtlasCommand(click.Command):
 
     def __init__(self, name, *args, **kwargs):
         super().__init__(name, *args, **kwargs)
+        # consents last in --help (after what the command does and how it prints): a reader meets them
+        # once they know what they would be consenting to
+        consent = [q for q in self.params if isinstance(q, click.Option) and set(q.opts) & CONSENTS]
+        self.params = [q for q in self.params if q not in consent] + consent
         self.deprecations: tuple[Deprecation, ...] = deprecations_for(name or "")
         for d in self.deprecations:
             if d.when is not None:

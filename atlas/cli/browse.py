@@ -10,7 +10,7 @@ import click
 from ..errors import AtlasError
 from ..util.output import render, render_dicts
 from .base import (CONTEXT, AtLeastOne, AtlasCommand, atlas_argument, cache_option, format_option, main, _open,
-                   _say)
+                   _say, progress_option)
 from .publish import display_option, method_option
 
 
@@ -38,6 +38,10 @@ class ChannelNumber(click.ParamType):
             raise AtlasError(f"channel '{value}' is not a channel number (a whole number, 0..N-1 for a layer "
                              "of N channels: see `atlas layers ATLAS`)") from None
 
+
+scale_option = click.option(
+    "--scale", type=click.FloatRange(0.25, 8), default=1.0, show_default=True, metavar="FACTOR",
+    help="Draw the picture this many times larger, cells and text alike (2: for a slide at full width).")
 
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_MAX_ROWS = 1000
@@ -125,12 +129,18 @@ def sql(atlas_path, query, sql_file, canned, param, timeout, max_rows, unsafe, f
 @format_option
 def queries(fmt):
     """List the example queries that `atlas sql --query NAME` runs: an atlas's, and a comparison's
-    (`atlas sql DIR --query NAME` on a folder `atlas compare` made)."""
-    from ..store import canned_queries
+    (`atlas sql DIR --query NAME` on a folder `atlas compare` made), with the parameters each reads
+    (set with -p NAME=VALUE) and its whole description.
 
-    rows = [(n, "atlas", d) for n, (d, _) in canned_queries().items()]
-    rows += [(n, "comparison", d) for n, (d, _) in canned_queries("compare").items()]
-    click.echo(render(["name", "for", "description"], rows, fmt))
+    \b
+      atlas sql my-atlas -q cofiring -p layer=conv2
+    """
+    from ..store import canned_queries, query_parameters
+
+    rows = [(n, which, ", ".join(query_parameters(q)) or "-", d)
+            for which, folder in (("atlas", "queries"), ("comparison", "compare"))
+            for n, (d, q) in canned_queries(folder).items()]
+    click.echo(render(["name", "for", "parameters", "description"], rows, fmt))
 
 
 @main.command(context_settings=CONTEXT)
@@ -146,8 +156,13 @@ def info(atlas_path, fmt, as_json):
     """
     from ..util.output import json_text
 
+    from ..store.manifest import random_weights
+
     a = _open(atlas_path)
     m = a.manifest
+    alert = random_weights(m["model"])
+    if alert and (as_json or fmt in ("json", "csv")):  # machine formats stay parseable: the line goes to stderr
+        click.echo(f"atlas info: {alert}", err=True)
     if as_json or fmt == "json":
         click.echo(json_text(m))
         return
@@ -176,7 +191,7 @@ def info(atlas_path, fmt, as_json):
     if fmt == "csv":
         click.echo(render(["field", "value"], fields, "csv"))
     else:
-        click.echo("\n".join(f"{k:<10} {v}" for k, v in fields))
+        click.echo("\n".join(([alert] if alert else []) + [f"{k:<10} {v}" for k, v in fields]))
 
 
 def _describe_indexes(ix) -> str:
@@ -250,10 +265,12 @@ def top(atlas_path, layer, channel, fmt):
 @method_option
 @click.option("--out", type=click.Path(path_type=Path),
               help="Also write the PNG here, a file or a folder (default: only the picture cache).")
+@scale_option
 @cache_option
 @format_option(default=None, help="Print a row describing the picture, with its path, as an aligned table, "
                "CSV or strict JSON  [default: the PNG's path alone]")
-def show(atlas_path, layer, channel, rank, mode, norm, switches, display, method, out, cache, fmt):
+@progress_option
+def show(atlas_path, layer, channel, rank, mode, norm, switches, display, method, out, scale, cache, fmt, progress):
     """A channel's DeconvNet projections as a PNG (the paper's figure 2); prints its path (or a row, --format).
 
     The panel shows the top-k projections in a grid beside the matching image
@@ -269,7 +286,7 @@ def show(atlas_path, layer, channel, rank, mode, norm, switches, display, method
     from ..pictures.projections import show as run
 
     png = run(_open(atlas_path), layer, channel, rank, mode=mode, norm=norm, switches=switches, out=out, log=_say,
-              cache=cache, display=display, method=method)
+              cache=cache, display=display, method=method, scale=scale, progress=progress)
     _picture(png, fmt, {"picture": "panel" if rank is None else "projection", "layer": layer, "channel": channel,
                         "rank": rank, "mode": mode, "norm": norm, "display": display, "method": method})
 
@@ -279,10 +296,11 @@ def show(atlas_path, layer, channel, rank, mode, norm, switches, display, method
 @click.argument("layer", required=False)
 @click.option("--out", type=click.Path(path_type=Path),
               help="Also write the PNG here, a file or a folder (default: only the picture cache).")
+@scale_option
 @cache_option
 @format_option(default=None, help="Print a row describing the picture, with its path, as an aligned table, "
                "CSV or strict JSON  [default: the PNG's path alone]")
-def filters(atlas_path, layer, out, cache, fmt):
+def filters(atlas_path, layer, out, scale, cache, fmt):
     """The first layer's learned filters as a grid PNG (the paper's figure 6 view); prints its path (or a row).
 
     \b
@@ -291,7 +309,7 @@ def filters(atlas_path, layer, out, cache, fmt):
     from ..pictures.projections import filters as run
 
     a = _open(atlas_path)
-    png = run(a, layer, out=out, cache=cache)
+    png = run(a, layer, out=out, cache=cache, scale=scale)
     convs = [g["layer"] for g in a.manifest.get("geometry", {}).get("layers", []) if g["kind"] == "conv"]
     _picture(png, fmt, {"picture": "filters", "layer": layer or (convs[:1] or [None])[0]})
 

@@ -9,6 +9,7 @@ from ..errors import AtlasError
 from ..util.output import render_dicts
 from .base import (CONTEXT, AtLeastOne, LayerChannel, atlas_argument, device_option, format_option, layers_option,
                    main, progress_option, _open, _say)
+from .browse import scale_option
 
 
 @main.command("index", context_settings=CONTEXT)
@@ -51,8 +52,12 @@ def index_cmd(atlas_path, layers, device, progress, fmt):
               "recorded conv layer).")
 @click.option("--limit", type=AtLeastOne(), default=10, show_default=True, metavar="N",
               help="How many results (N >= 1).")
+@click.option("--out", type=click.Path(path_type=Path),
+              help="Also draw the results as a PNG contact sheet here: each image (or each channel's strongest "
+              "image) with its rank and score, under a title.")
+@scale_option
 @format_option
-def similar(atlas_path, image, image_id, channel, layer, of_layer, limit, fmt):
+def similar(atlas_path, image, image_id, channel, layer, of_layer, limit, out, scale, fmt):
     """Nearest neighbours by cosine similarity: images like an image, or channels like a channel.
 
     Ranks count from 0, as top-k ranks do: an image query's rank 0 is the
@@ -63,6 +68,7 @@ def similar(atlas_path, image, image_id, channel, layer, of_layer, limit, fmt):
       atlas similar my-atlas --image cat.jpg --layer fc7 --limit 5
       atlas similar my-atlas --channel conv5:17        # rank, layer, channel, score
       atlas similar my-atlas --channel conv5:17 --of-layer conv4
+      atlas similar my-atlas --image-id 42 --out like-42.png   # and a contact sheet
     The same from SQL: SELECT * FROM similar_images(42, 10) JOIN images USING (image_id).
     """
     given = [o for o, v in (("--image", image), ("--image-id", image_id), ("--channel", channel)) if v is not None]
@@ -79,5 +85,11 @@ def similar(atlas_path, image, image_id, channel, layer, of_layer, limit, fmt):
         rows = a.similar_images(image_id=image_id, image=image, layer=layer, k=limit)
     if not rows:
         _say("no results: the query's vector is all zero (nothing fires on it), so nothing is like it")
+    if out is not None:
+        from ..search.similarity import contact_sheet
+
+        query = (f"{channel[0]}:{channel[1]}" if channel is not None else
+                 f"image {image_id}" if image_id is not None else Path(image).name)
+        _say(f"contact sheet: {contact_sheet(a, rows, out, query=query, layer=layer, scale=scale)}")
     click.echo(render_dicts(rows, fmt, ["rank", "layer", "channel", "score"] if channel is not None else
                             ["rank", "image_id", "path", "label", "score"]))

@@ -32,9 +32,10 @@ class Term:
 PRINTS_DATA = ("sql", "queries", "info", "layers", "channels", "top", "show", "filters", "similar", "index",
                "evolution", "compare-filters", "compare", "matches", "occlude", "invariance", "correspondence",
                "visualize")
-# Commands that run long (a pass over a dataset, training, a site): each takes --progress/--no-progress.
-# The analyses (occlude, invariance, correspondence) run a few batches of one to a few images: seconds.
-LONG = ("demo", "build", "make-shapes", "index", "export", "train", "evolution", "compare", "visualize")
+# Commands that may run long (a pass over a dataset, training, a site, hundreds of occluded copies of an
+# image, a deep net's pictures drawn cold): each takes --progress/--no-progress.
+LONG = ("demo", "build", "make-shapes", "index", "export", "train", "evolution", "compare", "visualize", "occlude",
+        "invariance", "correspondence", "show")
 
 # Commands that open an atlas (cli/base.py's atlas_argument): each takes --trust-code.
 OPENS_ATLAS = ("sql", "info", "layers", "channels", "top", "show", "filters", "similar", "index", "export",
@@ -45,7 +46,7 @@ VOCABULARY: tuple[Term, ...] = (
          "the file or folder the command writes (an atlas, a training run, a PNG, a folder of PNGs: the "
          "command's --help says which, and its default)",
          ("demo", "build", "train", "show", "filters", "evolution", "compare-filters", "compare", "matches",
-          "occlude", "invariance", "correspondence", "visualize")),
+          "occlude", "invariance", "correspondence", "visualize", "similar")),
     Term("--format", "--format", "table|csv|json",
          "how the command prints its data: an aligned table, CSV, or strict JSON (RFC 8259). Listings print a "
          "table by default; without --format, `show` and `filters` print the PNG's path and the analyses their "
@@ -53,7 +54,8 @@ VOCABULARY: tuple[Term, ...] = (
          PRINTS_DATA),
     Term("--progress", "--progress/--no-progress", "",
          "progress on stderr with a rate and an ETA: a bar on a terminal, a line every 5 s otherwise (a log "
-         "file); on by default",
+         "file); on by default. `show`, one batched step, says instead what it draws when a picture not in the "
+         "cache takes over 2 s, then how long it took (by default on a terminal only)",
          LONG),
     Term("--device", "--device", "auto|cpu|cuda|cuda:N",
          "where the model runs; auto (the default): the GPU when there is one, else the CPU. Anything else is "
@@ -100,6 +102,10 @@ VOCABULARY: tuple[Term, ...] = (
          "where pictures go instead of the atlas's own cache (for an atlas that cannot be written; "
          "default: the atlas's, else ~/.cache/atlas/pictures)",
          ("show", "filters", "export", "visualize")),
+    Term("--scale", "--scale", "FACTOR",
+         "a picture drawn this many times larger, cells and text alike (0.25 to 8; default 1; 2 fills a slide's "
+         "width)",
+         ("show", "filters", "similar")),
     Term("--display", "--display", "percentile|max",
          "how a projection's values become grey levels, zero mid-grey: percentile (the default) scales each "
          "by the 99.5th percentile of |v| inside its receptive field and clips the few larger values; max by "
@@ -170,7 +176,7 @@ COMMAND_SPECIFIC: dict[str, tuple[str, ...]] = {
     "occlude": ("--occluder-size", "--stride", "--forward"),
     "invariance": ("--transforms",),
     "correspondence": ("--images", "--random"),
-    "visualize": ("--steps", "--unit", "--diversity"),
+    "visualize": ("--steps", "--preview", "--unit", "--diversity"),
 }
 
 

@@ -285,8 +285,11 @@ class _Exporter:
 
     # -- helpers ------------------------------------------------------------------
     def common(self, root: str, json_href: str) -> dict[str, Any]:
+        from ..store.manifest import random_weights
+
         return {"root": root, "json_href": json_href, "model_name": self.model_name,
                 "weights_note": self.weights_note, "dataset_name": self.dataset_name,
+                "random_weights": random_weights(self.a.manifest["model"]),
                 "display_note": DISPLAY_NOTES[self.pics.display]}
 
     def page(self, rel: str, template: str, data: dict[str, Any], root: str) -> None:

@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -95,24 +96,30 @@ class LayerMapBase:
         out = []
         for n in names:
             if n not in self.by_name:
-                valid = ", ".join(la.name for la in self.layers)
-                raise AtlasError(f"unknown layer '{n}': valid layers are {valid}")
+                raise AtlasError(unknown_layer(n, [la.name for la in self.layers]))
             out.append(self.by_name[n])
         return sorted(out, key=self.layers.index)
 
     def candidates(self, recorded: list[str] = ()) -> list[dict]:
         """Every layer an atlas of this model can record (`--layers` takes any), with its shape and
-        receptive field: rf_h x rf_w pixels, a unit (y, x) starting at (y * jump + offset_y, x * jump +
-        offset_x) before clipping; `recorded`: whether this atlas holds it."""
+        receptive field, in the columns of an atlas's own `layers` listing: kind (the module's: conv,
+        batchnorm, relu, maxpool, block, fc, ...), rf_size pixels, a unit (y, x) starting at (y * jump +
+        offset, x * jump + offset) before clipping (an "H x W" field or "Y,X" offset where they differ);
+        `recorded`: whether this atlas holds it."""
+        modules = dict(self.model.named_modules()) if hasattr(self, "model") else {}
         rows = []
         for la in self.layers:
-            row = {"layer": la.name, "kind": la.kind, "channels": la.channels, "height": la.height,
-                   "width": la.width, "rf_h": None, "rf_w": None, "jump": None, "offset_y": None, "offset_x": None}
+            # a module called again (a ResNet block's ReLU after the sum) is named NAME_1, NAME_2, ...
+            again = re.fullmatch(r"(.+)_\d+", la.name)
+            module = modules.get(la.name) or (modules.get(again.group(1)) if again else None)
+            row = {"layer": la.name, "kind": module_kind(module, la.kind), "channels": la.channels,
+                   "height": la.height, "width": la.width, "rf_size": None, "jump": None, "offset": None}
             if la.kind == "conv":
                 x0, y0, x1, y1 = la.field_box(0, 0, self.image_size)
                 g = la.geometry
                 jump = la.rf[0][0] if la.rf is not None else g.jump
-                row.update({"rf_h": y1 - y0, "rf_w": x1 - x0, "jump": jump or None, "offset_y": y0, "offset_x": x0})
+                row.update({"rf_size": y1 - y0 if y1 - y0 == x1 - x0 else f"{y1 - y0} x {x1 - x0}",
+                            "jump": jump or None, "offset": y0 if y0 == x0 else f"{y0},{x0}"})
             row["recorded"] = la.name in recorded
             rows.append(row)
         return rows
@@ -161,3 +168,39 @@ def pad_batch(x: torch.Tensor, size: int) -> torch.Tensor:
     out = torch.zeros((size, *x.shape[1:]), dtype=x.dtype, device=x.device).contiguous(memory_format=fmt)
     out[:n] = x
     return out
+
+
+# torch.nn class names -> the kind `atlas layers --all` shows (a container of several ops is a "block")
+_KINDS = {"Conv2d": "conv", "Linear": "fc", "BatchNorm2d": "batchnorm", "ReLU": "relu", "MaxPool2d": "maxpool",
+          "AvgPool2d": "avgpool", "AdaptiveAvgPool2d": "avgpool", "LocalResponseNorm": "lrn", "Dropout": "dropout",
+          "SiLU": "silu", "GELU": "gelu", "Identity": "identity", "Flatten": "flatten"}
+
+
+def module_kind(module, fallback: str) -> str:
+    """What a layer is, by its module: conv, batchnorm, relu, maxpool, ..., block (a container), or
+    `fallback` (the map's own conv/fc) for a layer that is no one module (the 2012-2014 nets' conv1 is a
+    conv and its ReLU)."""
+    if module is None:
+        return fallback
+    name = type(module).__name__
+    if name in _KINDS:
+        return _KINDS[name]
+    return "block" if any(True for _ in module.children()) else name.lower()
+
+
+def unknown_layer(name: str, known: list[str], what: str = "layer") -> str:
+    """The one line for a layer name the model does not have: the closest names first, and the whole list
+    only when it is short (a ResNet has about 80 candidates)."""
+    hint = did_you_mean(name, known)
+    if len(known) <= 12:
+        return f"unknown {what} '{name}'{hint}: valid {what}s are {', '.join(known)}"
+    return (f"unknown {what} '{name}'{hint}: this model has {len(known)} candidates, from {known[0]} to "
+            f"{known[-1]}; `atlas layers ATLAS --all` lists them")
+
+
+def did_you_mean(name: str, known: list[str]) -> str:
+    """ " (did you mean 'a' or 'b'?)" for the known names closest to a mistyped one, or "" """
+    import difflib
+
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+    return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""

@@ -65,15 +65,21 @@ class Runner:
             return min(n, batch_size)
         return max(1, min(n, self.budget_bytes() // max(per_image, 1)))
 
-    def extract(self, x: torch.Tensor, names: list[str], batch_size: int | None = None) -> dict[str, torch.Tensor]:
-        """lmap.extract over x (N, 3, S, S) in memory-sized chunks; results on the CPU, float32."""
+    def extract(self, x: torch.Tensor, names: list[str], batch_size: int | None = None,
+                progress=None) -> dict[str, torch.Tensor]:
+        """lmap.extract over x (N, 3, S, S) in memory-sized chunks; results on the CPU, float32.
+        `progress`: an atlas.util.progress.Progress told of each chunk's images."""
+        from ..util.progress import reported_batch
+
         out: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-        bs = self.chunk(len(x), self.per_image_bytes(), batch_size)
+        bs = reported_batch(self.chunk(len(x), self.per_image_bytes(), batch_size), len(x), progress)
         with torch.no_grad():
             for i in range(0, len(x), bs):
                 acts = self.lmap.extract(self.prepare(x[i:i + bs]), names)
                 for n in names:
                     out[n].append(acts[n].float().cpu().contiguous())
+                if progress is not None:
+                    progress.update(min(bs, len(x) - i))
         return {n: torch.cat(v) for n, v in out.items()}
 
 

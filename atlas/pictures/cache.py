@@ -8,10 +8,10 @@ permission, cache/ not a folder) or a write there fails all the same (any
 OSError: disk full, a server that says no), pictures are looked for and drawn
 in the per-user cache of this atlas instead, for the rest of that renderer's life:
 
-    $XDG_CACHE_HOME/atlas/pictures/<identity>/projections-v2/<weights16>/...   (default ~/.cache/atlas/pictures)
+    $XDG_CACHE_HOME/atlas/pictures/<identity>/projections-v3/<weights16>/...   (default ~/.cache/atlas/pictures)
 
 An atlas whose cache can be written never touches the per-user one. `--cache DIR`
-(cache= here) replaces both with DIR/<identity>/projections-v2/<weights16>/.
+(cache= here) replaces both with DIR/<identity>/projections-v3/<weights16>/.
 <identity> is `identity(atlas)`: the start of the sha256 of manifest.json's
 bytes, which hold the build's creation time and the weights' hash, so a rebuilt
 atlas never meets the pictures of the old one (the atlas's own cache needs no
@@ -39,9 +39,13 @@ from typing import Any, Callable
 from ..errors import AtlasError
 from ..util.files import TEMP_NAME, remove_temp_files
 
-# v2: projections scaled by a percentile of |v| (or max, asked by name: the folder says which) and the outside
-# of the image marked in light grey; v1's pictures (max only, magenta hatching) are never served again
-VERSION = "projections-v2"
+# v3: fields mostly beyond the image drawn as their part inside it, large fields shrunk, panels and filter grids
+# titled and labelled; v2 (percentile display, light-grey outside) and v1 (max only, magenta hatching) are never
+# served again
+VERSION = "projections-v3"
+# feature visualisations keep the root they were first cached under: their drawing did not change with v3, and
+# each one takes minutes to make
+FEATUREVIS_VERSION = "projections-v2"
 UNAVAILABLE = "atlas.unavailable"  # PNG text of a picture drawn with an image missing
 USER_CACHE_MB = 1024  # the per-user cache's bound unless ATLAS_PICTURE_CACHE_MB says otherwise
 TEMP_AGE_S = 3600  # a cache temp file this old was left by a writer that died (a picture takes seconds)
@@ -52,9 +56,9 @@ def _weights_key(atlas) -> str:
     return (m.get("weights_sha256") or "")[:16] or f"random-seed{m.get('seed', 0)}"
 
 
-def cache_root(atlas) -> Path:
-    """ATLAS/cache/projections-v2/<weights16>: everything rendered from these weights, in the atlas itself."""
-    return Path(atlas.path, "cache", VERSION, _weights_key(atlas))
+def cache_root(atlas, version: str = VERSION) -> Path:
+    """ATLAS/cache/<version>/<weights16>: everything rendered from these weights, in the atlas itself."""
+    return Path(atlas.path, "cache", version, _weights_key(atlas))
 
 
 def identity(atlas) -> str:
@@ -119,10 +123,10 @@ class PictureCache:
     the per-user cache within its bound after a call has written into it.
     """
 
-    def __init__(self, atlas, cache: str | os.PathLike | None = None):
-        self.a = atlas
+    def __init__(self, atlas, cache: str | os.PathLike | None = None, version: str = VERSION):
+        self.a, self.version = atlas, version
         self.chosen = None if cache is None else Path(cache).absolute()
-        self._tiers: list[Path | None] = [None] if self.chosen is not None else [cache_root(atlas), None]
+        self._tiers: list[Path | None] = [None] if self.chosen is not None else [cache_root(atlas, version), None]
         self.at = 0  # the folder written to: those before it could not be written
         self.why: list[str | None] = []  # why, one per folder given up
         self._probed = self.chosen is not None
@@ -133,7 +137,7 @@ class PictureCache:
     def tier(self, i: int) -> Path:
         if self._tiers[i] is None:  # built when first needed: a hit in the atlas's cache reads no manifest
             base = self.chosen if self.chosen is not None else user_cache_dir()
-            self._tiers[i] = base / identity(self.a) / VERSION / _weights_key(self.a)
+            self._tiers[i] = base / identity(self.a) / self.version / _weights_key(self.a)
         return self._tiers[i]
 
     @property

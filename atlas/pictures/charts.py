@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import numpy as np
 
-if TYPE_CHECKING:
-    import torch
 
 def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
     """About n round tick values covering [lo, hi]."""
@@ -339,14 +337,3 @@ def line_plot(series: Sequence[tuple[str, tuple[int, int, int], Sequence[float],
 
 def label_colours(n: int) -> list[tuple[int, int, int]]:
     return [PALETTE[i % len(PALETTE)] for i in range(n)]
-
-
-def projection_image(p: torch.Tensor):
-    """A signed projection (3, h, w) as RGB by the atlas's display rule (atlas.pictures.drawing.normalise: zero
-    mid-grey, scaled by the 99.5th percentile of |v|): the occlusion figure's panel (c) reads like the
-    atlas's other projection images."""
-    from PIL import Image
-
-    from .drawing import normalise
-
-    return Image.fromarray(normalise(p.detach().float().cpu().numpy()))

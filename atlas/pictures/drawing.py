@@ -28,12 +28,19 @@ its own scale, so brightness says nothing about strength across projections
 
 A panel (`panel`) is figure 2 of the paper for one channel: the top-k
 projections in a grid (3 x 3 for k = 9) beside the matching image patches.
-Every cell is the unit's receptive-field box, unclipped, so patch and
+Every cell is the unit's receptive-field box (`shown_box`), so patch and
 projection line up pixel for pixel; the part of the box beyond the image
 border is marked quietly (`OUTSIDE`: a flat light grey with thin, slightly
-darker diagonal lines), the same in both, so that for a small-input model,
-whose deep fields reach far beyond the image, the picture and not its border
-is what one sees. Small fields are enlarged with NEAREST.
+darker diagonal lines), the same in both. Where more than half of the box
+would lie beyond the image (a deep unit of a ResNet, whose 435 px field is
+twice a 224 px input, or a unit at a corner) the cell shows only the part of
+the field inside the image, the whole image when the field covers it: a cell
+that is mostly border says nothing. Small fields are enlarged with NEAREST,
+large ones shrunk to about `MAX_CELL` px, so a panel of 9 stays about 1000 px
+wide whatever the model. Given a title and labels (the atlas's renderer always
+gives them) the panel carries them in its pixels, for a slide: the title above
+(model, layer, channel, method; a loud line for random weights), and under
+each cell its rank and activation (projection) or its image's name (patch).
 
 PNG files are written atomically (`write_png`, through atlas.util.files.atomic_write:
 the cache and the site skip its fsync), so no reader ever sees a truncated PNG.
@@ -78,6 +85,13 @@ OUTSIDE_PERIOD = 6
 HATCH = (OUTSIDE_LINE, OUTSIDE_TONE)  # the two colours of the outside, line first
 TEXT_PREFIX = "atlas."
 MIN_CELL = 72  # cells of smaller receptive fields are enlarged (NEAREST) to about this size
+# cells of larger fields are shrunk to this side: nine of them and their patches, labelled, fit a slide's
+# width at a readable size, and a 512-channel layer's panels stay megabytes, not a gigabyte
+MAX_CELL = 160
+FILTER_CELL = 48  # a first-layer filter's cell side, about
+LABEL_SIZE = 12  # px of a cell's label at scale 1; the title is larger
+LABEL_CELL = 96  # the narrowest labelled cell, px at scale 1: "rank 0: 0.245" and most of a file name fit
+ALERT = (190, 20, 20)  # the random-weights line: it must not be missed on a slide
 
 
 # ---------------------------------------------------------------------------
@@ -107,6 +121,45 @@ def _inside(box: tuple[int, int, int, int], size: int) -> np.ndarray:
     ys = (np.arange(y0, y1) >= 0) & (np.arange(y0, y1) < size)
     xs = (np.arange(x0, x1) >= 0) & (np.arange(x0, x1) < size)
     return ys[:, None] & xs[None, :]
+
+
+def shown_box(box: Sequence[int], size: int) -> tuple[int, int, int, int]:
+    """The part of a receptive-field box (x0, y0, x1, y1, unclipped) a cell shows: the whole box, or, when
+    more than half of it lies beyond the size x size image, only the part inside it."""
+    x0, y0, x1, y1 = (int(v) for v in box)
+    inside = max(0, min(x1, size) - max(x0, 0)) * max(0, min(y1, size) - max(y0, 0))
+    if inside == 0 or 2 * inside >= (x1 - x0) * (y1 - y0):
+        return (x0, y0, x1, y1)
+    return (max(x0, 0), max(y0, 0), min(x1, size), min(y1, size))
+
+
+def field_side(boxes: Sequence[Sequence[int]], size: int) -> int:
+    """The side a cell's scale is chosen for: the field's (the largest box, unclipped), at most the image's.
+    Not the clipped boxes': a projection alone and in its panel are drawn at the same scale."""
+    return min(max(max(b[2] - b[0], b[3] - b[1]) for b in boxes), size)
+
+
+def cell_factor(size: int, upscale: int | None = None, scale: float = 1.0) -> float:
+    """How much a cell of a `size` px field is enlarged (> 1) or shrunk (< 1): small fields to about
+    MIN_CELL px, large ones to MAX_CELL px (an explicit `upscale` is kept), times `scale`."""
+    if upscale:
+        return upscale * scale
+    up = upscale_for(size)
+    return (up if size * up <= MAX_CELL else MAX_CELL / max(size, 1)) * scale
+
+
+def _resized(rgb: np.ndarray, factor: float) -> Image.Image:
+    """A cell drawn at 1:1, enlarged by a whole factor with NEAREST (the outside's lines stay one pixel
+    wide), otherwise resampled (LANCZOS) to the factor."""
+    if float(factor).is_integer():
+        return Image.fromarray(_enlarge(rgb, int(factor)))
+    im = Image.fromarray(rgb)
+    return im.resize((max(1, round(im.width * factor)), max(1, round(im.height * factor))), Image.LANCZOS)
+
+
+def _number(v: float) -> int | float:
+    """A scale factor for the PNG text: a whole one as an integer (readers parse it with int())."""
+    return int(v) if float(v).is_integer() else float(f"{v:.4g}")
 
 
 def check_display(display: str) -> None:
@@ -174,16 +227,17 @@ def upscale_for(size: int, minimum: int = MIN_CELL, cap: int = 8) -> int:
 # ---------------------------------------------------------------------------
 # cells
 # ---------------------------------------------------------------------------
-def _outside(rgb: np.ndarray, inside: np.ndarray, upscale: int) -> np.ndarray:
-    """rgb enlarged, then its pixels beyond the image marked (after enlarging: lines stay one pixel)."""
-    big = _enlarge(rgb, upscale)
-    if inside.all():
-        return big
-    return _hatch(big, ~_enlarge(inside, upscale), OUTSIDE_PERIOD)
+def _outside(rgb: np.ndarray, inside: np.ndarray, factor: float) -> Image.Image:
+    """rgb resized by `factor`, its pixels beyond the image marked (after a whole enlargement: lines stay
+    one pixel wide)."""
+    whole = float(factor).is_integer()
+    big = _enlarge(rgb, int(factor)) if whole else rgb
+    mask = _enlarge(inside, int(factor)) if whole else inside
+    return _resized(big if mask.all() else _hatch(big, ~mask, OUTSIDE_PERIOD), 1 if whole else factor)
 
 
 def projection_cell(projection: Any, box: tuple[int, int, int, int], image_size: int,
-                    upscale: int = 1, full: bool = True, display: str = DEFAULT_DISPLAY,
+                    upscale: float = 1, full: bool = True, display: str = DEFAULT_DISPLAY,
                     scale: float | None = None) -> Image.Image:
     """One projection shown in `box` (x0, y0, x1, y1, unclipped): normalised by `display` over the part
     inside the image (or with `scale`), the part outside marked (`OUTSIDE`). `projection` is the full
@@ -191,15 +245,15 @@ def projection_cell(projection: Any, box: tuple[int, int, int, int], image_size:
     a = _array(projection)
     crop = _crop_pad(a, box) if full else a
     inside = _inside(box, image_size)
-    return Image.fromarray(_outside(normalise(crop, inside, display, scale), inside, upscale))
+    return _outside(normalise(crop, inside, display, scale), inside, upscale)
 
 
-def patch_cell(image: Any, box: tuple[int, int, int, int], image_size: int, upscale: int = 1) -> Image.Image:
+def patch_cell(image: Any, box: tuple[int, int, int, int], image_size: int, upscale: float = 1) -> Image.Image:
     """The image patch of `box`: `image` is the S x S RGB image the net saw (PIL or uint8 array),
     or already the clipped crop of the box; None gives the "image unavailable" placeholder."""
     x0, y0, x1, y1 = box
     if image is None:
-        return placeholder((x1 - x0) * upscale, (y1 - y0) * upscale)
+        return placeholder(round((x1 - x0) * upscale), round((y1 - y0) * upscale))
     arr = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
     if arr.ndim == 2:
         arr = np.repeat(arr[..., None], 3, axis=2)
@@ -213,7 +267,7 @@ def patch_cell(image: Any, box: tuple[int, int, int, int], image_size: int, upsc
     else:
         raise ValueError(f"patch image of {arr.shape[1]}x{arr.shape[0]} px fits neither the "
                          f"{image_size} px image nor the box {box}")
-    return Image.fromarray(_outside(crop.astype(np.uint8), inside, upscale))
+    return _outside(crop.astype(np.uint8), inside, upscale)
 
 
 def _font(size: int = 11):
@@ -273,60 +327,175 @@ def _caption(im: Image.Image, text: str, pad: int = 4) -> Image.Image:
     return out
 
 
-def _entries(projections: Any, boxes, image_size) -> tuple[list, list, int, list[dict]]:
-    """(arrays, unclipped boxes, image size, meta) from a deconv.Projections or plain arrays."""
+def _entries(projections: Any, boxes, image_size) -> tuple[list, list, int, list[dict], int]:
+    """(arrays, shown boxes, image size, meta, field side) from a deconv.Projections or plain arrays."""
     if hasattr(projections, "meta") and hasattr(projections, "crop"):
         s = projections.image_size
         bx = list(boxes) if boxes is not None else [tuple(m["rf_box"]) if m["mode"] == "unit" else (0, 0, s, s)
                                                     for m in projections.meta]
-        return [projections.crop(i, b) for i, b in enumerate(bx)], bx, s, list(projections.meta)
+        side, bx = field_side(bx, s) if bx else 1, [shown_box(b, s) for b in bx]
+        return [projections.crop(i, b) for i, b in enumerate(bx)], bx, s, list(projections.meta), side
     if boxes is None or image_size is None:
         raise ValueError("plain projections need `boxes` (unclipped x0, y0, x1, y1) and `image_size`")
-    arrays = [_crop_pad(_array(p), tuple(b)) for p, b in zip(projections, boxes)]
-    return arrays, [tuple(b) for b in boxes], int(image_size), [{} for _ in arrays]
+    bx = [shown_box(b, int(image_size)) for b in boxes]
+    arrays = [_crop_pad(_array(p), b) for p, b in zip(projections, bx)]
+    return arrays, bx, int(image_size), [{} for _ in arrays], field_side(boxes, int(image_size)) if boxes else 1
+
+
+def fit_text(text: str, font, width: int) -> str:
+    """`text`, its start cut (an ellipsis in its place) until it fits `width` px: a path's end names it."""
+    from .charts import text_size
+
+    if text_size(text, font)[0] <= width:
+        return text
+    while len(text) > 1 and text_size("…" + text, font)[0] > width:
+        text = text[1:]
+    return "…" + text
+
+
+def _labelled(cells: Sequence[Image.Image], labels: Sequence[str], scale: float) -> list[Image.Image]:
+    """Cells of one size (the largest), each centred over a strip with its label."""
+    from .charts import font, text_size
+
+    f = font(max(8, round(LABEL_SIZE * scale)))
+    # a small field's cell is narrower than its label: the label sets the slot's width, the cell is centred
+    cw, ch = max([c.width for c in cells] + [round(LABEL_CELL * scale)]), max(c.height for c in cells)
+    strip = text_size("Ag", f)[1] + max(4, round(5 * scale))
+    out = []
+    for c, lab in zip(cells, labels):
+        im = Image.new("RGB", (cw, ch + strip), BACKGROUND)
+        im.paste(c, ((cw - c.width) // 2, (ch - c.height) // 2))
+        ImageDraw.Draw(im).text((cw // 2, ch + 2), fit_text(lab, f, cw - 2), fill=(30, 30, 30), font=f,
+                                anchor="ma")
+        out.append(im)
+    return out
+
+
+def _wrap(lines: Sequence[str], font, width: int) -> list[str]:
+    """Lines broken at spaces so that each fits `width` px where it can."""
+    from .charts import text_size
+
+    out = []
+    for line in lines:
+        words, cur = line.split(" "), ""
+        for w in words:
+            if cur and text_size(cur + " " + w, font)[0] > width:
+                out.append(cur)
+                cur = w
+            else:
+                cur = f"{cur} {w}" if cur else w
+        out.append(cur)
+    return out
+
+
+def heading(im: Image.Image, title: str | None, alert: str | None = None, scale: float = 1.0,
+            pad: int = 6) -> Image.Image:
+    """im under a title strip: the first line of `title` large, its other lines smaller, then `alert` (in
+    red, e.g. random weights); the strip is as wide as the longest line needs."""
+    from .charts import font, text_size
+
+    room = max(im.width, round(360 * scale)) - 2 * pad  # a small picture's text wraps, not widens it
+    lines = [(ln, f, colour) for text, f, colour in (
+        ((title or "").splitlines()[:1], font(round(16 * scale)), (10, 10, 10)),
+        ((title or "").splitlines()[1:], font(round(13 * scale)), (60, 60, 60)),
+        ((alert or "").splitlines(), font(round(14 * scale)), ALERT)) for ln in _wrap(text, f, room)]
+    if not lines:
+        return im
+    hs = [text_size("Ag" + t, f)[1] + round(4 * scale) for t, f, _ in lines]
+    w = max([im.width] + [text_size(t, f)[0] + 2 * pad for t, f, _ in lines])
+    out = Image.new("RGB", (w, im.height + sum(hs) + 2 * pad), BACKGROUND)
+    d = ImageDraw.Draw(out)
+    y = pad
+    for (t, f, colour), h in zip(lines, hs):
+        d.text((pad, y), t, fill=colour, font=f)
+        y += h
+    out.paste(im, (0, y + pad))
+    out.info.update(im.info)
+    return out
+
+
+def titled_copy(path: str | os.PathLike, title: str, alert: str | None = None, least: int = 320) -> Path:
+    """Rewrite the PNG at `path` (a copy a user asked for with --out) enlarged, by a whole factor with
+    NEAREST, to at least `least` px high, under `title` and `alert`; its PNG text is kept, the title added.
+    A cached picture stays bare: the site and the notebook caption theirs."""
+    with Image.open(path) as im:
+        im.load()
+        text = dict(im.text)
+        up = max(1, -(-least // max(im.height, 1)))
+        big = im.convert("RGB").resize((im.width * up, im.height * up), Image.NEAREST)
+    out = heading(big, title, alert)
+    out.info.update(text)
+    return write_png(path, out, {"title": title, "alert": alert})
+
+
+def contact_sheet(cells: Sequence[Image.Image], labels: Sequence[str], *, title: str | None = None,
+                  alert: str | None = None, cols: int | None = None, scale: float = 1.0,
+                  gap: int = 6) -> Image.Image:
+    """Pictures in a grid, each over its label, under a title (`atlas similar --out`); the title and labels
+    also go into the PNG text."""
+    if not cells:
+        cells, labels = [placeholder(160, 60, "no results")], [""]
+    im = _grid(_labelled(cells, labels, scale), cols or min(5, len(cells)), round(gap * scale))
+    im = heading(im, title, alert, scale)
+    im.info.update(_text({"title": title, "alert": alert, "labels": list(labels)}))
+    return im
 
 
 def panel(projections: Any, patches: Sequence[Any], *, boxes: Sequence[tuple[int, int, int, int]] | None = None,
           image_size: int | None = None, upscale: int | None = None, cols: int | None = None,
           caption: str | None = None, gap: int = 2, text: dict[str, Any] | None = None,
-          display: str = DEFAULT_DISPLAY) -> Image.Image:
+          display: str = DEFAULT_DISPLAY, title: str | None = None, alert: str | None = None,
+          names: Sequence[str] | None = None, scale: float = 1.0) -> Image.Image:
     """The paper's figure 2 panel for one channel: projections (left grid) beside image patches (right).
 
     projections  a `deconv.Projections` (boxes and image size from its meta), or a list of full
                  (3, S, S) maps with `boxes` (unclipped receptive-field boxes) and `image_size`
     patches      per projection: the S x S RGB image it was made from (PIL or uint8 array), the
                  clipped crop of its box, or None when the image file is missing (placeholder)
-    upscale      NEAREST enlargement; default brings small fields to about MIN_CELL px
+    upscale      NEAREST enlargement; default brings small fields to about MIN_CELL px, large ones
+                 down to MAX_CELL px
     cols         grid columns (default ceil(sqrt(k)): 3 x 3 for k = 9)
     caption      optional text strip under the panel
     display      how values become grey levels: a key of `DISPLAYS` (each projection its own scale)
-    The returned image's `info` holds the PNG text (see `write_png`).
+    title        lines above the panel (the first one large); `alert` a red line under them
+    names        per projection, its image's name: with them (and ranks and values in the meta) every
+                 cell is labelled, the projection with "rank R: VALUE", the patch with the name
+    scale        everything larger (cells, text) by this factor, for a slide or a poster
+    The returned image's `info` holds the PNG text (see `write_png`), the title and labels included.
     """
     check_display(display)
-    arrays, bx, s, meta = _entries(projections, boxes, image_size)
+    arrays, bx, s, meta, side = _entries(projections, boxes, image_size)
     if len(patches) != len(arrays):
         raise ValueError(f"{len(arrays)} projections but {len(patches)} patches")
     if not arrays:
         im = placeholder(160, 40, "no projections")
         im.info.update(_text({"display": display, "normalisation": DISPLAYS[display]}, text))
         return im
-    size = max(max(b[2] - b[0], b[3] - b[1]) for b in bx)
-    up = upscale or upscale_for(size)
+    factor = cell_factor(side, upscale, scale)
     cols = cols or math.ceil(math.sqrt(len(arrays)))
     scales = [display_scale(a, _inside(b, s), display) for a, b in zip(arrays, bx)]
-    pcells = [projection_cell(a, b, s, up, full=False, display=display, scale=sc)
+    pcells = [projection_cell(a, b, s, factor, full=False, display=display, scale=sc)
               for a, b, sc in zip(arrays, bx, scales)]
-    icells = [patch_cell(p, b, s, up) for p, b in zip(patches, bx)]
+    icells = [patch_cell(p, b, s, factor) for p, b in zip(patches, bx)]
+    labels = None
+    if names is not None and all("rank" in m and "value" in m for m in meta):
+        from .charts import fmt_num
+
+        labels = [[f"rank {m['rank']}: {fmt_num(float(m['value']), 3)}" for m in meta], [str(n) for n in names]]
+        pcells, icells = _labelled(pcells, labels[0], scale), _labelled(icells, labels[1], scale)
     left, right = _grid(pcells, cols, gap), _grid(icells, cols, gap)
-    sep = max(3 * gap, 6)
+    sep = max(3 * gap, 6, round(12 * scale) if labels else 0)
     im = Image.new("RGB", (left.width + sep + right.width, max(left.height, right.height)), BACKGROUND)
     im.paste(left, (0, 0))
     im.paste(right, (left.width + sep, 0))
     if caption:
         im = _caption(im, caption)
+    im = heading(im, title, alert, scale)
     info: dict[str, Any] = {"display": display, "normalisation": DISPLAYS[display], "outside": OUTSIDE,
-                            "scales": [float(f"{sc:.6g}") for sc in scales], "upscale": up,
-                            "layout": f"left: projections, right: image patches; {cols} columns, rank order"}
+                            "scales": [float(f"{sc:.6g}") for sc in scales], "upscale": _number(factor),
+                            "boxes_shown": [list(b) for b in bx],
+                            "layout": f"left: projections, right: image patches; {cols} columns, rank order",
+                            "title": title, "alert": alert, "labels": labels}
     if meta and meta[0]:
         first = meta[0]
         info.update({k: first[k] for k in ("layer", "channel", "mode", "norm", "method") if k in first})
@@ -341,18 +510,18 @@ def panel(projections: Any, patches: Sequence[Any], *, boxes: Sequence[tuple[int
 def projection_image(projections: Any, i: int, *, box: tuple[int, int, int, int] | None = None,
                      upscale: int | None = None, rank: int | None = None,
                      text: dict[str, Any] | None = None, display: str = DEFAULT_DISPLAY) -> Image.Image:
-    """One projection of a `deconv.Projections` as a picture of its receptive-field box (marked beyond
-    the image), with the PNG text (layer, channel, rank, mode, norm, value, display, normalisation,
+    """One projection of a `deconv.Projections` as a picture of its receptive-field box (`shown_box`: marked
+    beyond the image, or only its part inside), with the PNG text (layer, channel, rank, mode, norm, value, display, normalisation,
     scale: the |v| shown as black or white) in `info`."""
     m = projections.meta[i]
     s = projections.image_size
-    b = box or (tuple(m["rf_box"]) if m["mode"] == "unit" else (0, 0, s, s))
-    up = upscale or upscale_for(max(b[2] - b[0], b[3] - b[1]))
+    full = box or (tuple(m["rf_box"]) if m["mode"] == "unit" else (0, 0, s, s))
+    b, up = shown_box(full, s), cell_factor(field_side([full], s), upscale)
     crop = projections.crop(i, b)
     sc = display_scale(crop, _inside(b, s), display)
     im = projection_cell(crop, b, s, up, full=False, display=display, scale=sc)
     info = {k: m[k] for k in ("layer", "channel", "mode", "norm", "method", "y", "x", "value", "image_id") if k in m}
-    info.update({"rank": rank if rank is not None else m.get("rank"), "box": list(b), "upscale": up,
+    info.update({"rank": rank if rank is not None else m.get("rank"), "box": list(b), "upscale": _number(up),
                  "display": display, "normalisation": DISPLAYS[display], "scale": float(f"{sc:.6g}"),
                  "outside": OUTSIDE})
     im.info.update(_text(info, text))
@@ -360,16 +529,20 @@ def projection_image(projections: Any, i: int, *, box: tuple[int, int, int, int]
 
 
 def filter_grid(conv1_weight: Any, *, cols: int | None = None, upscale: int | None = None, gap: int = 1,
-                caption: str | None = None) -> Image.Image:
+                caption: str | None = None, title: str | None = None, alert: str | None = None,
+                scale: float = 1.0) -> Image.Image:
     """The first layer's filters (C_out, C_in, k, k) as a grid (the paper's figure 6 view), each filter
-    normalised for display by `FILTER_NORMALISATION` (one- or three-channel inputs)."""
+    normalised for display by `FILTER_NORMALISATION` (one- or three-channel inputs); `title` and `alert`
+    above it as on a panel, everything `scale` times larger."""
     w = _array(conv1_weight)
     if w.ndim != 4:
         raise ValueError(f"filter_grid expects a (C_out, C_in, k, k) weight, not shape {w.shape}")
     n, cin, kh, kw = w.shape
     if cin not in (1, 3):
         raise ValueError(f"filter_grid shows RGB or grey filters, not {cin}-channel ones")
-    up = upscale or upscale_for(max(kh, kw), minimum=24, cap=12)
+    # filters are a few pixels: cells of about FILTER_CELL px read on a slide, still crisp (NEAREST)
+    up = max(1, round((upscale or upscale_for(max(kh, kw), minimum=FILTER_CELL, cap=12)) * scale))
+    gap = max(gap, round(gap * scale))
     cols = cols or math.ceil(math.sqrt(n))
     cells = [Image.fromarray(_enlarge(normalise(w[i]), up)) for i in range(n)]
     im = _grid(cells, cols, gap)
@@ -377,8 +550,10 @@ def filter_grid(conv1_weight: Any, *, cols: int | None = None, upscale: int | No
     frame.paste(im, (gap, gap))
     if caption:
         frame = _caption(frame, caption)
+    frame = heading(frame, title, alert, scale)
     frame.info.update(_text({"normalisation": FILTER_NORMALISATION, "filters": n, "kernel": kh,
-                             "layout": f"{cols} columns, filter order", "upscale": up}))
+                             "layout": f"{cols} columns, filter order", "upscale": up,
+                             "title": title, "alert": alert}))
     return frame
 
 

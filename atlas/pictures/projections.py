@@ -6,18 +6,18 @@ the one `Renderer` here, so whichever asks first renders and the others read
 the file. Cache layout (the atlas is immutable once built, so these keys are
 all a picture depends on):
 
-    ATLAS/cache/projections-v2/<weights16>/<mode>-<norm>-<display>/<layer>/<channel>-<rank>.png   projection
+    ATLAS/cache/projections-v3/<weights16>/<mode>-<norm>-<display>/<layer>/<channel>-<rank>.png   projection
                                                                            <channel>-<rank>-patch.png  patch
                                                                            <channel>-panel.png  figure 2 panel
-    ATLAS/cache/projections-v2/<weights16>/filters/<layer>.png
+    ATLAS/cache/projections-v3/<weights16>/filters/<layer>.png
 
 weights16 is the start of the weights file's sha256 (random-seed<N> for a
 randomly initialised model), mode is unit|map, norm how local response
 normalisation is undone (identity: the paper; gradient: its true gradient),
 display how values become grey levels (atlas.pictures.drawing.DISPLAYS: percentile, the
-default, or max), v2 the drawing's version (v1 drew every projection by max|v|
-and hatched the outside in magenta: its pictures are never served now). The
-display rule is written into each PNG's text as well.
+default, or max), v3 the drawing's version (v1 drew every projection by max|v|
+and hatched the outside in magenta, v2 drew fields far larger than the image as
+mostly border, unlabelled: their pictures are never served now). The display rule is written into each PNG's text as well.
 
 Switches: "stored" decodes switches.parquet (enough for unit mode with
 norm=identity); "recompute" runs the images through the model again (needs the
@@ -46,6 +46,7 @@ picture and its incomplete-marker).
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 import weakref
@@ -58,6 +59,7 @@ from .cache import VERSION, PictureCache, cache_root, incomplete, usable
 from ..choices import DEFAULT_DISPLAY, DISPLAYS, METHODS, MODES, NORMS, SWITCHES  # noqa: F401 - re-exported
 
 SWITCH_CACHE_BYTES = 1 << 30
+ANNOUNCE_AFTER_S = 2.0  # a picture not drawn by then is announced on the log (a deep net's can take a minute)
 
 
 
@@ -69,28 +71,34 @@ SWITCH_CACHE_BYTES = 1 << 30
 def show(atlas, layer: str, channel: int, rank: int | None = None, *, mode: str = "unit", norm: str = "identity",
          switches: str = "auto", out: str | os.PathLike | None = None,
          log: Callable[[str], None] | None = None, cache: str | os.PathLike | None = None,
-         display: str = DEFAULT_DISPLAY, method: str = "deconvnet") -> Path:
+         display: str = DEFAULT_DISPLAY, method: str = "deconvnet", scale: float = 1.0,
+         progress: bool | None = None) -> Path:
     """The figure 2 panel of a channel (rank=None) or one projection (rank=R) as a PNG; returns its path.
 
     Rendered on the first request, read from the cache after that (the atlas's, or the per-user one
     when the atlas cannot be written; `cache`: a folder of your choice instead, see `PictureCache`).
     `display`: how values become grey levels, percentile (the default) or max (atlas.pictures.drawing.DISPLAYS).
     With `out` the PNG is also copied there (a folder gets <layer>-<channel>[-<rank>].png). A missing
-    image file is no error: its patch is a placeholder and `log` gets one line saying so.
+    image file is no error: its patch is a placeholder and `log` gets one line saying so. `scale`: the panel's
+    cells and text this many times larger (a separate cache entry), for a slide or a poster. A picture
+    not in the cache takes seconds to a minute (a deep net's model and switches load first): when one
+    takes over ANNOUNCE_AFTER_S, `log` is told what is being drawn, then how long it took (progress
+    None: on a terminal only; True: always; False: never).
 
         >>> a = atlas.open("my-atlas")
-        >>> show(a, "conv5", 17)  # .../cache/projections-v2/<w>/unit-identity-percentile/conv5/17-panel.png
+        >>> show(a, "conv5", 17)  # .../cache/projections-v3/<w>/unit-identity-percentile/conv5/17-panel.png
     """
     _check_options(mode, norm, switches, display, method)
     atlas.check_channel(layer, channel)
     k = int(atlas.manifest["k"])
     if rank is not None and not 0 <= rank < k:
         raise AtlasError(f"rank {rank} is out of range for {layer} channel {channel} (0..{k - 1})")
-    r = renderer(atlas, mode, norm, cache, display, method)
-    target = r.cache.find(f"{r.folder}/{layer}/" + (f"{channel}-panel.png" if rank is None
+    r = renderer(atlas, mode, norm, cache, display, method, scale)
+    target = r.cache.find(f"{r.folder}/{layer}/" + (r.panel_file(channel) if rank is None
                                                      else f"{channel}-{rank}.png"))
     if usable(atlas, target):
-        return _deliver(target, out, layer, channel, rank, suffix="guided" if method == "guided" else "")
+        return _titled(atlas, _deliver(target, out, layer, channel, rank, suffix="guided" if method == "guided"
+                                       else ""), layer, channel, rank, r, out)
     rows = atlas.top(layer, channel)
     if rank is not None and rank not in {t["rank"] for t in rows}:
         have = f"0..{len(rows) - 1}" if rows else "none"
@@ -98,25 +106,72 @@ def show(atlas, layer: str, channel: int, rank: int | None = None, *, mode: str 
     if not rows:
         raise AtlasError(f"{layer} channel {channel} has no top activations to project")
     asked = rows if rank is None else [t for t in rows if t["rank"] == rank]
-    with r.lock:
-        res = r.channels(layer, [channel], {channel: asked}, panel=rank is None, switches=switches)[channel]
+    said = threading.Event()
+
+    def announce():  # only a draw that takes a while is announced: a quick one (or a quick refusal) says nothing
+        said.set()
+        log(f"show: drawing {layer} channel {channel} (not in the picture cache): projecting {len(asked)} top "
+            f"activation{'s' if len(asked) != 1 else ''}" + ("; the model loads first" if cold else ""))
+
+    cold = "lmap" not in vars(atlas)
+    # by default only where someone watches (a terminal): in a log or a pipe, a draw that fails after the
+    # announcement would leave two lines where a refusal is one
+    wanted = progress if progress is not None else sys.stderr.isatty()
+    timer = threading.Timer(ANNOUNCE_AFTER_S, announce) if wanted and log is not None else None
+    t0 = time.perf_counter()
+    if timer is not None and ANNOUNCE_AFTER_S <= 0:
+        timer = None
+        announce()
+    elif timer is not None:
+        timer.daemon = True
+        timer.start()
+    try:
+        with r.lock:
+            res = r.channels(layer, [channel], {channel: asked}, panel=rank is None, switches=switches)[channel]
+    finally:
+        if timer is not None:
+            timer.cancel()
+            timer.join()  # an announcement under way finishes before "drawn in"
+    if said.is_set():
+        log(f"show: drawn in {time.perf_counter() - t0:.1f} s")
     path = res["panel"] if rank is None else res["proj"][0]
     if path is None:
         raise AtlasError(res["error"] or f"could not render {layer} channel {channel}")
     if res["error"] and log is not None and rank is None:
         log(f"Warning: {res['error']}; its patch in the panel is a placeholder")
-    return _deliver(path, out, layer, channel, rank, suffix="guided" if method == "guided" else "")
+    return _titled(atlas, _deliver(path, out, layer, channel, rank, suffix="guided" if method == "guided" else ""),
+                   layer, channel, rank, r, out)
+
+
+def _titled(atlas, copy: Path, layer: str, channel: int, rank: int | None, r: "Renderer", out) -> Path:
+    """A single projection copied out (--rank R --out) titled and enlarged for a slide (a panel is titled
+    already); the cached picture stays bare, the site's cell."""
+    if out is None or rank is None:
+        return copy
+    from ..store.manifest import random_weights
+    from .charts import fmt_num
+    from .drawing import read_text, titled_copy
+
+    t = read_text(copy)
+    m = atlas.manifest["model"]
+    row = next((x for x in atlas.top(layer, channel) if x["rank"] == rank), {})
+    how = "guided backpropagation" if r.method == "guided" else "DeconvNet"
+    value = f", activation {fmt_num(float(t['value']), 3)}" if t.get("value") else ""
+    title = (f"{m['name']}  ·  {layer}  ·  channel {channel}  ·  rank {rank}  ·  {how}\n"
+             f"image {row.get('path', t.get('image_id'))}{value}")
+    return titled_copy(copy, title, random_weights(m))
 
 
 def filters(atlas, layer: str | None = None, out: str | os.PathLike | None = None,
-            cache: str | os.PathLike | None = None) -> Path:
-    """The first conv layer's learned filters as a grid (the paper's figure 6 view); returns the PNG path.
+            cache: str | os.PathLike | None = None, scale: float = 1.0) -> Path:
+    """The first conv layer's learned filters as a grid (the paper's figure 6 view), titled; returns the
+    PNG path. `scale`: cells and text this many times larger.
 
-        >>> filters(atlas.open("my-atlas"))   # .../cache/projections-v2/<w>/filters/conv1.png
+        >>> filters(atlas.open("my-atlas"))   # .../cache/projections-v3/<w>/filters/conv1.png
     """
     geometry = [la["layer"] for la in atlas.manifest.get("geometry", {}).get("layers", []) if la["kind"] == "conv"]
-    r = renderer(atlas, cache=cache)
-    hit = r.cache.find(f"filters/{layer or (geometry or ['-'])[0]}.png")
+    r = renderer(atlas, cache=cache, scale=scale)
+    hit = r.cache.find(r.filters_file(layer or (geometry or ['-'])[0]))
     if hit.is_file():  # without loading the model
         return _deliver(hit, out, hit.stem, None, None, suffix="filters")
     lm = atlas.lmap
@@ -159,12 +214,12 @@ _renderers: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
 
 def renderer(atlas, mode: str = "unit", norm: str = "identity",
              cache: str | os.PathLike | None = None, display: str = DEFAULT_DISPLAY,
-             method: str = "deconvnet") -> "Renderer":
+             method: str = "deconvnet", scale: float = 1.0) -> "Renderer":
     """The renderer of this atlas handle for these settings (kept with the handle, so its slab is reused)."""
     per = _renderers.setdefault(atlas, {})
-    key = (mode, norm, display, method, None if cache is None else str(Path(cache).absolute()))
+    key = (mode, norm, display, method, None if cache is None else str(Path(cache).absolute()), float(scale))
     if key not in per:
-        per[key] = Renderer(atlas, mode, norm, cache, display=display, method=method)
+        per[key] = Renderer(atlas, mode, norm, cache, display=display, method=method, scale=scale)
     return per[key]
 
 
@@ -204,9 +259,12 @@ class Renderer:
     version = VERSION
 
     def __init__(self, atlas, mode: str = "unit", norm: str = "identity", cache: str | os.PathLike | None = None,
-                 *, display: str = DEFAULT_DISPLAY, method: str = "deconvnet"):
+                 *, display: str = DEFAULT_DISPLAY, method: str = "deconvnet", scale: float = 1.0):
         _check_options(mode, norm, "auto", display, method)
+        if not 0.25 <= float(scale) <= 8:
+            raise AtlasError(f"scale {scale:g} is out of range (0.25 to 8)")
         self.a, self.mode, self.norm, self.display, self.method = atlas, mode, norm, display, method
+        self.scale = float(scale)
         # the cache key's settings part (guided backpropagation's pictures apart from DeconvNet's)
         self.folder = f"{mode}-{norm}-{display}" + ("-guided" if method == "guided" else "")
         self.cache = PictureCache(atlas, cache)
@@ -223,6 +281,24 @@ class Renderer:
         self.base = cache_root(atlas)  # the atlas's own cache (pictures may be elsewhere: self.cache)
         self.root = self.base / self.folder
 
+    def panel_file(self, channel: int) -> str:
+        return f"{channel}-panel.png" if self.scale == 1 else f"{channel}-panel-x{self.scale:g}.png"
+
+    def _labels(self, layer: str, channel: int, meta: list[dict]) -> dict[str, Any]:
+        """What a panel says in its pixels: its title, the random-weights line, each patch's image name."""
+        from ..store.manifest import random_weights
+
+        m = self.a.manifest["model"]
+        ids = sorted({int(r["image_id"]) for r in meta})
+        paths = {r["image_id"]: r["path"] for r in self.a.rows(
+            f"SELECT image_id, path FROM images WHERE image_id IN ({', '.join(map(str, ids))})")}
+        how = "guided backpropagation" if self.method == "guided" else "DeconvNet"
+        title = (f"{m['name']}  ·  {layer}  ·  channel {channel}  ·  {how}\n"
+                 f"its top {len(meta)} activations, strongest first: projections ({self.mode} mode, {self.display} "
+                 "display) beside their image patches")
+        return {"title": title, "alert": random_weights(m),
+                "names": [str(paths.get(r["image_id"], f"image {r['image_id']}")) for r in meta]}
+
     # -- what the export and show ask for ------------------------------------------
     def channels(self, layer: str, channels: list[int], tops: dict[int, list[dict[str, Any]]], *,
                  panel: bool = True, switches: str = "auto") -> dict[int, dict[str, Any]]:
@@ -236,7 +312,7 @@ class Renderer:
         find, d = self.cache.find, f"{self.folder}/{layer}"
         for c in channels:
             rows = tops.get(c, [])
-            res = {"panel": find(f"{d}/{c}-panel.png") if rows else None,
+            res = {"panel": find(f"{d}/{self.panel_file(c)}") if rows else None,
                    "proj": [find(f"{d}/{c}-{r['rank']}.png") for r in rows],
                    "patch": [find(f"{d}/{c}-{r['rank']}-patch.png") for r in rows], "error": None,
                    "at": {r["rank"]: i for i, r in enumerate(rows)}}  # rank -> index: rows may be a subset
@@ -262,9 +338,12 @@ class Renderer:
             self.cache.settle({q for o in out.values() for q in [o["panel"], *o["proj"], *o["patch"]]})
         return out
 
+    def filters_file(self, layer: str) -> str:
+        return f"filters/{layer}.png" if self.scale == 1 else f"filters/{layer}-x{self.scale:g}.png"
+
     def filter_grid(self, layer: str) -> Path | None:
         """The layer's filters as a grid, if they are pictures (a first conv layer on RGB or grey)."""
-        p = self.cache.find(f"filters/{layer}.png")
+        p = self.cache.find(self.filters_file(layer))
         if p.is_file():
             return p
         from . import drawing as R
@@ -277,7 +356,13 @@ class Renderer:
         if w is None or w.shape[1] not in (1, 3) or any(m.kind == "conv" and m.index < la.index
                                                          for m in lm.conv_layers):
             return None
-        p = self.cache.put(p, R.filter_grid(w))
+        from ..store.manifest import random_weights
+
+        m = self.a.manifest["model"]
+        n, cin, kh, kw = w.shape
+        title = (f"{m['name']}  ·  {layer}  ·  its {n} learned filters ({kh}x{kw}, "
+                 f"{'RGB' if cin == 3 else 'grey'})\neach filter scaled on its own: 0 is mid-grey")
+        p = self.cache.put(p, R.filter_grid(w, title=title, alert=random_weights(m), scale=self.scale))
         self.rendered += 1
         self.cache.settle({p})
         return p
@@ -388,7 +473,8 @@ class Renderer:
                         for i in idx]
                 sub = D.Projections(P.mode, P.norm, S, meta, [P.windows[i] for i in idx],
                                     [P.origins[i] for i in idx])
-                res["panel"] = self.cache.put(res["panel"], R.panel(sub, patches, display=self.display),
+                res["panel"] = self.cache.put(res["panel"], R.panel(sub, patches, display=self.display,
+                                                                    scale=self.scale, **self._labels(layer, c, meta)),
                                               unavailable=gone)
                 self.rendered += 1
         self.split["drawing_s"] += time.perf_counter() - t
@@ -412,7 +498,8 @@ class Renderer:
         the image is unavailable (the cell is then a placeholder, marked incomplete)."""
         from . import drawing as R
 
-        up = R.upscale_for(max(box[2] - box[0], box[3] - box[1]))
+        S = self.a.lmap.image_size
+        box, up = R.shown_box(box, S), R.cell_factor(R.field_side([box], S))
         self.rendered += 1
         return self.cache.put(path, R.patch_cell(crop, box, self.a.lmap.image_size, up), text=_src(row),
                               unavailable=gone)

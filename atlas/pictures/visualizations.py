@@ -40,8 +40,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import AtlasError
-from .cache import PictureCache, usable
+from .cache import FEATUREVIS_VERSION, PictureCache, usable
 
+SLIDE_SIDE = 320  # px: the least height of a titled copy's picture (--out)
 FOLDER = "featurevis-v1"  # = featurevis.VERSION, repeated so that a cache hit imports no torch
 DEFAULT_STEPS = 512
 BATCH_CPU, BATCH_GPU = 8, 64
@@ -61,7 +62,7 @@ def picture_cache(atlas, cache=None) -> PictureCache:
     st = _handle_state(atlas)
     key = None if cache is None else str(Path(cache).absolute())
     if key not in st["caches"]:
-        st["caches"][key] = PictureCache(atlas, cache)
+        st["caches"][key] = PictureCache(atlas, cache, FEATUREVIS_VERSION)
     return st["caches"][key]
 
 
@@ -288,20 +289,38 @@ def visualize(atlas, layer: str, channels: int | list[int] | None = None, *, ste
 
 
 def visualize_one(atlas, layer: str, channel: int, *, out=None, **options) -> Path:
-    """The picture of one channel (rendered on the first request); with `out`, also copied there (a
+    """The picture of one channel (rendered on the first request); with `out`, also copied there, titled (a
     folder gets <layer>-<channel>-featurevis.png). `atlas.open(p).visualize("conv5", 17)`."""
     rec = visualize(atlas, layer, int(channel), **options)[0]
     png = Path(rec["png"])
     if out is None:
         return png
-    return deliver(png, out, layer, channel)
+    return deliver(png, out, layer, channel, atlas=atlas, record=rec)
 
 
-def deliver(png: Path, out, layer: str, channel: int) -> Path:
-    """A copy at `out` (a folder gets <layer>-<channel>-featurevis.png), as `show --out` makes its copies."""
+def deliver(png: Path, out, layer: str, channel: int, *, atlas=None, record: dict | None = None) -> Path:
+    """A copy at `out` (a folder gets <layer>-<channel>-featurevis.png), as `show --out` makes its copies;
+    given the atlas and the picture's record, the copy carries a title in its pixels (model, layer,
+    channel, recipe, how far it got against the dataset's maximum) and the random-weights line. The cached
+    picture stays bare: the site and the notebook caption it themselves."""
     from .projections import _deliver
 
-    return _deliver(png, out, layer, channel, None, suffix="featurevis")
+    copy = _deliver(png, out, layer, channel, None, suffix="featurevis")
+    if atlas is None or record is None:
+        return copy
+    from ..store.manifest import random_weights
+    from .charts import fmt_num
+    from .drawing import titled_copy
+
+    m = atlas.manifest["model"]
+    r = record
+    what = "the channel" if r.get("objective") != "unit" else f"the unit at ({r.get('unit_y')}, {r.get('unit_x')})"
+    reach = (f"its map reaches {fmt_num(r['map_max'], 3)}, the dataset's best {fmt_num(r['dataset_max'], 3)}"
+             if r.get("map_max") is not None and r.get("dataset_max") is not None else "")
+    title = (f"{m['name']}  ·  {layer}  ·  channel {channel}  ·  feature visualisation\n"
+             f"the image that excites {what} most: {r.get('steps')} steps, seed {r.get('seed')}"
+             + (f"; {reach}" if reach else ""))
+    return titled_copy(copy, title, random_weights(m), SLIDE_SIDE)
 
 
 def cached(atlas, layer: str, channels: list[int], cache=None, *, steps: int | None = None,

@@ -243,3 +243,50 @@ def register_sql(atlas) -> None:
                         "STRUCT(rank INTEGER, layer VARCHAR, channel INTEGER, score FLOAT)[]",
                         null_handling="special", side_effects=True)
     con.execute(SQL_MACROS)
+
+
+SHEET_CELL = 160  # px: the longest side of a result's picture on a contact sheet
+
+
+def contact_sheet(atlas, rows: list[dict[str, Any]], out: str | Path, *, query: str,
+                  layer: str | None = None, scale: float = 1.0) -> Path:
+    """The results of `similar_images` or `similar_channels` as a titled, labelled PNG at `out`: each image,
+    or each channel shown by the image that excites it most, with its rank and score; `query` says what
+    was asked ("image 42", "conv5:17"), `layer` where images were compared."""
+    from PIL import Image
+
+    from ..store.manifest import random_weights
+    from ..pictures.drawing import contact_sheet as sheet, placeholder, write_png
+
+    a = reader(atlas)
+    m = a.manifest["model"]
+    side = round(SHEET_CELL * scale)
+
+    def picture(image_id: int):
+        try:
+            im = a.image(int(image_id))[1].convert("RGB")
+        except AtlasError:
+            return placeholder(side, side)
+        im.thumbnail((side, side), Image.LANCZOS)
+        return im
+
+    channels = bool(rows) and "channel" in rows[0]
+    if not channels and layer is None:
+        layer = _image_index(a, None)[1]  # the default the query used
+    cells, labels = [], []
+    for r in rows:
+        if channels:
+            best = a.top(r["layer"], r["channel"])[:1]
+            cells.append(picture(best[0]["image_id"]) if best else placeholder(side, side, "never fires"))
+            labels.append(f"{r['rank']}: {r['layer']}:{r['channel']}  {r['score']:.3f}")
+        else:
+            cells.append(picture(r["image_id"]))
+            labels.append(f"{r['rank']}: {r['score']:.3f}  {Path(str(r['path'])).name}")
+    if channels:
+        title = (f"{m['name']}  ·  the {len(rows)} channels most like {query}\nby their responses over the "
+                 "dataset's images; each shown by the image that excites it most; under it: rank, channel, "
+                 "cosine similarity")
+    else:
+        title = (f"{m['name']}  ·  the {len(rows)} images most like {query}" + (f" at {layer}" if layer else "")
+                 + "\nunder each: rank, cosine similarity, image (rank 0: the query itself when it is an atlas image)")
+    return write_png(out, sheet(cells, labels, title=title, alert=random_weights(m), scale=scale))

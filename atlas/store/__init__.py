@@ -59,14 +59,24 @@ HASH = re.compile(r"[0-9a-f]{32}")  # images.content_hash: BLAKE2b-128 in hex (a
 
 
 def canned_queries(folder: str = "queries") -> dict[str, tuple[str, str]]:
-    """name -> (description, sql) for the example queries in sql/queries (sql/compare: a comparison's)."""
+    """name -> (description, sql) for the example queries in sql/queries (sql/compare: a comparison's); the
+    description is the whole comment the file opens with, after its "name:"."""
     out = {}
     for f in sorted((SQL_DIR / folder).glob("*.sql")):
         text = f.read_text()
-        first = text.splitlines()[0] if text else ""
-        desc = first.split(":", 1)[1].strip() if first.startswith("--") and ":" in first else ""
-        out[f.stem] = (desc, text)
+        head = []
+        for line in text.splitlines():
+            if not line.startswith("--"):
+                break
+            head.append(line[2:].strip())
+        desc = " ".join(head)
+        out[f.stem] = (desc.split(":", 1)[1].strip() if desc.startswith(f"{f.stem}:") else desc, text)
     return out
+
+
+def query_parameters(sql: str) -> list[str]:
+    """The variables a query reads (getvariable('NAME')): what `atlas sql -q NAME -p NAME=VALUE` sets."""
+    return list(dict.fromkeys(re.findall(r"getvariable\('([A-Za-z_][A-Za-z0-9_]*)'\)", sql)))
 
 
 class AtlasReader:
@@ -451,8 +461,10 @@ class AtlasReader:
 
     def check_layer(self, layer: str) -> None:
         if layer not in self.layer_names:
-            raise AtlasError(f"unknown layer '{layer}' in atlas '{self.path}': recorded layers are "
-                             f"{', '.join(self.layer_names)}")
+            from ..net.layer_base import did_you_mean
+
+            raise AtlasError(f"unknown layer '{layer}' in atlas '{self.path}'{did_you_mean(layer, self.layer_names)}: "
+                             f"recorded layers are {', '.join(self.layer_names)}")
 
     def check_channel(self, layer: str, channel: int) -> None:
         self.check_layer(layer)

@@ -132,3 +132,12 @@ def _agree(m: dict[str, Any]) -> None:
         for name in names:
             if name not in model_layers:
                 raise bad(f"index.{kind}", f"names a layer '{name}' that geometry.layers does not hold")
+
+
+def random_weights(model: dict[str, Any]) -> str | None:
+    """The loud line for an atlas of a randomly initialised model (None for trained weights): its pictures
+    and numbers look plausible and mean nothing about a trained network, so every view says so on top."""
+    if not model.get("random_init"):
+        return None
+    return (f"RANDOM WEIGHTS (seed {model.get('seed', 0)}, no --weights at build): an untrained "
+            f"{model.get('name', 'model')}")

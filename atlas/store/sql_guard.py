@@ -136,7 +136,14 @@ def refusal(root: Path, e: Exception) -> AtlasError:
 
 
 def sql_error(e: Exception) -> AtlasError:
-    return AtlasError(f"SQL error: {str(e).splitlines()[0]}")
+    """DuckDB's error as one line, with the hints it gives under its first line ('Did you mean "channels"?',
+    'Candidate bindings: "max"'), not the query echoed with a caret under it."""
+    said = []
+    for line in str(e).strip().splitlines():
+        if not line.strip() or line.startswith("LINE "):
+            break
+        said.append(line.strip())
+    return AtlasError(f"SQL error: {' '.join(said) or type(e).__name__}")
 
 
 def first_line(e: Exception) -> str:

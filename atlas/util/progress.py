@@ -52,3 +52,14 @@ class Progress:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+STEPS = 8  # batches a reported run is cut into at least, so that progress moves while it runs
+
+
+def reported_batch(batch: int, n: int, progress: "Progress | None") -> int:
+    """A batch size no larger than a STEPS-th of the work while progress is shown: one batch of
+    everything (what the memory budget often allows on a CPU) would report only when it is done."""
+    if progress is None or not progress.enabled:
+        return batch
+    return max(1, min(batch, -(-n // STEPS)))
