@@ -44,7 +44,7 @@ from atlas.build.tables import switch_regions, top_rows, write_activations, writ
 from atlas.data import Record  # noqa: E402
 from atlas.util.files import atomic_write_bytes, atomic_write_json, publish_dir  # noqa: E402
 from atlas.net import LayerMap  # noqa: E402
-from atlas.build.mining import Moments, TopK  # noqa: E402
+from atlas.mining import Moments, TopK  # noqa: E402
 from atlas.models import load_model, preprocessing_for  # noqa: E402
 from atlas.models.registry import model_record  # noqa: E402
 

@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from atlas.build.mining import Moments, TopK, spatial_max
+from atlas.mining import Moments, TopK, spatial_max
 
 
 def brute_topk(values, ids, k):
@@ -69,7 +69,7 @@ def test_spatial_max_is_the_same_in_any_layout_and_dtype():
     whether it is bf16 or float32: ties everywhere, so the position rule is what is tested."""
     import torch
 
-    from atlas.build.mining import spatial_max
+    from atlas.mining import spatial_max
 
     a = torch.randint(0, 4, (8, 16, 13, 11), generator=torch.Generator().manual_seed(0)).float()
     ref_v, ref_p = a.flatten(2).max(dim=2)

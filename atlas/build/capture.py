@@ -3,7 +3,7 @@
 The final top-k (and so which images need switches, and inside which boxes) is known only once every
 chunk is merged. Rather than decode and forward those images a second time, the miner keeps a running
 top-k per layer across the chunks it mines, and for every image that beats a channel's running k-th
-entry (value desc, image id asc: the order of atlas.build.mining) it records the window codes of the pools
+entry (value desc, image id asc: the order of atlas.mining) it records the window codes of the pools
 below inside the bounding box of those channels' maxima. An image in the final top-k of a channel is in
 the top-k of every subset of the images holding it, so it beat the running k-th entry when it was mined:
 the captured boxes hold every final box (the union of fewer units' fields), and cropping them gives the
