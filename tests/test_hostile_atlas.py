@@ -454,8 +454,10 @@ def test_a_link_in_the_cache_never_takes_pictures_outside(base, sandbox):
     (a / "cache").symlink_to(outside)
     assert "outside the atlas folder" in one_line_error("show", a, LAYER, 1)
     (a / "cache").unlink()
-    (a / "cache" / "projections-v2").parent.mkdir()
-    (a / "cache" / "projections-v2").symlink_to(outside)
+    from atlas.pictures.cache import VERSION
+
+    (a / "cache").mkdir()
+    (a / "cache" / VERSION).symlink_to(outside)
     assert "outside the atlas folder" in one_line_error("show", a, LAYER, 1)
     assert list(outside.rglob("*")) == []
 
