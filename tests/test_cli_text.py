@@ -52,6 +52,7 @@ def test_sql_keeps_duckdbs_hints(tiny_atlas):
 def test_consent_flags_come_last_in_every_help():
     consents = {"--trust-code", "--unsafe-full-duckdb", "--overwrite"}
     for name, cmd in main.commands.items():
-        opts = [p for p in cmd.get_params(click.Context(cmd)) if isinstance(p, click.Option) and not p.hidden]
-        flags = [bool(set(p.opts) & consents) for p in opts if "--help" not in p.opts]
+        # cmd.params, not get_params(): a bare Context would make click cache a help option without -h
+        opts = [p for p in cmd.params if isinstance(p, click.Option) and not p.hidden]
+        flags = [bool(set(p.opts) & consents) for p in opts]
         assert flags == sorted(flags), f"atlas {name}: a consent flag before another option"
