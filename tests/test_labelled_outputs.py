@@ -38,7 +38,7 @@ def test_visualize_preview_and_a_titled_copy(tiny_atlas, tmp_path):
     assert row["steps"] == 64
     with Image.open(tmp_path / "v.png") as im:
         assert im.text["atlas.title"].startswith("zfnet-mini  ·  conv2  ·  channel 1  ·  feature visualisation")
-        assert im.height >= 320 and "atlas.pictures.featurevis.recipe" in im.text  # the cached picture's own text kept
+        assert im.height >= 320 and "atlas.featurevis.recipe" in im.text  # the cached picture's own text kept
     assert _top_rows_have_text(tmp_path / "v.png")
     with Image.open(row["png"]) as bare:  # the cached picture stays bare: the site captions it itself
         assert "atlas.title" not in bare.text
