@@ -99,7 +99,8 @@ def test_model_names_lists_ours_torchvisions_and_the_spec_forms():
               "inception_v3", "resnext50_32x4d", "wide_resnet50_2", "squeezenet1_1", "mobilenet_v2",
               "timm:NAME", "FILE.py:FACTORY", "package.module:FACTORY"):
         assert n in names, n
-    assert "resnet50" not in trainable_names() and "vgg16" in trainable_names()
+    trainable = trainable_names()  # ours and every torchvision classifier; never a spec form (code)
+    assert "resnet50" in trainable and "vgg16" in trainable and not any(":" in n for n in trainable)
 
 
 @pytest.mark.parametrize("spec,words", [
