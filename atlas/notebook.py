@@ -78,7 +78,7 @@ def png_data_uri(png: bytes) -> str:
     return f"data:{mime};base64," + base64.b64encode(png).decode("ascii")
 
 
-WEB_QUALITY = 75  # WebP's lossy quality for pictures inside a notebook's HTML: labels and patches stay sharp
+WEB_QUALITY = 55  # WebP's lossy quality inside a notebook's HTML: labels still read (looked at on the demo's panels)
 
 
 def web(png: bytes | None) -> bytes | None:
