@@ -69,7 +69,9 @@ class Floats(click.ParamType):
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="The atlas folder to write.")
 @click.option("--k", type=int, default=9, show_default=True, metavar="N",
               help="Top activations kept per channel (the top-k of the atlas).")
-@layers_option("Layers to record, e.g. conv1,conv3 (default: every conv layer, after its ReLU).")
+@layers_option("Layers to record: conv1..conv5 for the 2012-2014 nets, module paths otherwise (layer3, "
+               "features.8). Default: the model's own, each conv layer of a 2012-2014 net after its ReLU, each "
+               "stage of a modern net (a ResNet's maxpool, layer1..layer4).")
 @batch_size_option("Images per forward pass.", default=64)
 @device_option
 @workers_option
