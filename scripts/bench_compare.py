@@ -66,8 +66,10 @@ def write_atlas(root: Path, n: int, channels: int, values) -> None:
     write_activations(root / "activations" / "layer=conv" / "part-0.parquet", tables())
     atomic_write_json(root / "manifest.json", {
         "format_version": FORMAT_VERSION, "model": {"name": "synthetic"}, "k": 9,
-        "dataset": {"root": "/synthetic", "kind": "folder", "spec": "/synthetic", "count": n},
-        "layers": [{"layer": "conv", "channels": channels}]})
+        "dataset": {"root": "/synthetic", "kind": "flat", "spec": "/synthetic", "count": n},
+        "preprocessing": {"resize": 64, "crop": 64, "mean": [0, 0, 0], "std": [1, 1, 1]},
+        "layers": [{"layer": "conv", "kind": "conv", "channels": channels}],
+        "geometry": {"layers": [{"layer": "conv", "kind": "conv", "channels": channels}], "pools": []}})
 
 
 def generate(where: Path, n: int, channels: int, seed: int = 0) -> tuple[Path, Path]:

@@ -71,7 +71,7 @@ def decode_rate(src, pre, dev, decoder: str, workers: int, batch: int) -> float:
     for _ in inputs(batches[:1]):  # warm-up: the decoder library's (and nvjpeg's) one-time set-up
         pass
     t = time.perf_counter()
-    for x, _, _ in inputs(batches):
+    for x, _, _, _ in inputs(batches):
         pass
     if dev.type == "cuda":
         torch.cuda.synchronize()

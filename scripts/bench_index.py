@@ -355,7 +355,8 @@ def minimal_atlas(root: Path, x: np.ndarray, layer: str = "conv5") -> Path:
                 "dataset": {"count": n, "root": str(root / "no-dataset"), "kind": "flat", "spec": "synthetic"},
                 "preprocessing": {"resize": 256, "crop": 224, "mean": [0, 0, 0], "std": [1, 1, 1]}, "k": 9,
                 "layers": [{"layer": layer, "kind": "conv", "channels": c}],
-                "geometry": {"layers": [{"layer": layer, "kind": "conv", "channels": c}]}, "timings": {}}
+                "geometry": {"layers": [{"layer": layer, "kind": "conv", "channels": c}], "pools": []},
+                "timings": {}}
     (root / "manifest.json").write_text(json.dumps(manifest))
     return root
 

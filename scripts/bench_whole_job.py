@@ -94,7 +94,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--build-args", default="", help="more `atlas build` options, e.g. '--workers 0'")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    ap.add_argument("--smoke", action="store_true", help="seconds: zfnet-mini, 16 images of 64 px, one repeat")
     args = ap.parse_args()
+    if args.smoke:
+        args.model, args.images, args.batch, args.image_size, args.repeats = "zfnet-mini", 16, 8, 64, 1
     n = args.images
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / f"jpegs-{n}"

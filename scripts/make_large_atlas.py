@@ -183,7 +183,7 @@ def write(args: argparse.Namespace) -> None:
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "model": {**model_record(model), "weights": None, "weights_sha256": None, "random_init": True, "seed": 0,
                   "num_classes": lmap.classes(), "classes": None},
-        "dataset": {"spec": "synthetic", "kind": "synthetic", "count": n, "root": "/nonexistent/synthetic",
+        "dataset": {"spec": "synthetic", "kind": "flat", "count": n, "root": "/nonexistent/synthetic",
                     "ok": n, "errors": 0, "classes": [f"class_{c:04d}" for c in range(args.classes)]},
         "preprocessing": preprocessing_for("zfnet"),
         "k": k,
