@@ -192,7 +192,7 @@ def write(args: argparse.Namespace) -> None:
         "switches": {"stored": True, "encoding": f"synthetic: random window offsets for every top-k image of "
                                                  f"{la.name} and channel 0 of the other layers"},
         "activations": True,
-        "options": {"batch_size": SWITCH_BATCH, "chunk_size": 0, "device": "none", "precision": "fp32", "decode": "cpu",
+        "options": {"batch_size": SWITCH_BATCH, "chunk_size": 1024, "device": "none", "precision": "fp32", "decode": "cpu",
                     "ranks": 1},
         "timings": {"mining_s": 0, "switches_s": 0, "write_s": round(time.perf_counter() - t0, 1),
                     "total_s": round(time.perf_counter() - t0, 1), "images_per_s": None},
