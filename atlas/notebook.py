@@ -41,11 +41,19 @@ STYLE = ("<style>.atlas-nb table{border-collapse:collapse;font-size:12px}"
          ".atlas-nb .random-weights{color:#b3261e;font-weight:600;margin:4px 0}</style>")
 
 
-def random_weights_html(atlas) -> str:
-    """The loud line of an atlas of an untrained model, first in its displays ("" for trained weights)."""
+def random_weights_line(atlas) -> str | None:
+    """The loud line of an atlas of an untrained model (None for trained weights)."""
     from .store.manifest import random_weights
 
-    line = random_weights(atlas.manifest["model"])
+    return random_weights(atlas.manifest["model"])
+
+
+def random_weights_html(atlas) -> str:
+    """That line as the first thing in a display ("" for trained weights)."""
+    return _warning_html(random_weights_line(atlas))
+
+
+def _warning_html(line: str | None) -> str:
     return f'<p class="random-weights">{escape(line)}</p>' if line else ""
 
 
@@ -140,14 +148,17 @@ class Table(list):
     """Rows (dicts) that show as an HTML table, thumbnails first, and give their data as Arrow or pandas.
 
     thumbs   {column title: row -> PNG bytes or None}, drawn only when the table is shown
+    warning  a line shown above the table (an atlas of random weights says so on every display)
     """
 
     def __init__(self, rows: Iterable[dict[str, Any]] = (), columns: Sequence[str] | None = None, *,
-                 title: str | None = None, thumbs: dict[str, Callable[[dict], bytes | None]] | None = None):
+                 title: str | None = None, thumbs: dict[str, Callable[[dict], bytes | None]] | None = None,
+                 warning: str | None = None):
         super().__init__(rows)
         self.columns = list(columns) if columns is not None else _columns(self)
         self.title = title
         self.thumbs = dict(thumbs or {})
+        self.warning = warning
 
     def to_arrow(self):
         """A pyarrow Table of the rows (the columns in order; thumbnails are display only)."""
@@ -167,6 +178,10 @@ class Table(list):
         return self.to_arrow().to_pandas()
 
     def _repr_html_(self) -> str:
+        return self._html(with_warning=True)
+
+    def _html(self, with_warning: bool) -> str:
+        """with_warning False: inside a display that has already said it (a channel's top-k)."""
         head = "".join(f"<th>{escape(c)}</th>" for c in [*self.thumbs, *self.columns])
         body = []
         for r in self[:MAX_ROWS]:
@@ -175,7 +190,8 @@ class Table(list):
         more = (f'<p class="muted">{len(self) - MAX_ROWS} more rows: .to_arrow() or .to_pandas() has them all</p>'
                 if len(self) > MAX_ROWS else "")
         title = f"<h3>{escape(self.title)}</h3>" if self.title else ""
-        return (f'{STYLE}<div class="atlas-nb">{title}<table><thead><tr>{head}</tr></thead>'
+        warn = _warning_html(self.warning) if with_warning else ""
+        return (f'{STYLE}<div class="atlas-nb">{warn}{title}<table><thead><tr>{head}</tr></thead>'
                 f'<tbody>{"".join(body)}</tbody></table>{more}'
                 f'<p class="muted">{len(self)} rows</p></div>')
 
@@ -334,7 +350,8 @@ class Channel:
             return make
 
         return Table(rows, title=f"{self.layer} channel {self.channel}: top {len(rows)}",
-                     thumbs={"projection": pic("proj"), "patch": pic("patch")})
+                     thumbs={"projection": pic("proj"), "patch": pic("patch")},
+                     warning=random_weights_line(self.atlas))
 
     @property
     def panel(self) -> Picture:
@@ -381,7 +398,7 @@ class Channel:
         warn = f'<p class="muted">incomplete: {escape(err)}</p>' if err else ""
         return (f'{STYLE}<div class="atlas-nb">{random_weights_html(self.atlas)}{head}'
                 '<div style="display:flex;gap:16px;align-items:flex-start">'
-                f"{kv}<div>{pic}</div></div>{warn}{self.top._repr_html_()}</div>")
+                f"{kv}<div>{pic}</div></div>{warn}{self.top._html(with_warning=False)}</div>")
 
 
 # ---------------------------------------------------------------------------
@@ -393,7 +410,7 @@ def similar_images_table(atlas, rows: list[dict[str, Any]]) -> Table:
         return thumbnail(atlas.image(row["image_id"])[1])
 
     return Table(rows, ["rank", "image_id", "score", "label", "path"], title="similar images",
-                 thumbs={"image": make})
+                 thumbs={"image": make}, warning=random_weights_line(atlas))
 
 
 def similar_channels_table(atlas, rows: list[dict[str, Any]], display: str | None = None) -> Table:
@@ -404,7 +421,7 @@ def similar_channels_table(atlas, rows: list[dict[str, Any]], display: str | Non
         return thumbnail(show(atlas, row["layer"], row["channel"], 0, display=display or DEFAULT_DISPLAY))
 
     return Table(rows, ["rank", "layer", "channel", "score"], title="similar channels",
-                 thumbs={"projection": make})
+                 thumbs={"projection": make}, warning=random_weights_line(atlas))
 
 
 # ---------------------------------------------------------------------------
@@ -422,7 +439,7 @@ def atlas_html(atlas) -> str:
               ("unreadable", ds.get("errors")), ("classes", len(classes) if classes else "unlabelled"),
               ("k", m.get("k")), ("input", m.get("preprocessing", {}).get("note"))])
     cols = ["layer", "channels", "height", "width", "rf_size", "jump", "dead", "mean_fire_rate"]
-    layers = Table(atlas.layers(), cols, title="layers")._repr_html_()
+    layers = Table(atlas.layers(), cols, title="layers")._html(with_warning=False)
     names = analysis_names(atlas)
     an = (f'<p>analyses: {", ".join(escape(n) for n in names)} <span class="muted">(a.analysis(NAME))</span></p>'
           if names else "")
@@ -475,11 +492,12 @@ class Analysis:
 
     @property
     def table(self) -> Table:
+        warning = random_weights_line(self.atlas)
         if not any(self.dir.glob("*.parquet")):
-            return Table([], [], title=f"{self.name}: no table")
+            return Table([], [], title=f"{self.name}: no table", warning=warning)
         where = " WHERE run = ?" if self.run else ""
         rows = self.atlas.rows(f'SELECT * FROM "{self.name}"{where}', [self.run] if self.run else None)
-        return Table(rows, title=f"table {self.name}" + (f", run {self.run}" if self.run else ""))
+        return Table(rows, title=f"table {self.name}" + (f", run {self.run}" if self.run else ""), warning=warning)
 
     def _repr_html_(self) -> str:
         parts = []
@@ -487,16 +505,20 @@ class Analysis:
             figs = self.figures(r)
             if figs:  # the run's figure (it holds its panels: each shown once)
                 parts.append(f"<h3>{escape(self.name)} · run {escape(r)}</h3>{_img(web(figs[0].png()), figs[0].title, natural=True)}")
+        top = random_weights_html(self.atlas)
         try:
-            table = self.table
+            table = self.table._html(with_warning=False)
         except AtlasError as e:
-            return f'{STYLE}<div class="atlas-nb">{"".join(parts)}<p class="muted">{escape(e)}</p></div>'
-        return f'{STYLE}<div class="atlas-nb">{"".join(parts)}{table._repr_html_()}</div>'
+            table = f'<p class="muted">{escape(e)}</p>'
+        return f'{STYLE}<div class="atlas-nb">{top}{"".join(parts)}{table}</div>'
 
 
 class ShowsItsFigure:
     """For an analysis's result (occlude(), invariance(), correspondence()): in a notebook it shows its
     figure and its summary lines; `figure` is the figure as a Picture (None when none was drawn)."""
+
+    # the random-weights line of the atlas it ran on (set by the analysis; None for trained weights)
+    warning: str | None = None
 
     @property
     def figure(self) -> Picture | None:
@@ -513,4 +535,4 @@ class ShowsItsFigure:
         lines = self.summary() if hasattr(self, "summary") else []
         text = "".join(f"<div>{escape(line)}</div>" for line in lines)
         pic = _img(web(fig.png()), fig.title or fig.path.name, natural=True) if fig is not None else ""
-        return f'<div class="atlas-analysis">{pic}{text}</div>'
+        return f'{STYLE}<div class="atlas-nb atlas-analysis">{_warning_html(self.warning)}{pic}{text}</div>'

@@ -58,6 +58,7 @@ from ..errors import AtlasError
 from ..net.runner import Runner
 from ..util.progress import Progress
 from ..notebook import ShowsItsFigure
+from ..store.manifest import random_weights
 from . import common
 from .occluder import check_fill, fill_value
 
@@ -372,6 +373,7 @@ def correspondence(atlas, spec_path: str | Path, *, layers: Sequence[str] | str 
     if coords == "original":
         notes.append("boxes given in original image pixels, mapped through the resize and centre crop")
     res = CorrespondenceResult(run, str(spec_path), names, rows, notes)
+    res.warning = random_weights(atlas.manifest["model"])
     res.table, res.figures = common.keep_run(atlas, "correspondence", run, rows, COLUMNS, store=store,
                                              figures=figures, out=out,
                                              draw=lambda folder: render(entries, parts, folder))

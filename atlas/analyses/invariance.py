@@ -49,6 +49,7 @@ from . import common
 from ..pictures import charts as plotting
 from ..net.runner import Runner
 from ..choices import INVARIANCE_FILLS as FILLS
+from ..store.manifest import random_weights
 
 TRANSFORMS = ("translate", "scale", "rotate")
 UNITS = {"translate": "px", "scale": "factor", "rotate": "degrees"}
@@ -350,6 +351,7 @@ def invariance(atlas, images: Sequence[int | str | Path], *, transforms: Sequenc
     for r in rows:
         r["run"] = run
     res = InvarianceResult(run, keys, names, transforms, rows, notes, charted)
+    res.warning = random_weights(atlas.manifest["model"])
     res.table, res.figures = common.keep_run(atlas, "invariance", run, rows, COLUMNS, store=store,
                                              figures=figures, out=out, draw=lambda folder: render(res, refs, folder))
     res.seconds = time.perf_counter() - t0

@@ -41,6 +41,7 @@ import torch
 from ..errors import AtlasError
 from ..net.runner import Runner
 from ..util.progress import Progress
+from ..store.manifest import random_weights
 from . import common
 from .occluder import check_fill, default_geometry, fill_rgb, fill_value, positions
 from .occlusion_figure import render
@@ -199,6 +200,7 @@ def occlude(atlas, image, *, size: int | None = None, stride: int | None = None,
         projection=projection, class_names=names, fill_rgb=fill_rgb(atlas.preprocess, fill))
     if charted is not None:
         _add_class_maps(res, maps.logits, charted, ref)
+    res.warning = random_weights(atlas.manifest["model"])
     res.dataset_label = ref.label
     lab = f"-{common.slug(str(label), 16)}" if label is not None else ""
     res.run = f"{ref.slug}-{layer}-s{size}-t{stride}-{fill}{lab}"

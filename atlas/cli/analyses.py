@@ -30,8 +30,11 @@ def _plain(v):
     return v
 
 
-def emit(rows: list[dict], summary: list[str], fmt: str | None) -> None:
-    """The summary alone (no --format), or the rows, then the summary (stderr for CSV and JSON)."""
+def emit(rows: list[dict], summary: list[str], fmt: str | None, warning: str | None = None) -> None:
+    """The summary alone (no --format), or the rows, then the summary (stderr for CSV and JSON); an atlas of
+    random weights says so first, on stderr."""
+    if warning:
+        click.echo(warning, err=True)
     if fmt is None:
         click.echo("\n".join(summary))
         return
@@ -84,7 +87,7 @@ def occlude(atlas_path, image, occluder_size, stride, fill, class_name, layer, m
 
     r = run(_open(atlas_path), image, size=occluder_size, stride=stride, fill=fill, label=class_name, layer=layer,
             method=method, batch_size=batch_size, device=device, out=out, progress=progress)
-    emit(r.rows(), r.summary(), fmt)
+    emit(r.rows(), r.summary(), fmt, r.warning)
 
 
 @main.command(context_settings=CONTEXT)
@@ -115,7 +118,7 @@ def invariance(atlas_path, images, transforms, layers, classes, fill, device, ou
 
     r = run(_open(atlas_path), list(images), transforms=tuple(transforms), layers=layers, labels=classes, fill=fill,
             device=device, out=out, progress=progress)
-    emit(r.rows, r.summary(), fmt)
+    emit(r.rows, r.summary(), fmt, r.warning)
 
 
 @main.command(context_settings=CONTEXT)
@@ -150,4 +153,4 @@ def correspondence(atlas_path, spec, layers, random_draws, seed, fill, device, o
 
     r = run(_open(atlas_path), spec, layers=layers, random=random_draws, seed=seed, fill=fill, device=device,
             out=out, progress=progress)
-    emit(r.rows, [r.format_table(), *r.summary()] if fmt is None else r.summary(), fmt)
+    emit(r.rows, [r.format_table(), *r.summary()] if fmt is None else r.summary(), fmt, r.warning)
