@@ -43,6 +43,20 @@ scale_option = click.option(
     "--scale", type=click.FloatRange(0.25, 8), default=1.0, show_default=True, metavar="FACTOR",
     help="Draw the picture this many times larger, cells and text alike (2: for a slide at full width).")
 
+
+def picture_options(f):
+    """What every command that draws one picture takes: where else to write it, its scale, the cache, and how
+    to print what it drew."""
+    for option in reversed((
+            click.option("--out", type=click.Path(path_type=Path),
+                         help="Also write the PNG here, a file or a folder (default: only the picture cache)."),
+            scale_option, cache_option,
+            format_option(default=None, help="Print a row describing the picture, with its path, as an aligned "
+                          "table, CSV or strict JSON  [default: the PNG's path alone]"))):
+        f = option(f)
+    return f
+
+
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_MAX_ROWS = 1000
 
@@ -263,12 +277,7 @@ def top(atlas_path, layer, channel, fmt):
               help="Max-pool switches from the atlas, or recomputed from the image (needs the dataset).")
 @display_option
 @method_option
-@click.option("--out", type=click.Path(path_type=Path),
-              help="Also write the PNG here, a file or a folder (default: only the picture cache).")
-@scale_option
-@cache_option
-@format_option(default=None, help="Print a row describing the picture, with its path, as an aligned table, "
-               "CSV or strict JSON  [default: the PNG's path alone]")
+@picture_options
 @progress_option
 def show(atlas_path, layer, channel, rank, mode, norm, switches, display, method, out, scale, cache, fmt, progress):
     """A channel's DeconvNet projections as a PNG (the paper's figure 2); prints its path (or a row, --format).
@@ -294,12 +303,7 @@ def show(atlas_path, layer, channel, rank, mode, norm, switches, display, method
 @main.command(context_settings=CONTEXT)
 @atlas_argument
 @click.argument("layer", required=False)
-@click.option("--out", type=click.Path(path_type=Path),
-              help="Also write the PNG here, a file or a folder (default: only the picture cache).")
-@scale_option
-@cache_option
-@format_option(default=None, help="Print a row describing the picture, with its path, as an aligned table, "
-               "CSV or strict JSON  [default: the PNG's path alone]")
+@picture_options
 def filters(atlas_path, layer, out, scale, cache, fmt):
     """The first layer's learned filters as a grid PNG (the paper's figure 6 view); prints its path (or a row).
 
