@@ -21,7 +21,7 @@ from atlas.build import build
 from atlas.export import export
 
 from conftest import make_image_folder
-from test_export import make_hostile_folder, xss_channel
+from conftest import xss_channel
 
 pytestmark = pytest.mark.slow  # a real browser / the whole demo: pytest -m 'not slow' skips them
 
@@ -38,13 +38,10 @@ def chromium_binary() -> str | None:
 
 
 @pytest.fixture(scope="module")
-def browser_site(tmp_path_factory):
-    root = tmp_path_factory.mktemp("browser")
-    data = make_hostile_folder(root / "data")
-    path = build("zfnet-mini", str(data), root / "atlas", k=4, batch_size=16, image_size=32, progress=False)
-    c = xss_channel(atlas.open(path))
-    site = root / "site"
-    export(path, site, layers="conv2", channels=sorted({0, 1, c}), progress=False)
+def browser_site(tmp_path_factory, hostile_atlas):
+    c = xss_channel(atlas.open(hostile_atlas))
+    site = tmp_path_factory.mktemp("browser") / "site"
+    export(hostile_atlas, site, layers="conv2", channels=sorted({0, 1, c}), progress=False)
     return site, c
 
 

@@ -72,11 +72,14 @@ def test_switches_reproduce_the_forward_pooling(tiny_atlas):
     assert rows and {r["pool"] for r in rows} == {"pool1", "pool2"}
     assert {r["image_id"] for r in rows} == {r["image_id"] for r in a.rows("SELECT image_id FROM top_activations "
                                                                              "WHERE layer <> 'conv1'")}
+    forward = {}  # an image's pools' switches, one forward pass per image
     for r in rows:
-        with torch.no_grad():
-            # at the atlas's batch size, as the build computed it (README, Determinism)
-            _, sw = a.lmap.extract(ds[r["image_id"]][0][None], ["conv5"], pool_indices=True,
-                                   batch_size=a.manifest["options"]["batch_size"])
+        if r["image_id"] not in forward:
+            with torch.no_grad():
+                # at the atlas's batch size, as the build computed it (README, Determinism)
+                forward[r["image_id"]] = a.lmap.extract(ds[r["image_id"]][0][None], ["conv5"], pool_indices=True,
+                                                        batch_size=a.manifest["options"]["batch_size"])[1]
+        sw = forward[r["image_id"]]
         pool = a.lmap.pool_by_name[r["pool"]]
         reg = SwitchRegion(r["pool"], r["y0"], r["x0"], r["h"], r["w"])
         dec = decode(r["data"], pool.channels, pool.geometry, reg)
@@ -130,9 +133,8 @@ def assert_same_atlas(p, q):
 
 
 @pytest.mark.determinism
-def test_same_inputs_same_atlas(tmp_path, tiny_folder, tiny_atlas):
-    again = build("zfnet-mini", str(tiny_folder), tmp_path / "again", k=4, batch_size=8, image_size=32,
-                  progress=False)
+def test_same_inputs_same_atlas(tiny_atlas, tiny_atlas_again):
+    again = tiny_atlas_again
     assert_same_atlas(tiny_atlas, again)
 
 

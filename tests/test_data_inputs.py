@@ -16,7 +16,7 @@ from atlas.data.inputs import InputBatches, choose_decoder
 from atlas.models import preprocessing_for
 from atlas.deconv.switches import SwitchRegion, decode
 
-from test_datasets import write_cifar
+from test_data_datasets import write_cifar
 
 PRE = preprocessing_for("zfnet-mini", 32)
 
