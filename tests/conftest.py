@@ -71,9 +71,10 @@ def copy_atlas(src: Path, dst: Path, data: Path | None = None) -> Path:
     return dst
 
 
-# Read-only tests share the atlases below, each built once per session into its own folder. A read draws
-# pictures into an atlas's cache as any reader's would (that is the product's shared cache); a test that
-# plants, changes or deletes files in an atlas or its images takes a copy (copy_atlas, own_atlas, small_atlas).
+# Read-only tests share the atlases below, each built once per session into its own folder. A test that
+# writes into an atlas (draws pictures into its cache, stores an analysis run, plants, changes or deletes a
+# file) or into its images takes a copy: own_atlas, copy_atlas(...), small_atlas. The exception is a module
+# built around one atlas and one site (test_export_site.py's hostile_atlas), whose tests share its cache.
 @pytest.fixture(scope="session")
 def tiny_folder(tmp_path_factory) -> Path:
     return make_image_folder(tmp_path_factory.mktemp("tiny") / "data")
@@ -95,6 +96,16 @@ def tiny_atlas_again(tmp_path_factory, tiny_folder) -> Path:
 
     out = tmp_path_factory.mktemp("atlases") / "again"
     return build("zfnet-mini", str(tiny_folder), out, k=4, batch_size=8, image_size=32, progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_atlas_without_activations(tmp_path_factory, tiny_folder) -> Path:
+    """The tiny folder built with --no-activations and --no-index (k = 2): the per-image table left out."""
+    from atlas.build import build
+
+    out = tmp_path_factory.mktemp("atlases") / "noact"
+    return build("zfnet-mini", str(tiny_folder), out, k=2, batch_size=8, image_size=32, activations=False,
+                 index=False, progress=False)
 
 
 @pytest.fixture

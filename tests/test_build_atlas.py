@@ -226,9 +226,8 @@ def test_bad_input_gives_one_clear_line(tmp_path, tiny_folder, tiny_atlas):
     assert "Conversion Error" in one_line_error(["sql", str(tiny_atlas), "SELECT path::INTEGER FROM images"])
 
 
-def test_an_atlas_without_activations_answers_sql(tmp_path, tiny_folder):
-    out = build("zfnet-mini", str(tiny_folder), tmp_path / "noact", k=2, batch_size=8, image_size=32,
-                activations=False, index=False, progress=False)
+def test_an_atlas_without_activations_answers_sql(tiny_atlas_without_activations):
+    out = tiny_atlas_without_activations
     assert not (out / "activations").exists()
     res = CliRunner().invoke(main, ["sql", str(out), "SELECT (SELECT count(*) FROM activations) AS acts, "
                                     "(SELECT count(*) FROM top_activations) AS tops", "--format", "csv"])

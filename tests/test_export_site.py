@@ -213,7 +213,7 @@ def test_second_export_is_a_no_op_and_changes_are_picked_up(hostile_atlas, tmp_p
     assert 'analyses/' not in (out / "index.html").read_text()
 
 
-def test_partial_exports_are_what_was_asked_and_a_new_atlas_replaces(hostile_atlas, tiny_atlas, tmp_path):
+def test_partial_exports_are_what_was_asked_and_a_new_atlas_replaces(hostile_atlas, own_atlas, tmp_path):
     out = tmp_path / "site"
     export(hostile_atlas, out, layers="conv1", channels="0-1,5", progress=False)
     assert sorted(p.name for p in (out / "conv1").glob("*.html")) == ["0.html", "1.html", "5.html", "index.html"]
@@ -230,7 +230,7 @@ def test_partial_exports_are_what_was_asked_and_a_new_atlas_replaces(hostile_atl
     export(hostile_atlas, out, layers="conv1,conv2", channels="0-1,5", progress=False)
     assert (out / "conv1" / "5.html").is_file() and (out / "conv2" / "5.html").is_file()
     # another atlas: the old pages go
-    export(tiny_atlas, out, layers="conv1", max_channels=1, progress=False)
+    export(own_atlas, out, layers="conv1", max_channels=1, progress=False)
     assert not (out / "conv2").exists() and not (out / "conv1" / "5.html").exists()
     assert (out / "conv1" / "0.html").is_file()
     assert not crawl(out)[1]

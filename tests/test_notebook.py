@@ -54,8 +54,8 @@ def test_atlas_summary(tiny_atlas):
     assert str(a.manifest["dataset"]["count"]) in html
 
 
-def test_channel_shows_statistics_panel_and_top_k_with_thumbnails(tiny_atlas):
-    a = atlas.open(tiny_atlas)
+def test_channel_shows_statistics_panel_and_top_k_with_thumbnails(own_atlas):
+    a = atlas.open(own_atlas)
     ch = a.channel("conv3", 3)
     assert set(ch.stats) == {"mean", "std", "max", "fire_rate"}
     html = ch._repr_html_()
@@ -79,8 +79,8 @@ def test_channel_shows_statistics_panel_and_top_k_with_thumbnails(tiny_atlas):
         assert im.size == panel.image().size
 
 
-def test_projection_and_patch(tiny_atlas):
-    a = atlas.open(tiny_atlas)
+def test_projection_and_patch(own_atlas):
+    a = atlas.open(own_atlas)
     ch = a.channel("conv2", 1, display="max")
     pr = ch.projection(1)
     assert pr.path.parent.parent.name == "unit-identity-max" and pr.text["rank"] == "1"
@@ -185,12 +185,12 @@ def test_importing_the_notebook_module_costs_nothing():
     assert out.strip() == "[]", out
 
 
-def test_an_analysis_result_shows_its_figure(tiny_atlas, tmp_path):
+def test_an_analysis_result_shows_its_figure(own_atlas, tmp_path):
     """What occlude() returns displays itself: its figure as PNG bytes that decode, and HTML with the
     figure as a data: URI and its summary lines escaped."""
     from atlas.analyses.occlusion import occlude
 
-    a = atlas.open(tiny_atlas)
+    a = atlas.open(own_atlas)
     res = occlude(a, 0, size=8, stride=8, out=tmp_path / "occ", store=False)
     assert Image.open(io.BytesIO(res._repr_png_())).size == Image.open(res.figures["figure"]).size
     html = res._repr_html_()
@@ -199,10 +199,10 @@ def test_an_analysis_result_shows_its_figure(tiny_atlas, tmp_path):
     assert res.figure.path == res.figures["figure"]
 
 
-def test_a_channel_display_is_light(tiny_atlas):
+def test_a_channel_display_is_light(own_atlas):
     """A saved notebook carries its pictures: a channel's display stays in the tens of KB (WebP inside the
     HTML), its panel shown at its own size so the labels read, while the files on disk stay PNG."""
-    ch = atlas.open(tiny_atlas).channel("conv5", 2)
+    ch = atlas.open(own_atlas).channel("conv5", 2)
     html = ch._repr_html_()
     assert len(html) <= 60_000, len(html)
     assert 'style="max-width:none"' in html
