@@ -72,13 +72,15 @@ def test_switches_reproduce_the_forward_pooling(tiny_atlas):
     assert rows and {r["pool"] for r in rows} == {"pool1", "pool2"}
     assert {r["image_id"] for r in rows} == {r["image_id"] for r in a.rows("SELECT image_id FROM top_activations "
                                                                              "WHERE layer <> 'conv1'")}
-    forward = {}  # an image's pools' switches, one forward pass per image
+    # the forward pass in the build's batches (README, Determinism): every image's pools' switches
+    n, bs = len(src), a.manifest["options"]["batch_size"]
+    forward = {}
+    with torch.no_grad():
+        for b0 in range(0, n, bs):
+            x = torch.stack([ds[i][0] for i in range(b0, min(b0 + bs, n))])
+            _, sw = a.lmap.extract(x, ["conv5"], pool_indices=True, batch_size=bs)
+            forward.update({b0 + j: {p: s[j:j + 1] for p, s in sw.items()} for j in range(len(x))})
     for r in rows:
-        if r["image_id"] not in forward:
-            with torch.no_grad():
-                # at the atlas's batch size, as the build computed it (README, Determinism)
-                forward[r["image_id"]] = a.lmap.extract(ds[r["image_id"]][0][None], ["conv5"], pool_indices=True,
-                                                        batch_size=a.manifest["options"]["batch_size"])[1]
         sw = forward[r["image_id"]]
         pool = a.lmap.pool_by_name[r["pool"]]
         reg = SwitchRegion(r["pool"], r["y0"], r["x0"], r["h"], r["w"])
@@ -90,10 +92,15 @@ def test_switches_reproduce_the_forward_pooling(tiny_atlas):
 
     boxes = {(r["image_id"], r["pool"]): r for r in rows}
     for t in a.rows("SELECT * FROM top_activations WHERE layer <> 'conv1'"):
-        for reg in regions_below(a.lmap, a.lmap.by_name[t["layer"]], t["y"], t["x"]):
-            b = boxes[(t["image_id"], reg.pool)]
+        regions = regions_below(a.lmap, a.lmap.by_name[t["layer"]], t["y"], t["x"])
+        assert {reg.pool for reg in regions} == set(a.lmap.by_name[t["layer"]].pools_below)
+        for reg in regions:
+            b = boxes[(t["image_id"], reg.pool)]  # a stored box for each pool below, for every unit
             assert b["y0"] <= reg.y0 and reg.y0 + reg.h <= b["y0"] + b["h"]
             assert b["x0"] <= reg.x0 and reg.x0 + reg.w <= b["x0"] + b["w"]
+    # ... and the reader hands them out (a unit per layer and rank: each call reads the table again)
+    for t in a.rows("SELECT DISTINCT ON (layer, rank) layer, channel, rank FROM top_activations "
+                    "WHERE layer <> 'conv1' ORDER BY layer, rank, channel"):
         assert set(a.switches(t["layer"], t["channel"], t["rank"])) == set(a.lmap.by_name[t["layer"]].pools_below)
 
 
