@@ -10,7 +10,6 @@ import re
 import os
 import shutil
 import tempfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -131,7 +130,7 @@ def test_click_through_from_file_url(browser_site, browser):
     page.close()
 
 
-def test_sort_and_filter_in_the_page(browser_site, browser):
+def test_sort_and_filter_in_the_page(browser_site, browser, hostile_atlas):
     site, c = browser_site
     page = browser.new_page()
     ev = watch(page)
@@ -141,7 +140,7 @@ def test_sort_and_filter_in_the_page(browser_site, browser):
         return page.evaluate("""() => Array.from(document.querySelectorAll('#tiles .tile'))
             .filter(t => !t.classList.contains('hidden')).map(t => +t.dataset.channel)""")
 
-    a = atlas.open(Path(site).parent / "atlas")
+    a = atlas.open(hostile_atlas)  # the atlas the site was exported from
     stats = a.rows("SELECT channel, max, fire_rate FROM channels WHERE layer = 'conv2'")
     page.select_option("#sort", "-max")
     by_max = [s["channel"] for s in sorted(stats, key=lambda s: (-s["max"], s["channel"]))]
