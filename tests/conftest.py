@@ -73,8 +73,9 @@ def copy_atlas(src: Path, dst: Path, data: Path | None = None) -> Path:
 
 # Read-only tests share the atlases below, each built once per session into its own folder. A test that
 # writes into an atlas (draws pictures into its cache, stores an analysis run, plants, changes or deletes a
-# file) or into its images takes a copy: own_atlas, copy_atlas(...), small_atlas. The exception is a module
-# built around one atlas and one site (test_export_site.py's hostile_atlas), whose tests share its cache.
+# file) or into its images takes a copy: own_atlas, copy_atlas(...), small_atlas. The exception is
+# hostile_atlas, which the site tests (test_export_site.py, test_export_browser.py) export from: they share
+# its picture cache, as two exports of one atlas do.
 @pytest.fixture(scope="session")
 def tiny_folder(tmp_path_factory) -> Path:
     return make_image_folder(tmp_path_factory.mktemp("tiny") / "data")
