@@ -1,6 +1,6 @@
 """`atlas train`, `atlas evolution` and `atlas compare-filters` through the real CLI (small data, CPU).
 
-The recipe, resume exactness and learning are asserted at library level in test_train.py; here: the
+The recipe, resume exactness and learning are asserted at library level in test_train_recipe.py; here: the
 flags reach train(), the files a run leaves, the commands' output, and one line per bad input."""
 import csv
 import io
@@ -105,10 +105,17 @@ def test_resume_through_the_cli(run, shapes, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in b)
 
 
-def test_build_loads_the_final_weights(run, shapes, tmp_path):
+@pytest.fixture(scope="module")
+def run_atlas(run, shapes, tmp_path_factory) -> Path:
+    """An atlas of the run's final weights, built through the CLI (conv1 only: all the tests below read)."""
     res = cli("build", "--model", "zfnet-mini", "--weights", run / "final.pt", "--data", shapes,
-              "--out", tmp_path / "atlas", "--k", 2, "--image-size", 32, "--no-progress")
-    m = json.loads((Path(res.stdout.strip()) / "manifest.json").read_text())
+              "--out", tmp_path_factory.mktemp("cli_atlas") / "atlas", "--k", 2, "--image-size", 32,
+              "--layers", "conv1", "--no-progress")
+    return Path(res.stdout.strip())
+
+
+def test_build_loads_the_final_weights(run, run_atlas):
+    m = json.loads((run_atlas / "manifest.json").read_text())
     assert m["model"]["weights"] == str((run / "final.pt").resolve()) and not m["model"]["random_init"]
 
 
@@ -134,10 +141,8 @@ def test_evolution_grid_and_table(run):
     assert out[-1] == str(png) and read_grid(png)["rows"] == 2
 
 
-def test_the_exported_site_shows_the_linked_runs_evolution(run, shapes, tmp_path):
-    atlas_dir = Path(cli("build", "--model", "zfnet-mini", "--weights", run / "final.pt", "--data", shapes,
-                         "--out", tmp_path / "atlas", "--k", 2, "--image-size", 32, "--layers", "conv1",
-                         "--no-progress").stdout.strip())
+def test_the_exported_site_shows_the_linked_runs_evolution(run, run_atlas, tmp_path):
+    atlas_dir = run_atlas
     site = tmp_path / "site"
     cli("export", atlas_dir, site, "--max-channels", 1, "--no-progress")
     assert "analyses/evolution.html" not in (site / "index.html").read_text()  # no figure yet

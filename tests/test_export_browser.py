@@ -10,7 +10,6 @@ import re
 import os
 import shutil
 import tempfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,7 +20,7 @@ from atlas.build import build
 from atlas.export import export
 
 from conftest import make_image_folder
-from test_export import make_hostile_folder, xss_channel
+from conftest import xss_channel
 
 pytestmark = pytest.mark.slow  # a real browser / the whole demo: pytest -m 'not slow' skips them
 
@@ -38,13 +37,10 @@ def chromium_binary() -> str | None:
 
 
 @pytest.fixture(scope="module")
-def browser_site(tmp_path_factory):
-    root = tmp_path_factory.mktemp("browser")
-    data = make_hostile_folder(root / "data")
-    path = build("zfnet-mini", str(data), root / "atlas", k=4, batch_size=16, image_size=32, progress=False)
-    c = xss_channel(atlas.open(path))
-    site = root / "site"
-    export(path, site, layers="conv2", channels=sorted({0, 1, c}), progress=False)
+def browser_site(tmp_path_factory, hostile_atlas):
+    c = xss_channel(atlas.open(hostile_atlas))
+    site = tmp_path_factory.mktemp("browser") / "site"
+    export(hostile_atlas, site, layers="conv2", channels=sorted({0, 1, c}), progress=False)
     return site, c
 
 
@@ -134,7 +130,7 @@ def test_click_through_from_file_url(browser_site, browser):
     page.close()
 
 
-def test_sort_and_filter_in_the_page(browser_site, browser):
+def test_sort_and_filter_in_the_page(browser_site, browser, hostile_atlas):
     site, c = browser_site
     page = browser.new_page()
     ev = watch(page)
@@ -144,7 +140,7 @@ def test_sort_and_filter_in_the_page(browser_site, browser):
         return page.evaluate("""() => Array.from(document.querySelectorAll('#tiles .tile'))
             .filter(t => !t.classList.contains('hidden')).map(t => +t.dataset.channel)""")
 
-    a = atlas.open(Path(site).parent / "atlas")
+    a = atlas.open(hostile_atlas)  # the atlas the site was exported from
     stats = a.rows("SELECT channel, max, fire_rate FROM channels WHERE layer = 'conv2'")
     page.select_option("#sort", "-max")
     by_max = [s["channel"] for s in sorted(stats, key=lambda s: (-s["max"], s["channel"]))]

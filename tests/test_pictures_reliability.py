@@ -20,7 +20,7 @@ from atlas.cli import main
 from atlas.export import export
 from atlas.util.lock import lock_path, writer_lock
 
-from test_export import crawl
+from test_export_site import crawl
 from cli_helpers import same_picture
 
 STATE = ".atlas-export.json"
@@ -363,7 +363,7 @@ def test_a_second_export_of_a_site_is_refused_while_one_runs(writable, tmp_path)
 # a site is what the last export asked for
 # ---------------------------------------------------------------------------
 def _links(page: Path) -> set[str]:
-    from test_export import Links
+    from test_export_site import Links
 
     p = Links()
     p.feed(page.read_text())
@@ -409,17 +409,27 @@ def test_a_re_export_makes_the_site_what_was_asked(writable, tmp_path):
 BROKEN = ["red/broken <b>&.png", "green/empty.png", "blue/truncated.jpg"]
 
 
-@pytest.fixture
-def broken(tmp_path):
-    """An atlas over a folder of its own with three unreadable files (one with a hostile name)."""
+@pytest.fixture(scope="module")
+def _broken_built(tmp_path_factory):
     from conftest import make_image_folder
 
-    data = make_image_folder(tmp_path / "data", per_class=4)
+    root = tmp_path_factory.mktemp("broken")
+    data = make_image_folder(root / "data", per_class=4)
     (data / BROKEN[0]).write_bytes(b"not a png at all")
     (data / BROKEN[1]).write_bytes(b"")
     (data / BROKEN[2]).write_bytes(b"\xff\xd8\xff\xe0" + b"\0" * 20)
-    path = build("zfnet-mini", str(data), tmp_path / "atlas", k=3, batch_size=16, image_size=32, progress=False)
+    path = build("zfnet-mini", str(data), root / "atlas", k=3, batch_size=16, image_size=32, progress=False)
     return path, data
+
+
+@pytest.fixture
+def broken(_broken_built, tmp_path):
+    """(atlas, data): an atlas over a folder of its own with three unreadable files (one with a hostile
+    name); a copy of both for each test (one deletes the folder)."""
+    from conftest import copy_atlas
+
+    path, data = _broken_built
+    return copy_atlas(path, tmp_path / "atlas", data=data), tmp_path / "data"
 
 
 def test_the_index_lists_the_unreadable_images(broken, tmp_path):

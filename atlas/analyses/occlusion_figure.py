@@ -127,7 +127,7 @@ def _label_map_panel(res: OcclusionResult):
 
 # The panels (a) to (e), in the paper's order: the order figure.png sets them side by side and the order
 # the exported page lists their files in (atlas/export/gather.py repeats it, so that the export does not
-# import torch for it; tests/test_display.py holds the two equal).
+# import torch for it; tests/test_pictures_display.py holds the two equal).
 PANELS = OCCLUSION_PANELS
 
 

@@ -33,7 +33,7 @@ Determinism: every image has its own random stream (a torch.Generator seeded fro
 image)), from which its initial spectrum and every transformation are drawn; the loss is summed over
 the batch, so an image's gradient is its own; and the batch is padded to the recipe's fixed batch size,
 so the kernels see the same shapes. The same request therefore gives the same bytes whether a channel
-is optimized alone or in a batch of its layer (tests/test_featurevis.py checks it).
+is optimized alone or in a batch of its layer (tests/test_pictures_featurevis.py checks it).
 """
 from __future__ import annotations
 

@@ -34,7 +34,7 @@ scripts/bench_index.py's, in the README.
 Everything is deterministic: the training sample is drawn from a seeded
 generator, the k-means uses the same seed (`ClusteringParameters.seed`), and
 vectors are added in input order, so the same inputs give byte-identical
-index files (tests/test_index.py checks this, with 1 and 2 threads).
+index files (tests/test_search_faiss_index.py checks this, with 1 and 2 threads).
 """
 from __future__ import annotations
 

@@ -276,7 +276,7 @@ def _forward_vectors(a: AtlasReader, src, names: list[str], image_ids: np.ndarra
     and chunk size and precision, an image the build could not read as the build's zeros), each padded to
     the full batch size: then this pass computes the numbers the build computed, bit for bit on the same
     machine. A pass over a sample only keeps the sampled images of each batch (same shape, other rows:
-    tests/test_determinism.py checks that this too gives the build's files).
+    tests/test_build_determinism.py checks that this too gives the build's files).
     Each layer keeps only its own images (a layer wanted for channel profiles only keeps the 4,096-image
     sample, not a vector per image), written in place into one array per layer: no list of parts and
     no concatenated copy of them (fc7 at 1M images is 8 GB).

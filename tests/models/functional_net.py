@@ -1,7 +1,7 @@
 """A user's own model, as people write them: ReLUs applied functionally (F.relu, torch.relu, x.relu(),
 an in-place relu_), a residual add, a max-pool and a classifier head, and no `features` Sequential.
 
-Loaded by spec, `tests/models/functional_net.py:make_model` (tests/test_model_sources.py); the atlas must
+Loaded by spec, `tests/models/functional_net.py:make_model` (tests/test_models_sources.py); the atlas must
 handle it through the graph of its forward, not through a list of modules.
 """
 import torch

@@ -174,10 +174,9 @@ def test_images_pair_by_content_hash_across_differently_named_datasets(twins, tm
         assert live and all(r["channel_b"] == inverse[r["channel_a"]] and r["corr"] > 0.9999 for r in live)
 
 
-def test_an_atlas_without_per_image_statistics_is_refused(twins, tmp_path, tiny_folder):
+def test_an_atlas_without_per_image_statistics_is_refused(twins, tmp_path, tiny_atlas_without_activations):
     root, a, _, _ = twins
-    bare = build("zfnet-mini", str(tiny_folder), tmp_path / "bare", weights=str(root / "a.pt"), k=2, batch_size=12,
-                 image_size=32, progress=False, index=False, activations=False)
+    bare = tiny_atlas_without_activations  # the same images, built with --no-activations
     with pytest.raises(AtlasError, match="no per-image statistics for conv1 .*--no-activations"):
         compare(a, bare, tmp_path / "cmp", progress=False)
     assert not (tmp_path / "cmp").exists()

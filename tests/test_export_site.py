@@ -6,52 +6,15 @@ from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-import numpy as np
 import pytest
 from PIL import Image
 
 import atlas
-from atlas.build import build
 from atlas.errors import AtlasError
 from atlas.export import export, parse_channels
+from conftest import XSS_FILE, XSS_LABEL, copy_atlas, xss_channel
 
-XSS_FILE = "<img src=x onerror=window.__xss=1>.png"
-XSS_LABEL = "Tom's \"cats\" & <dogs onmouseover=window.__xss=2>"
 STATE = ".atlas-export.json"
-
-
-def make_hostile_folder(root: Path, per_class: int = 8, size=(40, 36)) -> Path:
-    """A tiny ImageFolder whose names are attacks: a label with quotes, ampersand and a tag, a file named
-    like an <img> with an onerror handler. The hostile images are bright so they rank high."""
-    rng = np.random.default_rng(1)
-    classes = {"plain": (40, 200, 60), XSS_LABEL: (230, 230, 30), "b&w": (200, 200, 200)}
-    for ci, (name, colour) in enumerate(classes.items()):
-        d = root / name
-        d.mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            arr = rng.integers(0, 80, (size[1], size[0], 3), dtype=np.uint8)
-            y, x = rng.integers(0, size[1] // 2), rng.integers(0, size[0] // 2)
-            arr[y:y + size[1] // 2, x:x + size[0] // 2] = colour
-            Image.fromarray(arr).save(d / f"img_{i:02d}.png")
-    arr = np.full((size[1], size[0], 3), 255, np.uint8)
-    arr[::2, ::2] = 0
-    Image.fromarray(arr).save(root / XSS_LABEL / XSS_FILE)
-    return root
-
-
-@pytest.fixture(scope="module")
-def hostile_atlas(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("hostile")
-    data = make_hostile_folder(root / "data")
-    return build("zfnet-mini", str(data), root / "atlas", k=4, batch_size=16, image_size=32, progress=False)
-
-
-def xss_channel(a, layer="conv2"):
-    """A channel of `layer` whose top-k holds the hostile file (there is one: the file is a loud pattern)."""
-    rows = a.rows("SELECT t.channel FROM top_activations t JOIN images i USING (image_id) "
-                  "WHERE t.layer = ? AND i.path LIKE ? ORDER BY t.rank, t.channel", [layer, "%onerror%"])
-    assert rows, "the hostile image is in no top-k"
-    return rows[0]["channel"]
 
 
 @pytest.fixture(scope="module")
@@ -204,6 +167,7 @@ def test_numbers_match_the_sql_shown(site, hostile_atlas):
 
 
 def test_second_export_is_a_no_op_and_changes_are_picked_up(hostile_atlas, tmp_path):
+    hostile_atlas = copy_atlas(hostile_atlas, tmp_path / "atlas")  # an analysis is planted in it below
     out = tmp_path / "site"
     export(hostile_atlas, out, layers=["conv1", "conv3"], max_channels=2, progress=False)
     st = json.loads((out / STATE).read_text())
@@ -249,7 +213,7 @@ def test_second_export_is_a_no_op_and_changes_are_picked_up(hostile_atlas, tmp_p
     assert 'analyses/' not in (out / "index.html").read_text()
 
 
-def test_partial_exports_are_what_was_asked_and_a_new_atlas_replaces(hostile_atlas, tiny_atlas, tmp_path):
+def test_partial_exports_are_what_was_asked_and_a_new_atlas_replaces(hostile_atlas, own_atlas, tmp_path):
     out = tmp_path / "site"
     export(hostile_atlas, out, layers="conv1", channels="0-1,5", progress=False)
     assert sorted(p.name for p in (out / "conv1").glob("*.html")) == ["0.html", "1.html", "5.html", "index.html"]
@@ -266,7 +230,7 @@ def test_partial_exports_are_what_was_asked_and_a_new_atlas_replaces(hostile_atl
     export(hostile_atlas, out, layers="conv1,conv2", channels="0-1,5", progress=False)
     assert (out / "conv1" / "5.html").is_file() and (out / "conv2" / "5.html").is_file()
     # another atlas: the old pages go
-    export(tiny_atlas, out, layers="conv1", max_channels=1, progress=False)
+    export(own_atlas, out, layers="conv1", max_channels=1, progress=False)
     assert not (out / "conv2").exists() and not (out / "conv1" / "5.html").exists()
     assert (out / "conv1" / "0.html").is_file()
     assert not crawl(out)[1]
@@ -298,11 +262,8 @@ def test_progress_and_log(hostile_atlas, tmp_path, capsys):
     assert msgs and "site written to" in msgs[-1]
 
 
-def test_a_missing_image_gives_a_placeholder_not_a_broken_site(tmp_path):
-    from conftest import make_image_folder
-
-    data = make_image_folder(tmp_path / "data", per_class=4)
-    path = build("zfnet-mini", str(data), tmp_path / "atlas", k=3, batch_size=16, image_size=32, progress=False)
+def test_a_missing_image_gives_a_placeholder_not_a_broken_site(small_atlas, tmp_path):
+    path, data = small_atlas
     a = atlas.open(path)
     top = a.rows("SELECT t.channel, i.path FROM top_activations t JOIN images i USING (image_id) "
                  "WHERE t.layer = 'conv2' AND t.rank = 0 ORDER BY t.channel LIMIT 1")[0]

@@ -201,7 +201,7 @@ def test_a_model_that_cannot_be_traced_says_where():
                 return self.conv(x)
             return x
 
-    with pytest.raises(AtlasError, match=r"cannot trace model Branchy with torch.fx at .*test_graph_models.py:\d+"):
+    with pytest.raises(AtlasError, match=r"cannot trace model Branchy with torch.fx at .*test_net_graph_models.py:\d+"):
         LayerMap(Branchy(), 16)
 
 

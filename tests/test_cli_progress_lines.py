@@ -11,25 +11,25 @@ def _lines(res, word):
     return [ln for ln in res.stderr.splitlines() if ln.startswith(word + ":")]
 
 
-def test_occlude_counts_its_positions(tiny_atlas):
-    res, text = run("occlude", tiny_atlas, "3", "--occluder-size", "8", "--stride", "4")
+def test_occlude_counts_its_positions(own_atlas):
+    res, text = run("occlude", own_atlas, "3", "--occluder-size", "8", "--stride", "4")
     assert res.exit_code == 0, text
     last = _lines(res, "occlude")[-1]
     n = int(re.match(r"occlude: (\d+)/(\d+) positions", last).group(1))
     assert last.startswith(f"occlude: {n}/{n} positions") and "ETA" in last
-    quiet, _ = run("occlude", tiny_atlas, "3", "--occluder-size", "8", "--stride", "4", "--no-progress")
+    quiet, _ = run("occlude", own_atlas, "3", "--occluder-size", "8", "--stride", "4", "--no-progress")
     assert quiet.exit_code == 0 and not _lines(quiet, "occlude")
 
 
-def test_invariance_and_correspondence_count_their_inputs(tiny_atlas, tiny_folder, tmp_path):
-    res, text = run("invariance", tiny_atlas, "0", "--transforms", "rotate")
+def test_invariance_and_correspondence_count_their_inputs(own_atlas, tiny_folder, tmp_path):
+    res, text = run("invariance", own_atlas, "0", "--transforms", "rotate")
     assert res.exit_code == 0, text
     assert re.match(r"invariance: (\d+)/\1 inputs", _lines(res, "invariance")[-1])
     for name in ("a.png", "b.png"):
         shutil.copy(tiny_folder / "green" / "green_002.png", tmp_path / name)
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps({"images": [{"image": n, "parts": {"eye": [4, 6, 12, 14]}} for n in ("a.png", "b.png")]}))
-    res, text = run("correspondence", tiny_atlas, "--images", spec, "--random", "2")
+    res, text = run("correspondence", own_atlas, "--images", spec, "--random", "2")
     assert res.exit_code == 0, text
     assert re.match(r"correspondence: (\d+)/\1 inputs", _lines(res, "correspondence")[-1])
 

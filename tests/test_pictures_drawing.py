@@ -25,7 +25,7 @@ def _is_hatch(px):
 # normalisation
 # ---------------------------------------------------------------------------
 def test_normalisation_is_centred_on_grey_and_symmetric():
-    # the max display (the percentile one, the default, is tested in test_display.py)
+    # the max display (the percentile one, the default, is tested in test_pictures_display.py)
     v = np.zeros((3, 2, 3), np.float32)
     v[0, 0, 0], v[1, 0, 1], v[2, 1, 2] = 4.0, -4.0, 1.0
     out = R.normalise(v, display="max")

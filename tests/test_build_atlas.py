@@ -72,11 +72,16 @@ def test_switches_reproduce_the_forward_pooling(tiny_atlas):
     assert rows and {r["pool"] for r in rows} == {"pool1", "pool2"}
     assert {r["image_id"] for r in rows} == {r["image_id"] for r in a.rows("SELECT image_id FROM top_activations "
                                                                              "WHERE layer <> 'conv1'")}
+    # the forward pass in the build's batches (README, Determinism): every image's pools' switches
+    n, bs = len(src), a.manifest["options"]["batch_size"]
+    forward = {}
+    with torch.no_grad():
+        for b0 in range(0, n, bs):
+            x = torch.stack([ds[i][0] for i in range(b0, min(b0 + bs, n))])
+            _, sw = a.lmap.extract(x, ["conv5"], pool_indices=True, batch_size=bs)
+            forward.update({b0 + j: {p: s[j:j + 1] for p, s in sw.items()} for j in range(len(x))})
     for r in rows:
-        with torch.no_grad():
-            # at the atlas's batch size, as the build computed it (README, Determinism)
-            _, sw = a.lmap.extract(ds[r["image_id"]][0][None], ["conv5"], pool_indices=True,
-                                   batch_size=a.manifest["options"]["batch_size"])
+        sw = forward[r["image_id"]]
         pool = a.lmap.pool_by_name[r["pool"]]
         reg = SwitchRegion(r["pool"], r["y0"], r["x0"], r["h"], r["w"])
         dec = decode(r["data"], pool.channels, pool.geometry, reg)
@@ -87,10 +92,15 @@ def test_switches_reproduce_the_forward_pooling(tiny_atlas):
 
     boxes = {(r["image_id"], r["pool"]): r for r in rows}
     for t in a.rows("SELECT * FROM top_activations WHERE layer <> 'conv1'"):
-        for reg in regions_below(a.lmap, a.lmap.by_name[t["layer"]], t["y"], t["x"]):
-            b = boxes[(t["image_id"], reg.pool)]
+        regions = regions_below(a.lmap, a.lmap.by_name[t["layer"]], t["y"], t["x"])
+        assert {reg.pool for reg in regions} == set(a.lmap.by_name[t["layer"]].pools_below)
+        for reg in regions:
+            b = boxes[(t["image_id"], reg.pool)]  # a stored box for each pool below, for every unit
             assert b["y0"] <= reg.y0 and reg.y0 + reg.h <= b["y0"] + b["h"]
             assert b["x0"] <= reg.x0 and reg.x0 + reg.w <= b["x0"] + b["w"]
+    # ... and the reader hands them out (a unit per layer and rank: each call reads the table again)
+    for t in a.rows("SELECT DISTINCT ON (layer, rank) layer, channel, rank FROM top_activations "
+                    "WHERE layer <> 'conv1' ORDER BY layer, rank, channel"):
         assert set(a.switches(t["layer"], t["channel"], t["rank"])) == set(a.lmap.by_name[t["layer"]].pools_below)
 
 
@@ -130,9 +140,8 @@ def assert_same_atlas(p, q):
 
 
 @pytest.mark.determinism
-def test_same_inputs_same_atlas(tmp_path, tiny_folder, tiny_atlas):
-    again = build("zfnet-mini", str(tiny_folder), tmp_path / "again", k=4, batch_size=8, image_size=32,
-                  progress=False)
+def test_same_inputs_same_atlas(tiny_atlas, tiny_atlas_again):
+    again = tiny_atlas_again
     assert_same_atlas(tiny_atlas, again)
 
 
@@ -224,9 +233,8 @@ def test_bad_input_gives_one_clear_line(tmp_path, tiny_folder, tiny_atlas):
     assert "Conversion Error" in one_line_error(["sql", str(tiny_atlas), "SELECT path::INTEGER FROM images"])
 
 
-def test_an_atlas_without_activations_answers_sql(tmp_path, tiny_folder):
-    out = build("zfnet-mini", str(tiny_folder), tmp_path / "noact", k=2, batch_size=8, image_size=32,
-                activations=False, index=False, progress=False)
+def test_an_atlas_without_activations_answers_sql(tiny_atlas_without_activations):
+    out = tiny_atlas_without_activations
     assert not (out / "activations").exists()
     res = CliRunner().invoke(main, ["sql", str(out), "SELECT (SELECT count(*) FROM activations) AS acts, "
                                     "(SELECT count(*) FROM top_activations) AS tops", "--format", "csv"])

@@ -16,7 +16,7 @@ from atlas.data.inputs import InputBatches, choose_decoder
 from atlas.models import preprocessing_for
 from atlas.deconv.switches import SwitchRegion, decode
 
-from test_datasets import write_cifar
+from test_data_datasets import write_cifar
 
 PRE = preprocessing_for("zfnet-mini", 32)
 
@@ -78,10 +78,15 @@ def test_device_decoder_gives_the_cpu_decoders_pictures(jpeg_folder, monkeypatch
             assert torch.count_nonzero(x) == 0
 
 
-def test_a_build_through_the_device_decoder_is_exact_on_its_own_pixels(jpeg_folder, tmp_path):
-    out = build("zfnet-mini", str(jpeg_folder), tmp_path / "a", k=3, batch_size=4, image_size=32,
-                decode="device", workers=1, index=False, progress=False)
-    a = atlas.open(out)
+@pytest.fixture(scope="module")
+def device_built(jpeg_folder, tmp_path_factory):
+    """The JPEG folder's atlas through the device decoder (read only by the tests that take it)."""
+    return build("zfnet-mini", str(jpeg_folder), tmp_path_factory.mktemp("device") / "a", k=3, batch_size=4,
+                 image_size=32, decode="device", workers=1, index=False, progress=False)
+
+
+def test_a_build_through_the_device_decoder_is_exact_on_its_own_pixels(jpeg_folder, device_built):
+    a = atlas.open(device_built)
     assert a.manifest["options"]["decode"] == "device"
     assert a.sql("SELECT count(*) FROM images WHERE status = 'error'").fetchall()[0][0] == 3
     # brute force over every image as the device decoder sees it
@@ -112,9 +117,10 @@ def test_a_build_through_the_device_decoder_is_exact_on_its_own_pixels(jpeg_fold
         assert torch.equal(decode(r["data"], pool.channels, pool.geometry, reg)[box], sw[r["pool"]][r["image_id"]][box])
 
 
-def test_decoders_agree_on_the_ranking_within_tolerance(jpeg_folder, tmp_path):
-    runs = {d: atlas.open(build("zfnet-mini", str(jpeg_folder), tmp_path / d, k=3, batch_size=8, image_size=32,
-                                decode=d, index=False, progress=False)) for d in ("cpu", "device")}
+def test_decoders_agree_on_the_ranking_within_tolerance(jpeg_folder, device_built, tmp_path):
+    cpu = build("zfnet-mini", str(jpeg_folder), tmp_path / "cpu", k=3, batch_size=4, image_size=32, decode="cpu",
+                index=False, progress=False)
+    runs = {"cpu": atlas.open(cpu), "device": atlas.open(device_built)}
     top = {d: {(r["layer"], r["channel"], r["image_id"]) for r in a.rows("SELECT * FROM top_activations")}
            for d, a in runs.items()}
     kept = len(top["cpu"] & top["device"]) / len(top["cpu"])

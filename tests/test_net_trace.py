@@ -153,7 +153,7 @@ def test_item_assignment_is_refused_with_its_line():
             z[:, :3] = 0
             return z
 
-    with pytest.raises(AtlasError, match=r"cannot trace model Assign .*test_trace.py:\d+ \(z\[:, :3\] = 0\)"):
+    with pytest.raises(AtlasError, match=r"cannot trace model Assign .*test_net_trace.py:\d+ \(z\[:, :3\] = 0\)"):
         trace(Assign())
 
 

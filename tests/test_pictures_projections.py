@@ -30,15 +30,6 @@ def fresh(tiny_atlas, tmp_path):
     return dst
 
 
-@pytest.fixture
-def small(tmp_path):
-    """An atlas over a data folder of its own (the tests delete images from it)."""
-    from conftest import make_image_folder
-
-    data = make_image_folder(tmp_path / "data", per_class=4)
-    return build("zfnet-mini", str(data), tmp_path / "small", k=3, batch_size=16, image_size=32, progress=False), data
-
-
 def _cli(*args):
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
@@ -314,7 +305,7 @@ def test_filters_of_a_deeper_layer_are_refused(fresh):
 
 def test_an_atlas_without_switches(tmp_path, tiny_folder):
     path = build("zfnet-mini", str(tiny_folder), tmp_path / "noswitch", k=2, batch_size=16, image_size=32,
-                 progress=False, switches=False)
+                 layers="conv1,conv3", index=False, progress=False, switches=False)
     res = _cli("show", path, "conv3", 0)
     assert res.exit_code == 2 and "has no switches (built with --no-switches)" in res.output
     assert "--switches recompute" in res.output
@@ -326,8 +317,8 @@ def test_an_atlas_without_switches(tmp_path, tiny_folder):
     assert res.exit_code == 0 and Path(res.output.strip()).is_file()
 
 
-def test_a_missing_image_gives_a_placeholder_patch_and_a_warning(small):
-    path, data = small
+def test_a_missing_image_gives_a_placeholder_patch_and_a_warning(small_atlas):
+    path, data = small_atlas
     a = atlas.open(path)
     top = a.rows("SELECT t.channel, t.rank, i.path FROM top_activations t JOIN images i USING (image_id) "
                  "WHERE t.layer = 'conv3' AND t.rank = 0 ORDER BY t.channel LIMIT 1")[0]
@@ -353,10 +344,10 @@ def test_a_missing_image_gives_a_placeholder_patch_and_a_warning(small):
     assert not (PJ.cache_root(a) / "unit-identity-percentile" / "conv3" / f"{c}-panel.png").exists()
 
 
-def test_export_redraws_incomplete_pictures_once_the_image_is_back(small, tmp_path):
+def test_export_redraws_incomplete_pictures_once_the_image_is_back(small_atlas, tmp_path):
     from atlas.export import export
 
-    path, data = small
+    path, data = small_atlas
     a = atlas.open(path)
     top = a.rows("SELECT t.channel, i.path FROM top_activations t JOIN images i USING (image_id) "
                  "WHERE t.layer = 'conv2' AND t.rank = 0 ORDER BY t.channel LIMIT 1")[0]
@@ -373,8 +364,8 @@ def test_export_redraws_incomplete_pictures_once_the_image_is_back(small, tmp_pa
     assert PJ.incomplete(panel) is None and "unavailable" not in R.read_text(panel)
 
 
-def test_with_the_whole_dataset_gone_the_cached_panel_is_served(small):
-    path, data = small
+def test_with_the_whole_dataset_gone_the_cached_panel_is_served(small_atlas):
+    path, data = small_atlas
     a = atlas.open(path)
     c = a.rows("SELECT channel FROM top_activations WHERE layer = 'conv2' ORDER BY channel LIMIT 1")[0]["channel"]
     shutil.rmtree(data)

@@ -101,11 +101,11 @@ def _cli(*args):
 # ---------------------------------------------------------------------------
 # (a) a random head: the dataset's label is not the model's class
 # ---------------------------------------------------------------------------
-def test_random_head_occlusion_charts_the_most_probable_class(tiny_atlas):
-    image = _image_of(tiny_atlas, "blue")
-    p0 = _probs(tiny_atlas, image)
+def test_random_head_occlusion_charts_the_most_probable_class(own_atlas):
+    image = _image_of(own_atlas, "blue")
+    p0 = _probs(own_atlas, image)
     top = int(p0.argmax())
-    r = _cli("occlude", tiny_atlas, image, "--size", 8, "--stride", 4, "--format", "json")
+    r = _cli("occlude", own_atlas, image, "--size", 8, "--stride", 4, "--format", "json")
     assert r.exit_code == 0, r.output
     rows = _strict_json(r.stdout)
     assert len(rows) == 8 * 8
@@ -122,7 +122,7 @@ def test_random_head_occlusion_charts_the_most_probable_class(tiny_atlas):
     assert "true label" not in err and "true class" not in err
     # the stored Parquet table says the same
     run = rows[0]["run"]
-    t = pq.read_table(tiny_atlas / "analyses" / "occlusion" / f"{run}.parquet").to_pylist()
+    t = pq.read_table(own_atlas / "analyses" / "occlusion" / f"{run}.parquet").to_pylist()
     assert {(x["dataset_label"], x["class_source"], x["class_name"], x["true_class"]) for x in t} == \
         {("blue", "most_probable", f"output {top}", None)}
     assert "label_source" not in t[0] and "label" not in t[0]
@@ -155,11 +155,11 @@ def test_same_size_head_without_names_is_not_trusted(bare_atlas):
         occlude(bare_atlas, image, label="red", store=False, figures=False)
 
 
-def test_random_head_invariance_charts_the_most_probable_class(tiny_atlas, tmp_path):
-    image = _image_of(tiny_atlas, "green")
-    p0 = _probs(tiny_atlas, image)
+def test_random_head_invariance_charts_the_most_probable_class(own_atlas, tmp_path):
+    image = _image_of(own_atlas, "green")
+    p0 = _probs(own_atlas, image)
     top = int(p0.argmax())
-    res = IV.invariance(tiny_atlas, [image], transforms="translate", amounts=SMALL, out=tmp_path / "fig")
+    res = IV.invariance(own_atlas, [image], transforms="translate", amounts=SMALL, out=tmp_path / "fig")
     rows = [r for r in res.rows if r["layer"] == res.layers[0]]
     assert {(r["class_source"], r["class_index"], r["class_name"], r["dataset_label"], r["true_class"])
             for r in rows} == {("most_probable", top, f"output {top}", "green", None)}
@@ -213,7 +213,7 @@ def test_an_atlas_train_checkpoint_charts_the_true_class(trained_atlas):
 # ---------------------------------------------------------------------------
 # (c) --class by name and by index, and the one-line errors
 # ---------------------------------------------------------------------------
-def test_class_by_name_and_by_index(named_atlas, tiny_atlas):
+def test_class_by_name_and_by_index(named_atlas, own_atlas):
     image = _image_of(named_atlas, "red")
     want = torch.softmax(torch.tensor(PLANTED_BIAS, dtype=torch.float64), 0).numpy()
     for cls in ("blue", "2"):
@@ -223,7 +223,7 @@ def test_class_by_name_and_by_index(named_atlas, tiny_atlas):
         assert {(x["class_source"], x["class_index"], x["class_name"], x["true_class"]) for x in rows} == \
             {("given", 2, "blue", "red")}
         assert rows[0]["probability_base"] == pytest.approx(want[2], abs=1e-6)
-    r = _cli("occlude", tiny_atlas, 0, "--size", 8, "--stride", 4, "--class", 7)
+    r = _cli("occlude", own_atlas, 0, "--size", 8, "--stride", 4, "--class", 7)
     assert r.exit_code == 0, r.output
     assert "p(output 7) [the class given]" in r.stdout
     # the old spelling still works
@@ -256,29 +256,29 @@ def test_class_errors_are_one_line(named_atlas, tiny_atlas, which, cls, pattern)
 # ---------------------------------------------------------------------------
 # --format: the result rows
 # ---------------------------------------------------------------------------
-def test_format_prints_the_result_rows(tiny_atlas, tmp_path):
-    r = _cli("occlude", tiny_atlas, 1, "--size", 8, "--stride", 4, "--format", "csv", "--out", tmp_path / "o")
+def test_format_prints_the_result_rows(own_atlas, tmp_path):
+    r = _cli("occlude", own_atlas, 1, "--size", 8, "--stride", 4, "--format", "csv", "--out", tmp_path / "o")
     assert r.exit_code == 0, r.output
     rows = list(csv.DictReader(io.StringIO(r.stdout)))
     assert len(rows) == 64 and {"pos_y", "pos_x", "activation", "probability", "class_source"} <= set(rows[0])
     assert str(tmp_path / "o" / "figure.png") in r.stderr  # the PNGs' paths stay available
-    r = _cli("invariance", tiny_atlas, 1, 2, "--transforms", "translate", "--format", "json")
+    r = _cli("invariance", own_atlas, 1, 2, "--transforms", "translate", "--format", "json")
     assert r.exit_code == 0, r.output
     rows = _strict_json(r.stdout)
     assert {x["image"] for x in rows} == {"id:1", "id:2"} and all("distance" in x for x in rows)
     assert "figure.png" in r.stderr
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps({"images": [0, 1], "parts": {"eye": [[0, 0, 8, 8], [2, 2, 10, 10]]}}))
-    r = _cli("correspondence", tiny_atlas, "--images", spec, "--random", 2, "--format", "json")
+    r = _cli("correspondence", own_atlas, "--images", spec, "--random", 2, "--format", "json")
     assert r.exit_code == 0, r.output
     rows = _strict_json(r.stdout)
     assert {x["part"] for x in rows} == {"eye", "random"}
     assert all(isinstance(x["deltas"], list) for x in rows)
     # a control of two draws over one part: no NaN anywhere (strict JSON above), std present
     assert all(x["delta_norm_std"] is not None for x in rows if x["kind"] == "random")
-    r = _cli("correspondence", tiny_atlas, "--images", spec, "--random", 2, "--format", "table")
+    r = _cli("correspondence", own_atlas, "--images", spec, "--random", 2, "--format", "table")
     assert r.exit_code == 0, r.output
     assert r.stdout.splitlines()[0].split()[:3] == ["run", "spec", "model"] and "images.png" in r.stdout
     # without --format: the summary, as before
-    r = _cli("occlude", tiny_atlas, 1, "--size", 8, "--stride", 4)
+    r = _cli("occlude", own_atlas, 1, "--size", 8, "--stride", 4)
     assert r.exit_code == 0 and r.stdout.startswith("occlusion of image 1")

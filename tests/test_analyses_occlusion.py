@@ -80,8 +80,8 @@ def _overlaps(boxes: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.parametrize("method", ["incremental", "full"])
-def test_planted_probability_drops_exactly_over_the_region(tiny_atlas, tmp_path, method):
-    a = planted_atlas(tiny_atlas)
+def test_planted_probability_drops_exactly_over_the_region(own_atlas, tmp_path, method):
+    a = planted_atlas(own_atlas)
     res = occlude(a, str(planted_image(tmp_path)), size=5, stride=2, fill="grey", label=0, method=method,
                     out=tmp_path / "fig")
     assert res.probability_base == pytest.approx(0.5, abs=1e-6)
@@ -161,19 +161,19 @@ def test_batched_windowed_forward_equals_naive(make, size):
     assert plans["full"].last == -1
 
 
-def test_occlude_dataset_image_stores_table_and_figures(tiny_atlas):
-    res = occlude(str(tiny_atlas), "3")
+def test_occlude_dataset_image_stores_table_and_figures(own_atlas):
+    res = occlude(str(own_atlas), "3")
     assert (res.size, res.stride, res.n) == (7, 1, 32)
     # a random head records no class names: 'blue' is the image's label, not a class of the model
     assert res.image_id == 3 and res.dataset_label == "blue" and res.class_source == "most_probable"
-    a = Atlas(tiny_atlas)
+    a = Atlas(own_atlas)
     rows = a.sql(f"SELECT count(*), count(DISTINCT (pos_y, pos_x)), min(probability) >= 0, max(probability) <= 1, "
                  f"any_value(layer), any_value(dataset_label) FROM occlusion WHERE run = '{res.run}'").fetchall()[0]
     assert rows == (1024, 1024, True, True, "conv5", "blue")
     back = a.sql(f"SELECT activation FROM occlusion WHERE run = '{res.run}' ORDER BY pos_y, pos_x").fetchall()
     assert np.allclose([r[0] for r in back], res.activation.ravel())
     assert res.figures["figure"].is_file()
-    assert res.figures["figure"].parent == tiny_atlas / "analyses" / "occlusion" / res.run
+    assert res.figures["figure"].parent == own_atlas / "analyses" / "occlusion" / res.run
     assert any("SQL view occlusion" in line for line in res.summary())
 
 

@@ -32,11 +32,11 @@ def test_info_puts_it_first_and_keeps_machine_formats_clean(tiny_atlas):
     assert json.loads(res.stdout)["model"]["random_init"] is True and "RANDOM WEIGHTS" in res.stderr
 
 
-def test_pictures_site_pages_and_notebook_carry_it(tiny_atlas, tmp_path):
-    a = atlas.open(tiny_atlas)
+def test_pictures_site_pages_and_notebook_carry_it(own_atlas, tmp_path):
+    a = atlas.open(own_atlas)
     assert read_text(a.show("conv2", 1))["alert"].startswith("RANDOM WEIGHTS")
     assert "RANDOM WEIGHTS" in a._repr_html_() and "RANDOM WEIGHTS" in a.channel("conv2", 1)._repr_html_()
-    site = export(tiny_atlas, tmp_path / "site", layers="conv1", channels="0", progress=False)
+    site = export(own_atlas, tmp_path / "site", layers="conv1", channels="0", progress=False)
     pages = list(site.rglob("*.html"))
     assert len(pages) >= 2
     for p in pages:

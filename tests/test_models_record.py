@@ -63,14 +63,14 @@ def test_an_atlas_whose_weights_are_gone_rebuilds_its_own_model(tmp_path, tiny_f
     assert code == 0, text
 
 
-def test_contrast_norm_is_a_build_option(tmp_path, tiny_folder):
+def test_contrast_norm_is_a_build_option(tmp_path, tiny_folder, tiny_atlas):
     on = tmp_path / "on"
     code, text = cli("build", "--model", "zfnet-mini", "--data", tiny_folder, "--out", on, "--image-size", 32,
                      "--k", 2, "--no-index", "--no-progress", "--contrast-norm")
     assert code == 0, text
     assert atlas.open(on).manifest["model"]["kwargs"]["contrast_norm"] is True
     assert has_lrn(atlas.open(on).model)
-    off = build("zfnet-mini", str(tiny_folder), tmp_path / "off", **OPTS)  # zfnet-mini's own: off
+    off = tiny_atlas  # built without the flag: zfnet-mini's own choice, off
     assert atlas.open(off).manifest["model"]["kwargs"]["contrast_norm"] is False
     assert not has_lrn(atlas.open(off).model)
     assert "vgg11" in one_line_error("build", "--model", "vgg11", "--data", tiny_folder, "--out",
@@ -137,8 +137,8 @@ def test_a_weights_file_changed_since_the_build_is_not_the_atlas_classifier(tmp_
     assert "changed" in err
 
 
-def test_a_format_1_atlas_built_without_weights_reopens(tmp_path, tiny_folder):
-    out = build("zfnet-mini", str(tiny_folder), tmp_path / "a", **OPTS)
+def test_a_format_1_atlas_built_without_weights_reopens(own_atlas):
+    out = own_atlas  # built without weights; its manifest is made format 1 below
     want = atlas.open(out).model
     old = json.loads((out / "manifest.json").read_text())
     old["format_version"] = 1

@@ -29,10 +29,10 @@ def _without_classifier(tiny_atlas, tmp_path) -> Path:
 # ---------------------------------------------------------------------------
 # invariance
 # ---------------------------------------------------------------------------
-def test_zero_transformation_gives_zero_distance(tiny_atlas, tiny_folder, tmp_path):
+def test_zero_transformation_gives_zero_distance(own_atlas, tiny_folder, tmp_path):
     outside = tmp_path / "outside.png"  # an image that is not in the dataset
     Image.open(tiny_folder / "red" / "red_003.png").transpose(Image.FLIP_LEFT_RIGHT).save(outside)
-    res = IV.invariance(tiny_atlas, [0, "14", str(outside)], amounts=SMALL, out=tmp_path / "fig")
+    res = IV.invariance(own_atlas, [0, "14", str(outside)], amounts=SMALL, out=tmp_path / "fig")
     assert res.layers == ["conv1", "fc7"]
     ident = [r for r in res.rows if (r["transform"] == "scale" and r["amount"] == 1.0)
              or (r["transform"] != "scale" and r["amount"] == 0)]
@@ -43,7 +43,7 @@ def test_zero_transformation_gives_zero_distance(tiny_atlas, tiny_folder, tmp_pa
     assert all(0 <= r["probability"] <= 1 for r in res.rows)
     assert {r["class_source"] for r in res.rows} == {"most_probable"}
     # the same numbers from a plain forward pass
-    a = Atlas(tiny_atlas)
+    a = Atlas(own_atlas)
     x, crop = a.image(0)
     shifted = a.preprocess.to_tensor(IV.transform_image(crop, "translate", 3, (128, 128, 128)))
     with torch.no_grad():
@@ -123,12 +123,12 @@ def _spec(tmp_path: Path, obj) -> Path:
     return p
 
 
-def test_identical_images_and_boxes_score_zero(tiny_atlas, tiny_folder, tmp_path):
+def test_identical_images_and_boxes_score_zero(own_atlas, tiny_folder, tmp_path):
     for name in ("a.png", "b.png", "c.png"):  # the same picture under three names (outside the dataset)
         shutil.copy(tiny_folder / "green" / "green_002.png", tmp_path / name)
     box = {"eye": [4, 6, 12, 14], "nose": [16, 16, 24, 24]}  # same size: one random control
     spec = _spec(tmp_path, {"images": [{"image": n, "parts": box} for n in ("a.png", "b.png", "c.png")]})
-    res = CO.correspondence(tiny_atlas, spec, random=3, seed=1, figures=False)
+    res = CO.correspondence(own_atlas, spec, random=3, seed=1, figures=False)
     parts = [r for r in res.rows if r["kind"] == "part"]
     assert {r["part"] for r in parts} == {"eye", "nose"} and {r["layer"] for r in parts} == {"conv5", "fc7"}
     assert all(r["delta"] == 0 for r in parts)
@@ -139,11 +139,11 @@ def test_identical_images_and_boxes_score_zero(tiny_atlas, tiny_folder, tmp_path
     assert "Occlusion location" in res.format_table() and " ± " in res.format_table()
 
 
-def test_correspondence_matches_a_direct_computation(tiny_atlas, tmp_path):
+def test_correspondence_matches_a_direct_computation(own_atlas, tmp_path):
     spec = _spec(tmp_path, {"images": [0, 13, 30],
                             "parts": {"corner": [[0, 0, 8, 8], [2, 2, 10, 10], [20, 20, 28, 28]]}})
-    res = CO.correspondence(tiny_atlas, spec, layers="conv3,fc7", random=4, seed=7, fill="mean")
-    a = Atlas(tiny_atlas)
+    res = CO.correspondence(own_atlas, spec, layers="conv3,fc7", random=4, seed=7, fill="mean")
+    a = Atlas(own_atlas)
     xs, occ = [], []
     for image_id, (x0, y0, x1, y1) in zip([0, 13, 30], [[0, 0, 8, 8], [2, 2, 10, 10], [20, 20, 28, 28]]):
         x, _ = a.image(image_id)
@@ -164,7 +164,7 @@ def test_correspondence_matches_a_direct_computation(tiny_atlas, tmp_path):
     back = a.sql(f"SELECT part, layer, delta FROM correspondence WHERE run = '{res.run}' ORDER BY ALL").fetchall()
     assert len(back) == 4
     # seeded: the same call gives the same control
-    again = CO.correspondence(tiny_atlas, spec, layers="conv3,fc7", random=4, seed=7, fill="mean",
+    again = CO.correspondence(own_atlas, spec, layers="conv3,fc7", random=4, seed=7, fill="mean",
                               store=False, figures=False)
     assert [r["deltas"] for r in again.rows] == [r["deltas"] for r in res.rows]
     assert res.figures["images"].is_file()
