@@ -180,12 +180,15 @@ class Table(list):
     def _repr_html_(self) -> str:
         return self._html(with_warning=True)
 
-    def _html(self, with_warning: bool) -> str:
-        """with_warning False: inside a display that has already said it (a channel's top-k)."""
-        head = "".join(f"<th>{escape(c)}</th>" for c in [*self.thumbs, *self.columns])
+    def _html(self, with_warning: bool, thumbs: bool = True) -> str:
+        """with_warning False: inside a display that has already said it (a channel's top-k). thumbs False:
+        inside a display that already shows the pictures (a channel's panel holds its top-k's cells, so its
+        table gives the numbers alone and a saved notebook carries each picture once)."""
+        shown = self.thumbs if thumbs else {}
+        head = "".join(f"<th>{escape(c)}</th>" for c in [*shown, *self.columns])
         body = []
         for r in self[:MAX_ROWS]:
-            pics = "".join(f"<td>{_img(_safe(make, r), name)}</td>" for name, make in self.thumbs.items())
+            pics = "".join(f"<td>{_img(_safe(make, r), name)}</td>" for name, make in shown.items())
             body.append(f"<tr>{pics}{''.join(_cell(r.get(c)) for c in self.columns)}</tr>")
         more = (f'<p class="muted">{len(self) - MAX_ROWS} more rows: .to_arrow() or .to_pandas() has them all</p>'
                 if len(self) > MAX_ROWS else "")
@@ -398,7 +401,7 @@ class Channel:
         warn = f'<p class="muted">incomplete: {escape(err)}</p>' if err else ""
         return (f'{STYLE}<div class="atlas-nb">{random_weights_html(self.atlas)}{head}'
                 '<div style="display:flex;gap:16px;align-items:flex-start">'
-                f"{kv}<div>{pic}</div></div>{warn}{self.top._html(with_warning=False)}</div>")
+                f"{kv}<div>{pic}</div></div>{warn}{self.top._html(with_warning=False, thumbs=False)}</div>")
 
 
 # ---------------------------------------------------------------------------

@@ -55,6 +55,8 @@ def test_atlas_summary(tiny_atlas):
 
 
 def test_channel_shows_statistics_panel_and_top_k_with_thumbnails(own_atlas):
+    """The channel's display: its statistics, the panel (which holds the top-k's pictures) and the top-k's
+    numbers; the top-k alone (`ch.top`) shows a projection and a patch thumbnail per rank."""
     a = atlas.open(own_atlas)
     ch = a.channel("conv3", 3)
     assert set(ch.stats) == {"mean", "std", "max", "fire_rate"}
@@ -62,11 +64,13 @@ def test_channel_shows_statistics_panel_and_top_k_with_thumbnails(own_atlas):
     _no_outside_references(html)
     pics = _decode_all(html)
     k = len(a.top("conv3", 3))
-    assert len(pics) == 1 + 2 * k  # the panel, then a projection and a patch per rank
+    assert len(pics) == 1  # the panel alone: each picture once
     panel = ch.panel
     assert pics[0].size == Image.open(panel.path).size
-    assert all(max(p.size) == NB.THUMB for p in pics[1:])
     assert "conv3 · channel 3" in html and "top 4" in html
+    assert all(f"<td class=\"n\">{r['rank']}</td>" in html for r in a.top("conv3", 3))
+    thumbs = _decode_all(ch.top._repr_html_())
+    assert len(thumbs) == 2 * k and all(max(p.size) == NB.THUMB for p in thumbs)  # projection, patch per rank
     # the data
     top = ch.top
     assert isinstance(top, list) and [r["rank"] for r in top] == list(range(k))
