@@ -46,30 +46,32 @@ from torch import nn
 BARS = {"cold_projection_work_s": 0.15, "cached_call_s": 0.010, "speedup": 10.0}
 
 
-def _captum(lmap, layer: str, x: torch.Tensor, reqs) -> torch.Tensor:
-    """Captum's NeuronDeconvolution as a user runs it: the whole model (in-place ReLUs made out of place,
-    which its hooks need), one call batched over the requests' images, each image's own unit at the
-    module whose output the layer is; times the unit's value, as a DeconvNet projection is scaled."""
-    import copy
-
-    from captum.attr import NeuronDeconvolution
-
-    model = copy.deepcopy(lmap.model).eval()
-    for m in model.modules():
-        if isinstance(m, nn.ReLU):
-            m.inplace = False
+def _captum_setup(lmap, layer: str, x: torch.Tensor, reqs):
+    """What a timed Captum call needs, prepared outside the timing: the model (as loaded: Captum's hooks
+    clone a ReLU's input, so in-place ReLUs need no copy; tests/test_deconv_captum_witness.py), the
+    module whose output the layer is, the 9 images and their units, and each unit's value (to scale
+    the gradient as a DeconvNet projection is scaled; a comparison, not part of Captum's work)."""
     path = {v: k for k, v in lmap.aliases.items()}.get(layer, layer)
     if layer in lmap.chain_read_at:  # a chain's conv is read after its ReLU: that module's output
         path = f"features.{lmap.chain_read_at[layer]}"
-    xb = torch.stack([x[q.image] for q in reqs]).requires_grad_(True)
+    xb = torch.stack([x[q.image] for q in reqs])
     idx = torch.arange(len(reqs))
     chans = torch.tensor([q.channel for q in reqs])
     ys, xs = torch.tensor([q.y for q in reqs]), torch.tensor([q.x for q in reqs])
-    nd = NeuronDeconvolution(model, model.get_submodule(path))
     with torch.no_grad():
-        act = lmap.extract(xb.detach(), [layer])[layer][idx, chans, ys, xs]
-    grad = nd.attribute(xb, neuron_selector=lambda out: out[idx, chans, ys, xs])
-    return grad.detach() * act.view(-1, 1, 1, 1)
+        act = lmap.extract(xb, [layer])[layer][idx, chans, ys, xs]
+    return lmap.model.eval(), lmap.model.get_submodule(path), xb, (idx, chans, ys, xs), act
+
+
+def _captum(setup) -> torch.Tensor:
+    """Captum's NeuronDeconvolution as a user runs it (timed): the whole model, one call batched over
+    the requests' images, each image's own unit at the module whose output the layer is. Returns the
+    gradient times the unit's value (the scaling done after, from the setup)."""
+    from captum.attr import NeuronDeconvolution
+
+    model, module, xb, (idx, chans, ys, xs), _ = setup
+    nd = NeuronDeconvolution(model, module)
+    return nd.attribute(xb.clone().requires_grad_(True), neuron_selector=lambda out: out[idx, chans, ys, xs]).detach()
 
 
 def _flops(lmap, layer: str, x: torch.Tensor, reqs, sw) -> dict:
@@ -213,14 +215,16 @@ def main() -> None:
         xi = {i: n for n, i in enumerate(ids)}
         reqs = [D.Request(slot[t["image_id"]], layer, c, t["y"], t["x"], value=t["value"]) for t in rows]
         reqs_x = [D.Request(xi[t["image_id"]], layer, c, t["y"], t["x"]) for t in rows]
+        cap = _captum_setup(lm, layer, x, reqs_x)
         engine, base = [], []
         for _ in range(args.repeat):  # interleaved, so that load from other processes hits both alike
             t0 = time.perf_counter()
             P = D.project(lm, reqs, sw)
             engine.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            B = _captum(lm, layer, x, reqs_x)
+            B = _captum(cap)
             base.append(time.perf_counter() - t0)
+        B = B * cap[4].view(-1, 1, 1, 1)
         err_ref = max(D.relative_error(P.images[i], D.gradient_reference(lm, x, q)) for i, q in enumerate(reqs_x))
         # Captum differentiates a LocalResponseNorm; the engine's matching rule is norm='gradient'
         same = D.project_images(lm, x, reqs_x, norm="gradient") if any(
