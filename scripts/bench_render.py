@@ -46,30 +46,80 @@ from torch import nn
 BARS = {"cold_projection_work_s": 0.15, "cached_call_s": 0.010, "speedup": 10.0}
 
 
-def _captum(lmap, layer: str, x: torch.Tensor, reqs) -> torch.Tensor:
-    """Captum's NeuronDeconvolution as a user runs it: the whole model (in-place ReLUs made out of place,
-    which its hooks need), one call batched over the requests' images, each image's own unit at the
-    module whose output the layer is; times the unit's value, as a DeconvNet projection is scaled."""
-    import copy
+def _captum_setup(lmap, layer: str, x: torch.Tensor, reqs):
+    """What a timed Captum call needs, prepared outside the timing: the model (as loaded: Captum's hooks
+    clone a ReLU's input, so in-place ReLUs need no copy; tests/test_deconv_captum_witness.py), the
+    module whose output the layer is, the 9 images and their units, and each unit's value (to scale
+    the gradient as a DeconvNet projection is scaled; a comparison, not part of Captum's work)."""
+    path = {v: k for k, v in lmap.aliases.items()}.get(layer, layer)
+    if layer in lmap.chain_read_at:  # a chain's conv is read after its ReLU: that module's output
+        path = f"features.{lmap.chain_read_at[layer]}"
+    xb = torch.stack([x[q.image] for q in reqs])
+    idx = torch.arange(len(reqs))
+    chans = torch.tensor([q.channel for q in reqs])
+    ys, xs = torch.tensor([q.y for q in reqs]), torch.tensor([q.x for q in reqs])
+    with torch.no_grad():
+        act = lmap.extract(xb, [layer])[layer][idx, chans, ys, xs]
+    return lmap.model.eval(), lmap.model.get_submodule(path), xb, (idx, chans, ys, xs), act
 
+
+def _captum(setup) -> torch.Tensor:
+    """Captum's NeuronDeconvolution as a user runs it (timed): the whole model, one call batched over
+    the requests' images, each image's own unit at the module whose output the layer is. Returns the
+    gradient times the unit's value (the scaling done after, from the setup)."""
     from captum.attr import NeuronDeconvolution
 
-    model = copy.deepcopy(lmap.model).eval()
+    model, module, xb, (idx, chans, ys, xs), _ = setup
+    nd = NeuronDeconvolution(model, module)
+    return nd.attribute(xb.clone().requires_grad_(True), neuron_selector=lambda out: out[idx, chans, ys, xs]).detach()
+
+
+def _flops(lmap, layer: str, x: torch.Tensor, reqs, sw) -> dict:
+    """What bounds the speedup: the floating-point operations (torch's FlopCounterMode: convolutions,
+    matrix products) of the engine's down pass from the stored switches, against what Captum's autograd
+    must do at the least (its hooks only rewrite ReLU gradients): the whole model's forward over the 9
+    images (Captum runs the model to its end) and the backward from each image's unit to the pixels, and
+    the seconds of each of those two halves (plain autograd, no hooks)."""
+    import copy
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from atlas import deconv as D
+
+    model = copy.deepcopy(lmap.model).eval().requires_grad_(False)
     for m in model.modules():
         if isinstance(m, nn.ReLU):
             m.inplace = False
     path = {v: k for k, v in lmap.aliases.items()}.get(layer, layer)
-    if layer in lmap.chain_read_at:  # a chain's conv is read after its ReLU: that module's output
+    if layer in lmap.chain_read_at:
         path = f"features.{lmap.chain_read_at[layer]}"
-    xb = torch.stack([x[q.image] for q in reqs]).requires_grad_(True)
-    idx = torch.arange(len(reqs))
-    chans = torch.tensor([q.channel for q in reqs])
+    xb = torch.stack([x[q.image] for q in reqs])
+    idx, chans = torch.arange(len(reqs)), torch.tensor([q.channel for q in reqs])
     ys, xs = torch.tensor([q.y for q in reqs]), torch.tensor([q.x for q in reqs])
-    nd = NeuronDeconvolution(model, model.get_submodule(path))
-    with torch.no_grad():
-        act = lmap.extract(xb.detach(), [layer])[layer][idx, chans, ys, xs]
-    grad = nd.attribute(xb, neuron_selector=lambda out: out[idx, chans, ys, xs])
-    return grad.detach() * act.view(-1, 1, 1, 1)
+    got = {}
+    hook = model.get_submodule(path).register_forward_hook(lambda m, i, o: got.__setitem__("a", o))
+    sw_reqs = [D.Request(i, q.layer, q.channel, q.y, q.x, value=1.0) for i, q in enumerate(reqs)]
+    sw_b = {p: t[[q.image for q in reqs]] for p, t in sw.items()} if sw else None
+    out = {}
+    try:
+        with FlopCounterMode(display=False) as fc:
+            D.project(lmap, sw_reqs, sw_b)
+        out["engine_gflop"] = fc.get_total_flops() / 1e9
+        xi = xb.clone().requires_grad_(True)
+        with FlopCounterMode(display=False) as fc:
+            t0 = time.perf_counter()
+            model(xi)
+            t1 = time.perf_counter()
+            out["autograd_forward_gflop"] = fc.get_total_flops() / 1e9
+            got["a"][idx, chans, ys, xs].sum().backward()
+            t2 = time.perf_counter()
+        out["autograd_total_gflop"] = fc.get_total_flops() / 1e9
+        out["autograd_forward_s"], out["autograd_backward_s"] = round(t1 - t0, 3), round(t2 - t1, 3)
+    finally:
+        hook.remove()
+    out["flop_ratio_autograd_over_engine"] = round(out["autograd_total_gflop"] / out["engine_gflop"], 2)
+    out["flop_ratio_forward_alone_over_engine"] = round(out["autograd_forward_gflop"] / out["engine_gflop"], 2)
+    return {k: round(v, 2) if isinstance(v, float) else v for k, v in out.items()}
 
 
 def _cold_show(a, layer: str, channel: int):
@@ -165,19 +215,22 @@ def main() -> None:
         xi = {i: n for n, i in enumerate(ids)}
         reqs = [D.Request(slot[t["image_id"]], layer, c, t["y"], t["x"], value=t["value"]) for t in rows]
         reqs_x = [D.Request(xi[t["image_id"]], layer, c, t["y"], t["x"]) for t in rows]
+        cap = _captum_setup(lm, layer, x, reqs_x)
         engine, base = [], []
         for _ in range(args.repeat):  # interleaved, so that load from other processes hits both alike
             t0 = time.perf_counter()
             P = D.project(lm, reqs, sw)
             engine.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            B = _captum(lm, layer, x, reqs_x)
+            B = _captum(cap)
             base.append(time.perf_counter() - t0)
+        B = B * cap[4].view(-1, 1, 1, 1)
         err_ref = max(D.relative_error(P.images[i], D.gradient_reference(lm, x, q)) for i, q in enumerate(reqs_x))
         # Captum differentiates a LocalResponseNorm; the engine's matching rule is norm='gradient'
         same = D.project_images(lm, x, reqs_x, norm="gradient") if any(
             op.kind == "lrn" for op in lm.graph.ops.values()) else P
         err_base = D.relative_error(same.images, B)
+        flops = _flops(lm, layer, x, reqs_x, {p: t[[slot[i] for i in ids]] for p, t in sw.items()} if sw else None)
 
         cs, csplit = cold[best]
         goal = 5.0 if args.model == "resnet50" and layer == "layer4" else BARS["speedup"]
@@ -202,6 +255,7 @@ def main() -> None:
             "projections_per_s_baseline_best": round(len(reqs) / min(base), 1),
             "max_relative_error_vs_gradient_reference": err_ref,
             "relative_error_vs_captum": err_base,
+            "flops": flops,
         }
         checks = [  # the cold-show bar is ZFNet's (a conv5 panel); other models print it without one
             ("cold show: projection work (switches + engine)", res["cold_projection_work_best_s"],
@@ -226,6 +280,11 @@ def main() -> None:
               f"drawing + PNG {csplit['drawing_s'] * 1000:.0f} ms; first in "
               f"process {first_s * 1000:.0f} ms after {t_setup * 1000:.0f} ms setup; `atlas show` cached, new "
               f"process {min(fresh) * 1000:.0f} ms)")
+        print(f"(what bounds the speedup: the engine's down pass {flops['engine_gflop']} GFLOP against "
+              f"{flops['autograd_total_gflop']} for Captum's least autograd work, the whole forward "
+              f"{flops['autograd_forward_gflop']} + the backward from the units; a FLOP ratio of "
+              f"{flops['flop_ratio_autograd_over_engine']}x; that autograd's forward {flops['autograd_forward_s']} s, "
+              f"backward {flops['autograd_backward_s']} s)")
         if args.json:
             Path(args.json).write_text(json.dumps(res, indent=2))
     finally:
