@@ -6,7 +6,7 @@ layer is an nn.ReLU module call: a reused module is fine (its hooks fire per cal
 backward meets them), an in-place one too (Captum clones its input). They cannot where a ReLU is a
 function (googlenet's and inception_v3's BasicConv2d call F.relu) or another module class (mobilenet_v2's
 nn.ReLU6 is a Hardtanh): there Captum silently returns a plain gradient for those steps, and the families
-are checked against the autograd reference alone (tests/test_fidelity.py).
+are checked against the autograd reference alone (tests/test_deconv_fidelity.py).
 
 Captum runs as a user would: on the eager model, batched over the images, the unit read at the module
 whose output is the layer. ZFNet's contrast normalisations get their true gradient from Captum, so the
