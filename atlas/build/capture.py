@@ -59,7 +59,8 @@ def batch_window_codes(indices: torch.Tensor, geom) -> np.ndarray:
     k, s, p, w_in = geom.kernel, geom.stride, geom.padding, geom.in_size
     h, w = indices.shape[-2:]
     dev = indices.device
-    start = (torch.arange(h, device=dev) * s - p).view(-1, 1) * w_in + (torch.arange(w, device=dev) * s - p).view(1, -1)
+    rows, cols = torch.arange(h, device=dev) * s - p, torch.arange(w, device=dev) * s - p
+    start = rows.view(-1, 1) * w_in + cols.view(1, -1)
     offset = indices.sub_(start)  # the winner's dy * w_in + dx past its window's start
     lut = torch.zeros((k - 1) * w_in + k, dtype=torch.uint8, device=dev)
     d = torch.arange(k, device=dev)

@@ -89,7 +89,6 @@ _HARDTANH_FUNCS.discard(None)
 _LEAKY_FUNCS.discard(None)
 
 
-
 def _is_stochastic_depth(f) -> bool:
     """Whether `f` is torchvision.ops.stochastic_depth (an fx leaf function: identity in eval mode). Not
     imported here: torchvision's ops import torch._dynamo, seconds of every build's start-up; a model that
