@@ -531,8 +531,11 @@ class ColourSample:
             return {}
         st = self.sample[rows[0][1]]  # one stride for every image of a build
         px = x[[j for j, _ in rows], :, ::st, ::st].detach().float().cpu()
-        px = ((px * self.std + self.mean) * 255.0).round_().clamp_(0, 255).to(torch.uint8)
-        return {i: px[n].permute(1, 2, 0).contiguous().numpy() for n, (_, i) in enumerate(rows)}
+        px = px.mul_(self.std).add_(self.mean).mul_(255.0).round_().clamp_(0, 255).to(torch.uint8)  # in place
+        # (N, H, W, 3) in one copy: one small op per image cost more than the rest (each is a parallel
+        # region of its own, and waits for both threads on a busy machine)
+        px = px.permute(0, 2, 3, 1).contiguous().numpy()
+        return {i: px[n] for n, (_, i) in enumerate(rows)}
 
 
 def _memory_format(resumed: Path | None, dev: torch.device) -> str:
@@ -615,7 +618,8 @@ def _flush_chunk(miner: ChunkMiner, work: Path) -> None:
             "channel": pa.array(np.tile(np.arange(nch, dtype=np.int16), nimg), pa.int16()),
             "value": pa.array(vals.reshape(-1).astype(np.float32), pa.float32()),
         })
-        atomic_write_parquet(work / f"act-{c:05d}-{name}.parquet", table, compression="zstd")
+        # a work file, read once by _compact_activations: lz4, faster to write than zstd and about as small
+        atomic_write_parquet(work / f"act-{c:05d}-{name}.parquet", table, compression="lz4")
     if kept:  # before the chunk file: its presence is what marks the chunk done
         atomic_write(work / f"vec-{c:05d}.npz", lambda tmp: _savez(tmp, vector_arrays(kept)))
     if miner.capture is not None:  # before the chunk file, as the vectors

@@ -29,7 +29,7 @@ import torch
 
 from ..util.files import atomic_write
 from ..mining import TopK
-from ..deconv.switches import SwitchRegion, pack, unpack, window_codes
+from ..deconv.switches import SwitchRegion, pack, unpack
 
 BOXES = "boxes.json"
 
@@ -47,6 +47,25 @@ def one_pass_wins(chosen, k: int, n: int) -> bool:
     if not any(la.pools_below for la in chosen):
         return False
     return sum(la.channels for la in chosen) * k >= ONE_PASS_MIN_SHARE * n
+
+
+def batch_window_codes(indices: torch.Tensor, geom) -> np.ndarray:
+    """deconv.switches.window_codes of whole maps (N x C x H x W pool indices), overwriting `indices`.
+
+    The same codes (tests/test_build_capture_codes.py), computed without a new int64 tensor: on a CPU a
+    fresh buffer of a batch's pool1 indices (150 MB for zfnet at batch 64) costs more in page faults than
+    the arithmetic, so the window starts are subtracted in place and a table lookup gives the codes
+    (uint8, N x C x H x W in C order, ready to crop and pack)."""
+    k, s, p, w_in = geom.kernel, geom.stride, geom.padding, geom.in_size
+    h, w = indices.shape[-2:]
+    dev = indices.device
+    rows, cols = torch.arange(h, device=dev) * s - p, torch.arange(w, device=dev) * s - p
+    start = rows.view(-1, 1) * w_in + cols.view(1, -1)
+    offset = indices.sub_(start)  # the winner's dy * w_in + dx past its window's start
+    lut = torch.zeros((k - 1) * w_in + k, dtype=torch.uint8, device=dev)
+    d = torch.arange(k, device=dev)
+    lut[(d.view(-1, 1) * w_in + d.view(1, -1)).view(-1)] = torch.arange(k * k, device=dev).to(torch.uint8)
+    return torch.take(lut, offset).cpu().numpy()  # take: a contiguous result, whatever the indices' layout
 
 
 def capture_file(work: Path, chunk: int) -> Path:
@@ -88,7 +107,8 @@ class SwitchCapture:
     def add(self, values: dict[str, tuple[torch.Tensor, torch.Tensor]], ids: torch.Tensor,
             indices: dict[str, torch.Tensor], rows: torch.Tensor | None) -> None:
         """One batch: values[layer] = (maxima (B, C), flat positions (B, C)) of the valid images `ids`;
-        indices[pool]: the batch's pool indices (all its rows; `rows` picks the valid ones, None: all)."""
+        indices[pool]: the batch's pool indices (all its rows; `rows` picks the valid ones, None: all),
+        used up: they are overwritten (batch_window_codes)."""
         # per image and pool, the bounding box (y0, x0, y1, x1) of the beating units' regions
         boxes: dict[int, dict[str, list[int]]] = {}
         for la in self.chosen:
@@ -104,9 +124,10 @@ class SwitchCapture:
                 continue
             big = torch.iinfo(torch.int64).max
             y, x = p // la.width, p % la.width
-            # one copy to the host per layer and batch, not one per image (a GPU would wait on each)
-            corners = torch.stack([torch.where(beats, y, big).min(1).values, torch.where(beats, x, big).min(1).values,
-                                   torch.where(beats, y, -1).max(1).values, torch.where(beats, x, -1).max(1).values,
+            # one copy to the host per layer and batch, not one per image (a GPU would wait on each); amin/amax,
+            # not min/max: the values alone (min(1) with its indices took ms per call on 2 busy CPU threads)
+            corners = torch.stack([torch.where(beats, y, big).amin(1), torch.where(beats, x, big).amin(1),
+                                   torch.where(beats, y, -1).amax(1), torch.where(beats, x, -1).amax(1),
                                    ids, hit.long()], 1).tolist()
             for lo_y, lo_x, hi_y, hi_x, image, any_hit in corners:
                 if not any_hit:
@@ -130,11 +151,15 @@ class SwitchCapture:
                 continue
             # the codes of the whole maps of the batch's captured images at once (torch, every thread), then
             # cropped: a call per image and pool on int64 numpy arrays cost more than the rest of the capture
-            codes = window_codes(indices[pool][[batch_rows[n] for n in has]], self.lmap.pool_by_name[pool].geometry)
-            kernel = self.lmap.pool_by_name[pool].geometry.kernel
+            want = [batch_rows[n] for n in has]
+            idx = indices[pool]
+            if want != list(range(idx.shape[0])):  # else every row, in order: no copy of the int64 indices
+                idx = idx[want]
+            geom = self.lmap.pool_by_name[pool].geometry
+            codes = batch_window_codes(idx, geom)
             for row, n in enumerate(has):
                 y0, x0, y1, x1 = boxes[images[n]][pool]
-                self._zip.writestr(f"{images[n]}/{pool}", pack(codes[row, :, y0:y1, x0:x1], kernel))
+                self._zip.writestr(f"{images[n]}/{pool}", pack(codes[row, :, y0:y1, x0:x1], geom.kernel))
         for image, pools in boxes.items():
             self._boxes[str(image)] = {pool: [y0, x0, y1 - y0, x1 - x0] for pool, (y0, x0, y1, x1) in pools.items()}
 
