@@ -13,6 +13,9 @@ Site layout (every address relative and stable, so a link to a unit survives a r
                                   similar channels, the SQL behind its numbers, prev/next/up
     conv3/img/17-panel.png        the figure-2 panel (top-k projections beside their patches)
     conv3/img/17-0.png, 17-0-patch.png   rank 0's projection and image patch (and so on per rank)
+    images/42.html  .json         an image in an exported channel's top-k: the image, its strongest
+                                  channels per layer (the activations table), the top-k entries it holds
+    images/img/42.png             the image as the net saw it (its crop at the model's input size)
     analyses/NAME.html  .json     a page per analysis found under ATLAS/analyses/NAME/
     compare.html  .json           with --compare DIR: each unit beside its counterpart in the other atlas
                                   (atlas/export/comparison.py); channel pages link to their row there
@@ -57,8 +60,9 @@ EXPORT_VERSION = 1
 PACKAGE = Path(__file__).resolve().parent.parent
 TEMPLATES = PACKAGE / "templates"
 STATIC = PACKAGE / "static"
-RESERVED = {"static", "img", "analyses", "index"}
+RESERVED = {"static", "img", "analyses", "index", "images"}
 CHUNK = 32  # channels whose pictures are asked for in one call
+GLANCE = 6  # channels per layer on the index: the strongest exported ones, by their maximum
 # the footer's word on how projections are shown (the rule in full is in each PNG's text)
 DISPLAY_NOTES = {
     "percentile": "Projections are shown with zero as mid-grey, each scaled by the 99.5th percentile of its "
@@ -212,6 +216,11 @@ def _selection(a, layers, channels, max_channels) -> dict[str, list[int]]:
     return out
 
 
+def _image_href(image_id: int) -> str:
+    """An image's page, from a page one folder down (a layer's, an image's)."""
+    return f"../images/{int(image_id)}.html"
+
+
 def _slug(layer: str) -> str:
     """The layer's folder name: its own name, which must be a plain file name (module paths such as
     `features.denseblock3` or `layer3.1` are: dots inside, never first, never two in a row)."""
@@ -282,6 +291,9 @@ class _Exporter:
         self.fv: dict[tuple[str, int], dict[str, Any]] = {}  # (layer, channel) -> its feature visualization
         self.incomplete = 0  # channels whose pictures lack an image: redrawn by a later export if it is back
         self.comparison = None  # a SiteComparison (export(compare=...)): the comparison section
+        self.glance: dict[str, list[dict[str, Any]]] = {}  # layer -> its strongest exported channels' pictures
+        # image_id -> the exported top-k entries it holds, with their pictures (for the image pages)
+        self.held: dict[int, list[dict[str, Any]]] = {}
 
     # -- helpers ------------------------------------------------------------------
     def common(self, root: str, json_href: str) -> dict[str, Any]:
@@ -306,6 +318,7 @@ class _Exporter:
         summaries = {s["layer"]: s for s in gather.layer_summaries(self.a)}
         for layer, chans in self.sel.items():
             self.layer(layer, chans, summaries[layer], bar)
+        self.images()
         filters = self.filters()
         analyses = self.analyses()
         compared = self.compared()
@@ -357,29 +370,48 @@ class _Exporter:
                 top = []
                 for r in rows:
                     pr, pa = f"img/{c}-{r['rank']}.png", f"img/{c}-{r['rank']}-patch.png"
-                    top.append({**r, "proj": pr if f"{slug}/{pr}" in have else None,
-                                "patch": pa if f"{slug}/{pa}" in have else None})
+                    t = {**r, "proj": pr if f"{slug}/{pr}" in have else None,
+                         "patch": pa if f"{slug}/{pa}" in have else None, "image_href": _image_href(r["image_id"])}
+                    top.append(t)
+                    self.held.setdefault(r["image_id"], []).append(
+                        {"layer": layer, "channel": c, "rank": r["rank"], "value": r["value"],
+                         "href": f"../{slug}/{c}.html",
+                         "proj": f"../{slug}/{t['proj']}" if t["proj"] else None,
+                         "patch": f"../{slug}/{t['patch']}" if t["patch"] else None})
                 panel = f"img/{c}-panel.png" if f"{slug}/img/{c}-panel.png" in have else None
-                tiles_pics[c] = {"proj": top[0]["proj"] if top else None, "patch": top[0]["patch"] if top else None}
+                tiles_pics[c] = {"proj": top[0]["proj"] if top else None, "patch": top[0]["patch"] if top else None,
+                                 "image_href": top[0]["image_href"] if top else None}
                 self.channel(layer, c, chans, by_c[c], rank_by_max, len(stats), top, panel, act, exported,
                              got.get("error") if got else None)
                 bar.update(1)
-        # the layer page
+        # the layer page: the exported channels only (a page of 512 tiles for 10 exported ones was mostly
+        # placeholders), each tile showing, and filtered by, the most frequent label of its top-k
         tiles = []
-        labels: set[str] = set()
-        for s in stats:
-            c = s["channel"]
-            mix = gather.label_mix(tops.get(c, []))
-            labs = sorted({r["label"] for r in tops.get(c, []) if r["label"] is not None})
-            labels.update(labs)
+        for c in chans:
+            s = by_c[c]
+            rows = tops.get(c, [])
+            mix = gather.label_mix(rows)
             p = tiles_pics.get(c, {})
-            tiles.append({**s, "href": f"{c}.html" if c in exported else None,
-                          "proj": p.get("proj"), "patch": p.get("patch"),
+            tiles.append({**s, "href": f"{c}.html", "proj": p.get("proj"), "patch": p.get("patch"),
+                          "image_href": p.get("image_href"),
                           "featurevis": (self.fv.get((layer, c)) or {}).get("src"),
-                          "top_label": mix[0]["label"] if mix else None, "labels": labs,
-                          "labels_json": json.dumps(labs, ensure_ascii=False)})
-        data = {"layer": summary, "tiles": tiles, "labels": sorted(labels), "exported": len(exported)}
+                          "top_label": mix[0]["label"] if mix else None,
+                          "top_label_n": mix[0]["n"] if mix else 0, "k": len(rows)})
+        labels = sorted({t["top_label"] for t in tiles if t["top_label"] is not None})
+        more = None
+        if len(chans) < summary["channels"]:
+            # a site is what the last export asked: the command names every layer of this one, so that
+            # exporting more of this layer keeps the others
+            more = {"command": f"atlas export ATLAS SITE --layers {','.join(self.sel)}",
+                    "layers": list(self.sel)}
+        data = {"layer": summary, "tiles": tiles, "labels": labels, "exported": len(exported), "more": more}
         self.page(f"{slug}/index.html", "layer.html", data, "../")
+        self.glance[layer] = [
+            {"channel": t["channel"], "max": t["max"], "href": f"{slug}/{t['href']}",
+             "proj": f"{slug}/{t['proj']}" if t["proj"] else None,
+             "patch": f"{slug}/{t['patch']}" if t["patch"] else None}
+            for t in sorted((t for t in tiles if t["max"] is not None and (t["proj"] or t["patch"])),
+                            key=lambda t: (-t["max"], t["channel"]))[:GLANCE]]
 
     def channel(self, layer, c, chans, stats, rank_by_max, n, top, panel, act, exported, error) -> None:
         j = chans.index(c)
@@ -403,6 +435,55 @@ class _Exporter:
         if self.comparison is not None:  # the key only then: pages of sites without one stay as they were
             data["counterpart"] = self.comparison.counterpart(layer, c)
         self.page(f"{_slug(layer)}/{c}.html", "channel.html", data, "../")
+
+    def images(self) -> None:
+        """A page per image in an exported channel's top-k: the image as the net saw it, its strongest channels
+        per layer (the per-image maxima of the activations table; a layer without one lists the top-k
+        entries the image holds there), and the exported top-k entries it holds, with their pictures (the
+        channel pages' own files)."""
+        ids = sorted(self.held)
+        if not ids:
+            return
+        rows = gather.images_of(self.a, ids)
+        order = {n: i for i, n in enumerate(self.a.layer_names)}
+        strongest: dict[str, dict[int, list] | None] = {}
+        for layer in self.a.layer_names:
+            got = gather.strongest_channels(self.a, layer, ids)
+            if got is not None or layer in self.sel:
+                strongest[layer] = got
+        exported = {layer: set(chans) for layer, chans in self.sel.items()}
+        pk = self.pics.key
+        for j, i in enumerate(ids):
+            row = rows.get(i, {"image_id": i, "path": None, "label": None})
+            rel, k = f"images/img/{i}.png", key_of(pk, "image", i, row["path"])
+            picture = None
+            if self.site.fresh(rel, k):
+                picture = f"img/{i}.png"
+            else:
+                src = self.pics.image(i)
+                if src is not None and Path(src).is_file():
+                    self.site.link(rel, k, Path(src))
+                    picture = f"img/{i}.png"
+            held = sorted(self.held[i], key=lambda h: (order.get(h["layer"], 0), -(h["value"] or 0), h["channel"]))
+            ranks = {(h["layer"], h["channel"]): h["rank"] for h in held}
+            layers = []
+            for layer, got in strongest.items():
+                slug = _slug(layer)
+                if got is not None:
+                    chans, source = got.get(i, []), "activations"
+                else:  # no activations table: the top-k entries of this layer the image holds
+                    chans = [{"channel": h["channel"], "value": h["value"]} for h in held if h["layer"] == layer]
+                    source = "top_activations"
+                layers.append({"layer": layer, "source": source,
+                               "href": f"../{slug}/index.html" if layer in self.sel else None,
+                               "channels": [{**c, "href": f"../{slug}/{c['channel']}.html"
+                                             if c["channel"] in exported.get(layer, ()) else None,
+                                             "rank": ranks.get((layer, c["channel"]))} for c in chans]})
+            data = {"image": row, "picture": picture, "size": self.a.lmap.image_size, "layers": layers,
+                    "held": held, "sql": gather.sql_for_image(i), "n": gather.STRONGEST,
+                    "prev": {"image_id": ids[j - 1], "href": f"{ids[j - 1]}.html"} if j > 0 else None,
+                    "next": {"image_id": ids[j + 1], "href": f"{ids[j + 1]}.html"} if j + 1 < len(ids) else None}
+            self.page(f"images/{i}.html", "image.html", data, "../")
 
     def filters(self) -> dict[str, Any] | None:
         lm_layers = [la for la in self.a.manifest["layers"] if la.get("kind", "conv") == "conv"]
@@ -443,17 +524,22 @@ class _Exporter:
                 for q in pics:
                     q["part"] = composite and not q["main"]
             runs_list = [{"name": k, "pictures": v} for k, v in runs.items()]
-            table = None
+            table, measured = None, []
             if an["view"]:
                 try:
                     cols, rows, total = gather.analysis_rows(self.a, an["view"])
                     table = {"view": an["view"], "columns": cols, "rows": rows, "total": total}
+                    measured = gather.analysis_runs(self.a, an["view"])
                 except Exception as e:  # noqa: BLE001 - a broken analysis table must not stop the export
                     self.errors.append(f"analysis {name}: {e}")
-            data = {"name": name, "title": an["title"], "about": an["about"], "runs": runs_list, "table": table}
+            data = {"name": name, "title": an["title"], "about": an["about"], "runs": runs_list, "table": table,
+                    "measured": measured}
             self.page(f"analyses/{slug}.html", "analysis.html", data, "../")
+            # the index's line: what the runs measured, in their own words (one run), or how many there are
+            brief = (measured[0]["measured"] if len(measured) == 1 else
+                     f"{len(measured)} runs" if measured else None)
             out.append({"name": name, "title": an["title"], "about": an["about"], "view": an["view"],
-                        "href": f"analyses/{slug}.html"})
+                        "href": f"analyses/{slug}.html", "brief": brief})
         return out
 
     def compared(self) -> dict[str, Any] | None:
@@ -481,7 +567,7 @@ class _Exporter:
         layers = []
         for name, s in summaries.items():
             layers.append({**s, "href": f"{_slug(name)}/index.html" if name in self.sel else None,
-                           "exported": len(self.sel.get(name, []))})
+                           "exported": len(self.sel.get(name, [])), "glance": self.glance.get(name, [])})
         timings = [(label, v) for label, v in (
             ("mining", _fmt_s(t.get("mining_s"))), ("switches", _fmt_s(t.get("switches_s"))),
             ("writing", _fmt_s(t.get("write_s"))), ("total", _fmt_s(t.get("total_s"))),

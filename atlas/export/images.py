@@ -58,6 +58,27 @@ class Pictures:
         """Picture time by kind: stored switches, images, the projection engine, drawing + PNG."""
         return {k: round(v, 3) for k, v in self._impl.split.items()}
 
+    def image(self, image_id: int) -> Path | None:
+        """The S x S image the net saw (the atlas's crop of the dataset image), as a PNG in the render cache
+        (one per image, whatever the projection settings), or None when the image cannot be read."""
+        from ..errors import AtlasError
+        from ..pictures.cache import usable
+
+        t0 = time.perf_counter()
+        try:
+            cache = self._impl.cache
+            path = cache.find(f"images/{int(image_id)}.png")
+            if usable(self.a, path):
+                return path
+            try:
+                crop = self.a.image(int(image_id))[1]
+            except AtlasError:
+                return None
+            self._impl.rendered += 1
+            return cache.put(path, crop.convert("RGB"), text={"image_id": int(image_id)})
+        finally:
+            self.seconds += time.perf_counter() - t0
+
     def filter_grid(self, layer: str) -> Path | None:
         t0 = time.perf_counter()
         try:
