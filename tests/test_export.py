@@ -176,7 +176,7 @@ def test_template_escaping_unit(tmp_path):
         labels=[evil], exported=1, display_note=evil, random_weights=evil)
     assert "<script>window" not in html
     assert "&#34;&gt;&lt;script&gt;window.__xss=3&lt;/script&gt;&amp;" in html
-    assert 'data-labels="[&#34;\\&#34;&gt;&lt;script&gt;' in html
+    assert 'data-label="&#34;&gt;&lt;script&gt;' in html
 
 
 def test_numbers_match_the_sql_shown(site, hostile_atlas):
