@@ -375,7 +375,7 @@ def measured(view: str, rec: dict[str, Any]) -> str:
     layer, channel = _one(rec.get("layer")), _one(rec.get("channel"))
     if view == "occlusion":
         what = f"{model} on {image}" if image else model
-        sq = f"a {_one(rec.get('size'))} px {_one(rec.get('fill'))} square, stride {_one(rec.get('stride'))}"
+        sq = f"a {_one(rec.get('fill'))} square of {_one(rec.get('size'))} px, stride {_one(rec.get('stride'))}"
         s = f"{what}: {sq}; the total activation of {layer} channel {channel} (the {layer} map strongest on the " \
             "unoccluded image)"
         return s + (f", and {cls}" if cls else "; no class probability (no classifier output)")
