@@ -143,6 +143,7 @@ def _export(a, site: Site, selection: dict[str, list[int]], cache, progress, log
     removed = site.prune()
     dt = time.perf_counter() - t0
     run = {"seconds": round(dt, 3), "picture_seconds": round(pics.seconds, 3), "pictures_rendered": pics.rendered,
+           "images_rendered": pics.images_rendered,
            "picture_split": pics.split,
            "channels": total, "files_written": site.written, "files_linked": site.linked,
            "files_kept": site.skipped, "files_removed": removed, "up_to_date": False}

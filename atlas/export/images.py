@@ -26,6 +26,9 @@ class Pictures:
         self.a = atlas
         self.mode, self.norm, self.display = mode, norm, display
         self.seconds = 0.0
+        # the image pages' pictures made (not found in the cache): apart from `rendered`, the projection
+        # pictures that `atlas show` shares with the export
+        self.images_rendered = 0
         # its own counters: they describe this export only
         self._impl = Renderer(atlas, mode, norm, cache, display=display)
 
@@ -74,7 +77,7 @@ class Pictures:
                 crop = self.a.image(int(image_id))[1]
             except AtlasError:
                 return None
-            self._impl.rendered += 1
+            self.images_rendered += 1
             return cache.put(path, crop.convert("RGB"), text={"image_id": int(image_id)})
         finally:
             self.seconds += time.perf_counter() - t0
