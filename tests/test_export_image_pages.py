@@ -213,3 +213,16 @@ def test_an_analysis_page_says_what_its_run_measured(tmp_path):
     details = page.split("<details", 1)[1]
     assert re.match(r' class="table">\s*<summary>Table <code>occlusion</code>: 64 rows × \d+ columns', details)
     assert page.index("What the run measured") < page.index("<details")
+
+
+def test_a_narrower_re_export_removes_the_image_pages_no_top_k_holds(small_atlas, tmp_path):
+    out = export(small_atlas, tmp_path / "site", layers=",".join(LAYERS), channels=CHANNELS, progress=False)
+    before = {int(p.stem) for p in (out / "images").glob("*.html")}
+    export(small_atlas, out, layers="conv5", channels=[1], progress=False)
+    want = {r[0] for r in raw(small_atlas, "SELECT image_id FROM read_parquet('ATLAS/top_activations.parquet') "
+                                           "WHERE layer = 'conv5' AND channel = 1")}
+    assert {int(p.stem) for p in (out / "images").glob("*.html")} == want < before
+    assert {int(p.stem) for p in (out / "images" / "img").glob("*.png")} == want
+    msgs = []
+    export(small_atlas, out, layers="conv5", channels=[1], progress=False, log=msgs.append)
+    assert "up to date" in msgs[-1]

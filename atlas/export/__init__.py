@@ -480,7 +480,7 @@ class _Exporter:
                                "channels": [{**c, "href": f"../{slug}/{c['channel']}.html"
                                              if c["channel"] in exported.get(layer, ()) else None,
                                              "rank": ranks.get((layer, c["channel"]))} for c in chans]})
-            data = {"image": row, "picture": picture, "size": self.a.lmap.image_size, "layers": layers,
+            data = {"image": row, "picture": picture, "size": self.a.image_size, "layers": layers,
                     "held": held, "sql": gather.sql_for_image(i), "n": gather.STRONGEST,
                     "prev": {"image_id": ids[j - 1], "href": f"{ids[j - 1]}.html"} if j > 0 else None,
                     "next": {"image_id": ids[j + 1], "href": f"{ids[j + 1]}.html"} if j + 1 < len(ids) else None}
