@@ -43,7 +43,6 @@ pages that show them.
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable

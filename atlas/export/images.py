@@ -78,7 +78,9 @@ class Pictures:
             except AtlasError:
                 return None
             self.images_rendered += 1
-            return cache.put(path, crop.convert("RGB"), text={"image_id": int(image_id)})
+            dest = cache.put(path, crop.convert("RGB"), text={"image_id": int(image_id)})
+            cache.settle({dest})  # the per-user cache, when it is the one written, stays within its bound
+            return dest
         finally:
             self.seconds += time.perf_counter() - t0
 
