@@ -226,3 +226,20 @@ def test_a_narrower_re_export_removes_the_image_pages_no_top_k_holds(small_atlas
     msgs = []
     export(small_atlas, out, layers="conv5", channels=[1], progress=False, log=msgs.append)
     assert "up to date" in msgs[-1]
+
+
+def test_without_the_activations_table_an_image_page_lists_the_top_k_entries_it_holds(tmp_path):
+    data = make_image_folder(tmp_path / "data", per_class=3)
+    path = build("zfnet-mini", str(data), tmp_path / "atlas", k=3, batch_size=16, image_size=32, activations=False,
+                 index=False, progress=False)
+    out = export(path, tmp_path / "site", layers="conv3", channels=[0, 1, 2], progress=False)
+    top = raw(path, "SELECT image_id, channel, rank, value FROM read_parquet('ATLAS/top_activations.parquet') "
+                    "WHERE layer = 'conv3' AND channel < 3")
+    for i in {r[0] for r in top}:
+        twin = json.loads((out / "images" / f"{i}.json").read_text())
+        assert [la["layer"] for la in twin["layers"]] == ["conv3"]  # the only layer it can say anything of
+        la = twin["layers"][0]
+        assert la["source"] == "top_activations"
+        want = sorted(((c, v) for j, c, _, v in top if j == i), key=lambda t: (-t[1], t[0]))
+        assert [(c["channel"], c["value"]) for c in la["channels"]] == [(c, pytest.approx(v)) for c, v in want]
+        assert "no activations table for this layer" in (out / "images" / f"{i}.html").read_text()
