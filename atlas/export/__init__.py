@@ -15,7 +15,8 @@ Site layout (every address relative and stable, so a link to a unit survives a r
     conv3/img/17-0.png, 17-0-patch.png   rank 0's projection and image patch (and so on per rank)
     images/42.html  .json         an image in an exported channel's top-k: the image, its strongest
                                   channels per layer (the activations table), the top-k entries it holds
-    images/img/42.png             the image as the net saw it (its crop at the model's input size)
+    images/img/42.png             the image as the net saw it (its crop at the model's input size), unless
+                                  a patch in the site is the whole image (a deep unit's): the page shows that
     analyses/NAME.html  .json     a page per analysis found under ATLAS/analyses/NAME/
     compare.html  .json           with --compare DIR: each unit beside its counterpart in the other atlas
                                   (atlas/export/comparison.py); channel pages link to their row there
@@ -216,6 +217,19 @@ def _selection(a, layers, channels, max_channels) -> dict[str, list[int]]:
     return out
 
 
+def _whole_image(r: dict[str, Any], layer: dict[str, Any], size: int) -> bool:
+    """Whether a top-k entry's patch is the whole image and nothing else: its field, as the patch draws it
+    (atlas.pictures.drawing.shown_box), is the image (a deep layer's unit, whose field covers it)."""
+    from ..pictures.drawing import shown_box
+
+    if not layer.get("jump"):  # a unit that sees the whole image (after a global pool)
+        box = (r["x0"], r["y0"], r["x1"], r["y1"])
+    else:
+        x0, y0 = layer["offset"] + r["x"] * layer["jump"], layer["offset"] + r["y"] * layer["jump"]
+        box = (x0, y0, x0 + layer["rf_size"], y0 + layer["rf_size"])
+    return tuple(shown_box(box, size)) == (0, 0, size, size)
+
+
 def _image_href(image_id: int) -> str:
     """An image's page, from a page one folder down (a layer's, an image's)."""
     return f"../images/{int(image_id)}.html"
@@ -377,7 +391,8 @@ class _Exporter:
                         {"layer": layer, "channel": c, "rank": r["rank"], "value": r["value"],
                          "href": f"../{slug}/{c}.html",
                          "proj": f"../{slug}/{t['proj']}" if t["proj"] else None,
-                         "patch": f"../{slug}/{t['patch']}" if t["patch"] else None})
+                         "patch": f"../{slug}/{t['patch']}" if t["patch"] else None,
+                         "whole": bool(t["patch"]) and _whole_image(r, summary, self.a.image_size)})
                 panel = f"img/{c}-panel.png" if f"{slug}/img/{c}-panel.png" in have else None
                 tiles_pics[c] = {"proj": top[0]["proj"] if top else None, "patch": top[0]["patch"] if top else None,
                                  "image_href": top[0]["image_href"] if top else None}
@@ -455,16 +470,21 @@ class _Exporter:
         pk = self.pics.key
         for j, i in enumerate(ids):
             row = rows.get(i, {"image_id": i, "path": None, "label": None})
+            held = sorted(self.held[i], key=lambda h: (order.get(h["layer"], 0), -(h["value"] or 0), h["channel"]))
+            # the image: a patch of it already in the site when one is the whole image (a deep layer's),
+            # else its own picture
+            whole = next((h for h in held if h["whole"]), None)
+            picture = whole["patch"] if whole else None
             rel, k = f"images/img/{i}.png", key_of(pk, "image", i, row["path"])
-            picture = None
-            if self.site.fresh(rel, k):
+            if picture is not None:
+                pass
+            elif self.site.fresh(rel, k):
                 picture = f"img/{i}.png"
             else:
                 src = self.pics.image(i)
                 if src is not None and Path(src).is_file():
                     self.site.link(rel, k, Path(src))
                     picture = f"img/{i}.png"
-            held = sorted(self.held[i], key=lambda h: (order.get(h["layer"], 0), -(h["value"] or 0), h["channel"]))
             ranks = {(h["layer"], h["channel"]): h["rank"] for h in held}
             layers = []
             for layer, got in strongest.items():
@@ -480,6 +500,7 @@ class _Exporter:
                                              if c["channel"] in exported.get(layer, ()) else None,
                                              "rank": ranks.get((layer, c["channel"]))} for c in chans]})
             data = {"image": row, "picture": picture, "size": self.a.image_size, "layers": layers,
+                    "picture_from": {k_: whole[k_] for k_ in ("layer", "channel", "rank", "href")} if whole else None,
                     "held": held, "sql": gather.sql_for_image(i), "n": gather.STRONGEST,
                     "prev": {"image_id": ids[j - 1], "href": f"{ids[j - 1]}.html"} if j > 0 else None,
                     "next": {"image_id": ids[j + 1], "href": f"{ids[j + 1]}.html"} if j + 1 < len(ids) else None}
