@@ -216,8 +216,8 @@ def test_second_export_is_a_no_op_and_changes_are_picked_up(hostile_atlas, tmp_p
     assert "up to date" in msgs[-1]
     assert before == {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != STATE}
     # The lazy cache is shared: the site's pictures are the cache's files (hardlinks), not copies.
-    cache = {f.stat().st_ino for f in (Path(hostile_atlas) / "cache").rglob("*.png")}
-    pics = list(out.rglob("*.png"))
+    cache = {f.stat().st_ino for f in (Path(hostile_atlas) / "cache").rglob("*") if f.suffix in (".png", ".webp")}
+    pics = [p for p in out.rglob("*") if p.suffix in (".png", ".webp")]
     assert pics and all(p.stat().st_ino in cache for p in pics)
 
     # An analysis appears: only the index and the analysis page are written; channel pages stay.

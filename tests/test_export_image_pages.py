@@ -100,14 +100,18 @@ def test_every_link_of_every_page_resolves_and_patches_lead_to_image_pages(parti
     own, reused = set(), set()
     for i in want:
         twin = json.loads((partial_site / "images" / f"{i}.json").read_text())
-        if twin["picture"] == f"img/{i}.png":
+        if twin["picture"] == f"img/{i}.webp":
             own.add(i)
             continue
-        layer, c, rank = re.fullmatch(r"\.\./(\w+)/img/(\d+)-(\d+)-patch\.png", twin["picture"]).groups()
+        assert re.fullmatch(r"\.\./img/patches/[0-9a-f]{20}\.webp", twin["picture"])  # a shared patch
+        src = twin["picture_from"]
+        layer, c, rank = src["layer"], src["channel"], src["rank"]
+        held = next(h for h in twin["held"] if (h["layer"], h["channel"], h["rank"]) == (layer, c, rank))
+        assert held["patch"] == twin["picture"]  # the patch of that entry
         assert boxes[(layer, int(c), int(rank))] == (0, 0, S, S)  # that entry's field holds the whole image
         reused.add(i)
     assert own and reused  # both kinds are here: conv2's fields are parts of the image, conv5's the whole
-    assert {int(p.stem) for p in (partial_site / "images" / "img").glob("*.png")} == own
+    assert {int(p.stem) for p in (partial_site / "images" / "img").glob("*.webp")} == own
     # the channel pages' patches lead to their image's page, rank by rank
     for layer in LAYERS:
         for c in CHANNELS:
@@ -185,7 +189,8 @@ def test_the_index_shows_each_exported_layer_at_a_glance(partial_site, small_atl
         shown = [int(c) for c in re.findall(rf'<a class="g" href="{layer}/(\d+)\.html"', glance)]
         assert shown == want
         for c in want:
-            assert f'src="{layer}/img/{c}-0-patch.png"' in glance
+            patch = json.loads((partial_site / layer / f"{c}.json").read_text())["top"][0]["patch"]
+            assert f'src="{patch[len("../"):]}"' in glance
     assert "conv3/" not in glance  # a layer not exported has no pictures to show
 
 
@@ -237,7 +242,7 @@ def test_a_narrower_re_export_removes_the_image_pages_no_top_k_holds(small_atlas
     want = {r[0] for r in raw(small_atlas, "SELECT image_id FROM read_parquet('ATLAS/top_activations.parquet') "
                                            "WHERE layer = 'conv5' AND channel = 1")}
     assert {int(p.stem) for p in (out / "images").glob("*.html")} == want < before
-    assert {int(p.stem) for p in (out / "images" / "img").glob("*.png")} <= want
+    assert {int(p.stem) for p in (out / "images" / "img").glob("*.webp")} <= want
     msgs = []
     export(small_atlas, out, layers="conv5", channels=[1], progress=False, log=msgs.append)
     assert "up to date" in msgs[-1]

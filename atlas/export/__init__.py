@@ -11,11 +11,13 @@ Site layout (every address relative and stable, so a link to a unit survives a r
     conv3/index.html  .json       a layer: every channel as a tile, sortable and filterable in the page
     conv3/17.html  conv3/17.json  a channel: figure-2 panel, statistics, histogram, label mix,
                                   similar channels, the SQL behind its numbers, prev/next/up
-    conv3/img/17-panel.png        the figure-2 panel (top-k projections beside their patches)
-    conv3/img/17-0.png, 17-0-patch.png   rank 0's projection and image patch (and so on per rank)
+    conv3/img/17-panel.webp       the figure-2 panel (top-k projections beside their patches)
+    conv3/img/17-0.webp           rank 0's projection (and so on per rank)
+    img/patches/HASH.webp         an image patch, named by its bytes' hash: one file however many channels
+                                  show it (a deep unit's patch is the whole image, in many top-k)
     images/42.html  .json         an image in an exported channel's top-k: the image, its strongest
                                   channels per layer (the activations table), the top-k entries it holds
-    images/img/42.png             the image as the net saw it (its crop at the model's input size), unless
+    images/img/42.webp            the image as the net saw it (its crop at the model's input size), unless
                                   a patch in the site is the whole image (a deep unit's): the page shows that
     analyses/NAME.html  .json     a page per analysis found under ATLAS/analyses/NAME/
     compare.html  .json           with --compare DIR: each unit beside its counterpart in the other atlas
@@ -25,8 +27,11 @@ Site layout (every address relative and stable, so a link to a unit survives a r
 
 Every page has a JSON twin beside it holding the same data (like Datasette).
 Pictures come from the lazy renderer's cache (inside the atlas, or the
-per-user one when the atlas is read-only) and are hardlinked into the site
-(copied across file systems), never re-encoded.
+per-user one when the atlas is read-only) as lossy WebP, each made once beside
+its PNG in the cache (atlas/export/images.py: WEB_QUALITY), and are hardlinked
+into the site (copied across file systems). The PNGs, with their text chunks,
+stay in the cache: `atlas show ATLAS LAYER CHANNEL --out DIR` copies a panel
+out for a slide. The first layer's filter grid stays PNG (pixel art).
 
 One writer at a time: an export holds the site's writer lock (atlas/util/lock.py,
 `.SITE.lock` beside the folder) from before it reads the site's record until it
@@ -61,6 +66,9 @@ PACKAGE = Path(__file__).resolve().parent.parent
 TEMPLATES = PACKAGE / "templates"
 STATIC = PACKAGE / "static"
 RESERVED = {"static", "img", "analyses", "index", "images"}
+# the image patches, shared by every page that shows one (named by the hash of their bytes): a deep unit's
+# patch is the whole image, in the top-k of many channels
+PATCHES = "img/patches"
 CHUNK = 32  # channels whose pictures are asked for in one call
 GLANCE = 6  # channels per layer on the index: the strongest exported ones, by their maximum
 # the footer's word on how projections are shown (the rule in full is in each PNG's text)
@@ -143,7 +151,8 @@ def _export(a, site: Site, selection: dict[str, list[int]], cache, progress, log
     removed = site.prune()
     dt = time.perf_counter() - t0
     run = {"seconds": round(dt, 3), "picture_seconds": round(pics.seconds, 3), "pictures_rendered": pics.rendered,
-           "images_rendered": pics.images_rendered,
+           "images_rendered": pics.images_rendered, "webp_encoded": pics.encoded,
+           "webp_seconds": round(pics.web_seconds, 3), "files_shared": len(set(site.aliases.values())),
            "picture_split": pics.split,
            "channels": total, "files_written": site.written, "files_linked": site.linked,
            "files_kept": site.skipped, "files_removed": removed, "up_to_date": False}
@@ -354,46 +363,42 @@ class _Exporter:
         for i in range(0, len(chans), CHUNK):
             part = chans[i:i + CHUNK]
             # pictures: ask the renderer only for channels with a picture not already in the site
-            want = {}
-            for c in part:
-                rows = tops.get(c, [])
-                files = [(f"{slug}/img/{c}-panel.png", key_of(pk, layer, c, "panel", rows))] if rows else []
-                for r in rows:
-                    rk = key_of(pk, layer, c, r)
-                    files += [(f"{slug}/img/{c}-{r['rank']}.png", rk), (f"{slug}/img/{c}-{r['rank']}-patch.png",
-                                                                         rk + "p")]
-                want[c] = files
-            need = [c for c in part if not all([self.site.fresh(rel, k) for rel, k in want[c]])]
+            want = {c: self._wanted(layer, slug, c, tops.get(c, [])) for c in part}
+            need = [c for c in part if not all([self._there(w) for w in want[c]])]
             made = self.pics.channels(layer, need, tops) if need else {}
             self.fv.update({(layer, c): v for c, v in fvx.link(self, layer, part, slug, by_c).items()})
             for c in part:
                 rows = tops.get(c, [])
-                have = {rel for rel, _ in want[c] if rel in self.site.files}
                 got = made.get(c)
                 if got is not None:
                     srcs = [got.get("panel")] + [p for pair in zip(got["proj"], got["patch"]) for p in pair]
-                    for (rel, k), src in zip(want[c], srcs if rows else []):
-                        if rel in have:
+                    for w, src in zip(want[c], srcs if rows else []):
+                        if self._there(w) or src is None or not Path(src).is_file():
                             continue
-                        if src is not None and Path(src).is_file():
-                            self.site.link(rel, k, Path(src))
-                            have.add(rel)
+                        web = self.pics.web(Path(src))
+                        kind, rel, k = w
+                        if kind == "patch":
+                            self.site.link_shared(k, web, PATCHES)
+                        else:
+                            self.site.link(rel, k, web)
                     if got.get("error"):
                         self.errors.append(f"{layer}/{c}: {got['error']}")
                         self.incomplete += 1
+                placed = {w[2]: self._placed(w) for w in want[c]}
                 top = []
-                for r in rows:
-                    pr, pa = f"img/{c}-{r['rank']}.png", f"img/{c}-{r['rank']}-patch.png"
-                    t = {**r, "proj": pr if f"{slug}/{pr}" in have else None,
-                         "patch": pa if f"{slug}/{pa}" in have else None, "image_href": _image_href(r["image_id"])}
+                for r, proj, patch in zip(rows, want[c][1::2], want[c][2::2]):
+                    pr, pa = placed[proj[2]], placed[patch[2]]
+                    # relative to the layer's folder: a projection in its img/, a patch in the site's shared one
+                    t = {**r, "proj": pr[len(slug) + 1:] if pr else None, "patch": f"../{pa}" if pa else None,
+                         "image_href": _image_href(r["image_id"])}
                     top.append(t)
                     self.held.setdefault(r["image_id"], []).append(
                         {"layer": layer, "channel": c, "rank": r["rank"], "value": r["value"],
                          "href": f"../{slug}/{c}.html",
                          "proj": f"../{slug}/{t['proj']}" if t["proj"] else None,
-                         "patch": f"../{slug}/{t['patch']}" if t["patch"] else None,
+                         "patch": t["patch"],  # an image page is one folder down too
                          "whole": bool(t["patch"]) and _whole_image(r, summary, self.a.image_size)})
-                panel = f"img/{c}-panel.png" if f"{slug}/img/{c}-panel.png" in have else None
+                panel = placed[want[c][0][2]][len(slug) + 1:] if want[c] and placed[want[c][0][2]] else None
                 tiles_pics[c] = {"proj": top[0]["proj"] if top else None, "patch": top[0]["patch"] if top else None,
                                  "image_href": top[0]["image_href"] if top else None}
                 self.channel(layer, c, chans, by_c[c], rank_by_max, len(stats), top, panel, act, exported,
@@ -424,9 +429,35 @@ class _Exporter:
         self.glance[layer] = [
             {"channel": t["channel"], "max": t["max"], "href": f"{slug}/{t['href']}",
              "proj": f"{slug}/{t['proj']}" if t["proj"] else None,
-             "patch": f"{slug}/{t['patch']}" if t["patch"] else None}
+             "patch": t["patch"][len("../"):] if t["patch"] else None}
             for t in sorted((t for t in tiles if t["max"] is not None and (t["proj"] or t["patch"])),
                             key=lambda t: (-t["max"], t["channel"]))[:GLANCE]]
+
+    def _wanted(self, layer: str, slug: str, c: int, rows: list[dict[str, Any]]) -> list[tuple[str, str | None, str]]:
+        """A channel's pictures as (kind, site path, key of their inputs): its panel, then each rank's
+        projection and patch. A patch has no path of its own: it is shared (PATCHES), found by its key."""
+        pk = self.pics.key
+        if not rows:
+            return []
+        out = [("panel", f"{slug}/img/{c}-panel.webp", key_of(pk, layer, c, "panel", rows))]
+        for r in rows:
+            rk = key_of(pk, layer, c, r)
+            out += [("proj", f"{slug}/img/{c}-{r['rank']}.webp", rk), ("patch", None, rk + "p")]
+        return out
+
+    def _there(self, w: tuple[str, str | None, str]) -> bool:
+        """Whether a wanted picture is in the site from these inputs (and is kept)."""
+        kind, rel, k = w
+        if kind == "patch":
+            return self.site.shared(k) is not None
+        return rel in self.site.files and self.site.files[rel] == k or self.site.fresh(rel, k)
+
+    def _placed(self, w: tuple[str, str | None, str]) -> str | None:
+        """Where a wanted picture is in the site (relative to its root), or None."""
+        kind, rel, k = w
+        if kind == "patch":
+            return self.site.aliases.get(k)
+        return rel if self.site.files.get(rel) == k else None
 
     def channel(self, layer, c, chans, stats, rank_by_max, n, top, panel, act, exported, error) -> None:
         j = chans.index(c)
@@ -475,16 +506,16 @@ class _Exporter:
             # else its own picture
             whole = next((h for h in held if h["whole"]), None)
             picture = whole["patch"] if whole else None
-            rel, k = f"images/img/{i}.png", key_of(pk, "image", i, row["path"])
+            rel, k = f"images/img/{i}.webp", key_of(pk, "image", i, row["path"])
             if picture is not None:
                 pass
             elif self.site.fresh(rel, k):
-                picture = f"img/{i}.png"
+                picture = f"img/{i}.webp"
             else:
                 src = self.pics.image(i)
                 if src is not None and Path(src).is_file():
-                    self.site.link(rel, k, Path(src))
-                    picture = f"img/{i}.png"
+                    self.site.link(rel, k, self.pics.web(Path(src)))
+                    picture = f"img/{i}.webp"
             ranks = {(h["layer"], h["channel"]): h["rank"] for h in held}
             layers = []
             for layer, got in strongest.items():
