@@ -385,6 +385,8 @@ class _Exporter:
                         self.errors.append(f"{layer}/{c}: {got['error']}")
                         self.incomplete += 1
                 placed = {w[2]: self._placed(w) for w in want[c]}
+                if got is not None and got.get("error"):
+                    self._stale(want[c])
                 top = []
                 for r, proj, patch in zip(rows, want[c][1::2], want[c][2::2]):
                     pr, pa = placed[proj[2]], placed[patch[2]]
@@ -458,6 +460,15 @@ class _Exporter:
         if kind == "patch":
             return self.site.aliases.get(k)
         return rel if self.site.files.get(rel) == k else None
+
+    def _stale(self, wanted: list[tuple[str, str | None, str]]) -> None:
+        """A channel drawn with an image missing: its pictures stay in the site, recorded so that the next
+        export draws them again (the image may be back) rather than keeping them as fresh."""
+        for kind, rel, k in wanted:
+            if kind == "patch":
+                self.site.aliases.pop(k, None)
+            elif rel in self.site.files:
+                self.site.files[rel] = "incomplete"
 
     def channel(self, layer, c, chans, stats, rank_by_max, n, top, panel, act, exported, error) -> None:
         j = chans.index(c)
