@@ -122,8 +122,8 @@ def test_a_read_only_atlas_draws_into_the_per_user_cache_the_same_bytes(writable
     res = _cli("export", read_only, tmp_path / "site-ro", "--layers", "conv2", "--channels", "3,4", "--no-progress")
     assert res.exit_code == 0, res.output
     export(writable, tmp_path / "site-w", layers="conv2", channels=[3, 4], progress=False)
-    pics_ro = {str(q.relative_to(tmp_path / "site-ro")): q.read_bytes() for q in (tmp_path / "site-ro").rglob("*.png")}
-    pics_w = {str(q.relative_to(tmp_path / "site-w")): q.read_bytes() for q in (tmp_path / "site-w").rglob("*.png")}
+    pics_ro = {str(q.relative_to(tmp_path / "site-ro")): q.read_bytes() for q in (tmp_path / "site-ro").rglob("*") if q.suffix in (".png", ".webp")}
+    pics_w = {str(q.relative_to(tmp_path / "site-w")): q.read_bytes() for q in (tmp_path / "site-w").rglob("*") if q.suffix in (".png", ".webp")}
     assert pics_ro and pics_ro == pics_w
     assert not crawl(tmp_path / "site-ro")[1]
 
@@ -216,8 +216,8 @@ def test_a_read_only_mount_still_draws(writable, tiny_atlas, tmp_path):
     assert Path(res["sql"]).read_bytes() == Path(ref).read_bytes()
     assert str(tmp_path / "xdg") in res["show"]["out"]
     export(writable, tmp_path / "site-w", layers="conv2", channels=[3, 4], progress=False)
-    got = {str(q.relative_to(out / "site")): q.read_bytes() for q in (out / "site").rglob("*.png")}
-    ref = {str(q.relative_to(tmp_path / "site-w")): q.read_bytes() for q in (tmp_path / "site-w").rglob("*.png")}
+    got = {str(q.relative_to(out / "site")): q.read_bytes() for q in (out / "site").rglob("*") if q.suffix in (".png", ".webp")}
+    ref = {str(q.relative_to(tmp_path / "site-w")): q.read_bytes() for q in (tmp_path / "site-w").rglob("*") if q.suffix in (".png", ".webp")}
     assert got and got == ref
     assert not (ro / "cache").exists()
 
