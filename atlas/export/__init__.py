@@ -11,7 +11,8 @@ Site layout (every address relative and stable, so a link to a unit survives a r
     conv3/index.html  .json       a layer: every channel as a tile, sortable and filterable in the page
     conv3/17.html  conv3/17.json  a channel: figure-2 panel, statistics, histogram, label mix,
                                   similar channels, the SQL behind its numbers, prev/next/up
-    conv3/img/17-panel.webp       the figure-2 panel (top-k projections beside their patches)
+    conv3/img/17-panel.webp       with --panels: the figure-2 panel as one picture (the page shows its cells
+                                  either way; `atlas show` gives it as PNG)
     conv3/img/17-0.webp           rank 0's projection (and so on per rank)
     img/patches/HASH.webp         an image patch, named by its bytes' hash: one file however many channels
                                   show it (a deep unit's patch is the whole image, in many top-k)
@@ -85,13 +86,15 @@ def export(atlas_path: str | Path, site_dir: str | Path, *, layers: str | Iterab
            channels: str | Iterable[int] | None = None, max_channels: int | None = None,
            cache: str | Path | None = None, progress: bool | None = None,
            log: Callable[[str], None] | None = None, display: str = DEFAULT_DISPLAY,
-           feature_vis: bool = False, compare: str | Path | None = None) -> Path:
+           feature_vis: bool = False, compare: str | Path | None = None, panels: bool = False) -> Path:
     """Write (or bring up to date) the static site of an atlas, exactly the layers and channels asked
     for; returns the site folder. `cache`: the picture cache to use instead of the atlas's; `display`:
     how projections' values become grey levels (atlas.pictures.drawing.DISPLAYS: percentile or max);
     `feature_vis`: render the channels' missing feature visualizations (without it the pages show those
     already cached and draw none: atlas/export/featurevis.py); `compare`: a comparison folder (`atlas compare`)
-    of this atlas with another, for the comparison section (atlas/export/comparison.py)."""
+    of this atlas with another, for the comparison section (atlas/export/comparison.py); `panels`: ship each
+    channel's figure-2 panel as one picture too (the page shows its cells either way: a panel is most of a
+    channel's bytes, and `atlas show` gives it as PNG)."""
     from ..util.lock import writer_lock
     from ..facade import Atlas
     from ..pictures.projections import _check_options
@@ -110,13 +113,13 @@ def export(atlas_path: str | Path, site_dir: str | Path, *, layers: str | Iterab
         site = Site(Path(site_dir))
         try:
             return _export(a, site, selection, cache, progress, log, t0, display, feature_vis=feature_vis,
-                           comparison=comparison)
+                           comparison=comparison, panels=panels)
         finally:
             site.close()
 
 
 def _export(a, site: Site, selection: dict[str, list[int]], cache, progress, log, t0: float,
-            display: str = DEFAULT_DISPLAY, feature_vis: bool = False, comparison=None) -> Path:
+            display: str = DEFAULT_DISPLAY, feature_vis: bool = False, comparison=None, panels: bool = False) -> Path:
     from ..pictures.cache import identity as atlas_identity
 
     site.remove_temps()
@@ -126,6 +129,8 @@ def _export(a, site: Site, selection: dict[str, list[int]], cache, progress, log
     fingerprint = key_of(identity, _atlas_files(a), code, selection, display, EXPORT_VERSION)
     if comparison is not None:  # only then: a site exported without one keeps its fingerprint
         fingerprint = key_of(fingerprint, comparison.key())
+    if panels:
+        fingerprint = key_of(fingerprint, "panels")
     base, fingerprint = fingerprint, key_of(fingerprint, fvx.state(a, selection, cache, feature_vis))
     dataset = Path(a.manifest["dataset"]["root"])
     # pictures drawn with an image missing are redrawn once it is back, so while the dataset is there such
@@ -144,6 +149,7 @@ def _export(a, site: Site, selection: dict[str, list[int]], cache, progress, log
     ex = _Exporter(a, site, pics, selection, code, log)
     ex.comparison = comparison
     ex.feature_vis = (feature_vis, cache)
+    ex.panels = panels
     with Progress(total, "export", "channels", enabled=progress) as bar:
         ex.run(bar)
     if feature_vis:  # what it rendered is cached now: the next export finds the site up to date
@@ -317,6 +323,7 @@ class _Exporter:
         self.glance: dict[str, list[dict[str, Any]]] = {}  # layer -> its strongest exported channels' pictures
         # image_id -> the exported top-k entries it holds, with their pictures (for the image pages)
         self.held: dict[int, list[dict[str, Any]]] = {}
+        self.panels = False  # ship each channel's panel as one picture too (export(panels=True))
 
     # -- helpers ------------------------------------------------------------------
     def common(self, root: str, json_href: str) -> dict[str, Any]:
@@ -365,13 +372,14 @@ class _Exporter:
             # pictures: ask the renderer only for channels with a picture not already in the site
             want = {c: self._wanted(layer, slug, c, tops.get(c, [])) for c in part}
             need = [c for c in part if not all([self._there(w) for w in want[c]])]
-            made = self.pics.channels(layer, need, tops) if need else {}
+            made = self.pics.channels(layer, need, tops, panel=self.panels) if need else {}
             self.fv.update({(layer, c): v for c, v in fvx.link(self, layer, part, slug, by_c).items()})
             for c in part:
                 rows = tops.get(c, [])
                 got = made.get(c)
                 if got is not None:
-                    srcs = [got.get("panel")] + [p for pair in zip(got["proj"], got["patch"]) for p in pair]
+                    srcs = [got.get("panel")] if self.panels else []
+                    srcs += [p for pair in zip(got["proj"], got["patch"]) for p in pair]
                     for w, src in zip(want[c], srcs if rows else []):
                         if self._there(w) or src is None or not Path(src).is_file():
                             continue
@@ -388,7 +396,8 @@ class _Exporter:
                 if got is not None and got.get("error"):
                     self._stale(want[c])
                 top = []
-                for r, proj, patch in zip(rows, want[c][1::2], want[c][2::2]):
+                ranks = [w for w in want[c] if w[0] != "panel"]
+                for r, proj, patch in zip(rows, ranks[0::2], ranks[1::2]):
                     pr, pa = placed[proj[2]], placed[patch[2]]
                     # relative to the layer's folder: a projection in its img/, a patch in the site's shared one
                     t = {**r, "proj": pr[len(slug) + 1:] if pr else None, "patch": f"../{pa}" if pa else None,
@@ -400,7 +409,8 @@ class _Exporter:
                          "proj": f"../{slug}/{t['proj']}" if t["proj"] else None,
                          "patch": t["patch"],  # an image page is one folder down too
                          "whole": bool(t["patch"]) and _whole_image(r, summary, self.a.image_size)})
-                panel = placed[want[c][0][2]][len(slug) + 1:] if want[c] and placed[want[c][0][2]] else None
+                panel = next((placed[k][len(slug) + 1:] for kind, _, k in want[c] if kind == "panel" and placed[k]),
+                             None)
                 tiles_pics[c] = {"proj": top[0]["proj"] if top else None, "patch": top[0]["patch"] if top else None,
                                  "image_href": top[0]["image_href"] if top else None}
                 self.channel(layer, c, chans, by_c[c], rank_by_max, len(stats), top, panel, act, exported,
@@ -436,12 +446,12 @@ class _Exporter:
                             key=lambda t: (-t["max"], t["channel"]))[:GLANCE]]
 
     def _wanted(self, layer: str, slug: str, c: int, rows: list[dict[str, Any]]) -> list[tuple[str, str | None, str]]:
-        """A channel's pictures as (kind, site path, key of their inputs): its panel, then each rank's
+        """A channel's pictures as (kind, site path, key of their inputs): its panel (with --panels), then each rank's
         projection and patch. A patch has no path of its own: it is shared (PATCHES), found by its key."""
         pk = self.pics.key
         if not rows:
             return []
-        out = [("panel", f"{slug}/img/{c}-panel.webp", key_of(pk, layer, c, "panel", rows))]
+        out = [("panel", f"{slug}/img/{c}-panel.webp", key_of(pk, layer, c, "panel", rows))] if self.panels else []
         for r in rows:
             rk = key_of(pk, layer, c, r)
             out += [("proj", f"{slug}/img/{c}-{r['rank']}.webp", rk), ("patch", None, rk + "p")]
