@@ -9,7 +9,7 @@ Site layout (every address relative and stable, so a link to a unit survives a r
     static/atlas.css, atlas.js    the only style and script (no fonts, CDNs or external anything)
     img/conv1-filters.png         the first layer's filters (figure 6)
     conv3/index.html  .json       a layer: every channel as a tile, sortable and filterable in the page
-    conv3/17.html  conv3/17.json  a channel: figure-2 panel, statistics, histogram, label mix,
+    conv3/17.html  conv3/17.json  a channel: figure-2 panel's cells, statistics, histogram, label mix,
                                   similar channels, the SQL behind its numbers, prev/next/up
     conv3/img/17-panel.webp       with --panels: the figure-2 panel as one picture (the page shows its cells
                                   either way; `atlas show` gives it as PNG)
@@ -366,7 +366,6 @@ class _Exporter:
         exported = set(chans)
         slug = _slug(layer)
         tiles_pics: dict[int, dict[str, Any]] = {}
-        pk = self.pics.key
         for i in range(0, len(chans), CHUNK):
             part = chans[i:i + CHUNK]
             # pictures: ask the renderer only for channels with a picture not already in the site

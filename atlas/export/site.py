@@ -9,8 +9,8 @@ export wrote that this one no longer produces are removed, those of an export
 that was killed half-way too (its journal names them); nothing else in the
 folder is touched. Pictures that many pages show (a deep unit's patch, which is the whole image, in the
 top-k of many channels) are shared: named by their content's hash (`link_shared`), written once, and
-reached from what they were made from through the record's `aliases` (inputs' key -> file). Files are written one by one, each atomically (temp file +
-rename), pictures before the pages that show them, so a reader never sees half
+reached from what they were made from through the record's `aliases` (inputs' key -> file).
+Files are written one by one, each atomically (temp file + rename), pictures before the pages that show them, so a reader never sees half
 a page or a page whose pictures are missing. The temp files a killed export
 left beside the files it was writing are removed by the next one (the export
 holds the site's writer lock, so no other writer's temp file can be among them).
