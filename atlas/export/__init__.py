@@ -371,7 +371,9 @@ class _Exporter:
             # pictures: ask the renderer only for channels with a picture not already in the site
             want = {c: self._wanted(layer, slug, c, tops.get(c, [])) for c in part}
             need = [c for c in part if not all([self._there(w) for w in want[c]])]
-            made = self.pics.channels(layer, need, tops, panel=self.panels) if need else {}
+            # the panel is drawn into the cache even when the site does not ship it: `atlas show`, which the
+            # page names for it, then finds it drawn
+            made = self.pics.channels(layer, need, tops) if need else {}
             self.fv.update({(layer, c): v for c, v in fvx.link(self, layer, part, slug, by_c).items()})
             for c in part:
                 rows = tops.get(c, [])

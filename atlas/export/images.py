@@ -66,15 +66,15 @@ class Pictures:
         return _h(m["model"].get("weights_sha256"), m.get("created"), self.mode, self.norm, self.display,
                   self._impl.version, "webp", WEB_QUALITY, WEB_METHOD, LOSSLESS_TRY, LOSSLESS_WORTH)
 
-    def channels(self, layer: str, channels: list[int], tops: dict[int, list[dict[str, Any]]],
-                 panel: bool = True) -> dict[int, dict[str, Any]]:
+    def channels(self, layer: str, channels: list[int], tops: dict[int, list[dict[str, Any]]]
+                 ) -> dict[int, dict[str, Any]]:
         """For each channel: {"panel": Path|None, "proj": [Path per rank], "patch": [Path per rank]}.
 
         Missing pictures (an image that is gone, no switches) are None with a reason in "error".
         """
         t0 = time.perf_counter()
         try:
-            return self._impl.channels(layer, channels, tops, panel=panel)
+            return self._impl.channels(layer, channels, tops)
         finally:
             self.seconds += time.perf_counter() - t0
 
