@@ -139,7 +139,7 @@ def test_template_escaping_unit(tmp_path):
         labels=[evil], exported=1, display_note=evil, random_weights=evil)
     assert "<script>window" not in html
     assert "&#34;&gt;&lt;script&gt;window.__xss=3&lt;/script&gt;&amp;" in html
-    assert 'data-labels="[&#34;\\&#34;&gt;&lt;script&gt;' in html
+    assert 'data-label="&#34;&gt;&lt;script&gt;' in html
 
 
 def test_numbers_match_the_sql_shown(site, hostile_atlas):
@@ -180,8 +180,8 @@ def test_second_export_is_a_no_op_and_changes_are_picked_up(hostile_atlas, tmp_p
     assert "up to date" in msgs[-1]
     assert before == {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != STATE}
     # The lazy cache is shared: the site's pictures are the cache's files (hardlinks), not copies.
-    cache = {f.stat().st_ino for f in (Path(hostile_atlas) / "cache").rglob("*.png")}
-    pics = list(out.rglob("*.png"))
+    cache = {f.stat().st_ino for f in (Path(hostile_atlas) / "cache").rglob("*") if f.suffix in (".png", ".webp")}
+    pics = [p for p in out.rglob("*") if p.suffix in (".png", ".webp")]
     assert pics and all(p.stat().st_ino in cache for p in pics)
 
     # An analysis appears: only the index and the analysis page are written; channel pages stay.

@@ -1,8 +1,6 @@
 """Every notebook display of an atlas of random weights says so first, once: tables (similar images and
 channels, a channel's top-k, an analysis's rows), an analysis, an analysis's result; and the analysis
 commands say it on stderr. A trained atlas's displays say nothing of the kind."""
-import shutil
-
 import torch
 
 import atlas
@@ -21,10 +19,8 @@ def _first_and_once(html: str) -> None:
                                   if i >= 0)
 
 
-def test_tables_and_displays_say_it_first_and_once(tiny_atlas, tmp_path):
-    copy = tmp_path / "atlas"
-    shutil.copytree(tiny_atlas, copy, ignore=shutil.ignore_patterns("cache", "analyses"))
-    a = atlas.open(copy)
+def test_tables_and_displays_say_it_first_and_once(own_atlas):
+    a = atlas.open(own_atlas)
     _first_and_once(a.similar_images(image_id=0, k=3)._repr_html_())
     _first_and_once(a.similar_channels("conv2:1", k=3)._repr_html_())
     ch = a.channel("conv2", 1)
@@ -40,10 +36,8 @@ def test_tables_and_displays_say_it_first_and_once(tiny_atlas, tmp_path):
     _first_and_once(an.table._repr_html_())
 
 
-def test_the_analysis_commands_say_it_on_stderr(tiny_atlas, tmp_path):
-    copy = tmp_path / "atlas"
-    shutil.copytree(tiny_atlas, copy, ignore=shutil.ignore_patterns("cache", "analyses"))
-    res, _ = run("occlude", copy, "0", "--occluder-size", "8", "--stride", "8", "--format", "csv")
+def test_the_analysis_commands_say_it_on_stderr(own_atlas):
+    res, _ = run("occlude", own_atlas, "0", "--occluder-size", "8", "--stride", "8", "--format", "csv")
     assert res.exit_code == 0, res.output
     said = [ln for ln in res.stderr.splitlines() if not ln.startswith("occlude: ")]  # past the progress lines
     assert said[0].startswith(LOUD) and res.stderr.count(LOUD) == 1

@@ -145,12 +145,15 @@ def test_export_with_the_max_display_is_another_site(own_atlas, tmp_path):
     site = tmp_path / "site"
     logs = []
     export(own_atlas, site, layers="conv2", max_channels=2, progress=False, log=logs.append)
-    pct = (site / "conv2" / "img" / "0-0.png").read_bytes()
+    pct = (site / "conv2" / "img" / "0-0.webp").read_bytes()
     assert DISPLAY_NOTES["percentile"] in (site / "conv2" / "0.html").read_text()
     export(own_atlas, site, layers="conv2", max_channels=2, progress=False, log=logs.append, display="max")
     assert "up to date" not in logs[-1]
-    assert (site / "conv2" / "img" / "0-0.png").read_bytes() != pct
-    assert R.read_text(site / "conv2" / "img" / "0-0.png")["display"] == "max"
+    assert (site / "conv2" / "img" / "0-0.webp").read_bytes() != pct
+    # the site's WebP is the one made beside the cache's PNG, whose text says how it was drawn
+    shipped = (site / "conv2" / "img" / "0-0.webp").stat().st_ino
+    png = next(p.with_suffix(".png") for p in Path(own_atlas, "cache").rglob("0-0.webp") if p.stat().st_ino == shipped)
+    assert R.read_text(png)["display"] == "max"
     assert DISPLAY_NOTES["max"] in (site / "conv2" / "0.html").read_text()
     assert DISPLAY_NOTES["max"] in (site / "conv2" / "index.html").read_text()
     with pytest.raises(AtlasError, match="unknown display"):
@@ -166,7 +169,9 @@ def test_layer_page_defers_tile_pictures_to_the_script(own_atlas, tmp_path):
     site = export(own_atlas, tmp_path / "site", layers="conv1", max_channels=3, progress=False)
     html = (site / "conv1" / "index.html").read_text()
     tiles = html[html.index('id="tiles"'):]
-    assert tiles.count('data-src="img/') == 6 and ' src="img/' not in tiles  # 3 tiles x (projection, patch)
+    # 3 tiles x (projection, patch: shared by the site, in its root's img/patches/)
+    assert tiles.count('data-src="img/') == 3 and tiles.count('data-src="../img/patches/') == 3
+    assert ' src="img/' not in tiles and ' src="../img/' not in tiles
     assert 'loading="lazy"' not in html and "<noscript>" in html
     js = (site / "static" / "atlas.js").read_text()
     assert "IntersectionObserver" in js and 'LAZY_MARGIN = "600px"' in js

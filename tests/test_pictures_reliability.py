@@ -122,8 +122,8 @@ def test_a_read_only_atlas_draws_into_the_per_user_cache_the_same_bytes(writable
     res = _cli("export", read_only, tmp_path / "site-ro", "--layers", "conv2", "--channels", "3,4", "--no-progress")
     assert res.exit_code == 0, res.output
     export(writable, tmp_path / "site-w", layers="conv2", channels=[3, 4], progress=False)
-    pics_ro = {str(q.relative_to(tmp_path / "site-ro")): q.read_bytes() for q in (tmp_path / "site-ro").rglob("*.png")}
-    pics_w = {str(q.relative_to(tmp_path / "site-w")): q.read_bytes() for q in (tmp_path / "site-w").rglob("*.png")}
+    pics_ro = {str(q.relative_to(tmp_path / "site-ro")): q.read_bytes() for q in (tmp_path / "site-ro").rglob("*") if q.suffix in (".png", ".webp")}
+    pics_w = {str(q.relative_to(tmp_path / "site-w")): q.read_bytes() for q in (tmp_path / "site-w").rglob("*") if q.suffix in (".png", ".webp")}
     assert pics_ro and pics_ro == pics_w
     assert not crawl(tmp_path / "site-ro")[1]
 
@@ -216,8 +216,8 @@ def test_a_read_only_mount_still_draws(writable, tiny_atlas, tmp_path):
     assert Path(res["sql"]).read_bytes() == Path(ref).read_bytes()
     assert str(tmp_path / "xdg") in res["show"]["out"]
     export(writable, tmp_path / "site-w", layers="conv2", channels=[3, 4], progress=False)
-    got = {str(q.relative_to(out / "site")): q.read_bytes() for q in (out / "site").rglob("*.png")}
-    ref = {str(q.relative_to(tmp_path / "site-w")): q.read_bytes() for q in (tmp_path / "site-w").rglob("*.png")}
+    got = {str(q.relative_to(out / "site")): q.read_bytes() for q in (out / "site").rglob("*") if q.suffix in (".png", ".webp")}
+    ref = {str(q.relative_to(tmp_path / "site-w")): q.read_bytes() for q in (tmp_path / "site-w").rglob("*") if q.suffix in (".png", ".webp")}
     assert got and got == ref
     assert not (ro / "cache").exists()
 
@@ -327,7 +327,7 @@ def test_linking_a_picture_over_its_own_hardlink_leaves_no_temp(writable, tmp_pa
 def test_an_export_removes_the_temp_files_an_earlier_one_left_and_nothing_else(writable, tmp_path):
     site = tmp_path / "site"
     export(writable, site, layers="conv2", max_channels=2, progress=False)
-    left = [site / "conv2" / ".0.html.4242.tmp", site / "conv2" / "img" / ".1-2.png.4242.tmp",
+    left = [site / "conv2" / ".0.html.4242.tmp", site / "conv2" / "img" / ".1-2.webp.4242.tmp",
             site / ".index.json.4242.tmp", site / "..atlas-export.json.q8w7e6r5.tmp"]  # fsutil's temp of the record
     for f in left:
         f.write_text("left by a killed export")
@@ -384,7 +384,7 @@ def test_a_re_export_makes_the_site_what_was_asked(writable, tmp_path):
     assert "up to date" not in msgs[-1]
     assert sorted(p.name for p in (site / "conv1").glob("*.html")) == ["0.html", "1.html", "index.html"]
     assert sorted(p.name for p in (site / "conv1").glob("*.json")) == ["0.json", "1.json", "index.json"]
-    assert {p.name.split("-")[0] for p in (site / "conv1" / "img").glob("*.png") if p.name != "mine.png"} == {"0", "1"}
+    assert {p.name.split("-")[0] for p in (site / "conv1" / "img").glob("*.webp")} == {"0", "1"}
     assert sorted(p.name for p in (site / "conv2").rglob("*")) == ["mine.txt"]
     assert "conv2/index.html" not in _links(site / "index.html")
     assert "conv1/index.html" in _links(site / "index.html")

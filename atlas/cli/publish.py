@@ -38,13 +38,20 @@ def method_option(f):
 @click.option("--compare", "compare_dir", type=click.Path(path_type=Path), metavar="DIR",
               help="A comparison of this atlas with another (`atlas compare ... --out DIR`): the site gets a page "
               "with each unit beside its counterpart, and each channel page links to it (default: none).")
+@click.option("--panels", is_flag=True,
+              help="Also put each channel's figure-2 panel on its page as one picture (WebP; about 60 KB a "
+              "channel at 224 px, twice the rest of its pictures). The page shows the panel's cells either way.")
 @progress_option
-def export(atlas_path, site_dir, layers, channels, max_channels, cache, display, feature_vis, compare_dir, progress):
+def export(atlas_path, site_dir, layers, channels, max_channels, cache, display, feature_vis, compare_dir, panels,
+           progress):
     """Export the atlas as a static site that opens from file:// or any static host.
 
     An index page, a page per layer (channel tiles you can sort and filter)
-    and a page per channel (the figure 2 panel, statistics, histogram, label
+    and a page per channel (the figure 2 panel's cells, statistics, histogram, label
     mix, similar channels, the SQL behind its numbers), each with a JSON twin.
+    A page per image in an exported top-k: its strongest channels per layer.
+    Pictures are WebP, each image patch once (a resnet18 layer4 channel: ~30 KB);
+    `atlas show ATLAS LAYER CHANNEL --out DIR` gives its panel as PNG for a slide.
     The site is what was asked, no more: re-exporting with fewer channels or
     other layers removes the pages that are no longer asked for (never a file
     the export did not write), and re-exporting an unchanged atlas does almost
@@ -54,5 +61,5 @@ def export(atlas_path, site_dir, layers, channels, max_channels, cache, display,
 
     root = run_export(atlas_path, site_dir, layers=layers, channels=channels, max_channels=max_channels,
                       cache=cache, progress=progress, log=_say, display=display, feature_vis=feature_vis,
-                      compare=compare_dir)
+                      compare=compare_dir, panels=panels)
     click.echo(str(Path(root) / "index.html"))

@@ -9,10 +9,17 @@ Site layout (every address relative and stable, so a link to a unit survives a r
     static/atlas.css, atlas.js    the only style and script (no fonts, CDNs or external anything)
     img/conv1-filters.png         the first layer's filters (figure 6)
     conv3/index.html  .json       a layer: every channel as a tile, sortable and filterable in the page
-    conv3/17.html  conv3/17.json  a channel: figure-2 panel, statistics, histogram, label mix,
+    conv3/17.html  conv3/17.json  a channel: figure-2 panel's cells, statistics, histogram, label mix,
                                   similar channels, the SQL behind its numbers, prev/next/up
-    conv3/img/17-panel.png        the figure-2 panel (top-k projections beside their patches)
-    conv3/img/17-0.png, 17-0-patch.png   rank 0's projection and image patch (and so on per rank)
+    conv3/img/17-panel.webp       with --panels: the figure-2 panel as one picture (the page shows its cells
+                                  either way; `atlas show` gives it as PNG)
+    conv3/img/17-0.webp           rank 0's projection (and so on per rank)
+    img/patches/HASH.webp         an image patch, named by its bytes' hash: one file however many channels
+                                  show it (a deep unit's patch is the whole image, in many top-k)
+    images/42.html  .json         an image in an exported channel's top-k: the image, its strongest
+                                  channels per layer (the activations table), the top-k entries it holds
+    images/img/42.webp            the image as the net saw it (its crop at the model's input size), unless
+                                  a patch in the site is the whole image (a deep unit's): the page shows that
     analyses/NAME.html  .json     a page per analysis found under ATLAS/analyses/NAME/
     compare.html  .json           with --compare DIR: each unit beside its counterpart in the other atlas
                                   (atlas/export/comparison.py); channel pages link to their row there
@@ -21,8 +28,11 @@ Site layout (every address relative and stable, so a link to a unit survives a r
 
 Every page has a JSON twin beside it holding the same data (like Datasette).
 Pictures come from the lazy renderer's cache (inside the atlas, or the
-per-user one when the atlas is read-only) and are hardlinked into the site
-(copied across file systems), never re-encoded.
+per-user one when the atlas is read-only) as lossy WebP, each made once beside
+its PNG in the cache (atlas/export/images.py: WEB_QUALITY), and are hardlinked
+into the site (copied across file systems). The PNGs, with their text chunks,
+stay in the cache: `atlas show ATLAS LAYER CHANNEL --out DIR` copies a panel
+out for a slide. The first layer's filter grid stays PNG (pixel art).
 
 One writer at a time: an export holds the site's writer lock (atlas/util/lock.py,
 `.SITE.lock` beside the folder) from before it reads the site's record until it
@@ -40,7 +50,6 @@ pages that show them.
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -57,8 +66,12 @@ EXPORT_VERSION = 1
 PACKAGE = Path(__file__).resolve().parent.parent
 TEMPLATES = PACKAGE / "templates"
 STATIC = PACKAGE / "static"
-RESERVED = {"static", "img", "analyses", "index"}
+RESERVED = {"static", "img", "analyses", "index", "images"}
+# the image patches, shared by every page that shows one (named by the hash of their bytes): a deep unit's
+# patch is the whole image, in the top-k of many channels
+PATCHES = "img/patches"
 CHUNK = 32  # channels whose pictures are asked for in one call
+GLANCE = 6  # channels per layer on the index: the strongest exported ones, by their maximum
 # the footer's word on how projections are shown (the rule in full is in each PNG's text)
 DISPLAY_NOTES = {
     "percentile": "Projections are shown with zero as mid-grey, each scaled by the 99.5th percentile of its "
@@ -73,13 +86,15 @@ def export(atlas_path: str | Path, site_dir: str | Path, *, layers: str | Iterab
            channels: str | Iterable[int] | None = None, max_channels: int | None = None,
            cache: str | Path | None = None, progress: bool | None = None,
            log: Callable[[str], None] | None = None, display: str = DEFAULT_DISPLAY,
-           feature_vis: bool = False, compare: str | Path | None = None) -> Path:
+           feature_vis: bool = False, compare: str | Path | None = None, panels: bool = False) -> Path:
     """Write (or bring up to date) the static site of an atlas, exactly the layers and channels asked
     for; returns the site folder. `cache`: the picture cache to use instead of the atlas's; `display`:
     how projections' values become grey levels (atlas.pictures.drawing.DISPLAYS: percentile or max);
     `feature_vis`: render the channels' missing feature visualizations (without it the pages show those
     already cached and draw none: atlas/export/featurevis.py); `compare`: a comparison folder (`atlas compare`)
-    of this atlas with another, for the comparison section (atlas/export/comparison.py)."""
+    of this atlas with another, for the comparison section (atlas/export/comparison.py); `panels`: ship each
+    channel's figure-2 panel as one picture too (the page shows its cells either way: a panel is most of a
+    channel's bytes, and `atlas show` gives it as PNG)."""
     from ..util.lock import writer_lock
     from ..facade import Atlas
     from ..pictures.projections import _check_options
@@ -98,13 +113,13 @@ def export(atlas_path: str | Path, site_dir: str | Path, *, layers: str | Iterab
         site = Site(Path(site_dir))
         try:
             return _export(a, site, selection, cache, progress, log, t0, display, feature_vis=feature_vis,
-                           comparison=comparison)
+                           comparison=comparison, panels=panels)
         finally:
             site.close()
 
 
 def _export(a, site: Site, selection: dict[str, list[int]], cache, progress, log, t0: float,
-            display: str = DEFAULT_DISPLAY, feature_vis: bool = False, comparison=None) -> Path:
+            display: str = DEFAULT_DISPLAY, feature_vis: bool = False, comparison=None, panels: bool = False) -> Path:
     from ..pictures.cache import identity as atlas_identity
 
     site.remove_temps()
@@ -114,6 +129,8 @@ def _export(a, site: Site, selection: dict[str, list[int]], cache, progress, log
     fingerprint = key_of(identity, _atlas_files(a), code, selection, display, EXPORT_VERSION)
     if comparison is not None:  # only then: a site exported without one keeps its fingerprint
         fingerprint = key_of(fingerprint, comparison.key())
+    if panels:
+        fingerprint = key_of(fingerprint, "panels")
     base, fingerprint = fingerprint, key_of(fingerprint, fvx.state(a, selection, cache, feature_vis))
     dataset = Path(a.manifest["dataset"]["root"])
     # pictures drawn with an image missing are redrawn once it is back, so while the dataset is there such
@@ -132,6 +149,7 @@ def _export(a, site: Site, selection: dict[str, list[int]], cache, progress, log
     ex = _Exporter(a, site, pics, selection, code, log)
     ex.comparison = comparison
     ex.feature_vis = (feature_vis, cache)
+    ex.panels = panels
     with Progress(total, "export", "channels", enabled=progress) as bar:
         ex.run(bar)
     if feature_vis:  # what it rendered is cached now: the next export finds the site up to date
@@ -139,6 +157,8 @@ def _export(a, site: Site, selection: dict[str, list[int]], cache, progress, log
     removed = site.prune()
     dt = time.perf_counter() - t0
     run = {"seconds": round(dt, 3), "picture_seconds": round(pics.seconds, 3), "pictures_rendered": pics.rendered,
+           "images_rendered": pics.images_rendered, "webp_encoded": pics.encoded,
+           "webp_seconds": round(pics.web_seconds, 3), "files_shared": len(set(site.aliases.values())),
            "picture_split": pics.split,
            "channels": total, "files_written": site.written, "files_linked": site.linked,
            "files_kept": site.skipped, "files_removed": removed, "up_to_date": False}
@@ -212,6 +232,24 @@ def _selection(a, layers, channels, max_channels) -> dict[str, list[int]]:
     return out
 
 
+def _whole_image(r: dict[str, Any], layer: dict[str, Any], size: int) -> bool:
+    """Whether a top-k entry's patch is the whole image and nothing else: its field, as the patch draws it
+    (atlas.pictures.drawing.shown_box), is the image (a deep layer's unit, whose field covers it)."""
+    from ..pictures.drawing import shown_box
+
+    if not layer.get("jump"):  # a unit that sees the whole image (after a global pool)
+        box = (r["x0"], r["y0"], r["x1"], r["y1"])
+    else:
+        x0, y0 = layer["offset"] + r["x"] * layer["jump"], layer["offset"] + r["y"] * layer["jump"]
+        box = (x0, y0, x0 + layer["rf_size"], y0 + layer["rf_size"])
+    return tuple(shown_box(box, size)) == (0, 0, size, size)
+
+
+def _image_href(image_id: int) -> str:
+    """An image's page, from a page one folder down (a layer's, an image's)."""
+    return f"../images/{int(image_id)}.html"
+
+
 def _slug(layer: str) -> str:
     """The layer's folder name: its own name, which must be a plain file name (module paths such as
     `features.denseblock3` or `layer3.1` are: dots inside, never first, never two in a row)."""
@@ -282,6 +320,10 @@ class _Exporter:
         self.fv: dict[tuple[str, int], dict[str, Any]] = {}  # (layer, channel) -> its feature visualization
         self.incomplete = 0  # channels whose pictures lack an image: redrawn by a later export if it is back
         self.comparison = None  # a SiteComparison (export(compare=...)): the comparison section
+        self.glance: dict[str, list[dict[str, Any]]] = {}  # layer -> its strongest exported channels' pictures
+        # image_id -> the exported top-k entries it holds, with their pictures (for the image pages)
+        self.held: dict[int, list[dict[str, Any]]] = {}
+        self.panels = False  # ship each channel's panel as one picture too (export(panels=True))
 
     # -- helpers ------------------------------------------------------------------
     def common(self, root: str, json_href: str) -> dict[str, Any]:
@@ -306,6 +348,7 @@ class _Exporter:
         summaries = {s["layer"]: s for s in gather.layer_summaries(self.a)}
         for layer, chans in self.sel.items():
             self.layer(layer, chans, summaries[layer], bar)
+        self.images()
         filters = self.filters()
         analyses = self.analyses()
         compared = self.compared()
@@ -323,63 +366,120 @@ class _Exporter:
         exported = set(chans)
         slug = _slug(layer)
         tiles_pics: dict[int, dict[str, Any]] = {}
-        pk = self.pics.key
         for i in range(0, len(chans), CHUNK):
             part = chans[i:i + CHUNK]
             # pictures: ask the renderer only for channels with a picture not already in the site
-            want = {}
-            for c in part:
-                rows = tops.get(c, [])
-                files = [(f"{slug}/img/{c}-panel.png", key_of(pk, layer, c, "panel", rows))] if rows else []
-                for r in rows:
-                    rk = key_of(pk, layer, c, r)
-                    files += [(f"{slug}/img/{c}-{r['rank']}.png", rk), (f"{slug}/img/{c}-{r['rank']}-patch.png",
-                                                                         rk + "p")]
-                want[c] = files
-            need = [c for c in part if not all([self.site.fresh(rel, k) for rel, k in want[c]])]
+            want = {c: self._wanted(layer, slug, c, tops.get(c, [])) for c in part}
+            need = [c for c in part if not all([self._there(w) for w in want[c]])]
+            # the panel is drawn into the cache even when the site does not ship it: `atlas show`, which the
+            # page names for it, then finds it drawn
             made = self.pics.channels(layer, need, tops) if need else {}
             self.fv.update({(layer, c): v for c, v in fvx.link(self, layer, part, slug, by_c).items()})
             for c in part:
                 rows = tops.get(c, [])
-                have = {rel for rel, _ in want[c] if rel in self.site.files}
                 got = made.get(c)
                 if got is not None:
-                    srcs = [got.get("panel")] + [p for pair in zip(got["proj"], got["patch"]) for p in pair]
-                    for (rel, k), src in zip(want[c], srcs if rows else []):
-                        if rel in have:
+                    srcs = [got.get("panel")] if self.panels else []
+                    srcs += [p for pair in zip(got["proj"], got["patch"]) for p in pair]
+                    for w, src in zip(want[c], srcs if rows else []):
+                        if self._there(w) or src is None or not Path(src).is_file():
                             continue
-                        if src is not None and Path(src).is_file():
-                            self.site.link(rel, k, Path(src))
-                            have.add(rel)
+                        web = self.pics.web(Path(src))
+                        kind, rel, k = w
+                        if kind == "patch":
+                            self.site.link_shared(k, web, PATCHES)
+                        else:
+                            self.site.link(rel, k, web)
                     if got.get("error"):
                         self.errors.append(f"{layer}/{c}: {got['error']}")
                         self.incomplete += 1
+                placed = {w[2]: self._placed(w) for w in want[c]}
+                if got is not None and got.get("error"):
+                    self._stale(want[c])
                 top = []
-                for r in rows:
-                    pr, pa = f"img/{c}-{r['rank']}.png", f"img/{c}-{r['rank']}-patch.png"
-                    top.append({**r, "proj": pr if f"{slug}/{pr}" in have else None,
-                                "patch": pa if f"{slug}/{pa}" in have else None})
-                panel = f"img/{c}-panel.png" if f"{slug}/img/{c}-panel.png" in have else None
-                tiles_pics[c] = {"proj": top[0]["proj"] if top else None, "patch": top[0]["patch"] if top else None}
+                ranks = [w for w in want[c] if w[0] != "panel"]
+                for r, proj, patch in zip(rows, ranks[0::2], ranks[1::2]):
+                    pr, pa = placed[proj[2]], placed[patch[2]]
+                    # relative to the layer's folder: a projection in its img/, a patch in the site's shared one
+                    t = {**r, "proj": pr[len(slug) + 1:] if pr else None, "patch": f"../{pa}" if pa else None,
+                         "image_href": _image_href(r["image_id"])}
+                    top.append(t)
+                    self.held.setdefault(r["image_id"], []).append(
+                        {"layer": layer, "channel": c, "rank": r["rank"], "value": r["value"],
+                         "href": f"../{slug}/{c}.html",
+                         "proj": f"../{slug}/{t['proj']}" if t["proj"] else None,
+                         "patch": t["patch"],  # an image page is one folder down too
+                         "whole": bool(t["patch"]) and _whole_image(r, summary, self.a.image_size)})
+                panel = next((placed[k][len(slug) + 1:] for kind, _, k in want[c] if kind == "panel" and placed[k]),
+                             None)
+                tiles_pics[c] = {"proj": top[0]["proj"] if top else None, "patch": top[0]["patch"] if top else None,
+                                 "image_href": top[0]["image_href"] if top else None}
                 self.channel(layer, c, chans, by_c[c], rank_by_max, len(stats), top, panel, act, exported,
                              got.get("error") if got else None)
                 bar.update(1)
-        # the layer page
+        # the layer page: the exported channels only (a page of 512 tiles for 10 exported ones was mostly
+        # placeholders), each tile showing, and filtered by, the most frequent label of its top-k
         tiles = []
-        labels: set[str] = set()
-        for s in stats:
-            c = s["channel"]
-            mix = gather.label_mix(tops.get(c, []))
-            labs = sorted({r["label"] for r in tops.get(c, []) if r["label"] is not None})
-            labels.update(labs)
+        for c in chans:
+            s = by_c[c]
+            rows = tops.get(c, [])
+            mix = gather.label_mix(rows)
             p = tiles_pics.get(c, {})
-            tiles.append({**s, "href": f"{c}.html" if c in exported else None,
-                          "proj": p.get("proj"), "patch": p.get("patch"),
+            tiles.append({**s, "href": f"{c}.html", "proj": p.get("proj"), "patch": p.get("patch"),
+                          "image_href": p.get("image_href"),
                           "featurevis": (self.fv.get((layer, c)) or {}).get("src"),
-                          "top_label": mix[0]["label"] if mix else None, "labels": labs,
-                          "labels_json": json.dumps(labs, ensure_ascii=False)})
-        data = {"layer": summary, "tiles": tiles, "labels": sorted(labels), "exported": len(exported)}
+                          "top_label": mix[0]["label"] if mix else None,
+                          "top_label_n": mix[0]["n"] if mix else 0, "k": len(rows)})
+        labels = sorted({t["top_label"] for t in tiles if t["top_label"] is not None})
+        more = None
+        if len(chans) < summary["channels"]:
+            # a site is what the last export asked: the command names every layer of this one, so that
+            # exporting more of this layer keeps the others
+            more = {"command": f"atlas export ATLAS SITE --layers {','.join(self.sel)}",
+                    "layers": list(self.sel)}
+        data = {"layer": summary, "tiles": tiles, "labels": labels, "exported": len(exported), "more": more}
         self.page(f"{slug}/index.html", "layer.html", data, "../")
+        self.glance[layer] = [
+            {"channel": t["channel"], "max": t["max"], "href": f"{slug}/{t['href']}",
+             "proj": f"{slug}/{t['proj']}" if t["proj"] else None,
+             "patch": t["patch"][len("../"):] if t["patch"] else None}
+            for t in sorted((t for t in tiles if t["max"] is not None and (t["proj"] or t["patch"])),
+                            key=lambda t: (-t["max"], t["channel"]))[:GLANCE]]
+
+    def _wanted(self, layer: str, slug: str, c: int, rows: list[dict[str, Any]]) -> list[tuple[str, str | None, str]]:
+        """A channel's pictures as (kind, site path, key of their inputs): its panel (with --panels), then each rank's
+        projection and patch. A patch has no path of its own: it is shared (PATCHES), found by its key."""
+        pk = self.pics.key
+        if not rows:
+            return []
+        out = [("panel", f"{slug}/img/{c}-panel.webp", key_of(pk, layer, c, "panel", rows))] if self.panels else []
+        for r in rows:
+            rk = key_of(pk, layer, c, r)
+            out += [("proj", f"{slug}/img/{c}-{r['rank']}.webp", rk), ("patch", None, rk + "p")]
+        return out
+
+    def _there(self, w: tuple[str, str | None, str]) -> bool:
+        """Whether a wanted picture is in the site from these inputs (and is kept)."""
+        kind, rel, k = w
+        if kind == "patch":
+            return self.site.shared(k) is not None
+        return rel in self.site.files and self.site.files[rel] == k or self.site.fresh(rel, k)
+
+    def _placed(self, w: tuple[str, str | None, str]) -> str | None:
+        """Where a wanted picture is in the site (relative to its root), or None."""
+        kind, rel, k = w
+        if kind == "patch":
+            return self.site.aliases.get(k)
+        return rel if self.site.files.get(rel) == k else None
+
+    def _stale(self, wanted: list[tuple[str, str | None, str]]) -> None:
+        """A channel drawn with an image missing: its pictures stay in the site, recorded so that the next
+        export draws them again (the image may be back) rather than keeping them as fresh."""
+        for kind, rel, k in wanted:
+            if kind == "patch":
+                self.site.aliases.pop(k, None)
+            elif rel in self.site.files:
+                self.site.files[rel] = "incomplete"
 
     def channel(self, layer, c, chans, stats, rank_by_max, n, top, panel, act, exported, error) -> None:
         j = chans.index(c)
@@ -403,6 +503,61 @@ class _Exporter:
         if self.comparison is not None:  # the key only then: pages of sites without one stay as they were
             data["counterpart"] = self.comparison.counterpart(layer, c)
         self.page(f"{_slug(layer)}/{c}.html", "channel.html", data, "../")
+
+    def images(self) -> None:
+        """A page per image in an exported channel's top-k: the image as the net saw it, its strongest channels
+        per layer (the per-image maxima of the activations table; a layer without one lists the top-k
+        entries the image holds there), and the exported top-k entries it holds, with their pictures (the
+        channel pages' own files)."""
+        ids = sorted(self.held)
+        if not ids:
+            return
+        rows = gather.images_of(self.a, ids)
+        order = {n: i for i, n in enumerate(self.a.layer_names)}
+        strongest: dict[str, dict[int, list] | None] = {}
+        for layer in self.a.layer_names:
+            got = gather.strongest_channels(self.a, layer, ids)
+            if got is not None or layer in self.sel:
+                strongest[layer] = got
+        exported = {layer: set(chans) for layer, chans in self.sel.items()}
+        pk = self.pics.key
+        for j, i in enumerate(ids):
+            row = rows.get(i, {"image_id": i, "path": None, "label": None})
+            held = sorted(self.held[i], key=lambda h: (order.get(h["layer"], 0), -(h["value"] or 0), h["channel"]))
+            # the image: a patch of it already in the site when one is the whole image (a deep layer's),
+            # else its own picture
+            whole = next((h for h in held if h["whole"]), None)
+            picture = whole["patch"] if whole else None
+            rel, k = f"images/img/{i}.webp", key_of(pk, "image", i, row["path"])
+            if picture is not None:
+                pass
+            elif self.site.fresh(rel, k):
+                picture = f"img/{i}.webp"
+            else:
+                src = self.pics.image(i)
+                if src is not None and Path(src).is_file():
+                    self.site.link(rel, k, self.pics.web(Path(src)))
+                    picture = f"img/{i}.webp"
+            ranks = {(h["layer"], h["channel"]): h["rank"] for h in held}
+            layers = []
+            for layer, got in strongest.items():
+                slug = _slug(layer)
+                if got is not None:
+                    chans, source = got.get(i, []), "activations"
+                else:  # no activations table: the top-k entries of this layer the image holds
+                    chans = [{"channel": h["channel"], "value": h["value"]} for h in held if h["layer"] == layer]
+                    source = "top_activations"
+                layers.append({"layer": layer, "source": source,
+                               "href": f"../{slug}/index.html" if layer in self.sel else None,
+                               "channels": [{**c, "href": f"../{slug}/{c['channel']}.html"
+                                             if c["channel"] in exported.get(layer, ()) else None,
+                                             "rank": ranks.get((layer, c["channel"]))} for c in chans]})
+            data = {"image": row, "picture": picture, "size": self.a.image_size, "layers": layers,
+                    "picture_from": {k_: whole[k_] for k_ in ("layer", "channel", "rank", "href")} if whole else None,
+                    "held": held, "sql": gather.sql_for_image(i), "n": gather.STRONGEST,
+                    "prev": {"image_id": ids[j - 1], "href": f"{ids[j - 1]}.html"} if j > 0 else None,
+                    "next": {"image_id": ids[j + 1], "href": f"{ids[j + 1]}.html"} if j + 1 < len(ids) else None}
+            self.page(f"images/{i}.html", "image.html", data, "../")
 
     def filters(self) -> dict[str, Any] | None:
         lm_layers = [la for la in self.a.manifest["layers"] if la.get("kind", "conv") == "conv"]
@@ -443,17 +598,22 @@ class _Exporter:
                 for q in pics:
                     q["part"] = composite and not q["main"]
             runs_list = [{"name": k, "pictures": v} for k, v in runs.items()]
-            table = None
+            table, measured = None, []
             if an["view"]:
                 try:
                     cols, rows, total = gather.analysis_rows(self.a, an["view"])
                     table = {"view": an["view"], "columns": cols, "rows": rows, "total": total}
+                    measured = gather.analysis_runs(self.a, an["view"])
                 except Exception as e:  # noqa: BLE001 - a broken analysis table must not stop the export
                     self.errors.append(f"analysis {name}: {e}")
-            data = {"name": name, "title": an["title"], "about": an["about"], "runs": runs_list, "table": table}
+            data = {"name": name, "title": an["title"], "about": an["about"], "runs": runs_list, "table": table,
+                    "measured": measured}
             self.page(f"analyses/{slug}.html", "analysis.html", data, "../")
+            # the index's line: what the runs measured, in their own words (one run), or how many there are
+            brief = (measured[0]["measured"] if len(measured) == 1 else
+                     f"{len(measured)} runs" if measured else None)
             out.append({"name": name, "title": an["title"], "about": an["about"], "view": an["view"],
-                        "href": f"analyses/{slug}.html"})
+                        "href": f"analyses/{slug}.html", "brief": brief})
         return out
 
     def compared(self) -> dict[str, Any] | None:
@@ -481,7 +641,7 @@ class _Exporter:
         layers = []
         for name, s in summaries.items():
             layers.append({**s, "href": f"{_slug(name)}/index.html" if name in self.sel else None,
-                           "exported": len(self.sel.get(name, []))})
+                           "exported": len(self.sel.get(name, [])), "glance": self.glance.get(name, [])})
         timings = [(label, v) for label, v in (
             ("mining", _fmt_s(t.get("mining_s"))), ("switches", _fmt_s(t.get("switches_s"))),
             ("writing", _fmt_s(t.get("write_s"))), ("total", _fmt_s(t.get("total_s"))),

@@ -266,12 +266,13 @@ def analyses(a) -> list[dict[str, Any]]:
     """What the analyses left in ATLAS/analyses/NAME/ (its tables, SQL views, and pictures), plus
     the pictures of the linked training run (see linked_pictures)."""
     known = {
-        "occlusion": ("Occlusion sensitivity", "figure 7: a grey square slid over the image; the strongest "
-                      "layer-5 map, its projection, the probability of the true class"),
+        # the general method only: what each run measured (model, layer, map, class) is read from its own rows
+        "occlusion": ("Occlusion sensitivity", "figure 7: a square slid over an image; the total activation of "
+                      "one map of a layer, its projection, and the probability of a class, at each position"),
         "evolution": ("Feature evolution", "figure 4: the strongest activation of a few channels per layer "
                       "over training epochs, projected to pixels"),
-        "invariance": ("Invariance", "figure 5: feature distance and class probability under translation, "
-                       "scale and rotation"),
+        "invariance": ("Invariance", "figure 5: feature distance at a layer and the probability of a class "
+                       "under translation, scale and rotation"),
         "correspondence": ("Correspondence", "figure 8 / table 7: consistency of occluding the same part "
                            "across images (Hamming distance of feature-difference signs)"),
     }
@@ -318,3 +319,114 @@ def _display(v: Any) -> Any:
     if isinstance(v, (list, tuple)) and len(v) > 12:
         return f"[{len(v)} values]"
     return str(v)
+
+
+# What an analysis run measured, read from its own rows (never assumed from the analysis's name): the
+# columns a run's rows share, by name, as the analyses write them (atlas/analyses/*: COLUMNS)
+RECORD = ("model", "image", "path", "dataset_label", "layer", "channel", "size", "stride", "fill", "transform",
+          "part", "kind", "control_for", "images", "class_name", "class_source", "true_class")
+
+
+def analysis_runs(a, view: str) -> list[dict[str, Any]]:
+    """Per run of an analysis view: {"run", "rows", and for each RECORD column it has, its distinct
+    non-null values (sorted)}, and "measured": the run in words (`measured`)."""
+    cols = [d[0] for d in a.con.execute(f'SELECT * FROM "{view}" LIMIT 0').description]
+    have = [c for c in RECORD if c in cols]
+    run = '"run"' if "run" in cols else "''"
+    parts = ", ".join(f'list_sort(list_distinct(list("{c}"))) AS "{c}"' for c in have)
+    cur = a.con.execute(f'SELECT {run} AS run, count(*) AS rows{", " + parts if parts else ""} FROM "{view}" '
+                        "GROUP BY ALL ORDER BY run")
+    names = [d[0] for d in cur.description]
+    out = []
+    for r in cur.fetchall():
+        rec = dict(zip(names, r))
+        rec = {k: ([_display(x) for x in v] if isinstance(v, list) else _display(v)) for k, v in rec.items()}
+        rec["measured"] = measured(view, rec)
+        out.append(rec)
+    return out
+
+
+def _one(vals: Any) -> str:
+    vals = [str(v) for v in (vals or [])]
+    return vals[0] if len(vals) == 1 else ", ".join(vals)
+
+
+def class_words(rec: dict[str, Any]) -> str | None:
+    """The class whose probability a run charted, as its rows say (class_source: given | true |
+    most_probable), claiming no more than they do; None when the run charted no class."""
+    names, sources = rec.get("class_name") or [], rec.get("class_source") or []
+    if not names:
+        return None
+    which = f"p({_one(names)})"
+    if sources == ["true"]:
+        return f"{which}, the image's true class"
+    if sources == ["given"]:
+        return f"{which}, the class asked for"
+    if sources == ["most_probable"]:
+        return f"{which}, the most probable class of the unaltered image (the correct class is unknown)"
+    return f"{which} ({_one(sources)})" if sources else which
+
+
+def measured(view: str, rec: dict[str, Any]) -> str:
+    """One run of an analysis in words, from its record (analysis_runs)."""
+    model = _one(rec.get("model")) or "the model"
+    image = _one(rec.get("path") or rec.get("image"))
+    cls = class_words(rec)
+    layer, channel = _one(rec.get("layer")), _one(rec.get("channel"))
+    if view == "occlusion":
+        what = f"{model} on {image}" if image else model
+        sq = f"a {_one(rec.get('fill'))} square of {_one(rec.get('size'))} px, stride {_one(rec.get('stride'))}"
+        s = f"{what}: {sq}; the total activation of {layer} channel {channel} (the {layer} map strongest on the " \
+            "unoccluded image)"
+        return s + (f", and {cls}" if cls else "; no class probability (no classifier output)")
+    if view == "invariance":
+        what = f"{model} on {image}" if image else model
+        s = f"{what}: {_one(rec.get('transform'))}; the feature distance at {layer}"
+        return s + (f", and {cls}" if cls else "")
+    bits = [f"{k} {_one(rec[k])}" for k in RECORD if rec.get(k) and k not in ("model", "class_name", "class_source")]
+    s = model + (": " + "; ".join(bits) if bits else "")
+    return s + (f"; {cls}" if cls else "")
+
+
+# -- the image pages ------------------------------------------------------------------
+STRONGEST = 8  # channels listed per layer on an image page
+
+
+def images_of(a, ids: list[int]) -> dict[int, dict[str, Any]]:
+    """image_id -> its row (image_id, path, label), for these images."""
+    if not ids:
+        return {}
+    return {r["image_id"]: r for r in a.rows("SELECT image_id, path, label FROM images "
+                                             "WHERE image_id IN (SELECT unnest(?::BIGINT[])) ORDER BY image_id",
+                                             [sorted(ids)])}
+
+
+def strongest_channels(a, layer: str, ids: list[int], n: int = STRONGEST) -> dict[int, list[dict[str, Any]]] | None:
+    """image_id -> the n channels of `layer` whose per-image maximum (the activations table) is largest on
+    it, strongest first (ties: the lower channel); None when the atlas has no activations for the layer.
+    One query per layer for every image (the SQL on each image page is this, for one image)."""
+    if not ids or not a.has_activations(layer):
+        return None
+    out: dict[int, list[dict[str, Any]]] = {}
+    for r in a.rows("SELECT image_id, channel, value FROM (SELECT image_id, channel, value, row_number() OVER "
+                    "(PARTITION BY image_id ORDER BY value DESC, channel) AS r FROM activations "
+                    "WHERE layer = ? AND image_id IN (SELECT unnest(?::BIGINT[]))) WHERE r <= ? "
+                    "ORDER BY image_id, r", [layer, sorted(ids), int(n)]):
+        out.setdefault(r["image_id"], []).append({"channel": r["channel"], "value": _clean(r["value"])})
+    return out
+
+
+def sql_for_image(image_id: int, n: int = STRONGEST) -> list[dict[str, str]]:
+    """The queries that reproduce an image page's numbers (run with `atlas sql ATLAS "..."`)."""
+    i = int(image_id)
+    return [
+        {"title": f"Its {n} strongest channels per layer (per-image maxima)",
+         "sql": "SELECT layer, channel, value FROM (\n"
+                "  SELECT layer, channel, value,\n"
+                "         row_number() OVER (PARTITION BY layer ORDER BY value DESC, channel) AS r\n"
+                f"  FROM activations WHERE image_id = {i})\n"
+                f"WHERE r <= {n} ORDER BY layer, r;"},
+        {"title": "The top-k entries it holds",
+         "sql": f"SELECT layer, channel, rank, value FROM top_activations WHERE image_id = {i}\n"
+                "ORDER BY layer, channel, rank;"},
+    ]

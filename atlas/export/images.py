@@ -1,7 +1,11 @@
 """Every picture the site shows comes through this module: the one place the export asks for pictures.
 
-`Pictures(atlas)` hands out paths of PNG files; the site writer hardlinks (or
-copies) them into the site, never re-encodes them.
+`Pictures(atlas)` hands out paths of PNG files, and `web(png)` the lossy WebP
+the site ships instead (WEB_QUALITY): made once per cache entry and kept in the
+cache beside its PNG, so a re-export encodes nothing again and `atlas show`
+keeps its PNGs with their text chunks. The site writer hardlinks (or copies)
+the WebP files into the site. A PNG is 5 to 20 times the bytes of its WebP
+(a resnet18 layer4 channel's 19 pictures: 1.5 MB as PNG; atlas/manual/site.md).
 
 The pictures are the lazy renderer's cache (`atlas.pictures.projections`, the same
 cache `atlas show` and deconv_png() fill: the atlas's own, or the per-user one
@@ -17,6 +21,22 @@ from typing import Any
 
 from ..pictures.projections import DEFAULT_DISPLAY, Renderer
 
+# WebP's lossy quality for the site's pictures: looked at on resnet18 layer4 panels (random weights, the
+# finest structure there is): at 55 (the notebook's) the projections' fine grain smears, at 75 it holds and
+# the panel's labels read; 80 adds a fifth to the bytes for no difference one sees. method 4: method 6 takes
+# twice the time for 5 % fewer bytes. Part of every site picture's key: a change re-encodes them all.
+WEB_QUALITY = 75
+WEB_METHOD = 4
+# Lossy WebP keeps colour at half resolution (4:2:0): a grainy projection's per-pixel colour blurs (a
+# resnet18 layer4 projection: 7 grey levels off on average, at any quality), its pattern stays. A PNG within
+# LOSSLESS_TRY of its lossy WebP is flat or pixel art (a small field's cell enlarged with NEAREST, a
+# placeholder): lossless WebP is tried then, and kept when it costs at most LOSSLESS_WORTH times the lossy
+# bytes, exact (a zfnet-mini conv2 projection at 32 px: PNG 2.2 KB, lossy 1.4 KB, lossless 1.0 KB). A
+# photo-like picture (a 224 px patch, a deep unit's projection) is 13 to 18 times its lossy WebP, and its
+# lossless one nearly the PNG.
+LOSSLESS_TRY = 3
+LOSSLESS_WORTH = 1.5
+
 
 class Pictures:
     """PNG files for one atlas. `seconds` counts the time spent producing pictures (projection work)."""
@@ -26,6 +46,11 @@ class Pictures:
         self.a = atlas
         self.mode, self.norm, self.display = mode, norm, display
         self.seconds = 0.0
+        # the image pages' pictures made (not found in the cache): apart from `rendered`, the projection
+        # pictures that `atlas show` shares with the export
+        self.images_rendered = 0
+        self.encoded = 0  # WebP files made from cached PNGs (not found beside them)
+        self.web_seconds = 0.0
         # its own counters: they describe this export only
         self._impl = Renderer(atlas, mode, norm, cache, display=display)
 
@@ -39,7 +64,7 @@ class Pictures:
         """Identifies what the pictures depend on besides the top-k rows: weights, settings, renderer."""
         m = self.a.manifest
         return _h(m["model"].get("weights_sha256"), m.get("created"), self.mode, self.norm, self.display,
-                  self._impl.version)
+                  self._impl.version, "webp", WEB_QUALITY, WEB_METHOD, LOSSLESS_TRY, LOSSLESS_WORTH)
 
     def channels(self, layer: str, channels: list[int], tops: dict[int, list[dict[str, Any]]]
                  ) -> dict[int, dict[str, Any]]:
@@ -58,12 +83,81 @@ class Pictures:
         """Picture time by kind: stored switches, images, the projection engine, drawing + PNG."""
         return {k: round(v, 3) for k, v in self._impl.split.items()}
 
+    def image(self, image_id: int) -> Path | None:
+        """The S x S image the net saw (the atlas's crop of the dataset image), as a PNG in the render cache
+        (one per image, whatever the projection settings), or None when the image cannot be read."""
+        from ..errors import AtlasError
+        from ..pictures.cache import usable
+
+        t0 = time.perf_counter()
+        try:
+            cache = self._impl.cache
+            path = cache.find(f"images/{int(image_id)}.png")
+            if usable(self.a, path):
+                return path
+            try:
+                crop = self.a.image(int(image_id))[1]
+            except AtlasError:
+                return None
+            self.images_rendered += 1
+            dest = cache.put(path, crop.convert("RGB"), text={"image_id": int(image_id)})
+            cache.settle({dest})  # the per-user cache, when it is the one written, stays within its bound
+            return dest
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+    def web(self, png: Path | None) -> Path | None:
+        """The WebP of a cached PNG: beside it in the cache (`x.png` -> `x.webp`), made when missing or
+        older than the PNG (a picture redrawn once its image is back); None for None."""
+        if png is None:
+            return None
+        t0 = time.perf_counter()
+        try:
+            cache = self._impl.cache
+            # where it is (the atlas's cache or the per-user one, whichever took it), else where it goes
+            dest = cache.find(str(Path(cache.rel(png)).with_suffix(".webp")))
+            try:
+                if dest.stat().st_mtime_ns >= png.stat().st_mtime_ns:
+                    return dest
+            except FileNotFoundError:
+                pass
+            from ..util.files import atomic_write_bytes
+
+            data = _webp(png)
+            self.encoded += 1
+            dest = cache.put_with(dest, lambda path: atomic_write_bytes(path, data, fsync=False))
+            cache.settle({dest, png})
+            return dest
+        finally:
+            self.seconds += time.perf_counter() - t0
+            self.web_seconds += time.perf_counter() - t0
+
     def filter_grid(self, layer: str) -> Path | None:
         t0 = time.perf_counter()
         try:
             return self._impl.filter_grid(layer)
         finally:
             self.seconds += time.perf_counter() - t0
+
+
+def _webp(png: Path) -> bytes:
+    """A PNG's WebP bytes: lossy at WEB_QUALITY, or lossless where that is smaller (LOSSLESS_TRY)."""
+    import io
+
+    from PIL import Image
+
+    def encode(im, **kw) -> bytes:
+        buf = io.BytesIO()
+        im.save(buf, format="WEBP", method=WEB_METHOD, **kw)
+        return buf.getvalue()
+
+    with Image.open(png) as im:
+        rgb = im.convert("RGB")
+    lossy = encode(rgb, quality=WEB_QUALITY)
+    if png.stat().st_size > LOSSLESS_TRY * len(lossy):
+        return lossy
+    exact = encode(rgb, lossless=True, quality=50)  # quality: effort here; 50 is fast, within 5 % of 100
+    return exact if len(exact) <= LOSSLESS_WORTH * len(lossy) else lossy
 
 
 def _h(*parts: Any) -> str:

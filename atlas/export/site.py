@@ -7,8 +7,10 @@ about to write (appended before the file is created). A file whose key is
 unchanged (and that is still there) is not written again; files an earlier
 export wrote that this one no longer produces are removed, those of an export
 that was killed half-way too (its journal names them); nothing else in the
-folder is touched. Files are written one by one, each atomically (temp file +
-rename), pictures before the pages that show them, so a reader never sees half
+folder is touched. Pictures that many pages show (a deep unit's patch, which is the whole image, in the
+top-k of many channels) are shared: named by their content's hash (`link_shared`), written once, and
+reached from what they were made from through the record's `aliases` (inputs' key -> file).
+Files are written one by one, each atomically (temp file + rename), pictures before the pages that show them, so a reader never sees half
 a page or a page whose pictures are missing. The temp files a killed export
 left beside the files it was writing are removed by the next one (the export
 holds the site's writer lock, so no other writer's temp file can be among them).
@@ -59,6 +61,8 @@ class Site:
                                  "or empty folder (or one an earlier `atlas export` wrote)")
             self.interrupted = _read_journal(self.root / JOURNAL)
         self.old: dict[str, str | None] = dict(self.state.get("files") or {})
+        self.old_aliases: dict[str, str] = dict(self.state.get("aliases") or {})
+        self.aliases: dict[str, str] = {}   # inputs' key -> shared file, of this export
         for rel in self.interrupted:  # written by an export that never finished: content unknown
             self.old[rel] = None
 
@@ -70,6 +74,17 @@ class Site:
             self.skipped += 1
             return True
         return False
+
+    def shared(self, key: str) -> str | None:
+        """The shared file an earlier export made from inputs `key` (link_shared), when it is still there
+        as written; it is then kept (and this export's record says so)."""
+        rel = self.aliases.get(key) or self.old_aliases.get(key)
+        if rel is None:
+            return None
+        if rel not in self.files and not (self.old.get(rel) is not None and self.fresh(rel, self.old[rel])):
+            return None
+        self.aliases[key] = rel
+        return rel
 
     # -- writing ----------------------------------------------------------------
     def _note(self, rel: str) -> None:
@@ -115,6 +130,16 @@ class Site:
         self.files[rel] = key
         self.linked += 1
 
+    def link_shared(self, key: str, src: Path, folder: str) -> str:
+        """Put `src` into `folder` under the hash of its bytes, once however many inputs make the same
+        bytes (the same image patch of many channels); `key` names these inputs. Returns the file's rel."""
+        h = hashlib.sha256(src.read_bytes()).hexdigest()[:20]
+        rel = f"{folder}/{h}{src.suffix}"
+        if rel not in self.files:
+            self.link(rel, h, src)
+        self.aliases[key] = rel
+        return rel
+
     # -- finishing --------------------------------------------------------------
     def remove_temps(self) -> int:
         """Remove the temp files earlier exports left beside the files they were writing: only the
@@ -144,7 +169,7 @@ class Site:
         return n
 
     def save(self, **extra: Any) -> None:
-        self.state = {**extra, "files": self.files}
+        self.state = {**extra, "files": self.files, "aliases": self.aliases}
         atomic_write_json(self.root / STATE, self.state)
         self.close()
         (self.root / JOURNAL).unlink(missing_ok=True)  # the record now holds all this export wrote

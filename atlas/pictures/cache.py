@@ -173,6 +173,10 @@ class PictureCache:
                 return p
         return self.tier(self.at) / rel
 
+    def rel(self, path: Path) -> str:
+        """A cached picture's path inside whichever cache folder holds it (what `find` takes)."""
+        return self._rel(path)
+
     def _rel(self, path: Path) -> str:
         for t in self._tiers:
             if t is not None and path.is_relative_to(t):

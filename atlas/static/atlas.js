@@ -1,4 +1,4 @@
-// Feature Atlas site: sorting and filtering of a layer's tiles, their pictures loaded as they come
+// Feature Atlas site: sorting and filtering of a layer's tiles (the label filter: the label each tile shows), their pictures loaded as they come
 // into view, copy buttons for SQL. Plain JS, no dependencies, works from file://. Data is read from
 // data- attributes and written with textContent only: nothing from the dataset is ever parsed as HTML.
 (function () {
@@ -45,7 +45,8 @@
     var tiles = Array.prototype.slice.call(box.children);
     var KEYS = ["channel", "max", "mean", "std", "fire"];
     tiles.forEach(function (t) {
-      try { t._labels = JSON.parse(t.dataset.labels || "[]"); } catch (e) { t._labels = []; }
+      // the label the tile shows (the most frequent of its top-k): what the label filter matches
+      t._label = t.dataset.label || "";
       // numbers parsed once: a sort of thousands of tiles compares each many times
       t._num = {};
       KEYS.forEach(function (k) { t._num[k] = num(t, k); });
@@ -85,7 +86,7 @@
         if (want === "dead" && !isDead) ok = false;
         if (want === "live" && isDead) ok = false;
         if (f > 0 && !(t._num.fire >= f)) ok = false;
-        if (lab && t._labels.indexOf(lab) < 0) ok = false;
+        if (lab && t._label !== lab) ok = false;
         if (t.classList.contains("hidden") === ok) t.classList.toggle("hidden", !ok);
         if (ok) shown++;
       });
