@@ -165,7 +165,7 @@ COMMAND_SPECIFIC: dict[str, tuple[str, ...]] = {
     "channels": ("--sort", "--desc"),
     "show": ("--rank", "--mode", "--norm", "--switches"),
     "similar": ("--image", "--image-id", "--channel", "--of-layer"),
-    "export": ("--max-channels", "--feature-vis", "--compare"),
+    "export": ("--max-channels", "--feature-vis", "--compare", "--panels"),
     "train": ("--val", "--epochs", "--lr", "--momentum", "--weight-decay", "--dropout", "--init", "--renorm-radius",
               "--lr-patience", "--lr-factor", "--resize", "--crop", "--flip", "--ten-crop-eval", "--val-fraction",
               "--in-memory", "--memory-limit"),
