@@ -76,6 +76,26 @@ def copy_atlas(src: Path, dst: Path, data: Path | None = None) -> Path:
 # file) or into its images takes a copy: own_atlas, copy_atlas(...), small_atlas. The exception is
 # hostile_atlas, which the site tests (test_export_site.py, test_export_browser.py) export from: they share
 # its picture cache, as two exports of one atlas do.
+def randomised_model(name: str):
+    """A model of the registry in eval mode, random weights (seed 0) and randomised BatchNorm statistics
+    and affine terms: what the fidelity tests project through, so BN's scale is not the identity."""
+    from atlas.models import load_model
+
+    torch.manual_seed(0)
+    return randomise_bn(load_model(name))
+
+
+def randomise_bn(m):
+    """`m` in eval mode with its BatchNorm statistics and affine terms drawn at random (torch's generator)."""
+    for mod in m.modules():
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            mod.running_mean.uniform_(-0.5, 0.5)
+            mod.running_var.uniform_(0.5, 2.0)
+            mod.weight.data.uniform_(0.5, 1.5)
+            mod.bias.data.uniform_(-0.2, 0.2)
+    return m.eval()
+
+
 @pytest.fixture(scope="session")
 def tiny_folder(tmp_path_factory) -> Path:
     return make_image_folder(tmp_path_factory.mktemp("tiny") / "data")

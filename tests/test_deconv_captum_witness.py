@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from atlas import deconv as D
-from atlas.models import load_model
 from atlas.net import LayerMap
 from atlas.net.graph import RELU_KINDS
+from conftest import randomised_model
 
 captum = pytest.importorskip("captum.attr")  # in the dev extra
 
@@ -31,18 +31,6 @@ FAMILIES = [("zfnet", 96), ("alexnet", 64), ("vgg11", 32), ("vgg11_bn", 32), ("r
             ("mobilenet_v2", 64)]
 # what the manual's model table says (atlas/manual/models.md), checked by the first test
 WITNESSED = {"zfnet", "alexnet", "vgg11", "vgg11_bn", "resnet50", "densenet121", "squeezenet1_1"}
-
-
-def _randomised(name: str) -> nn.Module:
-    torch.manual_seed(0)
-    m = load_model(name)
-    for mod in m.modules():
-        if isinstance(mod, nn.BatchNorm2d):
-            mod.running_mean.uniform_(-0.5, 0.5)
-            mod.running_var.uniform_(0.5, 2.0)
-            mod.weight.data.uniform_(0.5, 1.5)
-            mod.bias.data.uniform_(-0.2, 0.2)
-    return m.eval()
 
 
 def _relus_below(lm, layer: str) -> list:
@@ -69,7 +57,7 @@ def _module_of(lm, layer: str) -> nn.Module:
 def test_the_witnessed_families_are_those_whose_relus_are_all_modules():
     seen = set()
     for name, size in FAMILIES:
-        lm = LayerMap(_randomised(name), size)
+        lm = LayerMap(randomised_model(name), size)
         layers = lm.resolve(None)
         if all(captum_sees_every_relu(lm, la.name) for la in (layers[0], layers[-1])):
             seen.add(name)
@@ -81,7 +69,7 @@ def test_the_witnessed_families_are_those_whose_relus_are_all_modules():
                                        for f, s in FAMILIES if f in WITNESSED],
                          ids=[f for f, _ in FAMILIES if f in WITNESSED])
 def test_captum_witnesses_deconvnet_and_guided(name, size):
-    model = _randomised(name)
+    model = randomised_model(name)
     lm = LayerMap(model, size)
     layers = lm.resolve(None)
     norm = "gradient" if any(isinstance(m, nn.LocalResponseNorm) for m in model.modules()) else "identity"
@@ -107,7 +95,7 @@ def test_captum_witnesses_deconvnet_and_guided(name, size):
                          ids=[f for f, _ in FAMILIES if f not in WITNESSED])
 def test_captum_cannot_witness_where_a_relu_is_no_relu_module(name, size):
     """The reason, stated: a ReLU below the deepest default layer is a function or a ReLU6 module."""
-    lm = LayerMap(_randomised(name), size)
+    lm = LayerMap(randomised_model(name), size)
     deepest = lm.resolve(None)[-1].name
     odd = [n for n in _relus_below(lm, deepest)
            if not (n.op == "call_module" and isinstance(lm.model.get_submodule(n.target), nn.ReLU))]

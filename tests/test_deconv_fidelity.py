@@ -16,8 +16,8 @@ from torch import nn
 from atlas import deconv as D
 from atlas.deconv.reference import _IdentityBackward  # forward as it is, backward the identity
 from atlas.net import LayerMap
-from atlas.models import load_model
 from atlas.deconv.switches import SwitchRegion, decode, pack, window_codes
+from conftest import randomised_model
 
 TOL = 1e-5
 FAMILIES = [("zfnet", 96), ("alexnet", 64), ("vgg11", 32), ("resnet50", 64), ("vgg11_bn", 32),
@@ -109,21 +109,9 @@ def _stored_switches(lm, x: torch.Tensor, reqs) -> dict:
     return out
 
 
-def _randomised(name: str) -> nn.Module:
-    torch.manual_seed(0)
-    m = load_model(name)
-    for mod in m.modules():
-        if isinstance(mod, nn.BatchNorm2d):
-            mod.running_mean.uniform_(-0.5, 0.5)
-            mod.running_var.uniform_(0.5, 2.0)
-            mod.weight.data.uniform_(0.5, 1.5)
-            mod.bias.data.uniform_(-0.2, 0.2)
-    return m.eval()
-
-
 @pytest.mark.parametrize("name,size", FAMILIES, ids=[f for f, _ in FAMILIES])
 def test_every_family_agrees_with_the_eager_model(name, size):
-    model = _randomised(name)
+    model = randomised_model(name)
     lm = LayerMap(model, size)
     layers = lm.resolve(None)
     x = torch.randn(2, 3, size, size)

@@ -24,6 +24,7 @@ from PIL import Image
 
 from atlas.deconv.switches import SwitchRegion, decode, encode
 from atlas.net import LayerMap
+from conftest import randomise_bn
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -33,14 +34,8 @@ LAYERS = ("inception3b", "inception4e", "inception5b")
 def _googlenet(seed: int = 0) -> torch.nn.Module:
     """Random weights with randomised BatchNorm statistics and affine terms (the issue's test net)."""
     torch.manual_seed(seed)
-    m = torchvision.models.googlenet(weights=None, aux_logits=False, init_weights=True, transform_input=False)
-    for mod in m.modules():
-        if isinstance(mod, torch.nn.BatchNorm2d):
-            mod.running_mean.uniform_(-0.5, 0.5)
-            mod.running_var.uniform_(0.5, 2.0)
-            mod.weight.data.uniform_(0.5, 1.5)
-            mod.bias.data.uniform_(-0.2, 0.2)
-    return m.eval()
+    return randomise_bn(torchvision.models.googlenet(weights=None, aux_logits=False, init_weights=True,
+                                                     transform_input=False))
 
 
 def _images(folder: Path, n: int, seed: int = 0) -> Path:
