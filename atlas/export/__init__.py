@@ -163,15 +163,18 @@ def _export(a, site: Site, selection: dict[str, list[int]], cache, progress, log
            "channels": total, "files_written": site.written, "files_linked": site.linked,
            "files_kept": site.skipped, "files_removed": removed, "up_to_date": False}
     site.save(version=EXPORT_VERSION, identity=identity, fingerprint=fingerprint, selection=selection,
-              atlas=str(Path(a.path).resolve()), incomplete=ex.incomplete, last_run=run)
-    _warn_incomplete(log, dataset, ex.incomplete, ex.errors[0] if ex.errors else None)
+              atlas=str(Path(a.path).resolve()), incomplete=ex.incomplete + ex.incomplete_images, last_run=run)
+    _warn_incomplete(log, dataset, ex.incomplete, ex.errors[0] if ex.errors else None, ex.incomplete_images)
     log(f"site written to {site.root}: {total} channel pages; {site.written} files written, {site.linked} pictures "
         f"linked, {site.skipped} unchanged, {removed} removed; {dt:.1f} s ({pics.seconds:.1f} s making pictures)")
     return site.root
 
 
-def _warn_incomplete(log, dataset: Path, incomplete: int, first: str | None) -> None:
+def _warn_incomplete(log, dataset: Path, incomplete: int, first: str | None, images: int = 0) -> None:
     pages = f"{incomplete} channel page{'s' if incomplete != 1 else ''}"
+    if images:
+        pages += f" and {images} image page{'s' if images != 1 else ''}"
+    incomplete += images
     if not dataset.exists():
         log(f"Warning: the atlas's dataset folder '{dataset}' is gone: image patches are placeholders "
             f"({pages} say incomplete); projections need only the stored switches")
@@ -319,6 +322,7 @@ class _Exporter:
         self.errors: list[str] = []
         self.fv: dict[tuple[str, int], dict[str, Any]] = {}  # (layer, channel) -> its feature visualization
         self.incomplete = 0  # channels whose pictures lack an image: redrawn by a later export if it is back
+        self.incomplete_images = 0  # image pages whose picture is unavailable: the same
         self.comparison = None  # a SiteComparison (export(compare=...)): the comparison section
         self.glance: dict[str, list[dict[str, Any]]] = {}  # layer -> its strongest exported channels' pictures
         # image_id -> the exported top-k entries it holds, with their pictures (for the image pages)
@@ -538,10 +542,14 @@ class _Exporter:
                 if src is not None and Path(src).is_file():
                     self.site.link(rel, k, self.pics.web(Path(src)))
                     picture = f"img/{i}.webp"
+                else:  # counted, so that a later export draws it once the image is back
+                    self.incomplete_images += 1
+                    self.errors.append(f"image {i}: unavailable, its page shows no picture")
             ranks = {(h["layer"], h["channel"]): h["rank"] for h in held}
             layers = []
             for layer, got in strongest.items():
-                slug = _slug(layer)
+                # a layer left out of this export may have a name no site folder can take: never asked for
+                slug = _slug(layer) if layer in self.sel else None
                 if got is not None:
                     chans, source = got.get(i, []), "activations"
                 else:  # no activations table: the top-k entries of this layer the image holds
