@@ -187,3 +187,40 @@ def test_refusals_name_the_module_path_and_the_op():
     with pytest.raises(AtlasError, match=r"cannot project features\.1: layer_norm at features\.0\.1 "
                                          r"\(LayerNorm2d\) has no DeconvNet rule"):
         D.check_graph(lm, "features.1")
+
+
+class _Residual(nn.Module):
+    """A block with torchvision's stochastic depth, as a module and as a function: identity in eval mode."""
+
+    def __init__(self, with_depth: bool):
+        super().__init__()
+        from torchvision.ops import StochasticDepth
+
+        self.a, self.b, self.c = (nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 6, 3, padding=1),
+                                  nn.Conv2d(6, 4, 3, padding=1))
+        self.depth = StochasticDepth(0.5, "row") if with_depth else nn.Identity()
+        self.with_depth = with_depth
+
+    def forward(self, x):
+        from torchvision.ops import stochastic_depth
+
+        z = torch.relu(self.a(x))
+        y = self.depth(torch.relu(self.b(z)))
+        if self.with_depth:
+            y = stochastic_depth(y, 0.5, "row", training=self.training)
+        return torch.relu(self.c(z + y))
+
+
+def test_stochastic_depth_is_the_identity_in_eval_as_a_module_and_as_a_function():
+    torch.manual_seed(0)
+    m = _Residual(True).eval()
+    plain = _Residual(False).eval()
+    plain.load_state_dict(m.state_dict(), strict=False)
+    x = torch.randn(2, 3, 10, 10)
+    with torch.no_grad():
+        assert torch.allclose(_run_graph(m, x), m(x), atol=1e-6)
+    check_against_eager(trace(m), x)
+    reqs = [D.Request(i, "c", 2, 4, 5) for i in range(2)]  # down through both forms of it
+    ours = D.project_images(LayerMap(m, 10), x, reqs)
+    want = D.project_images(LayerMap(plain, 10), x, reqs)
+    assert torch.allclose(torch.stack(list(ours.images)), torch.stack(list(want.images)), atol=1e-6)
