@@ -76,6 +76,20 @@ def copy_atlas(src: Path, dst: Path, data: Path | None = None) -> Path:
 # file) or into its images takes a copy: own_atlas, copy_atlas(...), small_atlas. The exception is
 # hostile_atlas, which the site tests (test_export_site.py, test_export_browser.py) export from: they share
 # its picture cache, as two exports of one atlas do.
+def without_classifier(src: Path, tmp_path: Path) -> Path:
+    """A copy of the atlas `src` whose model's weights file is gone: a trained atlas whose classifier
+    cannot be had (the analyses then say so instead of charting a class)."""
+    import json
+    import shutil
+
+    dst = tmp_path / "nocls"
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("analyses"))
+    mf = json.loads((dst / "manifest.json").read_text())
+    mf["model"].update({"random_init": False, "weights": str(tmp_path / "gone.pt")})
+    (dst / "manifest.json").write_text(json.dumps(mf))
+    return dst
+
+
 def randomised_model(name: str):
     """A model of the registry in eval mode, random weights (seed 0) and randomised BatchNorm statistics
     and affine terms: what the fidelity tests project through, so BN's scale is not the identity."""

@@ -13,17 +13,11 @@ from atlas.analyses import correspondence as CO
 from atlas.analyses import invariance as IV
 from atlas.errors import AtlasError
 from atlas.facade import Atlas
+from conftest import without_classifier as _without_classifier
 
 SMALL = {"translate": [-3, 0, 3], "scale": [1.0, 1.3], "rotate": [0, 90, 180]}
 
 
-def _without_classifier(tiny_atlas, tmp_path) -> Path:
-    dst = tmp_path / "nocls"
-    shutil.copytree(tiny_atlas, dst, ignore=shutil.ignore_patterns("analyses"))
-    mf = json.loads((dst / "manifest.json").read_text())
-    mf["model"].update({"random_init": False, "weights": str(tmp_path / "gone.pt")})
-    (dst / "manifest.json").write_text(json.dumps(mf))
-    return dst
 
 
 # ---------------------------------------------------------------------------

@@ -1,8 +1,6 @@
 """Occlusion sensitivity (figure 7): a planted model, the batched/windowed forward against a naive one,
 the stored table and figures, a model without a classifier, bad input."""
 import copy
-import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +17,7 @@ from atlas.errors import AtlasError
 from atlas.net import LayerMap
 from atlas.models.zfnet import AlexNetSingle, ZFNetMini
 from atlas.facade import Atlas
+from conftest import without_classifier as _without_classifier
 
 S = 32
 R = (8, 16, 16, 24)  # the planted region: rows 8..15, columns 16..23 (y0, x0, y1, x1)
@@ -177,13 +176,6 @@ def test_occlude_dataset_image_stores_table_and_figures(own_atlas):
     assert any("SQL view occlusion" in line for line in res.summary())
 
 
-def _without_classifier(tiny_atlas, tmp_path) -> Path:
-    dst = tmp_path / "nocls"
-    shutil.copytree(tiny_atlas, dst, ignore=shutil.ignore_patterns("analyses"))
-    mf = json.loads((dst / "manifest.json").read_text())
-    mf["model"].update({"random_init": False, "weights": str(tmp_path / "gone.pt")})
-    (dst / "manifest.json").write_text(json.dumps(mf))
-    return dst
 
 
 def test_no_classifier_still_gives_activation_maps(tiny_atlas, tmp_path):
