@@ -1,5 +1,5 @@
-"""The one-pass capture's window codes (atlas/build/capture.py, batch_window_codes) are the codes the
-switches module computes (deconv.switches.window_codes, the two-pass path's), and both name the input
+"""The one-pass capture's window codes (atlas/build/capture.py: deconv.switches.window_codes in place, on
+a batch) are the codes of one image's indices as the two-pass path computes them, and both name the input
 position max-pool chose: checked here against F.max_pool2d's own indices on maps full of ties, with
 padding, ceil mode, both memory layouts and a batch."""
 from __future__ import annotations
@@ -9,7 +9,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from atlas.build.capture import batch_window_codes
 from atlas.deconv.switches import window_codes
 from atlas.net.layer_base import Geometry
 
@@ -35,7 +34,7 @@ def test_batch_codes_equal_the_switches_module_and_max_pool(kernel, stride, padd
     # the codes decoded back: each names the input position max-pool chose
     oy = (np.arange(idx.shape[2]) * stride - padding)[:, None]
     ox = (np.arange(idx.shape[3]) * stride - padding)[None, :]
-    got = batch_window_codes(idx.clone(), geom)
+    got = window_codes(idx.clone(), geom, in_place=True)
     assert got.dtype == np.uint8 and got.flags["C_CONTIGUOUS"] and got.shape == tuple(idx.shape)
     np.testing.assert_array_equal(got, want)
     chosen = (oy + got // kernel) * size + (ox + got % kernel)
@@ -46,5 +45,5 @@ def test_batch_codes_use_the_indices_up():
     """The capture hands over its indices: overwritten, not copied (a batch's pool1 indices are 150 MB)."""
     idx, geom = pooled(3, 2, 0, True, 26, True, seed=1)
     before = idx.clone()
-    batch_window_codes(idx, geom)
+    window_codes(idx, geom, in_place=True)
     assert not torch.equal(idx, before)

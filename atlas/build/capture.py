@@ -29,7 +29,7 @@ import torch
 
 from ..util.files import atomic_write
 from ..mining import TopK
-from ..deconv.switches import SwitchRegion, pack, unpack
+from ..deconv.switches import SwitchRegion, pack, unpack, window_codes
 
 BOXES = "boxes.json"
 
@@ -47,25 +47,6 @@ def one_pass_wins(chosen, k: int, n: int) -> bool:
     if not any(la.pools_below for la in chosen):
         return False
     return sum(la.channels for la in chosen) * k >= ONE_PASS_MIN_SHARE * n
-
-
-def batch_window_codes(indices: torch.Tensor, geom) -> np.ndarray:
-    """deconv.switches.window_codes of whole maps (N x C x H x W pool indices), overwriting `indices`.
-
-    The same codes (tests/test_build_capture_codes.py), computed without a new int64 tensor: on a CPU a
-    fresh buffer of a batch's pool1 indices (150 MB for zfnet at batch 64) costs more in page faults than
-    the arithmetic, so the window starts are subtracted in place and a table lookup gives the codes
-    (uint8, N x C x H x W in C order, ready to crop and pack)."""
-    k, s, p, w_in = geom.kernel, geom.stride, geom.padding, geom.in_size
-    h, w = indices.shape[-2:]
-    dev = indices.device
-    rows, cols = torch.arange(h, device=dev) * s - p, torch.arange(w, device=dev) * s - p
-    start = rows.view(-1, 1) * w_in + cols.view(1, -1)
-    offset = indices.sub_(start)  # the winner's dy * w_in + dx past its window's start
-    lut = torch.zeros((k - 1) * w_in + k, dtype=torch.uint8, device=dev)
-    d = torch.arange(k, device=dev)
-    lut[(d.view(-1, 1) * w_in + d.view(1, -1)).view(-1)] = torch.arange(k * k, device=dev).to(torch.uint8)
-    return torch.take(lut, offset).cpu().numpy()  # take: a contiguous result, whatever the indices' layout
 
 
 def capture_file(work: Path, chunk: int) -> Path:
@@ -108,7 +89,7 @@ class SwitchCapture:
             indices: dict[str, torch.Tensor], rows: torch.Tensor | None) -> None:
         """One batch: values[layer] = (maxima (B, C), flat positions (B, C)) of the valid images `ids`;
         indices[pool]: the batch's pool indices (all its rows; `rows` picks the valid ones, None: all),
-        used up: they are overwritten (batch_window_codes)."""
+        used up: they are overwritten (window_codes in place)."""
         # per image and pool, the bounding box (y0, x0, y1, x1) of the beating units' regions
         boxes: dict[int, dict[str, list[int]]] = {}
         for la in self.chosen:
@@ -156,7 +137,7 @@ class SwitchCapture:
             if want != list(range(idx.shape[0])):  # else every row, in order: no copy of the int64 indices
                 idx = idx[want]
             geom = self.lmap.pool_by_name[pool].geometry
-            codes = batch_window_codes(idx, geom)
+            codes = window_codes(idx, geom, in_place=True)
             for row, n in enumerate(has):
                 y0, x0, y1, x1 = boxes[images[n]][pool]
                 self._zip.writestr(f"{images[n]}/{pool}", pack(codes[row, :, y0:y1, x0:x1], geom.kernel))

@@ -40,12 +40,15 @@ def regions_below(lmap: LayerMap, layer: Layer, y: int, x: int) -> list[SwitchRe
     return [SwitchRegion(pool, *lmap.region_below(layer, pool, y, x)) for pool in reversed(layer.pools_below)]
 
 
-def window_codes(indices: torch.Tensor, geom: Geometry, origin: tuple[int, int] = (0, 0)) -> np.ndarray:
+def window_codes(indices: torch.Tensor, geom: Geometry, origin: tuple[int, int] = (0, 0), *,
+                 in_place: bool = False) -> np.ndarray:
     """Each pooled position's winner as its offset inside the window, dy * k + dx (uint8, C x H x W).
 
     `indices` may be a crop of the pool's output whose top-left corner is `origin`.
     `indices` may also be a batch of them (N x C x H x W). Computed by torch (all threads) where the
-    indices are, one copy back.
+    indices are, one copy back. `in_place`: `indices` are used up (overwritten) instead of a new int64
+    tensor being made: on a CPU a fresh buffer of a batch's pool1 indices (150 MB for zfnet at batch 64)
+    costs more in page faults than the arithmetic (the build's capture hands its indices over).
     """
     k, s, p, w_in = geom.kernel, geom.stride, geom.padding, geom.in_size
     h, w = indices.shape[-2:]
@@ -57,7 +60,9 @@ def window_codes(indices: torch.Tensor, geom: Geometry, origin: tuple[int, int] 
     lut = torch.zeros((k - 1) * w_in + k, dtype=torch.uint8, device=dev)
     d = torch.arange(k, device=dev)
     lut[(d.view(-1, 1) * w_in + d.view(1, -1)).view(-1)] = torch.arange(k * k, device=dev).to(torch.uint8)
-    return lut[indices - (oy * w_in + ox)].cpu().numpy()
+    start = oy * w_in + ox
+    offset = indices.sub_(start) if in_place else indices - start
+    return torch.take(lut, offset).cpu().numpy()  # take: a contiguous result, whatever the indices' layout
 
 
 def pack(codes: np.ndarray, kernel: int) -> bytes:

@@ -770,11 +770,12 @@ def check_against_eager(graph: Graph, x: torch.Tensor, rtol: float = 1e-4) -> No
         if not isinstance(eager, torch.Tensor) or not isinstance(ours, torch.Tensor):
             continue
         # max |x| in one pass (no abs() copy): the check runs on every build's first batch
-        scale = float(torch.linalg.vector_norm(eager.float(), float("inf"))) if eager.numel() else 0.0
+        e = eager.float()
+        scale = float(torch.linalg.vector_norm(e, float("inf"))) if e.numel() else 0.0
         if ours.shape != eager.shape:
             diff = float("inf")
         else:
-            diff = float(torch.linalg.vector_norm(ours.float() - eager.float(), float("inf"))) if eager.numel() else 0.0
+            diff = float(torch.linalg.vector_norm(ours.float() - e, float("inf"))) if e.numel() else 0.0
         if diff > rtol * scale + 1e-6:
             op = graph.ops[node]
             raise AtlasError(f"the traced graph of {type(model).__name__} does not compute what the model "

@@ -175,9 +175,6 @@ class PictureCache:
 
     def rel(self, path: Path) -> str:
         """A cached picture's path inside whichever cache folder holds it (what `find` takes)."""
-        return self._rel(path)
-
-    def _rel(self, path: Path) -> str:
         for t in self._tiers:
             if t is not None and path.is_relative_to(t):
                 return str(path.relative_to(t))
@@ -190,7 +187,7 @@ class PictureCache:
     def put_with(self, path: Path, write: Callable[[Path], Any]) -> Path:
         """`write(dest)` the file `path` names (a path `find` gave) into the first tier that takes it (the
         atlas's cache, else the per-user one); returns where it went. `put` is this for a PNG."""
-        rel = self._rel(path)
+        rel = self.rel(path)
         while True:
             dest = self.tier(self.at) / rel
             if self.at == 0 and self.chosen is None:
