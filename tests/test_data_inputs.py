@@ -167,3 +167,28 @@ def test_a_build_started_before_decoders_existed_resumes(tiny_folder, tmp_path, 
     cfg.write_text(json.dumps(old))
     build("zfnet-mini", str(tiny_folder), out, resume=True, **opts)
     assert atlas.open(out).manifest["options"]["decode"] == "cpu"
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_cpu_batches_are_the_normalised_crops_in_the_builds_layout(jpeg_folder, channels_last):
+    """The workers' (H, W, 3) inputs, stacked and permuted, are each crop's (v / 255 - mean) / std computed
+    by hand in float64 (to float32 rounding), in the layout asked for; unreadable images are zeros."""
+    src = open_dataset(str(jpeg_folder))
+    pre = Preprocess(PRE)
+    ids = list(range(len(src)))
+    got = list(InputBatches(src, pre, torch.device("cpu"), "cpu", 0, channels_last=channels_last)([ids]))
+    x, got_ids, errs, _ = got[0]
+    assert got_ids.tolist() == ids
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    assert x.is_contiguous(memory_format=fmt) and x.dtype == torch.float32
+    mean, std = np.array(PRE["mean"]), np.array(PRE["std"])
+    assert sum(bool(e) for e in errs) == 3  # garbage, empty, truncated
+    for i, e in enumerate(errs):
+        if e:
+            assert not x[i].any()
+            continue
+        crop = np.asarray(pre.crop_image(src.open_image(i)), dtype=np.float64)  # (H, W, 3)
+        want = ((crop / 255.0 - mean) / std).transpose(2, 0, 1)
+        np.testing.assert_allclose(x[i].numpy(), want, rtol=0, atol=1e-6)
+        # one recipe: the per-image input the renderer and the analyses use is the same numbers exactly
+        assert torch.equal(x[i], pre.to_tensor(pre.crop_image(src.open_image(i))))

@@ -234,7 +234,8 @@ class BuildJob:
             self.net = self.net.to(memory_format=torch.channels_last)
 
         workers = self.opts.workers if self.opts.workers is not None else default_workers(self.dev)
-        self.inputs = InputBatches(self.source, Preprocess(self.pre), self.dev, self.decoder, workers)
+        self.inputs = InputBatches(self.source, Preprocess(self.pre), self.dev, self.decoder, workers,
+                                   channels_last=self.channels_last)
 
     def mine(self, progress: bool | None) -> list[dict[str, Any]]:
         """Every chunk not done yet (this rank's share of them); returns the record of runs (rank 0)."""

@@ -304,32 +304,50 @@ class Preprocess:
         left, top = (w - self.crop) // 2, (h - self.crop) // 2
         return img.crop((left, top, left + self.crop, top + self.crop))
 
+    def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Model input from 0..255 pixels (..., H, W, 3), uint8 or float, as float32 in that same layout:
+        permuted to (..., 3, H, W) it is channels-last with no copy. One elementwise recipe for an image or
+        a batch, on any device, so every caller gets the same numbers; it runs along rows of W*3 values
+        (the mean and std repeated W times) because a broadcast over an innermost dimension of 3 runs an
+        element at a time."""
+        x = pixels.to(torch.float32, copy=True).contiguous()
+        w = x.shape[-2]
+        mean, std = (t.view(3).repeat(w).to(x.device) for t in (self.mean, self.std))
+        x.view(-1, w * 3).div_(255.0).sub_(mean).div_(std)
+        return x
+
+    def hwc_input(self, img: Image.Image) -> torch.Tensor:
+        """The crop as normalised (crop, crop, 3) floats: what a decoding worker hands over. Stacked and
+        permuted, a batch of them is channels-last model input with no copy in the main process."""
+        return self.normalise(torch.from_numpy(np.array(self.crop_image(img), dtype=np.uint8)))
+
     def to_tensor(self, img: Image.Image) -> torch.Tensor:
-        arr = np.asarray(img, dtype=np.uint8)
-        x = torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
-        return (x - self.mean) / self.std
+        return self.normalise(torch.from_numpy(np.array(img, dtype=np.uint8))).permute(2, 0, 1).contiguous()
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         return self.to_tensor(self.crop_image(img))
 
 
 class DecodedImages(torch.utils.data.Dataset):
-    """(tensor, image_id, error) for a list of ids; a corrupt image gives zeros and its error."""
+    """(model input, image_id, error, content hash) per image; a corrupt image's input is zeros and its
+    error ("" when it decoded); the hash is of the bytes decoded ("" for an error). `channels_last`:
+    the input as (crop, crop, 3) (Preprocess.hwc_input), else (3, crop, crop)."""
 
-    def __init__(self, source: ImageSource, preprocess: Preprocess, ids: list[int] | range):
+    def __init__(self, source: ImageSource, preprocess: Preprocess, ids: list[int] | range,
+                 channels_last: bool = False):
         self.source, self.preprocess, self.ids = source, preprocess, list(ids)
+        self.channels_last = channels_last
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def __getitem__(self, i: int):
-        """(input, image id, error or "", content hash or "")."""
         image_id = self.ids[i]
         try:
             img, digest = self.source.read(image_id)
-            x = self.preprocess(img)
+            x = self.preprocess.hwc_input(img)
             err = ""
         except Exception as e:  # any decode failure is a property of the file, recorded per image
-            x = torch.zeros(3, self.preprocess.crop, self.preprocess.crop)
+            x = torch.zeros(self.preprocess.crop, self.preprocess.crop, 3)
             err, digest = f"{type(e).__name__}: {e}"[:300] or "unreadable", ""
-        return x, image_id, err, digest
+        return (x if self.channels_last else x.permute(2, 0, 1).contiguous()), image_id, err, digest

@@ -137,8 +137,6 @@ class DeviceDecoder:
 
     def __init__(self, preprocess: Preprocess, dev: torch.device):
         self.pre, self.dev = preprocess, dev
-        self.mean = preprocess.mean.to(dev)
-        self.std = preprocess.std.to(dev)
 
     def __call__(self, kinds: list[str], payloads: list, errs: list[str]) -> tuple[torch.Tensor, list[str]]:
         errs = list(errs)
@@ -206,7 +204,7 @@ class DeviceDecoder:
                 top, left = (h - crop) // 2, (w - crop) // 2
                 x[idx] = imgs[:, :, top:top + crop, left:left + crop].float()
         ok = torch.tensor([p is not None for p in pixels], device=self.dev).view(-1, 1, 1, 1)
-        return torch.where(ok, (x / 255.0 - self.mean) / self.std, 0.0)
+        return torch.where(ok, self.pre.normalise(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2), 0.0)
 
 
 class InputBatches:
@@ -219,10 +217,11 @@ class InputBatches:
     """
 
     def __init__(self, source: ImageSource, preprocess: Preprocess, dev: torch.device, decoder: str,
-                 workers: int):
+                 workers: int, channels_last: bool = False):
         if decoder not in ("cpu", "device"):
             raise ValueError(f"decoder must be resolved to cpu or device (choose_decoder), got {decoder!r}")
         self.source, self.pre, self.dev, self.decoder, self.workers = source, preprocess, dev, decoder, workers
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self._device_decoder = DeviceDecoder(preprocess, dev) if decoder == "device" else None
 
     def __call__(self, batches: list[list[int]]) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
@@ -231,15 +230,19 @@ class InputBatches:
         # Datasets are indexed by position in a list of every id, so batch_sampler can hand out image ids.
         all_ids = range(len(self.source))
         if self.decoder == "cpu":
+            # The workers hand over (H, W, 3) inputs: stacked and permuted, a batch is channels-last with
+            # no copy here, where the forward pass waits.
             loader = torch.utils.data.DataLoader(
-                DecodedImages(self.source, self.pre, all_ids), batch_sampler=batches, num_workers=self.workers,
-                pin_memory=self.dev.type == "cuda")
+                DecodedImages(self.source, self.pre, all_ids, channels_last=True), batch_sampler=batches,
+                num_workers=self.workers, pin_memory=self.dev.type == "cuda")
             for x, ids, errs, digests in loader:
-                yield x.to(self.dev, non_blocking=True), ids, list(errs), list(digests)
+                x = x.to(self.dev, non_blocking=True).permute(0, 3, 1, 2)
+                yield x.contiguous(memory_format=self.memory_format), ids, list(errs), list(digests)
             return
         loader = torch.utils.data.DataLoader(
             EncodedImages(self.source, self.pre, all_ids), batch_sampler=batches, num_workers=self.workers,
             collate_fn=_as_lists)
         for kinds, payloads, ids, errs, digests in loader:
             x, errs = self._device_decoder(kinds, payloads, errs)
-            yield x, torch.tensor(ids, dtype=torch.int64), errs, [d if not e else "" for d, e in zip(digests, errs)]
+            yield (x.contiguous(memory_format=self.memory_format), torch.tensor(ids, dtype=torch.int64), errs,
+                   [d if not e else "" for d, e in zip(digests, errs)])

@@ -295,7 +295,8 @@ def _forward_vectors(a: AtlasReader, src, names: list[str], image_ids: np.ndarra
     batch_size, chunk_size = int(options["batch_size"]), int(options["chunk_size"])
     bf16 = options.get("precision") == "bf16"
     inputs = InputBatches(src, a.preprocess, runner.device, options.get("decode", "cpu"),
-                          workers if workers is not None else default_workers(runner.device))
+                          workers if workers is not None else default_workers(runner.device),
+                          channels_last=runner.channels_last)
     table = images_table(a)
     status = table.column("status").to_numpy(zero_copy_only=False)
     hashes = table.column("content_hash").to_pylist() if "content_hash" in table.column_names else None
