@@ -5,7 +5,10 @@ Side by side in one run, interleaved (bare, build, bare, build, ...) so that a s
 slows both alike; each figure is the best of --repeats. The bare forward pass: the model in eval mode
 under inference mode, in its best memory format (channels-last) and the build's precision (bf16:
 autocast), at the build's batch size, over the images already decoded and preprocessed in memory (the
-first 256 of them, cycled, so that 4,096 images need no 2.4 GB of tensors). The build: `python -m atlas
+first 256 of them, cycled, so that 4,096 images need no 2.4 GB of tensors), in a child process of its
+own, twice: with glibc's allocator as it comes ("plain": every batch's maps are fresh pages from the
+kernel) and with freed memory kept, as the build keeps it (`atlas.util.device.keep_freed_memory`): the
+best bare pass this CPU offers, and the one the bar is measured against. The build: `python -m atlas
 build --no-index` in a fresh process (start-up, model load, decoding, mining, switches, tables, publish),
 its manifest's timings kept. The load average is recorded before and after each figure.
 
@@ -77,6 +80,19 @@ def bare_pass(model_name: str, folder: Path, n: int, batch: int, precision: str,
     return run
 
 
+def bare_in_child(args, folder: Path, keep_freed: bool) -> tuple[float, float]:
+    """The bare pass in a fresh process (best of two runs after a warm-up): with glibc's defaults, or with
+    freed memory kept as the build keeps it (util.device.keep_freed_memory), so that each variant has the
+    allocator state it names."""
+    cmd = [sys.executable, __file__, "--bare-only", "--model", args.model, "--images", str(args.images),
+           "--batch", str(args.batch), "--precision", args.precision,
+           *(["--image-size", str(args.image_size)] if args.image_size else []),
+           "--folder", str(folder), *(["--keep-freed"] if keep_freed else [])]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    s, c = json.loads(out.strip().splitlines()[-1])
+    return s, c
+
+
 def whole_job(model_name: str, folder: Path, out: Path, batch: int, precision: str, image_size: int | None,
               extra: list[str]) -> tuple[float, float, dict]:
     cmd = [sys.executable, "-m", "atlas", "build", "--model", model_name, "--data", str(folder), "--out",
@@ -106,19 +122,30 @@ def main() -> None:
     ap.add_argument("--build-args", default="", help="more `atlas build` options, e.g. '--workers 0'")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     ap.add_argument("--smoke", action="store_true", help="seconds: zfnet-mini, 16 images of 64 px, one repeat")
+    ap.add_argument("--bare-only", action="store_true", help=argparse.SUPPRESS)  # the child of bare_in_child
+    ap.add_argument("--keep-freed", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.bare_only:
+        if args.keep_freed:
+            from atlas.util.device import keep_freed_memory
+            keep_freed_memory()
+        run = bare_pass(args.model, args.folder, args.images, args.batch, args.precision, args.image_size)
+        run()  # warm-up: oneDNN's kernels chosen, pages touched
+        print(json.dumps(min(run(), run())))
+        return
     if args.smoke:
         args.model, args.images, args.batch, args.image_size, args.repeats = "zfnet-mini", 16, 8, 64, 1
     n = args.images
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / f"jpegs-{n}"
         make_jpegs(folder, n)
-        bare = bare_pass(args.model, folder, n, args.batch, args.precision, args.image_size)
-        bare()  # warm-up: oneDNN's kernels chosen, pages touched
         best_bare, best_job, manifest, loads = float("inf"), float("inf"), None, [loadavg()]
-        cpu_bare, cpu_job = float("inf"), float("inf")
+        cpu_bare, cpu_job, best_plain, cpu_plain = float("inf"), float("inf"), float("inf"), float("inf")
         for _ in range(args.repeats):
-            s, c = bare()
+            s, c = bare_in_child(args, folder, keep_freed=False)
+            best_plain, cpu_plain = min(best_plain, s), min(cpu_plain, c)
+            s, c = bare_in_child(args, folder, keep_freed=True)
             best_bare, cpu_bare = min(best_bare, s), min(cpu_bare, c)
             s, c, m = whole_job(args.model, folder, Path(tmp) / "atlas", args.batch, args.precision, args.image_size,
                                 args.build_args.split())
@@ -131,6 +158,8 @@ def main() -> None:
            "bf16_kernels": cpu_bf16_kernels(), "threads": torch.get_num_threads(),
            "bare_images_per_s": round(n / best_bare, 1), "job_images_per_s": round(n / best_job, 1),
            "ratio": round(best_bare / best_job, 3), "cpu_ratio": round(cpu_bare / cpu_job, 3),
+           "plain_bare_images_per_s": round(n / best_plain, 1), "ratio_to_plain": round(best_plain / best_job, 3),
+           "cpu_ratio_to_plain": round(cpu_plain / cpu_job, 3),
            "bare_cpu_s": round(cpu_bare, 1), "job_cpu_s": round(cpu_job, 1), "job_s": round(best_job, 1),
            "mining_s": t.get("mining_s"), "switches_s": t.get("switches_s"), "write_s": t.get("write_s"),
            "switch_passes": manifest["switches"].get("passes"),
@@ -138,7 +167,8 @@ def main() -> None:
            "workers": manifest["options"].get("workers"), "loadavg": loads}
     print(json.dumps(fig))
     print(f"| {args.model} | {n} | {args.precision} | {fig['bare_images_per_s']} | {fig['job_images_per_s']} | "
-          f"{fig['ratio']:.2f} (CPU time {fig['cpu_ratio']:.2f}) | {fig['job_s']} (mining {fig['mining_s']}, "
+          f"{fig['ratio']:.2f} (CPU time {fig['cpu_ratio']:.2f}) | {fig['plain_bare_images_per_s']} | "
+          f"{fig['ratio_to_plain']:.2f} (CPU time {fig['cpu_ratio_to_plain']:.2f}) | {fig['job_s']} (mining {fig['mining_s']}, "
           f"switches {fig['switches_s']}) | "
           f"{loads[0]} -> {loads[-1]} |")
     if args.json:
