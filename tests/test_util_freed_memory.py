@@ -4,6 +4,8 @@ import sys
 
 import pytest
 
+# A "batch" as a forward pass makes them: a map and a smaller one after it, both above glibc's largest
+# mmap threshold (32 MB), both freed at its end.
 CHILD = r"""
 import resource, sys, torch
 from atlas.util.device import keep_freed_memory
@@ -11,21 +13,24 @@ if sys.argv[1] == "kept":
     assert keep_freed_memory()
 def faults_of_one_batch():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    x = torch.ones(64 << 20, dtype=torch.uint8)  # 64 MB, above glibc's largest mmap threshold
-    del x
+    x = torch.ones(96 << 20, dtype=torch.uint8)
+    y = torch.ones(40 << 20, dtype=torch.uint8)
+    del x, y
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 for _ in range(3):  # the heap grows to hold a batch and its alignment slack, then stays
     faults_of_one_batch()
-print(faults_of_one_batch())
+print(sum(faults_of_one_batch() for _ in range(5)))
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
-def test_a_second_batch_reuses_the_first_ones_pages():
+def test_later_batches_reuse_the_first_ones_pages():
     def faults(mode):
         out = subprocess.run([sys.executable, "-c", CHILD, mode], check=True, capture_output=True, text=True)
         return int(out.stdout.split()[-1])
 
-    pages = (64 << 20) // 4096
+    pages = 5 * (136 << 20) // 4096  # five batches' bytes, in pages
     assert faults("plain") > pages // 2  # glibc's default: fresh pages from the kernel every time
-    assert faults("kept") < pages // 20  # kept: the freed block is reused
+    # kept: the freed blocks are reused (glibc may still fault one block in afresh now and then: 0 or
+    # 10,240 of the 174,080 pages here)
+    assert faults("kept") < pages // 4

@@ -31,8 +31,7 @@ from PIL import Image
 
 from ..store.formats import FORMAT_VERSION, __version__
 from ..data import Preprocess, open_dataset
-from ..util.device import (bf16_hint, cpu_bf16_kernels, default_workers, keep_freed_memory, recorded_memory_format,
-                           resolve_device)
+from ..util.device import bf16_hint, cpu_bf16_kernels, default_workers, recorded_memory_format, resolve_device
 from ..util.distributed import ranks_from_env
 from ..util import bounds
 from ..errors import AtlasError
@@ -186,8 +185,6 @@ class BuildJob:
         if dev.type == "cuda" and self.ranks.active:
             dev = torch.device("cuda", self.ranks.local_rank)
         self.dev = dev
-        if dev.type == "cpu":
-            keep_freed_memory()  # each batch's maps reuse the last one's memory, not fresh pages
         # a name, a spec (timm:NAME, FILE.py:FACTORY, package.module:FACTORY) or an nn.Module from Python
         self.net = load_model(self.model_name, self.weights, seed=opts.seed,
                               **contrast_norm_option(self.model_name, opts.contrast_norm))

@@ -35,7 +35,9 @@ def index_cmd(atlas_path, layers, device, progress, fmt):
       atlas index my-atlas --layers conv3,conv5,fc7
     """
     from ..search.indexing import build_indexes, index_summary
+    from ..util.device import keep_freed_memory
 
+    keep_freed_memory()  # this process is the index's alone: each batch reuses the last one's memory
     record = build_indexes(atlas_path, layers, device=device, progress=progress, log=_say)
     click.echo(render_dicts(index_summary(record), fmt))
 

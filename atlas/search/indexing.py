@@ -284,15 +284,13 @@ def _forward_vectors(a: AtlasReader, src, names: list[str], image_ids: np.ndarra
     import torch
 
     from ..net.runner import Runner
-    from ..util.device import default_workers, keep_freed_memory, recorded_memory_format
+    from ..util.device import default_workers, recorded_memory_format
     from ..data.inputs import InputBatches, chunk_batches
     from ..util.progress import Progress
 
     # The build's memory layout and its decoder, as well as its batches.
     options = a.manifest["options"]
     runner = Runner(a, device, channels_last=recorded_memory_format(options) == "channels_last")
-    if runner.device.type == "cpu":
-        keep_freed_memory()
     kinds = {n: runner.lmap.by_name[n].kind for n in names}
     batch_size, chunk_size = int(options["batch_size"]), int(options["chunk_size"])
     bf16 = options.get("precision") == "bf16"

@@ -40,7 +40,10 @@ def keep_freed_memory() -> bool:
     and zeroes about 1 GB of fresh pages again: a quarter of zfnet's CPU time on this project's 2-core
     machine went to the kernel. With no mmap'd blocks and no trimming, freed memory stays in the heap;
     resident memory stays at the peak of one batch, which a build reaches anyway, and never grows with
-    the images. The numbers computed do not change (scripts/BENCHMARKS.md: 1.3x on the mining pass)."""
+    the images. The numbers computed do not change (scripts/BENCHMARKS.md: 1.3x on the mining pass).
+
+    Process-wide and for good, so the CLI's `build` and `index` call it (their process is theirs alone); a
+    Python user who builds in a notebook can call it first, knowing the process then keeps its peak."""
     import ctypes
     import sys
 
