@@ -50,6 +50,7 @@ pages that show them.
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -59,7 +60,7 @@ from ..util.progress import Progress
 from . import featurevis as fvx
 from . import gather
 from ..pictures.projections import DEFAULT_DISPLAY
-from .images import Pictures
+from .images import SITE_CELL, Pictures
 from .site import STATE, Site, key_of
 
 EXPORT_VERSION = 1
@@ -70,6 +71,10 @@ RESERVED = {"static", "img", "analyses", "index", "images"}
 # the image patches, shared by every page that shows one (named by the hash of their bytes): a deep unit's
 # patch is the whole image, in the top-k of many channels
 PATCHES = "img/patches"
+SQL_JS = "static/sql.js"  # the channel and image pages' SQL, written by the export (not a file of STATIC)
+# an image page's entries shown with their pictures, per layer (the strongest); the others are one line of links
+# each: a resnet50 layer4's 18,432 top-k entries over 40 images were 9 MB of image pages as pictures
+CARDS = 24
 CHUNK = 32  # channels whose pictures are asked for in one call
 GLANCE = 6  # channels per layer on the index: the strongest exported ones, by their maximum
 # the footer's word on how projections are shown (the rule in full is in each PNG's text)
@@ -248,6 +253,16 @@ def _whole_image(r: dict[str, Any], layer: dict[str, Any], size: int) -> bool:
     return tuple(shown_box(box, size)) == (0, 0, size, size)
 
 
+def _site_cell(layer: dict[str, Any], size: int) -> int | None:
+    """The side a layer's projections are shrunk to on the site (images.SITE_CELL), or None: only cells drawn
+    at or below their field's own scale (a photo-like picture), never one enlarged with NEAREST (pixel art)."""
+    from ..pictures.drawing import cell_factor
+
+    field = min(int(layer["rf_size"]), size) if layer.get("jump") and layer.get("rf_size") else size
+    f = cell_factor(field)
+    return SITE_CELL if f <= 1 and field * f > SITE_CELL else None
+
+
 def _image_href(image_id: int) -> str:
     """An image's page, from a page one folder down (a layer's, an image's)."""
     return f"../images/{int(image_id)}.html"
@@ -291,11 +306,11 @@ def _atlas_files(a) -> list:
 
 
 def _save_run(site: Site, state: dict, run: dict) -> None:
-    from ..util.files import atomic_write_json
+    from .site import write_record
 
     state = dict(state)
     state["last_run"] = run
-    atomic_write_json(site.root / STATE, state)
+    write_record(site.root / STATE, state)
 
 
 def _fmt_s(v: Any) -> str | None:
@@ -312,6 +327,7 @@ class _Exporter:
         self.a, self.site, self.pics, self.sel, self.code, self.log = a, site, pics, selection, code, log
         self.env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), autoescape=True,
                                       undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+        self.env.filters["sql_literal"] = gather.q  # a layer as the shared SQL templates take it (sql.js)
         m = a.manifest
         self.model_name = m["model"]["name"]
         mdl = m["model"]
@@ -369,6 +385,7 @@ class _Exporter:
         rank_by_max = {s["channel"]: i + 1 for i, s in enumerate(order)}
         exported = set(chans)
         slug = _slug(layer)
+        side = _site_cell(summary, a.image_size)
         tiles_pics: dict[int, dict[str, Any]] = {}
         for i in range(0, len(chans), CHUNK):
             part = chans[i:i + CHUNK]
@@ -388,8 +405,8 @@ class _Exporter:
                     for w, src in zip(want[c], srcs if rows else []):
                         if self._there(w) or src is None or not Path(src).is_file():
                             continue
-                        web = self.pics.web(Path(src))
                         kind, rel, k = w
+                        web = self.pics.web(Path(src), side if kind == "proj" else None)
                         if kind == "patch":
                             self.site.link_shared(k, web, PATCHES)
                         else:
@@ -562,7 +579,7 @@ class _Exporter:
                                              "rank": ranks.get((layer, c["channel"]))} for c in chans]})
             data = {"image": row, "picture": picture, "size": self.a.image_size, "layers": layers,
                     "picture_from": {k_: whole[k_] for k_ in ("layer", "channel", "rank", "href")} if whole else None,
-                    "held": held, "sql": gather.sql_for_image(i), "n": gather.STRONGEST,
+                    "held": held, "cards": CARDS, "sql": gather.sql_for_image(i), "n": gather.STRONGEST,
                     "prev": {"image_id": ids[j - 1], "href": f"{ids[j - 1]}.html"} if j > 0 else None,
                     "next": {"image_id": ids[j + 1], "href": f"{ids[j + 1]}.html"} if j + 1 < len(ids) else None}
             self.page(f"images/{i}.html", "image.html", data, "../")
@@ -642,6 +659,11 @@ class _Exporter:
             if f.is_file():
                 text = f.read_text(encoding="utf-8")
                 self.site.write_text(f"static/{f.name}", key_of(text), lambda t=text: t)
+        # the channel and image pages' SQL, once for all of them (gather.sql_templates; atlas.js fills it in)
+        text = ("// Written by `atlas export`: the SQL of the channel and image pages, {L} a layer's SQL literal and {C}\n"
+                "// the page's number (atlas.js writes it into each page's SQL section).\n"
+                f"window.ATLAS_SQL = {json.dumps(gather.sql_templates(), indent=1, ensure_ascii=False)};\n")
+        self.site.write_text(SQL_JS, key_of(text), lambda: text)
 
     def index(self, summaries, filters, analyses, compared=None) -> None:
         m = self.a.manifest
