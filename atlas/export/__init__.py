@@ -7,13 +7,16 @@ Site layout (every address relative and stable, so a link to a unit survives a r
     index.html  index.json        model, weights, dataset (and its unreadable images), k, build figures,
                                   layers, conv1 filters, analyses
     static/atlas.css, atlas.js    the only style and script (no fonts, CDNs or external anything)
+    static/sql.js                 the channel and image pages' SQL, once (gather.sql_templates): atlas.js
+                                  writes each page's queries into it, from the page's layer and number
     img/conv1-filters.png         the first layer's filters (figure 6)
     conv3/index.html  .json       a layer: every channel as a tile, sortable and filterable in the page
     conv3/17.html  conv3/17.json  a channel: figure-2 panel's cells, statistics, histogram, label mix,
                                   similar channels, the SQL behind its numbers, prev/next/up
     conv3/img/17-panel.webp       with --panels: the figure-2 panel as one picture (the page shows its cells
                                   either way; `atlas show` gives it as PNG)
-    conv3/img/17-0.webp           rank 0's projection (and so on per rank)
+    conv3/img/17-0.webp           rank 0's projection (and so on per rank); a large field's cell at
+                                  the size it is read (images.SITE_CELL), the cache's PNG at a slide's
     img/patches/HASH.webp         an image patch, named by its bytes' hash: one file however many channels
                                   show it (a deep unit's patch is the whole image, in many top-k)
     images/42.html  .json         an image in an exported channel's top-k: the image, its strongest
@@ -26,7 +29,7 @@ Site layout (every address relative and stable, so a link to a unit survives a r
     .atlas-export.json            the site's own record: the key of every file's inputs
     .atlas-export.journal         while an export runs: the files it is writing (gone when it finishes)
 
-Every page has a JSON twin beside it holding the same data (like Datasette).
+Every page has a JSON twin beside it holding the same data (like Datasette), compact (for programs).
 Pictures come from the lazy renderer's cache (inside the atlas, or the
 per-user one when the atlas is read-only) as lossy WebP, each made once beside
 its PNG in the cache (atlas/export/images.py: WEB_QUALITY), and are hardlinked
@@ -660,8 +663,8 @@ class _Exporter:
                 text = f.read_text(encoding="utf-8")
                 self.site.write_text(f"static/{f.name}", key_of(text), lambda t=text: t)
         # the channel and image pages' SQL, once for all of them (gather.sql_templates; atlas.js fills it in)
-        text = ("// Written by `atlas export`: the SQL of the channel and image pages, {L} a layer's SQL literal and {C}\n"
-                "// the page's number (atlas.js writes it into each page's SQL section).\n"
+        text = ("// Written by `atlas export`: the SQL of the channel and image pages, {L} a layer's SQL literal\n"
+                "// and {C} the page's number (atlas.js writes it into each page's SQL section).\n"
                 f"window.ATLAS_SQL = {json.dumps(gather.sql_templates(), indent=1, ensure_ascii=False)};\n")
         self.site.write_text(SQL_JS, key_of(text), lambda: text)
 

@@ -68,7 +68,8 @@ class Pictures:
         """Identifies what the pictures depend on besides the top-k rows: weights, settings, renderer."""
         m = self.a.manifest
         return _h(m["model"].get("weights_sha256"), m.get("created"), self.mode, self.norm, self.display,
-                  self._impl.version, "webp", WEB_QUALITY, WEB_METHOD, LOSSLESS_TRY, LOSSLESS_WORTH, SITE_CELL, CELL_METHOD)
+                  self._impl.version, "webp", WEB_QUALITY, WEB_METHOD, LOSSLESS_TRY, LOSSLESS_WORTH, SITE_CELL,
+                  CELL_METHOD)
 
     def channels(self, layer: str, channels: list[int], tops: dict[int, list[dict[str, Any]]]
                  ) -> dict[int, dict[str, Any]]:
