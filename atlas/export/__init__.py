@@ -283,7 +283,8 @@ def _slug(layer: str) -> str:
 
 def _code_hash() -> str:
     h = hashlib.sha256()
-    for d, pat in ((TEMPLATES, "*"), (STATIC, "*"), (Path(__file__).parent, "*.py")):
+    # the WebP encoder too (atlas/pictures/webp.py): what the site's pictures are made with
+    for d, pat in ((TEMPLATES, "*"), (STATIC, "*"), (Path(__file__).parent, "*.py"), (PACKAGE / "pictures", "webp.py")):
         for f in sorted(d.glob(pat)):
             if f.is_file():
                 h.update(f.name.encode())
