@@ -92,15 +92,13 @@ WEB_QUALITY = 55  # WebP's lossy quality inside a notebook's HTML: labels still 
 def web(png: bytes | None) -> bytes | None:
     """PNG bytes as lossy WebP for a notebook's HTML: a channel's panel and its 18 thumbnails as PNG weighed
     about 280 KB of base64 in every saved notebook; as WebP about a fifth of that. The files on disk (the
-    cache, `Picture.path`, `_repr_png_`) stay PNG."""
+    cache, `Picture.path`, `_repr_png_`) stay PNG. The site's encoder with the notebook's settings
+    (atlas/pictures/webp.py): method 6, every byte counts where pictures are base64 in the HTML."""
     if png is None:
         return None
-    from PIL import Image
+    from .pictures.webp import encode
 
-    with Image.open(io.BytesIO(png)) as im:
-        buf = io.BytesIO()
-        im.convert("RGB").save(buf, format="WEBP", quality=WEB_QUALITY, method=6)
-    return buf.getvalue()
+    return encode(png, quality=WEB_QUALITY, method=6)
 
 
 def _png_bytes(image) -> bytes:

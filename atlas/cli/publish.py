@@ -40,7 +40,7 @@ def method_option(f):
               "with each unit beside its counterpart, and each channel page links to it (default: none).")
 @click.option("--panels", is_flag=True,
               help="Also put each channel's figure-2 panel on its page as one picture (WebP; about 60 KB a "
-              "channel at 224 px, twice the rest of its pictures). The page shows the panel's cells either way.")
+              "channel at 224 px, seven times its other pictures). The page shows the panel's cells either way.")
 @progress_option
 def export(atlas_path, site_dir, layers, channels, max_channels, cache, display, feature_vis, compare_dir, panels,
            progress):
@@ -50,7 +50,8 @@ def export(atlas_path, site_dir, layers, channels, max_channels, cache, display,
     and a page per channel (the figure 2 panel's cells, statistics, histogram, label
     mix, similar channels, the SQL behind its numbers), each with a JSON twin.
     A page per image in an exported top-k: its strongest channels per layer.
-    Pictures are WebP, each image patch once (a resnet18 layer4 channel: ~30 KB);
+    Pictures are WebP, each image patch once (a resnet50 layer4 channel's page,
+    JSON and pictures: ~23 KB; the whole layer's site ~55 MB);
     `atlas show ATLAS LAYER CHANNEL --out DIR` gives its panel as PNG for a slide.
     The site is what was asked, no more: re-exporting with fewer channels or
     other layers removes the pages that are no longer asked for (never a file

@@ -7,13 +7,16 @@ Site layout (every address relative and stable, so a link to a unit survives a r
     index.html  index.json        model, weights, dataset (and its unreadable images), k, build figures,
                                   layers, conv1 filters, analyses
     static/atlas.css, atlas.js    the only style and script (no fonts, CDNs or external anything)
+    static/sql.js                 the channel and image pages' SQL, once (gather.sql_templates): atlas.js
+                                  writes each page's queries into it, from the page's layer and number
     img/conv1-filters.png         the first layer's filters (figure 6)
     conv3/index.html  .json       a layer: every channel as a tile, sortable and filterable in the page
     conv3/17.html  conv3/17.json  a channel: figure-2 panel's cells, statistics, histogram, label mix,
                                   similar channels, the SQL behind its numbers, prev/next/up
     conv3/img/17-panel.webp       with --panels: the figure-2 panel as one picture (the page shows its cells
                                   either way; `atlas show` gives it as PNG)
-    conv3/img/17-0.webp           rank 0's projection (and so on per rank)
+    conv3/img/17-0.webp           rank 0's projection (and so on per rank); a large field's cell at
+                                  the size it is read (images.SITE_CELL), the cache's PNG at a slide's
     img/patches/HASH.webp         an image patch, named by its bytes' hash: one file however many channels
                                   show it (a deep unit's patch is the whole image, in many top-k)
     images/42.html  .json         an image in an exported channel's top-k: the image, its strongest
@@ -26,7 +29,7 @@ Site layout (every address relative and stable, so a link to a unit survives a r
     .atlas-export.json            the site's own record: the key of every file's inputs
     .atlas-export.journal         while an export runs: the files it is writing (gone when it finishes)
 
-Every page has a JSON twin beside it holding the same data (like Datasette).
+Every page has a JSON twin beside it holding the same data (like Datasette), compact (for programs).
 Pictures come from the lazy renderer's cache (inside the atlas, or the
 per-user one when the atlas is read-only) as lossy WebP, each made once beside
 its PNG in the cache (atlas/export/images.py: WEB_QUALITY), and are hardlinked
@@ -50,6 +53,7 @@ pages that show them.
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -59,7 +63,7 @@ from ..util.progress import Progress
 from . import featurevis as fvx
 from . import gather
 from ..pictures.projections import DEFAULT_DISPLAY
-from .images import Pictures
+from .images import SITE_CELL, Pictures
 from .site import STATE, Site, key_of
 
 EXPORT_VERSION = 1
@@ -70,6 +74,10 @@ RESERVED = {"static", "img", "analyses", "index", "images"}
 # the image patches, shared by every page that shows one (named by the hash of their bytes): a deep unit's
 # patch is the whole image, in the top-k of many channels
 PATCHES = "img/patches"
+SQL_JS = "static/sql.js"  # the channel and image pages' SQL, written by the export (not a file of STATIC)
+# an image page's entries shown with their pictures, per layer (the strongest); the others are one line of links
+# each: a resnet50 layer4's 18,432 top-k entries over 40 images were 9 MB of image pages as pictures
+CARDS = 24
 CHUNK = 32  # channels whose pictures are asked for in one call
 GLANCE = 6  # channels per layer on the index: the strongest exported ones, by their maximum
 # the footer's word on how projections are shown (the rule in full is in each PNG's text)
@@ -248,6 +256,16 @@ def _whole_image(r: dict[str, Any], layer: dict[str, Any], size: int) -> bool:
     return tuple(shown_box(box, size)) == (0, 0, size, size)
 
 
+def _site_cell(layer: dict[str, Any], size: int) -> int | None:
+    """The side a layer's projections are shrunk to on the site (images.SITE_CELL), or None: only cells drawn
+    at or below their field's own scale (a photo-like picture), never one enlarged with NEAREST (pixel art)."""
+    from ..pictures.drawing import cell_factor
+
+    field = min(int(layer["rf_size"]), size) if layer.get("jump") and layer.get("rf_size") else size
+    f = cell_factor(field)
+    return SITE_CELL if f <= 1 and field * f > SITE_CELL else None
+
+
 def _image_href(image_id: int) -> str:
     """An image's page, from a page one folder down (a layer's, an image's)."""
     return f"../images/{int(image_id)}.html"
@@ -265,7 +283,8 @@ def _slug(layer: str) -> str:
 
 def _code_hash() -> str:
     h = hashlib.sha256()
-    for d, pat in ((TEMPLATES, "*"), (STATIC, "*"), (Path(__file__).parent, "*.py")):
+    # the WebP encoder too (atlas/pictures/webp.py): what the site's pictures are made with
+    for d, pat in ((TEMPLATES, "*"), (STATIC, "*"), (Path(__file__).parent, "*.py"), (PACKAGE / "pictures", "webp.py")):
         for f in sorted(d.glob(pat)):
             if f.is_file():
                 h.update(f.name.encode())
@@ -291,11 +310,11 @@ def _atlas_files(a) -> list:
 
 
 def _save_run(site: Site, state: dict, run: dict) -> None:
-    from ..util.files import atomic_write_json
+    from .site import write_record
 
     state = dict(state)
     state["last_run"] = run
-    atomic_write_json(site.root / STATE, state)
+    write_record(site.root / STATE, state)
 
 
 def _fmt_s(v: Any) -> str | None:
@@ -312,6 +331,7 @@ class _Exporter:
         self.a, self.site, self.pics, self.sel, self.code, self.log = a, site, pics, selection, code, log
         self.env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), autoescape=True,
                                       undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+        self.env.filters["sql_literal"] = gather.q  # a layer as the shared SQL templates take it (sql.js)
         m = a.manifest
         self.model_name = m["model"]["name"]
         mdl = m["model"]
@@ -369,6 +389,7 @@ class _Exporter:
         rank_by_max = {s["channel"]: i + 1 for i, s in enumerate(order)}
         exported = set(chans)
         slug = _slug(layer)
+        side = _site_cell(summary, a.image_size)
         tiles_pics: dict[int, dict[str, Any]] = {}
         for i in range(0, len(chans), CHUNK):
             part = chans[i:i + CHUNK]
@@ -388,8 +409,8 @@ class _Exporter:
                     for w, src in zip(want[c], srcs if rows else []):
                         if self._there(w) or src is None or not Path(src).is_file():
                             continue
-                        web = self.pics.web(Path(src))
                         kind, rel, k = w
+                        web = self.pics.web(Path(src), side if kind == "proj" else None)
                         if kind == "patch":
                             self.site.link_shared(k, web, PATCHES)
                         else:
@@ -562,7 +583,7 @@ class _Exporter:
                                              "rank": ranks.get((layer, c["channel"]))} for c in chans]})
             data = {"image": row, "picture": picture, "size": self.a.image_size, "layers": layers,
                     "picture_from": {k_: whole[k_] for k_ in ("layer", "channel", "rank", "href")} if whole else None,
-                    "held": held, "sql": gather.sql_for_image(i), "n": gather.STRONGEST,
+                    "held": held, "cards": CARDS, "sql": gather.sql_for_image(i), "n": gather.STRONGEST,
                     "prev": {"image_id": ids[j - 1], "href": f"{ids[j - 1]}.html"} if j > 0 else None,
                     "next": {"image_id": ids[j + 1], "href": f"{ids[j + 1]}.html"} if j + 1 < len(ids) else None}
             self.page(f"images/{i}.html", "image.html", data, "../")
@@ -642,6 +663,11 @@ class _Exporter:
             if f.is_file():
                 text = f.read_text(encoding="utf-8")
                 self.site.write_text(f"static/{f.name}", key_of(text), lambda t=text: t)
+        # the channel and image pages' SQL, once for all of them (gather.sql_templates; atlas.js fills it in)
+        text = ("// Written by `atlas export`: the SQL of the channel and image pages, {L} a layer's SQL literal\n"
+                "// and {C} the page's number (atlas.js writes it into each page's SQL section).\n"
+                f"window.ATLAS_SQL = {json.dumps(gather.sql_templates(), indent=1, ensure_ascii=False)};\n")
+        self.site.write_text(SQL_JS, key_of(text), lambda: text)
 
     def index(self, summaries, filters, analyses, compared=None) -> None:
         m = self.a.manifest

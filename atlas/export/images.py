@@ -27,15 +27,19 @@ from ..pictures.projections import DEFAULT_DISPLAY, Renderer
 # twice the time for 5 % fewer bytes. Part of every site picture's key: a change re-encodes them all.
 WEB_QUALITY = 75
 WEB_METHOD = 4
-# Lossy WebP keeps colour at half resolution (4:2:0): a grainy projection's per-pixel colour blurs (a
-# resnet18 layer4 projection: 7 grey levels off on average, at any quality), its pattern stays. A PNG within
-# LOSSLESS_TRY of its lossy WebP is flat or pixel art (a small field's cell enlarged with NEAREST, a
-# placeholder): lossless WebP is tried then, and kept when it costs at most LOSSLESS_WORTH times the lossy
-# bytes, exact (a zfnet-mini conv2 projection at 32 px: PNG 2.2 KB, lossy 1.4 KB, lossless 1.0 KB). A
-# photo-like picture (a 224 px patch, a deep unit's projection) is 13 to 18 times its lossy WebP, and its
-# lossless one nearly the PNG.
+# Flat pictures and pixel art are tried as lossless WebP too (atlas/pictures/webp.py says when and why).
 LOSSLESS_TRY = 3
 LOSSLESS_WORTH = 1.5
+# A projection cell's side on the site when it is drawn at or below its field's own scale (a photo-like
+# picture: a deep layer's field covers most of the image). A channel page shows each cell at 91 to 115 CSS px
+# on a desktop (two to a rank's card, cards at least 200 px wide in a main column of at most 1400 px:
+# atlas/static/atlas.css), so the cache's 160 px cell (drawing.MAX_CELL, drawn for a slide: `atlas show`)
+# is shrunk to 112 for the site, the size it is read at, and encoded with WebP's method 6 (12 % fewer bytes
+# at this size for 2 ms more a cell). resnet50 layer4, random weights, 576 projections: 2.9 KB -> 0.94 KB a
+# cell, a channel's nine 26 KB -> 8.4 KB. A smaller field's cell is left as drawn (enlarged with NEAREST:
+# pixel art). 128 px kept 1.6 KB a cell; q65 at 112 px lost the faint outer grain of the projections.
+SITE_CELL = 112
+CELL_METHOD = 6
 
 
 class Pictures:
@@ -64,7 +68,8 @@ class Pictures:
         """Identifies what the pictures depend on besides the top-k rows: weights, settings, renderer."""
         m = self.a.manifest
         return _h(m["model"].get("weights_sha256"), m.get("created"), self.mode, self.norm, self.display,
-                  self._impl.version, "webp", WEB_QUALITY, WEB_METHOD, LOSSLESS_TRY, LOSSLESS_WORTH)
+                  self._impl.version, "webp", WEB_QUALITY, WEB_METHOD, LOSSLESS_TRY, LOSSLESS_WORTH, SITE_CELL,
+                  CELL_METHOD)
 
     def channels(self, layer: str, channels: list[int], tops: dict[int, list[dict[str, Any]]]
                  ) -> dict[int, dict[str, Any]]:
@@ -106,16 +111,21 @@ class Pictures:
         finally:
             self.seconds += time.perf_counter() - t0
 
-    def web(self, png: Path | None) -> Path | None:
-        """The WebP of a cached PNG: beside it in the cache (`x.png` -> `x.webp`), made when missing or
-        older than the PNG (a picture redrawn once its image is back); None for None."""
+    def web(self, png: Path | None, max_side: int | None = None) -> Path | None:
+        """The WebP of a cached PNG: beside it in the cache (`x.png` -> `x.webp`, or `x.112px-q75m6.webp` shrunk
+        to `max_side`), made when missing or older than the PNG (a picture redrawn once its image is back);
+        None for None."""
         if png is None:
             return None
         t0 = time.perf_counter()
         try:
             cache = self._impl.cache
             # where it is (the atlas's cache or the per-user one, whichever took it), else where it goes
-            dest = cache.find(str(Path(cache.rel(png)).with_suffix(".webp")))
+            name = Path(cache.rel(png))
+            # a shrunk cell's name says how it was made: a change of these settings makes new files, never
+            # finds the old ones (the full-size WebP keeps its name: its settings have not changed)
+            name = name.with_suffix(f".{max_side}px-q{WEB_QUALITY}m{CELL_METHOD}.webp" if max_side else ".webp")
+            dest = cache.find(str(name))
             try:
                 if dest.stat().st_mtime_ns >= png.stat().st_mtime_ns:
                     return dest
@@ -123,7 +133,7 @@ class Pictures:
                 pass
             from ..util.files import atomic_write_bytes
 
-            data = _webp(png)
+            data = _webp(png, max_side)
             self.encoded += 1
             dest = cache.put_with(dest, lambda path: atomic_write_bytes(path, data, fsync=False))
             cache.settle({dest, png})
@@ -140,24 +150,12 @@ class Pictures:
             self.seconds += time.perf_counter() - t0
 
 
-def _webp(png: Path) -> bytes:
-    """A PNG's WebP bytes: lossy at WEB_QUALITY, or lossless where that is smaller (LOSSLESS_TRY)."""
-    import io
+def _webp(png: Path, max_side: int | None = None) -> bytes:
+    """A PNG's WebP bytes for the site: lossy at WEB_QUALITY, or lossless where that is smaller."""
+    from ..pictures.webp import encode
 
-    from PIL import Image
-
-    def encode(im, **kw) -> bytes:
-        buf = io.BytesIO()
-        im.save(buf, format="WEBP", method=WEB_METHOD, **kw)
-        return buf.getvalue()
-
-    with Image.open(png) as im:
-        rgb = im.convert("RGB")
-    lossy = encode(rgb, quality=WEB_QUALITY)
-    if png.stat().st_size > LOSSLESS_TRY * len(lossy):
-        return lossy
-    exact = encode(rgb, lossless=True, quality=50)  # quality: effort here; 50 is fast, within 5 % of 100
-    return exact if len(exact) <= LOSSLESS_WORTH * len(lossy) else lossy
+    return encode(png, WEB_QUALITY, CELL_METHOD if max_side else WEB_METHOD, lossless_try=LOSSLESS_TRY,
+                  lossless_worth=LOSSLESS_WORTH, max_side=max_side)
 
 
 def _h(*parts: Any) -> str:

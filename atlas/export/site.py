@@ -26,7 +26,6 @@ from typing import Any, Callable
 
 from ..errors import AtlasError
 from ..util import files as fsutil
-from ..util.files import atomic_write_json
 
 STATE = ".atlas-export.json"
 JOURNAL = ".atlas-export.journal"
@@ -109,8 +108,9 @@ class Site:
         self.written += 1
 
     def write_json(self, rel: str, key: str, make: Callable[[], Any]) -> None:
-        self.write_text(rel, key, lambda: json.dumps(make(), indent=1, sort_keys=True, ensure_ascii=False,
-                                                     default=str) + "\n")
+        # compact: a twin is read by programs (a whole resnet50 layer4's 2048 twins: 12 MB indented, 8 as here)
+        self.write_text(rel, key, lambda: json.dumps(make(), sort_keys=True, ensure_ascii=False, default=str,
+                                                     separators=(",", ":")) + "\n")
 
     def link(self, rel: str, key: str, src: Path) -> None:
         """Put file `src` (a cached picture) at `rel`: a hardlink where possible, else a copy."""
@@ -170,7 +170,7 @@ class Site:
 
     def save(self, **extra: Any) -> None:
         self.state = {**extra, "files": self.files, "aliases": self.aliases}
-        atomic_write_json(self.root / STATE, self.state)
+        write_record(self.root / STATE, self.state)
         self.close()
         (self.root / JOURNAL).unlink(missing_ok=True)  # the record now holds all this export wrote
 
@@ -178,6 +178,13 @@ class Site:
         if self._journal is not None:
             self._journal.close()
             self._journal = None
+
+
+def write_record(path: Path, state: dict[str, Any]) -> None:
+    """The site's record, compact: it names every file of the site (some 20 a channel, 4 MB indented for a
+    whole resnet50 layer4)."""
+    text = json.dumps(state, sort_keys=True, default=str, separators=(",", ":")) + "\n"
+    fsutil.atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def _read_journal(path: Path) -> set[str]:

@@ -1,5 +1,5 @@
 // Feature Atlas site: sorting and filtering of a layer's tiles (the label filter: the label each tile shows), their pictures loaded as they come
-// into view, copy buttons for SQL. Plain JS, no dependencies, works from file://. Data is read from
+// into view, the channel and image pages' SQL (static/sql.js), copy buttons for SQL. Plain JS, no dependencies, works from file://. Data is read from
 // data- attributes and written with textContent only: nothing from the dataset is ever parsed as HTML.
 (function () {
   "use strict";
@@ -116,6 +116,35 @@
     apply(true);
   }
 
+  // A channel's or an image's SQL section: the queries, shipped once in static/sql.js with {L} for the
+  // layer's SQL literal and {C} for the page's number, written in from the section's data- attributes (as
+  // text: nothing is parsed as HTML), in the same markup a page with its queries inline has.
+  function setupSql() {
+    var all = window.ATLAS_SQL || {};
+    Array.prototype.forEach.call(document.querySelectorAll("section[data-sql]"), function (sec) {
+      var l = sec.getAttribute("data-l") || "", c = sec.getAttribute("data-c") || "";
+      (all[sec.getAttribute("data-sql")] || []).forEach(function (item) {
+        var box = document.createElement("div"), head = document.createElement("div");
+        var title = document.createElement("span"), button = document.createElement("button");
+        var pre = document.createElement("pre"), code = document.createElement("code");
+        box.className = "sql";
+        head.className = "sqlhead";
+        title.textContent = item.title;
+        button.type = "button";
+        button.className = "copy";
+        button.setAttribute("data-copy", "sql");
+        button.textContent = "copy";
+        code.textContent = item.sql.split("{L}").join(l).split("{C}").join(c);
+        head.appendChild(title);
+        head.appendChild(button);
+        pre.appendChild(code);
+        box.appendChild(head);
+        box.appendChild(pre);
+        sec.appendChild(box);
+      });
+    });
+  }
+
   function setupCopy() {
     var buttons = document.querySelectorAll("button.copy");
     Array.prototype.forEach.call(buttons, function (b) {
@@ -147,5 +176,6 @@
 
   setupLayer();
   setupLazy();  // after the layer's view is restored from the address: only what it shows is fetched
+  setupSql();  // before the copy buttons are wired: its sections get theirs
   setupCopy();
 })();
