@@ -98,7 +98,7 @@ def test_stored_switches_are_the_builds_own_at_224(tmp_path):
     checked = 0
     for layer in LAYERS:
         C = lm.by_name[layer].channels
-        for ch in (1, C // 3, C - 2):
+        for ch in (1, C - 2):  # two channels a layer, k = 3: up to 18 projections
             stored = project(a, layer, ch, switches="stored")
             for i, t in enumerate(a.top(layer, ch)):
                 x = a.preprocess.to_tensor(a.image(t["image_id"])[1]).unsqueeze(0)
