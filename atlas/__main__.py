@@ -1,4 +1,4 @@
 """`python -m atlas ...` (and `torchrun ... -m atlas build ...`) runs the CLI."""
-from .cli import main
+from .cli import run
 
-main()
+run()

@@ -2,7 +2,8 @@
 forward pass of the same model over the same images.
 
 Side by side in one run, interleaved (bare, build, bare, build, ...) so that a shared machine's load
-slows both alike; each figure is the best of --repeats. The bare forward pass: the model in eval mode
+slows both alike; each figure is the best of --repeats (a bare pass's, within each repeat, the best of
+two runs after a warm-up in its process: if anything, the build's ratio is understated). The bare forward pass: the model in eval mode
 under inference mode, in its best memory format (channels-last) and the build's precision (bf16:
 autocast), at the build's batch size, over the images already decoded and preprocessed in memory (the
 first 256 of them, cycled, so that 4,096 images need no 2.4 GB of tensors), in a child process of its

@@ -187,8 +187,12 @@ def test_cpu_batches_are_the_normalised_crops_in_the_builds_layout(jpeg_folder, 
         if e:
             assert not x[i].any()
             continue
-        crop = np.asarray(pre.crop_image(src.open_image(i)), dtype=np.float64)  # (H, W, 3)
-        want = ((crop / 255.0 - mean) / std).transpose(2, 0, 1)
+        crop_u8 = np.asarray(pre.crop_image(src.open_image(i)), dtype=np.uint8)  # (H, W, 3)
+        want = ((crop_u8 / 255.0 - mean) / std).transpose(2, 0, 1)
         np.testing.assert_allclose(x[i].numpy(), want, rtol=0, atol=1e-6)
+        # bit for bit the recipe atlases were built with before (float32, in this order): an atlas resumed
+        # or rendered across versions sees the same input
+        before = (torch.from_numpy(crop_u8.copy()).permute(2, 0, 1).float().div_(255.0) - pre.mean) / pre.std
+        assert torch.equal(x[i], before)
         # one recipe: the per-image input the renderer and the analyses use is the same numbers exactly
         assert torch.equal(x[i], pre.to_tensor(pre.crop_image(src.open_image(i))))

@@ -95,7 +95,8 @@ def test_small_fields_keep_their_cells_as_drawn(small):
 
 
 def fill(templates: list[dict], layer_literal: str, number: str) -> list[dict]:
-    return [{"title": t["title"], "sql": t["sql"].replace("{L}", layer_literal).replace("{C}", number)}
+    return [{"title": t["title"], "sql": re.sub(r"\{([LC])\}", lambda m: layer_literal if m[1] == "L" else number,
+                                                 t["sql"])}
             for t in templates]
 
 
@@ -190,9 +191,11 @@ def test_the_page_fills_in_its_sql_and_draws_its_histogram_in_a_browser(small):
                             .getBoundingClientRect(); return [r.width, r.height]; }""")
                         assert box[0] > 20 and 100 <= box[1] <= 112  # the tallest bar is the plot's height (110)
                         page.click("section[data-sql] button.copy >> nth=0")
-                        page.wait_for_timeout(100)
+                        # the click answers (copied, or the fallback's word) before it resets the label
+                        page.wait_for_function("""() => document.querySelector('section[data-sql] button.copy')
+                            .textContent !== 'copy'""", timeout=1000)
                         assert page.locator("section[data-sql] button.copy").first.inner_text() in (
-                            "copied", "select and copy", "copy")
+                            "copied", "select and copy")
                     page.close()
             finally:
                 ctx.close()

@@ -10,6 +10,6 @@ from . import analyses, browse, make, publish, search, training  # noqa: F401  (
 from . import visualize  # noqa: F401,E402  (feature visualization: atlas/cli/visualize.py)
 from . import compare  # noqa: F401,E402  (comparing two atlases: atlas/cli/compare.py)
 from . import manual  # noqa: F401,E402  (atlas help: the manual in atlas/manual/)
-from .base import main
+from .base import main, run
 
-__all__ = ["main"]
+__all__ = ["main", "run"]

@@ -134,6 +134,26 @@ class AtlasGroup(click.Group):
         return known + [c for c in self.commands if c not in known]
 
 
+OWN_PROCESS = False  # set by `run`: the process is the CLI's alone, not a Python caller's
+
+
+def run() -> None:
+    """The `atlas` command and `python -m atlas`: the CLI in a process of its own (main() may also be
+    called from Python, by tests and notebooks, whose process a command must leave as it found it)."""
+    global OWN_PROCESS
+    OWN_PROCESS = True
+    main()
+
+
+def keep_freed_memory_when_own() -> None:
+    """util.device.keep_freed_memory, for a command whose process is its own: each batch then reuses the
+    last one's memory. Never in a caller's process: the setting is process-wide and for good."""
+    if OWN_PROCESS:
+        from ..util.device import keep_freed_memory
+
+        keep_freed_memory()
+
+
 @click.group(cls=AtlasGroup, context_settings=CONTEXT)
 @click.version_option(package_name="atlas")
 def main():

@@ -10,7 +10,7 @@ from ..choices import DECODERS
 
 from ..errors import AtlasError
 from .base import (CONTEXT, CommaList, batch_size_option, contrast_norm_option, device_option, image_size_option,
-                   layers_option, main, progress_option, seed_option, workers_option, _say)
+                   keep_freed_memory_when_own, layers_option, main, progress_option, seed_option, workers_option, _say)
 
 
 @main.command(context_settings=CONTEXT)
@@ -115,9 +115,8 @@ def build(model_name, weights, data, out, k, layers, batch_size, device, workers
     (each rank mines its share; the atlas is identical to a one-process build).
     """
     from ..build import build as run_build
-    from ..util.device import keep_freed_memory
 
-    keep_freed_memory()  # this process is the build's alone: each batch reuses the last one's memory
+    keep_freed_memory_when_own()
     path = run_build(model_name, data, out, weights=str(weights) if weights else None, k=k, layers=layers,
                      batch_size=batch_size, device=device, workers=workers, image_size=image_size, mean=mean,
                      std=std, precision=precision, decode=decode, activations=not no_activations,

@@ -7,8 +7,8 @@ import click
 
 from ..errors import AtlasError
 from ..util.output import render_dicts
-from .base import (CONTEXT, AtLeastOne, LayerChannel, atlas_argument, device_option, format_option, layers_option,
-                   main, progress_option, _open, _say)
+from .base import (CONTEXT, AtLeastOne, LayerChannel, atlas_argument, device_option, format_option,
+                   keep_freed_memory_when_own, layers_option, main, progress_option, _open, _say)
 from .browse import scale_option
 
 
@@ -35,9 +35,8 @@ def index_cmd(atlas_path, layers, device, progress, fmt):
       atlas index my-atlas --layers conv3,conv5,fc7
     """
     from ..search.indexing import build_indexes, index_summary
-    from ..util.device import keep_freed_memory
 
-    keep_freed_memory()  # this process is the index's alone: each batch reuses the last one's memory
+    keep_freed_memory_when_own()
     record = build_indexes(atlas_path, layers, device=device, progress=progress, log=_say)
     click.echo(render_dicts(index_summary(record), fmt))
 

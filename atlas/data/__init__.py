@@ -310,7 +310,7 @@ class Preprocess:
         a batch, on any device, so every caller gets the same numbers; it runs along rows of W*3 values
         (the mean and std repeated W times) because a broadcast over an innermost dimension of 3 runs an
         element at a time."""
-        x = pixels.to(torch.float32, copy=True).contiguous()
+        x = pixels.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
         w = x.shape[-2]
         mean, std = (t.view(3).repeat(w).to(x.device) for t in (self.mean, self.std))
         x.view(-1, w * 3).div_(255.0).sub_(mean).div_(std)

@@ -134,7 +134,8 @@
         button.className = "copy";
         button.setAttribute("data-copy", "sql");
         button.textContent = "copy";
-        code.textContent = item.sql.split("{L}").join(l).split("{C}").join(c);
+        // one pass: a layer's literal holding "{C}" stays as it is
+        code.textContent = item.sql.replace(/\{([LC])\}/g, function (_, k) { return k === "L" ? l : c; });
         head.appendChild(title);
         head.appendChild(button);
         pre.appendChild(code);

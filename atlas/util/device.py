@@ -42,8 +42,10 @@ def keep_freed_memory() -> bool:
     resident memory stays at the peak of one batch, which a build reaches anyway, and never grows with
     the images. The numbers computed do not change (scripts/BENCHMARKS.md: 1.3x on the mining pass).
 
-    Process-wide and for good, so the CLI's `build` and `index` call it (their process is theirs alone); a
-    Python user who builds in a notebook can call it first, knowing the process then keeps its peak."""
+    Process-wide and for good, so the CLI's `build` and `index` call it only when the `atlas` command or
+    `python -m atlas` started the process (cli.base.run), never when a Python caller runs the CLI in its
+    own process; a Python user who builds in a notebook can call it first, knowing the process then
+    keeps its peak."""
     import ctypes
     import sys
 
