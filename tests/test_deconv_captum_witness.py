@@ -22,6 +22,7 @@ from atlas import deconv as D
 from atlas.net import LayerMap
 from atlas.net.graph import RELU_KINDS
 from conftest import randomised_model
+from test_deconv_fidelity import live_requests
 
 captum = pytest.importorskip("captum.attr")  # in the dev extra
 
@@ -90,12 +91,9 @@ def test_captum_witnesses_deconvnet_and_guided(lmap, name, size):
     norm = "gradient" if any(isinstance(m, nn.LocalResponseNorm) for m in model.modules()) else "identity"
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
     for la in (layers[0], layers[-1]):
-        with torch.no_grad():
-            act = lm.extract(x, [la.name])[la.name]
         # one live channel, its strongest unit in each image, at both layers, by both methods: a second
         # channel of the same layer went down through the same ops
-        live = [c for c in range(la.channels) if float(act[:, c].max()) > 0][:1]
-        reqs = [D.Request(i, la.name, c, *divmod(int(act[i, c].argmax()), la.width)) for i in range(2) for c in live]
+        reqs, _ = live_requests(lm, x, la)
         assert reqs, f"{name} {la.name}: no live unit"
         module = _module_of(lm, la.name)
         for method, cls in (("deconvnet", captum.NeuronDeconvolution), ("guided", captum.NeuronGuidedBackprop)):

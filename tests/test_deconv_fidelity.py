@@ -109,6 +109,16 @@ def _stored_switches(lm, x: torch.Tensor, reqs) -> dict:
     return out
 
 
+def live_requests(lm, x, la, channels: int = 1) -> tuple[list, torch.Tensor]:
+    """For each image of `x`, a request at the strongest unit of each of the layer's first `channels` live
+    channels (a maximum above zero in some image); and the layer's activations they were read from."""
+    with torch.no_grad():
+        act = lm.extract(x, [la.name])[la.name]
+    live = [c for c in range(la.channels) if float(act[:, c].max()) > 0][:channels]
+    return [D.Request(i, la.name, c, *divmod(int(act[i, c].argmax()), la.width))
+            for i in range(x.shape[0]) for c in live], act
+
+
 @pytest.mark.parametrize("name,size", FAMILIES, ids=[f for f, _ in FAMILIES])
 def test_every_family_agrees_with_the_eager_model(name, size):
     model = randomised_model(name)
@@ -116,10 +126,7 @@ def test_every_family_agrees_with_the_eager_model(name, size):
     layers = lm.resolve(None)
     x = torch.randn(2, 3, size, size)
     for la in (layers[0], layers[-1]):
-        with torch.no_grad():
-            act = lm.extract(x, [la.name])[la.name]
-        live = [c for c in range(la.channels) if float(act[:, c].max()) > 0][:1]
-        reqs = [D.Request(i, la.name, c, *divmod(int(act[i, c].argmax()), la.width)) for i in range(2) for c in live]
+        reqs, act = live_requests(lm, x, la)
         assert reqs, f"{name} {la.name}: no live unit"
         module = _module_of(lm, la.name)
         recomputed = D.project_images(lm, x, reqs)

@@ -163,7 +163,7 @@ class BuildJob:
                                      self.chunk_size, self.opts.batch_size)
         elif self.opts.switches:
             _write_switches(self.staging / "switches.parquet", self.lmap, rows, self.inputs, self.opts.batch_size,
-                            self.opts.precision, self.channels_last)
+                            self.opts.precision)
         t_sw = time.perf_counter() - t_sw
         t_wr = time.perf_counter()
         self.write(errors, moms, rows)
@@ -644,11 +644,11 @@ def _savez(path: Path, arrays: dict) -> None:
 
 
 def _write_switches(path: Path, lmap: LayerMap, top_rows, inputs: InputBatches, batch_size,
-                    precision: str = "fp32", channels_last: bool = False) -> None:
+                    precision: str = "fp32") -> None:
     """Second pass over the final top-k images only: their pool switches inside the units' fields.
 
-    Decoded by the same input pipeline as the mining pass (workers, device decoder), batch by batch in
-    the order write_switches asks for them."""
+    Decoded by the same input pipeline as the mining pass (workers, device decoder), in its layout (the
+    atlas's: its kernels, its numbers), batch by batch in the order write_switches asks for them."""
     regions = switch_regions(lmap, top_rows)
     # the model runs only as far as the deepest pool any unit's switches need: zfnet's conv5 units need
     # pool1 and pool2, so conv3-5 (~45 % of its conv work) are skipped
@@ -660,8 +660,6 @@ def _write_switches(path: Path, lmap: LayerMap, top_rows, inputs: InputBatches, 
     def forward(chunk: list[int]) -> dict[tuple[int, str], np.ndarray]:
         x, ids, _, _ = next(batches)
         assert ids.tolist() == chunk, "switches batches out of step with write_switches"
-        if channels_last:  # the mining pass's layout: its kernels, its numbers
-            x = x.contiguous(memory_format=torch.channels_last)
         # the precision of the mining pass: the switches are those of the activations the ranking saw
         with torch.inference_mode(), torch.autocast(inputs.dev.type, torch.bfloat16, enabled=precision == "bf16"):
             _, sw = lmap.extract(x, [deepest], pool_indices=True, batch_size=batch_size)
