@@ -88,7 +88,7 @@ def open_rgb(path: Path | BinaryIO) -> Image.Image:
     for a corrupt file, or one of another format than FORMATS)."""
     with Image.open(path, formats=FORMATS) as im:
         im.load()
-        # convert() copies even an RGB image: a fifth of a decoding worker's time for a JPEG
+        # convert() copies even an RGB image: a few per cent of a decoding worker's time for a JPEG
         return im if im.mode == "RGB" else im.convert("RGB")
 
 
