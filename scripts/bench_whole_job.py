@@ -3,15 +3,16 @@ forward pass of the same model over the same images.
 
 Side by side in one run, interleaved (bare, build, bare, build, ...) so that a shared machine's load
 slows both alike; each figure is the best of --repeats (a bare pass's, within each repeat, the best of
-two runs after a warm-up of four batches in its process: if anything, the build's ratio is understated). The bare forward pass: the model in eval mode
-under inference mode, in its best memory format (channels-last) and the build's precision (bf16:
-autocast), at the build's batch size, over the images already decoded and preprocessed in memory (the
-first 256 of them, cycled, so that 4,096 images need no 2.4 GB of tensors), in a child process of its
-own, twice: with glibc's allocator as it comes ("plain": every batch's maps are fresh pages from the
-kernel) and with freed memory kept, as the build keeps it (`atlas.util.device.keep_freed_memory`): the
-best bare pass this CPU offers, and the one the bar is measured against. The build: `python -m atlas
-build --no-index` in a fresh process (start-up, model load, decoding, mining, switches, tables, publish),
-its manifest's timings kept. The load average is recorded before and after each figure.
+two runs after a warm-up of four batches in its process: if anything, the build's ratio is understated).
+The bare forward pass: the model in eval mode under inference mode, in its best memory format
+(channels-last) and the build's precision (bf16: autocast), at the build's batch size, over the images
+already decoded and preprocessed in memory (the first 256 of them, cycled, so that 4,096 images need no
+2.4 GB of tensors), in a child process of its own, twice: with glibc's allocator as it comes ("plain":
+every batch's maps are fresh pages from the kernel) and with freed memory kept, as the build keeps it
+(`atlas.util.device.keep_freed_memory`): the best bare pass this CPU offers, and the one the bar is
+measured against. The build: `python -m atlas build --no-index` in a fresh process (start-up, model load,
+decoding, mining, switches, tables, publish), its manifest's timings kept. The load average is recorded
+before and after each figure.
 
 On a shared machine the wall-clock ratio moves with the other jobs' load; the CPU-time ratio (the bare
 pass's process time against the build's, its decoding workers included) moves much less, and is printed

@@ -37,6 +37,10 @@ import re
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from atlas.export import CARDS  # noqa: E402  (an image page's entries with pictures, per layer)
+
 KINDS = ["channel pages", "channel JSON", "projections", "panels", "feature vis", "layer pages", "patches",
          "image pages", "image pictures", "record", "shared"]
 PER_CHANNEL = {"channel pages", "channel JSON", "projections", "panels", "feature vis", "layer pages", "record"}
@@ -129,7 +133,7 @@ def image_pages_then(pages: list[dict], scale: float, held_then: float, cards_ca
     return total, {"base": base, "card": card_b, "link": link_b, "json": json_b, "entries": held * scale}
 
 
-def report(m: dict, whole: int | None = None, images: int | None = None, cards: int = 24, out=sys.stdout) -> dict:
+def report(m: dict, whole: int | None = None, images: int | None = None, cards: int = CARDS, out=sys.stdout) -> dict:
     sizes, n = m["sizes"], sum(m["exported"].values())
     target = whole if whole is not None else sum(m["channels"].values())
     scale = target / max(n, 1)
@@ -172,8 +176,8 @@ def main(argv=None) -> None:
                     help="extrapolate to this many channels (default: the exported layers' channel counts)")
     ap.add_argument("--images", type=int, default=None,
                     help="images in the dataset (default: the site's index.json)")
-    ap.add_argument("--cards", type=int, default=24,
-                    help="an image page's entries with pictures per layer (atlas/export/__init__.py: CARDS)")
+    ap.add_argument("--cards", type=int, default=CARDS,
+                    help="an image page's entries with pictures per layer (default: the export's, %(default)s)")
     args = ap.parse_args(argv)
     if not (args.site / "index.json").is_file():
         sys.exit(f"'{args.site}' is not an exported atlas site (no index.json)")

@@ -266,6 +266,16 @@ def _site_cell(layer: dict[str, Any], size: int) -> int | None:
     return SITE_CELL if f <= 1 and field * f > SITE_CELL else None
 
 
+def _split_cards(held: list[dict[str, Any]], cards: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """An image page's top-k entries (strongest first within each layer): the first `cards` of each layer,
+    shown with their pictures, and the others, listed as links."""
+    shown, more, per_layer = [], [], {}
+    for h in held:
+        n = per_layer[h["layer"]] = per_layer.get(h["layer"], 0) + 1
+        (shown if n <= cards else more).append(h)
+    return shown, more
+
+
 def _image_href(image_id: int) -> str:
     """An image's page, from a page one folder down (a layer's, an image's)."""
     return f"../images/{int(image_id)}.html"
@@ -332,6 +342,7 @@ class _Exporter:
         self.env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), autoescape=True,
                                       undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
         self.env.filters["sql_literal"] = gather.q  # a layer as the shared SQL templates take it (sql.js)
+        self.env.filters["split_cards"] = _split_cards
         m = a.manifest
         self.model_name = m["model"]["name"]
         mdl = m["model"]
