@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import AtlasError
+from . import lrn
 
 RELU_KINDS = ("relu", "relu6", "leaky")
 # kinds whose output may share its input's storage (a view, the same tensor): an in-place op after one
@@ -266,6 +267,8 @@ def _runner(gm: fx.GraphModule, node: fx.Node) -> Callable:
     """How to run one node out of place."""
     if node.op == "call_module":
         m = gm.get_submodule(node.target)
+        if type(m) is nn.LocalResponseNorm:  # torch's numbers in less time (lrn.py)
+            return lambda a, k: lrn.run(m, *a, **k)
         if getattr(m, "inplace", False):
             m = copy.copy(m)  # a shallow copy shares the weights; only the flag differs
             m.inplace = False
