@@ -524,18 +524,23 @@ class ColourSample:
     crop: undone and rounded, it gives those uint8 pixels back exactly."""
 
     def __init__(self, sample: dict[int, int], pre: Preprocess):
-        self.sample, self.mean, self.std = sample, pre.mean, pre.std
+        self.sample = sample
+        self.mean, self.std = (t.numpy().reshape(1, 1, 1, 3) for t in (pre.mean, pre.std))
 
     def keep(self, x: torch.Tensor, ids: torch.Tensor, errs: list[str]) -> dict[int, np.ndarray]:
         rows = [(j, i) for j, i in enumerate(ids.tolist()) if i in self.sample and not errs[j]]
         if not rows:
             return {}
         st = self.sample[rows[0][1]]  # one stride for every image of a build
-        px = x[[j for j, _ in rows], :, ::st, ::st].detach().float().cpu()
-        px = px.mul_(self.std).add_(self.mean).mul_(255.0).round_().clamp_(0, 255).to(torch.uint8)  # in place
-        # (N, H, W, 3) in one copy: one small op per image cost more than the rest (each is a parallel
-        # region of its own, and waits for both threads on a busy machine)
-        px = px.permute(0, 2, 3, 1).contiguous().numpy()
+        # numpy, in this thread: torch would run these few small ops as parallel regions, each waiting
+        # for both threads, one of whose cores a decoding worker holds (14 ms a batch, 0.9 s a build of
+        # 4,096 images); (N, H, W, 3) in one copy
+        sel = [j for j, _ in rows]
+        if x.device.type == "cpu":  # the workers' batch: only the kept pixels are copied
+            px = x.detach().float().permute(0, 2, 3, 1).numpy()[sel, ::st, ::st]
+        else:
+            px = x[sel, :, ::st, ::st].detach().float().permute(0, 2, 3, 1).cpu().numpy()
+        px = np.clip(np.round((px * self.std + self.mean) * np.float32(255.0)), 0, 255).astype(np.uint8)
         return {i: px[n] for n, (_, i) in enumerate(rows)}
 
 

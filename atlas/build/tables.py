@@ -5,6 +5,7 @@ atlases of realistic size), so both lay the files out alike. `atlas.store` reads
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
@@ -72,7 +73,12 @@ def write_switches(path: Path, lmap: LayerMap, regions: dict[int, dict[str, Any]
     image_ids = list(regions)
 
     def write(tmp: Path) -> None:
-        with pq.ParquetWriter(tmp, SWITCH_SCHEMA, compression="zstd") as writer:
+        # A batch's row group is compressed (zstd, outside the GIL) in a thread while the next batch's
+        # codes are cut and packed here: the two take about as long, and the build's other core is idle
+        # by now. One write at a time, in order.
+        with pq.ParquetWriter(tmp, SWITCH_SCHEMA, compression="zstd") as writer, \
+                ThreadPoolExecutor(1, thread_name_prefix="switches") as compress:
+            pending = None
             for b in range(0, len(image_ids), batch_size):
                 chunk = image_ids[b:b + batch_size]
                 got = codes(chunk)
@@ -83,7 +89,11 @@ def write_switches(path: Path, lmap: LayerMap, regions: dict[int, dict[str, Any]
                         for key, v in (("image_id", image_id), ("pool", pool), ("y0", reg.y0), ("x0", reg.x0),
                                        ("h", reg.h), ("w", reg.w), ("data", data)):
                             cols[key].append(v)
-                writer.write_table(pa.table(cols, schema=SWITCH_SCHEMA))
+                if pending is not None:
+                    pending.result()
+                pending = compress.submit(writer.write_table, pa.table(cols, schema=SWITCH_SCHEMA))
+            if pending is not None:
+                pending.result()
 
     atomic_write(path, write)
 
