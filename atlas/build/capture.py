@@ -134,10 +134,15 @@ class SwitchCapture:
             # cropped: a call per image and pool on int64 numpy arrays cost more than the rest of the capture
             want = [batch_rows[n] for n in has]
             idx = indices[pool]
-            if want != list(range(idx.shape[0])):  # else every row, in order: no copy of the int64 indices
-                idx = idx[want]
             geom = self.lmap.pool_by_name[pool].geometry
-            codes = window_codes(idx, geom, in_place=True)
+            if len(want) * 2 >= idx.shape[0]:
+                # most rows (as in every batch until the running top-k settles): the codes of them all,
+                # then the rows picked from those (uint8), rather than a copy of the int64 indices first
+                codes = window_codes(idx, geom, in_place=True)
+                if want != list(range(idx.shape[0])):
+                    codes = codes[want]
+            else:
+                codes = window_codes(idx[want], geom, in_place=True)
             for row, n in enumerate(has):
                 y0, x0, y1, x1 = boxes[images[n]][pool]
                 self._zip.writestr(f"{images[n]}/{pool}", pack(codes[row, :, y0:y1, x0:x1], geom.kernel))
