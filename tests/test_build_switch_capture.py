@@ -114,3 +114,22 @@ def test_a_long_fp32_build_measures_bf16_on_one_batch(tmp_path, folder, monkeypa
           index=False, log=lines.append)
     assert len(measured) == 1 and measured[0] > 0  # one batch, timed for real
     assert any("2.5x faster" in line for line in lines)
+
+
+@pytest.mark.parametrize("rows", [[0, 1, 2, 3, 4, 5], [0, 2, 3, 5], [1, 4, 5], [4], [5, 1]],
+                         ids=["all", "most", "half", "one", "reordered"])
+def test_the_codes_of_some_rows_are_those_of_the_rows_alone(rows):
+    """codes_of_rows takes the batch's rows two ways (codes of every row then picked, or the rows' indices
+    picked first); either is window_codes of those rows' own indices."""
+    import torch
+    import torch.nn.functional as F
+
+    from atlas.deconv.switches import window_codes
+    from atlas.net import Geometry
+
+    geom = Geometry(kernel=3, stride=2, padding=0, in_size=13, out_size=6, rf_size=3, jump=2, offset=0)
+    x = torch.randn(6, 4, 13, 13, generator=torch.Generator().manual_seed(0))
+    _, idx = F.max_pool2d(x, 3, 2, return_indices=True)
+    want = window_codes(idx[rows].clone(), geom)
+    got = cap.codes_of_rows(idx.clone(), rows, geom)
+    assert got.shape == (len(rows), 4, 6, 6) and (got == want).all()

@@ -132,17 +132,8 @@ class SwitchCapture:
                 continue
             # the codes of the whole maps of the batch's captured images at once (torch, every thread), then
             # cropped: a call per image and pool on int64 numpy arrays cost more than the rest of the capture
-            want = [batch_rows[n] for n in has]
-            idx = indices[pool]
             geom = self.lmap.pool_by_name[pool].geometry
-            if len(want) * 2 >= idx.shape[0]:
-                # most rows (as in every batch until the running top-k settles): the codes of them all,
-                # then the rows picked from those (uint8), rather than a copy of the int64 indices first
-                codes = window_codes(idx, geom, in_place=True)
-                if want != list(range(idx.shape[0])):
-                    codes = codes[want]
-            else:
-                codes = window_codes(idx[want], geom, in_place=True)
+            codes = codes_of_rows(indices[pool], [batch_rows[n] for n in has], geom)
             for row, n in enumerate(has):
                 y0, x0, y1, x1 = boxes[images[n]][pool]
                 self._zip.writestr(f"{images[n]}/{pool}", pack(codes[row, :, y0:y1, x0:x1], geom.kernel))
@@ -182,6 +173,17 @@ class SwitchCapture:
                     out.writestr(BOXES, json.dumps({i: boxes[i] for i in keep}))
 
             atomic_write(path, write, fsync=False)  # work files: a crash loses the chunk, not the atlas
+
+
+def codes_of_rows(indices: torch.Tensor, rows: list[int], geom) -> np.ndarray:
+    """window_codes of the batch's pool indices (N, C, H, W) at `rows`, in that order; the indices are
+    used up (overwritten)."""
+    if len(rows) * 2 < indices.shape[0]:
+        return window_codes(indices[rows], geom, in_place=True)
+    # most rows (as in every batch until the running top-k settles): the codes of them all, then the
+    # rows picked from those (uint8), rather than a copy of the int64 indices first
+    codes = window_codes(indices, geom, in_place=True)
+    return codes if rows == list(range(indices.shape[0])) else codes[rows]
 
 
 class CapturedSwitches:
