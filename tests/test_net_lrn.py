@@ -61,6 +61,8 @@ def test_what_it_does_not_cover_runs_the_module():
     assert torch.equal(y.detach(), m(x).detach())
     b = _maps((2, 8, 5, 5)).to(torch.float64)
     assert not lrn.applies(b) and torch.equal(lrn.run(m, b), m(b))
+    sliced = _maps((2, 8, 5, 7))[:, :, :, ::2]  # neither layout
+    assert not lrn.applies(sliced)
 
 
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["contiguous", "channels_last"])

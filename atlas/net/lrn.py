@@ -19,8 +19,10 @@ from torch import nn
 
 
 def applies(x: torch.Tensor) -> bool:
-    """Where the sliced sum is the same arithmetic as torch's: float32 4-D maps on a CPU, no autograd."""
-    return x.dim() == 4 and x.dtype == torch.float32 and x.device.type == "cpu" and not x.requires_grad
+    """Where the sliced sum is the same arithmetic as torch's: dense float32 4-D maps (either layout) on a
+    CPU, no autograd."""
+    return (x.dim() == 4 and x.dtype == torch.float32 and x.device.type == "cpu" and not x.requires_grad
+            and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)))
 
 
 def local_response_norm(x: torch.Tensor, size: int, alpha: float = 1e-4, beta: float = 0.75,
