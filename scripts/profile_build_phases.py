@@ -1,7 +1,8 @@
 """Where a build's time goes: `atlas.build.build` run in this process with its phases timed.
 
 Wraps the build's own functions (nothing of the build is changed) and prints the seconds spent in each,
-summed over the build, largest first:
+summed over the build, largest first, in one list though they nest (`job.mine` holds `extract`,
+`capture`, `wait_input`, `flush`, ...; `capture` holds part of `topk`):
 
     extract      the forward pass of mining (the graph interpreter, pool indices included)
     capture      the one-pass switch capture (running top-k, boxes, window codes, packing)

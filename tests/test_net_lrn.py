@@ -65,6 +65,32 @@ def test_what_it_does_not_cover_runs_the_module():
     assert not lrn.applies(sliced)
 
 
+class _Keyword(nn.Module):
+    """Calls its normalisation by keyword, and a hook may change what it gives."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.n = nn.Conv2d(3, 8, 3), nn.LocalResponseNorm(5, 1e-4, 0.75, 2.0)
+
+    def forward(self, z):
+        return self.n(input=self.c(z))
+
+
+def test_a_keyword_call_and_a_hook_are_honoured():
+    torch.manual_seed(0)
+    net = _Keyword().eval()
+    g = trace(net)
+    out = next(n for n in g.nodes if n.op == "output").args[0]
+    x = _maps((2, 3, 9, 9))
+    with torch.inference_mode():
+        assert torch.equal(g.run(x, {out})[0][out], net(x))
+        h = net.n.register_forward_hook(lambda mod, a, o: o * 2)  # the model's own forward sees the hook
+        try:
+            assert torch.equal(g.run(x, {out})[0][out], net(x))
+        finally:
+            h.remove()
+
+
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["contiguous", "channels_last"])
 def test_the_graph_runs_zfnet_exactly_as_its_own_forward(fmt):
     """The whole model, logits included: the interpreter's LRN changes no number the model computes."""

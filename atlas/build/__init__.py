@@ -682,7 +682,8 @@ def _write_captured_switches(path: Path, lmap: LayerMap, top_rows, work: Path, c
     captured = CapturedSwitches(lmap, work, chunk_size)
     try:
         write_switches(path, lmap, regions, lambda chunk: {(i, pool): captured(i, reg) for i in chunk
-                                                           for pool, reg in regions[i].items()}, batch_size)
+                                                           for pool, reg in regions[i].items()}, batch_size,
+                       compress_aside=True)
     finally:
         captured.close()
 

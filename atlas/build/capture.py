@@ -180,8 +180,8 @@ def codes_of_rows(indices: torch.Tensor, rows: list[int], geom) -> np.ndarray:
     used up (overwritten)."""
     if len(rows) * 2 < indices.shape[0]:
         return window_codes(indices[rows], geom, in_place=True)
-    # most rows (as in every batch until the running top-k settles): the codes of them all, then the
-    # rows picked from those (uint8), rather than a copy of the int64 indices first
+    # at least half the rows (as in every batch until the running top-k settles): the codes of them all,
+    # then the rows picked from those (uint8), rather than a copy of the int64 indices first
     codes = window_codes(indices, geom, in_place=True)
     return codes if rows == list(range(indices.shape[0])) else codes[rows]
 

@@ -1,7 +1,7 @@
 """Local response normalisation, computed as torch computes it, in less time.
 
 `F.local_response_norm` sums each window of squared channels with `avg_pool3d` over a padded 5-D copy of
-the maps, which on a CPU is about a quarter of ZFNet's forward pass. Here the window is summed from
+the maps, a large share of ZFNet's forward pass on a CPU. Here the window is summed from
 shifted channel slices of the squares instead: the same float32 additions in the same order (from the
 window's lowest channel up, starting from zero, as avg_pool3d's loop accumulates in float32), then
 the same division by the window size and the same `mul`, `add`, `pow` and division, each its own op. So
@@ -9,8 +9,9 @@ the result is bit-identical to torch's (tests/test_net_lrn.py checks it against 
 and about 2x faster on a channels-last map, where a channel slice is a run of contiguous values.
 
 Used by the graph's interpreter (graph.Graph.run) for every nn.LocalResponseNorm it runs; where the
-identity is not established (another dtype or device, a tensor that needs gradients) the module runs as
-written.
+identity is not established (another dtype or device, a map that is not 4-D or not dense in either
+layout, a tensor that needs gradients) or where a hook would see the call, the module runs as written.
+The padding's zeros are not added: a square is never -0, so adding +0 changes nothing.
 """
 from __future__ import annotations
 
@@ -43,7 +44,17 @@ def local_response_norm(x: torch.Tensor, size: int, alpha: float = 1e-4, beta: f
     return x / div
 
 
-def run(module: nn.LocalResponseNorm, x: torch.Tensor) -> torch.Tensor:
-    if applies(x):
+def run(module: nn.LocalResponseNorm, *args, **kwargs) -> torch.Tensor:
+    """The module called as the model calls it (`input` by position or by name); the module itself
+    wherever hooks would see or change the call."""
+    x = args[0] if args else kwargs.get("input")
+    if len(args) + len(kwargs) == 1 and isinstance(x, torch.Tensor) and applies(x) and not _hooked(module):
         return local_response_norm(x, module.size, module.alpha, module.beta, module.k)
-    return module(x)
+    return module(*args, **kwargs)
+
+
+def _hooked(module: nn.Module) -> bool:
+    from torch.nn.modules import module as m
+
+    return bool(module._forward_hooks or module._forward_pre_hooks or m._global_forward_hooks
+                or m._global_forward_pre_hooks)
