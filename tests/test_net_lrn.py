@@ -17,6 +17,10 @@ from atlas.net.graph import trace
 pytestmark = pytest.mark.determinism
 
 
+def _logits(g):
+    return next(n for n in g.nodes if n.op == "output").args[0]
+
+
 def _maps(shape, seed=0, fmt=torch.contiguous_format):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, generator=g) * torch.rand(shape, generator=g) * 40  # a wide range of magnitudes
@@ -80,7 +84,7 @@ def test_a_keyword_call_and_a_hook_are_honoured():
     torch.manual_seed(0)
     net = _Keyword().eval()
     g = trace(net)
-    out = next(n for n in g.nodes if n.op == "output").args[0]
+    out = _logits(g)
     x = _maps((2, 3, 9, 9))
     with torch.inference_mode():
         assert torch.equal(g.run(x, {out})[0][out], net(x))
@@ -97,7 +101,7 @@ def test_the_graph_runs_zfnet_exactly_as_its_own_forward(fmt):
     torch.manual_seed(0)
     net = ZFNetMini(contrast_norm=True).eval().to(memory_format=fmt)
     g = trace(net)
-    out = next(n for n in g.nodes if n.op == "output").args[0]
+    out = _logits(g)
     lrns = [n for n, op in g.ops.items() if op.kind == "lrn"]
     assert len(lrns) == 2
     x = _maps((4, 3, 64, 64), seed=3, fmt=fmt)
