@@ -118,3 +118,16 @@ def test_the_graph_runs_zfnet_exactly_as_its_own_forward(fmt):
     assert torch.equal(vals[out], logits)
     for n in lrns:
         assert torch.equal(vals[n], seen[g.ops[n].module])
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["contiguous", "channels_last"])
+def test_bit_identical_a_few_images_at_a_time(fmt, monkeypatch):
+    """The exact steps run a chunk of images at a time: chunks of two over five images (the last one
+    short), and an empty batch."""
+    x = _maps((5, 96, 13, 11), seed=3, fmt=fmt).relu()
+    monkeypatch.setattr(lrn, "CHUNK_BYTES", 2 * 96 * 13 * 11 * 4)
+    got = lrn.local_response_norm(x, 5, 1e-4, 0.75, 2.0)
+    assert torch.equal(got, F.local_response_norm(x, 5, 1e-4, 0.75, 2.0))
+    assert got.is_contiguous(memory_format=fmt)
+    empty = x[:0]
+    assert lrn.local_response_norm(empty, 5, 1e-4, 0.75, 2.0).shape == empty.shape
