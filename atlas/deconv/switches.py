@@ -67,11 +67,14 @@ def window_codes(indices: torch.Tensor, geom: Geometry, origin: tuple[int, int] 
 
 def pack(codes: np.ndarray, kernel: int) -> bytes:
     """Codes in C order, two per byte (low nibble first) when kernel*kernel <= 16."""
-    codes = np.ascontiguousarray(codes).reshape(-1)
+    codes = np.ascontiguousarray(codes, dtype=np.uint8).reshape(-1)
     if kernel * kernel <= 16:
         if codes.size % 2:
             codes = np.append(codes, np.uint8(0))
-        codes = codes[0::2] | (codes[1::2] << 4)
+        # each pair as one little-endian uint16, first code in its low byte: (pair | pair >> 4) has the
+        # second code above the first in its low byte (codes are < 16); contiguous passes, not strided ones
+        pairs = codes.view("<u2")
+        codes = (pairs | (pairs >> 4)).astype(np.uint8)
     return codes.tobytes()
 
 
@@ -79,9 +82,8 @@ def unpack(data: bytes, n: int, kernel: int) -> np.ndarray:
     """The first `n` codes of `pack`'s bytes (uint8, flat, C order)."""
     raw = np.frombuffer(data, dtype=np.uint8)
     if kernel * kernel <= 16:
-        codes = np.empty(raw.size * 2, dtype=np.uint8)
-        codes[0::2], codes[1::2] = raw & 0x0F, raw >> 4
-        return codes[:n]
+        wide = raw.astype("<u2")
+        return ((wide & 0x0F) | ((wide & 0xF0) << 4)).view(np.uint8)[:n]
     return raw[:n]
 
 
