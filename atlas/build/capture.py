@@ -60,6 +60,9 @@ class SwitchCapture:
         self.lmap, self.chosen, self.work, self.chunk_size = lmap, chosen, work, chunk_size
         self.running = {la.name: TopK(la.channels, k, dev) for la in chosen}
         self.files: list[int] = list(owned_done)  # this process's chunks whose capture files it prunes
+        # each own file's image ids, as its boxes.json lists them: known when written (a resumed build's
+        # earlier files: read once), so a prune opens only the files it rewrites
+        self._ids: dict[int, set[int]] = {}
         self.pools = sorted({p for la in chosen for p in la.pools_below},
                             key=lambda p: lmap.pool_by_name[p].index)
         self._zip: zipfile.ZipFile | None = None
@@ -148,6 +151,7 @@ class SwitchCapture:
         self._zip = None
         os.replace(self._tmp, capture_file(self.work, self.chunk))
         self.files.append(self.chunk)
+        self._ids[self.chunk] = {int(i) for i in self._boxes}
         self.prune()
         held = sum(capture_file(self.work, c).stat().st_size for c in self.files)
         self.peak_bytes = max(self.peak_bytes, held + self._chunk_bytes)
@@ -159,20 +163,25 @@ class SwitchCapture:
         alive = self.alive()
         for c in self.files:
             path = capture_file(self.work, c)
+            if c not in self._ids:
+                with zipfile.ZipFile(path) as z:
+                    self._ids[c] = {int(i) for i in json.loads(z.read(BOXES))}
+            ids = self._ids[c]
+            keep = ids & alive
+            if len(keep) * 2 >= len(ids):
+                continue
             with zipfile.ZipFile(path) as z:
                 boxes = json.loads(z.read(BOXES))
-                keep = [i for i in boxes if int(i) in alive]
-                if len(keep) * 2 >= len(boxes):
-                    continue
-                entries = {f"{i}/{pool}": z.read(f"{i}/{pool}") for i in keep for pool in boxes[i]}
+                entries = {f"{i}/{pool}": z.read(f"{i}/{pool}") for i in map(str, sorted(keep)) for pool in boxes[i]}
 
             def write(tmp: Path) -> None:
                 with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as out:
                     for name, data in entries.items():
                         out.writestr(name, data)
-                    out.writestr(BOXES, json.dumps({i: boxes[i] for i in keep}))
+                    out.writestr(BOXES, json.dumps({str(i): boxes[str(i)] for i in sorted(keep)}))
 
             atomic_write(path, write, fsync=False)  # work files: a crash loses the chunk, not the atlas
+            self._ids[c] = keep
 
 
 def codes_of_rows(indices: torch.Tensor, rows: list[int], geom) -> np.ndarray:
