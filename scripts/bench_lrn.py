@@ -1,12 +1,14 @@
 """The engine's local response normalisation (atlas/net/lrn.py) against torch's F.local_response_norm,
-side by side in one run, on a batch of zfnet's maps after pool1 (96 x 55 x 55) and pool2 (256 x 13 x 13),
-in both memory formats. Prints each one's best time and the ratio; checks the two agree bit for bit.
+side by side in one run, on a batch of the maps zfnet normalises (conv1's, pooled: 96 x 55 x 55; conv2's,
+pooled: 256 x 13 x 13), in both memory formats. Prints each one's best time and the ratio; checks the two
+agree bit for bit.
 
     python scripts/bench_lrn.py [--batch 64] [--repeats 7]
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -36,7 +38,8 @@ def main() -> None:
     args = ap.parse_args()
     keep_freed_memory()  # as the build runs
     g = torch.Generator().manual_seed(0)
-    print(f"threads {torch.get_num_threads()}, batch {args.batch}, best of {args.repeats}")
+    print(f"threads {torch.get_num_threads()}, batch {args.batch}, best of {args.repeats}, "
+          f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     for shape in [(96, 55, 55), (256, 13, 13)]:
         x0 = torch.randn((args.batch, *shape), generator=g).relu_()
         for fmt, label in [(torch.contiguous_format, "contiguous"), (torch.channels_last, "channels_last")]:

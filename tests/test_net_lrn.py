@@ -130,4 +130,11 @@ def test_bit_identical_a_few_images_at_a_time(fmt, monkeypatch):
     assert torch.equal(got, F.local_response_norm(x, 5, 1e-4, 0.75, 2.0))
     assert got.is_contiguous(memory_format=fmt)
     empty = x[:0]
-    assert lrn.local_response_norm(empty, 5, 1e-4, 0.75, 2.0).shape == empty.shape
+    assert torch.equal(lrn.local_response_norm(empty, 5, 1e-4, 0.75, 2.0), F.local_response_norm(empty, 5, 1e-4, 0.75, 2.0))
+
+
+def test_its_buffers_are_on_the_maps_device_whatever_the_default():
+    x = _maps((2, 8, 5, 5))
+    with torch.device("meta"):
+        got = lrn.local_response_norm(x, 5, 1e-4, 0.75, 2.0)
+    assert got.device == x.device and torch.equal(got, F.local_response_norm(x, 5, 1e-4, 0.75, 2.0))

@@ -171,14 +171,14 @@ class SwitchCapture:
             if len(keep) * 2 >= len(ids):
                 continue
             with zipfile.ZipFile(path) as z:
-                boxes = json.loads(z.read(BOXES))
-                entries = {f"{i}/{pool}": z.read(f"{i}/{pool}") for i in map(str, sorted(keep)) for pool in boxes[i]}
+                boxes = {i: b for i, b in json.loads(z.read(BOXES)).items() if int(i) in keep}
+                entries = {f"{i}/{pool}": z.read(f"{i}/{pool}") for i in boxes for pool in boxes[i]}
 
             def write(tmp: Path) -> None:
                 with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as out:
                     for name, data in entries.items():
                         out.writestr(name, data)
-                    out.writestr(BOXES, json.dumps({str(i): boxes[str(i)] for i in sorted(keep)}))
+                    out.writestr(BOXES, json.dumps(boxes))
 
             atomic_write(path, write, fsync=False)  # work files: a crash loses the chunk, not the atlas
             self._ids[c] = keep

@@ -83,7 +83,8 @@ def unpack(data: bytes, n: int, kernel: int) -> np.ndarray:
     raw = np.frombuffer(data, dtype=np.uint8)
     if kernel * kernel <= 16:
         wide = raw.astype("<u2")
-        return ((wide & 0x0F) | ((wide & 0xF0) << 4)).view(np.uint8)[:n]
+        # little-endian pairs whatever the host's order: the first code is the low byte
+        return ((wide & 0x0F) | ((wide & 0xF0) << 4)).astype("<u2", copy=False).view(np.uint8)[:n]
     return raw[:n]
 
 
