@@ -31,7 +31,7 @@ from PIL import Image
 
 from ..store.formats import FORMAT_VERSION, __version__
 from ..data import Preprocess, open_dataset
-from ..util.device import bf16_hint, cpu_bf16_kernels, default_workers, recorded_memory_format, resolve_device
+from ..util.device import bf16_hint, cpu_bf16_kernels, input_workers, recorded_memory_format, resolve_device
 from ..util.distributed import ranks_from_env
 from ..util import bounds
 from ..errors import AtlasError
@@ -233,7 +233,7 @@ class BuildJob:
         if self.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
 
-        workers = self.opts.workers if self.opts.workers is not None else default_workers(self.dev)
+        workers = self.opts.workers if self.opts.workers is not None else input_workers(self.dev)
         self.inputs = InputBatches(self.source, Preprocess(self.pre), self.dev, self.decoder, workers,
                                    channels_last=self.channels_last)
 
@@ -593,7 +593,8 @@ def _mine_chunks(lmap: LayerMap, chosen, inputs: InputBatches, n: int, todo, chu
                                chunk=owner[bi], plan=plan, batch_size=opts.batch_size, capture=capture,
                                channels_last=channels_last, colour=colour)
         t = time.perf_counter()
-        miner.add(x, ids, list(errs), list(digests))
+        with inputs.computing():
+            miner.add(x, ids, list(errs), list(digests))
         if bi == PROBE_BATCH and getattr(inputs, "probe_bf16", False):
             inputs.bf16_speedup = bf16_speedup(lmap, miner.names, x, opts.batch_size, miner.channels_last,
                                                time.perf_counter() - t)
@@ -666,7 +667,8 @@ def _write_switches(path: Path, lmap: LayerMap, top_rows, inputs: InputBatches, 
         x, ids, _, _ = next(batches)
         assert ids.tolist() == chunk, "switches batches out of step with write_switches"
         # the precision of the mining pass: the switches are those of the activations the ranking saw
-        with torch.inference_mode(), torch.autocast(inputs.dev.type, torch.bfloat16, enabled=precision == "bf16"):
+        with inputs.computing(), torch.inference_mode(), \
+                torch.autocast(inputs.dev.type, torch.bfloat16, enabled=precision == "bf16"):
             _, sw = lmap.extract(x, [deepest], pool_indices=True, batch_size=batch_size)
         return {(i, pool): window_codes(sw[pool][j, :, reg.y0:reg.y0 + reg.h, reg.x0:reg.x0 + reg.w],
                                         lmap.pool_by_name[pool].geometry, origin=(reg.y0, reg.x0))

@@ -364,7 +364,8 @@ def batch_size_option(help_text: str, default: int | None = None):
 
 def workers_option(f):
     return click.option("--workers", type=int, metavar="N",
-                        help="Image decoding processes (default: by device and cores).")(f)
+                        help="Image decoding processes; 0: none, this process decodes (build: in "
+                        "threads, while the model is idle) (default: by device and cores).")(f)
 
 
 def image_size_option(f):

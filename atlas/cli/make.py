@@ -84,7 +84,7 @@ class Floats(click.ParamType):
               help="bf16: autocast, faster on a GPU; near-ties in a ranking may swap (about 2 % of top-9 images "
               "on the demo).")
 @click.option("--decode", type=click.Choice(DECODERS), default="auto", show_default=True,
-              help="Where JPEGs are decoded: cpu (PIL in --workers processes) or device (torchvision on "
+              help="Where JPEGs are decoded: cpu (PIL, in --workers processes or threads) or device (torchvision on "
               "--device: nvjpeg on a GPU). auto: device on a GPU, else cpu; a resumed build keeps its own.")
 @click.option("--no-activations", is_flag=True, help="Skip the per-image activations table (huge datasets).")
 @click.option("--no-switches", is_flag=True, help="Skip the max-pool switches (no projections from the atlas alone).")

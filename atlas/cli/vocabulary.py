@@ -134,7 +134,8 @@ VOCABULARY: tuple[Term, ...] = (
          "images per forward pass (in train: per SGD step)",
          ("build", "train", "evolution", "occlude", "visualize")),
     Term("--workers", "--workers", "N",
-         "image-decoding processes (default: by device and cores)",
+         "image-decoding processes; 0: the main process decodes (build: in threads while the model is idle) "
+         "(default: by device and cores)",
          ("build", "train", "evolution")),
     Term("--precision", "--precision", "fp32|bf16",
          "the arithmetic of the forward pass: fp32, or bf16 autocast (train also takes auto: bf16 on CUDA)",

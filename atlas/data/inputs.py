@@ -2,8 +2,10 @@
 
 Two decoders give the same pictures to within one grey level:
 
-  cpu     PIL in DataLoader worker processes (the reference: `Preprocess`,
-          which the renderer and the analyses use too).
+  cpu     PIL (the reference: `Preprocess`, which the renderer and the
+          analyses use too), in DataLoader worker processes, or with
+          --workers 0 in threads of the main process that decode while the
+          model is idle (atlas/data/ahead.py): the same numbers either way.
   device  torchvision's JPEG decoder on `--device` (nvjpeg on a GPU, batched;
           libjpeg-turbo on a CPU); the workers only read file bytes. Resize
           (PIL's antialiased bilinear, as `F.interpolate(antialias=True)`
@@ -20,6 +22,7 @@ it and a resumed build keeps it.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
 from typing import Iterator, Sequence
@@ -29,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .ahead import DecodeAhead
 from . import DecodedImages, FileBytes, ImageSource, Preprocess, content_hash, open_rgb
 from ..errors import AtlasError
 from ..choices import DECODERS  # noqa: F401 - re-exported
@@ -223,12 +227,16 @@ class InputBatches:
         self.source, self.pre, self.dev, self.decoder, self.workers = source, preprocess, dev, decoder, workers
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self._device_decoder = DeviceDecoder(preprocess, dev) if decoder == "device" else None
+        self._ahead: DecodeAhead | None = None
 
     def __call__(self, batches: list[list[int]]) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
         if not batches:
             return
         # Datasets are indexed by position in a list of every id, so batch_sampler can hand out image ids.
         all_ids = range(len(self.source))
+        if self.decoder == "cpu" and self.workers == 0:
+            yield from self._decode_in_threads(batches)
+            return
         if self.decoder == "cpu":
             # The workers hand over (H, W, 3) inputs: stacked and permuted, a batch is channels-last with
             # no copy here, where the forward pass waits.
@@ -246,3 +254,37 @@ class InputBatches:
             x, errs = self._device_decoder(kinds, payloads, errs)
             yield (x.contiguous(memory_format=self.memory_format), torch.tensor(ids, dtype=torch.int64), errs,
                    [d if not e else "" for d, e in zip(digests, errs)])
+
+    def _decode_in_threads(self, batches: list[list[int]]):
+        """The cpu decoder without worker processes: PIL in threads of this process (atlas/data/ahead.py
+        says why), each batch normalised at once, exactly as the workers' images are one by one."""
+        crop = self.pre.crop
+        ahead = self._ahead = DecodeAhead(self._crop_pixels, batches)
+        try:
+            for b, ids in enumerate(batches):
+                items = ahead.batch(b)
+                blank = np.zeros((crop, crop, 3), np.uint8)
+                x = self.pre.normalise(torch.from_numpy(np.stack([p if p is not None else blank for p, _, _ in items])))
+                errs = [e for _, e, _ in items]
+                bad = [j for j, e in enumerate(errs) if e]
+                if bad:
+                    x[bad] = 0.0  # an unreadable image's input is zeros, as the workers give it
+                x = x.to(self.dev).permute(0, 3, 1, 2)
+                yield (x.contiguous(memory_format=self.memory_format), torch.tensor(ids, dtype=torch.int64), errs,
+                       [d for _, _, d in items])
+        finally:
+            self._ahead = None
+            ahead.close()
+
+    def computing(self):
+        """A context for the model's work on a batch: decoding threads wait meanwhile, so that the forward
+        pass's threads have the cores (a no-op for worker processes and the device decoder)."""
+        return self._ahead.paused() if self._ahead is not None else contextlib.nullcontext()
+
+    def _crop_pixels(self, image_id: int) -> tuple[np.ndarray | None, str, str]:
+        """(the uint8 crop, "", content hash), or (None, the error, "") for an image that does not decode."""
+        try:
+            img, digest = self.source.read(image_id)
+            return np.asarray(self.pre.crop_image(img), dtype=np.uint8), "", digest
+        except Exception as e:  # any decode failure is a property of the file, recorded per image
+            return None, _error(e), ""

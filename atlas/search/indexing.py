@@ -284,7 +284,7 @@ def _forward_vectors(a: AtlasReader, src, names: list[str], image_ids: np.ndarra
     import torch
 
     from ..net.runner import Runner
-    from ..util.device import default_workers, recorded_memory_format
+    from ..util.device import input_workers, recorded_memory_format
     from ..data.inputs import InputBatches, chunk_batches
     from ..util.progress import Progress
 
@@ -295,7 +295,7 @@ def _forward_vectors(a: AtlasReader, src, names: list[str], image_ids: np.ndarra
     batch_size, chunk_size = int(options["batch_size"]), int(options["chunk_size"])
     bf16 = options.get("precision") == "bf16"
     inputs = InputBatches(src, a.preprocess, runner.device, options.get("decode", "cpu"),
-                          workers if workers is not None else default_workers(runner.device),
+                          workers if workers is not None else input_workers(runner.device),
                           channels_last=runner.channels_last)
     table = images_table(a)
     status = table.column("status").to_numpy(zero_copy_only=False)
@@ -327,7 +327,7 @@ def _forward_vectors(a: AtlasReader, src, names: list[str], image_ids: np.ndarra
             zero = torch.from_numpy(unread[ids])
             if zero.any():
                 x = torch.where(zero.to(x.device).view(-1, 1, 1, 1), 0.0, x)
-            with torch.autocast(runner.device.type, torch.bfloat16, enabled=bf16):  # as the build computed
+            with inputs.computing(), torch.autocast(runner.device.type, torch.bfloat16, enabled=bf16):  # as built
                 feats = runner.lmap.extract(runner.prepare(x), names, batch_size=batch_size)
             for n in names:
                 mine = kept[n][ids]

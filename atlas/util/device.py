@@ -79,8 +79,7 @@ def resolve_device(device: str | None) -> "torch.device":
 
 
 def default_workers(dev: "torch.device") -> int:
-    # under torchrun every local rank starts its own workers: share the cores among them
-    n = max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    n = _cores()
     if dev.type == "cuda":
         # a GPU outruns PIL: every core but the main process's decodes (device decoding needs far fewer,
         # its workers only read files, but idle ones cost nothing)
@@ -90,6 +89,23 @@ def default_workers(dev: "torch.device") -> int:
     # decode and resize of a 500x375 JPEG is about a tenth of zfnet's forward pass on a core, so one
     # worker keeps up with two cores' forward pass and takes little from it (scripts/BENCHMARKS.md).
     return max(1, min(8, n // 4))
+
+
+def input_workers(dev: "torch.device") -> int:
+    """Decoding processes for InputBatches (the build's and `atlas index`'s forward passes), whose cpu
+    decoder without processes decodes in threads while the model is idle (atlas/data/ahead.py): that,
+    on a CPU of fewer than four cores, where a worker process overlaps nothing, as the forward pass keeps
+    the cores busy, and stalls it by taking a core from one of its threads mid-layer (resnet50's whole
+    build over 1,024 JPEGs on 2 cores ran 3-5 % faster so, scripts/BENCHMARKS.md). Elsewhere, and on a
+    GPU, default_workers."""
+    if dev.type == "cpu" and _cores() < 4:
+        return 0
+    return default_workers(dev)
+
+
+def _cores() -> int:
+    # under torchrun every local rank starts its own workers: share the cores among them
+    return max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
 # The build's memory layout, on every device: channels-last is what oneDNN's bf16 kernels want, and it
