@@ -6,7 +6,8 @@ summed over the build, largest first, in one list though they nest (`job.mine` h
 
     extract      the forward pass of mining (the graph interpreter, pool indices included)
     capture      the one-pass switch capture (running top-k, boxes, window codes, packing)
-    wait_input   the main process waiting for the decoding workers' next batch
+    wait_input   the main process waiting for the next batch: the decoding workers', or its own threads'
+                 decoding (no workers, as on a CPU of fewer than 4 cores)
     switches     switches.parquet, cut from the captures (or the second pass)
     flush        each chunk's work files (activation rows, top-k state, captures pruned)
     ...          the rest, each a function of atlas.build or atlas.mining
