@@ -329,6 +329,11 @@ class Preprocess:
         return self.to_tensor(self.crop_image(img))
 
 
+def decode_error(e: Exception) -> str:
+    """What images.error records for an image that did not decode."""
+    return f"{type(e).__name__}: {e}"[:300] or "unreadable"
+
+
 class DecodedImages(torch.utils.data.Dataset):
     """(model input, image_id, error, content hash) per image; a corrupt image's input is zeros and its
     error ("" when it decoded); the hash is of the bytes decoded ("" for an error). `channels_last`:
@@ -350,5 +355,5 @@ class DecodedImages(torch.utils.data.Dataset):
             err = ""
         except Exception as e:  # any decode failure is a property of the file, recorded per image
             x = torch.zeros(self.preprocess.crop, self.preprocess.crop, 3)
-            err, digest = f"{type(e).__name__}: {e}"[:300] or "unreadable", ""
+            err, digest = decode_error(e), ""
         return (x if self.channels_last else x.permute(2, 0, 1).contiguous()), image_id, err, digest

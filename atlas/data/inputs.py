@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .ahead import DecodeAhead
-from . import DecodedImages, FileBytes, ImageSource, Preprocess, content_hash, open_rgb
+from . import DecodedImages, decode_error, FileBytes, ImageSource, Preprocess, content_hash, open_rgb
 from ..errors import AtlasError
 from ..choices import DECODERS  # noqa: F401 - re-exported
 
@@ -110,7 +110,7 @@ class EncodedImages(torch.utils.data.Dataset):
                 img, digest = self.source.read(image_id)
                 return "crop", _rgb_tensor(self.pre.crop_image(img)), image_id, "", digest
             except Exception as e:  # a property of the file, recorded per image as DecodedImages does
-                return "crop", None, image_id, _error(e), ""
+                return "crop", None, image_id, decode_error(e), ""
         path = self.source.root / self.source.records[image_id].path
         try:
             data = path.read_bytes()
@@ -121,15 +121,11 @@ class EncodedImages(torch.utils.data.Dataset):
                 return "jpeg", torch.frombuffer(bytearray(data), dtype=torch.uint8), image_id, "", digest
             return "crop", _rgb_tensor(self.pre.crop_image(open_rgb(FileBytes(data, path)))), image_id, "", digest
         except Exception as e:  # a property of the file, recorded per image as DecodedImages does
-            return "crop", None, image_id, _error(e), ""
+            return "crop", None, image_id, decode_error(e), ""
 
 
 def _rgb_tensor(img) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
-
-
-def _error(e: Exception) -> str:
-    return f"{type(e).__name__}: {e}"[:300] or "unreadable"
 
 
 def _as_lists(batch):
@@ -153,7 +149,7 @@ class DeviceDecoder:
                     x = _rgb_tensor(self.pre.crop_image(open_rgb(io.BytesIO(payloads[i].numpy().tobytes()))))
                     cropped[i] = True
                 except Exception as e:
-                    errs[i] = _error(e)
+                    errs[i] = decode_error(e)
                     continue
             pixels[i] = x
         for i, k in enumerate(kinds):
@@ -287,4 +283,4 @@ class InputBatches:
             img, digest = self.source.read(image_id)
             return np.asarray(self.pre.crop_image(img), dtype=np.uint8), "", digest
         except Exception as e:  # any decode failure is a property of the file, recorded per image
-            return None, _error(e), ""
+            return None, decode_error(e), ""
