@@ -82,8 +82,8 @@ def test_the_thread_waits_while_paused_and_goes_on_after():
     ahead = DecodeAhead(rec, batches, ahead_images=20)
     try:
         with ahead.paused():
-            before = settle(rec)  # the image it was on, at most
-            assert before <= 1
+            before = settle(rec)  # the image it was on, if any, finished
+            assert before < 21
             time.sleep(0.3)
             assert rec.count() == before
         assert settle(rec) == 21  # the batch in use and 20 more
@@ -97,11 +97,34 @@ def test_a_decoding_failure_is_raised_where_its_batch_is_wanted(delay):
     ahead = DecodeAhead(Recorder(delay=delay, fail=5), batches, ahead_images=8)
     try:
         assert [i for i, _ in ahead.batch(0)] == [0, 1]
+        assert [i for i, _ in ahead.batch(1)] == [2, 3]  # whole, though decoding ahead may have failed
         with pytest.raises(RuntimeError, match="cannot decode 5"):
-            for b in range(1, 4):
-                ahead.batch(b)
+            ahead.batch(2)
     finally:
         ahead.close()  # returns: the thread has stopped
+
+
+def test_the_first_of_two_failures_in_a_batch_is_raised():
+    """The thread is still on a failing image of the batch when the consumer fails on a later one."""
+
+    def decode(i):
+        if i == 1:
+            time.sleep(0.05)
+            raise RuntimeError("first")
+        if i == 3:
+            raise RuntimeError("second")
+        return i
+
+    ahead = DecodeAhead(decode, [[0], [1, 2, 3]], ahead_images=4)
+    try:
+        assert ahead.batch(0) == [0]
+        deadline = time.monotonic() + 5
+        while ahead.next < 2 and time.monotonic() < deadline:  # the thread has taken image 1
+            time.sleep(0.001)
+        with pytest.raises(RuntimeError, match="first"):
+            ahead.batch(1)  # this thread takes 2 and 3, and fails on 3 first
+    finally:
+        ahead.close()
 
 
 def test_closing_early_stops_the_thread():

@@ -593,11 +593,11 @@ def _mine_chunks(lmap: LayerMap, chosen, inputs: InputBatches, n: int, todo, chu
                                chunk=owner[bi], plan=plan, batch_size=opts.batch_size, capture=capture,
                                channels_last=channels_last, colour=colour)
         t = time.perf_counter()
-        with inputs.computing():
+        with inputs.computing():  # both passes timed alike, the decoding threads waiting
             miner.add(x, ids, list(errs), list(digests))
-        if bi == PROBE_BATCH and getattr(inputs, "probe_bf16", False):
-            inputs.bf16_speedup = bf16_speedup(lmap, miner.names, x, opts.batch_size, miner.channels_last,
-                                               time.perf_counter() - t)
+            if bi == PROBE_BATCH and getattr(inputs, "probe_bf16", False):
+                inputs.bf16_speedup = bf16_speedup(lmap, miner.names, x, opts.batch_size, miner.channels_last,
+                                                   time.perf_counter() - t)
         bar.update(len(errs))
     _flush_chunk(miner, work)
 

@@ -334,6 +334,16 @@ def decode_error(e: Exception) -> str:
     return f"{type(e).__name__}: {e}"[:300] or "unreadable"
 
 
+def decode_crop(source: ImageSource, preprocess: Preprocess, image_id: int) -> tuple[np.ndarray | None, str, str]:
+    """(the uint8 crop (H, W, 3) the model sees, "", the content hash), or (None, the error, "") for an
+    image that does not decode: every cpu decoding path's one reading of an image."""
+    try:
+        img, digest = source.read(image_id)
+        return np.array(preprocess.crop_image(img), dtype=np.uint8), "", digest
+    except Exception as e:  # any decode failure is a property of the file, recorded per image
+        return None, decode_error(e), ""
+
+
 class DecodedImages(torch.utils.data.Dataset):
     """(model input, image_id, error, content hash) per image; a corrupt image's input is zeros and its
     error ("" when it decoded); the hash is of the bytes decoded ("" for an error). `channels_last`:
@@ -349,11 +359,7 @@ class DecodedImages(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         image_id = self.ids[i]
-        try:
-            img, digest = self.source.read(image_id)
-            x = self.preprocess.hwc_input(img)
-            err = ""
-        except Exception as e:  # any decode failure is a property of the file, recorded per image
-            x = torch.zeros(self.preprocess.crop, self.preprocess.crop, 3)
-            err, digest = decode_error(e), ""
+        px, err, digest = decode_crop(self.source, self.preprocess, image_id)
+        x = self.preprocess.normalise(torch.from_numpy(px)) if px is not None else \
+            torch.zeros(self.preprocess.crop, self.preprocess.crop, 3)
         return (x if self.channels_last else x.permute(2, 0, 1).contiguous()), image_id, err, digest

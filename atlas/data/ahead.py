@@ -60,8 +60,11 @@ class DecodeAhead:
         while (pos := self._claim(hi)) is not None and self._decode(pos):
             pass
         with self.cond:
+            # a failure in this batch (or none to place, -1) is raised once every image before it has
+            # come back, so that the first failure is the one raised
             self.cond.wait_for(lambda: all(p in self.out for p in range(lo, hi))
-                               or (self.error is not None and self.error_at < hi))
+                               or (self.error is not None and self.error_at < hi
+                                   and all(p in self.out for p in range(lo, max(lo, self.error_at)))))
             if not all(p in self.out for p in range(lo, hi)):
                 raise self.error
             return [self.out.pop(p) for p in range(lo, hi)]

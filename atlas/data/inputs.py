@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .ahead import DecodeAhead
-from . import DecodedImages, decode_error, FileBytes, ImageSource, Preprocess, content_hash, open_rgb
+from . import DecodedImages, decode_crop, decode_error, FileBytes, ImageSource, Preprocess, content_hash, open_rgb
 from ..errors import AtlasError
 from ..choices import DECODERS  # noqa: F401 - re-exported
 
@@ -259,7 +259,7 @@ class InputBatches:
         try:
             for b, ids in enumerate(batches):
                 items = ahead.batch(b)
-                blank = np.zeros((crop, crop, 3), np.uint8)
+                blank = np.zeros((crop, crop, 3), np.uint8)  # normalised, then zeroed
                 x = self.pre.normalise(torch.from_numpy(np.stack([p if p is not None else blank for p, _, _ in items])))
                 errs = [e for _, e, _ in items]
                 bad = [j for j, e in enumerate(errs) if e]
@@ -269,7 +269,8 @@ class InputBatches:
                 yield (x.contiguous(memory_format=self.memory_format), torch.tensor(ids, dtype=torch.int64), errs,
                        [d for _, _, d in items])
         finally:
-            self._ahead = None
+            if self._ahead is ahead:  # a newer pass's, if this generator is finalised late, stays
+                self._ahead = None
             ahead.close()
 
     def computing(self):
@@ -278,9 +279,4 @@ class InputBatches:
         return self._ahead.paused() if self._ahead is not None else contextlib.nullcontext()
 
     def _crop_pixels(self, image_id: int) -> tuple[np.ndarray | None, str, str]:
-        """(the uint8 crop, "", content hash), or (None, the error, "") for an image that does not decode."""
-        try:
-            img, digest = self.source.read(image_id)
-            return np.asarray(self.pre.crop_image(img), dtype=np.uint8), "", digest
-        except Exception as e:  # any decode failure is a property of the file, recorded per image
-            return None, decode_error(e), ""
+        return decode_crop(self.source, self.pre, image_id)

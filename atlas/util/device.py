@@ -84,10 +84,11 @@ def default_workers(dev: "torch.device") -> int:
         # a GPU outruns PIL: every core but the main process's decodes (device decoding needs far fewer,
         # its workers only read files, but idle ones cost nothing)
         return min(16, max(1, n - 1))
-    # On a CPU, decoding in the main process makes the forward pass wait for every batch's images. One
-    # worker per four cores (at least one, even on two cores) decodes while the model computes: PIL's
-    # decode and resize of a 500x375 JPEG is about a tenth of zfnet's forward pass on a core, so one
-    # worker keeps up with two cores' forward pass and takes little from it (scripts/BENCHMARKS.md).
+    # On a CPU, serial decoding in the main process (a DataLoader without workers: training, evolution)
+    # makes the forward pass wait for every batch's images. One worker per four cores (at least one)
+    # decodes while the model computes: PIL's decode and resize of a 500x375 JPEG is about a tenth of
+    # zfnet's forward pass on a core. The build and `atlas index` decode in threads instead on fewer than
+    # four cores (input_workers says why).
     return max(1, min(8, n // 4))
 
 
@@ -95,9 +96,9 @@ def input_workers(dev: "torch.device") -> int:
     """Decoding processes for InputBatches (the build's and `atlas index`'s forward passes), whose cpu
     decoder without processes decodes in threads while the model is idle (atlas/data/ahead.py): that,
     on a CPU of fewer than four cores, where a worker process overlaps nothing, as the forward pass keeps
-    the cores busy, and stalls it by taking a core from one of its threads mid-layer (resnet50's whole
-    build over 1,024 JPEGs on 2 cores ran 3-5 % faster so, scripts/BENCHMARKS.md). Elsewhere, and on a
-    GPU, default_workers."""
+    the cores busy, and stalls it by taking a core from one of its threads mid-layer (whole builds of
+    zfnet and resnet50 on 2 cores ran 3-4 % faster so: scripts/BENCHMARKS.md, issue 24's seventh pass).
+    Elsewhere, and on a GPU, default_workers."""
     if dev.type == "cpu" and _cores() < 4:
         return 0
     return default_workers(dev)
