@@ -317,11 +317,6 @@ class Preprocess:
         x.view(-1, w * 3).div_(255.0).sub_(mean).div_(std)
         return x
 
-    def hwc_input(self, img: Image.Image) -> torch.Tensor:
-        """The crop as normalised (crop, crop, 3) floats: what a decoding worker hands over. Stacked and
-        permuted, a batch of them is channels-last model input with no copy in the main process."""
-        return self.normalise(torch.from_numpy(np.array(self.crop_image(img), dtype=np.uint8)))
-
     def to_tensor(self, img: Image.Image) -> torch.Tensor:
         return self.normalise(torch.from_numpy(np.array(img, dtype=np.uint8))).permute(2, 0, 1).contiguous()
 
@@ -347,7 +342,7 @@ def decode_crop(source: ImageSource, preprocess: Preprocess, image_id: int) -> t
 class DecodedImages(torch.utils.data.Dataset):
     """(model input, image_id, error, content hash) per image; a corrupt image's input is zeros and its
     error ("" when it decoded); the hash is of the bytes decoded ("" for an error). `channels_last`:
-    the input as (crop, crop, 3) (Preprocess.hwc_input), else (3, crop, crop)."""
+    the input as (crop, crop, 3), normalised (Preprocess.normalise), else (3, crop, crop)."""
 
     def __init__(self, source: ImageSource, preprocess: Preprocess, ids: list[int] | range,
                  channels_last: bool = False):

@@ -13,10 +13,9 @@ PIL decodes and resizes outside the GIL, so the threads run side by side.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import threading
 from typing import Any, Callable, Sequence
-
-import numpy as np
 
 
 class DecodeAhead:
@@ -27,7 +26,7 @@ class DecodeAhead:
     def __init__(self, decode: Callable[[int], Any], batches: Sequence[Sequence[int]], ahead_images: int = 256):
         self.decode = decode
         self.ids = [i for ids in batches for i in ids]
-        self.ends = [int(e) for e in np.cumsum([len(ids) for ids in batches], dtype=np.int64)]
+        self.ends = list(itertools.accumulate(len(ids) for ids in batches))
         self.starts = [e - len(ids) for e, ids in zip(self.ends, batches)]
         size = max((len(ids) for ids in batches), default=1) or 1
         self.ahead = max(1, -(-ahead_images // size))  # whole batches

@@ -23,6 +23,7 @@ it and a resumed build keeps it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import warnings
 from typing import Iterator, Sequence
@@ -254,12 +255,11 @@ class InputBatches:
     def _decode_in_threads(self, batches: list[list[int]]):
         """The cpu decoder without worker processes: PIL in threads of this process (atlas/data/ahead.py
         says why), each batch normalised at once, exactly as the workers' images are one by one."""
-        crop = self.pre.crop
-        ahead = self._ahead = DecodeAhead(self._crop_pixels, batches)
+        blank = np.zeros((self.pre.crop, self.pre.crop, 3), np.uint8)  # normalised, then zeroed
+        ahead = self._ahead = DecodeAhead(functools.partial(decode_crop, self.source, self.pre), batches)
         try:
             for b, ids in enumerate(batches):
                 items = ahead.batch(b)
-                blank = np.zeros((crop, crop, 3), np.uint8)  # normalised, then zeroed
                 x = self.pre.normalise(torch.from_numpy(np.stack([p if p is not None else blank for p, _, _ in items])))
                 errs = [e for _, e, _ in items]
                 bad = [j for j, e in enumerate(errs) if e]
@@ -277,6 +277,3 @@ class InputBatches:
         """A context for the model's work on a batch: decoding threads wait meanwhile, so that the forward
         pass's threads have the cores (a no-op for worker processes and the device decoder)."""
         return self._ahead.paused() if self._ahead is not None else contextlib.nullcontext()
-
-    def _crop_pixels(self, image_id: int) -> tuple[np.ndarray | None, str, str]:
-        return decode_crop(self.source, self.pre, image_id)
