@@ -3,6 +3,7 @@ by it: the exit status, every line written, the exit handlers a command's librar
 temporary folder's cleanup among them). Each case runs a real process."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -31,31 +32,39 @@ DRIVER = textwrap.dedent("""
     def probe(how):
         probe.tmp = tempfile.TemporaryDirectory(prefix="atlas-exit-probe-")
         print("tmp", probe.tmp.name)
-        atexit.register(lambda: print("handler ran", flush=True))
+        atexit.register(lambda: print("handler ran"))  # not flushed: _exit_now's flush must carry it
         for i in range(20000):
             print(f"line {i}")
         if how == "fail":
             raise RuntimeError("a bug")
         if how == "three":
             sys.exit(3)
+        if how == "huge":  # beyond a C int: its low byte, as Python's own exit takes it
+            sys.exit(2 ** 40 + 5)
         if how == "text":
             sys.exit("said why")
-        if how == "distributed":  # a torchrun rank's process group: the usual teardown
-            import types
-            sys.modules["torch.distributed"] = types.SimpleNamespace(is_available=lambda: True,
-                                                                   is_initialized=lambda: True)
+        if how == "distributed":  # a torchrun rank's process group (here of one rank): the usual teardown
+            import torch.distributed as dist
+            dist.init_process_group("gloo", init_method="file://" + probe.tmp.name + "/store", rank=0,
+                                    world_size=1)
 
     sys.argv = ["atlas", "probe", sys.argv[1]]
     base.run()
 """)
 
 
-def _run(how: str) -> subprocess.CompletedProcess:
+def _env(**more: str) -> dict[str, str]:
+    """This environment less what would keep the usual ending or flush the output by itself."""
+    drop = ("PYTHONUNBUFFERED", "PYTHONDEVMODE", "LD_PRELOAD", "ATLAS_FULL_EXIT", "COVERAGE_PROCESS_START")
+    return {**{k: v for k, v in os.environ.items() if k not in drop}, **more}
+
+
+def _run(how: str, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", DRIVER, how], capture_output=True, text=True, cwd=ROOT,
-                          timeout=120)
+                          timeout=120, env=_env(**env))
 
 
-@pytest.mark.parametrize("how,status", [("ok", 0), ("three", 3), ("text", 1), ("fail", 1)])
+@pytest.mark.parametrize("how,status", [("ok", 0), ("three", 3), ("text", 1), ("fail", 1), ("huge", 5)])
 def test_the_status_the_output_and_the_exit_handlers_survive_the_quick_exit(how, status):
     p = _run(how)
     assert p.returncode == status, p.stderr
@@ -69,9 +78,41 @@ def test_the_status_the_output_and_the_exit_handlers_survive_the_quick_exit(how,
         assert "RuntimeError: a bug" in p.stderr
     if how == "text":
         assert "said why" in p.stderr
+    if how != "fail":
+        assert "Traceback" not in p.stderr, p.stderr
 
 
-def test_a_torchrun_rank_ends_with_the_interpreters_teardown():
+def test_the_usual_ending_where_asked_for():
+    p = _run("ok", ATLAS_FULL_EXIT="1")
+    assert p.returncode == 0 and "handler ran" in p.stdout and "teardown ran" in p.stdout
+
+
+def test_importing_the_cli_registers_no_exit_handler():
+    """The quick exit's handler runs after those registered once `run` has begun: one registered while
+    `atlas.cli` is imported (a weakref finaliser, logging's) would be skipped."""
+    code = textwrap.dedent("""
+        import atexit, sys, weakref
+        before = atexit._ncallbacks()
+        import atlas.cli
+        print(atexit._ncallbacks() - before, weakref.finalize._registered_with_atexit,
+              "logging" in sys.modules, "multiprocessing" in sys.modules)
+    """)
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                       env=_env())
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == ["0", "False", "False", "False"]
+
+
+def test_a_usage_error_and_a_refusal_keep_their_status():
+    p = subprocess.run([sys.executable, "-m", "atlas", "build", "--no-such-option"], capture_output=True,
+                       text=True, cwd=ROOT, timeout=120, env=_env())
+    assert p.returncode == 2 and "no-such-option" in p.stderr
+    p = subprocess.run([sys.executable, "-m", "atlas", "info", str(ROOT / "no-such-atlas")], capture_output=True,
+                       text=True, cwd=ROOT, timeout=120, env=_env())
+    assert p.returncode != 0 and p.stderr.strip().count("\n") == 0 and "no-such-atlas" in p.stderr
+
+
+def test_a_process_group_keeps_the_interpreters_teardown():
     p = _run("distributed")
     assert p.returncode == 0, p.stderr
     assert "handler ran" in p.stdout and "teardown ran" in p.stdout
