@@ -142,7 +142,7 @@ OWN_PROCESS = False  # set by `run`: the process is the CLI's alone, not a Pytho
 def run() -> None:
     """The `atlas` command and `python -m atlas`: the CLI in a process of its own (main() may also be
     called from Python, by tests and notebooks, whose process a command must leave as it found it)."""
-    global OWN_PROCESS, _EXIT_REGISTERED
+    global OWN_PROCESS, _EXIT_REGISTERED, _STATUS
     OWN_PROCESS = True
     if not _EXIT_REGISTERED:  # a second run in the process (a debugger's restart) keeps the first
         # registered first, so run last of the exit handlers: every other one registered from here on (a
@@ -152,17 +152,17 @@ def run() -> None:
         _EXIT_REGISTERED = True
     try:
         main()
-        _EXIT[0] = 0
+        _STATUS = 0
     except SystemExit as e:
         # what the process's status will be: an int's low byte (as CPython takes it), 0 for None, else 1
-        _EXIT[0] = 0 if e.code is None else e.code & 0xFF if isinstance(e.code, int) else 1
+        _STATUS = 0 if e.code is None else e.code & 0xFF if isinstance(e.code, int) else 1
         raise
     except BaseException:  # a bug's traceback, printed by Python before the exit handlers run
-        _EXIT[0] = 1
+        _STATUS = 1
         raise
 
 
-_EXIT = [1]  # the status `run` leaves with
+_STATUS = 1  # the status `run` leaves with
 _EXIT_REGISTERED = False
 
 
@@ -188,7 +188,7 @@ def _exit_now() -> None:
             stream.flush()
         except Exception:  # noqa: BLE001 - a closed or broken pipe: nothing more can be said on it
             pass
-    os._exit(_EXIT[0])
+    os._exit(_STATUS)
 
 
 def keep_freed_memory_when_own() -> None:

@@ -107,11 +107,8 @@ class EncodedImages(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         image_id = self.ids[i]
         if self.source.kind == "cifar10":  # rows of a batch file: no JPEG to hand the device
-            try:
-                img, digest = self.source.read(image_id)
-                return "crop", _rgb_tensor(self.pre.crop_image(img)), image_id, "", digest
-            except Exception as e:  # a property of the file, recorded per image as DecodedImages does
-                return "crop", None, image_id, decode_error(e), ""
+            px, err, digest = decode_crop(self.source, self.pre, image_id)
+            return "crop", None if px is None else torch.from_numpy(px).permute(2, 0, 1), image_id, err, digest
         path = self.source.root / self.source.records[image_id].path
         try:
             data = path.read_bytes()
